@@ -1,0 +1,167 @@
+//! Seed 003's API: `POST /api/` (and its alias `POST /analyze/`) with `{"text": …}` →
+//! `{"message": …}`, plus `GET /api/jobs/{id}` for results that outlived the wait.
+//! Spec: ../shared/seeds/003 (djangollmapi).
+
+use axum::{
+    extract::{Path, State},
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use loco_rs::{app::AppContext, controller::Routes};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::{
+    engine::{ChatMessage, GenerationRequest, Prompt},
+    errors::{ApiError, ApiResult},
+    extractors::{ApiKey, JsonBody},
+    models::jobs,
+    services::{refusal_error, Services, Submission},
+    validation::{prompt_text, SamplingInput},
+};
+
+#[derive(Debug, Deserialize)]
+struct ApiRequest {
+    text: String,
+    #[serde(flatten)]
+    sampling: SamplingInput,
+}
+
+/// `usage` in OpenAI's names, used by every route that reports tokens.
+#[must_use]
+pub fn usage_json(job: &jobs::Model) -> Value {
+    json!({
+        "prompt_tokens": job.prompt_tokens,
+        "completion_tokens": job.generated_tokens,
+        "total_tokens": job.prompt_tokens + job.generated_tokens,
+    })
+}
+
+fn millis_between(
+    a: Option<sea_orm::prelude::DateTimeWithTimeZone>,
+    b: Option<sea_orm::prelude::DateTimeWithTimeZone>,
+) -> Option<i64> {
+    Some((b? - a?).num_milliseconds())
+}
+
+/// The public view of a job record.
+#[must_use]
+pub fn job_json(job: &jobs::Model) -> Value {
+    json!({
+        "job_id": job.id,
+        "status": job.status,
+        "model": job.model,
+        "message": job.result,
+        "error": job.error,
+        "finish_reason": job.finish_reason,
+        "usage": usage_json(job),
+        "attempts": job.attempts,
+        "queued_at": job.queued_at.to_rfc3339(),
+        "started_at": job.started_at.map(|t| t.to_rfc3339()),
+        "finished_at": job.finished_at.map(|t| t.to_rfc3339()),
+        "timings": {
+            "queue_ms": millis_between(Some(job.queued_at), job.started_at),
+            "run_ms": millis_between(job.started_at, job.finished_at),
+            "total_ms": millis_between(Some(job.queued_at), job.finished_at),
+        },
+    })
+}
+
+/// 202 with where to poll.
+#[must_use]
+pub fn accepted(job: &jobs::Model) -> Response {
+    let location = format!("/api/jobs/{}", job.id);
+    (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location.clone())],
+        Json(json!({
+            "job_id": job.id,
+            "status": job.status,
+            "poll_url": location,
+        })),
+    )
+        .into_response()
+}
+
+/// A settled job as the waiting request's answer, or the error it ended with.
+///
+/// # Errors
+/// 500 `generation_failed` when the worker failed the job (its call was refunded).
+pub fn settled(job: jobs::Model) -> ApiResult<jobs::Model> {
+    if job.status == jobs::DONE {
+        Ok(job)
+    } else {
+        Err(ApiError::generation_failed(format!(
+            "job {} failed: {} (the call was refunded)",
+            job.id,
+            job.error.unwrap_or_default()
+        )))
+    }
+}
+
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn generate(
+    State(ctx): State<AppContext>,
+    ApiKey(key): ApiKey,
+    body: Result<JsonBody<ApiRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    // Key problems outrank body problems; the charge below re-decides atomically.
+    if let Some(refusal) = key.refusal_at(crate::models::now()) {
+        return Err(refusal_error(refusal, &key));
+    }
+    let JsonBody(body) = body?;
+    prompt_text("text", &body.text)?;
+    let request = GenerationRequest {
+        model: services.settings.engine.model_name.clone(),
+        prompt: Prompt::Chat {
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: body.text,
+            }],
+        },
+        params: body.sampling.into_params(&services.settings.api)?,
+    };
+    match services
+        .submit_and_wait(&ctx.db, &key, "/api/", request)
+        .await?
+    {
+        Submission::Pending(job) => Ok(accepted(&job)),
+        Submission::Finished(job) => {
+            let job = settled(job)?;
+            Ok(Json(json!({
+                "message": job.result.clone().unwrap_or_default(),
+                "job_id": job.id,
+                "model": job.model,
+                "finish_reason": job.finish_reason,
+                "usage": usage_json(&job),
+            }))
+            .into_response())
+        }
+    }
+}
+
+#[tracing::instrument(skip_all, fields(api_key, job_id = %id))]
+async fn job_status(
+    State(ctx): State<AppContext>,
+    ApiKey(key): ApiKey,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let Some(job) = jobs::Model::find_for_key(&ctx.db, &id, key.id).await? else {
+        return Err(ApiError::not_found(
+            "job_not_found",
+            format!("no job {id} for this key"),
+        ));
+    };
+    Ok(Json(job_json(&job)).into_response())
+}
+
+pub fn routes() -> Routes {
+    Routes::new()
+        .add("/api/", axum::routing::post(generate))
+        .add("/api", axum::routing::post(generate))
+        .add("/analyze/", axum::routing::post(generate))
+        .add("/analyze", axum::routing::post(generate))
+        .add("/api/jobs/{id}", axum::routing::get(job_status))
+}

@@ -1,0 +1,5 @@
+//! HTTP routes, one module per route family.
+
+pub mod api;
+pub mod ping;
+pub mod usage;

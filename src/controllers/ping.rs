@@ -1,0 +1,33 @@
+//! `GET /ping`: liveness plus whether a worker and model are ready (no key needed).
+
+use axum::{extract::State, response::IntoResponse, Json};
+use loco_rs::{app::AppContext, controller::Routes};
+use serde_json::json;
+
+use crate::services::Services;
+
+/// Seed 000's health check: `{"status": "ok"}` with the worker's readiness added.
+async fn ping(State(ctx): State<AppContext>) -> impl IntoResponse {
+    let Ok(services) = Services::from_ctx(&ctx) else {
+        return Json(json!({"status": "starting", "ready": false}));
+    };
+    let depth = services.queue.depth().await.ok();
+    match services.engine_status() {
+        Some(engine) => Json(json!({
+            "status": "ok",
+            "ready": engine.ready,
+            "worker": {"mode": "embedded", "engine": engine},
+            "queue": {"depth": depth},
+        })),
+        None => Json(json!({
+            "status": "ok",
+            "ready": true,
+            "worker": {"mode": "external"},
+            "queue": {"depth": depth},
+        })),
+    }
+}
+
+pub fn routes() -> Routes {
+    Routes::new().add("/ping", axum::routing::get(ping))
+}

@@ -1,0 +1,119 @@
+//! The generation engine behind a small trait.
+//!
+//! HTTP handlers and the queue worker see only [`Algorithm`] (seed 003's `Algorithm.run(input)`):
+//! a validated [`GenerationRequest`] goes in, a [`Generation`] comes out. The shipped
+//! implementation is [`llama::LlamaEngine`], which keeps one llama.cpp model resident on its own
+//! thread. Another implementation (a different model runtime, a rule-based system) plugs in by
+//! implementing the trait and being returned from [`crate::services`].
+
+pub mod llama;
+pub mod text;
+pub mod tokenizer;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// One message of a chat conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// What the model is asked to continue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Prompt {
+    /// Rendered with the model's chat template, ending in an open assistant turn.
+    Chat { messages: Vec<ChatMessage> },
+    /// Continued as-is (completion-style).
+    Raw { text: String },
+}
+
+/// Sampling parameters, already validated and bounded by the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    pub max_tokens: u32,
+    /// 0 means greedy decoding.
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: Option<u32>,
+    /// Generation stops before the first occurrence of any of these strings.
+    pub stop: Vec<String>,
+}
+
+/// A request the engine accepts: only built by the API's validation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    pub params: SamplingParams,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` or the context window reached.
+    Length,
+}
+
+impl FinishReason {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// The engine's answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generation {
+    pub text: String,
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+    pub finish_reason: FinishReason,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("the engine is not running: {0}")]
+    Unavailable(String),
+    #[error("prompt has {prompt_tokens} tokens; the model's context holds {context_size}")]
+    PromptTooLong {
+        prompt_tokens: usize,
+        context_size: u32,
+    },
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("llama.cpp decode failed: {0}")]
+    Decode(String),
+    #[error("model load failed: {0}")]
+    Load(String),
+}
+
+/// What a worker reports about its engine (for `/ping`, the dashboard and tests).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EngineStatus {
+    pub ready: bool,
+    pub model: String,
+    pub model_path: String,
+    /// How many times the model weights were loaded by this engine (1 once ready).
+    pub loads: u64,
+    pub jobs_served: u64,
+    pub context_size: u32,
+    pub device: String,
+}
+
+/// The pluggable algorithm a worker runs for each job.
+#[async_trait]
+pub trait Algorithm: Send + Sync + 'static {
+    /// Runs one request to completion.
+    async fn run(&self, request: GenerationRequest) -> Result<Generation, EngineError>;
+
+    /// Current state, cheap to call.
+    fn status(&self) -> EngineStatus;
+}

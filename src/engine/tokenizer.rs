@@ -1,0 +1,122 @@
+//! Process-wide llama.cpp backend, prompt rendering, and the API-side tokenizer.
+//!
+//! The API must reject a prompt that cannot fit the model's context *before* it queues the job
+//! or spends quota, so it counts tokens with the model's real tokenizer: a vocab-only load of
+//! the same GGUF (no weights, a few MB), independent of whichever worker will run the job.
+
+use std::sync::OnceLock;
+
+use llama_cpp_2::{
+    llama_backend::LlamaBackend,
+    model::{params::LlamaModelParams, LlamaChatMessage, LlamaChatTemplate, LlamaModel},
+    token::LlamaToken,
+};
+
+use super::{EngineError, Prompt};
+use crate::settings::EngineSettings;
+
+static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+
+/// The llama.cpp backend; initialised once per process (llama.cpp allows only one).
+///
+/// # Errors
+/// When llama.cpp refuses to initialise.
+pub fn backend() -> Result<&'static LlamaBackend, EngineError> {
+    BACKEND
+        .get_or_init(|| {
+            // llama.cpp logs through tracing (target `llama-cpp-2`), filtered like any module.
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| EngineError::Load(e.clone()))
+}
+
+/// Renders a prompt to the exact text the model will see.
+///
+/// # Errors
+/// When the chat template cannot be applied (e.g. a NUL byte in a message).
+pub fn render_prompt(model: &LlamaModel, prompt: &Prompt) -> Result<String, EngineError> {
+    match prompt {
+        Prompt::Raw { text } => Ok(text.clone()),
+        Prompt::Chat { messages } => {
+            let template = model.chat_template(None).or_else(|_| {
+                // Models without an embedded template get ChatML, llama.cpp's common default.
+                LlamaChatTemplate::new("chatml").map_err(|e| EngineError::Template(e.to_string()))
+            })?;
+            let chat = messages
+                .iter()
+                .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| EngineError::Template(e.to_string()))?;
+            model
+                .apply_chat_template(&template, &chat, true)
+                .map_err(|e| EngineError::Template(e.to_string()))
+        }
+    }
+}
+
+/// Tokens of a rendered prompt (special tokens of the template parsed as such).
+#[must_use]
+pub fn tokenize(model: &LlamaModel, text: &str) -> Vec<LlamaToken> {
+    model.vocab().tokenize(text.as_bytes(), true, true)
+}
+
+/// Counts prompt tokens for validation in the API process.
+pub struct PromptTokenizer {
+    model: LlamaModel,
+    context_size: u32,
+    model_name: String,
+}
+
+impl std::fmt::Debug for PromptTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PromptTokenizer")
+            .field("model_name", &self.model_name)
+            .field("context_size", &self.context_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PromptTokenizer {
+    /// Loads only the vocabulary of the configured model.
+    ///
+    /// # Errors
+    /// When the file is missing or not a GGUF model.
+    pub fn load(settings: &EngineSettings) -> Result<Self, EngineError> {
+        let backend = backend()?;
+        if !settings.model_path.is_file() {
+            return Err(EngineError::Load(format!(
+                "model file {} not found (run scripts/fetch-model.sh)",
+                settings.model_path.display()
+            )));
+        }
+        let params = LlamaModelParams::default().with_vocab_only(true);
+        let model = LlamaModel::load_from_file(backend, &settings.model_path, &params)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", settings.model_path.display())))?;
+        Ok(Self {
+            model,
+            context_size: settings.context_size,
+            model_name: settings.model_name.clone(),
+        })
+    }
+
+    /// Number of tokens the engine will feed for this prompt.
+    ///
+    /// # Errors
+    /// When the prompt cannot be rendered.
+    pub fn count(&self, prompt: &Prompt) -> Result<usize, EngineError> {
+        let text = render_prompt(&self.model, prompt)?;
+        Ok(tokenize(&self.model, &text).len())
+    }
+
+    #[must_use]
+    pub fn context_size(&self) -> u32 {
+        self.context_size
+    }
+
+    #[must_use]
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
+}

@@ -1,0 +1,110 @@
+//! A JSON body extractor with Tollgate's limits and error shapes.
+//!
+//! Differences from axum's `Json`: the size limit comes from the config and answers 413 in the
+//! API's error shape; malformed JSON is 400 and well-formed JSON of the wrong shape is 422; and
+//! a body sent without a JSON content type is still read when it *is* JSON, because
+//! `curl -d '{…}'` (seed 003's documented client) labels it `x-www-form-urlencoded`.
+
+use axum::{
+    body::Body,
+    extract::{FromRequest, Request},
+    http::header,
+};
+use loco_rs::app::AppContext;
+use serde::de::DeserializeOwned;
+
+use crate::{errors::ApiError, services::Services, settings::ApiSettings};
+
+#[derive(Debug, Clone)]
+pub struct JsonBody<T>(pub T);
+
+fn content_type_allows_json(value: Option<&str>) -> bool {
+    let Some(value) = value else { return true };
+    let mime = value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    mime.is_empty()
+        || mime == "application/json"
+        || (mime.starts_with("application/") && mime.ends_with("+json"))
+        || mime == "application/x-www-form-urlencoded"
+}
+
+/// Reads and parses a JSON body under `limit` bytes.
+///
+/// # Errors
+/// 400 for a wrong content type, an empty body or invalid JSON; 413 over the limit; 422 when
+/// the JSON does not match `T`.
+pub async fn read_json<T: DeserializeOwned>(req: Request<Body>, limit: usize) -> Result<T, ApiError> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if !content_type_allows_json(content_type.as_deref()) {
+        return Err(ApiError::bad_request(
+            "unsupported_content_type",
+            format!(
+                "expected a JSON body (Content-Type: application/json), got {}",
+                content_type.unwrap_or_default()
+            ),
+        ));
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    let bytes = axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| ApiError::payload_too_large(limit))?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(
+            "empty_body",
+            "the request body is empty; send a JSON object",
+        ));
+    }
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::unprocessable(
+            "invalid_body",
+            "the body must be a JSON object",
+        ));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::unprocessable("invalid_body", format!("invalid request: {e}")))
+}
+
+impl<T: DeserializeOwned + Send> FromRequest<AppContext> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request<Body>, ctx: &AppContext) -> Result<Self, Self::Rejection> {
+        let limit = Services::from_ctx(ctx).map_or_else(
+            |_| ApiSettings::default().max_body_bytes,
+            |s| s.settings.api.max_body_bytes,
+        );
+        read_json(req, limit).await.map(JsonBody)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::content_type_allows_json;
+
+    #[test]
+    fn json_and_curl_default_content_types_are_read_others_are_not() {
+        assert!(content_type_allows_json(None));
+        assert!(content_type_allows_json(Some("application/json; charset=utf-8")));
+        assert!(content_type_allows_json(Some("application/x-www-form-urlencoded")));
+        assert!(content_type_allows_json(Some("application/vnd.api+json")));
+        assert!(!content_type_allows_json(Some("multipart/form-data; boundary=x")));
+        assert!(!content_type_allows_json(Some("application/xml")));
+    }
+}

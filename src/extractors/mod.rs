@@ -1,0 +1,7 @@
+//! Request extractors whose rejections are [`crate::errors::ApiError`]s.
+
+pub mod api_key;
+pub mod json;
+
+pub use api_key::ApiKey;
+pub use json::JsonBody;

@@ -1,0 +1,16 @@
+//! Tollgate: a self-hosted LLM API server. Keys with quotas and date windows, a durable job
+//! queue, and one resident llama.cpp model per worker.
+
+pub mod app;
+pub mod controllers;
+pub mod engine;
+pub mod errors;
+pub mod extractors;
+pub mod models;
+pub mod notify;
+pub mod queue;
+pub mod services;
+pub mod settings;
+pub mod tasks;
+pub mod validation;
+pub mod workers;

@@ -1,0 +1,315 @@
+//! API keys: issuing, looking up by secret, and the atomic charge that decides every call.
+//!
+//! A key's secret is `tg_<prefix>_<64 hex chars>` (256 random bits). Only its SHA-256 is stored;
+//! the prefix is public and identifies the key in lists and logs.
+
+use rand::RngCore;
+use sea_orm::{
+    entity::prelude::*,
+    sea_query::{Expr, ExprTrait},
+    ActiveValue::Set,
+    Condition, QueryOrder,
+};
+use sha2::{Digest, Sha256};
+
+pub use super::_entities::api_keys::{self, ActiveModel, Column, Entity, Model};
+use super::{now, ModelError};
+
+impl ActiveModelBehavior for ActiveModel {}
+
+/// What a new key may do; `None` means unlimited / open-ended.
+#[derive(Debug, Clone, Default)]
+pub struct KeyParams {
+    pub name: String,
+    pub email: String,
+    pub organization: Option<String>,
+    pub max_calls: Option<i64>,
+    pub valid_from: Option<DateTimeWithTimeZone>,
+    pub valid_until: Option<DateTimeWithTimeZone>,
+}
+
+/// A freshly issued key: the stored row and the plain secret, which exists only here.
+#[derive(Debug)]
+pub struct IssuedKey {
+    pub key: Model,
+    pub secret: String,
+}
+
+/// Why a key may not make a call right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Revoked,
+    NotYetValid,
+    Expired,
+    QuotaExhausted { max_calls: i64 },
+    /// The key row is gone (deleted between lookup and charge).
+    Unknown,
+}
+
+/// The state shown for a key in lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    Active,
+    Revoked,
+    NotYetValid,
+    Expired,
+    Exhausted,
+}
+
+impl KeyState {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Revoked => "revoked",
+            Self::NotYetValid => "not yet valid",
+            Self::Expired => "expired",
+            Self::Exhausted => "exhausted",
+        }
+    }
+}
+
+/// SHA-256 of the whole secret, hex-encoded: the only form in which a secret is stored.
+#[must_use]
+pub fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+fn new_secret() -> (String, String) {
+    let mut rng = rand::rngs::OsRng;
+    let mut prefix = [0u8; 4];
+    let mut body = [0u8; 32];
+    rng.fill_bytes(&mut prefix);
+    rng.fill_bytes(&mut body);
+    let prefix = hex::encode(prefix);
+    let secret = format!("tg_{prefix}_{}", hex::encode(body));
+    (prefix, secret)
+}
+
+impl Model {
+    /// The key whose secret this is, if any (revoked keys included: callers decide).
+    ///
+    /// # Errors
+    /// On database errors.
+    pub async fn find_by_secret<C: ConnectionTrait>(
+        db: &C,
+        secret: &str,
+    ) -> Result<Option<Self>, ModelError> {
+        Ok(Entity::find()
+            .filter(Column::SecretHash.eq(hash_secret(secret)))
+            .one(db)
+            .await?)
+    }
+
+    /// # Errors
+    /// On database errors.
+    pub async fn find_by_prefix<C: ConnectionTrait>(
+        db: &C,
+        prefix: &str,
+    ) -> Result<Option<Self>, ModelError> {
+        Ok(Entity::find()
+            .filter(Column::Prefix.eq(prefix.trim()))
+            .one(db)
+            .await?)
+    }
+
+    /// All keys, newest first.
+    ///
+    /// # Errors
+    /// On database errors.
+    pub async fn list<C: ConnectionTrait>(db: &C) -> Result<Vec<Self>, ModelError> {
+        Ok(Entity::find()
+            .order_by_desc(Column::CreatedAt)
+            .order_by_desc(Column::Id)
+            .all(db)
+            .await?)
+    }
+
+    /// Why this key may not make a call at `at`, judged from this (possibly stale) row.
+    /// Advisory only: [`charge`] is what decides.
+    #[must_use]
+    pub fn refusal_at(&self, at: DateTimeWithTimeZone) -> Option<Refusal> {
+        if self.revoked_at.is_some() {
+            Some(Refusal::Revoked)
+        } else if self.valid_from.is_some_and(|from| at < from) {
+            Some(Refusal::NotYetValid)
+        } else if self.valid_until.is_some_and(|until| at > until) {
+            Some(Refusal::Expired)
+        } else if let Some(max) = self.max_calls.filter(|max| self.calls_used >= *max) {
+            Some(Refusal::QuotaExhausted { max_calls: max })
+        } else {
+            None
+        }
+    }
+
+    #[must_use]
+    pub fn state_at(&self, at: DateTimeWithTimeZone) -> KeyState {
+        match self.refusal_at(at) {
+            None => KeyState::Active,
+            Some(Refusal::Revoked | Refusal::Unknown) => KeyState::Revoked,
+            Some(Refusal::NotYetValid) => KeyState::NotYetValid,
+            Some(Refusal::Expired) => KeyState::Expired,
+            Some(Refusal::QuotaExhausted { .. }) => KeyState::Exhausted,
+        }
+    }
+}
+
+/// Spends one call of key `key_id` if, at this instant, the key is not revoked, is inside its
+/// date window and has quota left. The check and the increment are one `UPDATE … RETURNING`
+/// statement, so concurrent requests can never overspend a quota.
+///
+/// # Errors
+/// `Ok(Err(refusal))` when the key may not call; `Err` on database errors.
+pub async fn charge<C: ConnectionTrait>(
+    db: &C,
+    key_id: i32,
+) -> Result<Result<Model, Refusal>, ModelError> {
+    let at = now();
+    let updated = Entity::update_many()
+        .col_expr(Column::CallsUsed, Expr::col(Column::CallsUsed).add(1))
+        .col_expr(Column::LastUsedAt, Expr::value(at))
+        .filter(Column::Id.eq(key_id))
+        .filter(Column::RevokedAt.is_null())
+        .filter(
+            Condition::any()
+                .add(Column::ValidFrom.is_null())
+                .add(Column::ValidFrom.lte(at)),
+        )
+        .filter(
+            Condition::any()
+                .add(Column::ValidUntil.is_null())
+                .add(Column::ValidUntil.gte(at)),
+        )
+        .filter(
+            Condition::any()
+                .add(Column::MaxCalls.is_null())
+                .add(Expr::col(Column::CallsUsed).lt(Expr::col(Column::MaxCalls))),
+        )
+        .exec_with_returning(db)
+        .await?;
+    if let Some(key) = updated.into_iter().next() {
+        return Ok(Ok(key));
+    }
+    // Refused: read the row only to say why.
+    let refusal = match Entity::find_by_id(key_id).one(db).await? {
+        None => Refusal::Unknown,
+        Some(key) => key.refusal_at(at).unwrap_or(Refusal::QuotaExhausted {
+            max_calls: key.max_calls.unwrap_or_default(),
+        }),
+    };
+    Ok(Err(refusal))
+}
+
+/// Gives back one call (a generation that failed on the server side).
+///
+/// # Errors
+/// On database errors.
+pub async fn refund<C: ConnectionTrait>(db: &C, key_id: i32) -> Result<(), ModelError> {
+    Entity::update_many()
+        .col_expr(Column::CallsUsed, Expr::col(Column::CallsUsed).sub(1))
+        .filter(Column::Id.eq(key_id))
+        .filter(Column::CallsUsed.gt(0))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+impl ActiveModel {
+    /// Issues a new key. The plain secret is returned once and never stored.
+    ///
+    /// # Errors
+    /// `Invalid` for bad parameters, or a database error.
+    pub async fn issue<C: ConnectionTrait>(
+        db: &C,
+        params: KeyParams,
+    ) -> Result<IssuedKey, ModelError> {
+        let email = params.email.trim().to_lowercase();
+        if !email.contains('@') {
+            return Err(ModelError::Invalid(format!(
+                "not an email address: {email:?}"
+            )));
+        }
+        if params.max_calls.is_some_and(|m| m < 0) {
+            return Err(ModelError::Invalid("calls must be 0 or more".into()));
+        }
+        if let (Some(from), Some(until)) = (params.valid_from, params.valid_until) {
+            if until < from {
+                return Err(ModelError::Invalid(
+                    "valid_until is before valid_from".into(),
+                ));
+            }
+        }
+        let name = if params.name.trim().is_empty() {
+            email.clone()
+        } else {
+            params.name.trim().to_string()
+        };
+        let (prefix, secret) = new_secret();
+        let ts = now();
+        let key = Self {
+            name: Set(name),
+            email: Set(email),
+            organization: Set(params
+                .organization
+                .map(|o| o.trim().to_string())
+                .filter(|o| !o.is_empty())),
+            prefix: Set(prefix),
+            secret_hash: Set(hash_secret(&secret)),
+            max_calls: Set(params.max_calls),
+            calls_used: Set(0),
+            valid_from: Set(params.valid_from),
+            valid_until: Set(params.valid_until),
+            revoked_at: Set(None),
+            last_used_at: Set(None),
+            created_at: Set(ts),
+            updated_at: Set(ts),
+            ..Default::default()
+        }
+        .insert(db)
+        .await?;
+        Ok(IssuedKey { key, secret })
+    }
+
+    /// Revokes the key with this prefix; revoking twice keeps the first time.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown prefix, or a database error.
+    pub async fn revoke<C: ConnectionTrait>(db: &C, prefix: &str) -> Result<Model, ModelError> {
+        let key = Model::find_by_prefix(db, prefix)
+            .await?
+            .ok_or_else(|| ModelError::NotFound(format!("no key with prefix {prefix:?}")))?;
+        if key.revoked_at.is_some() {
+            return Ok(key);
+        }
+        let ts = now();
+        let mut am: Self = key.into();
+        am.revoked_at = Set(Some(ts));
+        am.updated_at = Set(ts);
+        Ok(am.update(db).await?)
+    }
+}
+
+/// Parses a window bound given as a date (`2026-12-31`) or an RFC 3339 instant. A date means
+/// the start of that day (UTC) for `valid_from` and its last instant for `valid_until`, so
+/// `until=2026-12-31` includes the 31st.
+///
+/// # Errors
+/// `Invalid` naming the accepted formats.
+pub fn parse_bound(value: &str, end_of_day: bool) -> Result<DateTimeWithTimeZone, ModelError> {
+    let value = value.trim();
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(value) {
+        return Ok(t.with_timezone(&chrono::Utc).fixed_offset());
+    }
+    let day = chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d").map_err(|_| {
+        ModelError::Invalid(format!(
+            "{value:?} is not a date (YYYY-MM-DD) or an RFC 3339 time"
+        ))
+    })?;
+    let time = if end_of_day {
+        chrono::NaiveTime::from_hms_milli_opt(23, 59, 59, 999)
+    } else {
+        chrono::NaiveTime::from_hms_opt(0, 0, 0)
+    }
+    .unwrap_or_default();
+    Ok(day.and_time(time).and_utc().fixed_offset())
+}

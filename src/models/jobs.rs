@@ -1,0 +1,212 @@
+//! Job records: the durable truth about every generation, whatever the queue does.
+//!
+//! Status moves `queued → running → done | failed`. Every transition is a conditional UPDATE,
+//! so a job delivered twice by the queue (a retry after a crash) is never generated or charged
+//! twice, and a refund happens at most once.
+
+use sea_orm::{
+    entity::prelude::*,
+    sea_query::{Expr, ExprTrait},
+    ActiveValue::Set,
+    TransactionTrait,
+};
+
+pub use super::_entities::jobs::{self, ActiveModel, Column, Entity, Model};
+use super::{_entities::usage_records, api_keys, now, ModelError};
+use crate::engine::{text::count_words, Generation};
+
+impl ActiveModelBehavior for ActiveModel {}
+
+pub const QUEUED: &str = "queued";
+pub const RUNNING: &str = "running";
+pub const DONE: &str = "done";
+pub const FAILED: &str = "failed";
+
+/// A job about to be queued.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: String,
+    pub api_key_id: i32,
+    pub endpoint: String,
+    pub model: String,
+    pub request_json: String,
+    pub prompt_tokens: i32,
+}
+
+impl Model {
+    #[must_use]
+    pub fn is_finished(&self) -> bool {
+        self.status == DONE || self.status == FAILED
+    }
+
+    /// A job as seen by its own key; other keys' jobs are invisible (404, not 403).
+    ///
+    /// # Errors
+    /// On database errors.
+    pub async fn find_for_key<C: ConnectionTrait>(
+        db: &C,
+        id: &str,
+        api_key_id: i32,
+    ) -> Result<Option<Self>, ModelError> {
+        Ok(Entity::find_by_id(id.to_string())
+            .filter(Column::ApiKeyId.eq(api_key_id))
+            .one(db)
+            .await?)
+    }
+
+    /// Lookup without an owner check (workers and admins only).
+    ///
+    /// # Errors
+    /// On database errors.
+    pub async fn find_any<C: ConnectionTrait>(db: &C, id: &str) -> Result<Option<Self>, ModelError> {
+        Ok(Entity::find_by_id(id.to_string()).one(db).await?)
+    }
+
+    /// # Errors
+    /// On database errors.
+    pub async fn count_all<C: ConnectionTrait>(db: &C) -> Result<u64, ModelError> {
+        Ok(Entity::find().count(db).await?)
+    }
+}
+
+impl ActiveModel {
+    /// Records a job as queued (before it is pushed to the queue, so a worker never sees a job
+    /// without its record).
+    ///
+    /// # Errors
+    /// On database errors.
+    pub async fn create_queued<C: ConnectionTrait>(db: &C, job: NewJob) -> Result<Model, ModelError> {
+        let ts = now();
+        Ok(Self {
+            id: Set(job.id),
+            api_key_id: Set(job.api_key_id),
+            status: Set(QUEUED.to_string()),
+            endpoint: Set(job.endpoint),
+            model: Set(job.model),
+            request: Set(job.request_json),
+            result: Set(None),
+            error: Set(None),
+            prompt_tokens: Set(job.prompt_tokens),
+            generated_tokens: Set(0),
+            finish_reason: Set(None),
+            attempts: Set(0),
+            refunded: Set(false),
+            worker: Set(None),
+            queued_at: Set(ts),
+            started_at: Set(None),
+            finished_at: Set(None),
+            created_at: Set(ts),
+            updated_at: Set(ts),
+        }
+        .insert(db)
+        .await?)
+    }
+}
+
+/// Claims a job for a worker. `None` when it is already finished (a duplicate delivery).
+///
+/// # Errors
+/// On database errors.
+pub async fn mark_running<C: ConnectionTrait>(
+    db: &C,
+    id: &str,
+    worker: &str,
+) -> Result<Option<Model>, ModelError> {
+    let ts = now();
+    let rows = Entity::update_many()
+        .col_expr(Column::Status, Expr::value(RUNNING))
+        .col_expr(Column::Attempts, Expr::col(Column::Attempts).add(1))
+        .col_expr(Column::Worker, Expr::value(worker))
+        .col_expr(Column::StartedAt, Expr::value(ts))
+        .col_expr(Column::UpdatedAt, Expr::value(ts))
+        .filter(Column::Id.eq(id))
+        .filter(Column::Status.is_in([QUEUED, RUNNING]))
+        .exec_with_returning(db)
+        .await?;
+    Ok(rows.into_iter().next())
+}
+
+/// Stores a finished generation and its usage row, in one transaction.
+///
+/// # Errors
+/// On database errors.
+pub async fn complete(
+    db: &DatabaseConnection,
+    id: &str,
+    generation: &Generation,
+) -> Result<Option<Model>, ModelError> {
+    let ts = now();
+    let txn = db.begin().await?;
+    let rows = Entity::update_many()
+        .col_expr(Column::Status, Expr::value(DONE))
+        .col_expr(Column::Result, Expr::value(generation.text.clone()))
+        .col_expr(
+            Column::PromptTokens,
+            Expr::value(i32::try_from(generation.prompt_tokens).unwrap_or(i32::MAX)),
+        )
+        .col_expr(
+            Column::GeneratedTokens,
+            Expr::value(i32::try_from(generation.generated_tokens).unwrap_or(i32::MAX)),
+        )
+        .col_expr(
+            Column::FinishReason,
+            Expr::value(generation.finish_reason.as_str()),
+        )
+        .col_expr(Column::FinishedAt, Expr::value(ts))
+        .col_expr(Column::UpdatedAt, Expr::value(ts))
+        .filter(Column::Id.eq(id))
+        .filter(Column::Status.eq(RUNNING))
+        .exec_with_returning(&txn)
+        .await?;
+    let Some(job) = rows.into_iter().next() else {
+        txn.rollback().await?;
+        return Ok(None);
+    };
+    usage_records::ActiveModel {
+        api_key_id: Set(job.api_key_id),
+        job_id: Set(job.id.clone()),
+        day: Set(ts.date_naive()),
+        prompt_tokens: Set(job.prompt_tokens),
+        generated_tokens: Set(job.generated_tokens),
+        words: Set(i32::try_from(count_words(&generation.text)).unwrap_or(i32::MAX)),
+        created_at: Set(ts),
+        updated_at: Set(ts),
+        ..Default::default()
+    }
+    .insert(&txn)
+    .await?;
+    txn.commit().await?;
+    Ok(Some(job))
+}
+
+/// Marks a job failed and refunds its call, both at most once.
+///
+/// # Errors
+/// On database errors.
+pub async fn fail(
+    db: &DatabaseConnection,
+    id: &str,
+    reason: &str,
+) -> Result<Option<Model>, ModelError> {
+    let ts = now();
+    let txn = db.begin().await?;
+    let rows = Entity::update_many()
+        .col_expr(Column::Status, Expr::value(FAILED))
+        .col_expr(Column::Error, Expr::value(reason))
+        .col_expr(Column::Refunded, Expr::value(true))
+        .col_expr(Column::FinishedAt, Expr::value(ts))
+        .col_expr(Column::UpdatedAt, Expr::value(ts))
+        .filter(Column::Id.eq(id))
+        .filter(Column::Status.is_in([QUEUED, RUNNING]))
+        .filter(Column::Refunded.eq(false))
+        .exec_with_returning(&txn)
+        .await?;
+    let Some(job) = rows.into_iter().next() else {
+        txn.rollback().await?;
+        return Ok(None);
+    };
+    api_keys::refund(&txn, job.api_key_id).await?;
+    txn.commit().await?;
+    Ok(Some(job))
+}
+

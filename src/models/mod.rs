@@ -1,0 +1,27 @@
+//! Domain logic over the generated entities in `_entities/`.
+
+pub mod _entities;
+pub mod admins;
+pub mod api_keys;
+pub mod jobs;
+pub mod usage_records;
+
+/// Failures of model operations that are not plain database errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("database: {0}")]
+    Db(#[from] sea_orm::DbErr),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("password hashing: {0}")]
+    Hash(String),
+}
+
+/// Current time as stored in every timestamp column: UTC with a `+00:00` offset, so that SQLite's
+/// text comparison of timestamps orders them correctly.
+#[must_use]
+pub fn now() -> sea_orm::prelude::DateTimeWithTimeZone {
+    chrono::Utc::now().fixed_offset()
+}

@@ -1,0 +1,64 @@
+//! Per-request usage rows, summed per day for `GET /usage/`.
+
+use sea_orm::{entity::prelude::*, FromQueryResult, QueryOrder, QuerySelect};
+use serde::Serialize;
+
+pub use super::_entities::usage_records::{self, ActiveModel, Column, Entity, Model};
+use super::ModelError;
+
+impl ActiveModelBehavior for ActiveModel {}
+
+/// One day of one key's usage.
+#[derive(Debug, Clone, Serialize, FromQueryResult, PartialEq, Eq)]
+pub struct DailyUsage {
+    pub day: Date,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub generated_tokens: i64,
+    pub words: i64,
+}
+
+/// Usage of a key per day between `from` and `to` (inclusive), oldest first.
+///
+/// # Errors
+/// On database errors.
+pub async fn daily<C: ConnectionTrait>(
+    db: &C,
+    api_key_id: i32,
+    from: Date,
+    to: Date,
+) -> Result<Vec<DailyUsage>, ModelError> {
+    use sea_orm::sea_query::{Expr, ExprTrait, Func};
+    // SUM is BIGINT on Postgres and INTEGER on SQLite; the cast makes both decode as i64.
+    let sum = |c: Column| -> sea_orm::sea_query::Expr {
+        Func::cast_as(
+            Func::coalesce([Expr::from(Func::sum(Expr::col(c))), Expr::val(0)]),
+            sea_orm::sea_query::Alias::new("BIGINT"),
+        )
+        .into()
+    };
+    Ok(Entity::find()
+        .select_only()
+        .column(Column::Day)
+        .column_as(Expr::col(Column::Id).count(), "requests")
+        .column_as(
+            sum(Column::PromptTokens),
+            "prompt_tokens",
+        )
+        .column_as(
+            sum(Column::GeneratedTokens),
+            "generated_tokens",
+        )
+        .column_as(
+            sum(Column::Words),
+            "words",
+        )
+        .filter(Column::ApiKeyId.eq(api_key_id))
+        .filter(Column::Day.gte(from))
+        .filter(Column::Day.lte(to))
+        .group_by(Column::Day)
+        .order_by_asc(Column::Day)
+        .into_model::<DailyUsage>()
+        .all(db)
+        .await?)
+}

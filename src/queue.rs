@@ -1,0 +1,195 @@
+//! The durable job queue. Every apalis import of Tollgate lives in this module.
+//!
+//! Embedded mode keeps the queue in a SQLite file. Producers (HTTP handlers) push a
+//! [`GenerationJob`]; the worker consumes with concurrency 1 so the single engine thread is
+//! never asked to interleave requests it cannot batch. SQLite's update hook wakes the worker
+//! the moment a job is inserted by this process; a short poll interval is the fallback for jobs
+//! inserted by other processes and for re-enqueued orphans.
+
+use std::{sync::Arc, time::Duration};
+
+use apalis::prelude::{
+    BackendExt, BoxDynError, Data, Strategy, TaskBuilder, TaskSink, WorkerBuilder,
+    WorkerBuilderExt,
+};
+use apalis_sqlite::{callback::HookCallbackListener, Config, SqlitePool, SqliteStorage};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, Mutex};
+
+use crate::{engine::GenerationRequest, settings::QueueSettings};
+
+/// The payload of one queued generation: everything a worker needs, already validated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerationJob {
+    pub job_id: String,
+    pub api_key_id: i32,
+    pub request: GenerationRequest,
+}
+
+/// What the worker does with a job; implemented by [`crate::workers::generation`].
+#[async_trait::async_trait]
+pub trait JobHandler: Send + Sync + 'static {
+    /// Handles one delivery. An `Err` asks the queue to retry the delivery later.
+    async fn handle(&self, job: GenerationJob) -> Result<(), String>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue storage: {0}")]
+    Storage(String),
+}
+
+/// Producer side of the queue, cheap to clone.
+#[derive(Clone)]
+pub struct JobQueue {
+    storage: SqliteStorage<GenerationJob>,
+    pool: SqlitePool,
+    config: Config,
+    max_attempts: usize,
+    listener: Arc<Mutex<Option<HookCallbackListener>>>,
+}
+
+impl std::fmt::Debug for JobQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobQueue")
+            .field("queue", &self.config.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Name of the queue of one model: a worker consumes only the models it holds.
+#[must_use]
+pub fn queue_name(model: &str) -> String {
+    format!("tollgate.generate.{model}")
+}
+
+impl JobQueue {
+    /// Opens (and migrates) the queue storage for `model`.
+    ///
+    /// # Errors
+    /// When the storage cannot be opened or migrated.
+    pub async fn connect(settings: &QueueSettings, model: &str) -> Result<Self, QueueError> {
+        let url = settings.url.as_str();
+        if !url.starts_with("sqlite:") {
+            return Err(QueueError::Storage(format!(
+                "unsupported queue url {url:?}: this build supports sqlite:// queues"
+            )));
+        }
+        let (pool, listener) = SqliteStorage::connect_with_callback(url)
+            .map_err(|e| QueueError::Storage(e.to_string()))?;
+        SqliteStorage::setup(&pool)
+            .await
+            .map_err(|e| QueueError::Storage(e.to_string()))?;
+        let config = Config::default()
+            .queue(queue_name(model))
+            // One job per fetch: a worker only takes what it is about to run, so several
+            // workers on one queue share the load instead of one hoarding a batch.
+            .batch_size(1)
+            .heartbeat_interval(Duration::from_secs(5));
+        let storage = SqliteStorage::new(&pool).with_config(config.clone());
+        Ok(Self {
+            storage,
+            pool,
+            config,
+            max_attempts: settings.max_attempts.max(1) as usize,
+            listener: Arc::new(Mutex::new(Some(listener))),
+        })
+    }
+
+    /// Queues a job durably; returns once it is stored.
+    ///
+    /// # Errors
+    /// When the storage rejects the write.
+    pub async fn push(&self, job: GenerationJob) -> Result<(), QueueError> {
+        let task = TaskBuilder::new(job).max_attempts(self.max_attempts).build();
+        let mut storage = self.storage.clone();
+        storage
+            .push_task(task)
+            .await
+            .map_err(|e| QueueError::Storage(e.to_string()))
+    }
+
+    /// Jobs waiting in this queue (not yet taken by a worker).
+    ///
+    /// # Errors
+    /// On storage errors.
+    pub async fn depth(&self) -> Result<i64, QueueError> {
+        sqlx_count(&self.pool, self.config.queue.as_ref()).await
+    }
+
+    /// Starts a worker consuming this queue with concurrency 1. It runs until the returned
+    /// handle is shut down (or dropped).
+    pub async fn spawn_worker(&self, name: &str, handler: Arc<dyn JobHandler>) -> WorkerHandle {
+        let listener = self.listener.lock().await.take();
+        let mut strategy = Strategy::new().interval(Duration::from_millis(250));
+        if let Some(listener) = listener {
+            strategy = Strategy::new()
+                .stream(listener)
+                .interval(Duration::from_millis(250));
+        }
+        let backend = SqliteStorage::<GenerationJob>::new(&self.pool)
+            .with_config(self.config.clone())
+            .poll_with_strategy(strategy);
+        let worker = WorkerBuilder::new(name.to_string())
+            .backend(backend)
+            .data(HandlerData(handler))
+            .concurrency(1)
+            .build(handle_task);
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let join = tokio::spawn(async move {
+            let signal = async move {
+                let _ = stop_rx.await;
+                Ok::<(), std::io::Error>(())
+            };
+            if let Err(e) = worker.run_until(signal).await {
+                tracing::error!(error = %e, "queue worker stopped with an error");
+            }
+        });
+        WorkerHandle {
+            stop: Some(stop_tx),
+            join: Some(join),
+        }
+    }
+}
+
+async fn sqlx_count(pool: &SqlitePool, queue: &str) -> Result<i64, QueueError> {
+    use sqlx::Row;
+    let row = sqlx::query(
+        "SELECT COUNT(*) AS n FROM Jobs WHERE job_type = ?1 AND status IN ('Pending', 'Queued')",
+    )
+    .bind(queue)
+    .fetch_one(pool)
+    .await
+    .map_err(|e| QueueError::Storage(e.to_string()))?;
+    row.try_get::<i64, _>("n")
+        .map_err(|e| QueueError::Storage(e.to_string()))
+}
+
+/// A named type for the handler injected into apalis (a bare `Arc<dyn …>` trips its
+/// higher-ranked handler bounds).
+#[derive(Clone)]
+struct HandlerData(Arc<dyn JobHandler>);
+
+async fn handle_task(job: GenerationJob, handler: Data<HandlerData>) -> Result<(), BoxDynError> {
+    let HandlerData(inner) = &*handler;
+    inner.handle(job).await.map_err(BoxDynError::from)
+}
+
+/// Stops a running queue worker.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    stop: Option<oneshot::Sender<()>>,
+    join: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// Asks the worker to stop taking jobs and waits for it to finish the current one.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(join) = self.join.take() {
+            let _ = join.await;
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The long-lived parts of a running server, built once at start-up and shared by handlers:
+//! settings, the queue, the job-event registry, the prompt tokenizer and, in embedded mode, the
+//! engine and its worker. `cargo loco task …` does not start them (no model load for a task).
+
+use std::{sync::Arc, time::Duration};
+
+use loco_rs::app::AppContext;
+use tokio::sync::Mutex;
+
+use crate::{
+    engine::{
+        llama::LlamaEngine, tokenizer::PromptTokenizer, Algorithm, EngineError, EngineStatus,
+        GenerationRequest,
+    },
+    errors::ApiError,
+    models::{
+        api_keys::{self, Refusal},
+        jobs,
+    },
+    notify::JobEvents,
+    queue::{GenerationJob, JobQueue, WorkerHandle},
+    settings::Settings,
+    workers::generation::GenerationWorker,
+};
+
+pub struct Services {
+    pub settings: Settings,
+    pub queue: JobQueue,
+    pub events: JobEvents,
+    pub tokenizer: Arc<PromptTokenizer>,
+    /// The in-process engine (embedded mode); `None` when workers run elsewhere.
+    pub engine: Option<Arc<dyn Algorithm>>,
+    worker: Mutex<Option<WorkerHandle>>,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services")
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a submitted generation ended for the waiting request.
+#[derive(Debug)]
+pub enum Submission {
+    /// Settled within the wait: done or failed.
+    Finished(jobs::Model),
+    /// Still queued or running when the wait ran out; poll `GET /api/jobs/{id}`.
+    Pending(jobs::Model),
+}
+
+fn load_error(e: EngineError) -> loco_rs::Error {
+    loco_rs::Error::Message(e.to_string())
+}
+
+impl Services {
+    /// Builds the services and, in embedded mode, loads the model and starts the worker.
+    ///
+    /// # Errors
+    /// When the settings are invalid, the model cannot be loaded or the queue cannot be opened.
+    pub async fn start(ctx: &AppContext) -> loco_rs::Result<Arc<Self>> {
+        let settings = Settings::from_config(&ctx.config)?;
+        let engine_settings = settings.engine.clone();
+        let tokenizer = tokio::task::spawn_blocking(move || PromptTokenizer::load(&engine_settings))
+            .await
+            .map_err(|e| loco_rs::Error::Message(e.to_string()))?
+            .map_err(load_error)?;
+        let queue = JobQueue::connect(&settings.queue, &settings.engine.model_name)
+            .await
+            .map_err(|e| loco_rs::Error::Message(e.to_string()))?;
+        let events = JobEvents::default();
+        let mut engine: Option<Arc<dyn Algorithm>> = None;
+        let mut worker = None;
+        if settings.queue.embedded_worker {
+            let engine_settings = settings.engine.clone();
+            let started = std::time::Instant::now();
+            let llama = tokio::task::spawn_blocking(move || LlamaEngine::start(engine_settings))
+                .await
+                .map_err(|e| loco_rs::Error::Message(e.to_string()))?
+                .map_err(load_error)?;
+            tracing::info!(
+                ms = started.elapsed().as_millis() as u64,
+                "engine ready (embedded worker)"
+            );
+            let llama: Arc<dyn Algorithm> = Arc::new(llama);
+            let name = format!("embedded-{}", std::process::id());
+            let handler = Arc::new(GenerationWorker::new(
+                ctx.db.clone(),
+                llama.clone(),
+                events.clone(),
+                name.clone(),
+            ));
+            worker = Some(queue.spawn_worker(&name, handler).await);
+            engine = Some(llama);
+        }
+        Ok(Arc::new(Self {
+            settings,
+            queue,
+            events,
+            tokenizer: Arc::new(tokenizer),
+            engine,
+            worker: Mutex::new(worker),
+        }))
+    }
+
+    /// The services of a running server.
+    ///
+    /// # Errors
+    /// 503 when the server has not finished starting.
+    pub fn from_ctx(ctx: &AppContext) -> Result<Arc<Self>, ApiError> {
+        ctx.shared_store
+            .get::<Arc<Self>>()
+            .ok_or_else(|| ApiError::unavailable("starting", "the server is still starting"))
+    }
+
+    /// Stops the embedded worker after its current job.
+    pub async fn shutdown(&self) {
+        if let Some(worker) = self.worker.lock().await.take() {
+            worker.shutdown().await;
+        }
+    }
+
+    #[must_use]
+    pub fn engine_status(&self) -> Option<EngineStatus> {
+        self.engine.as_ref().map(|e| e.status())
+    }
+
+    /// Checks a request against the model's context, charges the key atomically, queues the job
+    /// and waits for its result up to the configured timeout.
+    ///
+    /// Nothing is charged or queued when this returns an error before the job is recorded.
+    ///
+    /// # Errors
+    /// 400 prompt too long, 401/403/429 from the charge, 503 when the queue is down.
+    pub async fn submit_and_wait(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        key: &api_keys::Model,
+        endpoint: &str,
+        request: GenerationRequest,
+    ) -> Result<Submission, ApiError> {
+        let prompt_tokens = self.check_prompt(&request)?;
+        charge(db, key).await?;
+
+        let job_id = uuid::Uuid::new_v4().to_string();
+        let request_json = serde_json::to_string(&request).map_err(ApiError::internal)?;
+        let record = match jobs::ActiveModel::create_queued(
+            db,
+            jobs::NewJob {
+                id: job_id.clone(),
+                api_key_id: key.id,
+                endpoint: endpoint.to_string(),
+                model: request.model.clone(),
+                request_json,
+                prompt_tokens: i32::try_from(prompt_tokens).unwrap_or(i32::MAX),
+            },
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                api_keys::refund(db, key.id).await.ok();
+                return Err(e.into());
+            }
+        };
+        let span = tracing::info_span!("job", job_id = %job_id);
+        let _guard = span.enter();
+        let done = self.events.subscribe(&job_id);
+        let job = GenerationJob {
+            job_id: job_id.clone(),
+            api_key_id: key.id,
+            request,
+        };
+        if let Err(e) = self.queue.push(job).await {
+            tracing::error!(error = %e, "could not queue job");
+            self.events.forget(&job_id);
+            jobs::fail(db, &job_id, "the queue is unavailable").await.ok();
+            return Err(ApiError::unavailable(
+                "queue_unavailable",
+                "the job queue is unavailable; nothing was charged, try again",
+            ));
+        }
+        let wait = Duration::from_millis(self.settings.api.wait_timeout_ms);
+        if let Ok(Ok(job)) = tokio::time::timeout(wait, done).await {
+            return Ok(Submission::Finished(job));
+        }
+        self.events.forget(&job_id);
+        // Timed out (or the worker went away): report what the record says now.
+        let current = jobs::Model::find_any(db, &job_id).await?.unwrap_or(record);
+        if current.is_finished() {
+            Ok(Submission::Finished(current))
+        } else {
+            Ok(Submission::Pending(current))
+        }
+    }
+
+    /// Counts prompt tokens with the model's tokenizer; 400 when the prompt cannot fit.
+    fn check_prompt(&self, request: &GenerationRequest) -> Result<usize, ApiError> {
+        let n = self.tokenizer.count(&request.prompt).map_err(|e| {
+            ApiError::unprocessable("invalid_prompt", format!("prompt cannot be rendered: {e}"))
+        })?;
+        let limit = self.tokenizer.context_size() as usize;
+        if n >= limit {
+            return Err(ApiError::bad_request(
+                "context_length_exceeded",
+                format!(
+                    "prompt is {n} tokens; model {} accepts at most {} prompt tokens (context {limit})",
+                    self.tokenizer.model_name(),
+                    limit - 1
+                ),
+            ));
+        }
+        Ok(n)
+    }
+}
+
+/// Spends one call of `key` or says why not (401/403/429).
+async fn charge(db: &sea_orm::DatabaseConnection, key: &api_keys::Model) -> Result<(), ApiError> {
+    match api_keys::charge(db, key.id).await? {
+        Ok(_) => Ok(()),
+        Err(refusal) => Err(refusal_error(refusal, key)),
+    }
+}
+
+/// The HTTP error for a key that may not call now.
+#[must_use]
+pub fn refusal_error(refusal: Refusal, key: &api_keys::Model) -> ApiError {
+    match refusal {
+        Refusal::Revoked => ApiError::unauthorized("key_revoked", "this API key has been revoked"),
+        Refusal::Unknown => ApiError::unauthorized("invalid_api_key", "unknown API key"),
+        Refusal::NotYetValid => ApiError::forbidden(
+            "key_not_yet_valid",
+            format!(
+                "this key is valid from {}",
+                key.valid_from.map(|t| t.to_rfc3339()).unwrap_or_default()
+            ),
+        ),
+        Refusal::Expired => ApiError::forbidden(
+            "key_expired",
+            format!(
+                "this key expired at {}",
+                key.valid_until.map(|t| t.to_rfc3339()).unwrap_or_default()
+            ),
+        ),
+        Refusal::QuotaExhausted { max_calls } => ApiError::quota_exhausted(max_calls),
+    }
+}

@@ -1,0 +1,163 @@
+//! Typed view of the `settings:` block of `config/<env>.yaml`.
+//!
+//! Loco keeps app settings as free-form JSON; parsing them once into this struct means a typo in
+//! the config fails at start-up with a clear message instead of at the first request.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default)]
+    pub engine: EngineSettings,
+    #[serde(default)]
+    pub queue: QueueSettings,
+    #[serde(default)]
+    pub api: ApiSettings,
+}
+
+/// The llama.cpp model a worker keeps resident, and how it runs it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSettings {
+    /// Name clients use for this model (`model` fields, job records).
+    #[serde(default = "default_model_name")]
+    pub model_name: String,
+    /// Path to the GGUF file.
+    #[serde(default = "default_model_path")]
+    pub model_path: PathBuf,
+    /// CPU threads for decoding; 0 = all available cores.
+    #[serde(default)]
+    pub threads: u32,
+    /// Context window in tokens (prompt + generated).
+    #[serde(default = "default_context_size")]
+    pub context_size: u32,
+    /// Layers offloaded to the GPU (0 = CPU only; needs a `cuda` build to matter).
+    #[serde(default)]
+    pub n_gpu_layers: u32,
+    /// Which GPU holds the model when several are visible.
+    #[serde(default)]
+    pub main_gpu: i32,
+}
+
+/// Where jobs wait and whether this process also serves them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    /// apalis storage URL; `sqlite://…` in the embedded default.
+    #[serde(default = "default_queue_url")]
+    pub url: String,
+    /// Run the generation worker inside the API process (embedded mode).
+    #[serde(default = "default_true")]
+    pub embedded_worker: bool,
+    /// How many times a job is tried before it is marked failed.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+/// Limits and defaults of the HTTP API.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    /// How long a request waits for its job before answering 202 with the job id.
+    #[serde(default = "default_wait_timeout_ms")]
+    pub wait_timeout_ms: u64,
+    /// Largest accepted request body; bigger ones get 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// `max_tokens` when the request names none.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u32,
+    /// Upper bound a request may ask for.
+    #[serde(default = "default_max_tokens_limit")]
+    pub max_tokens_limit: u32,
+    /// Sampling temperature when the request names none (0 = greedy).
+    #[serde(default = "default_temperature")]
+    pub default_temperature: f32,
+}
+
+fn default_model_name() -> String {
+    "smollm2".into()
+}
+fn default_model_path() -> PathBuf {
+    "models/SmolLM2-135M-Instruct.Q4_1.gguf".into()
+}
+fn default_context_size() -> u32 {
+    2048
+}
+fn default_queue_url() -> String {
+    "sqlite://data/queue.sqlite?mode=rwc".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_wait_timeout_ms() -> u64 {
+    120_000
+}
+fn default_max_body_bytes() -> usize {
+    1024 * 1024
+}
+fn default_max_tokens() -> u32 {
+    256
+}
+fn default_max_tokens_limit() -> u32 {
+    2048
+}
+fn default_temperature() -> f32 {
+    0.7
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            model_name: default_model_name(),
+            model_path: default_model_path(),
+            threads: 0,
+            context_size: default_context_size(),
+            n_gpu_layers: 0,
+            main_gpu: 0,
+        }
+    }
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            url: default_queue_url(),
+            embedded_worker: true,
+            max_attempts: default_max_attempts(),
+        }
+    }
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            wait_timeout_ms: default_wait_timeout_ms(),
+            max_body_bytes: default_max_body_bytes(),
+            default_max_tokens: default_max_tokens(),
+            max_tokens_limit: default_max_tokens_limit(),
+            default_temperature: default_temperature(),
+        }
+    }
+}
+
+impl Settings {
+    /// Reads the `settings:` block; a missing block means all defaults.
+    ///
+    /// # Errors
+    /// When the block does not match the expected shape.
+    pub fn from_config(config: &loco_rs::config::Config) -> loco_rs::Result<Self> {
+        let value = config
+            .settings
+            .clone()
+            .unwrap_or_else(|| serde_json::json!({}));
+        serde_json::from_value(value)
+            .map_err(|e| loco_rs::Error::Message(format!("invalid `settings` in config: {e}")))
+    }
+}

@@ -1,0 +1,17 @@
+//! `cargo loco task <name> k=v …`: admin chores from the shell, reusing the model methods.
+
+pub mod admin_create;
+pub mod key_create;
+pub mod key_list;
+pub mod key_revoke;
+
+use loco_rs::task::Vars;
+
+/// An optional `k=v` argument; an empty value counts as absent.
+fn opt_arg<'a>(vars: &'a Vars, key: &str) -> Option<&'a str> {
+    vars.cli_arg(key).ok().map(str::trim).filter(|v| !v.is_empty())
+}
+
+fn model_err(e: crate::models::ModelError) -> loco_rs::Error {
+    loco_rs::Error::Message(e.to_string())
+}

@@ -1,0 +1,94 @@
+//! The generation worker: takes one queued job, runs it on the engine, settles the record.
+
+use std::sync::Arc;
+
+use sea_orm::DatabaseConnection;
+
+use crate::{
+    engine::Algorithm,
+    models::{jobs, ModelError},
+    notify::JobEvents,
+    queue::{GenerationJob, JobHandler},
+};
+
+/// How one delivery ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Done(jobs::Model),
+    Failed(jobs::Model),
+    /// The job was already settled (a duplicate delivery): nothing was run or charged.
+    AlreadySettled,
+}
+
+pub struct GenerationWorker {
+    db: DatabaseConnection,
+    algorithm: Arc<dyn Algorithm>,
+    events: JobEvents,
+    name: String,
+}
+
+impl GenerationWorker {
+    #[must_use]
+    pub fn new(
+        db: DatabaseConnection,
+        algorithm: Arc<dyn Algorithm>,
+        events: JobEvents,
+        name: String,
+    ) -> Self {
+        Self {
+            db,
+            algorithm,
+            events,
+            name,
+        }
+    }
+
+    /// Runs one job to its final state and notifies whoever waits for it.
+    ///
+    /// # Errors
+    /// Database errors; the queue then retries the delivery.
+    #[tracing::instrument(skip(self, job), fields(job_id = %job.job_id, worker = %self.name))]
+    pub async fn run_one(&self, job: GenerationJob) -> Result<Outcome, ModelError> {
+        let Some(_running) = jobs::mark_running(&self.db, &job.job_id, &self.name).await? else {
+            tracing::info!("job already settled; skipping duplicate delivery");
+            if let Some(record) = jobs::Model::find_any(&self.db, &job.job_id).await? {
+                self.events.publish(&record);
+            }
+            return Ok(Outcome::AlreadySettled);
+        };
+        let started = std::time::Instant::now();
+        let result = self.algorithm.run(job.request).await;
+        let outcome = match result {
+            Ok(generation) => {
+                tracing::info!(
+                    prompt_tokens = generation.prompt_tokens,
+                    generated_tokens = generation.generated_tokens,
+                    ms = started.elapsed().as_millis() as u64,
+                    "job done"
+                );
+                match jobs::complete(&self.db, &job.job_id, &generation).await? {
+                    Some(record) => Outcome::Done(record),
+                    None => Outcome::AlreadySettled,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "job failed; refunding its call");
+                match jobs::fail(&self.db, &job.job_id, &e.to_string()).await? {
+                    Some(record) => Outcome::Failed(record),
+                    None => Outcome::AlreadySettled,
+                }
+            }
+        };
+        if let Outcome::Done(record) | Outcome::Failed(record) = &outcome {
+            self.events.publish(record);
+        }
+        Ok(outcome)
+    }
+}
+
+#[async_trait::async_trait]
+impl JobHandler for GenerationWorker {
+    async fn handle(&self, job: GenerationJob) -> Result<(), String> {
+        self.run_one(job).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,3 @@
+//! Queue consumers.
+
+pub mod generation;

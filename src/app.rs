@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use loco_rs::{
     app::{AppContext, Hooks},
     bgworker::Queue,
-    boot::{create_app, BootResult, StartMode},
+    boot::{create_app, shutdown_signal, BootResult, ServeParams, StartMode},
     config::Config,
     controller::AppRoutes,
     db::truncate_table,
@@ -19,6 +19,23 @@ use migration::Migrator;
 use crate::{controllers, models::_entities, services::Services, tasks};
 
 pub struct App;
+
+/// The router as served: trailing slashes are trimmed *before* routing, so `/api/` (seed 003's
+/// URL) and `/api` reach the same handler. Loco registers routes without the slash.
+pub fn into_service(
+    router: axum::Router,
+) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<
+    tower_http::normalize_path::NormalizePath<axum::Router>,
+    std::net::SocketAddr,
+> {
+    let service = tower::Layer::layer(
+        &tower_http::normalize_path::NormalizePathLayer::trim_trailing_slash(),
+        router,
+    );
+    axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+        std::net::SocketAddr,
+    >(service)
+}
 
 /// Creates the parent folder of a `sqlite://` file URL (the embedded default keeps its
 /// databases under `data/`, which a fresh checkout does not have).
@@ -55,6 +72,20 @@ impl Hooks for App {
         config: Config,
     ) -> Result<BootResult> {
         create_app::<Self, Migrator>(mode, environment, config).await
+    }
+
+    async fn serve(app: axum::Router, ctx: &AppContext, params: &ServeParams) -> Result<()> {
+        let listener =
+            tokio::net::TcpListener::bind(&format!("{}:{}", params.binding, params.port)).await?;
+        let ctx = ctx.clone();
+        axum::serve(listener, into_service(app))
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                tracing::info!("shutting down: draining requests, finishing the current job");
+                Self::on_shutdown(&ctx).await;
+            })
+            .await?;
+        Ok(())
     }
 
     async fn load_config(env: &Environment) -> Result<Config> {

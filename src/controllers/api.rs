@@ -159,9 +159,9 @@ async fn job_status(
 
 pub fn routes() -> Routes {
     Routes::new()
-        .add("/api/", axum::routing::post(generate))
+        // Trailing-slash forms (`/api/`, seed 003's URL) reach these through
+        // `app::into_service`, which trims the slash before routing.
         .add("/api", axum::routing::post(generate))
-        .add("/analyze/", axum::routing::post(generate))
         .add("/analyze", axum::routing::post(generate))
         .add("/api/jobs/{id}", axum::routing::get(job_status))
 }

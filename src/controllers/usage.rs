@@ -78,6 +78,5 @@ async fn usage(
 
 pub fn routes() -> Routes {
     Routes::new()
-        .add("/usage/", axum::routing::get(usage))
         .add("/usage", axum::routing::get(usage))
 }

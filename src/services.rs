@@ -6,6 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use loco_rs::app::AppContext;
 use tokio::sync::Mutex;
+use tracing::Instrument;
 
 use crate::{
     engine::{
@@ -165,11 +166,23 @@ impl Services {
             }
         };
         let span = tracing::info_span!("job", job_id = %job_id);
-        let _guard = span.enter();
+        self.queue_and_wait(db, key.id, record, request)
+            .instrument(span)
+            .await
+    }
+
+    async fn queue_and_wait(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        api_key_id: i32,
+        record: jobs::Model,
+        request: GenerationRequest,
+    ) -> Result<Submission, ApiError> {
+        let job_id = record.id.clone();
         let done = self.events.subscribe(&job_id);
         let job = GenerationJob {
             job_id: job_id.clone(),
-            api_key_id: key.id,
+            api_key_id,
             request,
         };
         if let Err(e) = self.queue.push(job).await {

@@ -1,0 +1,234 @@
+//! `POST /api/` end to end: real SQLite, real queue, real SmolLM2.
+
+mod common;
+
+use chrono::{Duration, Utc};
+use common::{code, TestApp};
+use serde_json::json;
+use tollgate::models::api_keys::KeyParams;
+
+#[tokio::test]
+async fn a_valid_key_gets_generated_text_from_the_model() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(Some(5)).await;
+
+    let (status, body) = app
+        .post_api(&key, json!({"text": "What is the capital of France?", "temperature": 0}))
+        .await;
+
+    assert_eq!(status, 200, "{body}");
+    let message = body["message"].as_str().expect("message");
+    assert!(!message.trim().is_empty(), "empty generation: {body}");
+    assert!(body["job_id"].as_str().is_some_and(|id| !id.is_empty()));
+    assert!(body["usage"]["prompt_tokens"].as_i64().unwrap_or(0) > 0);
+    assert!(body["usage"]["completion_tokens"].as_i64().unwrap_or(0) > 0);
+    assert_eq!(app.calls_used(&key).await, 1);
+}
+
+#[tokio::test]
+async fn the_analyze_alias_and_the_unslashed_path_serve_the_same_api() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(None).await;
+    for path in ["/analyze/", "/api", "/analyze"] {
+        let resp = app
+            .http
+            .post(app.url(path))
+            .bearer_auth(&key.secret)
+            .json(&json!({"text": "Say hi", "max_tokens": 4}))
+            .send()
+            .await
+            .expect("request");
+        let (status, body) = common::read(resp).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(body["message"].is_string(), "{path}: {body}");
+    }
+    assert_eq!(app.calls_used(&key).await, 3);
+}
+
+#[tokio::test]
+async fn one_loaded_model_serves_consecutive_requests() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(None).await;
+    for _ in 0..3 {
+        let (status, body) = app
+            .post_api(&key, json!({"text": "Count to three.", "max_tokens": 8}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, ping) = app.get(None, "/ping").await;
+    assert_eq!(status, 200);
+    assert_eq!(ping["status"], "ok");
+    assert_eq!(ping["ready"], true);
+    let engine = &ping["worker"]["engine"];
+    assert_eq!(engine["loads"], 1, "model reloaded: {ping}");
+    assert_eq!(engine["jobs_served"], 3, "{ping}");
+}
+
+#[tokio::test]
+async fn greedy_generation_with_a_seed_is_repeatable_and_stop_words_cut_the_output() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(None).await;
+    let body = json!({"text": "List the days of the week.", "temperature": 0, "max_tokens": 24});
+    let (_, a) = app.post_api(&key, body.clone()).await;
+    let (_, b) = app.post_api(&key, body).await;
+    assert_eq!(a["message"], b["message"], "greedy decoding differs");
+
+    let full = a["message"].as_str().expect("message").to_string();
+    // Stop at the first word of the greedy answer that is not at its very start.
+    let word = full
+        .split_whitespace()
+        .nth(2)
+        .expect("at least three words")
+        .to_string();
+    let (status, cut) = app
+        .post_api(
+            &key,
+            json!({"text": "List the days of the week.", "temperature": 0, "max_tokens": 24, "stop": [word.clone()]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{cut}");
+    let cut = cut["message"].as_str().expect("message");
+    assert!(!cut.contains(&word), "stop word {word:?} in {cut:?}");
+    assert!(full.starts_with(cut), "{cut:?} is not a prefix of {full:?}");
+}
+
+#[tokio::test]
+async fn max_tokens_bounds_the_generation() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(None).await;
+    let (status, body) = app
+        .post_api(&key, json!({"text": "Write a long story about a dragon.", "max_tokens": 5, "temperature": 0}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 5);
+    assert_eq!(body["finish_reason"], "length");
+}
+
+#[tokio::test]
+async fn fifty_concurrent_requests_on_twenty_calls_admit_exactly_twenty() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(Some(20)).await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let http = app.http.clone();
+        let url = app.url("/api/");
+        let secret = key.secret.clone();
+        tasks.push(tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(secret)
+                .json(&json!({"text": format!("Number {i}"), "max_tokens": 1}))
+                .send()
+                .await
+                .expect("request")
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut ok = 0;
+    let mut limited = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            200 => ok += 1,
+            429 => limited += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!((ok, limited), (20, 30));
+    assert_eq!(app.calls_used(&key).await, 20);
+    assert_eq!(app.job_count().await, 20);
+}
+
+#[tokio::test]
+async fn an_unlimited_key_inside_its_window_works() {
+    let app = TestApp::spawn().await;
+    let key = app
+        .issue_key(KeyParams {
+            name: "windowed".into(),
+            email: "w@example.com".into(),
+            max_calls: None,
+            valid_from: Some((Utc::now() - Duration::days(1)).fixed_offset()),
+            valid_until: Some((Utc::now() + Duration::days(1)).fixed_offset()),
+            ..Default::default()
+        })
+        .await;
+    let (status, body) = app.post_api(&key, json!({"text": "Hello", "max_tokens": 2})).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn a_job_that_outlives_the_wait_answers_202_and_is_polled_to_its_result() {
+    let app = TestApp::spawn_with(|s| s["api"]["wait_timeout_ms"] = json!(1)).await;
+    let key = app.key_with_calls(None).await;
+    let (status, body) = app
+        .post_api(&key, json!({"text": "Tell me about the sea.", "max_tokens": 48, "temperature": 0}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let job_id = body["job_id"].as_str().expect("job id").to_string();
+    assert_eq!(body["poll_url"], format!("/api/jobs/{job_id}"));
+
+    let mut last = json!(null);
+    for _ in 0..300 {
+        let (status, job) = app.get(Some(&key), &format!("/api/jobs/{job_id}")).await;
+        assert_eq!(status, 200, "{job}");
+        if job["status"] == "done" {
+            last = job;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(last["status"], "done", "job never finished");
+    assert!(last["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(last["usage"]["completion_tokens"].as_i64().unwrap_or(0) > 0);
+    assert!(last["timings"]["run_ms"].as_i64().is_some());
+
+    // Another key cannot see it.
+    let other = app.key_with_calls(None).await;
+    let (status, err) = app.get(Some(&other), &format!("/api/jobs/{job_id}")).await;
+    assert_eq!(status, 404);
+    assert_eq!(code(&err), "job_not_found");
+}
+
+#[tokio::test]
+async fn usage_reports_requests_and_tokens_per_day_for_the_calling_key() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(None).await;
+    let other = app.key_with_calls(None).await;
+    let mut prompt = 0;
+    let mut generated = 0;
+    for text in ["One", "Two"] {
+        let (_, body) = app.post_api(&key, json!({"text": text, "max_tokens": 6})).await;
+        prompt += body["usage"]["prompt_tokens"].as_i64().expect("usage");
+        generated += body["usage"]["completion_tokens"].as_i64().expect("usage");
+    }
+    app.post_api(&other, json!({"text": "Three", "max_tokens": 3})).await;
+
+    let (status, usage) = app.get(Some(&key), "/usage/").await;
+    assert_eq!(status, 200, "{usage}");
+    let days = usage["days"].as_array().expect("days");
+    assert_eq!(days.len(), 1, "{usage}");
+    assert_eq!(days[0]["day"], Utc::now().date_naive().to_string());
+    assert_eq!(days[0]["requests"], 2);
+    assert_eq!(days[0]["prompt_tokens"], prompt);
+    assert_eq!(days[0]["generated_tokens"], generated);
+    assert!(days[0]["words"].as_i64().unwrap_or(0) > 0);
+    assert_eq!(usage["key"]["calls_used"], 2);
+
+    let (status, err) = app.get(Some(&key), "/usage/?from=yesterday").await;
+    assert_eq!(status, 422);
+    assert_eq!(code(&err), "invalid_date");
+}
+
+#[tokio::test]
+async fn the_stored_key_row_holds_only_a_hash_of_the_secret() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(Some(1)).await;
+    let row = app.key_row(&key).await;
+    let stored = serde_json::to_string(&row).expect("serialize");
+    let random_part = key.secret.rsplit('_').next().expect("secret body");
+    assert!(!stored.contains(&key.secret));
+    assert!(!stored.contains(random_part));
+    assert_eq!(row.secret_hash, tollgate::models::api_keys::hash_secret(&key.secret));
+    assert_eq!(row.secret_hash.len(), 64);
+    assert!(key.secret.starts_with(&format!("tg_{}_", row.prefix)));
+    assert_eq!(random_part.len(), 64, "256-bit secret");
+}

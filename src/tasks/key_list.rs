@@ -6,7 +6,7 @@ use loco_rs::{
     Result,
 };
 
-use super::model_err;
+use super::{migrated, model_err};
 use crate::models::{api_keys, now};
 
 pub struct KeyList;
@@ -21,6 +21,7 @@ impl Task for KeyList {
     }
 
     async fn run(&self, ctx: &AppContext, _vars: &Vars) -> Result<()> {
+        migrated(ctx).await?;
         let keys = api_keys::Model::list(&ctx.db).await.map_err(model_err)?;
         let at = now();
         println!(

@@ -6,7 +6,7 @@ use loco_rs::{
     Result,
 };
 
-use super::model_err;
+use super::{migrated, model_err};
 use crate::models::api_keys;
 
 pub struct KeyRevoke;
@@ -21,6 +21,7 @@ impl Task for KeyRevoke {
     }
 
     async fn run(&self, ctx: &AppContext, vars: &Vars) -> Result<()> {
+        migrated(ctx).await?;
         let key = api_keys::ActiveModel::revoke(&ctx.db, vars.cli_arg("prefix")?)
             .await
             .map_err(model_err)?;

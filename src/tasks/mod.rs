@@ -12,6 +12,14 @@ fn opt_arg<'a>(vars: &'a Vars, key: &str) -> Option<&'a str> {
     vars.cli_arg(key).ok().map(str::trim).filter(|v| !v.is_empty())
 }
 
+/// Applies pending migrations, so a task works on a fresh database (e.g. `key:create` run
+/// before the server was ever started), as `start` does with `auto_migrate`.
+async fn migrated(ctx: &loco_rs::app::AppContext) -> loco_rs::Result<()> {
+    use migration::MigratorTrait;
+    migration::Migrator::up(&ctx.db, None).await?;
+    Ok(())
+}
+
 fn model_err(e: crate::models::ModelError) -> loco_rs::Error {
     loco_rs::Error::Message(e.to_string())
 }

@@ -1,0 +1,184 @@
+//! The real binaries as a user runs them: README's run command (`scripts/serve.sh`) on a
+//! scratch data directory, the key tasks, a curl-style call, and a check that no secret ever
+//! reaches the logs.
+
+mod common;
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate-cli");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn envs(dir: &Path, port: u16) -> Vec<(String, String)> {
+    vec![
+        ("LOCO_ENV".into(), "development".into()),
+        (
+            "DATABASE_URL".into(),
+            format!("sqlite://{}/tollgate.sqlite?mode=rwc", dir.display()),
+        ),
+        (
+            "TOLLGATE_QUEUE_URL".into(),
+            format!("sqlite://{}/queue.sqlite?mode=rwc", dir.display()),
+        ),
+        ("TOLLGATE_PORT".into(), port.to_string()),
+        ("TOLLGATE_BINDING".into(), "127.0.0.1".into()),
+        // Log as much as possible: even debug logs must not contain a secret.
+        ("TOLLGATE_LOG_LEVEL".into(), "trace".into()),
+        ("TOLLGATE_DEFAULT_MAX_TOKENS".into(), "16".into()),
+    ]
+}
+
+/// Runs `tollgate-cli task <args>` and returns (success, stdout).
+fn task(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .arg("task")
+        .args(args)
+        .envs(envs(dir, 0))
+        .output()
+        .expect("run task");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // serve.sh execs cargo, which runs the server as its child: stop the whole group.
+        let _ = Command::new("kill")
+            .args(["-s", "TERM", "--", &format!("-{}", self.0.id())])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{}", self.0.id())])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn readme_run_command_serves_a_key_made_by_the_tasks_and_logs_no_secret() {
+    use std::os::unix::process::CommandExt;
+
+    let dir = common::scratch_dir("readme");
+    let port = free_port();
+    let log_path = dir.join("server.log");
+
+    let (ok, out) = task(&dir, &["admin:create", "email=Admin@Example.com", "password=correct-horse-battery"]);
+    assert!(ok, "admin:create failed: {out}");
+    let (ok, out) = task(&dir, &["admin:create", "email=admin@example.com", "password=another-one"]);
+    assert!(!ok, "duplicate admin accepted: {out}");
+
+    let (ok, out) = task(
+        &dir,
+        &["key:create", "email=client@example.com", "name=readme", "calls=2", "from=2026-01-01", "until=2099-12-31"],
+    );
+    assert!(ok, "key:create failed: {out}");
+    let secret = out
+        .lines()
+        .find_map(|l| l.strip_prefix("secret (shown once, store it now): "))
+        .expect("secret line")
+        .trim()
+        .to_string();
+    let prefix = secret.split('_').nth(1).expect("prefix").to_string();
+
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let child = Command::new("./scripts/serve.sh")
+        .envs(envs(&dir, port))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .expect("start serve.sh");
+    let server = Server(child);
+
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut ping = json!(null);
+    while Instant::now() < deadline {
+        if let Ok(resp) = http.get(format!("{base}/ping")).send().await {
+            ping = resp.json().await.unwrap_or(json!(null));
+            if ping["ready"] == true {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(ping["status"], "ok", "server did not come up: {ping}");
+
+    // The README's curl: no Content-Type header, so curl sends form-urlencoded.
+    let resp = http
+        .post(format!("{base}/api/"))
+        .header("Authorization", format!("Bearer {secret}"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(r#"{"text":"Is this real?"}"#)
+        .send()
+        .await
+        .expect("request");
+    let (status, body) = common::read(resp).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| !m.trim().is_empty()), "{body}");
+
+    // A near-miss secret is refused.
+    let mut wrong = secret.clone();
+    wrong.pop();
+    wrong.push('x');
+    let resp = http
+        .post(format!("{base}/api/"))
+        .bearer_auth(&wrong)
+        .json(&json!({"text": "hi"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 401);
+
+    let (ok, out) = task(&dir, &["key:list"]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&prefix) && out.contains("1/2"), "{out}");
+    assert!(!out.contains(&secret), "key:list printed a secret");
+
+    let (ok, out) = task(&dir, &["key:revoke", &format!("prefix={prefix}")]);
+    assert!(ok, "{out}");
+    let resp = http
+        .post(format!("{base}/api/"))
+        .bearer_auth(&secret)
+        .json(&json!({"text": "hi"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 401);
+
+    drop(server);
+    let logs = std::fs::read_to_string(&log_path).expect("read log");
+    assert!(logs.contains("job done"), "server log was not captured:\n{logs}");
+    let body_part = secret.rsplit('_').next().expect("secret body");
+    assert!(!logs.contains(body_part), "the secret appeared in the server log");
+    assert!(!logs.contains(&wrong), "a presented key appeared in the server log");
+    let _ = std::fs::remove_dir_all(&dir);
+}

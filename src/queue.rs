@@ -9,8 +9,7 @@
 use std::{sync::Arc, time::Duration};
 
 use apalis::prelude::{
-    BackendExt, BoxDynError, Data, Strategy, TaskBuilder, TaskSink, WorkerBuilder,
-    WorkerBuilderExt,
+    BackendExt, BoxDynError, Data, Strategy, TaskBuilder, TaskSink, WorkerBuilder, WorkerBuilderExt,
 };
 use apalis_sqlite::{callback::HookCallbackListener, Config, SqlitePool, SqliteStorage};
 use serde::{Deserialize, Serialize};
@@ -101,7 +100,9 @@ impl JobQueue {
     /// # Errors
     /// When the storage rejects the write.
     pub async fn push(&self, job: GenerationJob) -> Result<(), QueueError> {
-        let task = TaskBuilder::new(job).max_attempts(self.max_attempts).build();
+        let task = TaskBuilder::new(job)
+            .max_attempts(self.max_attempts)
+            .build();
         let mut storage = self.storage.clone();
         storage
             .push_task(task)

@@ -63,10 +63,11 @@ impl Services {
     pub async fn start(ctx: &AppContext) -> loco_rs::Result<Arc<Self>> {
         let settings = Settings::from_config(&ctx.config)?;
         let engine_settings = settings.engine.clone();
-        let tokenizer = tokio::task::spawn_blocking(move || PromptTokenizer::load(&engine_settings))
-            .await
-            .map_err(|e| loco_rs::Error::Message(e.to_string()))?
-            .map_err(load_error)?;
+        let tokenizer =
+            tokio::task::spawn_blocking(move || PromptTokenizer::load(&engine_settings))
+                .await
+                .map_err(|e| loco_rs::Error::Message(e.to_string()))?
+                .map_err(load_error)?;
         let queue = JobQueue::connect(&settings.queue, &settings.engine.model_name)
             .await
             .map_err(|e| loco_rs::Error::Message(e.to_string()))?;
@@ -188,7 +189,9 @@ impl Services {
         if let Err(e) = self.queue.push(job).await {
             tracing::error!(error = %e, "could not queue job");
             self.events.forget(&job_id);
-            jobs::fail(db, &job_id, "the queue is unavailable").await.ok();
+            jobs::fail(db, &job_id, "the queue is unavailable")
+                .await
+                .ok();
             return Err(ApiError::unavailable(
                 "queue_unavailable",
                 "the job queue is unavailable; nothing was charged, try again",

@@ -133,16 +133,36 @@ mod tests {
     #[test]
     fn defaults_fill_missing_fields_and_bounds_reject_out_of_range() {
         let api = ApiSettings::default();
-        let p = SamplingInput::default().into_params(&api).expect("defaults");
+        let p = SamplingInput::default()
+            .into_params(&api)
+            .expect("defaults");
         assert_eq!(p.max_tokens, api.default_max_tokens);
         assert!(p.stop.is_empty());
         for bad in [
-            SamplingInput { max_tokens: Some(0), ..Default::default() },
-            SamplingInput { max_tokens: Some(i64::from(api.max_tokens_limit) + 1), ..Default::default() },
-            SamplingInput { temperature: Some(2.5), ..Default::default() },
-            SamplingInput { temperature: Some(-0.1), ..Default::default() },
-            SamplingInput { top_p: Some(0.0), ..Default::default() },
-            SamplingInput { seed: Some(-1), ..Default::default() },
+            SamplingInput {
+                max_tokens: Some(0),
+                ..Default::default()
+            },
+            SamplingInput {
+                max_tokens: Some(i64::from(api.max_tokens_limit) + 1),
+                ..Default::default()
+            },
+            SamplingInput {
+                temperature: Some(2.5),
+                ..Default::default()
+            },
+            SamplingInput {
+                temperature: Some(-0.1),
+                ..Default::default()
+            },
+            SamplingInput {
+                top_p: Some(0.0),
+                ..Default::default()
+            },
+            SamplingInput {
+                seed: Some(-1),
+                ..Default::default()
+            },
         ] {
             let err = bad.into_params(&api).expect_err("out of range");
             assert_eq!(err.status.as_u16(), 422, "{err}");

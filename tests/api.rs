@@ -13,7 +13,10 @@ async fn a_valid_key_gets_generated_text_from_the_model() {
     let key = app.key_with_calls(Some(5)).await;
 
     let (status, body) = app
-        .post_api(&key, json!({"text": "What is the capital of France?", "temperature": 0}))
+        .post_api(
+            &key,
+            json!({"text": "What is the capital of France?", "temperature": 0}),
+        )
         .await;
 
     assert_eq!(status, 200, "{body}");
@@ -151,7 +154,9 @@ async fn an_unlimited_key_inside_its_window_works() {
             ..Default::default()
         })
         .await;
-    let (status, body) = app.post_api(&key, json!({"text": "Hello", "max_tokens": 2})).await;
+    let (status, body) = app
+        .post_api(&key, json!({"text": "Hello", "max_tokens": 2}))
+        .await;
     assert_eq!(status, 200, "{body}");
 }
 
@@ -160,7 +165,10 @@ async fn a_job_that_outlives_the_wait_answers_202_and_is_polled_to_its_result() 
     let app = TestApp::spawn_with(|s| s["api"]["wait_timeout_ms"] = json!(1)).await;
     let key = app.key_with_calls(None).await;
     let (status, body) = app
-        .post_api(&key, json!({"text": "Tell me about the sea.", "max_tokens": 48, "temperature": 0}))
+        .post_api(
+            &key,
+            json!({"text": "Tell me about the sea.", "max_tokens": 48, "temperature": 0}),
+        )
         .await;
     assert_eq!(status, 202, "{body}");
     let job_id = body["job_id"].as_str().expect("job id").to_string();
@@ -196,11 +204,14 @@ async fn usage_reports_requests_and_tokens_per_day_for_the_calling_key() {
     let mut prompt = 0;
     let mut generated = 0;
     for text in ["One", "Two"] {
-        let (_, body) = app.post_api(&key, json!({"text": text, "max_tokens": 6})).await;
+        let (_, body) = app
+            .post_api(&key, json!({"text": text, "max_tokens": 6}))
+            .await;
         prompt += body["usage"]["prompt_tokens"].as_i64().expect("usage");
         generated += body["usage"]["completion_tokens"].as_i64().expect("usage");
     }
-    app.post_api(&other, json!({"text": "Three", "max_tokens": 3})).await;
+    app.post_api(&other, json!({"text": "Three", "max_tokens": 3}))
+        .await;
 
     let (status, usage) = app.get(Some(&key), "/usage/").await;
     assert_eq!(status, 200, "{usage}");
@@ -227,7 +238,10 @@ async fn the_stored_key_row_holds_only_a_hash_of_the_secret() {
     let random_part = key.secret.rsplit('_').next().expect("secret body");
     assert!(!stored.contains(&key.secret));
     assert!(!stored.contains(random_part));
-    assert_eq!(row.secret_hash, tollgate::models::api_keys::hash_secret(&key.secret));
+    assert_eq!(
+        row.secret_hash,
+        tollgate::models::api_keys::hash_secret(&key.secret)
+    );
     assert_eq!(row.secret_hash.len(), 64);
     assert!(key.secret.starts_with(&format!("tg_{}_", row.prefix)));
     assert_eq!(random_part.len(), 64, "256-bit secret");

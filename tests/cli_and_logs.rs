@@ -88,14 +88,35 @@ async fn readme_run_command_serves_a_key_made_by_the_tasks_and_logs_no_secret() 
     let port = free_port();
     let log_path = dir.join("server.log");
 
-    let (ok, out) = task(&dir, &["admin:create", "email=Admin@Example.com", "password=correct-horse-battery"]);
+    let (ok, out) = task(
+        &dir,
+        &[
+            "admin:create",
+            "email=Admin@Example.com",
+            "password=correct-horse-battery",
+        ],
+    );
     assert!(ok, "admin:create failed: {out}");
-    let (ok, out) = task(&dir, &["admin:create", "email=admin@example.com", "password=another-one"]);
+    let (ok, out) = task(
+        &dir,
+        &[
+            "admin:create",
+            "email=admin@example.com",
+            "password=another-one",
+        ],
+    );
     assert!(!ok, "duplicate admin accepted: {out}");
 
     let (ok, out) = task(
         &dir,
-        &["key:create", "email=client@example.com", "name=readme", "calls=2", "from=2026-01-01", "until=2099-12-31"],
+        &[
+            "key:create",
+            "email=client@example.com",
+            "name=readme",
+            "calls=2",
+            "from=2026-01-01",
+            "until=2099-12-31",
+        ],
     );
     assert!(ok, "key:create failed: {out}");
     let secret = out
@@ -143,7 +164,12 @@ async fn readme_run_command_serves_a_key_made_by_the_tasks_and_logs_no_secret() 
         .expect("request");
     let (status, body) = common::read(resp).await;
     assert_eq!(status, 200, "{body}");
-    assert!(body["message"].as_str().is_some_and(|m| !m.trim().is_empty()), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| !m.trim().is_empty()),
+        "{body}"
+    );
 
     // A near-miss secret is refused.
     let mut wrong = secret.clone();
@@ -176,9 +202,18 @@ async fn readme_run_command_serves_a_key_made_by_the_tasks_and_logs_no_secret() 
 
     drop(server);
     let logs = std::fs::read_to_string(&log_path).expect("read log");
-    assert!(logs.contains("job done"), "server log was not captured:\n{logs}");
+    assert!(
+        logs.contains("job done"),
+        "server log was not captured:\n{logs}"
+    );
     let body_part = secret.rsplit('_').next().expect("secret body");
-    assert!(!logs.contains(body_part), "the secret appeared in the server log");
-    assert!(!logs.contains(&wrong), "a presented key appeared in the server log");
+    assert!(
+        !logs.contains(body_part),
+        "the secret appeared in the server log"
+    );
+    assert!(
+        !logs.contains(&wrong),
+        "a presented key appeared in the server log"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

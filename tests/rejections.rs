@@ -21,10 +21,20 @@ async fn assert_rejected(
     let (got, body) = common::read(req.send().await.expect("request")).await;
     assert_eq!(got, status, "{body}");
     assert_eq!(code(&body), expected_code, "{body}");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
     assert!(body["error"]["type"].is_string());
-    assert_eq!(app.calls_used(key).await, calls_before, "quota spent by a rejected call");
-    assert_eq!(app.job_count().await, jobs_before, "job queued by a rejected call");
+    assert_eq!(
+        app.calls_used(key).await,
+        calls_before,
+        "quota spent by a rejected call"
+    );
+    assert_eq!(
+        app.job_count().await,
+        jobs_before,
+        "job queued by a rejected call"
+    );
     body
 }
 
@@ -37,11 +47,21 @@ async fn auth_failures_are_401() {
     let app = TestApp::spawn().await;
     let key = app.key_with_calls(Some(5)).await;
     let body = json!({"text": "hi"});
-    assert_rejected(&app, &key, app.http.post(app.url("/api/")).json(&body), 401, "missing_api_key").await;
     assert_rejected(
         &app,
         &key,
-        app.http.post(app.url("/api/")).bearer_auth("tg_00000000_nope").json(&body),
+        app.http.post(app.url("/api/")).json(&body),
+        401,
+        "missing_api_key",
+    )
+    .await;
+    assert_rejected(
+        &app,
+        &key,
+        app.http
+            .post(app.url("/api/"))
+            .bearer_auth("tg_00000000_nope")
+            .json(&body),
         401,
         "invalid_api_key",
     )
@@ -49,12 +69,17 @@ async fn auth_failures_are_401() {
     assert_rejected(
         &app,
         &key,
-        app.http.post(app.url("/api/")).header("Authorization", format!("Basic {}", key.secret)).json(&body),
+        app.http
+            .post(app.url("/api/"))
+            .header("Authorization", format!("Basic {}", key.secret))
+            .json(&body),
         401,
         "invalid_authorization",
     )
     .await;
-    KeyActive::revoke(&app.ctx.db, &key.prefix).await.expect("revoke");
+    KeyActive::revoke(&app.ctx.db, &key.prefix)
+        .await
+        .expect("revoke");
     assert_rejected(&app, &key, post(&app, &key).json(&body), 401, "key_revoked").await;
 }
 
@@ -76,20 +101,50 @@ async fn keys_outside_their_date_window_are_403() {
         })
         .await;
     let body = json!({"text": "hi"});
-    assert_rejected(&app, &future, post(&app, &future).json(&body), 403, "key_not_yet_valid").await;
-    assert_rejected(&app, &past, post(&app, &past).json(&body), 403, "key_expired").await;
+    assert_rejected(
+        &app,
+        &future,
+        post(&app, &future).json(&body),
+        403,
+        "key_not_yet_valid",
+    )
+    .await;
+    assert_rejected(
+        &app,
+        &past,
+        post(&app, &past).json(&body),
+        403,
+        "key_expired",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn a_used_up_quota_is_429() {
     let app = TestApp::spawn().await;
     let key = app.key_with_calls(Some(1)).await;
-    let (status, _) = app.post_api(&key, json!({"text": "hi", "max_tokens": 1})).await;
+    let (status, _) = app
+        .post_api(&key, json!({"text": "hi", "max_tokens": 1}))
+        .await;
     assert_eq!(status, 200);
-    let body = assert_rejected(&app, &key, post(&app, &key).json(&json!({"text": "again"})), 429, "quota_exceeded").await;
+    let body = assert_rejected(
+        &app,
+        &key,
+        post(&app, &key).json(&json!({"text": "again"})),
+        429,
+        "quota_exceeded",
+    )
+    .await;
     assert_eq!(body["error"]["type"], "insufficient_quota");
     let zero = app.key_with_calls(Some(0)).await;
-    assert_rejected(&app, &zero, post(&app, &zero).json(&json!({"text": "hi"})), 429, "quota_exceeded").await;
+    assert_rejected(
+        &app,
+        &zero,
+        post(&app, &zero).json(&json!({"text": "hi"})),
+        429,
+        "quota_exceeded",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -97,23 +152,92 @@ async fn malformed_bodies_are_400_or_422_and_cost_nothing() {
     let app = TestApp::spawn().await;
     let key = app.key_with_calls(Some(5)).await;
     let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
-        (post(&app, &key).header("Content-Type", "application/json").body("{\"text\": "), 400, "invalid_json"),
-        (post(&app, &key).header("Content-Type", "application/json").body(""), 400, "empty_body"),
-        (post(&app, &key).header("Content-Type", "application/xml").body("<text>hi</text>"), 400, "unsupported_content_type"),
-        (post(&app, &key).header("Content-Type", "multipart/form-data; boundary=x").body("--x--"), 400, "unsupported_content_type"),
+        (
+            post(&app, &key)
+                .header("Content-Type", "application/json")
+                .body("{\"text\": "),
+            400,
+            "invalid_json",
+        ),
+        (
+            post(&app, &key)
+                .header("Content-Type", "application/json")
+                .body(""),
+            400,
+            "empty_body",
+        ),
+        (
+            post(&app, &key)
+                .header("Content-Type", "application/xml")
+                .body("<text>hi</text>"),
+            400,
+            "unsupported_content_type",
+        ),
+        (
+            post(&app, &key)
+                .header("Content-Type", "multipart/form-data; boundary=x")
+                .body("--x--"),
+            400,
+            "unsupported_content_type",
+        ),
         (post(&app, &key).json(&json!(["text"])), 422, "invalid_body"),
         (post(&app, &key).json(&json!({})), 422, "invalid_body"),
-        (post(&app, &key).json(&json!({"text": 42})), 422, "invalid_body"),
-        (post(&app, &key).json(&json!({"text": null})), 422, "invalid_body"),
-        (post(&app, &key).json(&json!({"text": "   "})), 422, "empty_prompt"),
-        (post(&app, &key).json(&json!({"text": "a\u{0}b"})), 422, "invalid_prompt"),
-        (post(&app, &key).json(&json!({"text": "hi", "temperature": 3})), 422, "invalid_temperature"),
-        (post(&app, &key).json(&json!({"text": "hi", "temperature": "hot"})), 422, "invalid_body"),
-        (post(&app, &key).json(&json!({"text": "hi", "max_tokens": 0})), 422, "invalid_max_tokens"),
-        (post(&app, &key).json(&json!({"text": "hi", "max_tokens": 1_000_000})), 422, "invalid_max_tokens"),
-        (post(&app, &key).json(&json!({"text": "hi", "top_p": 0})), 422, "invalid_top_p"),
-        (post(&app, &key).json(&json!({"text": "hi", "seed": -5})), 422, "invalid_seed"),
-        (post(&app, &key).json(&json!({"text": "hi", "stop": ["a","b","c","d","e","f","g","h","i"]})), 422, "invalid_stop"),
+        (
+            post(&app, &key).json(&json!({"text": 42})),
+            422,
+            "invalid_body",
+        ),
+        (
+            post(&app, &key).json(&json!({"text": null})),
+            422,
+            "invalid_body",
+        ),
+        (
+            post(&app, &key).json(&json!({"text": "   "})),
+            422,
+            "empty_prompt",
+        ),
+        (
+            post(&app, &key).json(&json!({"text": "a\u{0}b"})),
+            422,
+            "invalid_prompt",
+        ),
+        (
+            post(&app, &key).json(&json!({"text": "hi", "temperature": 3})),
+            422,
+            "invalid_temperature",
+        ),
+        (
+            post(&app, &key).json(&json!({"text": "hi", "temperature": "hot"})),
+            422,
+            "invalid_body",
+        ),
+        (
+            post(&app, &key).json(&json!({"text": "hi", "max_tokens": 0})),
+            422,
+            "invalid_max_tokens",
+        ),
+        (
+            post(&app, &key).json(&json!({"text": "hi", "max_tokens": 1_000_000})),
+            422,
+            "invalid_max_tokens",
+        ),
+        (
+            post(&app, &key).json(&json!({"text": "hi", "top_p": 0})),
+            422,
+            "invalid_top_p",
+        ),
+        (
+            post(&app, &key).json(&json!({"text": "hi", "seed": -5})),
+            422,
+            "invalid_seed",
+        ),
+        (
+            post(&app, &key)
+                .json(&json!({"text": "hi", "stop": ["a","b","c","d","e","f","g","h","i"]})),
+            422,
+            "invalid_stop",
+        ),
     ];
     for (req, status, expected) in cases {
         assert_rejected(&app, &key, req, status, expected).await;
@@ -125,8 +249,18 @@ async fn a_body_over_the_limit_is_413() {
     let app = TestApp::spawn().await;
     let key = app.key_with_calls(Some(5)).await;
     let big = "a".repeat(1024 * 1024 + 10);
-    let body = assert_rejected(&app, &key, post(&app, &key).json(&json!({"text": big})), 413, "payload_too_large").await;
-    assert!(body["error"]["message"].as_str().unwrap_or("").contains("1048576"));
+    let body = assert_rejected(
+        &app,
+        &key,
+        post(&app, &key).json(&json!({"text": big})),
+        413,
+        "payload_too_large",
+    )
+    .await;
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("1048576"));
 }
 
 #[tokio::test]
@@ -142,9 +276,17 @@ async fn a_prompt_longer_than_the_context_is_400_naming_the_limit() {
         "context_length_exceeded",
     )
     .await;
-    assert!(body["error"]["message"].as_str().unwrap_or("").contains("256"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("256"),
+        "{body}"
+    );
     // Just under the limit still works.
-    let (status, ok) = app.post_api(&key, json!({"text": "short", "max_tokens": 2})).await;
+    let (status, ok) = app
+        .post_api(&key, json!({"text": "short", "max_tokens": 2}))
+        .await;
     assert_eq!(status, 200, "{ok}");
 }
 
@@ -158,5 +300,12 @@ async fn key_problems_are_reported_before_body_problems() {
             ..Default::default()
         })
         .await;
-    assert_rejected(&app, &expired, post(&app, &expired).json(&json!({})), 403, "key_expired").await;
+    assert_rejected(
+        &app,
+        &expired,
+        post(&app, &expired).json(&json!({})),
+        403,
+        "key_expired",
+    )
+    .await;
 }

@@ -99,7 +99,11 @@ async fn a_failed_generation_refunds_its_call_exactly_once() {
     };
     assert_eq!(record.status, "failed");
     assert!(record.refunded);
-    assert!(record.error.as_deref().unwrap_or("").contains("simulated device failure"));
+    assert!(record
+        .error
+        .as_deref()
+        .unwrap_or("")
+        .contains("simulated device failure"));
     assert_eq!(app.calls_used(&key).await, 0, "call not refunded");
     let notified = waiter.await.expect("waiter notified");
     assert_eq!(notified.status, "failed");
@@ -134,8 +138,15 @@ async fn a_duplicate_delivery_of_a_done_job_is_not_generated_or_counted_twice() 
 
     let second = worker.run_one(job).await.expect("run");
     assert!(matches!(second, Outcome::AlreadySettled), "{second:?}");
-    assert_eq!(engine.status().jobs_served, served_before + 1, "generated twice");
+    assert_eq!(
+        engine.status().jobs_served,
+        served_before + 1,
+        "generated twice"
+    );
     assert_eq!(app.calls_used(&key).await, 1);
-    let usage_rows = usage_records::Entity::find().count(&app.ctx.db).await.expect("db");
+    let usage_rows = usage_records::Entity::find()
+        .count(&app.ctx.db)
+        .await
+        .expect("db");
     assert_eq!(usage_rows, 1);
 }

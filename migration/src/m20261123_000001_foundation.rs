@@ -175,7 +175,8 @@ impl MigrationTrait for Migration {
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
         m.drop_table(Table::drop().table(UsageRecords::Table).to_owned())
             .await?;
-        m.drop_table(Table::drop().table(Jobs::Table).to_owned()).await?;
+        m.drop_table(Table::drop().table(Jobs::Table).to_owned())
+            .await?;
         m.drop_table(Table::drop().table(ApiKeys::Table).to_owned())
             .await?;
         m.drop_table(Table::drop().table(Admins::Table).to_owned())

@@ -77,6 +77,5 @@ async fn usage(
 }
 
 pub fn routes() -> Routes {
-    Routes::new()
-        .add("/usage", axum::routing::get(usage))
+    Routes::new().add("/usage", axum::routing::get(usage))
 }

@@ -87,7 +87,10 @@ impl LlamaEngine {
             .recv()
             .map_err(|_| EngineError::Load("engine thread exited during load".into()))??;
         let device = if settings.n_gpu_layers > 0 && backend()?.supports_gpu_offload() {
-            format!("gpu:{} ({} layers)", settings.main_gpu, settings.n_gpu_layers)
+            format!(
+                "gpu:{} ({} layers)",
+                settings.main_gpu, settings.n_gpu_layers
+            )
         } else {
             "cpu".to_string()
         };

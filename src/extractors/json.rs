@@ -37,7 +37,10 @@ fn content_type_allows_json(value: Option<&str>) -> bool {
 /// # Errors
 /// 400 for a wrong content type, an empty body or invalid JSON; 413 over the limit; 422 when
 /// the JSON does not match `T`.
-pub async fn read_json<T: DeserializeOwned>(req: Request<Body>, limit: usize) -> Result<T, ApiError> {
+pub async fn read_json<T: DeserializeOwned>(
+    req: Request<Body>,
+    limit: usize,
+) -> Result<T, ApiError> {
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -101,10 +104,16 @@ mod tests {
     #[test]
     fn json_and_curl_default_content_types_are_read_others_are_not() {
         assert!(content_type_allows_json(None));
-        assert!(content_type_allows_json(Some("application/json; charset=utf-8")));
-        assert!(content_type_allows_json(Some("application/x-www-form-urlencoded")));
+        assert!(content_type_allows_json(Some(
+            "application/json; charset=utf-8"
+        )));
+        assert!(content_type_allows_json(Some(
+            "application/x-www-form-urlencoded"
+        )));
         assert!(content_type_allows_json(Some("application/vnd.api+json")));
-        assert!(!content_type_allows_json(Some("multipart/form-data; boundary=x")));
+        assert!(!content_type_allows_json(Some(
+            "multipart/form-data; boundary=x"
+        )));
         assert!(!content_type_allows_json(Some("application/xml")));
     }
 }

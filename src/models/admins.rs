@@ -61,7 +61,9 @@ impl ActiveModel {
     ) -> Result<Model, ModelError> {
         let email = email.trim().to_lowercase();
         if !email.contains('@') || email.len() < 3 {
-            return Err(ModelError::Invalid(format!("not an email address: {email:?}")));
+            return Err(ModelError::Invalid(format!(
+                "not an email address: {email:?}"
+            )));
         }
         if password.chars().count() < 8 {
             return Err(ModelError::Invalid(

@@ -41,7 +41,9 @@ pub enum Refusal {
     Revoked,
     NotYetValid,
     Expired,
-    QuotaExhausted { max_calls: i64 },
+    QuotaExhausted {
+        max_calls: i64,
+    },
     /// The key row is gone (deleted between lookup and charge).
     Unknown,
 }
@@ -135,10 +137,10 @@ impl Model {
             Some(Refusal::NotYetValid)
         } else if self.valid_until.is_some_and(|until| at > until) {
             Some(Refusal::Expired)
-        } else if let Some(max) = self.max_calls.filter(|max| self.calls_used >= *max) {
-            Some(Refusal::QuotaExhausted { max_calls: max })
         } else {
-            None
+            self.max_calls
+                .filter(|max| self.calls_used >= *max)
+                .map(|max_calls| Refusal::QuotaExhausted { max_calls })
         }
     }
 

@@ -58,7 +58,10 @@ impl Model {
     ///
     /// # Errors
     /// On database errors.
-    pub async fn find_any<C: ConnectionTrait>(db: &C, id: &str) -> Result<Option<Self>, ModelError> {
+    pub async fn find_any<C: ConnectionTrait>(
+        db: &C,
+        id: &str,
+    ) -> Result<Option<Self>, ModelError> {
         Ok(Entity::find_by_id(id.to_string()).one(db).await?)
     }
 
@@ -75,7 +78,10 @@ impl ActiveModel {
     ///
     /// # Errors
     /// On database errors.
-    pub async fn create_queued<C: ConnectionTrait>(db: &C, job: NewJob) -> Result<Model, ModelError> {
+    pub async fn create_queued<C: ConnectionTrait>(
+        db: &C,
+        job: NewJob,
+    ) -> Result<Model, ModelError> {
         let ts = now();
         Ok(Self {
             id: Set(job.id),
@@ -209,4 +215,3 @@ pub async fn fail(
     txn.commit().await?;
     Ok(Some(job))
 }
-

@@ -41,18 +41,9 @@ pub async fn daily<C: ConnectionTrait>(
         .select_only()
         .column(Column::Day)
         .column_as(Expr::col(Column::Id).count(), "requests")
-        .column_as(
-            sum(Column::PromptTokens),
-            "prompt_tokens",
-        )
-        .column_as(
-            sum(Column::GeneratedTokens),
-            "generated_tokens",
-        )
-        .column_as(
-            sum(Column::Words),
-            "words",
-        )
+        .column_as(sum(Column::PromptTokens), "prompt_tokens")
+        .column_as(sum(Column::GeneratedTokens), "generated_tokens")
+        .column_as(sum(Column::Words), "words")
         .filter(Column::ApiKeyId.eq(api_key_id))
         .filter(Column::Day.gte(from))
         .filter(Column::Day.lte(to))

@@ -9,7 +9,10 @@ use loco_rs::task::Vars;
 
 /// An optional `k=v` argument; an empty value counts as absent.
 fn opt_arg<'a>(vars: &'a Vars, key: &str) -> Option<&'a str> {
-    vars.cli_arg(key).ok().map(str::trim).filter(|v| !v.is_empty())
+    vars.cli_arg(key)
+        .ok()
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
 }
 
 /// Applies pending migrations, so a task works on a fresh database (e.g. `key:create` run

@@ -89,6 +89,9 @@ impl GenerationWorker {
 #[async_trait::async_trait]
 impl JobHandler for GenerationWorker {
     async fn handle(&self, job: GenerationJob) -> Result<(), String> {
-        self.run_one(job).await.map(|_| ()).map_err(|e| e.to_string())
+        self.run_one(job)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }

@@ -58,7 +58,8 @@ impl TestApp {
         let dir = scratch_dir("app");
         config.database.uri = format!("sqlite://{}/db.sqlite?mode=rwc", dir.display());
         let mut settings = config.settings.clone().unwrap_or_else(|| json!({}));
-        settings["queue"]["url"] = json!(format!("sqlite://{}/queue.sqlite?mode=rwc", dir.display()));
+        settings["queue"]["url"] =
+            json!(format!("sqlite://{}/queue.sqlite?mode=rwc", dir.display()));
         patch(&mut settings);
         config.settings = Some(settings);
         let boot = App::boot(StartMode::ServerOnly, &env, config)
@@ -81,7 +82,9 @@ impl TestApp {
     }
 
     pub async fn issue_key(&self, params: KeyParams) -> TestKey {
-        let issued = KeyActive::issue(&self.ctx.db, params).await.expect("issue key");
+        let issued = KeyActive::issue(&self.ctx.db, params)
+            .await
+            .expect("issue key");
         TestKey {
             id: issued.key.id,
             prefix: issued.key.prefix,

@@ -24,11 +24,29 @@ pub struct TestApp {
     pub ctx: AppContext,
     pub http: reqwest::Client,
     dir: PathBuf,
+    /// A Postgres database created for this test, dropped with it.
+    pg_database: Option<String>,
+}
+
+/// Server of the test Postgres (trust auth on this machine kind; override for elsewhere).
+pub fn pg_server() -> String {
+    std::env::var("TOLLGATE_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
 impl Drop for TestApp {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(db) = &self.pg_database {
+            let _ = std::process::Command::new("psql")
+                .arg(format!("{}/postgres", pg_server()))
+                .args([
+                    "-q",
+                    "-c",
+                    &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+                ])
+                .status();
+        }
     }
 }
 
@@ -53,10 +71,32 @@ impl TestApp {
 
     /// Starts a server after `patch` edits the `settings:` JSON of the test config.
     pub async fn spawn_with(patch: impl FnOnce(&mut Value)) -> Self {
+        Self::spawn_full(None, patch).await
+    }
+
+    /// Starts a server whose state lives in a fresh, uniquely named Postgres database.
+    pub async fn spawn_on_postgres() -> Self {
+        use sea_orm::ConnectionTrait;
+        let name = format!("tollgate_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = sea_orm::Database::connect(format!("{}/postgres", pg_server()))
+            .await
+            .expect("connect to the test Postgres");
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        admin.close().await.ok();
+        Self::spawn_full(Some(name), |_| {}).await
+    }
+
+    async fn spawn_full(pg_database: Option<String>, patch: impl FnOnce(&mut Value)) -> Self {
         let env = Environment::Test;
         let mut config = App::load_config(&env).await.expect("load test config");
         let dir = scratch_dir("app");
-        config.database.uri = format!("sqlite://{}/db.sqlite?mode=rwc", dir.display());
+        config.database.uri = match &pg_database {
+            Some(db) => format!("{}/{db}", pg_server()),
+            None => format!("sqlite://{}/db.sqlite?mode=rwc", dir.display()),
+        };
         let mut settings = config.settings.clone().unwrap_or_else(|| json!({}));
         settings["queue"]["url"] =
             json!(format!("sqlite://{}/queue.sqlite?mode=rwc", dir.display()));
@@ -78,6 +118,7 @@ impl TestApp {
             ctx: boot.app_context,
             http: reqwest::Client::new(),
             dir,
+            pg_database,
         }
     }
 

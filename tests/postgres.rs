@@ -1,0 +1,60 @@
+//! The same guarantees with state in PostgreSQL (the production database).
+
+mod common;
+
+use chrono::{Duration, Utc};
+use common::{code, TestApp};
+use serde_json::json;
+use tollgate::models::api_keys::KeyParams;
+
+#[tokio::test]
+async fn on_postgres_fifty_concurrent_requests_on_twenty_calls_admit_exactly_twenty() {
+    let app = TestApp::spawn_on_postgres().await;
+    let key = app.key_with_calls(Some(20)).await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let http = app.http.clone();
+        let url = app.url("/api/");
+        let secret = key.secret.clone();
+        tasks.push(tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(secret)
+                .json(&json!({"text": format!("Number {i}"), "max_tokens": 1}))
+                .send()
+                .await
+                .expect("request")
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.expect("task"));
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((ok, limited), (20, 30), "{statuses:?}");
+    assert_eq!(app.calls_used(&key).await, 20);
+    assert_eq!(app.job_count().await, 20);
+
+    let (status, usage) = app.get(Some(&key), "/usage/").await;
+    assert_eq!(status, 200, "{usage}");
+    assert_eq!(usage["days"][0]["requests"], 20, "{usage}");
+}
+
+#[tokio::test]
+async fn on_postgres_date_windows_are_enforced() {
+    let app = TestApp::spawn_on_postgres().await;
+    let expired = app
+        .issue_key(KeyParams {
+            email: "e@example.com".into(),
+            valid_until: Some((Utc::now() - Duration::minutes(1)).fixed_offset()),
+            ..Default::default()
+        })
+        .await;
+    let (status, body) = app.post_api(&expired, json!({"text": "hi"})).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(code(&body), "key_expired");
+    assert_eq!(app.calls_used(&expired).await, 0);
+    assert_eq!(app.job_count().await, 0);
+}

@@ -111,31 +111,7 @@ async fn max_tokens_bounds_the_generation() {
 async fn fifty_concurrent_requests_on_twenty_calls_admit_exactly_twenty() {
     let app = TestApp::spawn().await;
     let key = app.key_with_calls(Some(20)).await;
-    let mut tasks = Vec::new();
-    for i in 0..50 {
-        let http = app.http.clone();
-        let url = app.url("/api/");
-        let secret = key.secret.clone();
-        tasks.push(tokio::spawn(async move {
-            http.post(url)
-                .bearer_auth(secret)
-                .json(&json!({"text": format!("Number {i}"), "max_tokens": 1}))
-                .send()
-                .await
-                .expect("request")
-                .status()
-                .as_u16()
-        }));
-    }
-    let mut ok = 0;
-    let mut limited = 0;
-    for t in tasks {
-        match t.await.expect("task") {
-            200 => ok += 1,
-            429 => limited += 1,
-            other => panic!("unexpected status {other}"),
-        }
-    }
+    let (ok, limited) = common::concurrent_calls(&app, &key, 50).await;
     assert_eq!((ok, limited), (20, 30));
     assert_eq!(app.calls_used(&key).await, 20);
     assert_eq!(app.job_count().await, 20);

@@ -11,29 +11,8 @@ use tollgate::models::api_keys::KeyParams;
 async fn on_postgres_fifty_concurrent_requests_on_twenty_calls_admit_exactly_twenty() {
     let app = TestApp::spawn_on_postgres().await;
     let key = app.key_with_calls(Some(20)).await;
-    let mut tasks = Vec::new();
-    for i in 0..50 {
-        let http = app.http.clone();
-        let url = app.url("/api/");
-        let secret = key.secret.clone();
-        tasks.push(tokio::spawn(async move {
-            http.post(url)
-                .bearer_auth(secret)
-                .json(&json!({"text": format!("Number {i}"), "max_tokens": 1}))
-                .send()
-                .await
-                .expect("request")
-                .status()
-                .as_u16()
-        }));
-    }
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.push(t.await.expect("task"));
-    }
-    let ok = statuses.iter().filter(|s| **s == 200).count();
-    let limited = statuses.iter().filter(|s| **s == 429).count();
-    assert_eq!((ok, limited), (20, 30), "{statuses:?}");
+    let (ok, limited) = common::concurrent_calls(&app, &key, 50).await;
+    assert_eq!((ok, limited), (20, 30));
     assert_eq!(app.calls_used(&key).await, 20);
     assert_eq!(app.job_count().await, 20);
 

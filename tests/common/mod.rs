@@ -196,3 +196,33 @@ pub async fn read(resp: reqwest::Response) -> (u16, Value) {
 pub fn code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<no error code>")
 }
+
+/// Fires `n` concurrent one-token `POST /api/` calls with `key`; returns (200s, 429s) and
+/// fails on any other status.
+pub async fn concurrent_calls(app: &TestApp, key: &TestKey, n: usize) -> (usize, usize) {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let http = app.http.clone();
+        let url = app.url("/api/");
+        let secret = key.secret.clone();
+        tasks.push(tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(secret)
+                .json(&json!({"text": format!("Number {i}"), "max_tokens": 1}))
+                .send()
+                .await
+                .expect("request")
+                .status()
+                .as_u16()
+        }));
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for t in tasks {
+        match t.await.expect("task") {
+            200 => ok += 1,
+            429 => limited += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    (ok, limited)
+}

@@ -102,6 +102,7 @@ impl Hooks for App {
             .add_route(controllers::ping::routes())
             .add_route(controllers::api::routes())
             .add_route(controllers::usage::routes())
+            .add_route(controllers::openai::routes())
     }
 
     /// Runs for `start` (not for tasks): loads the model, opens the queue, starts the

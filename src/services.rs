@@ -128,6 +128,16 @@ impl Services {
         self.engine.as_ref().map(|e| e.status())
     }
 
+    /// Refuses early (403/429/401) when the key, as last read, may not call now; the atomic
+    /// charge decides again later. Key problems are reported before body problems.
+    ///
+    /// # Errors
+    /// The refusal as an HTTP error.
+    pub fn precheck(&self, key: &api_keys::Model) -> Result<(), ApiError> {
+        key.refusal_at(crate::models::now())
+            .map_or(Ok(()), |refusal| Err(refusal_error(refusal, key)))
+    }
+
     /// Checks a request against the model's context, charges the key atomically, queues the job
     /// and waits for its result up to the configured timeout.
     ///

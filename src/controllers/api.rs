@@ -17,7 +17,7 @@ use crate::{
     errors::{ApiError, ApiResult},
     extractors::{ApiKey, JsonBody},
     models::jobs,
-    services::{refusal_error, Services, Submission},
+    services::{Services, Submission},
     validation::{prompt_text, SamplingInput},
 };
 
@@ -107,10 +107,7 @@ async fn generate(
     body: Result<JsonBody<ApiRequest>, ApiError>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    // Key problems outrank body problems; the charge below re-decides atomically.
-    if let Some(refusal) = key.refusal_at(crate::models::now()) {
-        return Err(refusal_error(refusal, &key));
-    }
+    services.precheck(&key)?;
     let JsonBody(body) = body?;
     prompt_text("text", &body.text)?;
     let request = GenerationRequest {

@@ -1,5 +1,6 @@
 //! HTTP routes, one module per route family.
 
 pub mod api;
+pub mod openai;
 pub mod ping;
 pub mod usage;

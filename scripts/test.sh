@@ -7,6 +7,11 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/tollgate-target}
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 ./scripts/setup.sh
 ./scripts/services.sh
+# Python clients the tests drive (the official openai SDK), in a git-ignored venv.
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv || { apt-get install -y -qq python3-venv >/dev/null && python3 -m venv .venv; }
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

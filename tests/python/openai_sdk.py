@@ -1,0 +1,53 @@
+"""Drives Tollgate with the official `openai` Python SDK, as an OpenAI user would.
+
+Usage: openai_sdk.py BASE_URL GOOD_KEY EXHAUSTED_KEY
+Exits non-zero (with the reason) when any check fails.
+"""
+import sys
+
+import openai
+
+base, good, exhausted = sys.argv[1], sys.argv[2], sys.argv[3]
+client = openai.OpenAI(base_url=f"{base}/v1", api_key=good, max_retries=0)
+
+models = [m.id for m in client.models.list()]
+assert models == ["smollm2"], models
+
+chat = client.chat.completions.create(
+    model="smollm2",
+    messages=[{"role": "user", "content": "What is the capital of France?"}],
+    max_tokens=12,
+    temperature=0,
+)
+text = chat.choices[0].message.content
+assert text and text.strip(), chat
+assert chat.usage.completion_tokens > 0, chat.usage
+assert chat.choices[0].finish_reason in ("stop", "length"), chat
+
+done = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=5, temperature=0)
+assert done.choices[0].text, done
+assert done.usage.completion_tokens == 5, done.usage
+
+try:
+    openai.OpenAI(base_url=f"{base}/v1", api_key="tg_00000000_wrong", max_retries=0).chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "hi"}]
+    )
+    raise SystemExit("a wrong key was accepted")
+except openai.AuthenticationError as e:
+    assert e.status_code == 401 and e.code == "invalid_api_key", e
+
+try:
+    openai.OpenAI(base_url=f"{base}/v1", api_key=exhausted, max_retries=0).chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "hi"}]
+    )
+    raise SystemExit("an exhausted key was accepted")
+except openai.RateLimitError as e:
+    assert e.status_code == 429 and e.code == "quota_exceeded", e
+
+try:
+    client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    raise SystemExit("an unknown model was accepted")
+except openai.NotFoundError as e:
+    assert e.status_code == 404, e
+
+print("openai sdk checks passed")

@@ -142,6 +142,8 @@ impl Services {
     /// and waits for its result up to the configured timeout.
     ///
     /// Nothing is charged or queued when this returns an error before the job is recorded.
+    /// With a `client_ref` (a client-chosen job id) the submission is idempotent per key: a
+    /// repeat gets the first job's result or status and is neither generated nor charged again.
     ///
     /// # Errors
     /// 400 prompt too long, 401/403/429 from the charge, 503 when the queue is down.
@@ -151,7 +153,13 @@ impl Services {
         key: &api_keys::Model,
         endpoint: &str,
         request: GenerationRequest,
+        client_ref: Option<&str>,
     ) -> Result<Submission, ApiError> {
+        if let Some(r) = client_ref {
+            if let Some(existing) = jobs::Model::find_by_client_ref(db, key.id, r).await? {
+                return self.wait_for(db, existing).await;
+            }
+        }
         let prompt_tokens = self.check_prompt(&request)?;
         charge(db, key).await?;
 
@@ -166,6 +174,7 @@ impl Services {
                 model: request.model.clone(),
                 request_json,
                 prompt_tokens: i32::try_from(prompt_tokens).unwrap_or(i32::MAX),
+                client_ref: client_ref.map(str::to_string),
             },
         )
         .await
@@ -173,6 +182,12 @@ impl Services {
             Ok(r) => r,
             Err(e) => {
                 api_keys::refund(db, key.id).await.ok();
+                // A concurrent repeat with the same client id won the insert: follow its job.
+                if let Some(r) = client_ref {
+                    if let Some(existing) = jobs::Model::find_by_client_ref(db, key.id, r).await? {
+                        return self.wait_for(db, existing).await;
+                    }
+                }
                 return Err(e.into());
             }
         };
@@ -207,13 +222,44 @@ impl Services {
                 "the job queue is unavailable; nothing was charged, try again",
             ));
         }
+        self.await_settled(db, done, record).await
+    }
+
+    /// Waits for an existing job (a repeated client id) without charging anything.
+    async fn wait_for(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        job: jobs::Model,
+    ) -> Result<Submission, ApiError> {
+        if job.is_finished() {
+            return Ok(Submission::Finished(job));
+        }
+        let done = self.events.subscribe(&job.id);
+        // It may have settled between the read and the subscription.
+        let current = jobs::Model::find_any(db, &job.id).await?.unwrap_or(job);
+        if current.is_finished() {
+            self.events.forget(&current.id);
+            return Ok(Submission::Finished(current));
+        }
+        self.await_settled(db, done, current).await
+    }
+
+    /// Waits for the notification up to the configured timeout, then trusts the record.
+    async fn await_settled(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        done: tokio::sync::oneshot::Receiver<jobs::Model>,
+        record: jobs::Model,
+    ) -> Result<Submission, ApiError> {
         let wait = Duration::from_millis(self.settings.api.wait_timeout_ms);
         if let Ok(Ok(job)) = tokio::time::timeout(wait, done).await {
             return Ok(Submission::Finished(job));
         }
-        self.events.forget(&job_id);
+        self.events.forget(&record.id);
         // Timed out (or the worker went away): report what the record says now.
-        let current = jobs::Model::find_any(db, &job_id).await?.unwrap_or(record);
+        let current = jobs::Model::find_any(db, &record.id)
+            .await?
+            .unwrap_or(record);
         if current.is_finished() {
             Ok(Submission::Finished(current))
         } else {

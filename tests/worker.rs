@@ -67,6 +67,7 @@ async fn queued_job(app: &TestApp, key: &common::TestKey) -> GenerationJob {
             model: "smollm2".into(),
             request_json: "{}".into(),
             prompt_tokens: 0,
+            client_ref: None,
         },
     )
     .await

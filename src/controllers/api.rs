@@ -100,6 +100,32 @@ pub fn settled(job: jobs::Model) -> ApiResult<jobs::Model> {
     }
 }
 
+/// Submits a request and answers with `body(job)` once it is done, 202 while it is pending, or
+/// the failure. Every generation route goes through here.
+///
+/// # Errors
+/// Whatever the submission or the job ended with.
+pub async fn run(
+    ctx: &AppContext,
+    services: &Services,
+    key: &crate::models::api_keys::Model,
+    endpoint: &str,
+    request: GenerationRequest,
+    client_ref: Option<&str>,
+    body: impl FnOnce(&jobs::Model) -> Value,
+) -> ApiResult<Response> {
+    match services
+        .submit_and_wait(&ctx.db, key, endpoint, request, client_ref)
+        .await?
+    {
+        Submission::Pending(job) => Ok(accepted(&job)),
+        Submission::Finished(job) => {
+            let job = settled(job)?;
+            Ok(Json(body(&job)).into_response())
+        }
+    }
+}
+
 #[tracing::instrument(skip_all, fields(api_key))]
 async fn generate(
     State(ctx): State<AppContext>,
@@ -120,23 +146,16 @@ async fn generate(
         },
         params: body.sampling.into_params(&services.settings.api)?,
     };
-    match services
-        .submit_and_wait(&ctx.db, &key, "/api/", request)
-        .await?
-    {
-        Submission::Pending(job) => Ok(accepted(&job)),
-        Submission::Finished(job) => {
-            let job = settled(job)?;
-            Ok(Json(json!({
-                "message": job.result.clone().unwrap_or_default(),
-                "job_id": job.id,
-                "model": job.model,
-                "finish_reason": job.finish_reason,
-                "usage": usage_json(&job),
-            }))
-            .into_response())
-        }
-    }
+    run(&ctx, &services, &key, "/api/", request, None, |job| {
+        json!({
+            "message": job.result.clone().unwrap_or_default(),
+            "job_id": job.id,
+            "model": job.model,
+            "finish_reason": job.finish_reason,
+            "usage": usage_json(job),
+        })
+    })
+    .await
 }
 
 #[tracing::instrument(skip_all, fields(api_key, job_id = %id))]

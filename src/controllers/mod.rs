@@ -3,4 +3,5 @@
 pub mod api;
 pub mod openai;
 pub mod ping;
+pub mod queue_api;
 pub mod usage;

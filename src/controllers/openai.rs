@@ -9,15 +9,14 @@ use axum::{
 };
 use loco_rs::{app::AppContext, controller::Routes};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use super::api::{accepted, settled, usage_json};
+use super::api::{run, usage_json};
 use crate::{
     engine::{ChatMessage, GenerationRequest, Prompt},
     errors::{ApiError, ApiResult},
     extractors::{ApiKey, JsonBody},
-    models::jobs,
-    services::{Services, Submission},
+    services::Services,
     validation::{prompt_text, SamplingInput, StopWords},
 };
 
@@ -167,27 +166,6 @@ fn build_request(
     })
 }
 
-/// Runs a request and shapes a settled job with `body`.
-async fn run(
-    ctx: &AppContext,
-    services: &Services,
-    key: &crate::models::api_keys::Model,
-    endpoint: &str,
-    request: GenerationRequest,
-    body: impl FnOnce(&jobs::Model) -> Value,
-) -> ApiResult<Response> {
-    match services
-        .submit_and_wait(&ctx.db, key, endpoint, request)
-        .await?
-    {
-        Submission::Pending(job) => Ok(accepted(&job)),
-        Submission::Finished(job) => {
-            let job = settled(job)?;
-            Ok(Json(body(&job)).into_response())
-        }
-    }
-}
-
 #[tracing::instrument(skip_all, fields(api_key))]
 async fn chat_completions(
     State(ctx): State<AppContext>,
@@ -199,7 +177,7 @@ async fn chat_completions(
     let JsonBody(body) = body?;
     let messages = chat_messages(body.messages)?;
     let request = build_request(&services, body.common, Prompt::Chat { messages })?;
-    run(&ctx, &services, &key, "/v1/chat/completions", request, |job| {
+    run(&ctx, &services, &key, "/v1/chat/completions", request, None, |job| {
         json!({
             "id": format!("chatcmpl-{}", job.id),
             "object": "chat.completion",
@@ -228,21 +206,29 @@ async fn completions(
     let JsonBody(body) = body?;
     prompt_text("prompt", &body.prompt)?;
     let request = build_request(&services, body.common, Prompt::Raw { text: body.prompt })?;
-    run(&ctx, &services, &key, "/v1/completions", request, |job| {
-        json!({
-            "id": format!("cmpl-{}", job.id),
-            "object": "text_completion",
-            "created": job.queued_at.timestamp(),
-            "model": job.model,
-            "choices": [{
-                "index": 0,
-                "text": job.result.clone().unwrap_or_default(),
-                "finish_reason": job.finish_reason,
-                "logprobs": null,
-            }],
-            "usage": usage_json(job),
-        })
-    })
+    run(
+        &ctx,
+        &services,
+        &key,
+        "/v1/completions",
+        request,
+        None,
+        |job| {
+            json!({
+                "id": format!("cmpl-{}", job.id),
+                "object": "text_completion",
+                "created": job.queued_at.timestamp(),
+                "model": job.model,
+                "choices": [{
+                    "index": 0,
+                    "text": job.result.clone().unwrap_or_default(),
+                    "finish_reason": job.finish_reason,
+                    "logprobs": null,
+                }],
+                "usage": usage_json(job),
+            })
+        },
+    )
     .await
 }
 

@@ -31,6 +31,8 @@ pub struct NewJob {
     pub model: String,
     pub request_json: String,
     pub prompt_tokens: i32,
+    /// The client's own id for the job (seed 001's `job_id`), unique per key.
+    pub client_ref: Option<String>,
 }
 
 impl Model {
@@ -50,6 +52,22 @@ impl Model {
     ) -> Result<Option<Self>, ModelError> {
         Ok(Entity::find_by_id(id.to_string())
             .filter(Column::ApiKeyId.eq(api_key_id))
+            .one(db)
+            .await?)
+    }
+
+    /// The job a key submitted under its own id, if any.
+    ///
+    /// # Errors
+    /// On database errors.
+    pub async fn find_by_client_ref<C: ConnectionTrait>(
+        db: &C,
+        api_key_id: i32,
+        client_ref: &str,
+    ) -> Result<Option<Self>, ModelError> {
+        Ok(Entity::find()
+            .filter(Column::ApiKeyId.eq(api_key_id))
+            .filter(Column::ClientRef.eq(client_ref))
             .one(db)
             .await?)
     }
@@ -101,6 +119,7 @@ impl ActiveModel {
             queued_at: Set(ts),
             started_at: Set(None),
             finished_at: Set(None),
+            client_ref: Set(job.client_ref),
             created_at: Set(ts),
             updated_at: Set(ts),
         }

@@ -29,6 +29,7 @@ pub struct Model {
     pub queued_at: DateTimeWithTimeZone,
     pub started_at: Option<DateTimeWithTimeZone>,
     pub finished_at: Option<DateTimeWithTimeZone>,
+    pub client_ref: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

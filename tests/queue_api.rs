@@ -19,7 +19,8 @@ async fn post(app: &TestApp, key: &common::TestKey, path: &str, body: &Value) ->
 
 #[tokio::test]
 async fn the_seeds_documented_examples_get_content() {
-    let app = TestApp::spawn().await;
+    // A small server maximum keeps the seed's large token limits quick to serve.
+    let app = TestApp::spawn_with(|s| s["api"]["max_tokens_limit"] = json!(32)).await;
     let key = app.key_with_calls(None).await;
     // Verbatim from seed 001 (its placeholder model name included).
     let generate = json!({

@@ -128,7 +128,23 @@ async fn readme_run_command_serves_a_key_made_by_the_tasks_and_logs_no_secret() 
     let prefix = secret.split('_').nth(1).expect("prefix").to_string();
 
     let log = std::fs::File::create(&log_path).expect("log file");
+    // A user's shell, not the test runner's: cargo/nextest export variables (CARGO_PKG_*,
+    // NEXTEST_*, …) that would make serve.sh's own cargo build see a different environment.
+    let passthrough = [
+        "PATH",
+        "HOME",
+        "CARGO_HOME",
+        "RUSTUP_HOME",
+        "CARGO_TARGET_DIR",
+        "TMPDIR",
+    ];
     let child = Command::new("./scripts/serve.sh")
+        .env_clear()
+        .envs(
+            passthrough
+                .iter()
+                .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
+        )
         .envs(envs(&dir, port))
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))

@@ -111,6 +111,33 @@ fn request(services: &Services, meta: Meta, prompt: Prompt) -> ApiResult<Generat
     })
 }
 
+/// Runs the job (or follows the earlier one with the same `job_id`) and answers in the seed's
+/// shape: `{"content": …}`, plus the job id the client can quote.
+async fn answer(
+    ctx: &AppContext,
+    services: &Services,
+    key: &crate::models::api_keys::Model,
+    endpoint: &str,
+    req: GenerationRequest,
+    job_ref: Option<String>,
+) -> ApiResult<Response> {
+    run(
+        ctx,
+        services,
+        key,
+        endpoint,
+        req,
+        job_ref.as_deref(),
+        |job| {
+            json!({
+                "content": job.result.clone().unwrap_or_default(),
+                "job_id": job_ref.clone().unwrap_or_else(|| job.id.clone()),
+            })
+        },
+    )
+    .await
+}
+
 #[tracing::instrument(skip_all, fields(api_key))]
 async fn generate(
     State(ctx): State<AppContext>,
@@ -129,22 +156,7 @@ async fn generate(
         }],
     };
     let req = request(&services, body.meta, prompt)?;
-    let job_ref_out = job_ref.clone();
-    run(
-        &ctx,
-        &services,
-        &key,
-        "/generate",
-        req,
-        job_ref.as_deref(),
-        |job| {
-            json!({
-                "content": job.result.clone().unwrap_or_default(),
-                "job_id": job_ref_out.unwrap_or_else(|| job.id.clone()),
-            })
-        },
-    )
-    .await
+    answer(&ctx, &services, &key, "/generate", req, job_ref).await
 }
 
 #[tracing::instrument(skip_all, fields(api_key))]
@@ -182,22 +194,7 @@ async fn chat_completion(
             .collect(),
     };
     let req = request(&services, body.meta, prompt)?;
-    let job_ref_out = job_ref.clone();
-    run(
-        &ctx,
-        &services,
-        &key,
-        "/chat_completion",
-        req,
-        job_ref.as_deref(),
-        |job| {
-            json!({
-                "content": job.result.clone().unwrap_or_default(),
-                "job_id": job_ref_out.unwrap_or_else(|| job.id.clone()),
-            })
-        },
-    )
-    .await
+    answer(&ctx, &services, &key, "/chat_completion", req, job_ref).await
 }
 
 pub fn routes() -> Routes {

@@ -155,9 +155,27 @@ impl Services {
         request: GenerationRequest,
         client_ref: Option<&str>,
     ) -> Result<Submission, ApiError> {
+        self.submit(db, key, endpoint, request, client_ref, true)
+            .await
+    }
+
+    /// Like [`Self::submit_and_wait`]; with `wait = false` it returns as soon as the job is
+    /// queued (`Submission::Pending`), for clients that poll or stream the job.
+    ///
+    /// # Errors
+    /// As [`Self::submit_and_wait`].
+    pub async fn submit(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        key: &api_keys::Model,
+        endpoint: &str,
+        request: GenerationRequest,
+        client_ref: Option<&str>,
+        wait: bool,
+    ) -> Result<Submission, ApiError> {
         if let Some(r) = client_ref {
             if let Some(existing) = jobs::Model::find_by_client_ref(db, key.id, r).await? {
-                return self.wait_for(db, existing).await;
+                return self.follow(db, existing, wait).await;
             }
         }
         let prompt_tokens = self.check_prompt(&request)?;
@@ -185,14 +203,14 @@ impl Services {
                 // A concurrent repeat with the same client id won the insert: follow its job.
                 if let Some(r) = client_ref {
                     if let Some(existing) = jobs::Model::find_by_client_ref(db, key.id, r).await? {
-                        return self.wait_for(db, existing).await;
+                        return self.follow(db, existing, wait).await;
                     }
                 }
                 return Err(e.into());
             }
         };
         let span = tracing::info_span!("job", job_id = %job_id);
-        self.queue_and_wait(db, key.id, record, request)
+        self.queue_and_wait(db, key.id, record, request, wait)
             .instrument(span)
             .await
     }
@@ -203,9 +221,10 @@ impl Services {
         api_key_id: i32,
         record: jobs::Model,
         request: GenerationRequest,
+        wait: bool,
     ) -> Result<Submission, ApiError> {
         let job_id = record.id.clone();
-        let done = self.events.subscribe(&job_id);
+        let done = wait.then(|| self.events.subscribe(&job_id));
         let job = GenerationJob {
             job_id: job_id.clone(),
             api_key_id,
@@ -222,17 +241,24 @@ impl Services {
                 "the job queue is unavailable; nothing was charged, try again",
             ));
         }
-        self.await_settled(db, done, record).await
+        match done {
+            Some(done) => self.await_settled(db, done, record).await,
+            None => Ok(Submission::Pending(record)),
+        }
     }
 
-    /// Waits for an existing job (a repeated client id) without charging anything.
-    async fn wait_for(
+    /// Follows an existing job (a repeated client id) without charging anything.
+    async fn follow(
         &self,
         db: &sea_orm::DatabaseConnection,
         job: jobs::Model,
+        wait: bool,
     ) -> Result<Submission, ApiError> {
         if job.is_finished() {
             return Ok(Submission::Finished(job));
+        }
+        if !wait {
+            return Ok(Submission::Pending(job));
         }
         let done = self.events.subscribe(&job.id);
         // It may have settled between the read and the subscription.

@@ -150,17 +150,8 @@ async fn a_job_that_outlives_the_wait_answers_202_and_is_polled_to_its_result() 
     let job_id = body["job_id"].as_str().expect("job id").to_string();
     assert_eq!(body["poll_url"], format!("/api/jobs/{job_id}"));
 
-    let mut last = json!(null);
-    for _ in 0..300 {
-        let (status, job) = app.get(Some(&key), &format!("/api/jobs/{job_id}")).await;
-        assert_eq!(status, 200, "{job}");
-        if job["status"] == "done" {
-            last = job;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(last["status"], "done", "job never finished");
+    let last = common::poll_job(&app, &key, &job_id).await;
+    assert_eq!(last["status"], "done", "{last}");
     assert!(last["message"].as_str().is_some_and(|m| !m.is_empty()));
     assert!(last["usage"]["completion_tokens"].as_i64().unwrap_or(0) > 0);
     assert!(last["timings"]["run_ms"].as_i64().is_some());
@@ -221,4 +212,50 @@ async fn the_stored_key_row_holds_only_a_hash_of_the_secret() {
     assert_eq!(row.secret_hash.len(), 64);
     assert!(key.secret.starts_with(&format!("tg_{}_", row.prefix)));
     assert_eq!(random_part.len(), 64, "256-bit secret");
+}
+
+#[tokio::test]
+async fn an_async_job_is_accepted_at_once_and_its_result_is_polled() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(Some(2)).await;
+    let resp = app
+        .http
+        .post(app.url("/api/jobs"))
+        .bearer_auth(&key.secret)
+        .json(&json!({"text": "Name three fruits.", "max_tokens": 16}))
+        .send()
+        .await
+        .expect("request");
+    let location = resp
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let (status, body) = common::read(resp).await;
+    assert_eq!(status, 202, "{body}");
+    let job_id = body["job_id"].as_str().expect("job id").to_string();
+    assert_eq!(location, Some(format!("/api/jobs/{job_id}")));
+    assert_eq!(
+        app.calls_used(&key).await,
+        1,
+        "an accepted job is charged once"
+    );
+    let job = common::poll_job(&app, &key, &job_id).await;
+    assert_eq!(job["status"], "done", "{job}");
+    assert!(
+        job["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{job}"
+    );
+
+    let resp = app
+        .http
+        .post(app.url("/api/jobs"))
+        .bearer_auth(&key.secret)
+        .json(&json!({"text": ""}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 422);
+    assert_eq!(app.calls_used(&key).await, 1);
+    assert_eq!(app.job_count().await, 1);
 }

@@ -126,6 +126,21 @@ pub async fn run(
     }
 }
 
+/// Seed 003's body as an engine request: `text` as one user turn of the chat template.
+fn api_request(services: &Services, body: ApiRequest) -> ApiResult<GenerationRequest> {
+    prompt_text("text", &body.text)?;
+    Ok(GenerationRequest {
+        model: services.settings.engine.model_name.clone(),
+        prompt: Prompt::Chat {
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: body.text,
+            }],
+        },
+        params: body.sampling.into_params(&services.settings.api)?,
+    })
+}
+
 #[tracing::instrument(skip_all, fields(api_key))]
 async fn generate(
     State(ctx): State<AppContext>,
@@ -135,17 +150,7 @@ async fn generate(
     let services = Services::from_ctx(&ctx)?;
     services.precheck(&key)?;
     let JsonBody(body) = body?;
-    prompt_text("text", &body.text)?;
-    let request = GenerationRequest {
-        model: services.settings.engine.model_name.clone(),
-        prompt: Prompt::Chat {
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: body.text,
-            }],
-        },
-        params: body.sampling.into_params(&services.settings.api)?,
-    };
+    let request = api_request(&services, body)?;
     run(&ctx, &services, &key, "/api/", request, None, |job| {
         json!({
             "message": job.result.clone().unwrap_or_default(),
@@ -156,6 +161,26 @@ async fn generate(
         })
     })
     .await
+}
+
+/// `POST /api/jobs`: the same request as `POST /api/`, answered at once with 202 and the job
+/// id; the client polls `GET /api/jobs/{id}`.
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn submit_job(
+    State(ctx): State<AppContext>,
+    ApiKey(key): ApiKey,
+    body: Result<JsonBody<ApiRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    services.precheck(&key)?;
+    let JsonBody(body) = body?;
+    let request = api_request(&services, body)?;
+    match services
+        .submit(&ctx.db, &key, "/api/jobs", request, None, false)
+        .await?
+    {
+        Submission::Pending(job) | Submission::Finished(job) => Ok(accepted(&job)),
+    }
 }
 
 #[tracing::instrument(skip_all, fields(api_key, job_id = %id))]
@@ -179,5 +204,6 @@ pub fn routes() -> Routes {
         // `app::into_service`, which trims the slash before routing.
         .add("/api", axum::routing::post(generate))
         .add("/analyze", axum::routing::post(generate))
+        .add("/api/jobs", axum::routing::post(submit_job))
         .add("/api/jobs/{id}", axum::routing::get(job_status))
 }

@@ -226,3 +226,16 @@ pub async fn concurrent_calls(app: &TestApp, key: &TestKey, n: usize) -> (usize,
     }
     (ok, limited)
 }
+
+/// Polls `GET /api/jobs/{id}` until the job is settled (bounded: 30 s) and returns it.
+pub async fn poll_job(app: &TestApp, key: &TestKey, job_id: &str) -> Value {
+    for _ in 0..300 {
+        let (status, job) = app.get(Some(key), &format!("/api/jobs/{job_id}")).await;
+        assert_eq!(status, 200, "{job}");
+        if job["status"] == "done" || job["status"] == "failed" {
+            return job;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("job {job_id} did not settle in 30 s");
+}

@@ -26,6 +26,8 @@ use crate::{
 
 pub struct Services {
     pub settings: Settings,
+    /// Compiled `settings.policy.deny`.
+    deny: regex::RegexSet,
     pub queue: JobQueue,
     pub events: JobEvents,
     pub tokenizer: Arc<PromptTokenizer>,
@@ -62,6 +64,10 @@ impl Services {
     /// When the settings are invalid, the model cannot be loaded or the queue cannot be opened.
     pub async fn start(ctx: &AppContext) -> loco_rs::Result<Arc<Self>> {
         let settings = Settings::from_config(&ctx.config)?;
+        let deny = regex::RegexSetBuilder::new(&settings.policy.deny)
+            .case_insensitive(true)
+            .build()
+            .map_err(|e| loco_rs::Error::Message(format!("settings.policy.deny: {e}")))?;
         let engine_settings = settings.engine.clone();
         let tokenizer =
             tokio::task::spawn_blocking(move || PromptTokenizer::load(&engine_settings))
@@ -98,6 +104,7 @@ impl Services {
         }
         Ok(Arc::new(Self {
             settings,
+            deny,
             queue,
             events,
             tokenizer: Arc::new(tokenizer),
@@ -295,6 +302,12 @@ impl Services {
 
     /// Counts prompt tokens with the model's tokenizer; 400 when the prompt cannot fit.
     fn check_prompt(&self, request: &GenerationRequest) -> Result<usize, ApiError> {
+        if !self.deny.is_empty() && request.prompt.texts().any(|t| self.deny.is_match(t)) {
+            return Err(ApiError::bad_request(
+                "content_policy_violation",
+                "the input contains content this server does not accept",
+            ));
+        }
         let n = self.tokenizer.count(&request.prompt).map_err(|e| {
             ApiError::unprocessable("invalid_prompt", format!("prompt cannot be rendered: {e}"))
         })?;

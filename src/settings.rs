@@ -16,6 +16,18 @@ pub struct Settings {
     pub queue: QueueSettings,
     #[serde(default)]
     pub api: ApiSettings,
+    #[serde(default)]
+    pub policy: PolicySettings,
+}
+
+/// Seed 000's disallowed-content check, applied to every prompt before anything is charged.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySettings {
+    /// Case-insensitive regular expressions (a plain word is a valid one); a prompt matching
+    /// any of them is refused with 400 `content_policy_violation`.
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 /// The llama.cpp model a worker keeps resident, and how it runs it.

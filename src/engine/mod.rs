@@ -30,6 +30,18 @@ pub enum Prompt {
     Raw { text: String },
 }
 
+impl Prompt {
+    /// Every piece of client text in the prompt (for content checks).
+    pub fn texts(&self) -> impl Iterator<Item = &str> {
+        let (one, many): (Option<&str>, &[ChatMessage]) = match self {
+            Self::Raw { text } => (Some(text.as_str()), &[]),
+            Self::Chat { messages } => (None, messages.as_slice()),
+        };
+        one.into_iter()
+            .chain(many.iter().map(|m| m.content.as_str()))
+    }
+}
+
 /// Sampling parameters, already validated and bounded by the API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SamplingParams {

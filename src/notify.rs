@@ -10,16 +10,41 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 
 use crate::models::jobs;
+
+/// Deltas kept for a late subscriber; older ones are dropped (it still gets the final record).
+const STREAM_BUFFER: usize = 1024;
 
 #[derive(Debug, Default, Clone)]
 pub struct JobEvents {
     waiters: Arc<Mutex<HashMap<String, Vec<oneshot::Sender<jobs::Model>>>>>,
+    streams: Arc<Mutex<HashMap<String, broadcast::Sender<String>>>>,
 }
 
 impl JobEvents {
+    fn stream(&self, job_id: &str) -> Option<broadcast::Sender<String>> {
+        let mut map = self.streams.lock().ok()?;
+        Some(
+            map.entry(job_id.to_string())
+                .or_insert_with(|| broadcast::channel(STREAM_BUFFER).0)
+                .clone(),
+        )
+    }
+
+    /// Text deltas of a running job, from now on.
+    pub fn subscribe_deltas(&self, job_id: &str) -> Option<broadcast::Receiver<String>> {
+        self.stream(job_id).map(|tx| tx.subscribe())
+    }
+
+    /// Hands a text delta to the job's stream subscribers (none: dropped).
+    pub fn publish_delta(&self, job_id: &str, delta: String) {
+        if let Some(tx) = self.stream(job_id) {
+            let _ = tx.send(delta);
+        }
+    }
+
     /// Registers interest in a job's final record.
     pub fn subscribe(&self, job_id: &str) -> oneshot::Receiver<jobs::Model> {
         let (tx, rx) = oneshot::channel();
@@ -39,6 +64,9 @@ impl JobEvents {
             .unwrap_or_default();
         for tx in waiters {
             let _ = tx.send(job.clone());
+        }
+        if let Ok(mut map) = self.streams.lock() {
+            map.remove(&job.id);
         }
     }
 

@@ -5,9 +5,13 @@
 use axum::{
     extract::{Path, State},
     http::{header, StatusCode},
-    response::{IntoResponse, Response},
+    response::{
+        sse::{Event, KeepAlive, Sse},
+        IntoResponse, Response,
+    },
     Json,
 };
+use futures::StreamExt;
 use loco_rs::{app::AppContext, controller::Routes};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -198,6 +202,101 @@ async fn job_status(
     Ok(Json(job_json(&job)).into_response())
 }
 
+/// Where an event stream stands.
+enum StreamState {
+    Live {
+        deltas: tokio::sync::broadcast::Receiver<String>,
+        done: tokio::sync::oneshot::Receiver<jobs::Model>,
+    },
+    WaitDone(tokio::sync::oneshot::Receiver<jobs::Model>),
+    Final(Box<jobs::Model>),
+    End,
+}
+
+fn done_event(job: &jobs::Model) -> Event {
+    Event::default()
+        .event("done")
+        .data(job_json(job).to_string())
+}
+
+fn token_event(text: &str) -> Event {
+    Event::default()
+        .event("token")
+        .data(json!({ "text": text }).to_string())
+}
+
+/// `GET /api/jobs/{id}/events`: server-sent events, `token` (`{"text": delta}`) as the job
+/// generates, then one `done` with the job record. A client that connects (or reconnects)
+/// after the job settled gets the `done` event at once.
+#[tracing::instrument(skip_all, fields(api_key, job_id = %id))]
+async fn job_events(
+    State(ctx): State<AppContext>,
+    ApiKey(key): ApiKey,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    if jobs::Model::find_for_key(&ctx.db, &id, key.id)
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::not_found(
+            "job_not_found",
+            format!("no job {id} for this key"),
+        ));
+    }
+    // Subscribe first, then read: a job settling in between is still seen.
+    let deltas = services.events.subscribe_deltas(&id);
+    let done = services.events.subscribe(&id);
+    let current = jobs::Model::find_for_key(&ctx.db, &id, key.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job_not_found", format!("no job {id} for this key")))?;
+    let state = match (current.is_finished(), deltas) {
+        (true, _) | (false, None) => {
+            services.events.forget(&id);
+            if current.is_finished() {
+                StreamState::Final(Box::new(current))
+            } else {
+                StreamState::WaitDone(done)
+            }
+        }
+        (false, Some(deltas)) => StreamState::Live { deltas, done },
+    };
+    let stream = futures::stream::unfold(state, |state| async move {
+        match state {
+            StreamState::Live { mut deltas, mut done } => {
+                tokio::select! {
+                    biased;
+                    delta = deltas.recv() => match delta {
+                        Ok(text) => Some((token_event(&text), StreamState::Live { deltas, done })),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Some((
+                            Event::default().comment(format!("{n} deltas skipped; the done event has the full text")),
+                            StreamState::Live { deltas, done },
+                        )),
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            let job = done.await.ok()?;
+                            Some((done_event(&job), StreamState::End))
+                        }
+                    },
+                    job = &mut done => {
+                        let job = job.ok()?;
+                        Some((done_event(&job), StreamState::End))
+                    }
+                }
+            }
+            StreamState::WaitDone(done) => {
+                let job = done.await.ok()?;
+                Some((done_event(&job), StreamState::End))
+            }
+            StreamState::Final(job) => Some((done_event(&job), StreamState::End)),
+            StreamState::End => None,
+        }
+    })
+    .map(Ok::<Event, std::convert::Infallible>);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
 pub fn routes() -> Routes {
     Routes::new()
         // Trailing-slash forms (`/api/`, seed 003's URL) reach these through
@@ -206,4 +305,5 @@ pub fn routes() -> Routes {
         .add("/analyze", axum::routing::post(generate))
         .add("/api/jobs", axum::routing::post(submit_job))
         .add("/api/jobs/{id}", axum::routing::get(job_status))
+        .add("/api/jobs/{id}/events", axum::routing::get(job_events))
 }

@@ -28,7 +28,7 @@ use super::{
     text::OutputDecoder,
     tokenizer::{backend, render_prompt, tokenize},
     Algorithm, EngineError, EngineStatus, FinishReason, Generation, GenerationRequest,
-    SamplingParams,
+    SamplingParams, TokenSink,
 };
 use crate::settings::EngineSettings;
 
@@ -38,6 +38,7 @@ const PROMPT_BATCH: u32 = 512;
 enum Command {
     Generate {
         request: GenerationRequest,
+        sink: Option<TokenSink>,
         reply: oneshot::Sender<Result<Generation, EngineError>>,
     },
 }
@@ -106,15 +107,41 @@ impl LlamaEngine {
 #[async_trait]
 impl Algorithm for LlamaEngine {
     async fn run(&self, request: GenerationRequest) -> Result<Generation, EngineError> {
+        self.submit(request, None).await
+    }
+
+    async fn run_streaming(
+        &self,
+        request: GenerationRequest,
+        sink: TokenSink,
+    ) -> Result<Generation, EngineError> {
+        self.submit(request, Some(sink)).await
+    }
+
+    fn status(&self) -> EngineStatus {
+        self.snapshot()
+    }
+}
+
+impl LlamaEngine {
+    async fn submit(
+        &self,
+        request: GenerationRequest,
+        sink: Option<TokenSink>,
+    ) -> Result<Generation, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Generate { request, reply })
+            .send(Command::Generate {
+                request,
+                sink,
+                reply,
+            })
             .map_err(|_| EngineError::Unavailable("engine thread has stopped".into()))?;
         rx.await
             .map_err(|_| EngineError::Unavailable("engine thread dropped the request".into()))?
     }
 
-    fn status(&self) -> EngineStatus {
+    fn snapshot(&self) -> EngineStatus {
         EngineStatus {
             ready: self.shared.ready.load(Ordering::Acquire),
             model: self.settings.model_name.clone(),
@@ -198,12 +225,16 @@ fn engine_thread(
 
     while let Ok(cmd) = rx.recv() {
         match cmd {
-            Command::Generate { request, reply } => {
+            Command::Generate {
+                request,
+                sink,
+                reply,
+            } => {
                 let span = tracing::info_span!("generate", model = %request.model);
                 let _guard = span.enter();
                 // A panic inside llama-cpp-2 must not take the worker down with it.
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    generate(&model, &mut ctx, &request)
+                    generate(&model, &mut ctx, &request, sink.as_ref())
                 }))
                 .unwrap_or_else(|_| Err(EngineError::Decode("engine panicked".into())));
                 shared.served.fetch_add(1, Ordering::AcqRel);
@@ -233,6 +264,7 @@ fn generate(
     model: &LlamaModel,
     ctx: &mut LlamaContext<'_>,
     request: &GenerationRequest,
+    sink: Option<&TokenSink>,
 ) -> Result<Generation, EngineError> {
     let n_ctx = ctx.n_ctx();
     let text = render_prompt(model, &request.prompt)?;
@@ -274,7 +306,14 @@ fn generate(
             break FinishReason::Stop;
         }
         generated += 1;
-        if out.push(&vocab.token_to_piece(tok, false, None)) {
+        let stopped = out.push(&vocab.token_to_piece(tok, false, None));
+        if let Some(sink) = sink {
+            let delta = out.take_delta();
+            if !delta.is_empty() {
+                let _ = sink.send(delta);
+            }
+        }
+        if stopped {
             break FinishReason::Stop;
         }
         batch.clear();
@@ -284,6 +323,13 @@ fn generate(
         n_past += 1;
         ctx.decode(&mut batch).map_err(|e| decode_err(&e))?;
     };
+    if let Some(sink) = sink {
+        // Text held back as a possible stop-string prefix is final now.
+        let rest = out.take_rest();
+        if !rest.is_empty() {
+            let _ = sink.send(rest);
+        }
+    }
     Ok(Generation {
         text: out.into_text(),
         prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),

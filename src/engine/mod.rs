@@ -120,11 +120,26 @@ pub struct EngineStatus {
     pub device: String,
 }
 
+/// Where an engine sends text as it is generated (for streaming clients).
+pub type TokenSink = tokio::sync::mpsc::UnboundedSender<String>;
+
 /// The pluggable algorithm a worker runs for each job.
 #[async_trait]
 pub trait Algorithm: Send + Sync + 'static {
     /// Runs one request to completion.
     async fn run(&self, request: GenerationRequest) -> Result<Generation, EngineError>;
+
+    /// Runs one request, sending text deltas to `sink` as they are produced. The deltas
+    /// concatenate to the returned text. The default sends the whole text at the end.
+    async fn run_streaming(
+        &self,
+        request: GenerationRequest,
+        sink: TokenSink,
+    ) -> Result<Generation, EngineError> {
+        let generation = self.run(request).await?;
+        let _ = sink.send(generation.text.clone());
+        Ok(generation)
+    }
 
     /// Current state, cheap to call.
     fn status(&self) -> EngineStatus;

@@ -87,6 +87,13 @@ impl OutputDecoder {
         delta
     }
 
+    /// Everything not yet handed out, held-back tail included: the last delta of a stream.
+    pub fn take_rest(&mut self) -> String {
+        let rest = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        rest
+    }
+
     /// The whole output so far (stop string excluded).
     #[must_use]
     pub fn text(&self) -> &str {

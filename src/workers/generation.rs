@@ -57,7 +57,17 @@ impl GenerationWorker {
             return Ok(Outcome::AlreadySettled);
         };
         let started = std::time::Instant::now();
-        let result = self.algorithm.run(job.request).await;
+        let (sink, mut deltas) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let events = self.events.clone();
+        let stream_id = job.job_id.clone();
+        let forward = tokio::spawn(async move {
+            while let Some(delta) = deltas.recv().await {
+                events.publish_delta(&stream_id, delta);
+            }
+        });
+        let result = self.algorithm.run_streaming(job.request, sink).await;
+        // The sink is gone with the engine call; let the last deltas out before the final record.
+        let _ = forward.await;
         let outcome = match result {
             Ok(generation) => {
                 tracing::info!(

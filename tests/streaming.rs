@@ -1,0 +1,87 @@
+//! `GET /api/jobs/{id}/events`: tokens as they are generated, then the final record.
+
+mod common;
+
+use common::TestApp;
+use serde_json::{json, Value};
+
+/// Parses an SSE body into (event, data) pairs.
+fn events(body: &str) -> Vec<(String, Value)> {
+    body.split("\n\n")
+        .filter_map(|block| {
+            let mut event = None;
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(e) = line.strip_prefix("event:") {
+                    event = Some(e.trim().to_string());
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.strip_prefix(' ').unwrap_or(d));
+                }
+            }
+            Some((event?, serde_json::from_str(&data).ok()?))
+        })
+        .collect()
+}
+
+async fn read_events(app: &TestApp, key: &common::TestKey, job_id: &str) -> Vec<(String, Value)> {
+    let resp = app
+        .http
+        .get(app.url(&format!("/api/jobs/{job_id}/events")))
+        .bearer_auth(&key.secret)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream")));
+    events(&resp.text().await.expect("body"))
+}
+
+#[tokio::test]
+async fn a_job_streams_its_tokens_then_its_result_and_a_reconnect_gets_the_result() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(Some(3)).await;
+    let resp = app
+        .http
+        .post(app.url("/api/jobs"))
+        .bearer_auth(&key.secret)
+        .json(&json!({"text": "Write a long story about a dragon and a knight.", "max_tokens": 160, "temperature": 0}))
+        .send()
+        .await
+        .expect("request");
+    let (status, body) = common::read(resp).await;
+    assert_eq!(status, 202, "{body}");
+    let job_id = body["job_id"].as_str().expect("job id").to_string();
+
+    let live = read_events(&app, &key, &job_id).await;
+    let (last_event, last) = live.last().expect("at least the done event");
+    assert_eq!(last_event, "done", "{live:?}");
+    assert_eq!(last["status"], "done", "{last}");
+    let tokens: Vec<&str> = live
+        .iter()
+        .filter(|(e, _)| e == "token")
+        .filter_map(|(_, d)| d["text"].as_str())
+        .collect();
+    assert!(tokens.len() >= 2, "no incremental tokens: {live:?}");
+    assert_eq!(tokens.concat(), last["message"].as_str().expect("message"));
+
+    // Reconnecting after the job settled: the final result at once.
+    let again = read_events(&app, &key, &job_id).await;
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0].0, "done");
+    assert_eq!(again[0].1["message"], last["message"]);
+
+    // Another key's job is not visible.
+    let other = app.key_with_calls(None).await;
+    let resp = app
+        .http
+        .get(app.url(&format!("/api/jobs/{job_id}/events")))
+        .bearer_auth(&other.secret)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 404);
+}

@@ -4,6 +4,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261123_000001_foundation;
 mod m20261123_000002_job_client_ref;
+mod m20261123_000003_key_permissions;
 
 pub struct Migrator;
 
@@ -13,6 +14,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261123_000001_foundation::Migration),
             Box::new(m20261123_000002_job_client_ref::Migration),
+            Box::new(m20261123_000003_key_permissions::Migration),
         ]
     }
 }

@@ -51,6 +51,28 @@ impl FromRequestParts<AppContext> for ApiKey {
     }
 }
 
+/// A key with `admin` scope, for the management routes; a `client` key gets 403.
+#[derive(Debug, Clone)]
+pub struct AdminKey(pub api_keys::Model);
+
+impl FromRequestParts<AppContext> for AdminKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        ctx: &AppContext,
+    ) -> Result<Self, Self::Rejection> {
+        let ApiKey(key) = ApiKey::from_request_parts(parts, ctx).await?;
+        if !key.is_admin() {
+            return Err(ApiError::forbidden(
+                "admin_scope_required",
+                "this route needs a key with the `admin` scope; this key has `client` scope",
+            ));
+        }
+        Ok(Self(key))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::bearer;

@@ -3,5 +3,5 @@
 pub mod api_key;
 pub mod json;
 
-pub use api_key::ApiKey;
+pub use api_key::{AdminKey, ApiKey};
 pub use json::JsonBody;

@@ -26,6 +26,61 @@ pub struct KeyParams {
     pub max_calls: Option<i64>,
     pub valid_from: Option<DateTimeWithTimeZone>,
     pub valid_until: Option<DateTimeWithTimeZone>,
+    pub scope: Scope,
+    /// Requests per minute; `None` takes the configured default.
+    pub rate_limit_per_minute: Option<i32>,
+    pub rate_limit_burst: Option<i32>,
+    /// Models this key may use; empty = all.
+    pub allowed_models: Vec<String>,
+    /// LoRA adapters this key may use; empty = all.
+    pub allowed_adapters: Vec<String>,
+}
+
+/// What a key may reach: `admin` keys also reach the management routes (seed 004's `/llm/*`,
+/// adding users, registering adapters); `client` keys get 403 there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Scope {
+    #[default]
+    Client,
+    Admin,
+}
+
+impl Scope {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// # Errors
+    /// `Invalid` for anything but `client` or `admin`.
+    pub fn parse(value: &str) -> Result<Self, ModelError> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "client" => Ok(Self::Client),
+            "admin" => Ok(Self::Admin),
+            other => Err(ModelError::Invalid(format!(
+                "scope must be `client` or `admin`, got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Stores an allow-list as a JSON array; an empty list is stored as NULL (= everything).
+fn encode_list(items: &[String]) -> Option<String> {
+    let items: Vec<&str> = items
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .collect();
+    (!items.is_empty()).then(|| serde_json::Value::from(items).to_string())
+}
+
+fn decode_list(stored: Option<&str>) -> Vec<String> {
+    stored
+        .and_then(|s| serde_json::from_str::<Vec<String>>(s).ok())
+        .unwrap_or_default()
 }
 
 /// A freshly issued key: the stored row and the plain secret, which exists only here.
@@ -89,6 +144,40 @@ fn new_secret() -> (String, String) {
 }
 
 impl Model {
+    #[must_use]
+    pub fn scope(&self) -> Scope {
+        Scope::parse(&self.scope).unwrap_or_default()
+    }
+
+    #[must_use]
+    pub fn is_admin(&self) -> bool {
+        self.scope() == Scope::Admin
+    }
+
+    /// Models this key may use; empty means all.
+    #[must_use]
+    pub fn allowed_models(&self) -> Vec<String> {
+        decode_list(self.allowed_models.as_deref())
+    }
+
+    /// LoRA adapters this key may use; empty means all.
+    #[must_use]
+    pub fn allowed_adapters(&self) -> Vec<String> {
+        decode_list(self.allowed_adapters.as_deref())
+    }
+
+    #[must_use]
+    pub fn permits_model(&self, model: &str) -> bool {
+        let allowed = self.allowed_models();
+        allowed.is_empty() || allowed.iter().any(|m| m == model)
+    }
+
+    #[must_use]
+    pub fn permits_adapter(&self, adapter: &str) -> bool {
+        let allowed = self.allowed_adapters();
+        allowed.is_empty() || allowed.iter().any(|a| a == adapter)
+    }
+
     /// The key whose secret this is, if any (revoked keys included: callers decide).
     ///
     /// # Errors
@@ -234,6 +323,13 @@ impl ActiveModel {
         if params.max_calls.is_some_and(|m| m < 0) {
             return Err(ModelError::Invalid("calls must be 0 or more".into()));
         }
+        if params.rate_limit_per_minute.is_some_and(|r| r < 1)
+            || params.rate_limit_burst.is_some_and(|b| b < 1)
+        {
+            return Err(ModelError::Invalid(
+                "rate limit and burst must be 1 or more".into(),
+            ));
+        }
         if let (Some(from), Some(until)) = (params.valid_from, params.valid_until) {
             if until < from {
                 return Err(ModelError::Invalid(
@@ -263,6 +359,11 @@ impl ActiveModel {
             valid_until: Set(params.valid_until),
             revoked_at: Set(None),
             last_used_at: Set(None),
+            scope: Set(params.scope.as_str().to_string()),
+            rate_limit_per_minute: Set(params.rate_limit_per_minute),
+            rate_limit_burst: Set(params.rate_limit_burst),
+            allowed_models: Set(encode_list(&params.allowed_models)),
+            allowed_adapters: Set(encode_list(&params.allowed_adapters)),
             created_at: Set(ts),
             updated_at: Set(ts),
             ..Default::default()

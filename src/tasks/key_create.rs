@@ -1,4 +1,5 @@
-//! `cargo loco task key:create email=… [name=…] [org=…] [calls=100] [from=2026-01-01] [until=2026-12-31]`
+//! `cargo loco task key:create email=… [name=…] [org=…] [calls=100] [from=2026-01-01]
+//! [until=2026-12-31] [scope=admin] [rpm=60] [burst=10] [models=a,b] [adapters=x,y]`
 
 use loco_rs::{
     app::AppContext,
@@ -6,8 +7,8 @@ use loco_rs::{
     Result,
 };
 
-use super::{migrated, model_err, opt_arg};
-use crate::models::api_keys::{self, KeyParams};
+use super::{list_arg, migrated, model_err, num_arg, opt_arg};
+use crate::models::api_keys::{self, KeyParams, Scope};
 
 pub struct KeyCreate;
 
@@ -16,19 +17,18 @@ impl Task for KeyCreate {
     fn task(&self) -> TaskInfo {
         TaskInfo {
             name: "key:create".into(),
-            detail: "issue an API key: email=… [name=…] [org=…] [calls=N] [from=DATE] [until=DATE]; prints the secret once".into(),
+            detail: "issue an API key: email=… [name=…] [org=…] [calls=N] [from=DATE] [until=DATE] [scope=client|admin] [rpm=N] [burst=N] [models=a,b] [adapters=x,y]; prints the secret once".into(),
         }
     }
 
     async fn run(&self, ctx: &AppContext, vars: &Vars) -> Result<()> {
         migrated(ctx).await?;
-        let max_calls = opt_arg(vars, "calls")
-            .map(|c| {
-                c.parse::<i64>().map_err(|_| {
-                    loco_rs::Error::Message(format!("calls must be a whole number, got {c:?}"))
-                })
-            })
-            .transpose()?;
+        let max_calls = num_arg::<i64>(vars, "calls")?;
+        let scope = opt_arg(vars, "scope")
+            .map(Scope::parse)
+            .transpose()
+            .map_err(model_err)?
+            .unwrap_or_default();
         let valid_from = opt_arg(vars, "from")
             .map(|v| api_keys::parse_bound(v, false))
             .transpose()
@@ -46,12 +46,17 @@ impl Task for KeyCreate {
                 max_calls,
                 valid_from,
                 valid_until,
+                scope,
+                rate_limit_per_minute: num_arg(vars, "rpm")?,
+                rate_limit_burst: num_arg(vars, "burst")?,
+                allowed_models: list_arg(vars, "models"),
+                allowed_adapters: list_arg(vars, "adapters"),
             },
         )
         .await
         .map_err(model_err)?;
         let k = &issued.key;
-        println!("key {} issued to {}", k.prefix, k.email);
+        println!("key {} ({} scope) issued to {}", k.prefix, k.scope, k.email);
         println!(
             "calls: {}  valid: {} .. {}",
             k.max_calls.map_or("unlimited".into(), |m| m.to_string()),

@@ -26,3 +26,27 @@ async fn migrated(ctx: &loco_rs::app::AppContext) -> loco_rs::Result<()> {
 fn model_err(e: crate::models::ModelError) -> loco_rs::Error {
     loco_rs::Error::Message(e.to_string())
 }
+
+/// An optional comma-separated list argument (`models=a,b`).
+fn list_arg(vars: &Vars, key: &str) -> Vec<String> {
+    opt_arg(vars, key)
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An optional whole-number argument.
+fn num_arg<T: std::str::FromStr>(vars: &Vars, key: &str) -> loco_rs::Result<Option<T>> {
+    opt_arg(vars, key)
+        .map(|v| {
+            v.parse::<T>().map_err(|_| {
+                loco_rs::Error::Message(format!("{key} must be a whole number, got {v:?}"))
+            })
+        })
+        .transpose()
+}

@@ -23,6 +23,13 @@ pub struct Model {
     pub valid_until: Option<DateTimeWithTimeZone>,
     pub revoked_at: Option<DateTimeWithTimeZone>,
     pub last_used_at: Option<DateTimeWithTimeZone>,
+    pub scope: String,
+    pub rate_limit_per_minute: Option<i32>,
+    pub rate_limit_burst: Option<i32>,
+    #[sea_orm(column_type = "Text", nullable)]
+    pub allowed_models: Option<String>,
+    #[sea_orm(column_type = "Text", nullable)]
+    pub allowed_adapters: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

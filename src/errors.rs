@@ -106,6 +106,21 @@ impl ApiError {
         )
     }
 
+    /// 429: the key sent requests faster than its rate limit allows; `Retry-After` says when
+    /// the next one will be accepted. Nothing was spent.
+    pub fn rate_limited(per_minute: u32, burst: u32, retry_after_secs: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "rate_limited",
+            format!(
+                "this key may send {per_minute} requests per minute (burst {burst}); retry in {retry_after_secs} s"
+            ),
+        );
+        e.retry_after = Some(retry_after_secs);
+        e
+    }
+
     /// 500 with the job's failure reason (generation failed on the worker; the call was refunded).
     pub fn generation_failed(message: impl Into<String>) -> Self {
         Self::new(

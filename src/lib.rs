@@ -9,6 +9,7 @@ pub mod extractors;
 pub mod models;
 pub mod notify;
 pub mod queue;
+pub mod ratelimit;
 pub mod services;
 pub mod settings;
 pub mod tasks;

@@ -10,6 +10,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use futures::Stream;
 use tokio::sync::{broadcast, oneshot};
 
 use crate::models::jobs;
@@ -87,4 +88,67 @@ impl JobEvents {
     pub fn waiting(&self) -> usize {
         self.waiters.lock().map(|m| m.len()).unwrap_or(0)
     }
+}
+
+/// What a streaming client sees of a job: text deltas, then the settled record.
+#[derive(Debug)]
+pub enum JobUpdate {
+    Delta(String),
+    /// The client fell this many deltas behind and they were dropped; `Done` has the full text.
+    Skipped(u64),
+    Done(Box<jobs::Model>),
+}
+
+enum UpdateState {
+    Live {
+        deltas: broadcast::Receiver<String>,
+        done: oneshot::Receiver<jobs::Model>,
+    },
+    WaitDone(oneshot::Receiver<jobs::Model>),
+    End,
+}
+
+/// The updates of one job, from subscriptions taken before the job could settle. Every delta
+/// published before the job settled comes out before `Done`. The stream ends after `Done`, or
+/// without it if the registry is dropped (the database record still has the result).
+pub fn job_updates(
+    deltas: Option<broadcast::Receiver<String>>,
+    done: oneshot::Receiver<jobs::Model>,
+) -> impl Stream<Item = JobUpdate> + Send {
+    let state = match deltas {
+        Some(deltas) => UpdateState::Live { deltas, done },
+        None => UpdateState::WaitDone(done),
+    };
+    futures::stream::unfold(state, |state| async move {
+        match state {
+            UpdateState::Live {
+                mut deltas,
+                mut done,
+            } => {
+                tokio::select! {
+                    // Deltas first: the buffered ones precede the final record.
+                    biased;
+                    delta = deltas.recv() => match delta {
+                        Ok(text) => Some((JobUpdate::Delta(text), UpdateState::Live { deltas, done })),
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            Some((JobUpdate::Skipped(n), UpdateState::Live { deltas, done }))
+                        }
+                        Err(broadcast::error::RecvError::Closed) => {
+                            let job = done.await.ok()?;
+                            Some((JobUpdate::Done(Box::new(job)), UpdateState::End))
+                        }
+                    },
+                    job = &mut done => {
+                        let job = job.ok()?;
+                        Some((JobUpdate::Done(Box::new(job)), UpdateState::End))
+                    }
+                }
+            }
+            UpdateState::WaitDone(done) => {
+                let job = done.await.ok()?;
+                Some((JobUpdate::Done(Box::new(job)), UpdateState::End))
+            }
+            UpdateState::End => None,
+        }
+    })
 }

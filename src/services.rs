@@ -20,6 +20,7 @@ use crate::{
     },
     notify::JobEvents,
     queue::{GenerationJob, JobQueue, WorkerHandle},
+    ratelimit::RateLimits,
     settings::Settings,
     workers::generation::GenerationWorker,
 };
@@ -31,6 +32,7 @@ pub struct Services {
     pub queue: JobQueue,
     pub events: JobEvents,
     pub tokenizer: Arc<PromptTokenizer>,
+    rate_limits: RateLimits,
     /// The in-process engine (embedded mode); `None` when workers run elsewhere.
     pub engine: Option<Arc<dyn Algorithm>>,
     worker: Mutex<Option<WorkerHandle>>,
@@ -51,6 +53,37 @@ pub enum Submission {
     Finished(jobs::Model),
     /// Still queued or running when the wait ran out; poll `GET /api/jobs/{id}`.
     Pending(jobs::Model),
+    /// Queued, with its updates subscribed before it could start (see [`Services::submit_streaming`]).
+    Streaming(JobStream),
+}
+
+/// A queued job and its subscriptions: text deltas as the worker generates, then the record.
+#[derive(Debug)]
+pub struct JobStream {
+    pub job: jobs::Model,
+    pub deltas: Option<tokio::sync::broadcast::Receiver<String>>,
+    pub done: tokio::sync::oneshot::Receiver<jobs::Model>,
+}
+
+/// What a submission waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Follow {
+    /// The result, up to the configured timeout.
+    Result,
+    /// Nothing: answer as soon as the job is queued.
+    Nothing,
+    /// Subscribe to its updates (no timeout: the client reads them as they come).
+    Updates,
+}
+
+impl From<bool> for Follow {
+    fn from(wait: bool) -> Self {
+        if wait {
+            Self::Result
+        } else {
+            Self::Nothing
+        }
+    }
 }
 
 fn load_error(e: EngineError) -> loco_rs::Error {
@@ -103,6 +136,7 @@ impl Services {
             engine = Some(llama);
         }
         Ok(Arc::new(Self {
+            rate_limits: RateLimits::new(&settings.api.rate_limit),
             settings,
             deny,
             queue,
@@ -135,14 +169,17 @@ impl Services {
         self.engine.as_ref().map(|e| e.status())
     }
 
-    /// Refuses early (403/429/401) when the key, as last read, may not call now; the atomic
-    /// charge decides again later. Key problems are reported before body problems.
+    /// Refuses early (403/429/401) when the key, as last read, may not call now, or is over its
+    /// request rate (429 with `Retry-After`); the atomic charge decides the quota again later.
+    /// Key problems are reported before body problems.
     ///
     /// # Errors
     /// The refusal as an HTTP error.
     pub fn precheck(&self, key: &api_keys::Model) -> Result<(), ApiError> {
-        key.refusal_at(crate::models::now())
-            .map_or(Ok(()), |refusal| Err(refusal_error(refusal, key)))
+        if let Some(refusal) = key.refusal_at(crate::models::now()) {
+            return Err(refusal_error(refusal, key));
+        }
+        self.rate_limits.check(key)
     }
 
     /// Checks a request against the model's context, charges the key atomically, queues the job
@@ -179,6 +216,68 @@ impl Services {
         request: GenerationRequest,
         client_ref: Option<&str>,
         wait: bool,
+    ) -> Result<Submission, ApiError> {
+        self.submit_following(db, key, endpoint, request, client_ref, wait.into())
+            .await
+    }
+
+    /// Like [`Self::submit`], but returns as soon as the job is queued, with its token deltas
+    /// and final record subscribed *before* the push, so a streaming client misses nothing.
+    ///
+    /// # Errors
+    /// As [`Self::submit_and_wait`]; every refusal comes before anything is streamed.
+    pub async fn submit_streaming(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        key: &api_keys::Model,
+        endpoint: &str,
+        request: GenerationRequest,
+    ) -> Result<JobStream, ApiError> {
+        match self
+            .submit_following(db, key, endpoint, request, None, Follow::Updates)
+            .await?
+        {
+            Submission::Streaming(stream) => Ok(stream),
+            Submission::Finished(job) | Submission::Pending(job) => {
+                Ok(self.stream_of(db, job).await?)
+            }
+        }
+    }
+
+    /// Subscriptions for an existing job; a job that already settled gets its record at once.
+    async fn stream_of(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        job: jobs::Model,
+    ) -> Result<JobStream, ApiError> {
+        let deltas = self.events.subscribe_deltas(&job.id);
+        let done = self.events.subscribe(&job.id);
+        let current = jobs::Model::find_any(db, &job.id).await?.unwrap_or(job);
+        if current.is_finished() {
+            self.events.forget(&current.id);
+            let (tx, done) = tokio::sync::oneshot::channel();
+            let _ = tx.send(current.clone());
+            return Ok(JobStream {
+                job: current,
+                deltas: None,
+                done,
+            });
+        }
+        Ok(JobStream {
+            job: current,
+            deltas,
+            done,
+        })
+    }
+
+    async fn submit_following(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        key: &api_keys::Model,
+        endpoint: &str,
+        request: GenerationRequest,
+        client_ref: Option<&str>,
+        wait: Follow,
     ) -> Result<Submission, ApiError> {
         if let Some(r) = client_ref {
             if let Some(existing) = jobs::Model::find_by_client_ref(db, key.id, r).await? {
@@ -228,10 +327,13 @@ impl Services {
         api_key_id: i32,
         record: jobs::Model,
         request: GenerationRequest,
-        wait: bool,
+        wait: Follow,
     ) -> Result<Submission, ApiError> {
         let job_id = record.id.clone();
-        let done = wait.then(|| self.events.subscribe(&job_id));
+        let deltas = (wait == Follow::Updates)
+            .then(|| self.events.subscribe_deltas(&job_id))
+            .flatten();
+        let done = (wait != Follow::Nothing).then(|| self.events.subscribe(&job_id));
         let job = GenerationJob {
             job_id: job_id.clone(),
             api_key_id,
@@ -248,9 +350,14 @@ impl Services {
                 "the job queue is unavailable; nothing was charged, try again",
             ));
         }
-        match done {
-            Some(done) => self.await_settled(db, done, record).await,
-            None => Ok(Submission::Pending(record)),
+        match (wait, done) {
+            (Follow::Updates, Some(done)) => Ok(Submission::Streaming(JobStream {
+                job: record,
+                deltas,
+                done,
+            })),
+            (_, Some(done)) => self.await_settled(db, done, record).await,
+            (_, None) => Ok(Submission::Pending(record)),
         }
     }
 
@@ -259,13 +366,15 @@ impl Services {
         &self,
         db: &sea_orm::DatabaseConnection,
         job: jobs::Model,
-        wait: bool,
+        wait: Follow,
     ) -> Result<Submission, ApiError> {
         if job.is_finished() {
             return Ok(Submission::Finished(job));
         }
-        if !wait {
-            return Ok(Submission::Pending(job));
+        match wait {
+            Follow::Nothing => return Ok(Submission::Pending(job)),
+            Follow::Updates => return Ok(Submission::Streaming(self.stream_of(db, job).await?)),
+            Follow::Result => {}
         }
         let done = self.events.subscribe(&job.id);
         // It may have settled between the read and the subscription.

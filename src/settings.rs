@@ -88,6 +88,19 @@ pub struct ApiSettings {
     /// Sampling temperature when the request names none (0 = greedy).
     #[serde(default = "default_temperature")]
     pub default_temperature: f32,
+    /// Default per-key request rate; a key's own limit overrides it.
+    #[serde(default)]
+    pub rate_limit: RateLimitSettings,
+}
+
+/// Requests per minute and burst. `per_minute: 0` means no default limit.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct RateLimitSettings {
+    #[serde(default)]
+    pub per_minute: u32,
+    /// How many requests may arrive at once; defaults to a second's worth.
+    #[serde(default)]
+    pub burst: Option<u32>,
 }
 
 fn default_model_name() -> String {
@@ -155,6 +168,7 @@ impl Default for ApiSettings {
             default_max_tokens: default_max_tokens(),
             max_tokens_limit: default_max_tokens_limit(),
             default_temperature: default_temperature(),
+            rate_limit: RateLimitSettings::default(),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! OpenAI-compatible routes (non-streaming) against the real model.
+//! OpenAI-compatible routes (plain and streamed) against the real model.
 
 mod common;
 
@@ -139,5 +139,170 @@ async fn invalid_openai_requests_spend_nothing() {
         assert_eq!(code(&resp), expected, "{resp}");
     }
     assert_eq!(app.calls_used(&key).await, 0);
+    assert_eq!(app.job_count().await, 0);
+}
+
+/// The `data:` payloads of a server-sent event stream, in order.
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.trim_start().to_string())
+        .collect()
+}
+
+async fn post_stream(
+    app: &TestApp,
+    key: &common::TestKey,
+    path: &str,
+    body: Value,
+) -> (u16, String, String) {
+    let resp = app
+        .http
+        .post(app.url(path))
+        .bearer_auth(&key.secret)
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (status, content_type, resp.text().await.expect("body"))
+}
+
+#[tokio::test]
+async fn streamed_chat_adds_up_to_the_plain_answer_and_ends_with_done() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(Some(5)).await;
+    let request = json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "Name three colors."}],
+        "max_tokens": 16,
+        "temperature": 0
+    });
+    let (status, plain) = post(&app, &key, "/v1/chat/completions", request.clone()).await;
+    assert_eq!(status, 200, "{plain}");
+
+    let mut streamed = request;
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (status, content_type, body) =
+        post_stream(&app, &key, "/v1/chat/completions", streamed).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+    let data = sse_data(&body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{body}");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).expect("chunk is JSON"))
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let ids: std::collections::HashSet<&str> =
+        chunks.iter().filter_map(|c| c["id"].as_str()).collect();
+    assert_eq!(ids.len(), 1, "one id for the whole stream");
+    let pieces: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .filter(|t| !t.is_empty())
+        .collect();
+    assert!(
+        pieces.len() > 1,
+        "tokens arrive as several chunks: {pieces:?}"
+    );
+    assert_eq!(
+        pieces.concat(),
+        plain["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+    );
+    let finish = chunks
+        .iter()
+        .find_map(|c| c["choices"][0]["finish_reason"].as_str())
+        .expect("a finish_reason chunk");
+    assert_eq!(finish, plain["choices"][0]["finish_reason"]);
+    // include_usage: the last chunk has usage and no choices.
+    let last = chunks.last().expect("chunks");
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"], plain["usage"]);
+    assert_eq!(app.calls_used(&key).await, 2);
+}
+
+#[tokio::test]
+async fn streamed_completion_honours_max_tokens_and_stop() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(None).await;
+    let (status, _, body) = post_stream(
+        &app,
+        &key,
+        "/v1/completions",
+        json!({"prompt": "One, two, three,", "max_tokens": 6, "temperature": 0, "stream": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let data = sse_data(&body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).expect("chunk is JSON"))
+        .collect();
+    assert!(chunks.iter().all(|c| c["object"] == "text_completion"));
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    let last = chunks.last().expect("chunks");
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(last["usage"]["completion_tokens"], 6);
+
+    // A stop string cuts the streamed text exactly where it first occurs in the full answer.
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 4, "{text:?}");
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let expected = &text[..text.find(&stop).expect("stop occurs in text")];
+    let (_, _, body) = post_stream(
+        &app,
+        &key,
+        "/v1/completions",
+        json!({"prompt": "One, two, three,", "max_tokens": 6, "temperature": 0, "stream": true, "stop": [stop]}),
+    )
+    .await;
+    let data = sse_data(&body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let streamed: String = data[..data.len() - 1]
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(streamed, expected, "stop {stop:?} in {text:?}");
+}
+
+#[tokio::test]
+async fn a_refused_stream_is_a_plain_json_error_and_spends_nothing() {
+    let app = TestApp::spawn().await;
+    let exhausted = app.key_with_calls(Some(0)).await;
+    let (status, content_type, body) = post_stream(
+        &app,
+        &exhausted,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}),
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type}"
+    );
+    let body: Value = serde_json::from_str(&body).expect("json error");
+    assert_eq!(code(&body), "quota_exceeded");
     assert_eq!(app.job_count().await, 0);
 }

@@ -21,6 +21,7 @@ use crate::{
     errors::{ApiError, ApiResult},
     extractors::{ApiKey, JsonBody},
     models::jobs,
+    notify::{job_updates, JobUpdate},
     services::{Services, Submission},
     validation::{prompt_text, SamplingInput},
 };
@@ -123,6 +124,7 @@ pub async fn run(
         .await?
     {
         Submission::Pending(job) => Ok(accepted(&job)),
+        Submission::Streaming(stream) => Ok(accepted(&stream.job)),
         Submission::Finished(job) => {
             let job = settled(job)?;
             Ok(Json(body(&job)).into_response())
@@ -184,6 +186,7 @@ async fn submit_job(
         .await?
     {
         Submission::Pending(job) | Submission::Finished(job) => Ok(accepted(&job)),
+        Submission::Streaming(stream) => Ok(accepted(&stream.job)),
     }
 }
 
@@ -200,17 +203,6 @@ async fn job_status(
         ));
     };
     Ok(Json(job_json(&job)).into_response())
-}
-
-/// Where an event stream stands.
-enum StreamState {
-    Live {
-        deltas: tokio::sync::broadcast::Receiver<String>,
-        done: tokio::sync::oneshot::Receiver<jobs::Model>,
-    },
-    WaitDone(tokio::sync::oneshot::Receiver<jobs::Model>),
-    Final(Box<jobs::Model>),
-    End,
 }
 
 fn done_event(job: &jobs::Model) -> Event {
@@ -250,48 +242,24 @@ async fn job_events(
     let current = jobs::Model::find_for_key(&ctx.db, &id, key.id)
         .await?
         .ok_or_else(|| ApiError::not_found("job_not_found", format!("no job {id} for this key")))?;
-    let state = match (current.is_finished(), deltas) {
-        (true, _) | (false, None) => {
+    let updates: std::pin::Pin<Box<dyn futures::Stream<Item = JobUpdate> + Send>> =
+        if current.is_finished() {
             services.events.forget(&id);
-            if current.is_finished() {
-                StreamState::Final(Box::new(current))
-            } else {
-                StreamState::WaitDone(done)
-            }
-        }
-        (false, Some(deltas)) => StreamState::Live { deltas, done },
-    };
-    let stream = futures::stream::unfold(state, |state| async move {
-        match state {
-            StreamState::Live { mut deltas, mut done } => {
-                tokio::select! {
-                    biased;
-                    delta = deltas.recv() => match delta {
-                        Ok(text) => Some((token_event(&text), StreamState::Live { deltas, done })),
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Some((
-                            Event::default().comment(format!("{n} deltas skipped; the done event has the full text")),
-                            StreamState::Live { deltas, done },
-                        )),
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                            let job = done.await.ok()?;
-                            Some((done_event(&job), StreamState::End))
-                        }
-                    },
-                    job = &mut done => {
-                        let job = job.ok()?;
-                        Some((done_event(&job), StreamState::End))
-                    }
-                }
-            }
-            StreamState::WaitDone(done) => {
-                let job = done.await.ok()?;
-                Some((done_event(&job), StreamState::End))
-            }
-            StreamState::Final(job) => Some((done_event(&job), StreamState::End)),
-            StreamState::End => None,
-        }
-    })
-    .map(Ok::<Event, std::convert::Infallible>);
+            Box::pin(futures::stream::once(async move {
+                JobUpdate::Done(Box::new(current))
+            }))
+        } else {
+            Box::pin(job_updates(deltas, done))
+        };
+    let stream = updates
+        .map(|update| match update {
+            JobUpdate::Delta(text) => token_event(&text),
+            JobUpdate::Skipped(n) => Event::default().comment(format!(
+                "{n} deltas skipped; the done event has the full text"
+            )),
+            JobUpdate::Done(job) => done_event(&job),
+        })
+        .map(Ok::<Event, std::convert::Infallible>);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())

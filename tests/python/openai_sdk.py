@@ -24,6 +24,29 @@ assert text and text.strip(), chat
 assert chat.usage.completion_tokens > 0, chat.usage
 assert chat.choices[0].finish_reason in ("stop", "length"), chat
 
+# The same greedy request streamed: the pieces add up to the non-streamed answer.
+stream = client.chat.completions.create(
+    model="smollm2",
+    messages=[{"role": "user", "content": "What is the capital of France?"}],
+    max_tokens=12,
+    temperature=0,
+    stream=True,
+    stream_options={"include_usage": True},
+)
+pieces, usage, finish = [], None, None
+for chunk in stream:
+    if chunk.usage:
+        usage = chunk.usage
+    for choice in chunk.choices:
+        if choice.delta.content:
+            pieces.append(choice.delta.content)
+        if choice.finish_reason:
+            finish = choice.finish_reason
+assert len(pieces) > 1, pieces
+assert "".join(pieces) == text, (pieces, text)
+assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens, usage
+assert finish == chat.choices[0].finish_reason, finish
+
 done = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=5, temperature=0)
 assert done.choices[0].text, done
 assert done.usage.completion_tokens == 5, done.usage

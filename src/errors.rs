@@ -106,6 +106,16 @@ impl ApiError {
         )
     }
 
+    /// 409: the request conflicts with the current state (already exists, in use, pinned).
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            code,
+            message.into(),
+        )
+    }
+
     /// 429: the key sent requests faster than its rate limit allows; `Retry-After` says when
     /// the next one will be accepted. Nothing was spent.
     pub fn rate_limited(per_minute: u32, burst: u32, retry_after_secs: u64) -> Self {

@@ -10,6 +10,7 @@ pub mod models;
 pub mod notify;
 pub mod queue;
 pub mod ratelimit;
+pub mod registry;
 pub mod services;
 pub mod settings;
 pub mod tasks;

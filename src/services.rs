@@ -21,6 +21,7 @@ use crate::{
     notify::JobEvents,
     queue::{GenerationJob, JobQueue, WorkerHandle},
     ratelimit::RateLimits,
+    registry::ModelRegistry,
     settings::Settings,
     workers::generation::GenerationWorker,
 };
@@ -33,6 +34,8 @@ pub struct Services {
     pub events: JobEvents,
     pub tokenizer: Arc<PromptTokenizer>,
     rate_limits: RateLimits,
+    /// Models loaded at run time (seed 004), besides the default one.
+    pub registry: ModelRegistry,
     /// The in-process engine (embedded mode); `None` when workers run elsewhere.
     pub engine: Option<Arc<dyn Algorithm>>,
     worker: Mutex<Option<WorkerHandle>>,
@@ -137,6 +140,7 @@ impl Services {
         }
         Ok(Arc::new(Self {
             rate_limits: RateLimits::new(&settings.api.rate_limit),
+            registry: ModelRegistry::default(),
             settings,
             deny,
             queue,
@@ -159,6 +163,7 @@ impl Services {
 
     /// Stops the embedded worker after its current job.
     pub async fn shutdown(&self) {
+        self.stop_loaded_models().await;
         if let Some(worker) = self.worker.lock().await.take() {
             worker.shutdown().await;
         }
@@ -339,7 +344,14 @@ impl Services {
             api_key_id,
             request,
         };
-        if let Err(e) = self.queue.push(job).await {
+        let pushed = match self.queue_for(&job.request.model) {
+            Some(queue) => queue.push(job).await,
+            None => Err(crate::queue::QueueError::Storage(format!(
+                "model {:?} is not loaded",
+                job.request.model
+            ))),
+        };
+        if let Err(e) = pushed {
             tracing::error!(error = %e, "could not queue job");
             self.events.forget(&job_id);
             jobs::fail(db, &job_id, "the queue is unavailable")
@@ -417,16 +429,17 @@ impl Services {
                 "the input contains content this server does not accept",
             ));
         }
-        let n = self.tokenizer.count(&request.prompt).map_err(|e| {
+        let tokenizer = self.tokenizer_for(&request.model);
+        let n = tokenizer.count(&request.prompt).map_err(|e| {
             ApiError::unprocessable("invalid_prompt", format!("prompt cannot be rendered: {e}"))
         })?;
-        let limit = self.tokenizer.context_size() as usize;
+        let limit = tokenizer.context_size() as usize;
         if n >= limit {
             return Err(ApiError::bad_request(
                 "context_length_exceeded",
                 format!(
                     "prompt is {n} tokens; model {} accepts at most {} prompt tokens (context {limit})",
-                    self.tokenizer.model_name(),
+                    tokenizer.model_name(),
                     limit - 1
                 ),
             ));

@@ -1,6 +1,7 @@
 //! HTTP routes, one module per route family.
 
 pub mod api;
+pub mod llm;
 pub mod openai;
 pub mod ping;
 pub mod queue_api;

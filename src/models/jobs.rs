@@ -83,6 +83,21 @@ impl Model {
         Ok(Entity::find_by_id(id.to_string()).one(db).await?)
     }
 
+    /// Jobs of `model` still waiting for a worker.
+    ///
+    /// # Errors
+    /// On database errors.
+    pub async fn queued_for_model<C: ConnectionTrait>(
+        db: &C,
+        model: &str,
+    ) -> Result<Vec<Self>, ModelError> {
+        Ok(Entity::find()
+            .filter(Column::Model.eq(model))
+            .filter(Column::Status.eq(QUEUED))
+            .all(db)
+            .await?)
+    }
+
     /// # Errors
     /// On database errors.
     pub async fn count_all<C: ConnectionTrait>(db: &C) -> Result<u64, ModelError> {

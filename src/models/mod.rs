@@ -4,6 +4,7 @@ pub mod _entities;
 pub mod admins;
 pub mod api_keys;
 pub mod jobs;
+pub mod model_configs;
 pub mod usage_records;
 
 /// Failures of model operations that are not plain database errors.

@@ -5,4 +5,5 @@ pub mod prelude;
 pub mod admins;
 pub mod api_keys;
 pub mod jobs;
+pub mod model_configs;
 pub mod usage_records;

@@ -3,4 +3,5 @@
 pub use super::admins::Entity as Admins;
 pub use super::api_keys::Entity as ApiKeys;
 pub use super::jobs::Entity as Jobs;
+pub use super::model_configs::Entity as ModelConfigs;
 pub use super::usage_records::Entity as UsageRecords;

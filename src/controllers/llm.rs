@@ -1,0 +1,257 @@
+//! Seed 004's model-configuration manager under `/llm/`: store configurations, load and unload
+//! them on this process's worker, list what is loaded, and run inference on a loaded model.
+//! Spec: ../shared/seeds/004.
+//!
+//! Changing state (configure, load, unload, delete) needs an `admin`-scope key; reading and
+//! inference take any key. Inference is charged and queued like every generation.
+
+use axum::{
+    extract::{Path, State},
+    response::{IntoResponse, Response},
+    Json,
+};
+use loco_rs::{app::AppContext, controller::Routes};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::api::run;
+use crate::{
+    engine::{ChatMessage, GenerationRequest, Prompt},
+    errors::{ApiError, ApiResult},
+    extractors::{AdminKey, ApiKey, JsonBody},
+    models::model_configs::{self, NewConfig},
+    services::Services,
+    validation::{prompt_text, SamplingInput, StopWords},
+};
+
+#[derive(Debug, Deserialize)]
+struct ConfigureRequest {
+    model_id: String,
+    model_name: String,
+    model_type: String,
+    #[serde(default)]
+    model_kwargs: Option<Map<String, Value>>,
+}
+
+/// `inference_kwargs`: the sampling options Tollgate knows; others are ignored.
+#[derive(Debug, Default, Deserialize)]
+struct InferenceKwargs {
+    max_tokens: Option<i64>,
+    max_new_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    seed: Option<i64>,
+    stop: Option<StopWords>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InferenceRequest {
+    model_id: String,
+    prompt: String,
+    #[serde(default)]
+    inference_kwargs: Option<InferenceKwargs>,
+}
+
+fn config_not_found(config_id: &str) -> ApiError {
+    ApiError::not_found("config_not_found", format!("no configuration {config_id}"))
+}
+
+async fn configure(
+    State(ctx): State<AppContext>,
+    AdminKey(_key): AdminKey,
+    body: Result<JsonBody<ConfigureRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let JsonBody(body) = body?;
+    let config = model_configs::ActiveModel::create(
+        &ctx.db,
+        NewConfig {
+            model_id: body.model_id,
+            model_name: body.model_name,
+            model_type: body.model_type,
+            model_kwargs: body.model_kwargs.unwrap_or_default(),
+        },
+    )
+    .await
+    .map_err(|e| match e {
+        crate::models::ModelError::Invalid(m) => ApiError::unprocessable("invalid_config", m),
+        other => other.into(),
+    })?;
+    Ok(Json(json!({"config_id": config.config_id})).into_response())
+}
+
+async fn load(
+    State(ctx): State<AppContext>,
+    AdminKey(_key): AdminKey,
+    Path(config_id): Path<String>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let config = model_configs::Model::find_by_config_id(&ctx.db, &config_id)
+        .await?
+        .ok_or_else(|| config_not_found(&config_id))?;
+    let (model, newly) = services.load_model(&ctx.db, &config).await?;
+    let message = if newly {
+        "Model loaded successfully"
+    } else {
+        "Model already loaded"
+    };
+    Ok(Json(json!({
+        "message": message,
+        "model_id": model.model_id,
+        "config_id": model.config_id,
+    }))
+    .into_response())
+}
+
+async fn unload(
+    State(ctx): State<AppContext>,
+    AdminKey(_key): AdminKey,
+    Path(model_id): Path<String>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    services.unload_model(&ctx.db, &model_id).await?;
+    Ok(Json(json!({"message": "Model unloaded successfully"})).into_response())
+}
+
+async fn configurations(
+    State(ctx): State<AppContext>,
+    ApiKey(_key): ApiKey,
+) -> ApiResult<Response> {
+    let all = model_configs::Model::list(&ctx.db).await?;
+    Ok(Json(Value::Array(
+        all.iter().map(model_configs::Model::to_json).collect(),
+    ))
+    .into_response())
+}
+
+async fn configuration(
+    State(ctx): State<AppContext>,
+    ApiKey(_key): ApiKey,
+    Path(config_id): Path<String>,
+) -> ApiResult<Response> {
+    let config = model_configs::Model::find_by_config_id(&ctx.db, &config_id)
+        .await?
+        .ok_or_else(|| config_not_found(&config_id))?;
+    Ok(Json(config.to_json()).into_response())
+}
+
+async fn delete_configuration(
+    State(ctx): State<AppContext>,
+    AdminKey(_key): AdminKey,
+    Path(config_id): Path<String>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let config = model_configs::Model::find_by_config_id(&ctx.db, &config_id)
+        .await?
+        .ok_or_else(|| config_not_found(&config_id))?;
+    if services
+        .registry
+        .get(&config.model_id)
+        .is_some_and(|m| m.config_id == config.config_id)
+    {
+        return Err(ApiError::conflict(
+            "config_in_use",
+            format!(
+                "model {:?} is loaded from this configuration; unload it first",
+                config.model_id
+            ),
+        ));
+    }
+    model_configs::delete(&ctx.db, &config_id).await?;
+    Ok(Json(json!({"detail": "Configuration deleted successfully"})).into_response())
+}
+
+/// The ids of the models the worker holds now (engine threads that are up), default included.
+async fn loaded_models(State(ctx): State<AppContext>, ApiKey(key): ApiKey) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let mut ids: Vec<String> = Vec::new();
+    if services.engine_status().is_some_and(|s| s.ready) {
+        ids.push(services.settings.engine.model_name.clone());
+    }
+    ids.extend(
+        services
+            .registry
+            .all()
+            .iter()
+            .filter(|m| m.status().ready)
+            .map(|m| m.model_id.clone()),
+    );
+    ids.retain(|id| key.permits_model(id));
+    Ok(Json(ids).into_response())
+}
+
+async fn inference(
+    State(ctx): State<AppContext>,
+    ApiKey(key): ApiKey,
+    body: Result<JsonBody<InferenceRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    services.precheck(&key)?;
+    let JsonBody(body) = body?;
+    prompt_text("prompt", &body.prompt)?;
+    let model_id = body.model_id.trim().to_string();
+    let served = services.served_models();
+    if !served.contains(&model_id) {
+        return Err(ApiError::not_found(
+            "model_not_loaded",
+            format!("model {model_id:?} is not loaded; loaded: {served:?}"),
+        ));
+    }
+    if !key.permits_model(&model_id) {
+        return Err(ApiError::forbidden(
+            "model_not_allowed",
+            format!(
+                "this key may not use model {model_id:?}; allowed: {:?}",
+                key.allowed_models()
+            ),
+        ));
+    }
+    let defaults = services
+        .registry
+        .get(&model_id)
+        .map(|m| m.defaults.clone())
+        .unwrap_or_default();
+    let kw = body.inference_kwargs.unwrap_or_default();
+    let sampling = SamplingInput {
+        max_tokens: kw.max_tokens.or(kw.max_new_tokens).or(defaults.max_tokens),
+        temperature: kw.temperature.or(defaults.temperature),
+        top_p: kw.top_p.or(defaults.top_p),
+        seed: kw.seed,
+        stop: kw.stop,
+    };
+    let request = GenerationRequest {
+        model: model_id,
+        prompt: Prompt::Chat {
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: body.prompt,
+            }],
+        },
+        params: sampling.into_params(&services.settings.api)?,
+    };
+    run(
+        &ctx,
+        &services,
+        &key,
+        "/llm/inference/",
+        request,
+        None,
+        |job| json!({"response": job.result.clone().unwrap_or_default()}),
+    )
+    .await
+}
+
+pub fn routes() -> Routes {
+    // Seed 004's paths end in `/`; `app::into_service` trims it, so both forms reach these.
+    Routes::new()
+        .prefix("/llm")
+        .add("/configure_model", axum::routing::post(configure))
+        .add("/load_model/{config_id}", axum::routing::post(load))
+        .add("/unload_model/{model_id}", axum::routing::post(unload))
+        .add("/inference", axum::routing::post(inference))
+        .add("/configurations", axum::routing::get(configurations))
+        .add(
+            "/configuration/{config_id}",
+            axum::routing::get(configuration).delete(delete_configuration),
+        )
+        .add("/loaded_models", axum::routing::get(loaded_models))
+}

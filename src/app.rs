@@ -105,6 +105,7 @@ impl Hooks for App {
             .add_route(controllers::openai::routes())
             .add_route(controllers::queue_api::routes())
             .add_route(controllers::llm::routes())
+            .add_route(controllers::llm::vllm_routes())
     }
 
     /// Runs for `start` (not for tasks): loads the model, opens the queue, starts the

@@ -350,3 +350,89 @@ async fn management_needs_an_admin_key_and_bad_input_changes_nothing() {
     .await;
     assert_eq!(loaded, json!(["smollm2"]));
 }
+
+#[tokio::test]
+async fn seed_002_engine_start_and_terminate_load_and_unload() {
+    let app = TestApp::spawn().await;
+    let admin = admin_key(&app).await;
+    let (status, body) = post(
+        &app,
+        &admin,
+        "/vllm_request/start",
+        Some(json!({
+            "HUGGING_FACE_HUB_TOKEN": "hf_never_used",
+            "Model": MODEL_FILE,
+            "MAX_MODEL_LEN": 1024,
+            "SEED": 7
+        })),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "healthy");
+    let engine = body["container_id"]
+        .as_str()
+        .expect("container_id")
+        .to_string();
+    assert_eq!(engine, "SmolLM2-135M-Instruct.Q4_1");
+    let endpoint = body["vLLM_endpoint"].as_str().expect("endpoint");
+    assert_eq!(endpoint, format!("{}/v1", app.base));
+    let (_, loaded) = call(
+        &app,
+        &admin,
+        reqwest::Method::GET,
+        "/llm/loaded_models/",
+        None,
+    )
+    .await;
+    assert_eq!(loaded, json!(["smollm2", engine]));
+    let (_, configs) = call(
+        &app,
+        &admin,
+        reqwest::Method::GET,
+        "/llm/configurations/",
+        None,
+    )
+    .await;
+    assert!(
+        !configs.to_string().contains("hf_never_used"),
+        "the hub token is not stored: {configs}"
+    );
+
+    let (status, body) = post(
+        &app,
+        &admin,
+        "/vllm_request/terminate",
+        Some(json!({"container_id": engine})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "terminated");
+    let (_, loaded) = call(
+        &app,
+        &admin,
+        reqwest::Method::GET,
+        "/llm/loaded_models/",
+        None,
+    )
+    .await;
+    assert_eq!(loaded, json!(["smollm2"]));
+    let (_, configs) = call(
+        &app,
+        &admin,
+        reqwest::Method::GET,
+        "/llm/configurations/",
+        None,
+    )
+    .await;
+    assert_eq!(configs, json!([]));
+
+    let client = app.key_with_calls(None).await;
+    let (status, _) = post(
+        &app,
+        &client,
+        "/vllm_request/start",
+        Some(json!({"Model": MODEL_FILE})),
+    )
+    .await;
+    assert_eq!(status, 403);
+}

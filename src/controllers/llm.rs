@@ -4,9 +4,13 @@
 //!
 //! Changing state (configure, load, unload, delete) needs an `admin`-scope key; reading and
 //! inference take any key. Inference is charged and queued like every generation.
+//!
+//! Seed 002's `/vllm_request/start` and `/vllm_request/terminate` live here too: on Tollgate
+//! "starting an engine" is loading a GGUF on the worker, the same operation as `load_model`.
 
 use axum::{
     extract::{Path, State},
+    http::HeaderMap,
     response::{IntoResponse, Response},
     Json,
 };
@@ -240,6 +244,137 @@ async fn inference(
     .await
 }
 
+/// Seed 002's engine start request. The Hugging Face token is accepted for compatibility and
+/// dropped at once: models come from the local models directory, never from a hub.
+#[derive(Debug, Deserialize)]
+#[allow(non_snake_case)]
+struct StartRequest {
+    Model: String,
+    MAX_MODEL_LEN: Option<u32>,
+    SEED: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TerminateRequest {
+    container_id: String,
+}
+
+/// This server's OpenAI base URL as the client reached it (`X-Forwarded-*` aware).
+pub fn openai_base_url(headers: &HeaderMap) -> String {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let host = header("x-forwarded-host")
+        .or_else(|| header("host"))
+        .unwrap_or_else(|| "localhost".into());
+    let scheme = header("x-forwarded-proto").unwrap_or_else(|| "http".into());
+    format!("{scheme}://{host}/v1")
+}
+
+/// A model id from a file name: its stem, with anything unusual replaced.
+fn model_id_for(file: &str) -> String {
+    let stem = file.trim().trim_end_matches(".gguf");
+    let stem = stem.rsplit('/').next().unwrap_or(stem);
+    stem.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect()
+}
+
+async fn vllm_start(
+    State(ctx): State<AppContext>,
+    AdminKey(key): AdminKey,
+    headers: HeaderMap,
+    body: Result<JsonBody<StartRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let JsonBody(body) = body?;
+    let default = services.settings.engine.model_name.clone();
+    let model_id = if body.Model.trim() == default {
+        default.clone()
+    } else {
+        model_id_for(&body.Model)
+    };
+    let message = if model_id == default {
+        "the default model is always running".to_string()
+    } else {
+        let mut kwargs = Map::new();
+        if let Some(n) = body.MAX_MODEL_LEN {
+            kwargs.insert("context_size".into(), n.into());
+        }
+        if let Some(seed) = body.SEED {
+            kwargs.insert("seed".into(), seed.into());
+        }
+        let config = model_configs::ActiveModel::create(
+            &ctx.db,
+            NewConfig {
+                model_id: model_id.clone(),
+                model_name: body.Model.trim().to_string(),
+                model_type: "vllm_request".into(),
+                model_kwargs: kwargs,
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            crate::models::ModelError::Invalid(m) => ApiError::unprocessable("invalid_config", m),
+            other => other.into(),
+        })?;
+        match services.load_model(&ctx.db, &config).await {
+            Ok((_, true)) => format!("engine {model_id} started"),
+            Ok((_, false)) => {
+                model_configs::delete(&ctx.db, &config.config_id).await?;
+                format!("engine {model_id} was already running")
+            }
+            Err(e) => {
+                model_configs::delete(&ctx.db, &config.config_id).await?;
+                return Err(e);
+            }
+        }
+    };
+    Ok(Json(json!({
+        "message": message,
+        "vLLM_endpoint": openai_base_url(&headers),
+        "engine_name": model_id,
+        "container_id": model_id,
+        "user_info": {"key": key.prefix, "name": key.name},
+        "status": "healthy",
+    }))
+    .into_response())
+}
+
+async fn vllm_terminate(
+    State(ctx): State<AppContext>,
+    AdminKey(_key): AdminKey,
+    body: Result<JsonBody<TerminateRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let JsonBody(body) = body?;
+    let model_id = body.container_id.trim().to_string();
+    let config_id = services
+        .registry
+        .get(&model_id)
+        .map(|m| m.config_id.clone());
+    services.unload_model(&ctx.db, &model_id).await?;
+    // Engines started through /vllm_request own their configuration.
+    if let Some(config_id) = config_id {
+        if let Some(config) = model_configs::Model::find_by_config_id(&ctx.db, &config_id).await? {
+            if config.model_type == "vllm_request" {
+                model_configs::delete(&ctx.db, &config_id).await?;
+            }
+        }
+    }
+    Ok(Json(json!({"status": "terminated"})).into_response())
+}
+
 pub fn routes() -> Routes {
     // Seed 004's paths end in `/`; `app::into_service` trims it, so both forms reach these.
     Routes::new()
@@ -254,4 +389,12 @@ pub fn routes() -> Routes {
             axum::routing::get(configuration).delete(delete_configuration),
         )
         .add("/loaded_models", axum::routing::get(loaded_models))
+}
+
+/// Seed 002's engine management, on the same registry as `/llm/load_model`.
+pub fn vllm_routes() -> Routes {
+    Routes::new()
+        .prefix("/vllm_request")
+        .add("/start", axum::routing::post(vllm_start))
+        .add("/terminate", axum::routing::post(vllm_terminate))
 }

@@ -167,7 +167,12 @@ async fn readme_run_command_serves_a_key_made_by_the_tasks_and_logs_no_secret() 
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert_eq!(ping["status"], "ok", "server did not come up: {ping}");
+    assert_eq!(
+        ping["status"],
+        "ok",
+        "server did not come up: {ping}\n--- serve.sh output (tail) ---\n{}",
+        tail(&log_path, 40)
+    );
 
     // The README's curl: no Content-Type header, so curl sends form-urlencoded.
     let resp = http
@@ -232,4 +237,11 @@ async fn readme_run_command_serves_a_key_made_by_the_tasks_and_logs_no_secret() 
         "a presented key appeared in the server log"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The last `n` lines of a file, for failure messages.
+fn tail(path: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -104,6 +104,8 @@ impl Hooks for App {
             .add_route(controllers::usage::routes())
             .add_route(controllers::openai::routes())
             .add_route(controllers::queue_api::routes())
+            .add_route(controllers::adapters::routes())
+            .add_route(controllers::embeddings::routes())
     }
 
     /// Runs for `start` (not for tasks): loads the model, opens the queue, starts the
@@ -137,6 +139,7 @@ impl Hooks for App {
         truncate_table(&ctx.db, _entities::jobs::Entity).await?;
         truncate_table(&ctx.db, _entities::api_keys::Entity).await?;
         truncate_table(&ctx.db, _entities::admins::Entity).await?;
+        truncate_table(&ctx.db, _entities::adapters::Entity).await?;
         Ok(())
     }
 

@@ -22,12 +22,15 @@ use crate::{
     extractors::{ApiKey, JsonBody},
     models::jobs,
     services::{Services, Submission},
-    validation::{prompt_text, SamplingInput},
+    validation::{prompt_text, HeadInput, SamplingInput},
 };
 
 #[derive(Debug, Deserialize)]
 struct ApiRequest {
     text: String,
+    /// Optional `model` (`base` or `base:adapter`), `lora`/`head` and `scale`.
+    #[serde(flatten)]
+    head: HeadInput,
     #[serde(flatten)]
     sampling: SamplingInput,
 }
@@ -114,12 +117,12 @@ pub async fn run(
     services: &Services,
     key: &crate::models::api_keys::Model,
     endpoint: &str,
-    request: GenerationRequest,
+    work: impl Into<crate::queue::Work>,
     client_ref: Option<&str>,
     body: impl FnOnce(&jobs::Model) -> Value,
 ) -> ApiResult<Response> {
     match services
-        .submit_and_wait(&ctx.db, key, endpoint, request, client_ref)
+        .submit_and_wait(&ctx.db, key, endpoint, work, client_ref)
         .await?
     {
         Submission::Pending(job) => Ok(accepted(&job)),
@@ -130,19 +133,26 @@ pub async fn run(
     }
 }
 
-/// Seed 003's body as an engine request: `text` as one user turn of the chat template.
-fn api_request(services: &Services, body: ApiRequest) -> ApiResult<GenerationRequest> {
+/// Seed 003's body as an engine request: `text` as one user turn of the chat template, on the
+/// served model or the LoRA head the body names.
+async fn api_request(
+    ctx: &AppContext,
+    services: &Services,
+    key: &crate::models::api_keys::Model,
+    body: ApiRequest,
+) -> ApiResult<GenerationRequest> {
     prompt_text("text", &body.text)?;
-    Ok(GenerationRequest {
-        model: services.settings.engine.model_name.clone(),
-        prompt: Prompt::Chat {
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: body.text,
-            }],
-        },
-        params: body.sampling.into_params(&services.settings.api)?,
-    })
+    let params = body.sampling.into_params(&services.settings.api)?;
+    let resolved = services
+        .resolve_model(&ctx.db, key, body.head.into_choice())
+        .await?;
+    let prompt = Prompt::Chat {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: body.text,
+        }],
+    };
+    Ok(resolved.request(prompt, params))
 }
 
 #[tracing::instrument(skip_all, fields(api_key))]
@@ -154,7 +164,7 @@ async fn generate(
     let services = Services::from_ctx(&ctx)?;
     services.precheck(&key)?;
     let JsonBody(body) = body?;
-    let request = api_request(&services, body)?;
+    let request = api_request(&ctx, &services, &key, body).await?;
     run(&ctx, &services, &key, "/api/", request, None, |job| {
         json!({
             "message": job.result.clone().unwrap_or_default(),
@@ -178,7 +188,7 @@ async fn submit_job(
     let services = Services::from_ctx(&ctx)?;
     services.precheck(&key)?;
     let JsonBody(body) = body?;
-    let request = api_request(&services, body)?;
+    let request = api_request(&ctx, &services, &key, body).await?;
     match services
         .submit(&ctx.db, &key, "/api/jobs", request, None, false)
         .await?

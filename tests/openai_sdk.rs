@@ -31,7 +31,7 @@ async fn the_official_openai_python_sdk_works_against_tollgate() {
         "SDK checks failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("openai sdk checks passed"), "{stdout}");
-    // chat + completion spent two calls; the rejected ones spent nothing.
-    assert_eq!(app.calls_used(&good).await, 2);
+    // chat + completion + two embedding requests spent four calls; the rejected ones nothing.
+    assert_eq!(app.calls_used(&good).await, 4);
     assert_eq!(app.calls_used(&exhausted).await, 0);
 }

@@ -106,6 +106,8 @@ impl Hooks for App {
             .add_route(controllers::queue_api::routes())
             .add_route(controllers::llm::routes())
             .add_route(controllers::llm::vllm_routes())
+            .add_route(controllers::adapters::routes())
+            .add_route(controllers::embeddings::routes())
     }
 
     /// Runs for `start` (not for tasks): loads the model, opens the queue, starts the
@@ -139,6 +141,7 @@ impl Hooks for App {
         truncate_table(&ctx.db, _entities::jobs::Entity).await?;
         truncate_table(&ctx.db, _entities::api_keys::Entity).await?;
         truncate_table(&ctx.db, _entities::admins::Entity).await?;
+        truncate_table(&ctx.db, _entities::adapters::Entity).await?;
         Ok(())
     }
 

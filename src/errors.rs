@@ -86,6 +86,16 @@ impl ApiError {
         )
     }
 
+    /// 409: the request conflicts with the current state (a taken name, a model in use).
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            code,
+            message.into(),
+        )
+    }
+
     /// 413: body over the configured limit.
     pub fn payload_too_large(limit: usize) -> Self {
         Self::new(
@@ -103,16 +113,6 @@ impl ApiError {
             "insufficient_quota",
             "quota_exceeded",
             format!("this key has used all of its {max_calls} calls"),
-        )
-    }
-
-    /// 409: the request conflicts with the current state (already exists, in use, pinned).
-    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::CONFLICT,
-            "invalid_request_error",
-            code,
-            message.into(),
         )
     }
 
@@ -186,6 +186,24 @@ impl From<sea_orm::DbErr> for ApiError {
 impl From<crate::models::ModelError> for ApiError {
     fn from(e: crate::models::ModelError) -> Self {
         Self::internal(e)
+    }
+}
+
+impl From<crate::models::adapters::AdapterError> for ApiError {
+    fn from(e: crate::models::adapters::AdapterError) -> Self {
+        use crate::models::adapters::AdapterError as E;
+        match e {
+            E::InvalidName(m) => Self::unprocessable("invalid_adapter_name", m),
+            E::InvalidPath(m) => Self::unprocessable("invalid_adapter_path", m),
+            E::FileNotFound(m) => Self::unprocessable("adapter_file_not_found", m),
+            E::NotLora(m) => Self::unprocessable("not_a_lora_adapter", m),
+            E::InvalidScale(m) => Self::unprocessable("invalid_scale", m),
+            E::Exists(name) => Self::conflict(
+                "adapter_exists",
+                format!("an adapter named {name:?} already exists; delete it first"),
+            ),
+            E::Db(e) => e.into(),
+        }
     }
 }
 

@@ -15,14 +15,120 @@ use apalis_sqlite::{callback::HookCallbackListener, Config, SqlitePool, SqliteSt
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Mutex};
 
-use crate::{engine::GenerationRequest, settings::QueueSettings};
+use crate::{
+    engine::{EmbeddingRequest, GenerationRequest},
+    settings::QueueSettings,
+};
 
-/// The payload of one queued generation: everything a worker needs, already validated.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What a job asks the worker to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Work {
+    Generate(GenerationRequest),
+    Embed(EmbeddingRequest),
+}
+
+impl From<GenerationRequest> for Work {
+    fn from(r: GenerationRequest) -> Self {
+        Self::Generate(r)
+    }
+}
+
+impl From<EmbeddingRequest> for Work {
+    fn from(r: EmbeddingRequest) -> Self {
+        Self::Embed(r)
+    }
+}
+
+impl Work {
+    /// The base model whose worker runs this job (its queue is `tollgate.generate.<base>`).
+    #[must_use]
+    pub fn base_model(&self) -> &str {
+        match self {
+            Self::Generate(r) => &r.model,
+            Self::Embed(r) => &r.model,
+        }
+    }
+
+    /// The model as the job record shows it (`base` or `base:adapter`).
+    #[must_use]
+    pub fn display_model(&self) -> String {
+        match self {
+            Self::Generate(r) => r.display_model(),
+            Self::Embed(r) => r.model.clone(),
+        }
+    }
+
+    /// The request as stored in the job record.
+    ///
+    /// # Errors
+    /// When serialisation fails (it does not for these types).
+    pub fn to_json(&self) -> Result<String, serde_json::Error> {
+        match self {
+            Self::Generate(r) => serde_json::to_string(r),
+            Self::Embed(r) => serde_json::to_string(r),
+        }
+    }
+}
+
+/// The payload of one queued job: everything a worker needs, already validated.
+///
+/// On the wire it is `{job_id, api_key_id, kind, request}`; `kind` (`generate` | `embed`) is
+/// absent in jobs queued before embeddings existed and then means `generate`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "WireJob", into = "WireJob")]
 pub struct GenerationJob {
     pub job_id: String,
     pub api_key_id: i32,
-    pub request: GenerationRequest,
+    pub work: Work,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum JobKind {
+    #[default]
+    Generate,
+    Embed,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireJob {
+    job_id: String,
+    api_key_id: i32,
+    #[serde(default)]
+    kind: JobKind,
+    request: serde_json::Value,
+}
+
+impl TryFrom<WireJob> for GenerationJob {
+    type Error = serde_json::Error;
+
+    fn try_from(w: WireJob) -> Result<Self, Self::Error> {
+        let work = match w.kind {
+            JobKind::Generate => Work::Generate(serde_json::from_value(w.request)?),
+            JobKind::Embed => Work::Embed(serde_json::from_value(w.request)?),
+        };
+        Ok(Self {
+            job_id: w.job_id,
+            api_key_id: w.api_key_id,
+            work,
+        })
+    }
+}
+
+impl From<GenerationJob> for WireJob {
+    fn from(j: GenerationJob) -> Self {
+        let (kind, request) = match j.work {
+            Work::Generate(r) => (JobKind::Generate, serde_json::to_value(r)),
+            Work::Embed(r) => (JobKind::Embed, serde_json::to_value(r)),
+        };
+        Self {
+            job_id: j.job_id,
+            api_key_id: j.api_key_id,
+            kind,
+            // These types always serialise; Null would fail loudly on the worker, not here.
+            request: request.unwrap_or(serde_json::Value::Null),
+        }
+    }
 }
 
 /// What the worker does with a job; implemented by [`crate::workers::generation`].
@@ -191,6 +297,68 @@ impl WorkerHandle {
         }
         if let Some(join) = self.join.take() {
             let _ = join.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Prompt, SamplingParams};
+
+    #[test]
+    fn jobs_queued_before_kinds_and_heads_still_deserialize() {
+        let old = serde_json::json!({
+            "job_id": "j1",
+            "api_key_id": 7,
+            "request": {
+                "model": "smollm2",
+                "prompt": {"kind": "raw", "text": "Hi"},
+                "params": {"max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": null, "stop": []}
+            }
+        });
+        let job: GenerationJob = serde_json::from_value(old).expect("old payload");
+        let Work::Generate(request) = &job.work else {
+            panic!("an old job is a generation: {job:?}");
+        };
+        assert_eq!(request.adapter, None);
+        assert_eq!(request.prompt, Prompt::Raw { text: "Hi".into() });
+    }
+
+    #[test]
+    fn both_kinds_round_trip() {
+        let generate = GenerationJob {
+            job_id: "g".into(),
+            api_key_id: 1,
+            work: Work::Generate(GenerationRequest {
+                model: "m".into(),
+                prompt: Prompt::Raw { text: "x".into() },
+                params: SamplingParams {
+                    max_tokens: 1,
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    seed: None,
+                    stop: vec![],
+                },
+                adapter: Some(crate::engine::AdapterChoice {
+                    name: "a".into(),
+                    path: "/x/a.gguf".into(),
+                    scale: 0.5,
+                }),
+            }),
+        };
+        let embed = GenerationJob {
+            job_id: "e".into(),
+            api_key_id: 1,
+            work: Work::Embed(EmbeddingRequest {
+                model: "m".into(),
+                inputs: vec!["a".into(), "b".into()],
+            }),
+        };
+        for job in [generate, embed] {
+            let text = serde_json::to_string(&job).expect("serialise");
+            let back: GenerationJob = serde_json::from_str(&text).expect("deserialise");
+            assert_eq!(back, job, "{text}");
         }
     }
 }

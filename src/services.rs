@@ -10,16 +10,17 @@ use tracing::Instrument;
 
 use crate::{
     engine::{
-        llama::LlamaEngine, tokenizer::PromptTokenizer, Algorithm, EngineError, EngineStatus,
-        GenerationRequest,
+        llama::LlamaEngine, tokenizer::PromptTokenizer, AdapterChoice, Algorithm, EngineError,
+        EngineStatus, GenerationRequest, Prompt, SamplingParams,
     },
     errors::ApiError,
     models::{
+        adapters,
         api_keys::{self, Refusal},
         jobs,
     },
     notify::JobEvents,
-    queue::{GenerationJob, JobQueue, WorkerHandle},
+    queue::{GenerationJob, JobQueue, Work, WorkerHandle},
     ratelimit::RateLimits,
     registry::ModelRegistry,
     settings::Settings,
@@ -38,7 +39,41 @@ pub struct Services {
     pub registry: ModelRegistry,
     /// The in-process engine (embedded mode); `None` when workers run elsewhere.
     pub engine: Option<Arc<dyn Algorithm>>,
+    /// Name of the embedded worker (as `/api/adapters` reports where adapters are loaded).
+    pub worker_name: Option<String>,
     worker: Mutex<Option<WorkerHandle>>,
+}
+
+/// What a request asked for: a model id (`base` or `base:adapter`), a LoRA head named apart
+/// from it, and a scale for that head.
+#[derive(Debug, Clone, Default)]
+pub struct ModelChoice {
+    pub model: Option<String>,
+    pub adapter: Option<String>,
+    pub scale: Option<f64>,
+    /// Seed 001 clients name their own deployment's model (its example says "gpt-model"): an
+    /// unknown base name is served by the configured model instead of refused.
+    pub lenient_base: bool,
+}
+
+/// The model and head a request will run with, permission checked.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub model: String,
+    pub adapter: Option<AdapterChoice>,
+}
+
+impl Resolved {
+    /// The engine request for `prompt` on this model and head.
+    #[must_use]
+    pub fn request(self, prompt: Prompt, params: SamplingParams) -> GenerationRequest {
+        GenerationRequest {
+            model: self.model,
+            prompt,
+            params,
+            adapter: self.adapter,
+        }
+    }
 }
 
 impl std::fmt::Debug for Services {
@@ -116,6 +151,7 @@ impl Services {
         let events = JobEvents::default();
         let mut engine: Option<Arc<dyn Algorithm>> = None;
         let mut worker = None;
+        let mut worker_name = None;
         if settings.queue.embedded_worker {
             let engine_settings = settings.engine.clone();
             let started = std::time::Instant::now();
@@ -137,6 +173,7 @@ impl Services {
             ));
             worker = Some(queue.spawn_worker(&name, handler).await);
             engine = Some(llama);
+            worker_name = Some(name);
         }
         Ok(Arc::new(Self {
             rate_limits: RateLimits::new(&settings.api.rate_limit),
@@ -147,6 +184,7 @@ impl Services {
             events,
             tokenizer: Arc::new(tokenizer),
             engine,
+            worker_name,
             worker: Mutex::new(worker),
         }))
     }
@@ -201,11 +239,10 @@ impl Services {
         db: &sea_orm::DatabaseConnection,
         key: &api_keys::Model,
         endpoint: &str,
-        request: GenerationRequest,
+        work: impl Into<Work>,
         client_ref: Option<&str>,
     ) -> Result<Submission, ApiError> {
-        self.submit(db, key, endpoint, request, client_ref, true)
-            .await
+        self.submit(db, key, endpoint, work, client_ref, true).await
     }
 
     /// Like [`Self::submit_and_wait`]; with `wait = false` it returns as soon as the job is
@@ -218,11 +255,11 @@ impl Services {
         db: &sea_orm::DatabaseConnection,
         key: &api_keys::Model,
         endpoint: &str,
-        request: GenerationRequest,
+        work: impl Into<Work>,
         client_ref: Option<&str>,
         wait: bool,
     ) -> Result<Submission, ApiError> {
-        self.submit_following(db, key, endpoint, request, client_ref, wait.into())
+        self.submit_following(db, key, endpoint, work.into(), client_ref, wait.into())
             .await
     }
 
@@ -239,7 +276,7 @@ impl Services {
         request: GenerationRequest,
     ) -> Result<JobStream, ApiError> {
         match self
-            .submit_following(db, key, endpoint, request, None, Follow::Updates)
+            .submit_following(db, key, endpoint, request.into(), None, Follow::Updates)
             .await?
         {
             Submission::Streaming(stream) => Ok(stream),
@@ -280,7 +317,7 @@ impl Services {
         db: &sea_orm::DatabaseConnection,
         key: &api_keys::Model,
         endpoint: &str,
-        request: GenerationRequest,
+        work: Work,
         client_ref: Option<&str>,
         wait: Follow,
     ) -> Result<Submission, ApiError> {
@@ -289,18 +326,18 @@ impl Services {
                 return self.follow(db, existing, wait).await;
             }
         }
-        let prompt_tokens = self.check_prompt(&request)?;
+        let prompt_tokens = self.check_input(&work)?;
         charge(db, key).await?;
 
         let job_id = uuid::Uuid::new_v4().to_string();
-        let request_json = serde_json::to_string(&request).map_err(ApiError::internal)?;
+        let request_json = work.to_json().map_err(ApiError::internal)?;
         let record = match jobs::ActiveModel::create_queued(
             db,
             jobs::NewJob {
                 id: job_id.clone(),
                 api_key_id: key.id,
                 endpoint: endpoint.to_string(),
-                model: request.model.clone(),
+                model: work.display_model(),
                 request_json,
                 prompt_tokens: i32::try_from(prompt_tokens).unwrap_or(i32::MAX),
                 client_ref: client_ref.map(str::to_string),
@@ -321,7 +358,7 @@ impl Services {
             }
         };
         let span = tracing::info_span!("job", job_id = %job_id);
-        self.queue_and_wait(db, key.id, record, request, wait)
+        self.queue_and_wait(db, key.id, record, work, wait)
             .instrument(span)
             .await
     }
@@ -331,7 +368,7 @@ impl Services {
         db: &sea_orm::DatabaseConnection,
         api_key_id: i32,
         record: jobs::Model,
-        request: GenerationRequest,
+        work: Work,
         wait: Follow,
     ) -> Result<Submission, ApiError> {
         let job_id = record.id.clone();
@@ -342,13 +379,13 @@ impl Services {
         let job = GenerationJob {
             job_id: job_id.clone(),
             api_key_id,
-            request,
+            work,
         };
-        let pushed = match self.queue_for(&job.request.model) {
+        let model = job.work.base_model().to_string();
+        let pushed = match self.queue_for(&model) {
             Some(queue) => queue.push(job).await,
             None => Err(crate::queue::QueueError::Storage(format!(
-                "model {:?} is not loaded",
-                job.request.model
+                "model {model:?} is not loaded"
             ))),
         };
         if let Err(e) = pushed {
@@ -421,16 +458,54 @@ impl Services {
         }
     }
 
-    /// Counts prompt tokens with the model's tokenizer; 400 when the prompt cannot fit.
-    fn check_prompt(&self, request: &GenerationRequest) -> Result<usize, ApiError> {
-        if !self.deny.is_empty() && request.prompt.texts().any(|t| self.deny.is_match(t)) {
+    /// Applies the content policy and counts input tokens with the model's tokenizer; 400 when
+    /// the input cannot fit. Returns the token count recorded with the job.
+    fn check_input(&self, work: &Work) -> Result<usize, ApiError> {
+        match work {
+            Work::Generate(request) => self.check_prompt(&request.model, &request.prompt),
+            Work::Embed(request) => {
+                self.check_policy(request.inputs.iter().map(String::as_str))?;
+                let limit = self.settings.engine.embeddings.context_size as usize;
+                let mut total = 0;
+                for (i, text) in request.inputs.iter().enumerate() {
+                    let n = self.tokenizer.count_embedding(text);
+                    if n == 0 {
+                        return Err(ApiError::unprocessable(
+                            "empty_input",
+                            format!("input {i} has no tokens"),
+                        ));
+                    }
+                    if n > limit {
+                        return Err(ApiError::bad_request(
+                            "context_length_exceeded",
+                            format!(
+                                "input {i} is {n} tokens; embeddings take at most {limit} tokens per input"
+                            ),
+                        ));
+                    }
+                    total += n;
+                }
+                Ok(total)
+            }
+        }
+    }
+
+    /// Seed 000's disallowed-content check (400 `content_policy_violation`).
+    fn check_policy<'a>(&self, mut texts: impl Iterator<Item = &'a str>) -> Result<(), ApiError> {
+        if !self.deny.is_empty() && texts.any(|t| self.deny.is_match(t)) {
             return Err(ApiError::bad_request(
                 "content_policy_violation",
                 "the input contains content this server does not accept",
             ));
         }
-        let tokenizer = self.tokenizer_for(&request.model);
-        let n = tokenizer.count(&request.prompt).map_err(|e| {
+        Ok(())
+    }
+
+    /// Counts prompt tokens with the model's tokenizer; 400 when the prompt cannot fit.
+    fn check_prompt(&self, model: &str, prompt: &Prompt) -> Result<usize, ApiError> {
+        self.check_policy(prompt.texts())?;
+        let tokenizer = self.tokenizer_for(model);
+        let n = tokenizer.count(prompt).map_err(|e| {
             ApiError::unprocessable("invalid_prompt", format!("prompt cannot be rendered: {e}"))
         })?;
         let limit = tokenizer.context_size() as usize;
@@ -445,6 +520,188 @@ impl Services {
             ));
         }
         Ok(n)
+    }
+
+    /// Model ids `key` may use: the served model and one `base:adapter` per adapter registered
+    /// for it, filtered by the key's allow-lists.
+    ///
+    /// # Errors
+    /// On database errors.
+    pub async fn available_models(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        key: &api_keys::Model,
+    ) -> Result<Vec<String>, ApiError> {
+        let served = &self.settings.engine.model_name;
+        let mut ids = Vec::new();
+        if key.permits_model(served) {
+            ids.push(served.clone());
+            for a in adapters::Model::list_for_base(db, served).await? {
+                if key.permits_adapter(&a.name) {
+                    ids.push(format!("{served}:{}", a.name));
+                }
+            }
+        }
+        ids.extend(
+            self.registry
+                .all()
+                .iter()
+                .map(|m| m.model_id.clone())
+                .filter(|m| key.permits_model(m)),
+        );
+        Ok(ids)
+    }
+
+    /// The one place a request's model and LoRA head are resolved and checked against the
+    /// key's allow-lists. Nothing is charged before this succeeds.
+    ///
+    /// # Errors
+    /// 404 unknown model or adapter (naming what the key may use), 403 not allowed for this key,
+    /// 422 bad scale or conflicting heads, 503 when an adapter's file is gone.
+    pub async fn resolve_model(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        key: &api_keys::Model,
+        choice: ModelChoice,
+    ) -> Result<Resolved, ApiError> {
+        let served = self.settings.engine.model_name.clone();
+        let named = choice
+            .model
+            .as_deref()
+            .map(str::trim)
+            .filter(|m| !m.is_empty());
+        // A model loaded at run time (seed 004) is served as-is; LoRA heads attach to the
+        // default model only.
+        if let Some(m) = named.filter(|m| self.registry.get(m).is_some()) {
+            if !key.permits_model(m) {
+                return Err(ApiError::forbidden(
+                    "model_not_allowed",
+                    format!(
+                        "this key may not use model {m:?}; it may use {:?}",
+                        key.allowed_models()
+                    ),
+                ));
+            }
+            if choice.adapter.is_some() || choice.scale.is_some() {
+                return Err(ApiError::unprocessable(
+                    "adapter_not_supported",
+                    format!("LoRA heads apply to {served:?} only, not to {m:?}"),
+                ));
+            }
+            return Ok(Resolved {
+                model: m.to_string(),
+                adapter: None,
+            });
+        }
+        let from_model = match named {
+            None => None,
+            Some(m) if m == served => None,
+            Some(m) => match m
+                .strip_prefix(served.as_str())
+                .and_then(|r| r.strip_prefix(':'))
+            {
+                Some(head) => Some(head.to_string()),
+                None if choice.lenient_base => {
+                    tracing::debug!(asked = m, served = %served, "unknown model name mapped to the served model");
+                    None
+                }
+                None => {
+                    let available = self.available_models(db, key).await?;
+                    return Err(ApiError::not_found(
+                        "model_not_found",
+                        format!("model {m:?} does not exist; available: {available:?}"),
+                    ));
+                }
+            },
+        };
+        let explicit = choice
+            .adapter
+            .as_deref()
+            .map(str::trim)
+            .filter(|a| !a.is_empty());
+        let head = match (from_model, explicit) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(ApiError::unprocessable(
+                    "conflicting_adapter",
+                    format!("the model names the head {a:?} but the request asks for {b:?}"),
+                ))
+            }
+            (Some(a), _) => Some(a),
+            (None, b) => b.map(str::to_string),
+        };
+        if !key.permits_model(&served) {
+            return Err(ApiError::forbidden(
+                "model_not_allowed",
+                format!(
+                    "this key may not use model {served:?}; it may use {:?}",
+                    key.allowed_models()
+                ),
+            ));
+        }
+        let Some(head) = head else {
+            if choice.scale.is_some() {
+                return Err(ApiError::unprocessable(
+                    "scale_without_adapter",
+                    "`scale` applies to a LoRA head; name one with `lora` (or model \"base:adapter\")",
+                ));
+            }
+            return Ok(Resolved {
+                model: served,
+                adapter: None,
+            });
+        };
+        let record = adapters::Model::find_by_name(db, &head)
+            .await?
+            .filter(|a| a.base_model == served);
+        let Some(record) = record else {
+            let available: Vec<String> = adapters::Model::list_for_base(db, &served)
+                .await?
+                .into_iter()
+                .map(|a| a.name)
+                .filter(|a| key.permits_adapter(a))
+                .collect();
+            return Err(ApiError::not_found(
+                "adapter_not_found",
+                format!("no LoRA head {head:?} for model {served:?}; available: {available:?}"),
+            ));
+        };
+        if !key.permits_adapter(&record.name) {
+            return Err(ApiError::forbidden(
+                "adapter_not_allowed",
+                format!(
+                    "this key may not use the LoRA head {:?}; it may use {:?}",
+                    record.name,
+                    key.allowed_adapters()
+                ),
+            ));
+        }
+        let scale = adapters::validate_scale(choice.scale.unwrap_or(record.default_scale))?;
+        let file = record
+            .resolve(&self.settings.engine.adapters_dir)
+            .map_err(|e| {
+                tracing::error!(adapter = %record.name, error = %e, "registered adapter file unusable");
+                ApiError::unavailable(
+                    "adapter_unavailable",
+                    format!(
+                        "the file of LoRA head {:?} is missing on the server; nothing was charged",
+                        record.name
+                    ),
+                )
+            })?;
+        Ok(Resolved {
+            model: served,
+            adapter: Some(AdapterChoice {
+                name: record.name,
+                path: file.path,
+                scale,
+            }),
+        })
+    }
+
+    /// The served model's architecture, which adapters must match.
+    #[must_use]
+    pub fn base_architecture(&self) -> Option<String> {
+        self.tokenizer.architecture()
     }
 }
 

@@ -52,6 +52,42 @@ pub struct EngineSettings {
     /// Which GPU holds the model when several are visible.
     #[serde(default)]
     pub main_gpu: i32,
+    /// The only folder LoRA adapters are registered from (relative to the working directory).
+    #[serde(default = "default_adapters_dir")]
+    pub adapters_dir: PathBuf,
+    /// LoRA adapters a worker keeps loaded at once; the least recently used is freed first.
+    #[serde(default = "default_adapter_cache_size")]
+    pub adapter_cache_size: usize,
+    #[serde(default)]
+    pub embeddings: EmbeddingSettings,
+}
+
+/// Embedding vectors from the same model, through a second context in embedding mode.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingSettings {
+    /// Serve `/generate-embedding` and `/v1/embeddings`.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How token states become one vector.
+    #[serde(default)]
+    pub pooling: Pooling,
+    /// Longest input in tokens; the embedding context reads each input in one batch.
+    #[serde(default = "default_embedding_context")]
+    pub context_size: u32,
+}
+
+/// Pooling of token states into a sequence embedding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Average of every token's state.
+    #[default]
+    Mean,
+    /// The first token's state.
+    Cls,
+    /// The last token's state.
+    Last,
 }
 
 /// Where jobs wait and whether this process also serves them.
@@ -112,6 +148,15 @@ fn default_model_path() -> PathBuf {
 fn default_context_size() -> u32 {
     2048
 }
+fn default_adapters_dir() -> PathBuf {
+    "models/adapters".into()
+}
+fn default_adapter_cache_size() -> usize {
+    4
+}
+fn default_embedding_context() -> u32 {
+    512
+}
 fn default_queue_url() -> String {
     "sqlite://data/queue.sqlite?mode=rwc".into()
 }
@@ -146,6 +191,19 @@ impl Default for EngineSettings {
             context_size: default_context_size(),
             n_gpu_layers: 0,
             main_gpu: 0,
+            adapters_dir: default_adapters_dir(),
+            adapter_cache_size: default_adapter_cache_size(),
+            embeddings: EmbeddingSettings::default(),
+        }
+    }
+}
+
+impl Default for EmbeddingSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            pooling: Pooling::default(),
+            context_size: default_embedding_context(),
         }
     }
 }

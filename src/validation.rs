@@ -27,6 +27,28 @@ impl StopWords {
     }
 }
 
+/// The model and LoRA head fields a generation request may carry (`model` may be
+/// `base:adapter`; `lora`, alias `head`, names the adapter on its own).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct HeadInput {
+    pub model: Option<String>,
+    #[serde(alias = "head")]
+    pub lora: Option<String>,
+    pub scale: Option<f64>,
+}
+
+impl HeadInput {
+    #[must_use]
+    pub fn into_choice(self) -> crate::services::ModelChoice {
+        crate::services::ModelChoice {
+            model: self.model,
+            adapter: self.lora,
+            scale: self.scale,
+            lenient_base: false,
+        }
+    }
+}
+
 /// Optional sampling fields shared by every generation route.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct SamplingInput {

@@ -189,6 +189,25 @@ async fn configure_load_infer_unload_delete() {
     assert_eq!(base["response"], json!(response));
     assert_eq!(app.calls_used(&client).await, 2);
 
+    // The OpenAI routes serve it too.
+    let (_, models) = call(&app, &client, reqwest::Method::GET, "/v1/models", None).await;
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .map(|d| d.iter().filter_map(|m| m["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(ids.contains(&"ex1"), "{models}");
+    let (status, chat) = post(
+        &app,
+        &client,
+        "/v1/chat/completions",
+        Some(json!({"model": "ex1", "messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "temperature": 0})),
+    )
+    .await;
+    assert_eq!(status, 200, "{chat}");
+    assert_eq!(chat["model"], "ex1");
+    assert_eq!(chat["choices"][0]["message"]["content"], json!(response));
+    assert_eq!(app.calls_used(&client).await, 3);
+
     // A loaded configuration cannot be deleted; unload first.
     let (status, body) = call(
         &app,
@@ -229,7 +248,7 @@ async fn configure_load_infer_unload_delete() {
     .await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(code(&body), "model_not_loaded");
-    assert_eq!(app.calls_used(&client).await, 2);
+    assert_eq!(app.calls_used(&client).await, 3);
     assert_eq!(app.job_count().await, jobs_before);
 
     let (status, body) = call(

@@ -31,7 +31,8 @@ async fn the_official_openai_python_sdk_works_against_tollgate() {
         "SDK checks failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("openai sdk checks passed"), "{stdout}");
-    // chat + streamed chat + completion spent three calls; the rejected ones spent nothing.
-    assert_eq!(app.calls_used(&good).await, 3);
+    // chat + streamed chat + completion + two embedding requests spent five calls; the
+    // rejected ones spent nothing.
+    assert_eq!(app.calls_used(&good).await, 5);
     assert_eq!(app.calls_used(&exhausted).await, 0);
 }

@@ -14,7 +14,7 @@ use tollgate::{
     },
     models::{_entities::usage_records, api_keys, jobs},
     notify::JobEvents,
-    queue::GenerationJob,
+    queue::{GenerationJob, Work},
     services::Services,
     workers::generation::{GenerationWorker, Outcome},
 };
@@ -48,6 +48,7 @@ fn request() -> GenerationRequest {
             seed: None,
             stop: vec![],
         },
+        adapter: None,
     }
 }
 
@@ -75,7 +76,7 @@ async fn queued_job(app: &TestApp, key: &common::TestKey) -> GenerationJob {
     GenerationJob {
         job_id: id,
         api_key_id: key.id,
-        request: request(),
+        work: Work::Generate(request()),
     }
 }
 

@@ -5,6 +5,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261123_000001_foundation;
 mod m20261123_000002_job_client_ref;
 mod m20261123_000003_key_permissions;
+mod m20261123_000004_adapters;
 mod m20261123_000006_model_configs;
 
 pub struct Migrator;
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000001_foundation::Migration),
             Box::new(m20261123_000002_job_client_ref::Migration),
             Box::new(m20261123_000003_key_permissions::Migration),
+            Box::new(m20261123_000004_adapters::Migration),
             Box::new(m20261123_000006_model_configs::Migration),
         ]
     }

@@ -23,12 +23,15 @@ use crate::{
     models::jobs,
     notify::{job_updates, JobUpdate},
     services::{Services, Submission},
-    validation::{prompt_text, SamplingInput},
+    validation::{prompt_text, HeadInput, SamplingInput},
 };
 
 #[derive(Debug, Deserialize)]
 struct ApiRequest {
     text: String,
+    /// Optional `model` (`base` or `base:adapter`), `lora`/`head` and `scale`.
+    #[serde(flatten)]
+    head: HeadInput,
     #[serde(flatten)]
     sampling: SamplingInput,
 }
@@ -115,12 +118,12 @@ pub async fn run(
     services: &Services,
     key: &crate::models::api_keys::Model,
     endpoint: &str,
-    request: GenerationRequest,
+    work: impl Into<crate::queue::Work>,
     client_ref: Option<&str>,
     body: impl FnOnce(&jobs::Model) -> Value,
 ) -> ApiResult<Response> {
     match services
-        .submit_and_wait(&ctx.db, key, endpoint, request, client_ref)
+        .submit_and_wait(&ctx.db, key, endpoint, work, client_ref)
         .await?
     {
         Submission::Pending(job) => Ok(accepted(&job)),
@@ -132,19 +135,26 @@ pub async fn run(
     }
 }
 
-/// Seed 003's body as an engine request: `text` as one user turn of the chat template.
-fn api_request(services: &Services, body: ApiRequest) -> ApiResult<GenerationRequest> {
+/// Seed 003's body as an engine request: `text` as one user turn of the chat template, on the
+/// served model or the LoRA head the body names.
+async fn api_request(
+    ctx: &AppContext,
+    services: &Services,
+    key: &crate::models::api_keys::Model,
+    body: ApiRequest,
+) -> ApiResult<GenerationRequest> {
     prompt_text("text", &body.text)?;
-    Ok(GenerationRequest {
-        model: services.settings.engine.model_name.clone(),
-        prompt: Prompt::Chat {
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: body.text,
-            }],
-        },
-        params: body.sampling.into_params(&services.settings.api)?,
-    })
+    let params = body.sampling.into_params(&services.settings.api)?;
+    let resolved = services
+        .resolve_model(&ctx.db, key, body.head.into_choice())
+        .await?;
+    let prompt = Prompt::Chat {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: body.text,
+        }],
+    };
+    Ok(resolved.request(prompt, params))
 }
 
 #[tracing::instrument(skip_all, fields(api_key))]
@@ -156,7 +166,7 @@ async fn generate(
     let services = Services::from_ctx(&ctx)?;
     services.precheck(&key)?;
     let JsonBody(body) = body?;
-    let request = api_request(&services, body)?;
+    let request = api_request(&ctx, &services, &key, body).await?;
     run(&ctx, &services, &key, "/api/", request, None, |job| {
         json!({
             "message": job.result.clone().unwrap_or_default(),
@@ -180,7 +190,7 @@ async fn submit_job(
     let services = Services::from_ctx(&ctx)?;
     services.precheck(&key)?;
     let JsonBody(body) = body?;
-    let request = api_request(&services, body)?;
+    let request = api_request(&ctx, &services, &key, body).await?;
     match services
         .submit(&ctx.db, &key, "/api/jobs", request, None, false)
         .await?

@@ -231,6 +231,7 @@ async fn inference(
             }],
         },
         params: sampling.into_params(&services.settings.api)?,
+        adapter: None,
     };
     run(
         &ctx,

@@ -1,6 +1,8 @@
 //! HTTP routes, one module per route family.
 
+pub mod adapters;
 pub mod api;
+pub mod embeddings;
 pub mod llm;
 pub mod openai;
 pub mod ping;

@@ -2,6 +2,10 @@
 //! `POST /v1/completions`, with or without `stream: true` (server-sent events ending in
 //! `data: [DONE]`). Spec: <https://platform.openai.com/docs/api-reference>.
 //! Same key auth, quota, queue and worker as every other generation route.
+//!
+//! A LoRA head is a model of its own here, `base:adapter` (as OpenAI names fine-tuned models),
+//! listed by `/v1/models` for the keys allowed to use it. `/v1/embeddings` lives with the other
+//! embedding route in [`super::embeddings`].
 
 use axum::{
     extract::State,
@@ -23,7 +27,7 @@ use crate::{
     extractors::{ApiKey, JsonBody},
     models::{api_keys, jobs},
     notify::{job_updates, JobUpdate},
-    services::Services,
+    services::{ModelChoice, Services},
     validation::{prompt_text, SamplingInput, StopWords},
 };
 
@@ -168,8 +172,10 @@ fn chat_messages(wire: Vec<WireMessage>) -> ApiResult<Vec<ChatMessage>> {
 }
 
 /// Checks the request against what this server serves and builds the engine request.
-fn build_request(
+async fn build_request(
+    ctx: &AppContext,
     services: &Services,
+    key: &crate::models::api_keys::Model,
     common: Common,
     prompt: Prompt,
 ) -> ApiResult<GenerationRequest> {
@@ -179,14 +185,6 @@ fn build_request(
             "only n = 1 is supported",
         ));
     }
-    let served = &services.settings.engine.model_name;
-    let model = common.model.unwrap_or_else(|| served.clone());
-    if &model != served {
-        return Err(ApiError::not_found(
-            "model_not_found",
-            format!("model {model:?} does not exist; available: [{served:?}]"),
-        ));
-    }
     let sampling = SamplingInput {
         max_tokens: common.max_completion_tokens.or(common.max_tokens),
         temperature: common.temperature,
@@ -194,11 +192,13 @@ fn build_request(
         seed: common.seed,
         stop: common.stop,
     };
-    Ok(GenerationRequest {
-        model,
-        prompt,
-        params: sampling.into_params(&services.settings.api)?,
-    })
+    let params = sampling.into_params(&services.settings.api)?;
+    let choice = ModelChoice {
+        model: common.model,
+        ..ModelChoice::default()
+    };
+    let resolved = services.resolve_model(&ctx.db, key, choice).await?;
+    Ok(resolved.request(prompt, params))
 }
 
 #[tracing::instrument(skip_all, fields(api_key))]
@@ -212,7 +212,14 @@ async fn chat_completions(
     let JsonBody(body) = body?;
     let messages = chat_messages(body.messages)?;
     let streaming = body.common.streaming();
-    let request = build_request(&services, body.common, Prompt::Chat { messages })?;
+    let request = build_request(
+        &ctx,
+        &services,
+        &key,
+        body.common,
+        Prompt::Chat { messages },
+    )
+    .await?;
     if streaming.on {
         return stream(
             &ctx,
@@ -254,7 +261,8 @@ async fn completions(
     let JsonBody(body) = body?;
     prompt_text("prompt", &body.prompt)?;
     let streaming = body.common.streaming();
-    let request = build_request(&services, body.common, Prompt::Raw { text: body.prompt })?;
+    let prompt = Prompt::Raw { text: body.prompt };
+    let request = build_request(&ctx, &services, &key, body.common, prompt).await?;
     if streaming.on {
         return stream(
             &ctx,
@@ -465,18 +473,23 @@ async fn stream(
         .into_response())
 }
 
-async fn models(State(ctx): State<AppContext>, ApiKey(_key): ApiKey) -> ApiResult<Response> {
+/// The served model and its LoRA heads (`base:adapter`), as far as this key may use them.
+async fn models(State(ctx): State<AppContext>, ApiKey(key): ApiKey) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    Ok(Json(json!({
-        "object": "list",
-        "data": [{
-            "id": services.settings.engine.model_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "tollgate",
-        }],
-    }))
-    .into_response())
+    let data: Vec<_> = services
+        .available_models(&ctx.db, &key)
+        .await?
+        .into_iter()
+        .map(|id| {
+            json!({
+                "id": id,
+                "object": "model",
+                "created": 0,
+                "owned_by": "tollgate",
+            })
+        })
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
 pub fn routes() -> Routes {

@@ -4,6 +4,10 @@
 //!
 //! `job_id` is idempotent per key: a repeat returns the first job's result (or its status while
 //! it runs) and is never generated or charged twice.
+//!
+//! Seed 000 uses the same `POST /generate` with a LoRA head: `lora` (alias `head`) names a
+//! registered adapter and `scale` sets its strength, at the top level or inside `meta`; its
+//! clients send the text as `prompt`, accepted as an alias of `content`.
 
 use axum::{extract::State, response::Response};
 use loco_rs::{app::AppContext, controller::Routes};
@@ -15,7 +19,7 @@ use crate::{
     engine::{ChatMessage, GenerationRequest, Prompt},
     errors::{ApiError, ApiResult},
     extractors::{ApiKey, JsonBody},
-    services::Services,
+    services::{ModelChoice, Services},
     validation::{prompt_text, SamplingInput, StopWords},
 };
 
@@ -29,6 +33,17 @@ struct Meta {
     tokens_limit: Option<i64>,
     stop_words: Option<StopWords>,
     model: Option<String>,
+    #[serde(alias = "head")]
+    lora: Option<String>,
+    scale: Option<f64>,
+}
+
+/// A LoRA head given at the top level of the body (seed 000) rather than in `meta`.
+#[derive(Debug, Default, Deserialize)]
+struct TopHead {
+    #[serde(alias = "head")]
+    lora: Option<String>,
+    scale: Option<f64>,
 }
 
 /// `job_id` as clients send it (the seed documents a string; numbers are common too).
@@ -44,7 +59,10 @@ struct GenerateRequest {
     job_id: Option<JobId>,
     #[serde(default)]
     meta: Meta,
+    #[serde(alias = "prompt")]
     content: String,
+    #[serde(flatten)]
+    head: TopHead,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +77,24 @@ struct ChatRequest {
     #[serde(default)]
     meta: Meta,
     messages: Vec<Message>,
+    #[serde(flatten)]
+    head: TopHead,
+}
+
+/// One value given at the top level or in `meta`: both is fine when they agree.
+fn one_of<T: PartialEq + std::fmt::Debug>(
+    field: &str,
+    top: Option<T>,
+    meta: Option<T>,
+) -> ApiResult<Option<T>> {
+    match (top, meta) {
+        (Some(a), Some(b)) if a != b => Err(ApiError::unprocessable(
+            "conflicting_adapter",
+            format!("`{field}` is {a:?} at the top level but {b:?} in `meta`"),
+        )),
+        (Some(a), _) => Ok(Some(a)),
+        (None, b) => Ok(b),
+    }
 }
 
 fn client_ref(job_id: Option<JobId>) -> ApiResult<Option<String>> {
@@ -76,7 +112,14 @@ fn client_ref(job_id: Option<JobId>) -> ApiResult<Option<String>> {
     Ok(Some(id))
 }
 
-fn request(services: &Services, meta: Meta, prompt: Prompt) -> ApiResult<GenerationRequest> {
+async fn request(
+    ctx: &AppContext,
+    services: &Services,
+    key: &crate::models::api_keys::Model,
+    meta: Meta,
+    head: TopHead,
+    prompt: Prompt,
+) -> ApiResult<GenerationRequest> {
     let api = &services.settings.api;
     // The seed's default `tokens_limit` (8096) exceeds most contexts: a limit above this
     // server's maximum is clamped to it rather than refused, so unchanged clients keep working.
@@ -90,12 +133,6 @@ fn request(services: &Services, meta: Meta, prompt: Prompt) -> ApiResult<Generat
         Some(n) => Some(n.min(i64::from(api.max_tokens_limit))),
         None => None,
     };
-    let served = services.settings.engine.model_name.clone();
-    if let Some(asked) = meta.model.as_deref().filter(|m| *m != served) {
-        // Seed 001 clients name their deployment's model (its example says "gpt-model");
-        // this route serves them with the configured model instead of failing.
-        tracing::debug!(asked, served = %served, "seed 001 model name mapped to the served model");
-    }
     let params = SamplingInput {
         max_tokens,
         temperature: Some(meta.temperature.unwrap_or(DEFAULT_TEMPERATURE)),
@@ -104,11 +141,16 @@ fn request(services: &Services, meta: Meta, prompt: Prompt) -> ApiResult<Generat
         stop: meta.stop_words,
     }
     .into_params(api)?;
-    Ok(GenerationRequest {
-        model: served,
-        prompt,
-        params,
-    })
+    let choice = ModelChoice {
+        model: meta.model,
+        adapter: one_of("lora", head.lora, meta.lora)?,
+        scale: one_of("scale", head.scale, meta.scale)?,
+        // Seed 001 clients name their deployment's model (its example says "gpt-model"):
+        // this route serves them with the configured model instead of failing.
+        lenient_base: true,
+    };
+    let resolved = services.resolve_model(&ctx.db, key, choice).await?;
+    Ok(resolved.request(prompt, params))
 }
 
 /// Runs the job (or follows the earlier one with the same `job_id`) and answers in the seed's
@@ -155,7 +197,7 @@ async fn generate(
             content: body.content,
         }],
     };
-    let req = request(&services, body.meta, prompt)?;
+    let req = request(&ctx, &services, &key, body.meta, body.head, prompt).await?;
     answer(&ctx, &services, &key, "/generate", req, job_ref).await
 }
 
@@ -193,7 +235,7 @@ async fn chat_completion(
             })
             .collect(),
     };
-    let req = request(&services, body.meta, prompt)?;
+    let req = request(&ctx, &services, &key, body.meta, body.head, prompt).await?;
     answer(&ctx, &services, &key, "/chat_completion", req, job_ref).await
 }
 

@@ -6,7 +6,9 @@
 //! thread. Another implementation (a different model runtime, a rule-based system) plugs in by
 //! implementing the trait and being returned from [`crate::services`].
 
+pub mod gguf;
 pub mod llama;
+pub mod lora;
 pub mod text;
 pub mod tokenizer;
 
@@ -54,12 +56,52 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
 }
 
+/// A LoRA head applied to one job, resolved by the API so the worker needs no database.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterChoice {
+    /// The registered name (for logs and the engine's status).
+    pub name: String,
+    /// The adapter file, canonical; the engine still refuses one outside its adapters dir.
+    pub path: std::path::PathBuf,
+    /// Multiplier of the adapter's update (0 = the base model).
+    pub scale: f32,
+}
+
 /// A request the engine accepts: only built by the API's validation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerationRequest {
+    /// The base model's name.
     pub model: String,
     pub prompt: Prompt,
     pub params: SamplingParams,
+    /// LoRA head for this job only; absent in jobs queued before heads existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterChoice>,
+}
+
+impl GenerationRequest {
+    /// The model as clients name it: `base` or `base:adapter`.
+    #[must_use]
+    pub fn display_model(&self) -> String {
+        match &self.adapter {
+            Some(a) => format!("{}:{}", self.model, a.name),
+            None => self.model.clone(),
+        }
+    }
+}
+
+/// Texts to embed, each on its own (one vector per input, in order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmbeddingRequest {
+    pub model: String,
+    pub inputs: Vec<String>,
+}
+
+/// L2-normalised vectors, one per input, in input order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Embeddings {
+    pub vectors: Vec<Vec<f32>>,
+    pub prompt_tokens: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +147,10 @@ pub enum EngineError {
     Decode(String),
     #[error("model load failed: {0}")]
     Load(String),
+    #[error("LoRA adapter {name:?}: {reason}")]
+    Adapter { name: String, reason: String },
+    #[error("embeddings: {0}")]
+    Embedding(String),
 }
 
 /// What a worker reports about its engine (for `/ping`, the dashboard and tests).
@@ -118,6 +164,12 @@ pub struct EngineStatus {
     pub jobs_served: u64,
     pub context_size: u32,
     pub device: String,
+    /// LoRA adapters loaded on this engine now, most recently used first.
+    #[serde(default)]
+    pub adapters: Vec<String>,
+    /// Whether this engine computes embeddings (settings.engine.embeddings.enabled).
+    #[serde(default)]
+    pub embeddings: bool,
 }
 
 /// Where an engine sends text as it is generated (for streaming clients).
@@ -139,6 +191,14 @@ pub trait Algorithm: Send + Sync + 'static {
         let generation = self.run(request).await?;
         let _ = sink.send(generation.text.clone());
         Ok(generation)
+    }
+
+    /// Embeds each input. The default refuses: not every algorithm has vectors to give.
+    async fn embed(&self, request: EmbeddingRequest) -> Result<Embeddings, EngineError> {
+        let _ = request;
+        Err(EngineError::Embedding(
+            "this engine does not compute embeddings".into(),
+        ))
     }
 
     /// Current state, cheap to call.

@@ -62,6 +62,13 @@ pub fn tokenize(model: &LlamaModel, text: &str) -> Vec<LlamaToken> {
     model.vocab().tokenize(text.as_bytes(), true, true)
 }
 
+/// Tokens of a text to embed: the model's own special prefix (BOS where it uses one), and the
+/// text read literally, so client text cannot smuggle in control tokens.
+#[must_use]
+pub fn embedding_tokens(model: &LlamaModel, text: &str) -> Vec<LlamaToken> {
+    model.vocab().tokenize(text.as_bytes(), true, false)
+}
+
 /// Counts prompt tokens for validation in the API process.
 pub struct PromptTokenizer {
     model: LlamaModel,
@@ -108,6 +115,32 @@ impl PromptTokenizer {
     pub fn count(&self, prompt: &Prompt) -> Result<usize, EngineError> {
         let text = render_prompt(&self.model, prompt)?;
         Ok(tokenize(&self.model, &text).len())
+    }
+
+    /// Number of tokens the engine will embed for this text.
+    #[must_use]
+    pub fn count_embedding(&self, text: &str) -> usize {
+        embedding_tokens(&self.model, text).len()
+    }
+
+    /// Width of the model's embedding vectors. A vocab-only load leaves the model's
+    /// hyper-parameters unset, so this reads `<arch>.embedding_length` from the metadata.
+    #[must_use]
+    pub fn n_embd(&self) -> u32 {
+        self.architecture()
+            .and_then(|arch| {
+                self.model
+                    .meta_val_str(&format!("{arch}.embedding_length"))
+                    .ok()
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| u32::try_from(self.model.n_embd()).unwrap_or(0))
+    }
+
+    /// The model's `general.architecture` (`llama`, …): adapters must be made for it.
+    #[must_use]
+    pub fn architecture(&self) -> Option<String> {
+        self.model.meta_val_str("general.architecture").ok()
     }
 
     #[must_use]

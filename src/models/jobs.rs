@@ -13,7 +13,7 @@ use sea_orm::{
 
 pub use super::_entities::jobs::{self, ActiveModel, Column, Entity, Model};
 use super::{_entities::usage_records, api_keys, now, ModelError};
-use crate::engine::{text::count_words, Generation};
+use crate::engine::{text::count_words, Embeddings, Generation};
 
 impl ActiveModelBehavior for ActiveModel {}
 
@@ -21,6 +21,43 @@ pub const QUEUED: &str = "queued";
 pub const RUNNING: &str = "running";
 pub const DONE: &str = "done";
 pub const FAILED: &str = "failed";
+
+/// What a finished job stores: its result text and token counts.
+#[derive(Debug, Clone)]
+pub struct JobOutput {
+    /// The generated text, or for embeddings the vectors as a JSON array of arrays.
+    pub result: String,
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+    pub finish_reason: Option<&'static str>,
+    pub words: usize,
+}
+
+impl From<&Generation> for JobOutput {
+    fn from(g: &Generation) -> Self {
+        Self {
+            result: g.text.clone(),
+            prompt_tokens: g.prompt_tokens,
+            generated_tokens: g.generated_tokens,
+            finish_reason: Some(g.finish_reason.as_str()),
+            words: count_words(&g.text),
+        }
+    }
+}
+
+impl JobOutput {
+    /// # Errors
+    /// When the vectors cannot be serialised (non-finite values; the engine never sends any).
+    pub fn embeddings(e: &Embeddings) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            result: serde_json::to_string(&e.vectors)?,
+            prompt_tokens: e.prompt_tokens,
+            generated_tokens: 0,
+            finish_reason: None,
+            words: 0,
+        })
+    }
+}
 
 /// A job about to be queued.
 #[derive(Debug, Clone)]
@@ -166,31 +203,31 @@ pub async fn mark_running<C: ConnectionTrait>(
     Ok(rows.into_iter().next())
 }
 
-/// Stores a finished generation and its usage row, in one transaction.
+/// Stores a finished job's output and its usage row, in one transaction.
 ///
 /// # Errors
 /// On database errors.
 pub async fn complete(
     db: &DatabaseConnection,
     id: &str,
-    generation: &Generation,
+    output: &JobOutput,
 ) -> Result<Option<Model>, ModelError> {
     let ts = now();
     let txn = db.begin().await?;
     let rows = Entity::update_many()
         .col_expr(Column::Status, Expr::value(DONE))
-        .col_expr(Column::Result, Expr::value(generation.text.clone()))
+        .col_expr(Column::Result, Expr::value(output.result.clone()))
         .col_expr(
             Column::PromptTokens,
-            Expr::value(i32::try_from(generation.prompt_tokens).unwrap_or(i32::MAX)),
+            Expr::value(i32::try_from(output.prompt_tokens).unwrap_or(i32::MAX)),
         )
         .col_expr(
             Column::GeneratedTokens,
-            Expr::value(i32::try_from(generation.generated_tokens).unwrap_or(i32::MAX)),
+            Expr::value(i32::try_from(output.generated_tokens).unwrap_or(i32::MAX)),
         )
         .col_expr(
             Column::FinishReason,
-            Expr::value(generation.finish_reason.as_str()),
+            Expr::value(output.finish_reason.map(str::to_string)),
         )
         .col_expr(Column::FinishedAt, Expr::value(ts))
         .col_expr(Column::UpdatedAt, Expr::value(ts))
@@ -208,7 +245,7 @@ pub async fn complete(
         day: Set(ts.date_naive()),
         prompt_tokens: Set(job.prompt_tokens),
         generated_tokens: Set(job.generated_tokens),
-        words: Set(i32::try_from(count_words(&generation.text)).unwrap_or(i32::MAX)),
+        words: Set(i32::try_from(output.words).unwrap_or(i32::MAX)),
         created_at: Set(ts),
         updated_at: Set(ts),
         ..Default::default()

@@ -1,6 +1,7 @@
 //! Domain logic over the generated entities in `_entities/`.
 
 pub mod _entities;
+pub mod adapters;
 pub mod admins;
 pub mod api_keys;
 pub mod jobs;

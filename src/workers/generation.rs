@@ -1,14 +1,18 @@
-//! The generation worker: takes one queued job, runs it on the engine, settles the record.
+//! The worker: takes one queued job (a generation or an embedding), runs it on the engine,
+//! settles the record.
 
 use std::sync::Arc;
 
 use sea_orm::DatabaseConnection;
 
 use crate::{
-    engine::Algorithm,
-    models::{jobs, ModelError},
+    engine::{Algorithm, EngineError},
+    models::{
+        jobs::{self, JobOutput},
+        ModelError,
+    },
     notify::JobEvents,
-    queue::{GenerationJob, JobHandler},
+    queue::{GenerationJob, JobHandler, Work},
 };
 
 /// How one delivery ended.
@@ -57,26 +61,21 @@ impl GenerationWorker {
             return Ok(Outcome::AlreadySettled);
         };
         let started = std::time::Instant::now();
-        let (sink, mut deltas) = tokio::sync::mpsc::unbounded_channel::<String>();
-        let events = self.events.clone();
-        let stream_id = job.job_id.clone();
-        let forward = tokio::spawn(async move {
-            while let Some(delta) = deltas.recv().await {
-                events.publish_delta(&stream_id, delta);
-            }
-        });
-        let result = self.algorithm.run_streaming(job.request, sink).await;
-        // The sink is gone with the engine call; let the last deltas out before the final record.
-        let _ = forward.await;
+        let result = match job.work {
+            Work::Generate(request) => self.generate(&job.job_id, request).await,
+            Work::Embed(request) => self.algorithm.embed(request).await.and_then(|e| {
+                JobOutput::embeddings(&e).map_err(|e| EngineError::Embedding(e.to_string()))
+            }),
+        };
         let outcome = match result {
-            Ok(generation) => {
+            Ok(output) => {
                 tracing::info!(
-                    prompt_tokens = generation.prompt_tokens,
-                    generated_tokens = generation.generated_tokens,
+                    prompt_tokens = output.prompt_tokens,
+                    generated_tokens = output.generated_tokens,
                     ms = started.elapsed().as_millis() as u64,
                     "job done"
                 );
-                match jobs::complete(&self.db, &job.job_id, &generation).await? {
+                match jobs::complete(&self.db, &job.job_id, &output).await? {
                     Some(record) => Outcome::Done(record),
                     None => Outcome::AlreadySettled,
                 }
@@ -93,6 +92,28 @@ impl GenerationWorker {
             self.events.publish(record);
         }
         Ok(outcome)
+    }
+}
+
+impl GenerationWorker {
+    /// Runs a generation, forwarding its text deltas to the job's stream subscribers.
+    async fn generate(
+        &self,
+        job_id: &str,
+        request: crate::engine::GenerationRequest,
+    ) -> Result<JobOutput, EngineError> {
+        let (sink, mut deltas) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let events = self.events.clone();
+        let stream_id = job_id.to_string();
+        let forward = tokio::spawn(async move {
+            while let Some(delta) = deltas.recv().await {
+                events.publish_delta(&stream_id, delta);
+            }
+        });
+        let result = self.algorithm.run_streaming(request, sink).await;
+        // The sink is gone with the engine call; let the last deltas out before the final record.
+        let _ = forward.await;
+        result.map(|g| JobOutput::from(&g))
     }
 }
 

@@ -51,6 +51,16 @@ done = client.completions.create(model="smollm2", prompt="Once upon a time", max
 assert done.choices[0].text, done
 assert done.usage.completion_tokens == 5, done.usage
 
+# The SDK asks for base64 by default and decodes it; one call for the whole list.
+emb = client.embeddings.create(model="smollm2", input=["The cat sat on the mat.", "Hello there"])
+assert [d.index for d in emb.data] == [0, 1], emb
+assert all(len(d.embedding) == 576 for d in emb.data), [len(d.embedding) for d in emb.data]
+norm = sum(x * x for x in emb.data[0].embedding) ** 0.5
+assert abs(norm - 1.0) < 1e-3, norm
+assert emb.usage.prompt_tokens > 0, emb.usage
+floats = client.embeddings.create(model="smollm2", input="Hello there", encoding_format="float")
+assert max(abs(a - b) for a, b in zip(floats.data[0].embedding, emb.data[1].embedding)) < 1e-5
+
 try:
     openai.OpenAI(base_url=f"{base}/v1", api_key="tg_00000000_wrong", max_retries=0).chat.completions.create(
         model="smollm2", messages=[{"role": "user", "content": "hi"}]

@@ -2,6 +2,7 @@
 
 pub mod prelude;
 
+pub mod adapters;
 pub mod admins;
 pub mod api_keys;
 pub mod jobs;

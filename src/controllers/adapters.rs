@@ -1,0 +1,155 @@
+//! LoRA head management (admin keys only): seed 000's `POST /attach-head` registers an adapter
+//! file from the configured adapters folder; `GET /api/adapters` lists the registrations and
+//! where they are loaded; `DELETE /api/adapters/{name}` removes one (never the file).
+
+use axum::{
+    extract::{Path, State},
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use loco_rs::{app::AppContext, controller::Routes};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::{
+    errors::{ApiError, ApiResult},
+    extractors::{AdminKey, JsonBody},
+    models::adapters::{self, NewAdapter},
+    services::Services,
+};
+
+#[derive(Debug, Deserialize)]
+struct AttachRequest {
+    name: String,
+    /// Relative to the adapters folder.
+    #[serde(alias = "file")]
+    path: String,
+    /// Applied when a request names the head without a scale.
+    scale: Option<f64>,
+    /// Defaults to the served model (the only one adapters can be registered for).
+    base_model: Option<String>,
+}
+
+/// The workers holding `name` loaded now (embedded mode knows its own; external workers report
+/// through their own `/ping`).
+fn loaded_on(services: &Services, name: &str) -> Vec<String> {
+    match (services.engine_status(), &services.worker_name) {
+        (Some(status), Some(worker)) if status.adapters.iter().any(|a| a == name) => {
+            vec![worker.clone()]
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn adapter_json(services: &Services, a: &adapters::Model) -> Value {
+    json!({
+        "name": a.name,
+        "model": format!("{}:{}", a.base_model, a.name),
+        "file": a.file,
+        "base_model": a.base_model,
+        "default_scale": a.default_scale,
+        "loaded_on": loaded_on(services, &a.name),
+        "created_at": a.created_at.to_rfc3339(),
+    })
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::not_found("adapter_not_found", format!("no LoRA head named {name:?}"))
+}
+
+/// `POST /attach-head` (and `POST /api/adapters`): 201 with the adapter, 409 for a taken name,
+/// 422 for anything wrong with the file; nothing is stored unless every check passes.
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn attach(
+    State(ctx): State<AppContext>,
+    AdminKey(key): AdminKey,
+    body: Result<JsonBody<AttachRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let JsonBody(body) = body?;
+    let name = body.name.trim().to_string();
+    adapters::validate_name(&name)?;
+    let scale = body.scale.unwrap_or(1.0);
+    adapters::validate_scale(scale)?;
+    let served = services.settings.engine.model_name.clone();
+    if let Some(base) = body.base_model.as_deref().map(str::trim) {
+        if !base.is_empty() && base != served {
+            return Err(ApiError::unprocessable(
+                "unknown_base_model",
+                format!("this server serves {served:?}; adapters can only be registered for it"),
+            ));
+        }
+    }
+    if adapters::Model::find_by_name(&ctx.db, &name)
+        .await?
+        .is_some()
+    {
+        return Err(adapters::AdapterError::Exists(name).into());
+    }
+    let file = adapters::resolve_file(&services.settings.engine.adapters_dir, &body.path)?;
+    adapters::check_lora(&file.path, services.base_architecture().as_deref())?;
+    let record = adapters::ActiveModel::register(
+        &ctx.db,
+        NewAdapter {
+            name,
+            file: file.relative,
+            base_model: served,
+            default_scale: scale,
+        },
+    )
+    .await?;
+    tracing::info!(admin = %key.prefix, adapter = %record.name, file = %record.file, "LoRA head registered");
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/api/adapters/{}", record.name))],
+        Json(adapter_json(&services, &record)),
+    )
+        .into_response())
+}
+
+async fn list(State(ctx): State<AppContext>, AdminKey(_key): AdminKey) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let data: Vec<Value> = adapters::Model::list(&ctx.db)
+        .await?
+        .iter()
+        .map(|a| adapter_json(&services, a))
+        .collect();
+    Ok(Json(json!({ "adapters": data })).into_response())
+}
+
+async fn show(
+    State(ctx): State<AppContext>,
+    AdminKey(_key): AdminKey,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let record = adapters::Model::find_by_name(&ctx.db, &name)
+        .await?
+        .ok_or_else(|| not_found(&name))?;
+    Ok(Json(adapter_json(&services, &record)).into_response())
+}
+
+#[tracing::instrument(skip_all, fields(api_key, adapter = %name))]
+async fn remove(
+    State(ctx): State<AppContext>,
+    AdminKey(key): AdminKey,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let record = adapters::ActiveModel::remove(&ctx.db, &name)
+        .await?
+        .ok_or_else(|| not_found(&name))?;
+    tracing::info!(admin = %key.prefix, "LoRA head removed");
+    Ok(Json(json!({ "deleted": adapter_json(&services, &record) })).into_response())
+}
+
+pub fn routes() -> Routes {
+    Routes::new()
+        .add("/attach-head", axum::routing::post(attach))
+        .add("/api/adapters", axum::routing::get(list).post(attach))
+        .add(
+            "/api/adapters/{name}",
+            axum::routing::get(show).delete(remove),
+        )
+}

@@ -104,6 +104,7 @@ impl Hooks for App {
             .add_route(controllers::usage::routes())
             .add_route(controllers::openai::routes())
             .add_route(controllers::queue_api::routes())
+            .add_route(controllers::accounts::routes())
     }
 
     /// Runs for `start` (not for tasks): loads the model, opens the queue, starts the
@@ -130,12 +131,15 @@ impl Hooks for App {
         tasks.register(tasks::key_create::KeyCreate);
         tasks.register(tasks::key_list::KeyList);
         tasks.register(tasks::key_revoke::KeyRevoke);
+        tasks.register(tasks::user_create::UserCreate);
     }
 
     async fn truncate(ctx: &AppContext) -> Result<()> {
+        truncate_table(&ctx.db, _entities::conversation_messages::Entity).await?;
         truncate_table(&ctx.db, _entities::usage_records::Entity).await?;
         truncate_table(&ctx.db, _entities::jobs::Entity).await?;
         truncate_table(&ctx.db, _entities::api_keys::Entity).await?;
+        truncate_table(&ctx.db, _entities::users::Entity).await?;
         truncate_table(&ctx.db, _entities::admins::Entity).await?;
         Ok(())
     }

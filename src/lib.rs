@@ -12,5 +12,6 @@ pub mod queue;
 pub mod services;
 pub mod settings;
 pub mod tasks;
+pub mod throttle;
 pub mod validation;
 pub mod workers;

@@ -16,11 +16,13 @@ use crate::{
     errors::ApiError,
     models::{
         api_keys::{self, Refusal},
+        budgets::{self, BudgetRefusal},
         jobs,
     },
     notify::JobEvents,
     queue::{GenerationJob, JobQueue, WorkerHandle},
     settings::Settings,
+    throttle::LoginThrottle,
     workers::generation::GenerationWorker,
 };
 
@@ -33,6 +35,10 @@ pub struct Services {
     pub tokenizer: Arc<PromptTokenizer>,
     /// The in-process engine (embedded mode); `None` when workers run elsewhere.
     pub engine: Option<Arc<dyn Algorithm>>,
+    /// The embedded worker's id (as recorded on the jobs it runs), when there is one.
+    pub worker_name: Option<String>,
+    /// Failed-login throttle of `POST /token`.
+    pub logins: LoginThrottle,
     worker: Mutex<Option<WorkerHandle>>,
 }
 
@@ -80,6 +86,7 @@ impl Services {
         let events = JobEvents::default();
         let mut engine: Option<Arc<dyn Algorithm>> = None;
         let mut worker = None;
+        let mut worker_name = None;
         if settings.queue.embedded_worker {
             let engine_settings = settings.engine.clone();
             let started = std::time::Instant::now();
@@ -101,7 +108,12 @@ impl Services {
             ));
             worker = Some(queue.spawn_worker(&name, handler).await);
             engine = Some(llama);
+            worker_name = Some(name);
         }
+        let logins = LoginThrottle::new(
+            settings.auth.login_max_failures,
+            Duration::from_secs(settings.auth.login_lockout_seconds),
+        );
         Ok(Arc::new(Self {
             settings,
             deny,
@@ -109,6 +121,8 @@ impl Services {
             events,
             tokenizer: Arc::new(tokenizer),
             engine,
+            worker_name,
+            logins,
             worker: Mutex::new(worker),
         }))
     }
@@ -187,6 +201,24 @@ impl Services {
         }
         let prompt_tokens = self.check_prompt(&request)?;
         charge(db, key).await?;
+        let reservation = match budgets::reserve(
+            db,
+            key,
+            i64::try_from(prompt_tokens).unwrap_or(i64::MAX),
+            i64::from(request.params.max_tokens),
+        )
+        .await
+        {
+            Ok(Ok(reservation)) => reservation,
+            Ok(Err(refusal)) => {
+                api_keys::refund(db, key.id).await.ok();
+                return Err(budget_error(&refusal));
+            }
+            Err(e) => {
+                api_keys::refund(db, key.id).await.ok();
+                return Err(e.into());
+            }
+        };
 
         let job_id = uuid::Uuid::new_v4().to_string();
         let request_json = serde_json::to_string(&request).map_err(ApiError::internal)?;
@@ -200,6 +232,7 @@ impl Services {
                 request_json,
                 prompt_tokens: i32::try_from(prompt_tokens).unwrap_or(i32::MAX),
                 client_ref: client_ref.map(str::to_string),
+                reservation,
             },
         )
         .await
@@ -207,6 +240,7 @@ impl Services {
             Ok(r) => r,
             Err(e) => {
                 api_keys::refund(db, key.id).await.ok();
+                budgets::release(db, key.id, &reservation).await.ok();
                 // A concurrent repeat with the same client id won the insert: follow its job.
                 if let Some(r) = client_ref {
                     if let Some(existing) = jobs::Model::find_by_client_ref(db, key.id, r).await? {
@@ -331,6 +365,15 @@ async fn charge(db: &sea_orm::DatabaseConnection, key: &api_keys::Model) -> Resu
     match api_keys::charge(db, key.id).await? {
         Ok(_) => Ok(()),
         Err(refusal) => Err(refusal_error(refusal, key)),
+    }
+}
+
+/// The HTTP error for a request its token budgets cannot take (nothing was spent).
+#[must_use]
+pub fn budget_error(refusal: &BudgetRefusal) -> ApiError {
+    match refusal {
+        BudgetRefusal::Exceeded { .. } => ApiError::token_budget_exceeded(refusal.to_string()),
+        BudgetRefusal::UserDisabled => ApiError::forbidden("user_disabled", refusal.to_string()),
     }
 }
 

@@ -5,6 +5,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261123_000001_foundation;
 mod m20261123_000002_job_client_ref;
 mod m20261123_000003_key_permissions;
+mod m20261123_000005_accounts;
 
 pub struct Migrator;
 
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000001_foundation::Migration),
             Box::new(m20261123_000002_job_client_ref::Migration),
             Box::new(m20261123_000003_key_permissions::Migration),
+            Box::new(m20261123_000005_accounts::Migration),
         ]
     }
 }

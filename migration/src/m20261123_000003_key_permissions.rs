@@ -33,13 +33,16 @@ impl MigrationTrait for Migration {
                 .integer()
                 .null()
                 .to_owned(),
-            ColumnDef::new(ApiKeys::AllowedModels).text().null().to_owned(),
+            ColumnDef::new(ApiKeys::AllowedModels)
+                .text()
+                .null()
+                .to_owned(),
             ColumnDef::new(ApiKeys::AllowedAdapters)
                 .text()
                 .null()
                 .to_owned(),
         ];
-        for mut col in columns {
+        for col in columns {
             m.alter_table(
                 Table::alter()
                     .table(ApiKeys::Table)

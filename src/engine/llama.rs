@@ -48,6 +48,30 @@ struct Shared {
     ready: AtomicBool,
     loads: AtomicU64,
     served: AtomicU64,
+    /// Facts about the loaded weights, set once the model is loaded.
+    loaded: std::sync::OnceLock<Loaded>,
+}
+
+struct Loaded {
+    at: chrono::DateTime<chrono::Utc>,
+    quantized: bool,
+}
+
+/// Whether the weights are quantized: GGUF's `general.file_type` names the dominant tensor
+/// type (0 = F32, 1 = F16, 32 = BF16 are the unquantized ones); without it, fewer than ~15 bits
+/// per parameter means quantized.
+fn is_quantized(model: &LlamaModel) -> bool {
+    match model
+        .meta_val_str("general.file_type")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+    {
+        Some(file_type) => !matches!(file_type, 0 | 1 | 32),
+        None => {
+            let params = model.n_params().max(1);
+            model.size().saturating_mul(8) / params < 15
+        }
+    }
 }
 
 /// Handle to the engine thread. Dropping the last handle closes the channel and the thread
@@ -150,6 +174,8 @@ impl LlamaEngine {
             jobs_served: self.shared.served.load(Ordering::Acquire),
             context_size: self.settings.context_size,
             device: self.device.clone(),
+            quantized: self.shared.loaded.get().is_some_and(|l| l.quantized),
+            loaded_at: self.shared.loaded.get().map(|l| l.at.to_rfc3339()),
         }
     }
 }
@@ -183,6 +209,10 @@ fn engine_thread(
         let model = LlamaModel::load_from_file(backend, &settings.model_path, &params)
             .map_err(|e| EngineError::Load(format!("{}: {e}", settings.model_path.display())))?;
         shared.loads.fetch_add(1, Ordering::AcqRel);
+        let _ = shared.loaded.set(Loaded {
+            at: chrono::Utc::now(),
+            quantized: is_quantized(&model),
+        });
         tracing::info!(
             model = %settings.model_name,
             path = %settings.model_path.display(),

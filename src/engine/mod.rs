@@ -118,6 +118,12 @@ pub struct EngineStatus {
     pub jobs_served: u64,
     pub context_size: u32,
     pub device: String,
+    /// The loaded weights are quantized (e.g. a Q4 GGUF).
+    #[serde(default)]
+    pub quantized: bool,
+    /// When the weights were loaded (RFC 3339).
+    #[serde(default)]
+    pub loaded_at: Option<String>,
 }
 
 /// Where an engine sends text as it is generated (for streaming clients).

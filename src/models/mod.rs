@@ -3,8 +3,11 @@
 pub mod _entities;
 pub mod admins;
 pub mod api_keys;
+pub mod budgets;
+pub mod conversations;
 pub mod jobs;
 pub mod usage_records;
+pub mod users;
 
 /// Failures of model operations that are not plain database errors.
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +18,9 @@ pub enum ModelError {
     Invalid(String),
     #[error("not found: {0}")]
     NotFound(String),
+    /// The row would duplicate a unique value (e.g. a username).
+    #[error("conflict: {0}")]
+    Conflict(String),
     #[error("password hashing: {0}")]
     Hash(String),
 }

@@ -4,5 +4,7 @@ pub mod prelude;
 
 pub mod admins;
 pub mod api_keys;
+pub mod conversation_messages;
 pub mod jobs;
 pub mod usage_records;
+pub mod users;

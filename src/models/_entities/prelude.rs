@@ -2,5 +2,7 @@
 
 pub use super::admins::Entity as Admins;
 pub use super::api_keys::Entity as ApiKeys;
+pub use super::conversation_messages::Entity as ConversationMessages;
 pub use super::jobs::Entity as Jobs;
 pub use super::usage_records::Entity as UsageRecords;
+pub use super::users::Entity as Users;

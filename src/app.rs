@@ -108,6 +108,7 @@ impl Hooks for App {
             .add_route(controllers::llm::vllm_routes())
             .add_route(controllers::adapters::routes())
             .add_route(controllers::embeddings::routes())
+            .add_route(controllers::accounts::routes())
     }
 
     /// Runs for `start` (not for tasks): loads the model, opens the queue, starts the
@@ -134,12 +135,15 @@ impl Hooks for App {
         tasks.register(tasks::key_create::KeyCreate);
         tasks.register(tasks::key_list::KeyList);
         tasks.register(tasks::key_revoke::KeyRevoke);
+        tasks.register(tasks::user_create::UserCreate);
     }
 
     async fn truncate(ctx: &AppContext) -> Result<()> {
+        truncate_table(&ctx.db, _entities::conversation_messages::Entity).await?;
         truncate_table(&ctx.db, _entities::usage_records::Entity).await?;
         truncate_table(&ctx.db, _entities::jobs::Entity).await?;
         truncate_table(&ctx.db, _entities::api_keys::Entity).await?;
+        truncate_table(&ctx.db, _entities::users::Entity).await?;
         truncate_table(&ctx.db, _entities::admins::Entity).await?;
         truncate_table(&ctx.db, _entities::adapters::Entity).await?;
         Ok(())

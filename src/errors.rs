@@ -131,6 +131,33 @@ impl ApiError {
         e
     }
 
+    /// 429: a token budget (prompt or generation, of the key or of its user) cannot take the
+    /// request. No `Retry-After`: budgets do not refill by themselves.
+    pub fn token_budget_exceeded(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            "token_budget_exceeded",
+            message.into(),
+        )
+    }
+
+    /// 429 with `Retry-After`: too many attempts (failed logins) for now.
+    pub fn too_many_attempts(
+        code: &'static str,
+        message: impl Into<String>,
+        retry_after: u64,
+    ) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            code,
+            message.into(),
+        );
+        e.retry_after = Some(retry_after.max(1));
+        e
+    }
+
     /// 500 with the job's failure reason (generation failed on the worker; the call was refunded).
     pub fn generation_failed(message: impl Into<String>) -> Self {
         Self::new(

@@ -14,5 +14,6 @@ pub mod registry;
 pub mod services;
 pub mod settings;
 pub mod tasks;
+pub mod throttle;
 pub mod validation;
 pub mod workers;

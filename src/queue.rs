@@ -49,6 +49,15 @@ impl Work {
         }
     }
 
+    /// Tokens the job may generate (reserved against generation budgets); embeddings none.
+    #[must_use]
+    pub fn max_new_tokens(&self) -> u32 {
+        match self {
+            Self::Generate(r) => r.params.max_tokens,
+            Self::Embed(_) => 0,
+        }
+    }
+
     /// The model as the job record shows it (`base` or `base:adapter`).
     #[must_use]
     pub fn display_model(&self) -> String {

@@ -127,6 +127,11 @@ mod tests {
             rate_limit_burst: burst,
             allowed_models: None,
             allowed_adapters: None,
+            user_id: None,
+            prompt_token_limit: None,
+            gen_token_limit: None,
+            prompt_tokens_used: 0,
+            gen_tokens_used: 0,
         }
     }
 

@@ -17,6 +17,7 @@ use crate::{
     models::{
         adapters,
         api_keys::{self, Refusal},
+        budgets::{self, BudgetRefusal},
         jobs,
     },
     notify::JobEvents,
@@ -24,6 +25,7 @@ use crate::{
     ratelimit::RateLimits,
     registry::ModelRegistry,
     settings::Settings,
+    throttle::LoginThrottle,
     workers::generation::GenerationWorker,
 };
 
@@ -39,8 +41,10 @@ pub struct Services {
     pub registry: ModelRegistry,
     /// The in-process engine (embedded mode); `None` when workers run elsewhere.
     pub engine: Option<Arc<dyn Algorithm>>,
-    /// Name of the embedded worker (as `/api/adapters` reports where adapters are loaded).
+    /// The embedded worker's id (as recorded on the jobs it runs), when there is one.
     pub worker_name: Option<String>,
+    /// Failed-login throttle of `POST /token`.
+    pub logins: LoginThrottle,
     worker: Mutex<Option<WorkerHandle>>,
 }
 
@@ -91,7 +95,11 @@ pub enum Submission {
     Finished(jobs::Model),
     /// Still queued or running when the wait ran out; poll `GET /api/jobs/{id}`.
     Pending(jobs::Model),
-    /// Queued, with its updates subscribed before it could start (see [`Services::submit_streaming`]).
+}
+
+/// How a submission ended inside [`Services`]: settled/pending, or subscribed for streaming.
+enum Outcome {
+    Plain(Submission),
     Streaming(JobStream),
 }
 
@@ -175,6 +183,10 @@ impl Services {
             engine = Some(llama);
             worker_name = Some(name);
         }
+        let logins = LoginThrottle::new(
+            settings.auth.login_max_failures,
+            Duration::from_secs(settings.auth.login_lockout_seconds),
+        );
         Ok(Arc::new(Self {
             rate_limits: RateLimits::new(&settings.api.rate_limit),
             registry: ModelRegistry::default(),
@@ -185,6 +197,7 @@ impl Services {
             tokenizer: Arc::new(tokenizer),
             engine,
             worker_name,
+            logins,
             worker: Mutex::new(worker),
         }))
     }
@@ -259,8 +272,14 @@ impl Services {
         client_ref: Option<&str>,
         wait: bool,
     ) -> Result<Submission, ApiError> {
-        self.submit_following(db, key, endpoint, work.into(), client_ref, wait.into())
-            .await
+        match self
+            .submit_following(db, key, endpoint, work.into(), client_ref, wait.into())
+            .await?
+        {
+            Outcome::Plain(submission) => Ok(submission),
+            // Only `submit_streaming` asks for updates.
+            Outcome::Streaming(stream) => Ok(Submission::Pending(stream.job)),
+        }
     }
 
     /// Like [`Self::submit`], but returns as soon as the job is queued, with its token deltas
@@ -279,8 +298,8 @@ impl Services {
             .submit_following(db, key, endpoint, request.into(), None, Follow::Updates)
             .await?
         {
-            Submission::Streaming(stream) => Ok(stream),
-            Submission::Finished(job) | Submission::Pending(job) => {
+            Outcome::Streaming(stream) => Ok(stream),
+            Outcome::Plain(Submission::Finished(job) | Submission::Pending(job)) => {
                 Ok(self.stream_of(db, job).await?)
             }
         }
@@ -320,7 +339,7 @@ impl Services {
         work: Work,
         client_ref: Option<&str>,
         wait: Follow,
-    ) -> Result<Submission, ApiError> {
+    ) -> Result<Outcome, ApiError> {
         if let Some(r) = client_ref {
             if let Some(existing) = jobs::Model::find_by_client_ref(db, key.id, r).await? {
                 return self.follow(db, existing, wait).await;
@@ -328,6 +347,24 @@ impl Services {
         }
         let prompt_tokens = self.check_input(&work)?;
         charge(db, key).await?;
+        let reservation = match budgets::reserve(
+            db,
+            key,
+            i64::try_from(prompt_tokens).unwrap_or(i64::MAX),
+            i64::from(work.max_new_tokens()),
+        )
+        .await
+        {
+            Ok(Ok(reservation)) => reservation,
+            Ok(Err(refusal)) => {
+                api_keys::refund(db, key.id).await.ok();
+                return Err(budget_error(&refusal));
+            }
+            Err(e) => {
+                api_keys::refund(db, key.id).await.ok();
+                return Err(e.into());
+            }
+        };
 
         let job_id = uuid::Uuid::new_v4().to_string();
         let request_json = work.to_json().map_err(ApiError::internal)?;
@@ -341,6 +378,7 @@ impl Services {
                 request_json,
                 prompt_tokens: i32::try_from(prompt_tokens).unwrap_or(i32::MAX),
                 client_ref: client_ref.map(str::to_string),
+                reservation,
             },
         )
         .await
@@ -348,6 +386,7 @@ impl Services {
             Ok(r) => r,
             Err(e) => {
                 api_keys::refund(db, key.id).await.ok();
+                budgets::release(db, key.id, &reservation).await.ok();
                 // A concurrent repeat with the same client id won the insert: follow its job.
                 if let Some(r) = client_ref {
                     if let Some(existing) = jobs::Model::find_by_client_ref(db, key.id, r).await? {
@@ -370,7 +409,7 @@ impl Services {
         record: jobs::Model,
         work: Work,
         wait: Follow,
-    ) -> Result<Submission, ApiError> {
+    ) -> Result<Outcome, ApiError> {
         let job_id = record.id.clone();
         let deltas = (wait == Follow::Updates)
             .then(|| self.events.subscribe_deltas(&job_id))
@@ -400,13 +439,13 @@ impl Services {
             ));
         }
         match (wait, done) {
-            (Follow::Updates, Some(done)) => Ok(Submission::Streaming(JobStream {
+            (Follow::Updates, Some(done)) => Ok(Outcome::Streaming(JobStream {
                 job: record,
                 deltas,
                 done,
             })),
-            (_, Some(done)) => self.await_settled(db, done, record).await,
-            (_, None) => Ok(Submission::Pending(record)),
+            (_, Some(done)) => Ok(Outcome::Plain(self.await_settled(db, done, record).await?)),
+            (_, None) => Ok(Outcome::Plain(Submission::Pending(record))),
         }
     }
 
@@ -416,13 +455,13 @@ impl Services {
         db: &sea_orm::DatabaseConnection,
         job: jobs::Model,
         wait: Follow,
-    ) -> Result<Submission, ApiError> {
+    ) -> Result<Outcome, ApiError> {
         if job.is_finished() {
-            return Ok(Submission::Finished(job));
+            return Ok(Outcome::Plain(Submission::Finished(job)));
         }
         match wait {
-            Follow::Nothing => return Ok(Submission::Pending(job)),
-            Follow::Updates => return Ok(Submission::Streaming(self.stream_of(db, job).await?)),
+            Follow::Nothing => return Ok(Outcome::Plain(Submission::Pending(job))),
+            Follow::Updates => return Ok(Outcome::Streaming(self.stream_of(db, job).await?)),
             Follow::Result => {}
         }
         let done = self.events.subscribe(&job.id);
@@ -430,9 +469,9 @@ impl Services {
         let current = jobs::Model::find_any(db, &job.id).await?.unwrap_or(job);
         if current.is_finished() {
             self.events.forget(&current.id);
-            return Ok(Submission::Finished(current));
+            return Ok(Outcome::Plain(Submission::Finished(current)));
         }
-        self.await_settled(db, done, current).await
+        Ok(Outcome::Plain(self.await_settled(db, done, current).await?))
     }
 
     /// Waits for the notification up to the configured timeout, then trusts the record.
@@ -710,6 +749,15 @@ async fn charge(db: &sea_orm::DatabaseConnection, key: &api_keys::Model) -> Resu
     match api_keys::charge(db, key.id).await? {
         Ok(_) => Ok(()),
         Err(refusal) => Err(refusal_error(refusal, key)),
+    }
+}
+
+/// The HTTP error for a request its token budgets cannot take (nothing was spent).
+#[must_use]
+pub fn budget_error(refusal: &BudgetRefusal) -> ApiError {
+    match refusal {
+        BudgetRefusal::Exceeded { .. } => ApiError::token_budget_exceeded(refusal.to_string()),
+        BudgetRefusal::UserDisabled => ApiError::forbidden("user_disabled", refusal.to_string()),
     }
 }
 

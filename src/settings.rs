@@ -18,6 +18,44 @@ pub struct Settings {
     pub api: ApiSettings,
     #[serde(default)]
     pub policy: PolicySettings,
+    #[serde(default)]
+    pub auth: AuthSettings,
+}
+
+/// Seed 002's username/password logins (`POST /token`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// How long a token from `POST /token` stays valid.
+    #[serde(default = "default_token_ttl_minutes")]
+    pub token_ttl_minutes: u32,
+    /// Failed logins for one username before further attempts get 429.
+    #[serde(default = "default_login_max_failures")]
+    pub login_max_failures: u32,
+    /// How long a username stays locked after too many failures (and the window in which
+    /// failures are counted).
+    #[serde(default = "default_login_lockout_seconds")]
+    pub login_lockout_seconds: u64,
+}
+
+fn default_token_ttl_minutes() -> u32 {
+    1440
+}
+fn default_login_max_failures() -> u32 {
+    5
+}
+fn default_login_lockout_seconds() -> u64 {
+    60
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            token_ttl_minutes: default_token_ttl_minutes(),
+            login_max_failures: default_login_max_failures(),
+            login_lockout_seconds: default_login_lockout_seconds(),
+        }
+    }
 }
 
 /// Seed 000's disallowed-content check, applied to every prompt before anything is charged.

@@ -69,6 +69,7 @@ async fn queued_job(app: &TestApp, key: &common::TestKey) -> GenerationJob {
             request_json: "{}".into(),
             prompt_tokens: 0,
             client_ref: None,
+            reservation: Default::default(),
         },
     )
     .await

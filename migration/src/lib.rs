@@ -6,6 +6,7 @@ mod m20261123_000001_foundation;
 mod m20261123_000002_job_client_ref;
 mod m20261123_000003_key_permissions;
 mod m20261123_000004_adapters;
+mod m20261123_000005_accounts;
 mod m20261123_000006_model_configs;
 
 pub struct Migrator;
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000002_job_client_ref::Migration),
             Box::new(m20261123_000003_key_permissions::Migration),
             Box::new(m20261123_000004_adapters::Migration),
+            Box::new(m20261123_000005_accounts::Migration),
             Box::new(m20261123_000006_model_configs::Migration),
         ]
     }

@@ -127,7 +127,6 @@ pub async fn run(
         .await?
     {
         Submission::Pending(job) => Ok(accepted(&job)),
-        Submission::Streaming(stream) => Ok(accepted(&stream.job)),
         Submission::Finished(job) => {
             let job = settled(job)?;
             Ok(Json(body(&job)).into_response())
@@ -196,7 +195,6 @@ async fn submit_job(
         .await?
     {
         Submission::Pending(job) | Submission::Finished(job) => Ok(accepted(&job)),
-        Submission::Streaming(stream) => Ok(accepted(&stream.job)),
     }
 }
 

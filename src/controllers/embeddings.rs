@@ -137,7 +137,6 @@ async fn embed(
         .await?
     {
         Submission::Pending(job) => Ok(accepted(&job)),
-        Submission::Streaming(stream) => Ok(accepted(&stream.job)),
         Submission::Finished(job) => {
             let job = settled(job)?;
             let vectors: Vec<Vec<f32>> =

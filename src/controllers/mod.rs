@@ -1,5 +1,6 @@
 //! HTTP routes, one module per route family.
 
+pub mod accounts;
 pub mod adapters;
 pub mod api;
 pub mod embeddings;

@@ -1,4 +1,5 @@
-//! `GET /usage/`: the calling key's usage per day (seed 003 reported words per day).
+//! `GET /usage/`: the calling key's usage per day (seed 003 reported words per day), and its
+//! token budgets (and its user's, for seed 002 login tokens).
 
 use axum::{
     extract::{Query, State},
@@ -13,7 +14,7 @@ use serde_json::json;
 use crate::{
     errors::{ApiError, ApiResult},
     extractors::ApiKey,
-    models::{now, usage_records},
+    models::{now, usage_records, users},
 };
 
 /// Longest range one request may ask for.
@@ -53,6 +54,19 @@ async fn usage(
         ));
     }
     let days = usage_records::daily(&ctx.db, key.id, from, to).await?;
+    let user = match key.user_id {
+        Some(id) => users::Model::find(&ctx.db, id).await?.map(|u| {
+            json!({
+                "username": u.username,
+                "role": u.role,
+                "prompt_token_limit": u.prompt_token_limit,
+                "prompt_tokens_used": u.prompt_tokens_used,
+                "gen_token_limit": u.gen_token_limit,
+                "gen_tokens_used": u.gen_tokens_used,
+            })
+        }),
+        None => None,
+    };
     let total = |f: fn(&usage_records::DailyUsage) -> i64| days.iter().map(f).sum::<i64>();
     Ok(Json(json!({
         "key": {
@@ -62,7 +76,12 @@ async fn usage(
             "max_calls": key.max_calls,
             "valid_from": key.valid_from.map(|t| t.to_rfc3339()),
             "valid_until": key.valid_until.map(|t| t.to_rfc3339()),
+            "prompt_token_limit": key.prompt_token_limit,
+            "prompt_tokens_used": key.prompt_tokens_used,
+            "gen_token_limit": key.gen_token_limit,
+            "gen_tokens_used": key.gen_tokens_used,
         },
+        "user": user,
         "from": from,
         "to": to,
         "days": days,

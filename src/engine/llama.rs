@@ -78,6 +78,29 @@ struct Shared {
     served: AtomicU64,
     /// Names of the loaded LoRA adapters, most recently used first.
     adapters: Mutex<Vec<String>>,
+    /// Facts about the loaded weights, set once the model is loaded.
+    loaded: std::sync::OnceLock<Loaded>,
+}
+
+struct Loaded {
+    at: chrono::DateTime<chrono::Utc>,
+    quantized: bool,
+}
+/// Whether the weights are quantized: GGUF's `general.file_type` names the dominant tensor
+/// type (0 = F32, 1 = F16, 32 = BF16 are the unquantized ones); without it, fewer than ~15 bits
+/// per parameter means quantized.
+fn is_quantized(model: &LlamaModel) -> bool {
+    match model
+        .meta_val_str("general.file_type")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+    {
+        Some(file_type) => !matches!(file_type, 0 | 1 | 32),
+        None => {
+            let params = model.n_params().max(1);
+            model.size().saturating_mul(8) / params < 15
+        }
+    }
 }
 
 impl Shared {
@@ -204,6 +227,8 @@ impl LlamaEngine {
                 .map(|l| l.clone())
                 .unwrap_or_default(),
             embeddings: self.settings.embeddings.enabled,
+            quantized: self.shared.loaded.get().is_some_and(|l| l.quantized),
+            loaded_at: self.shared.loaded.get().map(|l| l.at.to_rfc3339()),
         }
     }
 }
@@ -231,6 +256,10 @@ fn load_model(settings: &EngineSettings, shared: &Shared) -> Result<LlamaModel, 
     let model = LlamaModel::load_from_file(backend, &settings.model_path, &params)
         .map_err(|e| EngineError::Load(format!("{}: {e}", settings.model_path.display())))?;
     shared.loads.fetch_add(1, Ordering::AcqRel);
+    let _ = shared.loaded.set(Loaded {
+        at: chrono::Utc::now(),
+        quantized: is_quantized(&model),
+    });
     tracing::info!(
         model = %settings.model_name,
         path = %settings.model_path.display(),

@@ -170,6 +170,12 @@ pub struct EngineStatus {
     /// Whether this engine computes embeddings (settings.engine.embeddings.enabled).
     #[serde(default)]
     pub embeddings: bool,
+    /// The loaded weights are quantized (e.g. a Q4 GGUF).
+    #[serde(default)]
+    pub quantized: bool,
+    /// When the weights were loaded (RFC 3339).
+    #[serde(default)]
+    pub loaded_at: Option<String>,
 }
 
 /// Where an engine sends text as it is generated (for streaming clients).

@@ -6,7 +6,10 @@
 use axum::{extract::FromRequestParts, http::request::Parts};
 use loco_rs::app::AppContext;
 
-use crate::{errors::ApiError, models::api_keys};
+use crate::{
+    errors::ApiError,
+    models::{api_keys, users},
+};
 
 #[derive(Debug, Clone)]
 pub struct ApiKey(pub api_keys::Model);
@@ -45,6 +48,19 @@ impl FromRequestParts<AppContext> for ApiKey {
                 "key_revoked",
                 "this API key has been revoked",
             ));
+        }
+        // A login token stops working the moment its user is disabled (generations are also
+        // refused by the budget reservation, which checks `enabled` atomically).
+        if let Some(user_id) = key.user_id {
+            if !users::Model::find(&ctx.db, user_id)
+                .await?
+                .is_some_and(|u| u.enabled)
+            {
+                return Err(ApiError::forbidden(
+                    "user_disabled",
+                    "the user of this key is disabled",
+                ));
+            }
         }
         tracing::Span::current().record("api_key", key.prefix.as_str());
         Ok(Self(key))

@@ -34,6 +34,12 @@ pub struct KeyParams {
     pub allowed_models: Vec<String>,
     /// LoRA adapters this key may use; empty = all.
     pub allowed_adapters: Vec<String>,
+    /// The user this key acts for (seed 002 login tokens); their token budget applies too.
+    pub user_id: Option<i32>,
+    /// Prompt tokens this key may spend in all; `None` = unlimited.
+    pub prompt_token_limit: Option<i64>,
+    /// Generated tokens this key may spend in all; `None` = unlimited.
+    pub gen_token_limit: Option<i64>,
 }
 
 /// What a key may reach: `admin` keys also reach the management routes (seed 004's `/llm/*`,
@@ -323,6 +329,13 @@ impl ActiveModel {
         if params.max_calls.is_some_and(|m| m < 0) {
             return Err(ModelError::Invalid("calls must be 0 or more".into()));
         }
+        if params.prompt_token_limit.is_some_and(|m| m < 0)
+            || params.gen_token_limit.is_some_and(|m| m < 0)
+        {
+            return Err(ModelError::Invalid(
+                "token budgets must be 0 or more".into(),
+            ));
+        }
         if params.rate_limit_per_minute.is_some_and(|r| r < 1)
             || params.rate_limit_burst.is_some_and(|b| b < 1)
         {
@@ -364,6 +377,11 @@ impl ActiveModel {
             rate_limit_burst: Set(params.rate_limit_burst),
             allowed_models: Set(encode_list(&params.allowed_models)),
             allowed_adapters: Set(encode_list(&params.allowed_adapters)),
+            user_id: Set(params.user_id),
+            prompt_token_limit: Set(params.prompt_token_limit),
+            gen_token_limit: Set(params.gen_token_limit),
+            prompt_tokens_used: Set(0),
+            gen_tokens_used: Set(0),
             created_at: Set(ts),
             updated_at: Set(ts),
             ..Default::default()

@@ -12,7 +12,7 @@ use sea_orm::{
 };
 
 pub use super::_entities::jobs::{self, ActiveModel, Column, Entity, Model};
-use super::{_entities::usage_records, api_keys, now, ModelError};
+use super::{_entities::usage_records, api_keys, budgets, now, ModelError};
 use crate::engine::{text::count_words, Embeddings, Generation};
 
 impl ActiveModelBehavior for ActiveModel {}
@@ -70,6 +70,8 @@ pub struct NewJob {
     pub prompt_tokens: i32,
     /// The client's own id for the job (seed 001's `job_id`), unique per key.
     pub client_ref: Option<String>,
+    /// Tokens held against the key's (and its user's) budgets until the job settles.
+    pub reservation: budgets::Reservation,
 }
 
 impl Model {
@@ -172,6 +174,9 @@ impl ActiveModel {
             started_at: Set(None),
             finished_at: Set(None),
             client_ref: Set(job.client_ref),
+            user_id: Set(job.reservation.user_id),
+            reserved_prompt_tokens: Set(job.reservation.prompt_tokens),
+            reserved_gen_tokens: Set(job.reservation.gen_tokens),
             created_at: Set(ts),
             updated_at: Set(ts),
         }
@@ -203,7 +208,8 @@ pub async fn mark_running<C: ConnectionTrait>(
     Ok(rows.into_iter().next())
 }
 
-/// Stores a finished job's output and its usage row, in one transaction.
+/// Stores a finished job's output and its usage row, and gives back the generation tokens
+/// it reserved but did not use, in one transaction.
 ///
 /// # Errors
 /// On database errors.
@@ -252,11 +258,12 @@ pub async fn complete(
     }
     .insert(&txn)
     .await?;
+    budgets::settle(&txn, &job).await?;
     txn.commit().await?;
     Ok(Some(job))
 }
 
-/// Marks a job failed and refunds its call, both at most once.
+/// Marks a job failed and refunds its call and its whole token reservation, all at most once.
 ///
 /// # Errors
 /// On database errors.
@@ -283,6 +290,7 @@ pub async fn fail(
         return Ok(None);
     };
     api_keys::refund(&txn, job.api_key_id).await?;
+    budgets::release(&txn, job.api_key_id, &budgets::of_job(&job)).await?;
     txn.commit().await?;
     Ok(Some(job))
 }

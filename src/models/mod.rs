@@ -4,9 +4,12 @@ pub mod _entities;
 pub mod adapters;
 pub mod admins;
 pub mod api_keys;
+pub mod budgets;
+pub mod conversations;
 pub mod jobs;
 pub mod model_configs;
 pub mod usage_records;
+pub mod users;
 
 /// Failures of model operations that are not plain database errors.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +20,9 @@ pub enum ModelError {
     Invalid(String),
     #[error("not found: {0}")]
     NotFound(String),
+    /// The row would duplicate a unique value (e.g. a username).
+    #[error("conflict: {0}")]
+    Conflict(String),
     #[error("password hashing: {0}")]
     Hash(String),
 }

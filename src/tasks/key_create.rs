@@ -1,5 +1,6 @@
 //! `cargo loco task key:create email=… [name=…] [org=…] [calls=100] [from=2026-01-01]
-//! [until=2026-12-31] [scope=admin] [rpm=60] [burst=10] [models=a,b] [adapters=x,y]`
+//! [until=2026-12-31] [scope=admin] [rpm=60] [burst=10] [models=a,b] [adapters=x,y]
+//! [prompt_tokens=N] [gen_tokens=N]`
 
 use loco_rs::{
     app::AppContext,
@@ -17,7 +18,7 @@ impl Task for KeyCreate {
     fn task(&self) -> TaskInfo {
         TaskInfo {
             name: "key:create".into(),
-            detail: "issue an API key: email=… [name=…] [org=…] [calls=N] [from=DATE] [until=DATE] [scope=client|admin] [rpm=N] [burst=N] [models=a,b] [adapters=x,y]; prints the secret once".into(),
+            detail: "issue an API key: email=… [name=…] [org=…] [calls=N] [from=DATE] [until=DATE] [scope=client|admin] [rpm=N] [burst=N] [models=a,b] [adapters=x,y] [prompt_tokens=N] [gen_tokens=N]; prints the secret once".into(),
         }
     }
 
@@ -51,6 +52,9 @@ impl Task for KeyCreate {
                 rate_limit_burst: num_arg(vars, "burst")?,
                 allowed_models: list_arg(vars, "models"),
                 allowed_adapters: list_arg(vars, "adapters"),
+                user_id: None,
+                prompt_token_limit: num_arg(vars, "prompt_tokens")?,
+                gen_token_limit: num_arg(vars, "gen_tokens")?,
             },
         )
         .await
@@ -62,6 +66,12 @@ impl Task for KeyCreate {
             k.max_calls.map_or("unlimited".into(), |m| m.to_string()),
             k.valid_from.map_or("open".into(), |t| t.to_rfc3339()),
             k.valid_until.map_or("open".into(), |t| t.to_rfc3339()),
+        );
+        let budget = |limit: Option<i64>| limit.map_or("unlimited".into(), |n| n.to_string());
+        println!(
+            "token budgets: prompt {}  generation {}",
+            budget(k.prompt_token_limit),
+            budget(k.gen_token_limit)
         );
         println!("secret (shown once, store it now): {}", issued.secret);
         Ok(())

@@ -4,6 +4,7 @@ pub mod admin_create;
 pub mod key_create;
 pub mod key_list;
 pub mod key_revoke;
+pub mod user_create;
 
 use loco_rs::task::Vars;
 

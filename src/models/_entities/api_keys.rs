@@ -30,6 +30,11 @@ pub struct Model {
     pub allowed_models: Option<String>,
     #[sea_orm(column_type = "Text", nullable)]
     pub allowed_adapters: Option<String>,
+    pub user_id: Option<i32>,
+    pub prompt_token_limit: Option<i64>,
+    pub gen_token_limit: Option<i64>,
+    pub prompt_tokens_used: i64,
+    pub gen_tokens_used: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -38,6 +43,14 @@ pub enum Relation {
     Jobs,
     #[sea_orm(has_many = "super::usage_records::Entity")]
     UsageRecords,
+    #[sea_orm(
+        belongs_to = "super::users::Entity",
+        from = "Column::UserId",
+        to = "super::users::Column::Id",
+        on_update = "NoAction",
+        on_delete = "NoAction"
+    )]
+    Users,
 }
 
 impl Related<super::jobs::Entity> for Entity {
@@ -49,5 +62,11 @@ impl Related<super::jobs::Entity> for Entity {
 impl Related<super::usage_records::Entity> for Entity {
     fn to() -> RelationDef {
         Relation::UsageRecords.def()
+    }
+}
+
+impl Related<super::users::Entity> for Entity {
+    fn to() -> RelationDef {
+        Relation::Users.def()
     }
 }

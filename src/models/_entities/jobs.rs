@@ -30,6 +30,10 @@ pub struct Model {
     pub started_at: Option<DateTimeWithTimeZone>,
     pub finished_at: Option<DateTimeWithTimeZone>,
     pub client_ref: Option<String>,
+    /// The user whose token budget this job's reservation is held against, if any.
+    pub user_id: Option<i32>,
+    pub reserved_prompt_tokens: i64,
+    pub reserved_gen_tokens: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

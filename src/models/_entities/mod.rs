@@ -5,6 +5,8 @@ pub mod prelude;
 pub mod adapters;
 pub mod admins;
 pub mod api_keys;
+pub mod conversation_messages;
 pub mod jobs;
 pub mod model_configs;
 pub mod usage_records;
+pub mod users;

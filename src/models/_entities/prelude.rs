@@ -3,6 +3,8 @@
 pub use super::adapters::Entity as Adapters;
 pub use super::admins::Entity as Admins;
 pub use super::api_keys::Entity as ApiKeys;
+pub use super::conversation_messages::Entity as ConversationMessages;
 pub use super::jobs::Entity as Jobs;
 pub use super::model_configs::Entity as ModelConfigs;
 pub use super::usage_records::Entity as UsageRecords;
+pub use super::users::Entity as Users;

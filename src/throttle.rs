@@ -1,0 +1,131 @@
+//! Failed-login throttling for `POST /token`, per username, in memory.
+//!
+//! Every attempt is counted as a failure *before* the password is checked and forgiven when it
+//! succeeds, so concurrent guesses cannot slip past the limit: after `max_failures` attempts
+//! that did not succeed within the window, the username is locked for `lockout`, and attempts
+//! during the lock get 429 without any password check. State is per process (a restart or
+//! another API instance starts afresh), which bounds guessing per instance.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+/// Usernames tracked at most; beyond this, entries that no longer matter are dropped.
+const MAX_TRACKED: usize = 10_000;
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    failures: u32,
+    since: Instant,
+    locked_until: Option<Instant>,
+}
+
+#[derive(Debug)]
+pub struct LoginThrottle {
+    max_failures: u32,
+    lockout: Duration,
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+impl LoginThrottle {
+    #[must_use]
+    pub fn new(max_failures: u32, lockout: Duration) -> Self {
+        Self {
+            max_failures: max_failures.max(1),
+            lockout,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Admits an attempt for `username` (counting it as a failure until [`Self::succeeded`]),
+    /// or says how long the username stays locked.
+    ///
+    /// # Errors
+    /// The time left on the lock.
+    pub fn begin(&self, username: &str) -> Result<(), Duration> {
+        self.begin_at(username, Instant::now())
+    }
+
+    fn begin_at(&self, username: &str, now: Instant) -> Result<(), Duration> {
+        let Ok(mut entries) = self.entries.lock() else {
+            return Ok(());
+        };
+        if entries.len() >= MAX_TRACKED {
+            let window = self.lockout;
+            entries.retain(|_, e| {
+                e.locked_until.is_some_and(|t| t > now) || now.duration_since(e.since) < window
+            });
+        }
+        let entry = entries.entry(username.to_string()).or_insert(Entry {
+            failures: 0,
+            since: now,
+            locked_until: None,
+        });
+        if let Some(until) = entry.locked_until {
+            if until > now {
+                return Err(until - now);
+            }
+            *entry = Entry {
+                failures: 0,
+                since: now,
+                locked_until: None,
+            };
+        }
+        if now.duration_since(entry.since) >= self.lockout {
+            entry.failures = 0;
+            entry.since = now;
+        }
+        entry.failures += 1;
+        if entry.failures >= self.max_failures {
+            entry.locked_until = Some(now + self.lockout);
+        }
+        Ok(())
+    }
+
+    /// The attempt had the right password: its failure is forgiven, and so are earlier ones.
+    pub fn succeeded(&self, username: &str) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.remove(username);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locks_after_max_failures_until_the_lockout_ends() {
+        let t = LoginThrottle::new(3, Duration::from_secs(60));
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(t.begin_at("alice", t0).is_ok());
+        }
+        let wait = t.begin_at("alice", t0 + Duration::from_secs(1));
+        assert_eq!(wait, Err(Duration::from_secs(59)));
+        assert!(
+            t.begin_at("bob", t0).is_ok(),
+            "other usernames are not locked"
+        );
+        assert!(t.begin_at("alice", t0 + Duration::from_secs(61)).is_ok());
+    }
+
+    #[test]
+    fn a_success_forgives_earlier_failures_and_old_failures_expire() {
+        let t = LoginThrottle::new(3, Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert!(t.begin_at("alice", t0).is_ok());
+        assert!(t.begin_at("alice", t0).is_ok());
+        t.succeeded("alice");
+        assert!(t.begin_at("alice", t0).is_ok());
+        assert!(t.begin_at("alice", t0).is_ok());
+        // Two failures long ago do not count towards a new lock.
+        let later = t0 + Duration::from_secs(120);
+        assert!(t.begin_at("alice", later).is_ok());
+        assert!(t.begin_at("alice", later).is_ok());
+        assert!(t.begin_at("alice", later).is_ok());
+        assert!(t.begin_at("alice", later).is_err());
+    }
+}

@@ -204,6 +204,14 @@ async fn readme_run_command_serves_a_key_made_by_the_tasks_and_logs_no_secret() 
         .await
         .expect("request");
     assert_eq!(resp.status().as_u16(), 401);
+    // Also when it rides in the base URL (`/k/<key>/…`): refused, and never logged.
+    let resp = http
+        .post(format!("{base}/k/{wrong}/api/"))
+        .json(&json!({"text": "hi"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 401);
 
     let (ok, out) = task(&dir, &["key:list"]);
     assert!(ok, "{out}");

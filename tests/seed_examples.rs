@@ -1,0 +1,112 @@
+//! Each seed's documented example requests, sent as its clients send them, with only the base
+//! URL changed: seed 001's curl bodies and seed 004's Python `requests` code carry no
+//! `Authorization` header, so their base URL carries the key (`/k/<key>`); seed 003's Python
+//! client sends its bearer header as before. (Seed 002's examples are in tests/accounts.rs,
+//! seed 000's routes in tests/lora.rs and tests/embeddings.rs.)
+
+mod common;
+
+use common::{code, TestApp};
+use serde_json::json;
+use tollgate::models::api_keys::{KeyParams, Scope};
+
+#[tokio::test]
+async fn seed_001_curl_examples_work_with_the_key_in_the_base_url() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(Some(5)).await;
+    let base = format!("{}/k/{}", app.base, key.secret);
+    let generate = json!({
+      "job_id": "12345",
+      "meta": {
+        "temperature": 0.5,
+        "tokens_limit": 1000,
+        "stop_words": ["stop"],
+        "model": "gpt-model"
+      },
+      "content": "What is AI?"
+    });
+    let send = |path: &str, body: &serde_json::Value| {
+        app.http
+            .post(format!("{base}{path}"))
+            .header("Content-Type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let (status, first) = common::read(send("/generate", &generate).await.expect("send")).await;
+    assert_eq!(status, 200, "{first}");
+    assert!(first["content"].is_string(), "{first}");
+    // The same job_id again: the first answer, not a second generation or charge.
+    let (status, again) = common::read(send("/generate", &generate).await.expect("send")).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["content"], first["content"]);
+    assert_eq!(app.calls_used(&key).await, 1);
+
+    let chat = json!({
+      "job_id": "12346",
+      "meta": {
+        "temperature": 0.5,
+        "tokens_limit": 1000,
+        "stop_words": ["stop"],
+        "model": "gpt-model"
+      },
+      "messages": [
+        {"role": "user", "content": "What is AI?"},
+        {"role": "assistant", "content": "Artificial Intelligence is..."}
+      ]
+    });
+    let (status, body) = common::read(send("/chat_completion", &chat).await.expect("send")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["content"].is_string(), "{body}");
+    assert_eq!(app.calls_used(&key).await, 2);
+
+    // A wrong key in the URL is a 401 like a wrong header, and spends nothing.
+    let resp = app
+        .http
+        .post(format!("{}/k/tg_00000000_nope/generate", app.base))
+        .json(&generate)
+        .send()
+        .await
+        .expect("send");
+    let (status, body) = common::read(resp).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(code(&body), "invalid_api_key");
+    assert_eq!(app.calls_used(&key).await, 2);
+}
+
+#[tokio::test]
+async fn seed_003_and_seed_004_python_examples_run_unchanged_but_for_the_url() {
+    let python = std::path::Path::new(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "missing .venv: run ./scripts/test.sh (it creates it)"
+    );
+    let app = TestApp::spawn().await;
+    let client = app.key_with_calls(Some(3)).await;
+    let admin = app
+        .issue_key(KeyParams {
+            email: "ops@example.com".into(),
+            scope: Scope::Admin,
+            ..Default::default()
+        })
+        .await;
+    let out = tokio::process::Command::new(python)
+        .args([
+            "tests/python/seed_examples.py",
+            &app.base,
+            &client.secret,
+            &admin.secret,
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+        ])
+        .output()
+        .await
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "seed examples failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("seed examples passed"), "{stdout}");
+    assert_eq!(app.calls_used(&client).await, 1, "seed 003's one call");
+    assert_eq!(app.calls_used(&admin).await, 1, "seed 004's one inference");
+}

@@ -60,13 +60,26 @@ fn config_not_found(config_id: &str) -> ApiError {
     ApiError::not_found("config_not_found", format!("no configuration {config_id}"))
 }
 
+/// Stores a configuration; invalid ids or names are 422 `invalid_config`.
+async fn create_config(
+    db: &sea_orm::DatabaseConnection,
+    new: NewConfig,
+) -> ApiResult<model_configs::Model> {
+    model_configs::ActiveModel::create(db, new)
+        .await
+        .map_err(|e| match e {
+            crate::models::ModelError::Invalid(m) => ApiError::unprocessable("invalid_config", m),
+            other => other.into(),
+        })
+}
+
 async fn configure(
     State(ctx): State<AppContext>,
     AdminKey(_key): AdminKey,
     body: Result<JsonBody<ConfigureRequest>, ApiError>,
 ) -> ApiResult<Response> {
     let JsonBody(body) = body?;
-    let config = model_configs::ActiveModel::create(
+    let config = create_config(
         &ctx.db,
         NewConfig {
             model_id: body.model_id,
@@ -75,11 +88,7 @@ async fn configure(
             model_kwargs: body.model_kwargs.unwrap_or_default(),
         },
     )
-    .await
-    .map_err(|e| match e {
-        crate::models::ModelError::Invalid(m) => ApiError::unprocessable("invalid_config", m),
-        other => other.into(),
-    })?;
+    .await?;
     Ok(Json(json!({"config_id": config.config_id})).into_response())
 }
 
@@ -315,7 +324,7 @@ async fn vllm_start(
         if let Some(seed) = body.SEED {
             kwargs.insert("seed".into(), seed.into());
         }
-        let config = model_configs::ActiveModel::create(
+        let config = create_config(
             &ctx.db,
             NewConfig {
                 model_id: model_id.clone(),
@@ -324,11 +333,7 @@ async fn vllm_start(
                 model_kwargs: kwargs,
             },
         )
-        .await
-        .map_err(|e| match e {
-            crate::models::ModelError::Invalid(m) => ApiError::unprocessable("invalid_config", m),
-            other => other.into(),
-        })?;
+        .await?;
         match services.load_model(&ctx.db, &config).await {
             Ok((_, true)) => format!("engine {model_id} started"),
             Ok((_, false)) => {

@@ -8,6 +8,7 @@ pub mod errors;
 pub mod extractors;
 pub mod models;
 pub mod notify;
+pub mod paths;
 pub mod queue;
 pub mod ratelimit;
 pub mod registry;

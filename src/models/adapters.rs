@@ -6,7 +6,7 @@
 //! file, and a GGUF header saying it is a LoRA adapter for the served model's architecture.
 //! Paths are checked again whenever a job uses the adapter, since files can change.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use sea_orm::{entity::prelude::*, ActiveValue::Set, QueryOrder, SqlErr};
 
@@ -94,58 +94,15 @@ pub struct AdapterFile {
 /// `InvalidPath` for absolute paths, `..`, symlinks leading out of the folder or non-files;
 /// `FileNotFound` when nothing is there.
 pub fn resolve_file(dir: &Path, requested: &str) -> Result<AdapterFile, AdapterError> {
-    if requested.trim().is_empty() || requested.contains('\0') {
-        return Err(AdapterError::InvalidPath(
-            "path must name a file in the adapters folder".into(),
-        ));
-    }
-    let rel = Path::new(requested);
-    if rel.is_absolute() || requested.starts_with(['/', '\\']) {
-        return Err(AdapterError::InvalidPath(format!(
-            "path must be relative to the adapters folder, got the absolute path {requested:?}"
-        )));
-    }
-    for part in rel.components() {
-        match part {
-            Component::Normal(_) | Component::CurDir => {}
-            Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
-                return Err(AdapterError::InvalidPath(format!(
-                    "path must stay inside the adapters folder (no `..`), got {requested:?}"
-                )))
-            }
-        }
-    }
-    let base = std::fs::canonicalize(dir).map_err(|_| {
-        AdapterError::FileNotFound(format!(
-            "the adapters folder {} does not exist on this server",
-            dir.display()
-        ))
-    })?;
-    let real = std::fs::canonicalize(base.join(rel)).map_err(|_| {
-        AdapterError::FileNotFound(format!("no file {requested:?} in the adapters folder"))
-    })?;
-    if !real.starts_with(&base) {
-        return Err(AdapterError::InvalidPath(format!(
-            "{requested:?} is a link that leads outside the adapters folder"
-        )));
-    }
-    let meta = std::fs::metadata(&real).map_err(|_| {
-        AdapterError::FileNotFound(format!("no file {requested:?} in the adapters folder"))
-    })?;
-    if !meta.is_file() {
-        return Err(AdapterError::InvalidPath(format!(
-            "{requested:?} is not a regular file"
-        )));
-    }
-    let relative = real
-        .strip_prefix(&base)
-        .ok()
-        .and_then(Path::to_str)
-        .map(str::to_string)
-        .ok_or_else(|| AdapterError::InvalidPath("the file name must be UTF-8".into()))?;
+    let file = crate::paths::contained_file(dir, requested, "the adapters folder").map_err(
+        |e| match e {
+            crate::paths::PathError::Invalid(m) => AdapterError::InvalidPath(m),
+            crate::paths::PathError::NotFound(m) => AdapterError::FileNotFound(m),
+        },
+    )?;
     Ok(AdapterFile {
-        relative,
-        path: real,
+        relative: file.relative,
+        path: file.path,
     })
 }
 

@@ -2,7 +2,7 @@
 //! which id, with which load options and inference defaults. Stored, listed and deleted here;
 //! loading is the worker's business (`crate::registry`).
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use sea_orm::{entity::prelude::*, ActiveValue::Set, QueryOrder};
 use serde_json::{Map, Value};
@@ -115,34 +115,14 @@ pub async fn delete<C: ConnectionTrait>(db: &C, config_id: &str) -> Result<bool,
     Ok(res.rows_affected > 0)
 }
 
-/// Resolves `name` to a file inside `dir`, refusing anything that could reach outside it:
-/// absolute paths, `..`, and symlinks whose target lies elsewhere.
+/// Resolves `name` to a file inside `dir` (no absolute paths, `..` or symlinks out).
 ///
 /// # Errors
 /// `Invalid` naming the problem.
 pub fn file_inside(dir: &Path, name: &str) -> Result<PathBuf, ModelError> {
-    let rel = Path::new(name.trim());
-    if rel.as_os_str().is_empty() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-        return Err(ModelError::Invalid(format!(
-            "{name:?} must be a plain relative path inside the models directory"
-        )));
-    }
-    let root = dir
-        .canonicalize()
-        .map_err(|e| ModelError::Invalid(format!("models directory {}: {e}", dir.display())))?;
-    let path = root
-        .join(rel)
-        .canonicalize()
-        .map_err(|_| ModelError::Invalid(format!("no file {name:?} in the models directory")))?;
-    if !path.starts_with(&root) {
-        return Err(ModelError::Invalid(format!(
-            "{name:?} resolves outside the models directory"
-        )));
-    }
-    if !path.is_file() {
-        return Err(ModelError::Invalid(format!("{name:?} is not a file")));
-    }
-    Ok(path)
+    crate::paths::contained_file(dir, name.trim(), "the models directory")
+        .map(|f| f.path)
+        .map_err(|e| ModelError::Invalid(e.to_string()))
 }
 
 /// The `.gguf` files directly in `dir`, by name (for error messages).

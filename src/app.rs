@@ -82,6 +82,20 @@ fn key_in_path(mut req: axum::extract::Request) -> axum::extract::Request {
     req
 }
 
+/// With no admin yet, logs a single-use link that creates the first one in the browser.
+async fn announce_setup_link(ctx: &AppContext, services: &Services) -> Result<()> {
+    use sea_orm::{EntityTrait, PaginatorTrait};
+    if _entities::admins::Entity::find().count(&ctx.db).await? == 0 {
+        let token = services.new_setup_link();
+        tracing::warn!(
+            "no admin yet: open {}/admin/setup?token={token} within {} minutes to create the first admin (single use; `cargo loco task admin:create` works too)",
+            ctx.config.server.full_url(),
+            services.settings.auth.setup_link_minutes
+        );
+    }
+    Ok(())
+}
+
 /// Creates the parent folder of a `sqlite://` file URL (the embedded default keeps its
 /// databases under `data/`, which a fresh checkout does not have).
 fn ensure_sqlite_dir(url: &str) {
@@ -154,14 +168,24 @@ impl Hooks for App {
             .add_route(controllers::adapters::routes())
             .add_route(controllers::embeddings::routes())
             .add_route(controllers::accounts::routes())
+            .add_route(controllers::dashboard::routes())
     }
 
     /// Runs for `start` (not for tasks): loads the model, opens the queue, starts the
     /// embedded worker, and makes them available to handlers.
     async fn before_run(ctx: &AppContext) -> Result<()> {
         let services = Services::start(ctx).await?;
+        announce_setup_link(ctx, &services).await?;
         ctx.shared_store.insert::<Arc<Services>>(services);
         Ok(())
+    }
+
+    /// The dashboard's templates (`assets/views`) for every handler.
+    async fn after_routes(router: axum::Router, _ctx: &AppContext) -> Result<axum::Router> {
+        let views = loco_rs::controller::views::engines::TeraView::build()?;
+        Ok(router.layer(axum::Extension(
+            loco_rs::controller::views::ViewEngine::from(views),
+        )))
     }
 
     async fn on_shutdown(ctx: &AppContext) {

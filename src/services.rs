@@ -45,6 +45,8 @@ pub struct Services {
     pub worker_name: Option<String>,
     /// Failed-login throttle of `POST /token`.
     pub logins: LoginThrottle,
+    /// The first-run setup link's token (its hash) and expiry, while there is no admin.
+    setup: std::sync::Mutex<Option<(String, std::time::Instant)>>,
     worker: Mutex<Option<WorkerHandle>>,
 }
 
@@ -198,8 +200,41 @@ impl Services {
             engine,
             worker_name,
             logins,
+            setup: std::sync::Mutex::new(None),
             worker: Mutex::new(worker),
         }))
+    }
+
+    /// Makes a new single-use first-run setup link token (replacing any earlier one) valid for
+    /// `settings.auth.setup_link_minutes`, and returns it.
+    #[must_use]
+    pub fn new_setup_link(&self) -> String {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let ttl = Duration::from_secs(u64::from(self.settings.auth.setup_link_minutes) * 60);
+        if let Ok(mut slot) = self.setup.lock() {
+            *slot = Some((
+                api_keys::hash_secret(&token),
+                std::time::Instant::now() + ttl,
+            ));
+        }
+        token
+    }
+
+    /// Whether `token` is the current, unexpired setup link.
+    #[must_use]
+    pub fn setup_link_valid(&self, token: &str) -> bool {
+        let hash = api_keys::hash_secret(token);
+        self.setup.lock().is_ok_and(|slot| {
+            slot.as_ref()
+                .is_some_and(|(h, until)| *h == hash && std::time::Instant::now() < *until)
+        })
+    }
+
+    /// The setup link is single use.
+    pub fn consume_setup_link(&self) {
+        if let Ok(mut slot) = self.setup.lock() {
+            *slot = None;
+        }
     }
 
     /// The services of a running server.

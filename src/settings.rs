@@ -36,6 +36,22 @@ pub struct AuthSettings {
     /// failures are counted).
     #[serde(default = "default_login_lockout_seconds")]
     pub login_lockout_seconds: u64,
+    /// How long a dashboard sign-in lasts.
+    #[serde(default = "default_session_ttl_minutes")]
+    pub session_ttl_minutes: u32,
+    /// Mark the dashboard cookie `Secure` (set when the dashboard is served over HTTPS).
+    #[serde(default)]
+    pub secure_cookies: bool,
+    /// How long the first-run setup link printed at start stays usable.
+    #[serde(default = "default_setup_link_minutes")]
+    pub setup_link_minutes: u32,
+}
+
+fn default_session_ttl_minutes() -> u32 {
+    720
+}
+fn default_setup_link_minutes() -> u32 {
+    60
 }
 
 fn default_token_ttl_minutes() -> u32 {
@@ -54,6 +70,9 @@ impl Default for AuthSettings {
             token_ttl_minutes: default_token_ttl_minutes(),
             login_max_failures: default_login_max_failures(),
             login_lockout_seconds: default_login_lockout_seconds(),
+            session_ttl_minutes: default_session_ttl_minutes(),
+            secure_cookies: false,
+            setup_link_minutes: default_setup_link_minutes(),
         }
     }
 }

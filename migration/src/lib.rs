@@ -8,6 +8,7 @@ mod m20261123_000003_key_permissions;
 mod m20261123_000004_adapters;
 mod m20261123_000005_accounts;
 mod m20261123_000006_model_configs;
+mod m20261123_000007_admin_sessions;
 
 pub struct Migrator;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000004_adapters::Migration),
             Box::new(m20261123_000005_accounts::Migration),
             Box::new(m20261123_000006_model_configs::Migration),
+            Box::new(m20261123_000007_admin_sessions::Migration),
         ]
     }
 }

@@ -3,6 +3,7 @@
 pub mod accounts;
 pub mod adapters;
 pub mod api;
+pub mod dashboard;
 pub mod embeddings;
 pub mod llm;
 pub mod openai;

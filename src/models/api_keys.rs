@@ -410,6 +410,22 @@ impl ActiveModel {
     }
 }
 
+impl ActiveModel {
+    /// Takes back a revocation (the dashboard's "reactivate").
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown prefix, or a database error.
+    pub async fn reactivate<C: ConnectionTrait>(db: &C, prefix: &str) -> Result<Model, ModelError> {
+        let key = Model::find_by_prefix(db, prefix)
+            .await?
+            .ok_or_else(|| ModelError::NotFound(format!("no key with prefix {prefix:?}")))?;
+        let mut am: Self = key.into();
+        am.revoked_at = Set(None);
+        am.updated_at = Set(now());
+        Ok(am.update(db).await?)
+    }
+}
+
 /// Parses a window bound given as a date (`2026-12-31`) or an RFC 3339 instant. A date means
 /// the start of that day (UTC) for `valid_from` and its last instant for `valid_until`, so
 /// `until=2026-12-31` includes the 31st.

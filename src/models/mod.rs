@@ -2,6 +2,7 @@
 
 pub mod _entities;
 pub mod adapters;
+pub mod admin_sessions;
 pub mod admins;
 pub mod api_keys;
 pub mod budgets;

@@ -155,6 +155,14 @@ impl TestApp {
         self.key_row(key).await.calls_used
     }
 
+    pub async fn key_count(&self) -> u64 {
+        use sea_orm::{EntityTrait, PaginatorTrait};
+        api_keys::Entity::find()
+            .count(&self.ctx.db)
+            .await
+            .expect("count keys")
+    }
+
     pub async fn job_count(&self) -> u64 {
         jobs::Entity::find().count(&self.ctx.db).await.expect("db")
     }

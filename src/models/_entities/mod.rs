@@ -3,6 +3,7 @@
 pub mod prelude;
 
 pub mod adapters;
+pub mod admin_sessions;
 pub mod admins;
 pub mod api_keys;
 pub mod conversation_messages;

@@ -1,0 +1,563 @@
+//! The admin dashboard under `/admin`: first-run setup, sign-in, and keys (list, create with the
+//! secret shown once, revoke, reactivate). Server-rendered with Loco's tera views; works without
+//! JavaScript and without any CDN.
+//!
+//! Sessions: an HttpOnly, SameSite=Strict cookie holding a random token whose hash is stored
+//! (`admin_sessions`); every state-changing form carries the session's CSRF token and is refused
+//! with 403 without it. Unauthenticated pages redirect to the sign-in page.
+
+// Handlers fail with the page to show (a `Response`); it is built once per request, so its
+// size does not matter.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+
+use axum::{
+    extract::{FromRequestParts, Path, Query, State},
+    http::{header, request::Parts, HeaderValue, StatusCode},
+    response::{Html, IntoResponse, Redirect, Response},
+    Form,
+};
+use loco_rs::{
+    app::AppContext,
+    controller::{
+        views::{engines::TeraView, ViewEngine, ViewRenderer},
+        Routes,
+    },
+};
+use serde_json::{json, Value};
+
+use crate::{
+    models::{
+        admin_sessions, admins,
+        api_keys::{self, KeyParams},
+        now,
+    },
+    services::Services,
+};
+
+const COOKIE: &str = "tg_admin";
+
+type Fields = HashMap<String, String>;
+
+/// A page or an error page; never a JSON error (this is a browser UI).
+type PageResult = Result<Response, Response>;
+
+fn render(v: &TeraView, status: StatusCode, template: &str, data: &Value) -> PageResult {
+    // Every template may read these; absent ones are empty, not template errors.
+    let mut data = data.clone();
+    if let Some(map) = data.as_object_mut() {
+        for (name, empty) in [
+            ("form", json!({})),
+            ("errors", json!({})),
+            ("error", Value::Null),
+            ("email", json!("")),
+            ("admin_email", Value::Null),
+            ("csrf", json!("")),
+            ("q", json!("")),
+        ] {
+            map.entry(name).or_insert(empty);
+        }
+    }
+    match v.render(template, &data) {
+        Ok(html) => Ok((status, Html(html)).into_response()),
+        Err(e) => {
+            tracing::error!(error = %e, template, "dashboard template failed");
+            Err((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "page could not be rendered",
+            )
+                .into_response())
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "dashboard error");
+    (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+}
+
+fn see_other(to: &str) -> Response {
+    Redirect::to(to).into_response()
+}
+
+/// The session cookie's token, from the `Cookie` header.
+fn cookie_token(parts: &Parts) -> Option<String> {
+    parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value.to_string())
+        .filter(|v| !v.is_empty())
+}
+
+fn session_cookie(token: &str, max_age_secs: i64, secure: bool) -> HeaderValue {
+    let secure = if secure { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{COOKIE}={token}; Path=/admin; HttpOnly; SameSite=Strict; Max-Age={max_age_secs}{secure}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("tg_admin=; Path=/admin; Max-Age=0"))
+}
+
+/// A signed-in admin (the request carried a valid session cookie).
+pub struct SignedIn {
+    admin: admins::Model,
+    session: admin_sessions::Model,
+    token: String,
+}
+
+impl FromRequestParts<AppContext> for SignedIn {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        ctx: &AppContext,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(token) = cookie_token(parts) else {
+            return Err(see_other("/admin/login"));
+        };
+        match admin_sessions::find_valid(&ctx.db, &token).await {
+            Ok(Some((session, admin))) => Ok(Self {
+                admin,
+                session,
+                token,
+            }),
+            Ok(None) => Err(see_other("/admin/login")),
+            Err(e) => Err(internal(e)),
+        }
+    }
+}
+
+impl SignedIn {
+    /// 403 unless the form's `csrf` field is this session's token.
+    fn check_csrf(&self, fields: &Fields) -> Result<(), Response> {
+        let sent = fields.get("csrf").map_or("", String::as_str);
+        if !sent.is_empty() && constant_time_eq(sent, &self.session.csrf_token) {
+            Ok(())
+        } else {
+            Err((
+                StatusCode::FORBIDDEN,
+                Html("<h1>403</h1><p>The form's security token is missing or stale. Go back, reload the page and try again.</p>"),
+            )
+                .into_response())
+        }
+    }
+
+    fn page(&self, mut data: Value) -> Value {
+        data["admin_email"] = json!(self.admin.email);
+        data["csrf"] = json!(self.session.csrf_token);
+        data
+    }
+}
+
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+async fn start_session(ctx: &AppContext, services: &Services, admin_id: i32) -> PageResult {
+    let minutes = services.settings.auth.session_ttl_minutes.max(1);
+    let (token, _) =
+        admin_sessions::start(&ctx.db, admin_id, chrono::Duration::minutes(minutes.into()))
+            .await
+            .map_err(internal)?;
+    let mut resp = see_other("/admin/keys");
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        session_cookie(
+            &token,
+            i64::from(minutes) * 60,
+            services.settings.auth.secure_cookies,
+        ),
+    );
+    Ok(resp)
+}
+
+async fn index(_admin: SignedIn) -> Response {
+    see_other("/admin/keys")
+}
+
+async fn login_page(ViewEngine(v): ViewEngine<TeraView>) -> PageResult {
+    render(&v, StatusCode::OK, "dashboard/login.html", &json!({}))
+}
+
+async fn login(
+    State(ctx): State<AppContext>,
+    ViewEngine(v): ViewEngine<TeraView>,
+    Form(fields): Form<Fields>,
+) -> PageResult {
+    let services = Services::from_ctx(&ctx).map_err(IntoResponse::into_response)?;
+    let email = fields
+        .get("email")
+        .map(|e| e.trim().to_lowercase())
+        .unwrap_or_default();
+    let password = fields.get("password").cloned().unwrap_or_default();
+    let throttle_key = format!("admin:{email}");
+    if let Err(wait) = services.logins.begin(&throttle_key) {
+        return render(
+            &v,
+            StatusCode::TOO_MANY_REQUESTS,
+            "dashboard/login.html",
+            &json!({"email": email, "error": format!("Too many failed sign-ins. Try again in {} s.", wait.as_secs().max(1))}),
+        );
+    }
+    let admin = admins::Model::find_by_email(&ctx.db, &email)
+        .await
+        .map_err(internal)?;
+    match admin {
+        Some(admin) if admin.verify_password(&password) => {
+            services.logins.succeeded(&throttle_key);
+            start_session(&ctx, &services, admin.id).await
+        }
+        _ => render(
+            &v,
+            StatusCode::UNAUTHORIZED,
+            "dashboard/login.html",
+            &json!({"email": email, "error": "Wrong email or password."}),
+        ),
+    }
+}
+
+async fn logout(
+    State(ctx): State<AppContext>,
+    admin: SignedIn,
+    Form(fields): Form<Fields>,
+) -> PageResult {
+    admin.check_csrf(&fields)?;
+    admin_sessions::end(&ctx.db, &admin.token)
+        .await
+        .map_err(internal)?;
+    let mut resp = see_other("/admin/login");
+    resp.headers_mut()
+        .insert(header::SET_COOKIE, session_cookie("", 0, false));
+    Ok(resp)
+}
+
+/// The setup link only works while there is no admin at all.
+async fn no_admin_yet(ctx: &AppContext) -> Result<bool, Response> {
+    use sea_orm::{EntityTrait, PaginatorTrait};
+    admins::Entity::find()
+        .count(&ctx.db)
+        .await
+        .map(|n| n == 0)
+        .map_err(internal)
+}
+
+async fn setup_page(
+    State(ctx): State<AppContext>,
+    ViewEngine(v): ViewEngine<TeraView>,
+    Query(q): Query<Fields>,
+) -> PageResult {
+    let services = Services::from_ctx(&ctx).map_err(IntoResponse::into_response)?;
+    let token = q.get("token").cloned().unwrap_or_default();
+    if !services.setup_link_valid(&token) || !no_admin_yet(&ctx).await? {
+        return render(
+            &v,
+            StatusCode::NOT_FOUND,
+            "dashboard/setup_gone.html",
+            &json!({}),
+        );
+    }
+    render(
+        &v,
+        StatusCode::OK,
+        "dashboard/setup.html",
+        &json!({"token": token}),
+    )
+}
+
+async fn setup(
+    State(ctx): State<AppContext>,
+    ViewEngine(v): ViewEngine<TeraView>,
+    Form(fields): Form<Fields>,
+) -> PageResult {
+    let services = Services::from_ctx(&ctx).map_err(IntoResponse::into_response)?;
+    let token = fields.get("token").cloned().unwrap_or_default();
+    if !services.setup_link_valid(&token) || !no_admin_yet(&ctx).await? {
+        return render(
+            &v,
+            StatusCode::NOT_FOUND,
+            "dashboard/setup_gone.html",
+            &json!({}),
+        );
+    }
+    let email = fields
+        .get("email")
+        .map(|e| e.trim().to_string())
+        .unwrap_or_default();
+    let password = fields.get("password").cloned().unwrap_or_default();
+    let again = fields.get("password2").cloned().unwrap_or_default();
+    let mut errors = serde_json::Map::new();
+    if password != again {
+        errors.insert("password2".into(), json!("The passwords differ."));
+    }
+    if errors.is_empty() {
+        match admins::ActiveModel::create(&ctx.db, &email, &password).await {
+            Ok(admin) => {
+                services.consume_setup_link();
+                return start_session(&ctx, &services, admin.id).await;
+            }
+            Err(crate::models::ModelError::Invalid(m)) => {
+                let field = if m.contains("password") {
+                    "password"
+                } else {
+                    "email"
+                };
+                errors.insert(field.into(), json!(m));
+            }
+            Err(e) => return Err(internal(e)),
+        }
+    }
+    render(
+        &v,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "dashboard/setup.html",
+        &json!({"token": token, "email": email, "errors": errors}),
+    )
+}
+
+/// One key as the list shows it.
+fn key_row(k: &api_keys::Model) -> Value {
+    let at = now();
+    let used_pct = k
+        .max_calls
+        .filter(|m| *m > 0)
+        .map_or(0, |m| (k.calls_used.saturating_mul(100) / m).min(100));
+    json!({
+        "prefix": k.prefix,
+        "name": k.name,
+        "email": k.email,
+        "organization": k.organization,
+        "scope": k.scope,
+        "calls_used": k.calls_used,
+        "max_calls": k.max_calls,
+        "used_pct": used_pct,
+        "prompt_tokens_used": k.prompt_tokens_used,
+        "prompt_token_limit": k.prompt_token_limit,
+        "gen_tokens_used": k.gen_tokens_used,
+        "gen_token_limit": k.gen_token_limit,
+        "state": k.state_at(at).as_str(),
+        "revoked": k.revoked_at.is_some(),
+        "valid_from": k.valid_from.map(|t| t.format("%Y-%m-%d").to_string()),
+        "valid_until": k.valid_until.map(|t| t.format("%Y-%m-%d").to_string()),
+        "last_used": k.last_used_at.map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string()),
+    })
+}
+
+async fn keys(
+    State(ctx): State<AppContext>,
+    admin: SignedIn,
+    ViewEngine(v): ViewEngine<TeraView>,
+    Query(q): Query<Fields>,
+) -> PageResult {
+    let search = q
+        .get("q")
+        .map(|s| s.trim().to_lowercase())
+        .unwrap_or_default();
+    let all = api_keys::Model::list(&ctx.db).await.map_err(internal)?;
+    let rows: Vec<Value> = all
+        .iter()
+        // Seed 002's per-login tokens are keys too; the list shows the keys admins issue.
+        .filter(|k| k.user_id.is_none())
+        .filter(|k| {
+            search.is_empty()
+                || k.name.to_lowercase().contains(&search)
+                || k.email.contains(&search)
+                || k.prefix.contains(&search)
+        })
+        .map(key_row)
+        .collect();
+    render(
+        &v,
+        StatusCode::OK,
+        "dashboard/keys.html",
+        &admin.page(json!({"keys": rows, "q": search})),
+    )
+}
+
+async fn new_key_page(admin: SignedIn, ViewEngine(v): ViewEngine<TeraView>) -> PageResult {
+    render(
+        &v,
+        StatusCode::OK,
+        "dashboard/new_key.html",
+        &admin.page(json!({"form": {}})),
+    )
+}
+
+/// The create form as key parameters, or the errors to show next to each field.
+fn key_params(fields: &Fields) -> Result<KeyParams, serde_json::Map<String, Value>> {
+    let mut errors = serde_json::Map::new();
+    let text = |name: &str| fields.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
+    let mut number = |name: &str| -> Option<i64> {
+        let raw = text(name)?;
+        match raw.parse::<i64>() {
+            Ok(n) if n >= 0 => Some(n),
+            _ => {
+                errors.insert(name.into(), json!("A whole number, 0 or more."));
+                None
+            }
+        }
+    };
+    let max_calls = number("calls");
+    let prompt_token_limit = number("prompt_tokens");
+    let gen_token_limit = number("gen_tokens");
+    let mut bound = |name: &str, end: bool| {
+        text(name).and_then(|raw| match api_keys::parse_bound(raw, end) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                errors.insert(name.into(), json!(e.to_string()));
+                None
+            }
+        })
+    };
+    let valid_from = bound("valid_from", false);
+    let valid_until = bound("valid_until", true);
+    let email = text("email").unwrap_or_default().to_string();
+    if !email.contains('@') {
+        errors.insert("email".into(), json!("An email address is required."));
+    }
+    if let (Some(f), Some(u)) = (valid_from, valid_until) {
+        if u < f {
+            errors.insert(
+                "valid_until".into(),
+                json!("Must not be before “valid from”."),
+            );
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(KeyParams {
+        name: text("name").unwrap_or_default().to_string(),
+        email,
+        organization: text("organization").map(str::to_string),
+        max_calls,
+        valid_from,
+        valid_until,
+        prompt_token_limit,
+        gen_token_limit,
+        ..Default::default()
+    })
+}
+
+async fn create_key(
+    State(ctx): State<AppContext>,
+    admin: SignedIn,
+    ViewEngine(v): ViewEngine<TeraView>,
+    Form(fields): Form<Fields>,
+) -> PageResult {
+    admin.check_csrf(&fields)?;
+    let params = match key_params(&fields) {
+        Ok(p) => p,
+        Err(errors) => {
+            return render(
+                &v,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "dashboard/new_key.html",
+                &admin.page(json!({"form": fields, "errors": errors})),
+            )
+        }
+    };
+    let issued = match api_keys::ActiveModel::issue(&ctx.db, params).await {
+        Ok(i) => i,
+        Err(crate::models::ModelError::Invalid(m)) => {
+            return render(
+                &v,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "dashboard/new_key.html",
+                &admin.page(json!({"form": fields, "errors": {"email": m}})),
+            )
+        }
+        Err(e) => return Err(internal(e)),
+    };
+    tracing::info!(prefix = %issued.key.prefix, admin = %admin.admin.email, "key issued from the dashboard");
+    let mut resp = render(
+        &v,
+        StatusCode::CREATED,
+        "dashboard/key_created.html",
+        &admin.page(json!({"key": key_row(&issued.key), "secret": issued.secret})),
+    )?;
+    // The secret is on this page only: never cache it.
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+async fn set_revoked(
+    ctx: &AppContext,
+    admin: &SignedIn,
+    fields: &Fields,
+    prefix: &str,
+    revoke: bool,
+) -> PageResult {
+    admin.check_csrf(fields)?;
+    let result = if revoke {
+        api_keys::ActiveModel::revoke(&ctx.db, prefix).await
+    } else {
+        api_keys::ActiveModel::reactivate(&ctx.db, prefix).await
+    };
+    match result {
+        Ok(key) => {
+            tracing::info!(prefix = %key.prefix, revoke, admin = %admin.admin.email, "key state changed from the dashboard");
+            Ok(see_other("/admin/keys"))
+        }
+        Err(crate::models::ModelError::NotFound(_)) => Err((
+            StatusCode::NOT_FOUND,
+            Html("<h1>404</h1><p>No such key.</p>"),
+        )
+            .into_response()),
+        Err(e) => Err(internal(e)),
+    }
+}
+
+async fn revoke(
+    State(ctx): State<AppContext>,
+    admin: SignedIn,
+    Path(prefix): Path<String>,
+    Form(fields): Form<Fields>,
+) -> PageResult {
+    set_revoked(&ctx, &admin, &fields, &prefix, true).await
+}
+
+async fn reactivate(
+    State(ctx): State<AppContext>,
+    admin: SignedIn,
+    Path(prefix): Path<String>,
+    Form(fields): Form<Fields>,
+) -> PageResult {
+    set_revoked(&ctx, &admin, &fields, &prefix, false).await
+}
+
+/// The dashboard's stylesheet, from `assets/static`, compiled in (no CDN, no static-file setup).
+async fn stylesheet() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=3600"),
+        ],
+        include_str!("../../assets/static/dashboard.css"),
+    )
+        .into_response()
+}
+
+pub fn routes() -> Routes {
+    use axum::routing::{get, post};
+    Routes::new()
+        .prefix("/admin")
+        .add("/", get(index))
+        .add("/static/dashboard.css", get(stylesheet))
+        .add("/login", get(login_page).post(login))
+        .add("/logout", post(logout))
+        .add("/setup", get(setup_page).post(setup))
+        .add("/keys", get(keys).post(create_key))
+        .add("/keys/new", get(new_key_page))
+        .add("/keys/{prefix}/revoke", post(revoke))
+        .add("/keys/{prefix}/reactivate", post(reactivate))
+}

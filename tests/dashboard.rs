@@ -1,0 +1,339 @@
+//! The admin dashboard over HTTP, as a browser uses it: first-run setup link, sign-in cookie,
+//! CSRF on every form, keys created (secret shown once), revoked and reactivated.
+
+mod common;
+
+use common::TestApp;
+use reqwest::{header, redirect::Policy, Client, StatusCode};
+use serde_json::json;
+use tollgate::services::Services;
+
+/// A browser without cookie storage: the test carries the session cookie itself.
+fn browser() -> Client {
+    Client::builder()
+        .redirect(Policy::none())
+        .build()
+        .expect("client")
+}
+
+fn location(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `tg_admin=<token>` from a `Set-Cookie` header, checking its attributes.
+fn session_cookie(resp: &reqwest::Response) -> String {
+    let set = resp
+        .headers()
+        .get(header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .expect("Set-Cookie")
+        .to_string();
+    assert!(set.contains("HttpOnly"), "{set}");
+    assert!(set.contains("SameSite=Strict"), "{set}");
+    set.split(';').next().expect("cookie").to_string()
+}
+
+fn csrf_of(page: &str) -> String {
+    let re = regex::Regex::new(r#"name="csrf" value="([0-9a-f]+)""#).expect("regex");
+    re.captures(page)
+        .and_then(|c| c.get(1))
+        .map(|m| m.as_str().to_string())
+        .expect("a csrf field on the page")
+}
+
+async fn page(http: &Client, url: String, cookie: &str) -> (StatusCode, String) {
+    let resp = http
+        .get(url)
+        .header(header::COOKIE, cookie)
+        .send()
+        .await
+        .expect("get");
+    (resp.status(), resp.text().await.expect("body"))
+}
+
+async fn form(
+    http: &Client,
+    url: String,
+    cookie: &str,
+    fields: &[(&str, &str)],
+) -> reqwest::Response {
+    http.post(url)
+        .header(header::COOKIE, cookie)
+        .form(fields)
+        .send()
+        .await
+        .expect("post")
+}
+
+#[tokio::test]
+async fn from_an_empty_database_to_a_working_key_in_the_browser() {
+    let app = TestApp::spawn().await;
+    let http = browser();
+    let url = |p: &str| app.url(p);
+
+    // Nothing is reachable without signing in.
+    for path in ["/admin", "/admin/keys", "/admin/keys/new"] {
+        let resp = http.get(url(path)).send().await.expect("get");
+        assert_eq!(resp.status(), StatusCode::SEE_OTHER, "{path}");
+        assert_eq!(location(&resp), "/admin/login", "{path}");
+    }
+    let resp = form(&http, url("/admin/keys"), "", &[("email", "x@example.com")]).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(app.key_count().await, 0);
+
+    // First run: the link the server printed (same code path) creates the first admin.
+    let services = Services::from_ctx(&app.ctx).expect("services");
+    let token = services.new_setup_link();
+    let (status, _) = page(&http, url("/admin/setup?token=wrong"), "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = page(&http, url(&format!("/admin/setup?token={token}")), "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("Create the first admin"), "{body}");
+    let resp = form(
+        &http,
+        url("/admin/setup"),
+        "",
+        &[
+            ("token", &token),
+            ("email", "root@example.com"),
+            ("password", "long-enough-pw"),
+            ("password2", "different-pw"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(resp
+        .text()
+        .await
+        .expect("body")
+        .contains("The passwords differ."));
+    let resp = form(
+        &http,
+        url("/admin/setup"),
+        "",
+        &[
+            ("token", &token),
+            ("email", "root@example.com"),
+            ("password", "long-enough-pw"),
+            ("password2", "long-enough-pw"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(location(&resp), "/admin/keys");
+    let cookie = session_cookie(&resp);
+    // Single use.
+    let (status, _) = page(&http, url(&format!("/admin/setup?token={token}")), "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, body) = page(&http, url("/admin/keys"), &cookie).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("No keys"), "{body}");
+    let csrf = csrf_of(&body);
+
+    // Forms without the CSRF token change nothing.
+    let resp = form(
+        &http,
+        url("/admin/keys"),
+        &cookie,
+        &[("email", "client@example.com")],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let resp = form(
+        &http,
+        url("/admin/keys"),
+        &cookie,
+        &[("csrf", "0000"), ("email", "client@example.com")],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(app.key_count().await, 0);
+
+    // Errors show next to their fields, and nothing is created.
+    let resp = form(
+        &http,
+        url("/admin/keys"),
+        &cookie,
+        &[
+            ("csrf", &csrf),
+            ("email", "nope"),
+            ("calls", "-1"),
+            ("valid_until", "someday"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body = resp.text().await.expect("body");
+    assert!(
+        body.contains(r#"id="email-error">An email address is required."#),
+        "{body}"
+    );
+    assert!(
+        body.contains(r#"id="calls-error">A whole number, 0 or more."#),
+        "{body}"
+    );
+    assert!(
+        body.contains(r#"id="valid_until-error">"#) && body.contains("is not a date"),
+        "{body}"
+    );
+    assert_eq!(app.key_count().await, 0);
+
+    // Create a key: the secret is on the next page, once.
+    let resp = form(
+        &http,
+        url("/admin/keys"),
+        &cookie,
+        &[
+            ("csrf", &csrf),
+            ("name", "Demo"),
+            ("email", "client@example.com"),
+            ("calls", "2"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(
+        resp.headers()
+            .get(header::CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok()),
+        Some("no-store")
+    );
+    let body = resp.text().await.expect("body");
+    let secret = regex::Regex::new(r"tg_[0-9a-f]{8}_[0-9a-f]{64}")
+        .expect("regex")
+        .find(&body)
+        .map(|m| m.as_str().to_string())
+        .expect("the secret on the page");
+    let prefix = secret[3..11].to_string();
+
+    // The key works, and the list shows its usage.
+    let resp = app
+        .http
+        .post(app.url("/api/"))
+        .bearer_auth(&secret)
+        .json(&json!({"text": "hi", "max_tokens": 2}))
+        .send()
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (_, body) = page(&http, url("/admin/keys?q=demo"), &cookie).await;
+    assert!(body.contains(&format!("tg_{prefix}_…")), "{body}");
+    assert!(body.contains("1 / 2"), "{body}");
+    assert!(!body.contains(&secret), "the list never shows a secret");
+    let (_, body) = page(&http, url("/admin/keys?q=nomatch"), &cookie).await;
+    assert!(body.contains("No keys"), "{body}");
+
+    // Revoke: the next call is 401. Reactivate: it works again.
+    let resp = form(
+        &http,
+        url(&format!("/admin/keys/{prefix}/revoke")),
+        &cookie,
+        &[("csrf", &csrf)],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let call = || {
+        app.http
+            .post(app.url("/api/"))
+            .bearer_auth(&secret)
+            .json(&json!({"text": "hi", "max_tokens": 2}))
+            .send()
+    };
+    assert_eq!(
+        call().await.expect("call").status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let (_, body) = page(&http, url("/admin/keys"), &cookie).await;
+    assert!(body.contains(">revoked<"), "{body}");
+    let resp = form(
+        &http,
+        url(&format!("/admin/keys/{prefix}/reactivate")),
+        &cookie,
+        &[("csrf", &csrf)],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(call().await.expect("call").status(), StatusCode::OK);
+
+    // Sign out ends the session on the server, not only in the browser.
+    let resp = form(&http, url("/admin/logout"), &cookie, &[("csrf", &csrf)]).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(location(&resp), "/admin/login");
+    let resp = http
+        .get(url("/admin/keys"))
+        .header(header::COOKIE, &cookie)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+
+    // Sign in again.
+    let resp = form(
+        &http,
+        url("/admin/login"),
+        "",
+        &[
+            ("email", "root@example.com"),
+            ("password", "wrong-password"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert!(resp
+        .text()
+        .await
+        .expect("body")
+        .contains("Wrong email or password."));
+    let resp = form(
+        &http,
+        url("/admin/login"),
+        "",
+        &[
+            ("email", "Root@Example.com"),
+            ("password", "long-enough-pw"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let cookie = session_cookie(&resp);
+    let (status, _) = page(&http, url("/admin/keys"), &cookie).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // The stylesheet is served locally.
+    let resp = http
+        .get(url("/admin/static/dashboard.css"))
+        .send()
+        .await
+        .expect("css");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.text().await.expect("css").contains(".bar"));
+}
+
+#[tokio::test]
+async fn repeated_failed_sign_ins_are_throttled() {
+    let app = TestApp::spawn_with(|s| s["auth"]["login_max_failures"] = json!(2)).await;
+    let http = browser();
+    for _ in 0..2 {
+        let resp = form(
+            &http,
+            app.url("/admin/login"),
+            "",
+            &[("email", "a@example.com"), ("password", "nope-nope")],
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    }
+    let resp = form(
+        &http,
+        app.url("/admin/login"),
+        "",
+        &[("email", "a@example.com"), ("password", "nope-nope")],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+}

@@ -13,6 +13,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 
+# The dashboard's browser test: Debian's Chromium driven by Playwright (no browser download).
+if [ ! -x /usr/bin/chromium ]; then
+  echo "tollgate: installing chromium for the browser test"
+  apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+fi
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

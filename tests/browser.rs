@@ -1,0 +1,45 @@
+//! The dashboard in real headless Chromium (tests/browser/dashboard.mjs, Playwright driving
+//! Debian's Chromium; scripts/test.sh installs both). Screenshots land in artifacts/screenshots.
+
+mod common;
+
+use common::TestApp;
+use tollgate::services::Services;
+
+#[tokio::test]
+async fn an_admin_goes_from_empty_database_to_working_key_in_chromium() {
+    assert!(
+        std::path::Path::new("tests/browser/node_modules/playwright-core").exists()
+            && std::path::Path::new("/usr/bin/chromium").exists(),
+        "missing Chromium or playwright-core: run ./scripts/test.sh (it installs them)"
+    );
+    let app = TestApp::spawn().await;
+    let token = Services::from_ctx(&app.ctx)
+        .expect("services")
+        .new_setup_link();
+    let out = tokio::process::Command::new("node")
+        .args([
+            "tests/browser/dashboard.mjs",
+            &app.base,
+            &token,
+            "artifacts/screenshots",
+        ])
+        .output()
+        .await
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "browser checks failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("browser checks passed"), "{stdout}");
+    for shot in ["keys.png", "key-created.png", "keys-narrow.png"] {
+        let path = std::path::Path::new("artifacts/screenshots").join(shot);
+        assert!(
+            std::fs::metadata(&path).is_ok_and(|m| m.len() > 1000),
+            "no screenshot {}",
+            path.display()
+        );
+    }
+}

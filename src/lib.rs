@@ -17,4 +17,5 @@ pub mod settings;
 pub mod tasks;
 pub mod throttle;
 pub mod validation;
+pub mod views;
 pub mod workers;

@@ -34,7 +34,12 @@ async fn an_admin_goes_from_empty_database_to_working_key_in_chromium() {
         "browser checks failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("browser checks passed"), "{stdout}");
-    for shot in ["keys.png", "key-created.png", "keys-narrow.png"] {
+    for shot in [
+        "keys.png",
+        "key-created.png",
+        "key-detail.png",
+        "keys-narrow.png",
+    ] {
         let path = std::path::Path::new("artifacts/screenshots").join(shot);
         assert!(
             std::fs::metadata(&path).is_ok_and(|m| m.len() > 1000),

@@ -225,6 +225,21 @@ async fn from_an_empty_database_to_a_working_key_in_the_browser() {
     assert!(body.contains(&format!("tg_{prefix}_…")), "{body}");
     assert!(body.contains("1 / 2"), "{body}");
     assert!(!body.contains(&secret), "the list never shows a secret");
+    // The key's page: today's bar in both charts, and the job.
+    let (status, body) = page(&http, url(&format!("/admin/keys/{prefix}")), &cookie).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert!(
+        body.contains(&format!("<title>{today}: 1</title>")),
+        "{body}"
+    );
+    assert_eq!(body.matches("<svg").count(), 2, "{body}");
+    assert!(
+        body.contains("<code>/api/</code>") && body.contains(">done"),
+        "{body}"
+    );
+    let (status, _) = page(&http, url("/admin/keys/ffffffff"), &cookie).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     let (_, body) = page(&http, url("/admin/keys?q=nomatch"), &cookie).await;
     assert!(body.contains("No keys"), "{body}");
 

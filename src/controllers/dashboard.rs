@@ -31,9 +31,10 @@ use crate::{
     models::{
         admin_sessions, admins,
         api_keys::{self, KeyParams},
-        now,
+        jobs, now, usage_records,
     },
     services::Services,
+    views::chart,
 };
 
 const COOKIE: &str = "tg_admin";
@@ -382,6 +383,74 @@ async fn keys(
     )
 }
 
+/// Days shown in a key's charts.
+const CHART_DAYS: i64 = 30;
+
+async fn key_detail(
+    State(ctx): State<AppContext>,
+    admin: SignedIn,
+    ViewEngine(v): ViewEngine<TeraView>,
+    Path(prefix): Path<String>,
+) -> PageResult {
+    let Some(key) = api_keys::Model::find_by_prefix(&ctx.db, &prefix)
+        .await
+        .map_err(internal)?
+    else {
+        return Err((
+            StatusCode::NOT_FOUND,
+            Html("<h1>404</h1><p>No such key.</p>"),
+        )
+            .into_response());
+    };
+    let to = chrono::Utc::now().date_naive();
+    let from = to - chrono::Duration::days(CHART_DAYS - 1);
+    let days = usage_records::daily(&ctx.db, key.id, from, to)
+        .await
+        .map_err(internal)?;
+    // One point per day, zero where nothing happened.
+    let series = |pick: fn(&usage_records::DailyUsage) -> i64| -> Vec<(String, i64)> {
+        (0..CHART_DAYS)
+            .map(|i| from + chrono::Duration::days(i))
+            .map(|day| {
+                let value = days.iter().find(|d| d.day == day).map_or(0, pick);
+                (day.format("%Y-%m-%d").to_string(), value)
+            })
+            .collect()
+    };
+    let requests_chart = chart::bars("Requests per day", &series(|d| d.requests));
+    let tokens_chart = chart::bars("Generated tokens per day", &series(|d| d.generated_tokens));
+    let jobs: Vec<Value> = jobs::Model::recent_for_key(&ctx.db, key.id, 20)
+        .await
+        .map_err(internal)?
+        .iter()
+        .map(|j| {
+            json!({
+                "id": j.id,
+                "endpoint": j.endpoint,
+                "model": j.model,
+                "status": j.status,
+                "queued_at": j.queued_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                "latency_ms": j.finished_at.map(|f| (f - j.queued_at).num_milliseconds()),
+                "prompt_tokens": j.prompt_tokens,
+                "generated_tokens": j.generated_tokens,
+                "error": j.error,
+            })
+        })
+        .collect();
+    render(
+        &v,
+        StatusCode::OK,
+        "dashboard/key.html",
+        &admin.page(json!({
+            "key": key_row(&key),
+            "requests_chart": requests_chart,
+            "tokens_chart": tokens_chart,
+            "jobs": jobs,
+            "days": CHART_DAYS,
+        })),
+    )
+}
+
 async fn new_key_page(admin: SignedIn, ViewEngine(v): ViewEngine<TeraView>) -> PageResult {
     render(
         &v,
@@ -558,6 +627,7 @@ pub fn routes() -> Routes {
         .add("/setup", get(setup_page).post(setup))
         .add("/keys", get(keys).post(create_key))
         .add("/keys/new", get(new_key_page))
+        .add("/keys/{prefix}", get(key_detail))
         .add("/keys/{prefix}/revoke", post(revoke))
         .add("/keys/{prefix}/reactivate", post(reactivate))
 }

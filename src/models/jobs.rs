@@ -122,6 +122,24 @@ impl Model {
         Ok(Entity::find_by_id(id.to_string()).one(db).await?)
     }
 
+    /// The latest jobs of a key, newest first (dashboard).
+    ///
+    /// # Errors
+    /// On database errors.
+    pub async fn recent_for_key<C: ConnectionTrait>(
+        db: &C,
+        api_key_id: i32,
+        limit: u64,
+    ) -> Result<Vec<Self>, ModelError> {
+        use sea_orm::{QueryOrder, QuerySelect};
+        Ok(Entity::find()
+            .filter(Column::ApiKeyId.eq(api_key_id))
+            .order_by_desc(Column::QueuedAt)
+            .limit(limit)
+            .all(db)
+            .await?)
+    }
+
     /// Jobs of `model` still waiting for a worker.
     ///
     /// # Errors

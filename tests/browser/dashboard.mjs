@@ -58,6 +58,13 @@ try {
   assert.equal(await row.getByRole("meter").getAttribute("aria-valuenow"), "33");
   await page.screenshot({ path: `${outdir}/keys.png`, fullPage: true });
 
+  // The key's page: today's bar in the requests chart shows the call.
+  await row.getByRole("link", { name: "Browser demo" }).click();
+  const today = new Date().toISOString().slice(0, 10);
+  assert.equal(await page.locator(`svg[aria-label="Requests per day"] rect title`).filter({ hasText: `${today}: 1` }).count(), 1);
+  await page.screenshot({ path: `${outdir}/key-detail.png`, fullPage: true });
+  await page.goto(`${base}/admin/keys`);
+
   // Revoke: the next call is refused.
   await row.getByRole("button", { name: "Revoke" }).click();
   await page.waitForURL(`${base}/admin/keys`);

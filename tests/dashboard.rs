@@ -275,6 +275,73 @@ async fn from_an_empty_database_to_a_working_key_in_the_browser() {
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert_eq!(call().await.expect("call").status(), StatusCode::OK);
 
+    // Edit limits and window: counters stay.
+    let edit = [
+        ("email", "client@example.com"),
+        ("name", "Demo"),
+        ("calls", "5"),
+        ("valid_until", "2099-12-31"),
+    ];
+    let resp = form(&http, url(&format!("/admin/keys/{prefix}")), &cookie, &edit).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN, "no csrf, no change");
+    let mut with_csrf = vec![("csrf", csrf.as_str())];
+    with_csrf.extend(edit);
+    let resp = form(
+        &http,
+        url(&format!("/admin/keys/{prefix}")),
+        &cookie,
+        &with_csrf,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(location(&resp), format!("/admin/keys/{prefix}"));
+    let key = tollgate::models::api_keys::Model::find_by_prefix(&app.ctx.db, &prefix)
+        .await
+        .expect("db")
+        .expect("key");
+    assert_eq!((key.max_calls, key.calls_used), (Some(5), 2));
+    assert!(key.valid_until.is_some());
+
+    // Rotate: a new secret for the same key; the old one stops working.
+    let resp = form(
+        &http,
+        url(&format!("/admin/keys/{prefix}/rotate")),
+        &cookie,
+        &[("csrf", &csrf)],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.text().await.expect("body");
+    assert!(body.contains("New secret for"), "{body}");
+    let rotated = regex::Regex::new(r"tg_[0-9a-f]{8}_[0-9a-f]{64}")
+        .expect("regex")
+        .find(&body)
+        .map(|m| m.as_str().to_string())
+        .expect("the new secret");
+    assert_ne!(rotated, secret);
+    assert_eq!(
+        call().await.expect("call").status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let resp = app
+        .http
+        .post(app.url("/api/"))
+        .bearer_auth(&rotated)
+        .json(&json!({"text": "hi", "max_tokens": 2}))
+        .send()
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let key = {
+        use sea_orm::EntityTrait;
+        tollgate::models::api_keys::Entity::find_by_id(key.id)
+            .one(&app.ctx.db)
+            .await
+            .expect("db")
+            .expect("key")
+    };
+    assert_eq!(key.calls_used, 3, "the same key, its history kept");
+
     // Sign out ends the session on the server, not only in the browser.
     let resp = form(&http, url("/admin/logout"), &cookie, &[("csrf", &csrf)]).await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);

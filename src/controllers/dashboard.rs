@@ -56,6 +56,7 @@ fn render(v: &TeraView, status: StatusCode, template: &str, data: &Value) -> Pag
             ("admin_email", Value::Null),
             ("csrf", json!("")),
             ("q", json!("")),
+            ("rotated", json!(false)),
         ] {
             map.entry(name).or_insert(empty);
         }
@@ -352,6 +353,25 @@ fn key_row(k: &api_keys::Model) -> Value {
     })
 }
 
+/// A key's current values as the edit form shows them.
+fn key_form(k: &api_keys::Model) -> Value {
+    let num = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
+    let day = |t: Option<sea_orm::prelude::DateTimeWithTimeZone>| {
+        t.map(|t| t.format("%Y-%m-%d").to_string())
+            .unwrap_or_default()
+    };
+    json!({
+        "name": k.name,
+        "email": k.email,
+        "organization": k.organization.clone().unwrap_or_default(),
+        "calls": num(k.max_calls),
+        "prompt_tokens": num(k.prompt_token_limit),
+        "gen_tokens": num(k.gen_token_limit),
+        "valid_from": day(k.valid_from),
+        "valid_until": day(k.valid_until),
+    })
+}
+
 async fn keys(
     State(ctx): State<AppContext>,
     admin: SignedIn,
@@ -443,6 +463,7 @@ async fn key_detail(
         "dashboard/key.html",
         &admin.page(json!({
             "key": key_row(&key),
+            "form": key_form(&key),
             "requests_chart": requests_chart,
             "tokens_chart": tokens_chart,
             "jobs": jobs,
@@ -586,6 +607,76 @@ async fn set_revoked(
     }
 }
 
+async fn edit_key(
+    State(ctx): State<AppContext>,
+    admin: SignedIn,
+    ViewEngine(v): ViewEngine<TeraView>,
+    Path(prefix): Path<String>,
+    Form(fields): Form<Fields>,
+) -> PageResult {
+    admin.check_csrf(&fields)?;
+    let params = match key_params(&fields) {
+        Ok(p) => p,
+        Err(errors) => {
+            return render(
+                &v,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "dashboard/edit_key.html",
+                &admin.page(json!({"prefix": prefix, "form": fields, "errors": errors})),
+            )
+        }
+    };
+    match api_keys::ActiveModel::edit(&ctx.db, &prefix, params).await {
+        Ok(key) => {
+            tracing::info!(prefix = %key.prefix, admin = %admin.admin.email, "key edited from the dashboard");
+            Ok(see_other(&format!("/admin/keys/{}", key.prefix)))
+        }
+        Err(crate::models::ModelError::Invalid(m)) => render(
+            &v,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "dashboard/edit_key.html",
+            &admin.page(json!({"prefix": prefix, "form": fields, "errors": {"valid_until": m}})),
+        ),
+        Err(crate::models::ModelError::NotFound(_)) => Err((
+            StatusCode::NOT_FOUND,
+            Html("<h1>404</h1><p>No such key.</p>"),
+        )
+            .into_response()),
+        Err(e) => Err(internal(e)),
+    }
+}
+
+async fn rotate_key(
+    State(ctx): State<AppContext>,
+    admin: SignedIn,
+    ViewEngine(v): ViewEngine<TeraView>,
+    Path(prefix): Path<String>,
+    Form(fields): Form<Fields>,
+) -> PageResult {
+    admin.check_csrf(&fields)?;
+    let issued = match api_keys::ActiveModel::rotate(&ctx.db, &prefix).await {
+        Ok(i) => i,
+        Err(crate::models::ModelError::NotFound(_)) => {
+            return Err((
+                StatusCode::NOT_FOUND,
+                Html("<h1>404</h1><p>No such key.</p>"),
+            )
+                .into_response())
+        }
+        Err(e) => return Err(internal(e)),
+    };
+    tracing::info!(old = %prefix, new = %issued.key.prefix, admin = %admin.admin.email, "key rotated from the dashboard");
+    let mut resp = render(
+        &v,
+        StatusCode::OK,
+        "dashboard/key_created.html",
+        &admin.page(json!({"key": key_row(&issued.key), "secret": issued.secret, "rotated": true})),
+    )?;
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
 async fn revoke(
     State(ctx): State<AppContext>,
     admin: SignedIn,
@@ -627,7 +718,8 @@ pub fn routes() -> Routes {
         .add("/setup", get(setup_page).post(setup))
         .add("/keys", get(keys).post(create_key))
         .add("/keys/new", get(new_key_page))
-        .add("/keys/{prefix}", get(key_detail))
+        .add("/keys/{prefix}", get(key_detail).post(edit_key))
+        .add("/keys/{prefix}/rotate", post(rotate_key))
         .add("/keys/{prefix}/revoke", post(revoke))
         .add("/keys/{prefix}/reactivate", post(reactivate))
 }

@@ -411,6 +411,73 @@ impl ActiveModel {
 }
 
 impl ActiveModel {
+    /// A new secret for an existing key: same row, limits, counters and history; the old
+    /// secret stops working at once. The new plain secret is returned once.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown prefix, or a database error.
+    pub async fn rotate<C: ConnectionTrait>(db: &C, prefix: &str) -> Result<IssuedKey, ModelError> {
+        let key = Model::find_by_prefix(db, prefix)
+            .await?
+            .ok_or_else(|| ModelError::NotFound(format!("no key with prefix {prefix:?}")))?;
+        let (new_prefix, secret) = new_secret();
+        let mut am: Self = key.into();
+        am.prefix = Set(new_prefix);
+        am.secret_hash = Set(hash_secret(&secret));
+        am.updated_at = Set(now());
+        Ok(IssuedKey {
+            key: am.update(db).await?,
+            secret,
+        })
+    }
+
+    /// Changes a key's label, owner, limits and window (the dashboard's edit form); counters
+    /// and secret stay.
+    ///
+    /// # Errors
+    /// `Invalid` for bad values, `NotFound` for an unknown prefix, or a database error.
+    pub async fn edit<C: ConnectionTrait>(
+        db: &C,
+        prefix: &str,
+        params: KeyParams,
+    ) -> Result<Model, ModelError> {
+        let key = Model::find_by_prefix(db, prefix)
+            .await?
+            .ok_or_else(|| ModelError::NotFound(format!("no key with prefix {prefix:?}")))?;
+        let email = params.email.trim().to_lowercase();
+        if !email.contains('@') {
+            return Err(ModelError::Invalid(format!(
+                "not an email address: {email:?}"
+            )));
+        }
+        if let (Some(from), Some(until)) = (params.valid_from, params.valid_until) {
+            if until < from {
+                return Err(ModelError::Invalid(
+                    "valid_until is before valid_from".into(),
+                ));
+            }
+        }
+        let name = if params.name.trim().is_empty() {
+            email.clone()
+        } else {
+            params.name.trim().to_string()
+        };
+        let mut am: Self = key.into();
+        am.name = Set(name);
+        am.email = Set(email);
+        am.organization = Set(params
+            .organization
+            .map(|o| o.trim().to_string())
+            .filter(|o| !o.is_empty()));
+        am.max_calls = Set(params.max_calls);
+        am.prompt_token_limit = Set(params.prompt_token_limit);
+        am.gen_token_limit = Set(params.gen_token_limit);
+        am.valid_from = Set(params.valid_from);
+        am.valid_until = Set(params.valid_until);
+        am.updated_at = Set(now());
+        Ok(am.update(db).await?)
+    }
+
     /// Takes back a revocation (the dashboard's "reactivate").
     ///
     /// # Errors

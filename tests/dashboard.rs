@@ -240,6 +240,43 @@ async fn from_an_empty_database_to_a_working_key_in_the_browser() {
     );
     let (status, _) = page(&http, url("/admin/keys/ffffffff"), &cookie).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // Jobs across keys, filtered, and one job's detail.
+    let (status, body) = page(&http, url("/admin/jobs?status=done"), &cookie).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body.contains("<code>/api/</code>") && body.contains(&prefix),
+        "{body}"
+    );
+    let (_, body) = page(&http, url("/admin/jobs?status=failed"), &cookie).await;
+    assert!(body.contains("No jobs match."), "{body}");
+    let (_, body) = page(&http, url("/admin/jobs?key=ffffffff"), &cookie).await;
+    assert!(body.contains("No jobs match."), "{body}");
+    let job_id = regex::Regex::new(r#"/admin/jobs/([0-9a-f-]{36})"#)
+        .expect("regex")
+        .captures(&page(&http, url("/admin/jobs"), &cookie).await.1)
+        .and_then(|c| c.get(1))
+        .map(|m| m.as_str().to_string())
+        .expect("a job link");
+    let (status, body) = page(&http, url(&format!("/admin/jobs/{job_id}")), &cookie).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body.contains(&job_id) && body.contains("ran ") && body.contains("waited "),
+        "{body}"
+    );
+
+    // The overview: numbers from the database and the worker.
+    let (status, body) = page(&http, url("/admin/overview"), &cookie).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body.contains("Jobs finished (last 15 min)</th><td>1 ("),
+        "{body}"
+    );
+    assert!(
+        body.contains(" ms / ") && body.contains("embedded-"),
+        "{body}"
+    );
+    assert!(body.contains("Queue depth · smollm2"), "{body}");
+
     let (_, body) = page(&http, url("/admin/keys?q=nomatch"), &cookie).await;
     assert!(body.contains("No keys"), "{body}");
 

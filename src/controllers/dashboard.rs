@@ -183,7 +183,7 @@ async fn start_session(ctx: &AppContext, services: &Services, admin_id: i32) -> 
 }
 
 async fn index(_admin: SignedIn) -> Response {
-    see_other("/admin/keys")
+    see_other("/admin/overview")
 }
 
 async fn login_page(ViewEngine(v): ViewEngine<TeraView>) -> PageResult {
@@ -472,6 +472,181 @@ async fn key_detail(
     )
 }
 
+fn ms_between(
+    a: Option<sea_orm::prelude::DateTimeWithTimeZone>,
+    b: Option<sea_orm::prelude::DateTimeWithTimeZone>,
+) -> Option<i64> {
+    Some((b? - a?).num_milliseconds())
+}
+
+fn job_row(j: &jobs::Model, prefixes: &HashMap<i32, String>) -> Value {
+    json!({
+        "id": j.id,
+        "key": prefixes.get(&j.api_key_id),
+        "endpoint": j.endpoint,
+        "model": j.model,
+        "status": j.status,
+        "queued_at": j.queued_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+        "wait_ms": ms_between(Some(j.queued_at), j.started_at),
+        "run_ms": ms_between(j.started_at, j.finished_at),
+        "latency_ms": ms_between(Some(j.queued_at), j.finished_at),
+        "prompt_tokens": j.prompt_tokens,
+        "generated_tokens": j.generated_tokens,
+        "finish_reason": j.finish_reason,
+        "worker": j.worker,
+        "attempts": j.attempts,
+        "refunded": j.refunded,
+        "error": j.error,
+    })
+}
+
+async fn key_prefixes(ctx: &AppContext) -> Result<HashMap<i32, String>, Response> {
+    Ok(api_keys::Model::list(&ctx.db)
+        .await
+        .map_err(internal)?
+        .into_iter()
+        .map(|k| (k.id, k.prefix))
+        .collect())
+}
+
+async fn jobs_page(
+    State(ctx): State<AppContext>,
+    admin: SignedIn,
+    ViewEngine(v): ViewEngine<TeraView>,
+    Query(q): Query<Fields>,
+) -> PageResult {
+    let pick = |name: &str| q.get(name).map(|s| s.trim()).filter(|s| !s.is_empty());
+    let prefixes = key_prefixes(&ctx).await?;
+    // An unknown prefix matches no job (id -1).
+    let key_id = pick("key").map(|p| {
+        prefixes
+            .iter()
+            .find(|(_, v)| *v == p)
+            .map_or(-1, |(id, _)| *id)
+    });
+    let rows: Vec<Value> = jobs::Model::recent(&ctx.db, pick("status"), key_id, pick("model"), 100)
+        .await
+        .map_err(internal)?
+        .iter()
+        .map(|j| job_row(j, &prefixes))
+        .collect();
+    render(
+        &v,
+        StatusCode::OK,
+        "dashboard/jobs.html",
+        &admin.page(json!({
+            "jobs": rows,
+            "filter": {
+                "status": pick("status").unwrap_or_default(),
+                "key": pick("key").unwrap_or_default(),
+                "model": pick("model").unwrap_or_default(),
+            },
+            "statuses": [jobs::QUEUED, jobs::RUNNING, jobs::DONE, jobs::FAILED],
+        })),
+    )
+}
+
+async fn job_page(
+    State(ctx): State<AppContext>,
+    admin: SignedIn,
+    ViewEngine(v): ViewEngine<TeraView>,
+    Path(id): Path<String>,
+) -> PageResult {
+    let Some(job) = jobs::Model::find_any(&ctx.db, &id)
+        .await
+        .map_err(internal)?
+    else {
+        return Err((
+            StatusCode::NOT_FOUND,
+            Html("<h1>404</h1><p>No such job.</p>"),
+        )
+            .into_response());
+    };
+    let prefixes = key_prefixes(&ctx).await?;
+    let mut row = job_row(&job, &prefixes);
+    row["request"] = json!(job.request);
+    row["result"] = json!(job
+        .result
+        .as_deref()
+        .map(|r| r.chars().take(4000).collect::<String>()));
+    row["started_at"] = json!(job
+        .started_at
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string()));
+    row["finished_at"] = json!(job
+        .finished_at
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string()));
+    render(
+        &v,
+        StatusCode::OK,
+        "dashboard/job.html",
+        &admin.page(json!({"job": row})),
+    )
+}
+
+/// The value at quantile `q` (0..=1) of sorted `values`.
+fn quantile(sorted: &[i64], q: f64) -> Option<i64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted.get(i).copied()
+}
+
+async fn overview(
+    State(ctx): State<AppContext>,
+    admin: SignedIn,
+    ViewEngine(v): ViewEngine<TeraView>,
+) -> PageResult {
+    let services = Services::from_ctx(&ctx).map_err(IntoResponse::into_response)?;
+    let window_minutes = 15;
+    let since = now() - chrono::Duration::minutes(window_minutes);
+    let recent = jobs::Model::finished_since(&ctx.db, since)
+        .await
+        .map_err(internal)?;
+    let mut latencies: Vec<i64> = recent
+        .iter()
+        .filter(|j| j.status == jobs::DONE)
+        .filter_map(|j| ms_between(Some(j.queued_at), j.finished_at))
+        .collect();
+    latencies.sort_unstable();
+    let failed = recent.iter().filter(|j| j.status == jobs::FAILED).count();
+    let mut queues = vec![json!({
+        "model": services.settings.engine.model_name,
+        "depth": services.queue.depth().await.ok(),
+    })];
+    let mut workers = Vec::new();
+    if let Some(status) = services.engine_status() {
+        workers.push(json!({"name": services.worker_name, "engine": status}));
+    }
+    for m in services.registry.all() {
+        queues.push(json!({"model": m.model_id, "depth": m.queue.depth().await.ok()}));
+        workers.push(json!({"name": format!("{} (loaded {})", m.model_id, m.loaded_at.format("%H:%M")), "engine": m.status()}));
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let per_minute = recent.len() as f64 / window_minutes as f64;
+    render(
+        &v,
+        StatusCode::OK,
+        "dashboard/overview.html",
+        &admin.page(json!({
+            "window_minutes": window_minutes,
+            "per_minute": format!("{per_minute:.1}"),
+            "finished": recent.len(),
+            "failed": failed,
+            "p50": quantile(&latencies, 0.5),
+            "p95": quantile(&latencies, 0.95),
+            "queues": queues,
+            "workers": workers,
+            "mode": if services.engine.is_some() { "embedded worker (in this process)" } else { "external workers" },
+        })),
+    )
+}
+
 async fn new_key_page(admin: SignedIn, ViewEngine(v): ViewEngine<TeraView>) -> PageResult {
     render(
         &v,
@@ -718,8 +893,25 @@ pub fn routes() -> Routes {
         .add("/setup", get(setup_page).post(setup))
         .add("/keys", get(keys).post(create_key))
         .add("/keys/new", get(new_key_page))
+        .add("/jobs", get(jobs_page))
+        .add("/jobs/{id}", get(job_page))
+        .add("/overview", get(overview))
         .add("/keys/{prefix}", get(key_detail).post(edit_key))
         .add("/keys/{prefix}/rotate", post(rotate_key))
         .add("/keys/{prefix}/revoke", post(revoke))
         .add("/keys/{prefix}/reactivate", post(reactivate))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantile;
+
+    #[test]
+    fn quantiles_of_sorted_values() {
+        let v: Vec<i64> = (1..=100).collect();
+        assert_eq!(quantile(&v, 0.5), Some(51));
+        assert_eq!(quantile(&v, 0.95), Some(95));
+        assert_eq!(quantile(&[7], 0.95), Some(7));
+        assert_eq!(quantile(&[], 0.5), None);
+    }
 }

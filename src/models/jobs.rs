@@ -140,6 +140,50 @@ impl Model {
             .await?)
     }
 
+    /// The latest jobs across keys, newest first, optionally filtered (dashboard).
+    ///
+    /// # Errors
+    /// On database errors.
+    pub async fn recent<C: ConnectionTrait>(
+        db: &C,
+        status: Option<&str>,
+        api_key_id: Option<i32>,
+        model: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<Self>, ModelError> {
+        use sea_orm::{QueryOrder, QuerySelect};
+        let mut q = Entity::find();
+        if let Some(s) = status {
+            q = q.filter(Column::Status.eq(s));
+        }
+        if let Some(k) = api_key_id {
+            q = q.filter(Column::ApiKeyId.eq(k));
+        }
+        if let Some(m) = model {
+            q = q.filter(Column::Model.eq(m));
+        }
+        Ok(q.order_by_desc(Column::QueuedAt)
+            .limit(limit)
+            .all(db)
+            .await?)
+    }
+
+    /// Jobs finished since `since`, newest first (dashboard throughput and latency).
+    ///
+    /// # Errors
+    /// On database errors.
+    pub async fn finished_since<C: ConnectionTrait>(
+        db: &C,
+        since: DateTimeWithTimeZone,
+    ) -> Result<Vec<Self>, ModelError> {
+        use sea_orm::QueryOrder;
+        Ok(Entity::find()
+            .filter(Column::FinishedAt.gte(since))
+            .order_by_desc(Column::FinishedAt)
+            .all(db)
+            .await?)
+    }
+
     /// Jobs of `model` still waiting for a worker.
     ///
     /// # Errors

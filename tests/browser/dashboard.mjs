@@ -72,6 +72,12 @@ try {
   const refused = await call();
   assert.equal(refused.status, 401);
 
+  // The overview shows the finished job and the worker.
+  await page.getByRole("link", { name: "Overview" }).click();
+  assert.match(await page.content(), /Jobs finished/);
+  await page.screenshot({ path: `${outdir}/overview.png`, fullPage: true });
+  await page.goto(`${base}/admin/keys`);
+
   // A narrow screen still shows every key's data.
   await page.setViewportSize({ width: 380, height: 800 });
   await page.screenshot({ path: `${outdir}/keys-narrow.png`, fullPage: true });

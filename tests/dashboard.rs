@@ -456,3 +456,105 @@ async fn repeated_failed_sign_ins_are_throttled() {
     .await;
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
 }
+
+#[tokio::test]
+async fn admins_register_and_remove_lora_heads_in_the_dashboard() {
+    let dir = common::scratch_dir("dash-adapters");
+    std::fs::create_dir_all(&dir).expect("adapters dir");
+    common::make_adapter(&dir.join("demo.gguf"), 1234);
+    let adapters_dir = dir.display().to_string();
+    let app = TestApp::spawn_with(move |s| s["engine"]["adapters_dir"] = json!(adapters_dir)).await;
+    tollgate::models::admins::ActiveModel::create(
+        &app.ctx.db,
+        "root@example.com",
+        "long-enough-pw",
+    )
+    .await
+    .expect("admin");
+    let http = browser();
+    let resp = form(
+        &http,
+        app.url("/admin/login"),
+        "",
+        &[
+            ("email", "root@example.com"),
+            ("password", "long-enough-pw"),
+        ],
+    )
+    .await;
+    let cookie = session_cookie(&resp);
+    let (status, body) = page(&http, app.url("/admin/adapters"), &cookie).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("No LoRA heads registered."), "{body}");
+    let csrf = csrf_of(&body);
+
+    // A path out of the folder: the error shows at the path field, nothing is stored.
+    let resp = form(
+        &http,
+        app.url("/admin/adapters"),
+        &cookie,
+        &[
+            ("csrf", &csrf),
+            ("name", "demo"),
+            ("path", "../demo.gguf"),
+            ("scale", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body = resp.text().await.expect("body");
+    assert!(
+        body.contains(r#"id="path-error">path must stay inside"#),
+        "{body}"
+    );
+    assert!(body.contains("No LoRA heads registered."), "{body}");
+
+    let resp = form(
+        &http,
+        app.url("/admin/adapters"),
+        &cookie,
+        &[
+            ("csrf", &csrf),
+            ("name", "demo"),
+            ("path", "demo.gguf"),
+            ("scale", "0.5"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let (_, body) = page(&http, app.url("/admin/adapters"), &cookie).await;
+    assert!(
+        body.contains("<code>smollm2:demo</code>") && body.contains(">0.5<"),
+        "{body}"
+    );
+
+    // The head is usable at once through the API.
+    let key = app.key_with_calls(None).await;
+    let resp = app
+        .http
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(&key.secret)
+        .json(&json!({"model": "smollm2:demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}))
+        .send()
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (_, body) = page(&http, app.url("/admin/adapters"), &cookie).await;
+    assert!(
+        body.contains("embedded-"),
+        "loaded on the worker after use: {body}"
+    );
+
+    let resp = form(&http, app.url("/admin/adapters/demo/remove"), &cookie, &[]).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN, "no csrf");
+    let resp = form(
+        &http,
+        app.url("/admin/adapters/demo/remove"),
+        &cookie,
+        &[("csrf", &csrf)],
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let (_, body) = page(&http, app.url("/admin/adapters"), &cookie).await;
+    assert!(body.contains("No LoRA heads registered."), "{body}");
+}

@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use common::{code, scratch_dir, TestApp, TestKey};
+use common::{code, make_adapter, python, scratch_dir, TestApp, TestKey};
 use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::{json, Value};
 use tollgate::models::{
@@ -36,46 +36,6 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.root);
     }
-}
-
-fn python() -> &'static Path {
-    let python = Path::new(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "missing .venv with gguf/numpy: run ./scripts/test.sh (it creates it)"
-    );
-    python
-}
-
-/// Writes the demo adapter for `seed` to `path` with scripts/make-lora.py. The script is
-/// deterministic and slowish (it parses the whole base model), so its output is kept in a cache
-/// keyed by the script's content, the base model's size and the seed, and copied from there.
-fn make_adapter(path: &Path, seed: u32) {
-    use sha2::{Digest, Sha256};
-    let script = std::fs::read("scripts/make-lora.py").expect("read make-lora.py");
-    let model_len = std::fs::metadata("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        .map(|m| m.len())
-        .unwrap_or_default();
-    let digest = hex::encode(Sha256::digest(&script));
-    let cache = std::env::temp_dir().join("tollgate-make-lora-cache");
-    std::fs::create_dir_all(&cache).expect("cache dir");
-    let cached = cache.join(format!("{}-{model_len}-{seed}.gguf", &digest[..16]));
-    if !cached.is_file() {
-        // Written under a unique name, then renamed: concurrent tests never see half a file.
-        let partial = cache.join(format!("{}.partial", uuid::Uuid::new_v4()));
-        let out = std::process::Command::new(python())
-            .args(["scripts/make-lora.py", "--seed", &seed.to_string(), "--out"])
-            .arg(&partial)
-            .output()
-            .expect("run make-lora.py");
-        assert!(
-            out.status.success(),
-            "make-lora.py failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::fs::rename(&partial, &cached).expect("store the adapter");
-    }
-    std::fs::copy(&cached, path).expect("copy the adapter");
 }
 
 async fn spawn(scratch: &Scratch, cache_size: Option<usize>) -> TestApp {

@@ -33,7 +33,8 @@ struct AttachRequest {
 
 /// The workers holding `name` loaded now (embedded mode knows its own; external workers report
 /// through their own `/ping`).
-fn loaded_on(services: &Services, name: &str) -> Vec<String> {
+/// Names of the workers in this process that hold the adapter `name` loaded now.
+pub fn loaded_on(services: &Services, name: &str) -> Vec<String> {
     match (services.engine_status(), &services.worker_name) {
         (Some(status), Some(worker)) if status.adapters.iter().any(|a| a == name) => {
             vec![worker.clone()]
@@ -54,6 +55,53 @@ fn adapter_json(services: &Services, a: &adapters::Model) -> Value {
     })
 }
 
+/// Registers a LoRA head after every check (name, scale, base model, a free name, a file inside
+/// the adapters folder, a LoRA GGUF for the served architecture); nothing is stored otherwise.
+/// Shared by the admin API and the dashboard.
+///
+/// # Errors
+/// 409 for a taken name, 422 for anything wrong with the request or the file.
+pub async fn register(
+    ctx: &AppContext,
+    services: &Services,
+    name: &str,
+    path: &str,
+    scale: Option<f64>,
+    base_model: Option<&str>,
+) -> ApiResult<adapters::Model> {
+    let name = name.trim().to_string();
+    adapters::validate_name(&name)?;
+    let scale = scale.unwrap_or(1.0);
+    adapters::validate_scale(scale)?;
+    let served = services.settings.engine.model_name.clone();
+    if let Some(base) = base_model.map(str::trim) {
+        if !base.is_empty() && base != served {
+            return Err(ApiError::unprocessable(
+                "unknown_base_model",
+                format!("this server serves {served:?}; adapters can only be registered for it"),
+            ));
+        }
+    }
+    if adapters::Model::find_by_name(&ctx.db, &name)
+        .await?
+        .is_some()
+    {
+        return Err(adapters::AdapterError::Exists(name).into());
+    }
+    let file = adapters::resolve_file(&services.settings.engine.adapters_dir, path)?;
+    adapters::check_lora(&file.path, services.base_architecture().as_deref())?;
+    Ok(adapters::ActiveModel::register(
+        &ctx.db,
+        NewAdapter {
+            name,
+            file: file.relative,
+            base_model: served,
+            default_scale: scale,
+        },
+    )
+    .await?)
+}
+
 fn not_found(name: &str) -> ApiError {
     ApiError::not_found("adapter_not_found", format!("no LoRA head named {name:?}"))
 }
@@ -68,35 +116,13 @@ async fn attach(
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
     let JsonBody(body) = body?;
-    let name = body.name.trim().to_string();
-    adapters::validate_name(&name)?;
-    let scale = body.scale.unwrap_or(1.0);
-    adapters::validate_scale(scale)?;
-    let served = services.settings.engine.model_name.clone();
-    if let Some(base) = body.base_model.as_deref().map(str::trim) {
-        if !base.is_empty() && base != served {
-            return Err(ApiError::unprocessable(
-                "unknown_base_model",
-                format!("this server serves {served:?}; adapters can only be registered for it"),
-            ));
-        }
-    }
-    if adapters::Model::find_by_name(&ctx.db, &name)
-        .await?
-        .is_some()
-    {
-        return Err(adapters::AdapterError::Exists(name).into());
-    }
-    let file = adapters::resolve_file(&services.settings.engine.adapters_dir, &body.path)?;
-    adapters::check_lora(&file.path, services.base_architecture().as_deref())?;
-    let record = adapters::ActiveModel::register(
-        &ctx.db,
-        NewAdapter {
-            name,
-            file: file.relative,
-            base_model: served,
-            default_scale: scale,
-        },
+    let record = register(
+        &ctx,
+        &services,
+        &body.name,
+        &body.path,
+        body.scale,
+        body.base_model.as_deref(),
     )
     .await?;
     tracing::info!(admin = %key.prefix, adapter = %record.name, file = %record.file, "LoRA head registered");

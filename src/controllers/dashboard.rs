@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 
 use crate::{
     models::{
-        admin_sessions, admins,
+        adapters, admin_sessions, admins,
         api_keys::{self, KeyParams},
         jobs, now, usage_records,
     },
@@ -647,6 +647,140 @@ async fn overview(
     )
 }
 
+async fn adapters_page(
+    State(ctx): State<AppContext>,
+    admin: SignedIn,
+    ViewEngine(v): ViewEngine<TeraView>,
+) -> PageResult {
+    adapters_view(
+        &ctx,
+        &admin,
+        &v,
+        StatusCode::OK,
+        &Fields::new(),
+        &serde_json::Map::new(),
+    )
+    .await
+}
+
+async fn adapters_view(
+    ctx: &AppContext,
+    admin: &SignedIn,
+    v: &TeraView,
+    status: StatusCode,
+    form: &Fields,
+    errors: &serde_json::Map<String, Value>,
+) -> PageResult {
+    let services = Services::from_ctx(ctx).map_err(IntoResponse::into_response)?;
+    let rows: Vec<Value> = adapters::Model::list(&ctx.db)
+        .await
+        .map_err(internal)?
+        .iter()
+        .map(|a| {
+            json!({
+                "name": a.name,
+                "model": format!("{}:{}", a.base_model, a.name),
+                "file": a.file,
+                "default_scale": a.default_scale,
+                "loaded_on": super::adapters::loaded_on(&services, &a.name),
+            })
+        })
+        .collect();
+    render(
+        v,
+        status,
+        "dashboard/adapters.html",
+        &admin.page(json!({
+            "adapters": rows,
+            "adapters_dir": services.settings.engine.adapters_dir.display().to_string(),
+            "form": form,
+            "errors": errors,
+        })),
+    )
+}
+
+async fn register_adapter(
+    State(ctx): State<AppContext>,
+    admin: SignedIn,
+    ViewEngine(v): ViewEngine<TeraView>,
+    Form(fields): Form<Fields>,
+) -> PageResult {
+    admin.check_csrf(&fields)?;
+    let services = Services::from_ctx(&ctx).map_err(IntoResponse::into_response)?;
+    let field = |n: &str| fields.get(n).map_or("", String::as_str);
+    let scale = match field("scale").trim() {
+        "" => None,
+        raw => match raw.parse::<f64>() {
+            Ok(x) => Some(x),
+            Err(_) => {
+                let mut errors = serde_json::Map::new();
+                errors.insert("scale".into(), json!("A number from 0 to 4."));
+                return adapters_view(
+                    &ctx,
+                    &admin,
+                    &v,
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &fields,
+                    &errors,
+                )
+                .await;
+            }
+        },
+    };
+    match super::adapters::register(&ctx, &services, field("name"), field("path"), scale, None)
+        .await
+    {
+        Ok(a) => {
+            tracing::info!(adapter = %a.name, admin = %admin.admin.email, "LoRA head registered from the dashboard");
+            Ok(see_other("/admin/adapters"))
+        }
+        Err(e) if e.status.is_client_error() => {
+            let target = if e.code.contains("name") || e.code == "adapter_exists" {
+                "name"
+            } else if e.code.contains("scale") {
+                "scale"
+            } else {
+                "path"
+            };
+            let mut errors = serde_json::Map::new();
+            errors.insert(target.into(), json!(e.message));
+            adapters_view(
+                &ctx,
+                &admin,
+                &v,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &fields,
+                &errors,
+            )
+            .await
+        }
+        Err(e) => Err(internal(e.message)),
+    }
+}
+
+async fn remove_adapter(
+    State(ctx): State<AppContext>,
+    admin: SignedIn,
+    Path(name): Path<String>,
+    Form(fields): Form<Fields>,
+) -> PageResult {
+    admin.check_csrf(&fields)?;
+    match adapters::ActiveModel::remove(&ctx.db, &name)
+        .await
+        .map_err(internal)?
+    {
+        Some(_) => {
+            tracing::info!(adapter = %name, admin = %admin.admin.email, "LoRA head removed from the dashboard");
+            Ok(see_other("/admin/adapters"))
+        }
+        None => Err((
+            StatusCode::NOT_FOUND,
+            Html("<h1>404</h1><p>No such LoRA head.</p>"),
+        )
+            .into_response()),
+    }
+}
+
 async fn new_key_page(admin: SignedIn, ViewEngine(v): ViewEngine<TeraView>) -> PageResult {
     render(
         &v,
@@ -896,6 +1030,8 @@ pub fn routes() -> Routes {
         .add("/jobs", get(jobs_page))
         .add("/jobs/{id}", get(job_page))
         .add("/overview", get(overview))
+        .add("/adapters", get(adapters_page).post(register_adapter))
+        .add("/adapters/{name}/remove", post(remove_adapter))
         .add("/keys/{prefix}", get(key_detail).post(edit_key))
         .add("/keys/{prefix}/rotate", post(rotate_key))
         .add("/keys/{prefix}/revoke", post(revoke))

@@ -558,3 +558,101 @@ async fn admins_register_and_remove_lora_heads_in_the_dashboard() {
     let (_, body) = page(&http, app.url("/admin/adapters"), &cookie).await;
     assert!(body.contains("No LoRA heads registered."), "{body}");
 }
+
+#[tokio::test]
+async fn every_page_needs_a_session_and_every_form_its_csrf_token() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(Some(1)).await;
+    let prefix = app.key_row(&key).await.prefix;
+    let http = browser();
+    let gets = [
+        "/admin".to_string(),
+        "/admin/overview".into(),
+        "/admin/keys".into(),
+        "/admin/keys/new".into(),
+        format!("/admin/keys/{prefix}"),
+        "/admin/jobs".into(),
+        "/admin/jobs/00000000-0000-0000-0000-000000000000".into(),
+        "/admin/adapters".into(),
+    ];
+    let posts = [
+        "/admin/logout".to_string(),
+        "/admin/keys".into(),
+        format!("/admin/keys/{prefix}"),
+        format!("/admin/keys/{prefix}/rotate"),
+        format!("/admin/keys/{prefix}/revoke"),
+        format!("/admin/keys/{prefix}/reactivate"),
+        "/admin/adapters".into(),
+        "/admin/adapters/x/remove".into(),
+    ];
+    for path in gets.iter().chain(posts.iter()) {
+        let req = if gets.contains(path) {
+            http.get(app.url(path))
+        } else {
+            http.post(app.url(path))
+                .form(&[("csrf", "x"), ("email", "a@example.com")])
+        };
+        let resp = req.send().await.expect("send");
+        assert_eq!(
+            resp.status(),
+            StatusCode::SEE_OTHER,
+            "{path} without a session"
+        );
+        assert_eq!(location(&resp), "/admin/login", "{path}");
+    }
+
+    tollgate::models::admins::ActiveModel::create(
+        &app.ctx.db,
+        "root@example.com",
+        "long-enough-pw",
+    )
+    .await
+    .expect("admin");
+    let resp = form(
+        &http,
+        app.url("/admin/login"),
+        "",
+        &[
+            ("email", "root@example.com"),
+            ("password", "long-enough-pw"),
+        ],
+    )
+    .await;
+    let cookie = session_cookie(&resp);
+    for path in &gets[1..] {
+        let (status, body) = page(&http, app.url(path), &cookie).await;
+        let expected = if path.starts_with("/admin/jobs/0000") {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!(status, expected, "{path}: {body}");
+    }
+    let before = app.key_row(&key).await;
+    for path in &posts {
+        for csrf in [None, Some("0123456789abcdef0123456789abcdef")] {
+            let mut fields = vec![
+                ("email", "changed@example.com"),
+                ("name", "x"),
+                ("path", "a.gguf"),
+            ];
+            if let Some(c) = csrf {
+                fields.push(("csrf", c));
+            }
+            let resp = form(&http, app.url(path), &cookie, &fields).await;
+            assert_eq!(
+                resp.status(),
+                StatusCode::FORBIDDEN,
+                "{path} with csrf {csrf:?}"
+            );
+        }
+    }
+    assert_eq!(app.key_row(&key).await, before, "no form changed the key");
+    assert_eq!(app.key_count().await, 1);
+    let (status, _) = page(&http, app.url("/admin/keys"), &cookie).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "logout without csrf did not end the session"
+    );
+}

@@ -12,7 +12,9 @@ use tollgate::models::api_keys::{KeyParams, Scope};
 
 #[tokio::test]
 async fn seed_001_curl_examples_work_with_the_key_in_the_base_url() {
-    let app = TestApp::spawn().await;
+    // The seed's bodies ask for 1000 tokens; this server clamps tokens_limit to its
+    // max_tokens_limit (documented), kept small here so the test stays quick on a busy machine.
+    let app = TestApp::spawn_with(|s| s["api"]["max_tokens_limit"] = json!(24)).await;
     let key = app.key_with_calls(Some(5)).await;
     let base = format!("{}/k/{}", app.base, key.secret);
     let generate = json!({

@@ -79,6 +79,16 @@ fn internal(e: impl std::fmt::Display) -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
 }
 
+fn not_found_page(what: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Html(format!(
+            "<h1>404</h1><p>{what}</p><p><a href=\"/admin\">Dashboard</a></p>"
+        )),
+    )
+        .into_response()
+}
+
 fn see_other(to: &str) -> Response {
     Redirect::to(to).into_response()
 }
@@ -416,11 +426,7 @@ async fn key_detail(
         .await
         .map_err(internal)?
     else {
-        return Err((
-            StatusCode::NOT_FOUND,
-            Html("<h1>404</h1><p>No such key.</p>"),
-        )
-            .into_response());
+        return Err(not_found_page("No such key."));
     };
     let to = chrono::Utc::now().date_naive();
     let from = to - chrono::Duration::days(CHART_DAYS - 1);
@@ -556,11 +562,7 @@ async fn job_page(
         .await
         .map_err(internal)?
     else {
-        return Err((
-            StatusCode::NOT_FOUND,
-            Html("<h1>404</h1><p>No such job.</p>"),
-        )
-            .into_response());
+        return Err(not_found_page("No such job."));
     };
     let prefixes = key_prefixes(&ctx).await?;
     let mut row = job_row(&job, &prefixes);
@@ -773,11 +775,7 @@ async fn remove_adapter(
             tracing::info!(adapter = %name, admin = %admin.admin.email, "LoRA head removed from the dashboard");
             Ok(see_other("/admin/adapters"))
         }
-        None => Err((
-            StatusCode::NOT_FOUND,
-            Html("<h1>404</h1><p>No such LoRA head.</p>"),
-        )
-            .into_response()),
+        None => Err(not_found_page("No such LoRA head.")),
     }
 }
 
@@ -907,11 +905,7 @@ async fn set_revoked(
             tracing::info!(prefix = %key.prefix, revoke, admin = %admin.admin.email, "key state changed from the dashboard");
             Ok(see_other("/admin/keys"))
         }
-        Err(crate::models::ModelError::NotFound(_)) => Err((
-            StatusCode::NOT_FOUND,
-            Html("<h1>404</h1><p>No such key.</p>"),
-        )
-            .into_response()),
+        Err(crate::models::ModelError::NotFound(_)) => Err(not_found_page("No such key.")),
         Err(e) => Err(internal(e)),
     }
 }
@@ -946,11 +940,7 @@ async fn edit_key(
             "dashboard/edit_key.html",
             &admin.page(json!({"prefix": prefix, "form": fields, "errors": {"valid_until": m}})),
         ),
-        Err(crate::models::ModelError::NotFound(_)) => Err((
-            StatusCode::NOT_FOUND,
-            Html("<h1>404</h1><p>No such key.</p>"),
-        )
-            .into_response()),
+        Err(crate::models::ModelError::NotFound(_)) => Err(not_found_page("No such key.")),
         Err(e) => Err(internal(e)),
     }
 }
@@ -965,13 +955,7 @@ async fn rotate_key(
     admin.check_csrf(&fields)?;
     let issued = match api_keys::ActiveModel::rotate(&ctx.db, &prefix).await {
         Ok(i) => i,
-        Err(crate::models::ModelError::NotFound(_)) => {
-            return Err((
-                StatusCode::NOT_FOUND,
-                Html("<h1>404</h1><p>No such key.</p>"),
-            )
-                .into_response())
-        }
+        Err(crate::models::ModelError::NotFound(_)) => return Err(not_found_page("No such key.")),
         Err(e) => return Err(internal(e)),
     };
     tracing::info!(old = %prefix, new = %issued.key.prefix, admin = %admin.admin.email, "key rotated from the dashboard");

@@ -343,18 +343,7 @@ impl ActiveModel {
                 "rate limit and burst must be 1 or more".into(),
             ));
         }
-        if let (Some(from), Some(until)) = (params.valid_from, params.valid_until) {
-            if until < from {
-                return Err(ModelError::Invalid(
-                    "valid_until is before valid_from".into(),
-                ));
-            }
-        }
-        let name = if params.name.trim().is_empty() {
-            email.clone()
-        } else {
-            params.name.trim().to_string()
-        };
+        let name = checked_name(&params, &email)?;
         let (prefix, secret) = new_secret();
         let ts = now();
         let key = Self {
@@ -450,18 +439,7 @@ impl ActiveModel {
                 "not an email address: {email:?}"
             )));
         }
-        if let (Some(from), Some(until)) = (params.valid_from, params.valid_until) {
-            if until < from {
-                return Err(ModelError::Invalid(
-                    "valid_until is before valid_from".into(),
-                ));
-            }
-        }
-        let name = if params.name.trim().is_empty() {
-            email.clone()
-        } else {
-            params.name.trim().to_string()
-        };
+        let name = checked_name(&params, &email)?;
         let mut am: Self = key.into();
         am.name = Set(name);
         am.email = Set(email);
@@ -491,6 +469,22 @@ impl ActiveModel {
         am.updated_at = Set(now());
         Ok(am.update(db).await?)
     }
+}
+
+/// The key's display name (the email when none is given), after checking its window.
+fn checked_name(params: &KeyParams, email: &str) -> Result<String, ModelError> {
+    if let (Some(from), Some(until)) = (params.valid_from, params.valid_until) {
+        if until < from {
+            return Err(ModelError::Invalid(
+                "valid_until is before valid_from".into(),
+            ));
+        }
+    }
+    Ok(if params.name.trim().is_empty() {
+        email.to_string()
+    } else {
+        params.name.trim().to_string()
+    })
 }
 
 /// Parses a window bound given as a date (`2026-12-31`) or an RFC 3339 instant. A date means

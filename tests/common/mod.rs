@@ -205,8 +205,9 @@ pub fn code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<no error code>")
 }
 
-/// Fires `n` concurrent one-token `POST /api/` calls with `key`; returns (200s, 429s) and
-/// fails on any other status.
+/// Fires `n` concurrent one-token `POST /api/` calls with `key`; returns (admitted, 429s) and
+/// fails on any other status. Admitted means charged and queued: 200, or 202 when a loaded
+/// machine makes the job outlast the request's wait.
 pub async fn concurrent_calls(app: &TestApp, key: &TestKey, n: usize) -> (usize, usize) {
     let mut tasks = Vec::new();
     for i in 0..n {
@@ -227,7 +228,7 @@ pub async fn concurrent_calls(app: &TestApp, key: &TestKey, n: usize) -> (usize,
     let (mut ok, mut limited) = (0, 0);
     for t in tasks {
         match t.await.expect("task") {
-            200 => ok += 1,
+            200 | 202 => ok += 1,
             429 => limited += 1,
             other => panic!("unexpected status {other}"),
         }
@@ -235,9 +236,10 @@ pub async fn concurrent_calls(app: &TestApp, key: &TestKey, n: usize) -> (usize,
     (ok, limited)
 }
 
-/// Polls `GET /api/jobs/{id}` until the job is settled (bounded: 30 s) and returns it.
+/// Polls `GET /api/jobs/{id}` until the job is settled (bounded: 180 s, generous for a loaded
+/// machine; a bound, not a timing check) and returns it.
 pub async fn poll_job(app: &TestApp, key: &TestKey, job_id: &str) -> Value {
-    for _ in 0..300 {
+    for _ in 0..1800 {
         let (status, job) = app.get(Some(key), &format!("/api/jobs/{job_id}")).await;
         assert_eq!(status, 200, "{job}");
         if job["status"] == "done" || job["status"] == "failed" {
@@ -245,7 +247,7 @@ pub async fn poll_job(app: &TestApp, key: &TestKey, job_id: &str) -> Value {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    panic!("job {job_id} did not settle in 30 s");
+    panic!("job {job_id} did not settle in 180 s");
 }
 
 pub fn python() -> &'static std::path::Path {

@@ -679,16 +679,17 @@ fn report(
     let table = |s: &mut String, loads: &[Load]| {
         let _ = writeln!(
             s,
-            "| route | concurrency | requests | tokens/s | ÷ engine-only | p50 ms | p99 ms |"
+            "| route | concurrency | requests | tokens / request | tokens/s | ÷ engine-only | p50 ms | p99 ms |"
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
         for l in loads {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.1} | {:.3} | {:.1} | {:.1} |",
+                "| {} | {} | {} | {:.1} | {:.1} | {:.3} | {:.1} | {:.1} |",
                 l.route.name(),
                 l.concurrency,
                 l.requests,
+                l.tokens as f64 / l.requests as f64,
                 l.tokens_per_s(),
                 l.tokens_per_s() / engine_tps,
                 percentile(&l.latencies_ms, 50.0),
@@ -828,8 +829,16 @@ fn main() -> anyhow::Result<()> {
     })?;
 
     eprintln!("1. engine only ({} reps) …", args.reps);
-    // Before the server starts, so nothing else competes for the cores.
-    let engine = engine_only(&settings, &args)?;
+    // Before the server starts, so nothing else competes for the cores; on a thread of its own
+    // like the server's engine (llama.cpp's OpenMP team then belongs to that thread, as there).
+    let engine = {
+        let (settings, args) = (settings.clone(), args.clone());
+        std::thread::Builder::new()
+            .name("bench-engine".into())
+            .spawn(move || engine_only(&settings, &args))?
+            .join()
+            .map_err(|_| anyhow!("engine-only thread panicked"))??
+    };
 
     let outcome = runtime.block_on(async {
         eprintln!("starting the in-process server …");

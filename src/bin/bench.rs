@@ -48,8 +48,9 @@ use serde_json::{json, Value};
 use tollgate::{
     app::{into_service, App},
     engine::{
+        llama::LlamaEngine,
         tokenizer::{backend, render_prompt, tokenize},
-        ChatMessage, Prompt,
+        Algorithm, ChatMessage, GenerationRequest, Prompt, SamplingParams,
     },
     errors::ApiError,
     extractors::ApiKey,
@@ -322,6 +323,45 @@ fn engine_only(settings: &EngineSettings, args: &Args) -> anyhow::Result<EngineR
         full,
         one,
     })
+}
+
+/// The same work through the server's own engine thread (`LlamaEngine::run`): the engine's
+/// channel hop and bookkeeping, but no HTTP, key check or queue. Separates those from any
+/// difference between the raw loop above and the engine itself.
+async fn engine_thread_runs(
+    settings: &EngineSettings,
+    args: &Args,
+) -> anyhow::Result<Vec<(Duration, u32)>> {
+    let s = settings.clone();
+    let engine = tokio::task::spawn_blocking(move || LlamaEngine::start(s))
+        .await?
+        .map_err(|e| anyhow!("{e}"))?;
+    let request = GenerationRequest {
+        model: settings.model_name.clone(),
+        prompt: chat_prompt(),
+        params: SamplingParams {
+            max_tokens: args.max_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: None,
+            stop: Vec::new(),
+        },
+        adapter: None,
+    };
+    engine
+        .run(request.clone())
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let mut out = Vec::with_capacity(args.reps);
+    for _ in 0..args.reps {
+        let start = Instant::now();
+        let g = engine
+            .run(request.clone())
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        out.push((start.elapsed(), g.generated_tokens));
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -628,6 +668,7 @@ fn report(
     settings: &EngineSettings,
     args: &Args,
     engine: &EngineRuns,
+    engine_thread: &[(Duration, u32)],
     loads: &[Load],
     overhead: &[f64],
     keycheck: &KeyCheck,
@@ -674,6 +715,19 @@ fn report(
         gen.iter().min().copied().unwrap_or(0)..=gen.iter().max().copied().unwrap_or(0),
         engine_tps,
         percentile(&lat, 50.0)
+    );
+
+    let thread_tokens: u32 = engine_thread.iter().map(|r| r.1).sum();
+    let thread_secs: f64 = engine_thread.iter().map(|r| r.0.as_secs_f64()).sum();
+    let thread_tps = f64::from(thread_tokens) / thread_secs.max(f64::EPSILON);
+    let thread_lat: Vec<f64> = engine_thread.iter().map(|r| ms(r.0)).collect();
+    let _ = writeln!(
+        s,
+        "\nFor reference, the server's own engine thread (`LlamaEngine::run`, no HTTP/key/queue): \
+         {} reps, {thread_tps:.1} tokens/s ({:.3} × engine-only), p50 {:.1} ms / rep.",
+        engine_thread.len(),
+        thread_tps / engine_tps,
+        percentile(&thread_lat, 50.0)
     );
 
     let table = |s: &mut String, loads: &[Load]| {
@@ -841,6 +895,11 @@ fn main() -> anyhow::Result<()> {
     };
 
     let outcome = runtime.block_on(async {
+        eprintln!(
+            "1b. the server's engine thread, no HTTP ({} reps) …",
+            args.reps
+        );
+        let engine_thread = engine_thread_runs(&settings, &args).await?;
         eprintln!("starting the in-process server …");
         let (server, server_settings) = start_server().await?;
         let (_, secret) = issue_key_secret(&server.ctx, None).await?;
@@ -881,9 +940,16 @@ fn main() -> anyhow::Result<()> {
             }
             None => None,
         };
-        anyhow::Ok((server_settings, loads, overhead, keycheck, external))
+        anyhow::Ok((
+            server_settings,
+            engine_thread,
+            loads,
+            overhead,
+            keycheck,
+            external,
+        ))
     })?;
-    let (server_settings, loads, overhead, keycheck, external) = outcome;
+    let (server_settings, engine_thread, loads, overhead, keycheck, external) = outcome;
     println!(
         "{}",
         report(
@@ -891,6 +957,7 @@ fn main() -> anyhow::Result<()> {
             &server_settings,
             &args,
             &engine,
+            &engine_thread,
             &loads,
             &overhead,
             &keycheck,

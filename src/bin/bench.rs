@@ -563,7 +563,15 @@ async fn load_all(
         one_request(http, target, route, args.max_tokens).await?;
         for &c in &args.concurrency {
             eprintln!("  {} at concurrency {c} …", route.name());
-            out.push(load(http, target, route, c, args.requests, args.max_tokens).await?);
+            let l = load(http, target, route, c, args.requests, args.max_tokens).await?;
+            // Each figure as soon as it exists: a later part that stalls loses nothing.
+            eprintln!(
+                "    {:.1} tokens/s, p50 {:.1} ms, p99 {:.1} ms",
+                l.tokens_per_s(),
+                percentile(&l.latencies_ms, 50.0),
+                percentile(&l.latencies_ms, 99.0)
+            );
+            out.push(l);
         }
     }
     Ok(out)
@@ -894,6 +902,11 @@ fn main() -> anyhow::Result<()> {
             .map_err(|_| anyhow!("engine-only thread panicked"))??
     };
 
+    eprintln!(
+        "    raw loop: {:.1} tokens/s; 1-token p50 {:.2} ms",
+        engine.tokens_per_s(),
+        percentile(&engine.one.iter().map(|d| ms(*d)).collect::<Vec<_>>(), 50.0)
+    );
     let outcome = runtime.block_on(async {
         eprintln!(
             "1b. the server's engine thread, no HTTP ({} reps) …",

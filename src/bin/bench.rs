@@ -1,0 +1,1031 @@
+//! `tollgate-bench`: how close Tollgate comes to the raw engine, measured on one machine in one
+//! run (issue 6). Run from the repository root (it reads `config/development.yaml` and the model
+//! under `models/`), in release mode:
+//!
+//! ```text
+//! cargo run --release --bin tollgate-bench -- [flags]     (see --help)
+//! ```
+//!
+//! 1. engine-only: the llama-cpp-2 decode loop of `src/engine/llama.rs`, written out here with the
+//!    server's engine settings (threads, context, batch), greedy, one sequence;
+//! 2. end to end: the same prompt through `/v1/chat/completions` and `/api/` of a real server
+//!    started in-process (SQLite files in a scratch dir, embedded worker), at several concurrency
+//!    levels;
+//! 3. overhead: end-to-end latency of 1-token requests minus the engine's own time for them;
+//! 4. key-check throughput: the production `ApiKey` extractor + `api_keys::charge` behind a
+//!    small router of this binary, then an exact-count check of `calls_used`;
+//! 5. optionally the load of 2 against any OpenAI-compatible URL.
+//!
+//! Figures are reported, never asserted — except the exact count of part 4, which is a
+//! correctness property.
+
+use std::{
+    fmt::Write as _,
+    num::NonZeroU32,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _};
+use axum::{extract::State, Json};
+use llama_cpp_2::{
+    context::params::LlamaContextParams,
+    llama_batch::LlamaBatch,
+    model::{params::LlamaModelParams, LlamaModel},
+    sampling::LlamaSampler,
+};
+use loco_rs::{
+    app::{AppContext, Hooks},
+    boot::StartMode,
+    environment::Environment,
+};
+use sea_orm::EntityTrait;
+use serde_json::{json, Value};
+use tollgate::{
+    app::{into_service, App},
+    engine::{
+        llama::LlamaEngine,
+        tokenizer::{backend, render_prompt, tokenize},
+        Algorithm, ChatMessage, GenerationRequest, Prompt, SamplingParams,
+    },
+    errors::ApiError,
+    extractors::ApiKey,
+    models::api_keys::{self, ActiveModel as KeyActive, KeyParams},
+    settings::{EngineSettings, Settings},
+};
+
+/// The one prompt every part uses, so engine-only and end-to-end figures describe the same work.
+const PROMPT: &str =
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.";
+
+/// Tokens fed to one `decode` call while reading a prompt (as `src/engine/llama.rs`).
+const PROMPT_BATCH: u32 = 512;
+
+const USAGE: &str = "\
+tollgate-bench: engine-only vs end-to-end throughput, overhead and key-check rate (issue 6)
+
+Run from the repository root:  cargo run --release --bin tollgate-bench -- [flags]
+
+  --reps N               engine-only repetitions (default 5)
+  --max-tokens N         tokens per generation in parts 1, 2 and 5 (default 64)
+  --requests N           requests per route and concurrency level (default 16)
+  --concurrency LIST     comma-separated concurrency levels (default 1,4,8)
+  --overhead-requests N  1-token requests (and engine 1-token runs) for part 3 (default 30)
+  --keycheck-requests N  requests in part 4 (default 5000)
+  --keycheck-clients N   concurrent clients in part 4 (default 8)
+  --external-url URL     also load an OpenAI-compatible server (base URL without /v1)
+  --external-key KEY     bearer key for --external-url (optional)
+  --external-model NAME  model name for --external-url (default: the local model name)
+  -h, --help             this text
+";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Args {
+    reps: usize,
+    max_tokens: u32,
+    requests: usize,
+    concurrency: Vec<usize>,
+    overhead_requests: usize,
+    keycheck_requests: usize,
+    keycheck_clients: usize,
+    external_url: Option<String>,
+    external_key: Option<String>,
+    external_model: Option<String>,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Self {
+            reps: 5,
+            max_tokens: 64,
+            requests: 16,
+            concurrency: vec![1, 4, 8],
+            overhead_requests: 30,
+            keycheck_requests: 5000,
+            keycheck_clients: 8,
+            external_url: None,
+            external_key: None,
+            external_model: None,
+        }
+    }
+}
+
+/// `Ok(None)` means `--help` was asked for.
+fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
+    fn num<T: std::str::FromStr>(flag: &str, value: &str) -> anyhow::Result<T> {
+        value
+            .parse()
+            .map_err(|_| anyhow!("{flag} takes a positive number, got {value:?}"))
+    }
+    let mut out = Args::default();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        if flag == "-h" || flag == "--help" {
+            return Ok(None);
+        }
+        let value = it
+            .next()
+            .ok_or_else(|| anyhow!("{flag} needs a value (see --help)"))?;
+        match flag.as_str() {
+            "--reps" => out.reps = num(flag, value)?,
+            "--max-tokens" => out.max_tokens = num(flag, value)?,
+            "--requests" => out.requests = num(flag, value)?,
+            "--concurrency" => {
+                out.concurrency = value
+                    .split(',')
+                    .map(|v| num(flag, v.trim()))
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            "--overhead-requests" => out.overhead_requests = num(flag, value)?,
+            "--keycheck-requests" => out.keycheck_requests = num(flag, value)?,
+            "--keycheck-clients" => out.keycheck_clients = num(flag, value)?,
+            "--external-url" => out.external_url = Some(value.trim_end_matches('/').to_string()),
+            "--external-key" => out.external_key = Some(value.clone()),
+            "--external-model" => out.external_model = Some(value.clone()),
+            other => bail!("unknown flag {other:?} (see --help)"),
+        }
+    }
+    if out.reps == 0
+        || out.max_tokens == 0
+        || out.requests == 0
+        || out.overhead_requests == 0
+        || out.keycheck_requests == 0
+        || out.keycheck_clients == 0
+        || out.concurrency.is_empty()
+        || out.concurrency.contains(&0)
+    {
+        bail!("every count must be at least 1 (see --help)");
+    }
+    Ok(Some(out))
+}
+
+/// Nearest-rank percentile of `values` (milliseconds); 0 for an empty slice.
+fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Machine description
+
+struct Machine {
+    cpu: String,
+    cores: usize,
+    ram_gib: f64,
+    load: [f64; 3],
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or_else(|| "unknown CPU".to_string(), |(_, v)| v.trim().to_string());
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let ram_gib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let mut load = [0.0; 3];
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    for (slot, v) in load.iter_mut().zip(loadavg.split_whitespace()) {
+        *slot = v.parse().unwrap_or(0.0);
+    }
+    Machine {
+        cpu,
+        cores,
+        ram_gib,
+        load,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 1 (and the engine side of part 3): the raw decode loop
+
+/// Threads as the engine picks them (`src/engine/llama.rs`): 0 = all available cores.
+fn engine_threads(settings: &EngineSettings) -> i32 {
+    let n = if settings.threads == 0 {
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+    } else {
+        settings.threads as usize
+    };
+    i32::try_from(n).unwrap_or(1)
+}
+
+struct EngineRuns {
+    prompt_tokens: usize,
+    /// (wall time, generated tokens) per `max_tokens` run.
+    full: Vec<(Duration, u32)>,
+    /// Wall time per 1-token run.
+    one: Vec<Duration>,
+}
+
+impl EngineRuns {
+    fn tokens_per_s(&self) -> f64 {
+        let tokens: u32 = self.full.iter().map(|r| r.1).sum();
+        let secs: f64 = self.full.iter().map(|r| r.0.as_secs_f64()).sum();
+        f64::from(tokens) / secs.max(f64::EPSILON)
+    }
+}
+
+fn chat_prompt() -> Prompt {
+    Prompt::Chat {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: PROMPT.into(),
+        }],
+    }
+}
+
+/// The engine's `generate` without the server around it: render, tokenize, read the prompt,
+/// then sample greedily and decode one token at a time (timed from the render on).
+fn engine_only(settings: &EngineSettings, args: &Args) -> anyhow::Result<EngineRuns> {
+    let backend = backend().map_err(|e| anyhow!("{e}"))?;
+    let params = LlamaModelParams::default()
+        .with_n_gpu_layers(settings.n_gpu_layers)
+        .with_main_gpu(settings.main_gpu);
+    let model = LlamaModel::load_from_file(backend, &settings.model_path, &params)
+        .with_context(|| format!("load {}", settings.model_path.display()))?;
+    let threads = engine_threads(settings);
+    let ctx_params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(settings.context_size))
+        .with_n_batch(PROMPT_BATCH)
+        .with_n_ubatch(PROMPT_BATCH)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut ctx = model.new_context(backend, ctx_params)?;
+    let prompt = chat_prompt();
+    let prompt_tokens = tokenize(
+        &model,
+        &render_prompt(&model, &prompt).map_err(|e| anyhow!("{e}"))?,
+    )
+    .len();
+    let mut run = |max_tokens: u32| -> anyhow::Result<(Duration, u32)> {
+        let start = Instant::now();
+        let text = render_prompt(&model, &prompt).map_err(|e| anyhow!("{e}"))?;
+        let tokens = tokenize(&model, &text);
+        ctx.clear_kv_cache();
+        let mut batch = LlamaBatch::new(PROMPT_BATCH as usize, 1);
+        let last = tokens.len() - 1;
+        for (ci, chunk) in tokens.chunks(PROMPT_BATCH as usize).enumerate() {
+            batch.clear();
+            for (i, tok) in chunk.iter().enumerate() {
+                let pos = ci * PROMPT_BATCH as usize + i;
+                batch.add(*tok, i32::try_from(pos)?, &[0], pos == last)?;
+            }
+            ctx.decode(&mut batch)?;
+        }
+        let vocab = model.vocab();
+        let mut sampler = LlamaSampler::greedy();
+        let mut n_past = tokens.len();
+        let mut generated = 0u32;
+        while generated < max_tokens && n_past < ctx.n_ctx() as usize {
+            let tok = sampler.sample(&ctx, batch.n_tokens() - 1);
+            if vocab.is_eog(tok) {
+                break;
+            }
+            generated += 1;
+            std::hint::black_box(vocab.token_to_piece(tok, false, None));
+            batch.clear();
+            batch.add(tok, i32::try_from(n_past)?, &[0], true)?;
+            n_past += 1;
+            ctx.decode(&mut batch)?;
+        }
+        Ok((start.elapsed(), generated))
+    };
+    // Warm-up: first-touch page faults and llama.cpp's lazy allocations are not the figure.
+    run(args.max_tokens)?;
+    let full = (0..args.reps)
+        .map(|_| run(args.max_tokens))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let one = (0..args.overhead_requests)
+        .map(|_| run(1).map(|r| r.0))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(EngineRuns {
+        prompt_tokens,
+        full,
+        one,
+    })
+}
+
+/// The same work through the server's own engine thread (`LlamaEngine::run`): the engine's
+/// channel hop and bookkeeping, but no HTTP, key check or queue. Separates those from any
+/// difference between the raw loop above and the engine itself.
+async fn engine_thread_runs(
+    settings: &EngineSettings,
+    args: &Args,
+) -> anyhow::Result<Vec<(Duration, u32)>> {
+    let s = settings.clone();
+    let engine = tokio::task::spawn_blocking(move || LlamaEngine::start(s))
+        .await?
+        .map_err(|e| anyhow!("{e}"))?;
+    let request = GenerationRequest {
+        model: settings.model_name.clone(),
+        prompt: chat_prompt(),
+        params: SamplingParams {
+            max_tokens: args.max_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: None,
+            stop: Vec::new(),
+        },
+        adapter: None,
+    };
+    engine
+        .run(request.clone())
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let mut out = Vec::with_capacity(args.reps);
+    for _ in 0..args.reps {
+        let start = Instant::now();
+        let g = engine
+            .run(request.clone())
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        out.push((start.elapsed(), g.generated_tokens));
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The in-process server
+
+struct Server {
+    base: String,
+    ctx: AppContext,
+    dir: PathBuf,
+    model: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The development config (the server's defaults) on fresh SQLite files, served on a free port
+/// the way `tests/common/mod.rs` does it. The per-key rate limit is switched off: the bench
+/// sends far more than a client's default 600/minute.
+async fn start_server() -> anyhow::Result<(Server, EngineSettings)> {
+    let env = Environment::Development;
+    let mut config = App::load_config(&env).await?;
+    let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    config.database.uri = format!("sqlite://{}/db.sqlite?mode=rwc", dir.display());
+    let mut settings = config.settings.clone().unwrap_or_else(|| json!({}));
+    settings["queue"]["url"] = json!(format!("sqlite://{}/queue.sqlite?mode=rwc", dir.display()));
+    settings["queue"]["embedded_worker"] = json!(true);
+    settings["api"]["rate_limit"]["per_minute"] = json!(0);
+    config.settings = Some(settings);
+    let typed = Settings::from_config(&config)?;
+    let boot = App::boot(StartMode::ServerOnly, &env, config).await?;
+    let router = boot.router.ok_or_else(|| anyhow!("boot gave no router"))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        axum::serve(listener, into_service(router)).await.ok();
+    });
+    Ok((
+        Server {
+            base: format!("http://{addr}"),
+            ctx: boot.app_context,
+            dir,
+            model: typed.engine.model_name.clone(),
+        },
+        typed.engine,
+    ))
+}
+
+async fn issue_key_secret(
+    ctx: &AppContext,
+    max_calls: Option<i64>,
+) -> anyhow::Result<(api_keys::Model, String)> {
+    let issued = KeyActive::issue(
+        &ctx.db,
+        KeyParams {
+            name: "bench".into(),
+            email: "bench@example.com".into(),
+            max_calls,
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok((issued.key, issued.secret))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 2, 3 and 5: HTTP load
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Chat,
+    Api,
+}
+
+impl Route {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Chat => "/v1/chat/completions",
+            Self::Api => "/api/",
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Target {
+    base: String,
+    key: Option<String>,
+    model: String,
+}
+
+/// One greedy request; its latency and the generated tokens the server reports.
+async fn one_request(
+    http: &reqwest::Client,
+    target: &Target,
+    route: Route,
+    max_tokens: u32,
+) -> anyhow::Result<(Duration, u64)> {
+    let (path, body) = match route {
+        Route::Chat => (
+            "/v1/chat/completions",
+            json!({
+                "model": target.model,
+                "messages": [{"role": "user", "content": PROMPT}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            }),
+        ),
+        Route::Api => (
+            "/api/",
+            json!({"text": PROMPT, "max_tokens": max_tokens, "temperature": 0}),
+        ),
+    };
+    let mut req = http.post(format!("{}{path}", target.base)).json(&body);
+    if let Some(key) = &target.key {
+        req = req.bearer_auth(key);
+    }
+    let start = Instant::now();
+    let resp = req.send().await?;
+    let status = resp.status();
+    let answer: Value = resp.json().await.unwrap_or(Value::Null);
+    let elapsed = start.elapsed();
+    if !status.is_success() {
+        bail!("{path} answered {status}: {answer}");
+    }
+    let tokens = answer["usage"]["completion_tokens"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("{path}: no usage.completion_tokens in {answer}"))?;
+    Ok((elapsed, tokens))
+}
+
+struct Load {
+    route: Route,
+    concurrency: usize,
+    requests: usize,
+    wall: Duration,
+    latencies_ms: Vec<f64>,
+    tokens: u64,
+}
+
+impl Load {
+    fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.wall.as_secs_f64().max(f64::EPSILON)
+    }
+}
+
+/// `requests` requests from `concurrency` clients, each taking the next request when its last
+/// one is answered.
+async fn load(
+    http: &reqwest::Client,
+    target: &Target,
+    route: Route,
+    concurrency: usize,
+    requests: usize,
+    max_tokens: u32,
+) -> anyhow::Result<Load> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (http, target, next) = (http.clone(), target.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < requests {
+                out.push(one_request(&http, &target, route, max_tokens).await?);
+            }
+            anyhow::Ok(out)
+        }));
+    }
+    let mut latencies_ms = Vec::with_capacity(requests);
+    let mut tokens = 0;
+    for t in tasks {
+        for (latency, n) in t.await?? {
+            latencies_ms.push(ms(latency));
+            tokens += n;
+        }
+    }
+    Ok(Load {
+        route,
+        concurrency,
+        requests,
+        wall: start.elapsed(),
+        latencies_ms,
+        tokens,
+    })
+}
+
+async fn load_all(
+    http: &reqwest::Client,
+    target: &Target,
+    routes: &[Route],
+    args: &Args,
+) -> anyhow::Result<Vec<Load>> {
+    let mut out = Vec::new();
+    for &route in routes {
+        // Warm-up: connection, first job of the route.
+        one_request(http, target, route, args.max_tokens).await?;
+        for &c in &args.concurrency {
+            eprintln!("  {} at concurrency {c} …", route.name());
+            let l = load(http, target, route, c, args.requests, args.max_tokens).await?;
+            // Each figure as soon as it exists: a later part that stalls loses nothing.
+            eprintln!(
+                "    {:.1} tokens/s, p50 {:.1} ms, p99 {:.1} ms",
+                l.tokens_per_s(),
+                percentile(&l.latencies_ms, 50.0),
+                percentile(&l.latencies_ms, 99.0)
+            );
+            out.push(l);
+        }
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 4: key check + count
+
+/// Authenticates with the production extractor and spends one call with the production
+/// statement; no generation.
+async fn charge_only(
+    State(ctx): State<AppContext>,
+    ApiKey(key): ApiKey,
+) -> Result<Json<Value>, ApiError> {
+    match api_keys::charge(&ctx.db, key.id).await? {
+        Ok(row) => Ok(Json(json!({ "calls_used": row.calls_used }))),
+        Err(_) => Err(ApiError::quota_exhausted(key.max_calls.unwrap_or_default())),
+    }
+}
+
+struct KeyCheck {
+    clients: usize,
+    requests: usize,
+    ok: usize,
+    other: usize,
+    calls_used: i64,
+    wall: Duration,
+}
+
+async fn key_check(ctx: &AppContext, args: &Args) -> anyhow::Result<KeyCheck> {
+    let router = axum::Router::new()
+        .route("/charge", axum::routing::post(charge_only))
+        .with_state(ctx.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/charge", listener.local_addr()?);
+    tokio::spawn(async move {
+        axum::serve(listener, router).await.ok();
+    });
+    let (key, secret) = issue_key_secret(ctx, Some(1_000_000_000)).await?;
+    let http = reqwest::Client::new();
+    // Warm-up with a separate key, so the counted key sees only the measured requests.
+    let warm = issue_key_secret(ctx, Some(1_000_000_000)).await?.1;
+    for _ in 0..20 {
+        http.post(&url).bearer_auth(&warm).send().await?;
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    let requests = args.keycheck_requests;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.keycheck_clients {
+        let (http, url, secret, next) = (http.clone(), url.clone(), secret.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut other) = (0usize, 0usize);
+            while next.fetch_add(1, Ordering::Relaxed) < requests {
+                let resp = http.post(&url).bearer_auth(&secret).send().await?;
+                if resp.status() == reqwest::StatusCode::OK {
+                    ok += 1;
+                } else {
+                    other += 1;
+                }
+                // Read the body so the connection goes back to the pool.
+                resp.bytes().await?;
+            }
+            anyhow::Ok((ok, other))
+        }));
+    }
+    let (mut ok, mut other) = (0, 0);
+    for t in tasks {
+        let (o, x) = t.await??;
+        ok += o;
+        other += x;
+    }
+    let wall = start.elapsed();
+    let row = api_keys::Entity::find_by_id(key.id)
+        .one(&ctx.db)
+        .await?
+        .ok_or_else(|| anyhow!("bench key vanished"))?;
+    Ok(KeyCheck {
+        clients: args.keycheck_clients,
+        requests,
+        ok,
+        other,
+        calls_used: row.calls_used,
+        wall,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+fn verdict(met: bool, detail: String) -> String {
+    if met {
+        format!("met ({detail})")
+    } else {
+        format!("NOT met ({detail})")
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    m: &Machine,
+    settings: &EngineSettings,
+    args: &Args,
+    engine: &EngineRuns,
+    engine_thread: &[(Duration, u32)],
+    loads: &[Load],
+    overhead: &[f64],
+    keycheck: &KeyCheck,
+    external: Option<(&str, &[Load])>,
+) -> String {
+    let mut s = String::new();
+    let engine_tps = engine.tokens_per_s();
+    let _ = writeln!(s, "\n## Machine\n");
+    let _ = writeln!(
+        s,
+        "{} — {} cores, {:.1} GiB RAM; load average at start {:.2} {:.2} {:.2}",
+        m.cpu, m.cores, m.ram_gib, m.load[0], m.load[1], m.load[2]
+    );
+    if m.load[0] > 1.0 {
+        let _ = writeln!(
+            s,
+            "\nWARNING: 1-minute load average {:.2} > 1.0 at start: other processes distort these figures.",
+            m.load[0]
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nModel {} ({}), {} threads, context {}, prompt {} tokens, max_tokens {}, greedy.",
+        settings.model_name,
+        settings.model_path.display(),
+        engine_threads(settings),
+        settings.context_size,
+        engine.prompt_tokens,
+        args.max_tokens
+    );
+
+    let _ = writeln!(s, "\n## 1. Engine only (raw llama-cpp-2 decode loop)\n");
+    let lat: Vec<f64> = engine.full.iter().map(|r| ms(r.0)).collect();
+    let gen: Vec<u32> = engine.full.iter().map(|r| r.1).collect();
+    let _ = writeln!(
+        s,
+        "| reps | generated tokens / rep | tokens/s | p50 ms / rep |"
+    );
+    let _ = writeln!(s, "|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "| {} | {:?} | {:.1} | {:.1} |",
+        engine.full.len(),
+        gen.iter().min().copied().unwrap_or(0)..=gen.iter().max().copied().unwrap_or(0),
+        engine_tps,
+        percentile(&lat, 50.0)
+    );
+
+    let thread_tokens: u32 = engine_thread.iter().map(|r| r.1).sum();
+    let thread_secs: f64 = engine_thread.iter().map(|r| r.0.as_secs_f64()).sum();
+    let thread_tps = f64::from(thread_tokens) / thread_secs.max(f64::EPSILON);
+    let thread_lat: Vec<f64> = engine_thread.iter().map(|r| ms(r.0)).collect();
+    let _ = writeln!(
+        s,
+        "\nFor reference, the server's own engine thread (`LlamaEngine::run`, no HTTP/key/queue): \
+         {} reps, {thread_tps:.1} tokens/s ({:.3} × engine-only), p50 {:.1} ms / rep.",
+        engine_thread.len(),
+        thread_tps / engine_tps,
+        percentile(&thread_lat, 50.0)
+    );
+
+    let table = |s: &mut String, loads: &[Load]| {
+        let _ = writeln!(
+            s,
+            "| route | concurrency | requests | tokens / request | tokens/s | ÷ engine-only | p50 ms | p99 ms |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        for l in loads {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.1} | {:.1} | {:.3} | {:.1} | {:.1} |",
+                l.route.name(),
+                l.concurrency,
+                l.requests,
+                l.tokens as f64 / l.requests as f64,
+                l.tokens_per_s(),
+                l.tokens_per_s() / engine_tps,
+                percentile(&l.latencies_ms, 50.0),
+                percentile(&l.latencies_ms, 99.0)
+            );
+        }
+    };
+    let _ = writeln!(
+        s,
+        "\n## 2. End to end (embedded: SQLite + in-process worker)\n"
+    );
+    table(&mut s, loads);
+
+    let engine_one: Vec<f64> = engine.one.iter().map(|d| ms(*d)).collect();
+    let e2e50 = percentile(overhead, 50.0);
+    let e2e99 = percentile(overhead, 99.0);
+    let eng50 = percentile(&engine_one, 50.0);
+    let (ov50, ov99) = (e2e50 - eng50, e2e99 - eng50);
+    let _ = writeln!(
+        s,
+        "\n## 3. Overhead of key check + queue + delivery (1-token `/api/`, sequential)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| mode | requests | end-to-end p50 / p99 ms | engine p50 / p99 ms | overhead p50 / p99 ms |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "| embedded (SQLite) | {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |",
+        overhead.len(),
+        e2e50,
+        e2e99,
+        eng50,
+        percentile(&engine_one, 99.0),
+        ov50,
+        ov99
+    );
+    let _ = writeln!(
+        s,
+        "| production (Postgres + Redis) | – | – | – | n/a (production mode not built yet) |"
+    );
+    let _ = writeln!(
+        s,
+        "\n(overhead = end-to-end percentile − engine p50 for the same 1-token work)"
+    );
+
+    let rps = keycheck.requests as f64 / keycheck.wall.as_secs_f64().max(f64::EPSILON);
+    let exact = keycheck.calls_used == keycheck.ok as i64;
+    let _ = writeln!(
+        s,
+        "\n## 4. Key check + charge (ApiKey extractor + api_keys::charge, no generation)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| clients | requests | 200 answers | other | calls_used after | exact | requests/s |"
+    );
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---|---:|");
+    let _ = writeln!(
+        s,
+        "| {} | {} | {} | {} | {} | {} | {:.0} |",
+        keycheck.clients,
+        keycheck.requests,
+        keycheck.ok,
+        keycheck.other,
+        keycheck.calls_used,
+        if exact { "yes" } else { "NO" },
+        rps
+    );
+
+    if let Some((url, ext)) = external {
+        let _ = writeln!(s, "\n## 5. External OpenAI-compatible server: {url}\n");
+        table(&mut s, ext);
+    }
+
+    let single = loads
+        .iter()
+        .filter(|l| l.concurrency == 1)
+        .map(|l| (l.route.name(), l.tokens_per_s() / engine_tps))
+        .collect::<Vec<_>>();
+    let _ = writeln!(s, "\n## Targets (reported, not asserted)\n");
+    let _ = writeln!(s, "| target | measured | verdict |");
+    let _ = writeln!(s, "|---|---|---|");
+    for (route, ratio) in &single {
+        let _ = writeln!(
+            s,
+            "| single stream end to end ≥ 0.95 × engine-only ({route}) | {ratio:.3} × | {} |",
+            verdict(
+                *ratio >= 0.95,
+                format!("{:+.1} % vs target", (ratio / 0.95 - 1.0) * 100.0)
+            )
+        );
+    }
+    let _ = writeln!(
+        s,
+        "| overhead p50 ≤ 2 ms embedded | {ov50:.2} ms | {} |",
+        verdict(ov50 <= 2.0, format!("{:.2} ms over", (ov50 - 2.0).max(0.0)))
+    );
+    let _ = writeln!(
+        s,
+        "| key-check path ≥ 5,000 requests/s, exact counts | {rps:.0} req/s, exact: {} | {} |",
+        if exact { "yes" } else { "NO" },
+        verdict(
+            rps >= 5000.0 && exact,
+            format!("{:.0} % of target", rps / 5000.0 * 100.0)
+        )
+    );
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() -> anyhow::Result<()> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let Some(args) = parse_args(&argv)? else {
+        print!("{USAGE}");
+        return Ok(());
+    };
+    let m = machine();
+    eprintln!(
+        "tollgate-bench on {} ({} cores), load {:.2}",
+        m.cpu, m.cores, m.load[0]
+    );
+    if m.load[0] > 1.0 {
+        eprintln!(
+            "WARNING: 1-minute load average {:.2} > 1.0: other processes distort the figures",
+            m.load[0]
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    // The settings the server will run with, read before anything runs.
+    let settings = runtime.block_on(async {
+        let config = App::load_config(&Environment::Development).await?;
+        anyhow::Ok(Settings::from_config(&config)?.engine)
+    })?;
+
+    eprintln!("1. engine only ({} reps) …", args.reps);
+    // Before the server starts, so nothing else competes for the cores; on a thread of its own
+    // like the server's engine (llama.cpp's OpenMP team then belongs to that thread, as there).
+    let engine = {
+        let (settings, args) = (settings.clone(), args.clone());
+        std::thread::Builder::new()
+            .name("bench-engine".into())
+            .spawn(move || engine_only(&settings, &args))?
+            .join()
+            .map_err(|_| anyhow!("engine-only thread panicked"))??
+    };
+
+    eprintln!(
+        "    raw loop: {:.1} tokens/s; 1-token p50 {:.2} ms",
+        engine.tokens_per_s(),
+        percentile(&engine.one.iter().map(|d| ms(*d)).collect::<Vec<_>>(), 50.0)
+    );
+    let outcome = runtime.block_on(async {
+        eprintln!(
+            "1b. the server's engine thread, no HTTP ({} reps) …",
+            args.reps
+        );
+        let engine_thread = engine_thread_runs(&settings, &args).await?;
+        eprintln!("starting the in-process server …");
+        let (server, server_settings) = start_server().await?;
+        let (_, secret) = issue_key_secret(&server.ctx, None).await?;
+        let http = reqwest::Client::new();
+        let target = Target {
+            base: server.base.clone(),
+            key: Some(secret),
+            model: server.model.clone(),
+        };
+        eprintln!("2. end to end …");
+        let loads = load_all(&http, &target, &[Route::Chat, Route::Api], &args).await?;
+
+        eprintln!(
+            "3. overhead ({} 1-token requests) …",
+            args.overhead_requests
+        );
+        one_request(&http, &target, Route::Api, 1).await?;
+        let mut overhead = Vec::with_capacity(args.overhead_requests);
+        for _ in 0..args.overhead_requests {
+            overhead.push(ms(one_request(&http, &target, Route::Api, 1).await?.0));
+        }
+
+        eprintln!("4. key check ({} requests) …", args.keycheck_requests);
+        let keycheck = key_check(&server.ctx, &args).await?;
+
+        let external = match &args.external_url {
+            Some(url) => {
+                eprintln!("5. external server {url} …");
+                let target = Target {
+                    base: url.clone(),
+                    key: args.external_key.clone(),
+                    model: args
+                        .external_model
+                        .clone()
+                        .unwrap_or_else(|| server.model.clone()),
+                };
+                Some(load_all(&http, &target, &[Route::Chat], &args).await?)
+            }
+            None => None,
+        };
+        anyhow::Ok((
+            server_settings,
+            engine_thread,
+            loads,
+            overhead,
+            keycheck,
+            external,
+        ))
+    })?;
+    let (server_settings, engine_thread, loads, overhead, keycheck, external) = outcome;
+    println!(
+        "{}",
+        report(
+            &m,
+            &server_settings,
+            &args,
+            &engine,
+            &engine_thread,
+            &loads,
+            &overhead,
+            &keycheck,
+            args.external_url.as_deref().zip(external.as_deref()),
+        )
+    );
+    if keycheck.calls_used != keycheck.ok as i64 {
+        bail!(
+            "key-check count is not exact: {} answers 200 but calls_used = {}",
+            keycheck.ok,
+            keycheck.calls_used
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_string()).collect()
+    }
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 100.0), 100.0);
+        assert_eq!(percentile(&[3.0, 1.0, 2.0], 50.0), 2.0);
+        assert_eq!(percentile(&[7.0], 99.0), 7.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+
+    #[test]
+    fn flags_override_defaults_and_bad_ones_are_refused() {
+        assert_eq!(parse_args(&[]).unwrap(), Some(Args::default()));
+        let a = parse_args(&strings(&[
+            "--reps",
+            "2",
+            "--concurrency",
+            "1, 2",
+            "--external-url",
+            "http://x:8000/",
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(a.reps, 2);
+        assert_eq!(a.concurrency, vec![1, 2]);
+        assert_eq!(a.external_url.as_deref(), Some("http://x:8000"));
+        assert_eq!(parse_args(&strings(&["--help"])).unwrap(), None);
+        assert!(parse_args(&strings(&["--reps"])).is_err());
+        assert!(parse_args(&strings(&["--reps", "0"])).is_err());
+        assert!(parse_args(&strings(&["--reps", "x"])).is_err());
+        assert!(parse_args(&strings(&["--bogus", "1"])).is_err());
+    }
+}

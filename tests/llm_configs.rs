@@ -247,7 +247,7 @@ async fn configure_load_infer_unload_delete() {
     )
     .await;
     assert_eq!(status, 404, "{body}");
-    assert_eq!(code(&body), "model_not_loaded");
+    assert_eq!(code(&body), "model_not_found");
     assert_eq!(app.calls_used(&client).await, 3);
     assert_eq!(app.job_count().await, jobs_before);
 

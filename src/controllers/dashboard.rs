@@ -252,9 +252,12 @@ async fn logout(
     Ok(resp)
 }
 
-/// The setup link only works while there is no admin at all.
-async fn no_admin_yet(ctx: &AppContext) -> Result<bool, Response> {
+/// Whether `token` is the live setup link; it only works while there is no admin at all.
+async fn setup_open(ctx: &AppContext, services: &Services, token: &str) -> Result<bool, Response> {
     use sea_orm::{EntityTrait, PaginatorTrait};
+    if !services.setup_link_valid(token) {
+        return Ok(false);
+    }
     admins::Entity::find()
         .count(&ctx.db)
         .await
@@ -269,7 +272,7 @@ async fn setup_page(
 ) -> PageResult {
     let services = Services::from_ctx(&ctx).map_err(IntoResponse::into_response)?;
     let token = q.get("token").cloned().unwrap_or_default();
-    if !services.setup_link_valid(&token) || !no_admin_yet(&ctx).await? {
+    if !setup_open(&ctx, &services, &token).await? {
         return render(
             &v,
             StatusCode::NOT_FOUND,
@@ -292,7 +295,7 @@ async fn setup(
 ) -> PageResult {
     let services = Services::from_ctx(&ctx).map_err(IntoResponse::into_response)?;
     let token = fields.get("token").cloned().unwrap_or_default();
-    if !services.setup_link_valid(&token) || !no_admin_yet(&ctx).await? {
+    if !setup_open(&ctx, &services, &token).await? {
         return render(
             &v,
             StatusCode::NOT_FOUND,

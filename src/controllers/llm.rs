@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 
 use super::api::run;
 use crate::{
-    engine::{ChatMessage, GenerationRequest, Prompt},
+    engine::{ChatMessage, Prompt},
     errors::{ApiError, ApiResult},
     extractors::{AdminKey, ApiKey, JsonBody},
     models::model_configs::{self, NewConfig},
@@ -202,22 +202,17 @@ async fn inference(
     let JsonBody(body) = body?;
     prompt_text("prompt", &body.prompt)?;
     let model_id = body.model_id.trim().to_string();
-    let served = services.served_models();
-    if !served.contains(&model_id) {
-        return Err(ApiError::not_found(
-            "model_not_loaded",
-            format!("model {model_id:?} is not loaded; loaded: {served:?}"),
-        ));
-    }
-    if !key.permits_model(&model_id) {
-        return Err(ApiError::forbidden(
-            "model_not_allowed",
-            format!(
-                "this key may not use model {model_id:?}; allowed: {:?}",
-                key.allowed_models()
-            ),
-        ));
-    }
+    // The one resolution every generation route uses: loaded models, allow-lists, 404s.
+    let resolved = services
+        .resolve_model(
+            &ctx.db,
+            &key,
+            crate::services::ModelChoice {
+                model: Some(model_id.clone()),
+                ..Default::default()
+            },
+        )
+        .await?;
     let defaults = services
         .registry
         .get(&model_id)
@@ -231,17 +226,15 @@ async fn inference(
         seed: kw.seed,
         stop: kw.stop,
     };
-    let request = GenerationRequest {
-        model: model_id,
-        prompt: Prompt::Chat {
+    let request = resolved.request(
+        Prompt::Chat {
             messages: vec![ChatMessage {
                 role: "user".into(),
                 content: body.prompt,
             }],
         },
-        params: sampling.into_params(&services.settings.api)?,
-        adapter: None,
-    };
+        sampling.into_params(&services.settings.api)?,
+    );
     run(
         &ctx,
         &services,

@@ -169,6 +169,7 @@ impl Hooks for App {
             .add_route(controllers::embeddings::routes())
             .add_route(controllers::accounts::routes())
             .add_route(controllers::dashboard::routes())
+            .add_route(controllers::ops::routes())
     }
 
     /// Runs for `start` (not for tasks): loads the model, opens the queue, starts the
@@ -183,9 +184,11 @@ impl Hooks for App {
     /// The dashboard's templates (`assets/views`) for every handler.
     async fn after_routes(router: axum::Router, _ctx: &AppContext) -> Result<axum::Router> {
         let views = loco_rs::controller::views::engines::TeraView::build()?;
-        Ok(router.layer(axum::Extension(
-            loco_rs::controller::views::ViewEngine::from(views),
-        )))
+        Ok(router
+            .route_layer(axum::middleware::from_fn(crate::metrics::track))
+            .layer(axum::Extension(
+                loco_rs::controller::views::ViewEngine::from(views),
+            )))
     }
 
     async fn on_shutdown(ctx: &AppContext) {
@@ -205,6 +208,7 @@ impl Hooks for App {
         tasks.register(tasks::key_list::KeyList);
         tasks.register(tasks::key_revoke::KeyRevoke);
         tasks.register(tasks::user_create::UserCreate);
+        tasks.register(tasks::worker::Worker);
     }
 
     async fn truncate(ctx: &AppContext) -> Result<()> {

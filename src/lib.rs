@@ -6,6 +6,7 @@ pub mod controllers;
 pub mod engine;
 pub mod errors;
 pub mod extractors;
+pub mod metrics;
 pub mod models;
 pub mod notify;
 pub mod paths;

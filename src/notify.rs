@@ -4,6 +4,11 @@
 //! publishes the final job record when it settles the job. No polling on the request path.
 //! The database record stays the source of truth: a waiter that misses the notification (e.g.
 //! it timed out) reads the record instead.
+//!
+//! With workers in other processes (production), the same events cross processes through Redis
+//! pub/sub ([`EventBus`]): a worker publishes its deltas and "settled" on one channel, and every
+//! API instance hands those to whichever of its requests waits for that job. A settled job is
+//! re-read from the database, so what a client gets is always the durable record.
 
 use std::{
     collections::HashMap,
@@ -11,6 +16,7 @@ use std::{
 };
 
 use futures::Stream;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::models::jobs;
@@ -22,6 +28,8 @@ const STREAM_BUFFER: usize = 1024;
 pub struct JobEvents {
     waiters: Arc<Mutex<HashMap<String, Vec<oneshot::Sender<jobs::Model>>>>>,
     streams: Arc<Mutex<HashMap<String, broadcast::Sender<String>>>>,
+    /// Cross-process relay (production); `None` in embedded mode.
+    bus: Option<Arc<EventBus>>,
 }
 
 impl JobEvents {
@@ -39,11 +47,41 @@ impl JobEvents {
         self.stream(job_id).map(|tx| tx.subscribe())
     }
 
-    /// Hands a text delta to the job's stream subscribers (none: dropped).
+    /// Hands a text delta to the job's stream subscribers (none: dropped), here and, with a
+    /// bus, in every API process.
     pub fn publish_delta(&self, job_id: &str, delta: String) {
+        if let Some(bus) = &self.bus {
+            bus.send(job_id, Some(delta.clone()));
+        }
         if let Some(tx) = self.stream(job_id) {
             let _ = tx.send(delta);
         }
+    }
+
+    /// A delta from another process: only for jobs someone here follows.
+    fn deliver_remote_delta(&self, job_id: &str, delta: String) {
+        let tx = self
+            .streams
+            .lock()
+            .ok()
+            .and_then(|map| map.get(job_id).cloned());
+        if let Some(tx) = tx {
+            let _ = tx.send(delta);
+        }
+    }
+
+    /// Whether a request in this process follows `job_id`.
+    fn follows(&self, job_id: &str) -> bool {
+        self.waiters.lock().is_ok_and(|m| m.contains_key(job_id))
+            || self.streams.lock().is_ok_and(|m| m.contains_key(job_id))
+    }
+
+    /// Jobs that requests in this process wait for.
+    fn followed(&self) -> Vec<String> {
+        self.waiters
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Registers interest in a job's final record.
@@ -55,8 +93,16 @@ impl JobEvents {
         rx
     }
 
-    /// Hands the final record to everyone waiting for it.
+    /// Hands the final record to everyone waiting for it, here and, with a bus, in every API
+    /// process.
     pub fn publish(&self, job: &jobs::Model) {
+        if let Some(bus) = &self.bus {
+            bus.send(&job.id, None);
+        }
+        self.publish_local(job);
+    }
+
+    fn publish_local(&self, job: &jobs::Model) {
         let waiters = self
             .waiters
             .lock()
@@ -87,6 +133,151 @@ impl JobEvents {
     #[must_use]
     pub fn waiting(&self) -> usize {
         self.waiters.lock().map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// One event on the bus: a text delta of a job, or (`delta: None`) "the job settled".
+#[derive(Debug, Serialize, Deserialize)]
+struct BusMessage {
+    origin: String,
+    job_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    delta: Option<String>,
+}
+
+/// Relays job events between processes over one Redis pub/sub channel, `<prefix>.events`.
+#[derive(Debug)]
+pub struct EventBus {
+    /// This process's id: its own messages come back to it and are skipped.
+    origin: String,
+    /// Publishing is one ordered task, so a job's deltas arrive in order and before "settled".
+    tx: tokio::sync::mpsc::UnboundedSender<BusMessage>,
+}
+
+impl EventBus {
+    fn send(&self, job_id: &str, delta: Option<String>) {
+        let _ = self.tx.send(BusMessage {
+            origin: self.origin.clone(),
+            job_id: job_id.to_string(),
+            delta,
+        });
+    }
+}
+
+impl JobEvents {
+    /// Job events shared with other processes through Redis: everything published here also
+    /// goes to the channel; with `listen`, events from other processes (workers) reach the
+    /// requests of this one. Redis going away loses no result: the subscriber reconnects by
+    /// itself and then re-reads the records of every job still waited for.
+    ///
+    /// # Errors
+    /// When Redis cannot be reached now.
+    pub async fn with_redis(
+        url: &str,
+        prefix: &str,
+        timeout: std::time::Duration,
+        db: sea_orm::DatabaseConnection,
+        listen: bool,
+    ) -> Result<Self, crate::queue::QueueError> {
+        let (client, conn) = crate::queue::redis_connect(url, timeout).await?;
+        let channel = format!("{prefix}.events");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let bus = Arc::new(EventBus {
+            origin: uuid::Uuid::new_v4().simple().to_string(),
+            tx,
+        });
+        let events = Self {
+            bus: Some(bus.clone()),
+            ..Self::default()
+        };
+        tokio::spawn(publish_loop(conn, channel.clone(), rx));
+        if listen {
+            let local = Self {
+                bus: None,
+                ..events.clone()
+            };
+            tokio::spawn(listen_loop(client, channel, bus.origin.clone(), local, db));
+        }
+        Ok(events)
+    }
+}
+
+async fn publish_loop(
+    mut conn: redis::aio::ConnectionManager,
+    channel: String,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<BusMessage>,
+) {
+    while let Some(message) = rx.recv().await {
+        let Ok(payload) = serde_json::to_string(&message) else {
+            continue;
+        };
+        let sent = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(payload)
+            .query_async::<i64>(&mut conn)
+            .await;
+        if let Err(e) = sent {
+            // Waiters elsewhere fall back on the database record; nothing is lost.
+            tracing::warn!(error = %e, job_id = %message.job_id, "could not publish a job event");
+        }
+    }
+}
+
+async fn listen_loop(
+    client: redis::Client,
+    channel: String,
+    origin: String,
+    events: JobEvents,
+    db: sea_orm::DatabaseConnection,
+) {
+    use futures::StreamExt;
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        let subscribed = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        }
+        .await;
+        let pubsub = match subscribed {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "job events: cannot subscribe; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                continue;
+            }
+        };
+        pause = std::time::Duration::from_millis(100);
+        // Whatever settled while we were not listening is in the database.
+        for id in events.followed() {
+            settle_from_db(&events, &db, &id).await;
+        }
+        let mut messages = pubsub.into_on_message();
+        while let Some(msg) = messages.next().await {
+            let Ok(payload) = msg.get_payload::<String>() else {
+                continue;
+            };
+            let Ok(message) = serde_json::from_str::<BusMessage>(&payload) else {
+                continue;
+            };
+            if message.origin == origin || !events.follows(&message.job_id) {
+                continue;
+            }
+            match message.delta {
+                Some(delta) => events.deliver_remote_delta(&message.job_id, delta),
+                None => settle_from_db(&events, &db, &message.job_id).await,
+            }
+        }
+        tracing::warn!("job events: subscription lost; reconnecting");
+    }
+}
+
+async fn settle_from_db(events: &JobEvents, db: &sea_orm::DatabaseConnection, job_id: &str) {
+    match jobs::Model::find_any(db, job_id).await {
+        Ok(Some(job)) if job.is_finished() => events.publish_local(&job),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, job_id, "job events: cannot read the job"),
     }
 }
 

@@ -1,19 +1,23 @@
 //! The durable job queue. Every apalis import of Tollgate lives in this module.
 //!
-//! Embedded mode keeps the queue in a SQLite file. Producers (HTTP handlers) push a
-//! [`GenerationJob`]; the worker consumes with concurrency 1 so the single engine thread is
-//! never asked to interleave requests it cannot batch. SQLite's update hook wakes the worker
-//! the moment a job is inserted by this process; a short poll interval is the fallback for jobs
-//! inserted by other processes and for re-enqueued orphans.
+//! Embedded mode keeps the queue in a SQLite file; production keeps it in Redis
+//! (`apalis-redis`), shared by any number of API instances and worker processes. Producers (HTTP
+//! handlers) push a [`GenerationJob`]; a worker consumes with concurrency 1 so the single engine
+//! thread is never asked to interleave requests it cannot batch. Pushes wake workers at once
+//! (SQLite's update hook; Redis's `…:available` channel); a short poll is the fallback. A worker
+//! that stops heartbeating for `missed_heartbeats × heartbeat_seconds` has its job handed back to
+//! the queue by a live worker, so a killed worker loses nothing.
 
 use std::{sync::Arc, time::Duration};
 
 use apalis::prelude::{
     BackendExt, BoxDynError, Data, Strategy, TaskBuilder, TaskSink, WorkerBuilder, WorkerBuilderExt,
 };
-use apalis_sqlite::{callback::HookCallbackListener, Config, SqlitePool, SqliteStorage};
+use apalis_redis::{ConnectionManager, RedisStorage};
+use apalis_sqlite::{callback::HookCallbackListener, SqlitePool, SqliteStorage};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{oneshot, Mutex};
+use tokio::sync::{watch, Mutex};
 
 use crate::{
     engine::{EmbeddingRequest, GenerationRequest},
@@ -151,78 +155,192 @@ pub trait JobHandler: Send + Sync + 'static {
 pub enum QueueError {
     #[error("queue storage: {0}")]
     Storage(String),
+    #[error("queue storage did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
-/// Producer side of the queue, cheap to clone.
+/// Where the jobs live. (Boxing the larger variant would save a few hundred bytes in the one
+/// `JobQueue` per model; not worth the indirection.)
+#[derive(Clone)]
+#[allow(clippy::large_enum_variant)]
+enum Store {
+    Sqlite {
+        storage: SqliteStorage<GenerationJob>,
+        pool: SqlitePool,
+        config: apalis_sqlite::Config,
+        listener: Arc<Mutex<Option<HookCallbackListener>>>,
+    },
+    Redis {
+        storage: RedisStorage<GenerationJob>,
+        client: apalis_redis::Client,
+        conn: ConnectionManager,
+        config: apalis_redis::Config,
+    },
+}
+
+/// Producer side of the queue of one model, cheap to clone; also starts its workers.
 #[derive(Clone)]
 pub struct JobQueue {
-    storage: SqliteStorage<GenerationJob>,
-    pool: SqlitePool,
-    config: Config,
+    store: Store,
+    name: String,
     max_attempts: usize,
-    listener: Arc<Mutex<Option<HookCallbackListener>>>,
+    /// Bound on every Redis round trip of a request (fail fast with 503 when Redis is down).
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for JobQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JobQueue")
-            .field("queue", &self.config.queue)
+            .field("queue", &self.name)
             .finish_non_exhaustive()
     }
 }
 
 /// Name of the queue of one model: a worker consumes only the models it holds.
 #[must_use]
-pub fn queue_name(model: &str) -> String {
-    format!("tollgate.generate.{model}")
+pub fn queue_name(settings: &QueueSettings, model: &str) -> String {
+    format!("{}.generate.{model}", settings.prefix)
+}
+
+/// A Redis connection that reconnects by itself and gives up on a command quickly.
+///
+/// # Errors
+/// When the URL is invalid or Redis cannot be reached now.
+pub async fn redis_connect(
+    url: &str,
+    timeout: Duration,
+) -> Result<(apalis_redis::Client, ConnectionManager), QueueError> {
+    let client = apalis_redis::Client::open(url).map_err(|e| QueueError::Storage(e.to_string()))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    let conn = tokio::time::timeout(
+        timeout * 3,
+        client.get_connection_manager_with_config(config),
+    )
+    .await
+    .map_err(|_| QueueError::Timeout(timeout * 3))?
+    .map_err(|e| QueueError::Storage(e.to_string()))?;
+    Ok((client, conn))
 }
 
 impl JobQueue {
-    /// Opens (and migrates) the queue storage for `model`.
+    /// Opens (and, for SQLite, migrates) the queue storage for `model`.
     ///
     /// # Errors
     /// When the storage cannot be opened or migrated.
     pub async fn connect(settings: &QueueSettings, model: &str) -> Result<Self, QueueError> {
         let url = settings.url.as_str();
-        if !url.starts_with("sqlite:") {
+        let name = queue_name(settings, model);
+        let heartbeat = Duration::from_secs(settings.heartbeat_seconds.max(1));
+        let missed = settings.missed_heartbeats.max(1) as usize;
+        let timeout = Duration::from_millis(settings.redis_timeout_ms.max(50));
+        let store = if settings.is_redis() {
+            let (client, conn) = redis_connect(url, timeout).await?;
+            let config = apalis_redis::Config::default()
+                .queue(&name)
+                // One job per fetch: a worker only takes what it is about to run, so several
+                // workers on one queue share the load instead of one hoarding a batch.
+                .batch_size(1)
+                .heartbeat_interval(heartbeat)
+                .missed_heartbeats(missed);
+            let storage = RedisStorage::new(conn.clone()).with_config(config.clone());
+            Store::Redis {
+                storage,
+                client,
+                conn,
+                config,
+            }
+        } else if url.starts_with("sqlite:") {
+            let (pool, listener) = SqliteStorage::connect_with_callback(url)
+                .map_err(|e| QueueError::Storage(e.to_string()))?;
+            SqliteStorage::setup(&pool)
+                .await
+                .map_err(|e| QueueError::Storage(e.to_string()))?;
+            let config = apalis_sqlite::Config::default()
+                .queue(&name)
+                .batch_size(1)
+                .heartbeat_interval(heartbeat)
+                .missed_heartbeats(missed);
+            let storage = SqliteStorage::new(&pool).with_config(config.clone());
+            Store::Sqlite {
+                storage,
+                pool,
+                config,
+                listener: Arc::new(Mutex::new(Some(listener))),
+            }
+        } else {
             return Err(QueueError::Storage(format!(
-                "unsupported queue url {url:?}: this build supports sqlite:// queues"
+                "unsupported queue url {url:?}: use sqlite://… (embedded) or redis://… (production)"
             )));
-        }
-        let (pool, listener) = SqliteStorage::connect_with_callback(url)
-            .map_err(|e| QueueError::Storage(e.to_string()))?;
-        SqliteStorage::setup(&pool)
-            .await
-            .map_err(|e| QueueError::Storage(e.to_string()))?;
-        let config = Config::default()
-            .queue(queue_name(model))
-            // One job per fetch: a worker only takes what it is about to run, so several
-            // workers on one queue share the load instead of one hoarding a batch.
-            .batch_size(1)
-            .heartbeat_interval(Duration::from_secs(5));
-        let storage = SqliteStorage::new(&pool).with_config(config.clone());
+        };
         Ok(Self {
-            storage,
-            pool,
-            config,
+            store,
+            name,
             max_attempts: settings.max_attempts.max(1) as usize,
-            listener: Arc::new(Mutex::new(Some(listener))),
+            timeout,
         })
+    }
+
+    /// The queue's name (`<prefix>.generate.<model>`).
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the storage answers now; Redis gets one bounded round trip. Requests ask this
+    /// before charging anything, so an outage costs clients nothing but a fast 503.
+    ///
+    /// # Errors
+    /// When Redis is unreachable or slow.
+    pub async fn ping(&self) -> Result<(), QueueError> {
+        match &self.store {
+            Store::Sqlite { .. } => Ok(()),
+            Store::Redis { conn, .. } => {
+                let mut conn = conn.clone();
+                self.bounded(async move {
+                    redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .map(|_| ())
+                })
+                .await
+            }
+        }
+    }
+
+    async fn bounded<T, E: std::fmt::Display>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, QueueError> {
+        tokio::time::timeout(self.timeout, f)
+            .await
+            .map_err(|_| QueueError::Timeout(self.timeout))?
+            .map_err(|e| QueueError::Storage(e.to_string()))
     }
 
     /// Queues a job durably; returns once it is stored.
     ///
     /// # Errors
-    /// When the storage rejects the write.
+    /// When the storage rejects the write or does not answer in time.
     pub async fn push(&self, job: GenerationJob) -> Result<(), QueueError> {
         let task = TaskBuilder::new(job)
             .max_attempts(self.max_attempts)
             .build();
-        let mut storage = self.storage.clone();
-        storage
-            .push_task(task)
-            .await
-            .map_err(|e| QueueError::Storage(e.to_string()))
+        match &self.store {
+            Store::Sqlite { storage, .. } => {
+                let mut storage = storage.clone();
+                self.bounded(async move { storage.push_task(task).await })
+                    .await
+            }
+            Store::Redis { storage, .. } => {
+                let mut storage = storage.clone();
+                self.bounded(async move { storage.push_task(task).await })
+                    .await
+            }
+        }
     }
 
     /// Jobs waiting in this queue (not yet taken by a worker).
@@ -230,35 +348,59 @@ impl JobQueue {
     /// # Errors
     /// On storage errors.
     pub async fn depth(&self) -> Result<i64, QueueError> {
-        sqlx_count(&self.pool, self.config.queue.as_ref()).await
+        match &self.store {
+            Store::Sqlite { pool, config, .. } => sqlx_count(pool, config.queue.as_ref()).await,
+            Store::Redis { conn, config, .. } => {
+                let mut conn = conn.clone();
+                let list = config.active_jobs_list();
+                self.bounded(async move {
+                    redis::cmd("LLEN")
+                        .arg(list)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                })
+                .await
+            }
+        }
     }
 
     /// Starts a worker consuming this queue with concurrency 1. It runs until the returned
-    /// handle is shut down (or dropped).
+    /// handle is shut down (or dropped). If the storage fails under it (Redis restarted), it
+    /// registers again and goes on, without anyone restarting the process.
     pub async fn spawn_worker(&self, name: &str, handler: Arc<dyn JobHandler>) -> WorkerHandle {
-        let listener = self.listener.lock().await.take();
-        let mut strategy = Strategy::new().interval(Duration::from_millis(250));
-        if let Some(listener) = listener {
-            strategy = Strategy::new()
-                .stream(listener)
-                .interval(Duration::from_millis(250));
-        }
-        let backend = SqliteStorage::<GenerationJob>::new(&self.pool)
-            .with_config(self.config.clone())
-            .poll_with_strategy(strategy);
-        let worker = WorkerBuilder::new(name.to_string())
-            .backend(backend)
-            .data(HandlerData(handler))
-            .concurrency(1)
-            .build(handle_task);
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let queue = self.clone();
+        let name = name.to_string();
         let join = tokio::spawn(async move {
-            let signal = async move {
-                let _ = stop_rx.await;
-                Ok::<(), std::io::Error>(())
-            };
-            if let Err(e) = worker.run_until(signal).await {
-                tracing::error!(error = %e, "queue worker stopped with an error");
+            let mut failures = 0u32;
+            loop {
+                let stop = stop_rx.clone();
+                let signal = async move {
+                    let mut stop = stop;
+                    let _ = stop.wait_for(|s| *s).await;
+                    Ok::<(), std::io::Error>(())
+                };
+                let result = queue.run_worker(&name, handler.clone(), signal).await;
+                if *stop_rx.borrow() {
+                    break;
+                }
+                failures = failures.saturating_add(1);
+                let pause = Duration::from_millis(250 * u64::from(failures.min(8)));
+                match result {
+                    Ok(()) => tracing::warn!(queue = %queue.name, "queue worker ended; restarting"),
+                    Err(e) => {
+                        tracing::warn!(queue = %queue.name, error = %e, ?pause, "queue worker lost its storage; reconnecting");
+                    }
+                }
+                let mut stop = stop_rx.clone();
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+                // A run that lasted a while was a recovery: start the backoff over.
+                if failures > 8 {
+                    failures = 1;
+                }
             }
         });
         WorkerHandle {
@@ -266,6 +408,86 @@ impl JobQueue {
             join: Some(join),
         }
     }
+
+    async fn run_worker(
+        &self,
+        name: &str,
+        handler: Arc<dyn JobHandler>,
+        signal: impl std::future::Future<Output = Result<(), std::io::Error>> + Send + 'static,
+    ) -> Result<(), String> {
+        let poll = Duration::from_millis(250);
+        match &self.store {
+            Store::Sqlite {
+                pool,
+                config,
+                listener,
+                ..
+            } => {
+                let mut strategy = Strategy::new().interval(poll);
+                if let Some(listener) = listener.lock().await.take() {
+                    strategy = Strategy::new().stream(listener).interval(poll);
+                }
+                let backend = SqliteStorage::<GenerationJob>::new(pool)
+                    .with_config(config.clone())
+                    .poll_with_strategy(strategy);
+                WorkerBuilder::new(name.to_string())
+                    .backend(backend)
+                    .data(HandlerData(handler))
+                    .concurrency(1)
+                    .build(handle_task)
+                    .run_until(signal)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Store::Redis {
+                client,
+                conn,
+                config,
+                ..
+            } => {
+                let wake = wake_stream(
+                    client,
+                    &format!("tasks:{}:available", config.active_jobs_list()),
+                )
+                .await;
+                let strategy = match wake {
+                    Some(wake) => Strategy::new().stream(wake).interval(poll),
+                    None => Strategy::new().interval(poll),
+                };
+                let backend = RedisStorage::<GenerationJob>::new(conn.clone())
+                    .with_config(config.clone())
+                    .poll_with_strategy(strategy);
+                WorkerBuilder::new(name.to_string())
+                    .backend(backend)
+                    .data(HandlerData(handler))
+                    .concurrency(1)
+                    .build(handle_task)
+                    .run_until(signal)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// Wakes a Redis worker the moment a job is pushed (apalis-redis publishes on
+/// `tasks:<queue>:active:available`); `None` when Redis is down (the poll interval remains).
+async fn wake_stream(
+    client: &apalis_redis::Client,
+    channel: &str,
+) -> Option<std::pin::Pin<Box<dyn futures::Stream<Item = ()> + Send + Sync>>> {
+    let mut pubsub = client.get_async_pubsub().await.ok()?;
+    pubsub.subscribe(channel).await.ok()?;
+    let (tx, rx) = futures::channel::mpsc::unbounded::<()>();
+    tokio::spawn(async move {
+        let mut messages = pubsub.into_on_message();
+        while messages.next().await.is_some() {
+            if tx.unbounded_send(()).is_err() {
+                break;
+            }
+        }
+    });
+    Some(Box::pin(rx))
 }
 
 async fn sqlx_count(pool: &SqlitePool, queue: &str) -> Result<i64, QueueError> {
@@ -294,7 +516,7 @@ async fn handle_task(job: GenerationJob, handler: Data<HandlerData>) -> Result<(
 /// Stops a running queue worker.
 #[derive(Debug)]
 pub struct WorkerHandle {
-    stop: Option<oneshot::Sender<()>>,
+    stop: Option<watch::Sender<bool>>,
     join: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -302,7 +524,7 @@ impl WorkerHandle {
     /// Asks the worker to stop taking jobs and waits for it to finish the current one.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            let _ = stop.send(true);
         }
         if let Some(join) = self.join.take() {
             let _ = join.await;

@@ -279,12 +279,15 @@ impl Services {
             .map_err(|e| ApiError::unavailable("queue_unavailable", e.to_string()))?;
         let engine: Arc<dyn Algorithm> = Arc::new(engine);
         let name = format!("embedded-{}-{model_id}", std::process::id());
-        let handler = Arc::new(GenerationWorker::new(
-            db.clone(),
-            engine.clone(),
-            self.events.clone(),
-            name.clone(),
-        ));
+        let handler = Arc::new(
+            GenerationWorker::new(
+                db.clone(),
+                engine.clone(),
+                self.events.clone(),
+                name.clone(),
+            )
+            .with_max_attempts(self.settings.queue.max_attempts),
+        );
         let worker = queue.spawn_worker(&name, handler).await;
         let loaded = Arc::new(LoadedModel::new(
             model_id.clone(),

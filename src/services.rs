@@ -26,7 +26,10 @@ use crate::{
     registry::ModelRegistry,
     settings::Settings,
     throttle::LoginThrottle,
-    workers::generation::GenerationWorker,
+    workers::{
+        generation::GenerationWorker,
+        heartbeat::{self, HeartbeatHandle},
+    },
 };
 
 pub struct Services {
@@ -47,7 +50,7 @@ pub struct Services {
     pub logins: LoginThrottle,
     /// The first-run setup link's token (its hash) and expiry, while there is no admin.
     setup: std::sync::Mutex<Option<(String, std::time::Instant)>>,
-    worker: Mutex<Option<WorkerHandle>>,
+    worker: Mutex<Option<(WorkerHandle, HeartbeatHandle)>>,
 }
 
 /// What a request asked for: a model id (`base` or `base:adapter`), a LoRA head named apart
@@ -158,7 +161,20 @@ impl Services {
         let queue = JobQueue::connect(&settings.queue, &settings.engine.model_name)
             .await
             .map_err(|e| loco_rs::Error::Message(e.to_string()))?;
-        let events = JobEvents::default();
+        let events = if settings.queue.is_redis() {
+            // Workers elsewhere: their events reach this instance's requests through Redis.
+            JobEvents::with_redis(
+                &settings.queue.url,
+                &settings.queue.prefix,
+                Duration::from_millis(settings.queue.redis_timeout_ms),
+                ctx.db.clone(),
+                true,
+            )
+            .await
+            .map_err(|e| loco_rs::Error::Message(e.to_string()))?
+        } else {
+            JobEvents::default()
+        };
         let mut engine: Option<Arc<dyn Algorithm>> = None;
         let mut worker = None;
         let mut worker_name = None;
@@ -175,13 +191,21 @@ impl Services {
             );
             let llama: Arc<dyn Algorithm> = Arc::new(llama);
             let name = format!("embedded-{}", std::process::id());
-            let handler = Arc::new(GenerationWorker::new(
+            let handler =
+                GenerationWorker::new(ctx.db.clone(), llama.clone(), events.clone(), name.clone())
+                    .with_max_attempts(settings.queue.max_attempts);
+            let beat = heartbeat::start(
                 ctx.db.clone(),
+                heartbeat::Identity {
+                    id: name.clone(),
+                    device: llama.status().device,
+                },
                 llama.clone(),
-                events.clone(),
-                name.clone(),
-            ));
-            worker = Some(queue.spawn_worker(&name, handler).await);
+                handler.stats(),
+                Duration::from_secs(settings.queue.heartbeat_seconds.max(1)),
+            )
+            .await;
+            worker = Some((queue.spawn_worker(&name, Arc::new(handler)).await, beat));
             engine = Some(llama);
             worker_name = Some(name);
         }
@@ -250,8 +274,9 @@ impl Services {
     /// Stops the embedded worker after its current job.
     pub async fn shutdown(&self) {
         self.stop_loaded_models().await;
-        if let Some(worker) = self.worker.lock().await.take() {
+        if let Some((worker, beat)) = self.worker.lock().await.take() {
             worker.shutdown().await;
+            beat.stop().await;
         }
     }
 
@@ -381,6 +406,7 @@ impl Services {
             }
         }
         let prompt_tokens = self.check_input(&work)?;
+        self.check_queue(work.base_model()).await?;
         charge(db, key).await?;
         let reservation = match budgets::reserve(
             db,
@@ -435,6 +461,24 @@ impl Services {
         self.queue_and_wait(db, key.id, record, work, wait)
             .instrument(span)
             .await
+    }
+
+    /// 503 before anything is charged when the model's queue cannot take a job now (Redis
+    /// down): clients get a fast, free answer they can retry.
+    async fn check_queue(&self, model: &str) -> Result<(), ApiError> {
+        let queue = self.queue_for(model).ok_or_else(|| {
+            ApiError::unavailable(
+                "model_unavailable",
+                format!("model {model:?} is not loaded; nothing was charged"),
+            )
+        })?;
+        queue.ping().await.map_err(|e| {
+            tracing::warn!(error = %e, "queue unavailable");
+            ApiError::unavailable(
+                "queue_unavailable",
+                "the job queue is unavailable; nothing was charged, try again",
+            )
+        })
     }
 
     async fn queue_and_wait(

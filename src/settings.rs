@@ -157,9 +157,24 @@ pub struct QueueSettings {
     /// Run the generation worker inside the API process (embedded mode).
     #[serde(default = "default_true")]
     pub embedded_worker: bool,
-    /// How many times a job is tried before it is marked failed.
+    /// How many times a job is tried before it is marked failed (a worker killed mid-job
+    /// counts as a try).
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Namespace of every queue and channel name, so several deployments (or test runs) can
+    /// share one Redis: queues are `<prefix>.generate.<model>`.
+    #[serde(default = "default_queue_prefix")]
+    pub prefix: String,
+    /// How often a worker proves it is alive (queue lease and the `workers` table).
+    #[serde(default = "default_heartbeat_seconds")]
+    pub heartbeat_seconds: u64,
+    /// Heartbeats a worker may miss before its running job is handed to another worker and the
+    /// dashboard shows it as gone.
+    #[serde(default = "default_missed_heartbeats")]
+    pub missed_heartbeats: u32,
+    /// Longest a request waits on Redis before answering 503 (Redis down must fail fast).
+    #[serde(default = "default_redis_timeout_ms")]
+    pub redis_timeout_ms: u64,
 }
 
 /// Limits and defaults of the HTTP API.
@@ -223,6 +238,18 @@ fn default_true() -> bool {
 fn default_max_attempts() -> u32 {
     3
 }
+fn default_queue_prefix() -> String {
+    "tollgate".into()
+}
+fn default_heartbeat_seconds() -> u64 {
+    5
+}
+fn default_missed_heartbeats() -> u32 {
+    3
+}
+fn default_redis_timeout_ms() -> u64 {
+    1000
+}
 fn default_wait_timeout_ms() -> u64 {
     120_000
 }
@@ -271,6 +298,10 @@ impl Default for QueueSettings {
             url: default_queue_url(),
             embedded_worker: true,
             max_attempts: default_max_attempts(),
+            prefix: default_queue_prefix(),
+            heartbeat_seconds: default_heartbeat_seconds(),
+            missed_heartbeats: default_missed_heartbeats(),
+            redis_timeout_ms: default_redis_timeout_ms(),
         }
     }
 }
@@ -285,6 +316,22 @@ impl Default for ApiSettings {
             default_temperature: default_temperature(),
             rate_limit: RateLimitSettings::default(),
         }
+    }
+}
+
+impl QueueSettings {
+    /// Whether jobs and events go through Redis (production) rather than SQLite (embedded).
+    #[must_use]
+    pub fn is_redis(&self) -> bool {
+        self.url.starts_with("redis://") || self.url.starts_with("rediss://")
+    }
+
+    /// After this long without a heartbeat a worker is gone and its job is run elsewhere.
+    #[must_use]
+    pub fn orphan_after(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.heartbeat_seconds.max(1) * u64::from(self.missed_heartbeats.max(1)),
+        )
     }
 }
 

@@ -9,6 +9,7 @@ mod m20261123_000004_adapters;
 mod m20261123_000005_accounts;
 mod m20261123_000006_model_configs;
 mod m20261123_000007_admin_sessions;
+mod m20261123_000008_workers;
 
 pub struct Migrator;
 
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000005_accounts::Migration),
             Box::new(m20261123_000006_model_configs::Migration),
             Box::new(m20261123_000007_admin_sessions::Migration),
+            Box::new(m20261123_000008_workers::Migration),
         ]
     }
 }

@@ -29,10 +29,12 @@ fn rewrite_task_args(args: &[String]) -> Option<Vec<String>> {
 async fn main() -> loco_rs::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if let Some(rewritten) = rewrite_task_args(&args) {
-        let status = std::process::Command::new(std::env::current_exe()?)
-            .args(&rewritten[1..])
-            .status()?;
-        std::process::exit(status.code().unwrap_or(1));
+        // Replace this process (same pid), so signals from systemd or a supervisor reach the
+        // task itself, e.g. SIGTERM for a worker's graceful stop.
+        let err = std::os::unix::process::CommandExt::exec(
+            std::process::Command::new(std::env::current_exe()?).args(&rewritten[1..]),
+        );
+        return Err(err.into());
     }
     cli::main::<App, Migrator>().await
 }

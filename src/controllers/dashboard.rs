@@ -624,13 +624,31 @@ async fn overview(
         "model": services.settings.engine.model_name,
         "depth": services.queue.depth().await.ok(),
     })];
-    let mut workers = Vec::new();
-    if let Some(status) = services.engine_status() {
-        workers.push(json!({"name": services.worker_name, "engine": status}));
-    }
+    // Every worker process that ever heartbeated (the registry table), then the models this
+    // process loaded at run time (seed 004), which live and die with it.
+    let gone_after = services.settings.queue.orphan_after();
+    let mut workers: Vec<serde_json::Value> = crate::models::workers::list(&ctx.db)
+        .await
+        .map_err(internal)?
+        .iter()
+        .map(|w| {
+            let mut row = w.to_json(gone_after);
+            row["heartbeat_age"] = json!(format!("{:.0} s", w.heartbeat_age().as_secs_f64()));
+            row["tokens_per_second"] = json!(w.tokens_per_second.map(|t| format!("{t:.1}")));
+            row
+        })
+        .collect();
     for m in services.registry.all() {
         queues.push(json!({"model": m.model_id, "depth": m.queue.depth().await.ok()}));
-        workers.push(json!({"name": format!("{} (loaded {})", m.model_id, m.loaded_at.format("%H:%M")), "engine": m.status()}));
+        let status = m.status();
+        workers.push(json!({
+            "id": format!("{} (loaded {}, in this process)", m.model_id, m.loaded_at.format("%H:%M")),
+            "models": [status.model],
+            "device": status.device,
+            "state": if status.ready { "idle" } else { "loading" },
+            "jobs_served": status.jobs_served,
+            "adapters": status.adapters,
+        }));
     }
     #[allow(clippy::cast_precision_loss)]
     let per_minute = recent.len() as f64 / window_minutes as f64;

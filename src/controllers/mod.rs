@@ -7,6 +7,7 @@ pub mod dashboard;
 pub mod embeddings;
 pub mod llm;
 pub mod openai;
+pub mod ops;
 pub mod ping;
 pub mod queue_api;
 pub mod usage;

@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod model_configs;
 pub mod usage_records;
 pub mod users;
+pub mod workers;
 
 /// Failures of model operations that are not plain database errors.
 #[derive(Debug, thiserror::Error)]

@@ -5,6 +5,7 @@ pub mod key_create;
 pub mod key_list;
 pub mod key_revoke;
 pub mod user_create;
+pub mod worker;
 
 use loco_rs::task::Vars;
 

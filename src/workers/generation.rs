@@ -29,6 +29,45 @@ pub struct GenerationWorker {
     algorithm: Arc<dyn Algorithm>,
     events: JobEvents,
     name: String,
+    /// Deliveries a job gets before it is failed; a worker killed mid-job costs one.
+    max_attempts: i32,
+    stats: Arc<WorkerStats>,
+}
+
+/// What this worker is doing, for its heartbeat.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    inner: std::sync::Mutex<StatsInner>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct StatsInner {
+    pub current_job: Option<String>,
+    pub jobs_served: u64,
+    pub tokens_per_second: Option<f64>,
+}
+
+impl WorkerStats {
+    #[must_use]
+    pub fn snapshot(&self) -> StatsInner {
+        self.inner.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn started(&self, job_id: &str) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.current_job = Some(job_id.to_string());
+        }
+    }
+
+    fn finished(&self, tokens_per_second: Option<f64>) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.current_job = None;
+            s.jobs_served += 1;
+            if tokens_per_second.is_some() {
+                s.tokens_per_second = tokens_per_second;
+            }
+        }
+    }
 }
 
 impl GenerationWorker {
@@ -44,7 +83,22 @@ impl GenerationWorker {
             algorithm,
             events,
             name,
+            max_attempts: 3,
+            stats: Arc::default(),
         }
+    }
+
+    /// Deliveries a job gets before it is failed (`settings.queue.max_attempts`).
+    #[must_use]
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = i32::try_from(max_attempts.max(1)).unwrap_or(i32::MAX);
+        self
+    }
+
+    /// What the worker is doing now (read by its heartbeat).
+    #[must_use]
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        self.stats.clone()
     }
 
     /// Runs one job to its final state and notifies whoever waits for it.
@@ -53,19 +107,50 @@ impl GenerationWorker {
     /// Database errors; the queue then retries the delivery.
     #[tracing::instrument(skip(self, job), fields(job_id = %job.job_id, worker = %self.name))]
     pub async fn run_one(&self, job: GenerationJob) -> Result<Outcome, ModelError> {
-        let Some(_running) = jobs::mark_running(&self.db, &job.job_id, &self.name).await? else {
+        let Some(running) = jobs::mark_running(&self.db, &job.job_id, &self.name).await? else {
             tracing::info!("job already settled; skipping duplicate delivery");
             if let Some(record) = jobs::Model::find_any(&self.db, &job.job_id).await? {
                 self.events.publish(&record);
             }
             return Ok(Outcome::AlreadySettled);
         };
+        if running.attempts > self.max_attempts {
+            // Every earlier delivery ended with its worker gone mid-job (killed, host lost):
+            // stop handing it out, and say so.
+            let reason = format!(
+                "the job was started {} times and its worker stopped before finishing each time",
+                running.attempts - 1
+            );
+            tracing::warn!(attempts = running.attempts, "giving up on the job");
+            let outcome = match jobs::fail(&self.db, &job.job_id, &reason).await? {
+                Some(record) => {
+                    self.events.publish(&record);
+                    Outcome::Failed(record)
+                }
+                None => Outcome::AlreadySettled,
+            };
+            return Ok(outcome);
+        }
+        if running.attempts > 1 {
+            tracing::info!(
+                attempt = running.attempts,
+                "running a job again after its worker stopped"
+            );
+        }
+        self.stats.started(&job.job_id);
         let started = std::time::Instant::now();
         let result = match job.work {
             Work::Generate(request) => self.generate(&job.job_id, request).await,
             Work::Embed(request) => self.algorithm.embed(request).await.and_then(|e| {
                 JobOutput::embeddings(&e).map_err(|e| EngineError::Embedding(e.to_string()))
             }),
+        };
+        let elapsed = started.elapsed().as_secs_f64();
+        let tokens_per_second = match &result {
+            Ok(o) if o.generated_tokens > 0 && elapsed > 0.0 => {
+                Some(o.generated_tokens as f64 / elapsed)
+            }
+            _ => None,
         };
         let outcome = match result {
             Ok(output) => {
@@ -88,6 +173,7 @@ impl GenerationWorker {
                 }
             }
         };
+        self.stats.finished(tokens_per_second);
         if let Outcome::Done(record) | Outcome::Failed(record) = &outcome {
             self.events.publish(record);
         }

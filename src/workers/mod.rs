@@ -1,3 +1,4 @@
-//! Queue consumers.
+//! Queue consumers and their heartbeat.
 
 pub mod generation;
+pub mod heartbeat;

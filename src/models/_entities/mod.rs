@@ -11,3 +11,4 @@ pub mod jobs;
 pub mod model_configs;
 pub mod usage_records;
 pub mod users;
+pub mod workers;

@@ -9,3 +9,4 @@ pub use super::jobs::Entity as Jobs;
 pub use super::model_configs::Entity as ModelConfigs;
 pub use super::usage_records::Entity as UsageRecords;
 pub use super::users::Entity as Users;
+pub use super::workers::Entity as Workers;

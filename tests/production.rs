@@ -1,0 +1,740 @@
+//! The production topology, as separate processes on loopback: API instances and worker
+//! processes (`task worker`) sharing nothing but Postgres (a fresh database per test) and Redis
+//! (a unique key prefix per test, or a private `redis-server` where the test restarts it).
+//! Workers are killed, stopped and restarted under load; nothing may be lost or charged twice.
+
+mod common;
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::{code, pg_server, read, scratch_dir, TestKey};
+use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter};
+use serde_json::{json, Value};
+use tollgate::models::{
+    _entities::{api_keys, jobs},
+    api_keys::{ActiveModel as KeyActive, KeyParams},
+    workers::{self, WorkerState},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate-cli");
+/// A prompt the small model answers at length (greedy), so a job runs for seconds.
+const LONG: &str = "Write a very long story about a dragon, a knight and a village.";
+
+/// Redis of this machine, or the test's own server.
+struct Redis {
+    url: String,
+    own: Option<(Child, u16)>,
+}
+
+impl Redis {
+    fn shared() -> Self {
+        Self {
+            url: std::env::var("TOLLGATE_TEST_REDIS")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            own: None,
+        }
+    }
+
+    /// A private `redis-server` (no persistence, like the machine's), free to be restarted.
+    fn private() -> Self {
+        let port = free_port();
+        let child = start_redis(port);
+        Self {
+            url: format!("redis://127.0.0.1:{port}"),
+            own: Some((child, port)),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some((child, _)) = &mut self.own {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        if let Some((child, port)) = &mut self.own {
+            *child = start_redis(*port);
+        }
+    }
+}
+
+fn start_redis(port: u16) -> Child {
+    let mut child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server (installed on this machine kind)");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("redis-server did not start on port {port}");
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// One deployment: a Postgres database, a Redis namespace, and the processes started on them.
+struct Cluster {
+    db: DatabaseConnection,
+    database: String,
+    redis: Redis,
+    prefix: String,
+    dir: PathBuf,
+    apis: Vec<(Child, u16)>,
+    workers: Vec<(Child, String)>,
+    http: reqwest::Client,
+    max_attempts: u32,
+}
+
+impl Cluster {
+    async fn new(redis: Redis) -> Self {
+        Self::with_attempts(redis, 3).await
+    }
+
+    async fn with_attempts(redis: Redis, max_attempts: u32) -> Self {
+        let database = format!("tollgate_prod_{}", uuid::Uuid::new_v4().simple());
+        let admin = sea_orm::Database::connect(format!("{}/postgres", pg_server()))
+            .await
+            .expect("connect to the test Postgres");
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {database}"))
+            .await
+            .expect("create test database");
+        admin.close().await.ok();
+        let mut cluster = Self {
+            db: sea_orm::Database::connect(format!("{}/{database}", pg_server()))
+                .await
+                .expect("connect to the test database"),
+            database,
+            redis,
+            prefix: format!("tgtest{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+            dir: scratch_dir("prod"),
+            apis: Vec::new(),
+            workers: Vec::new(),
+            http: reqwest::Client::new(),
+            max_attempts,
+        };
+        // Migrations run once, as HOWTO.md has operators do it, not from every process.
+        let out = cluster
+            .command(&["db", "migrate"])
+            .output()
+            .expect("run db migrate");
+        assert!(
+            out.status.success(),
+            "db migrate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(180))
+            .build()
+            .expect("client");
+        cluster
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .current_dir(root)
+            .env("LOCO_ENV", "production")
+            .env("DATABASE_URL", format!("{}/{}", pg_server(), self.database))
+            .env("REDIS_URL", &self.redis.url)
+            .env("TOLLGATE_QUEUE_PREFIX", &self.prefix)
+            .env("TOLLGATE_HEARTBEAT_SECONDS", "1")
+            .env("TOLLGATE_MISSED_HEARTBEATS", "3")
+            .env("TOLLGATE_MAX_ATTEMPTS", self.max_attempts.to_string())
+            .env("TOLLGATE_LOG_FORMAT", "compact")
+            .env("TOLLGATE_LOG_LEVEL", "info")
+            .env("TOLLGATE_THREADS", "1")
+            .env("TOLLGATE_DEFAULT_TEMPERATURE", "0")
+            .env("TOLLGATE_WAIT_TIMEOUT_MS", "150000");
+        cmd
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::File::create(self.dir.join(format!("{name}.log"))).expect("log file")
+    }
+
+    /// Starts an API instance (no worker inside) and waits until it answers.
+    async fn start_api(&mut self, port: u16) -> usize {
+        let log = self.log(&format!("api-{port}"));
+        let child = self
+            .command(&["start"])
+            .env("TOLLGATE_PORT", port.to_string())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start api");
+        self.apis.push((child, port));
+        let url = format!("http://127.0.0.1:{port}/_ping");
+        for _ in 0..600 {
+            if let Ok(r) = self.http.get(&url).send().await {
+                if r.status().is_success() {
+                    return self.apis.len() - 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "api on {port} did not start: {}",
+            self.read_log(&format!("api-{port}"))
+        );
+    }
+
+    /// Starts a worker process and waits until its heartbeat is in the registry.
+    async fn start_worker(&mut self, name: &str) {
+        let log = self.log(&format!("worker-{name}-{}", self.workers.len()));
+        let child = self
+            .command(&["task", "worker", &format!("name={name}")])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start worker");
+        self.workers.push((child, name.to_string()));
+        for _ in 0..600 {
+            if let Some(w) = self.worker_row(name).await {
+                if w.stopped_at.is_none() && w.heartbeat_age() < Duration::from_secs(2) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("worker {name} did not start");
+    }
+
+    fn read_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    async fn worker_row(&self, name: &str) -> Option<workers::Model> {
+        workers::list(&self.db)
+            .await
+            .expect("workers")
+            .into_iter()
+            .find(|w| w.id == name)
+    }
+
+    fn worker_child(&mut self, name: &str) -> &mut Child {
+        &mut self
+            .workers
+            .iter_mut()
+            .rev()
+            .find(|(_, n)| n == name)
+            .expect("worker started")
+            .0
+    }
+
+    fn url(&self, api: usize, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.apis[api].1)
+    }
+
+    async fn key(&self, max_calls: Option<i64>) -> TestKey {
+        let issued = KeyActive::issue(
+            &self.db,
+            KeyParams {
+                name: "prod".into(),
+                email: "ops@example.com".into(),
+                max_calls,
+                rate_limit_per_minute: Some(100_000),
+                rate_limit_burst: Some(1000),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("issue key");
+        TestKey {
+            id: issued.key.id,
+            prefix: issued.key.prefix,
+            secret: issued.secret,
+        }
+    }
+
+    async fn calls_used(&self, key: &TestKey) -> i64 {
+        api_keys::Entity::find_by_id(key.id)
+            .one(&self.db)
+            .await
+            .expect("db")
+            .expect("key")
+            .calls_used
+    }
+
+    async fn jobs_of(&self, key: &TestKey) -> Vec<jobs::Model> {
+        jobs::Entity::find()
+            .filter(jobs::Column::ApiKeyId.eq(key.id))
+            .all(&self.db)
+            .await
+            .expect("jobs")
+    }
+
+    async fn post(&self, api: usize, key: &TestKey, path: &str, body: Value) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(self.url(api, path))
+            .bearer_auth(&key.secret)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        read(resp).await
+    }
+
+    /// The job of `key` that a worker is running now (polled; bounded).
+    async fn running_job(&self, key: &TestKey) -> jobs::Model {
+        for _ in 0..1200 {
+            if let Some(j) = self
+                .jobs_of(key)
+                .await
+                .into_iter()
+                .find(|j| j.status == "running")
+            {
+                return j;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no job of the key started running");
+    }
+
+    /// Polls the job record until it is settled (bounded: 180 s).
+    async fn settled(&self, id: &str) -> jobs::Model {
+        for _ in 0..1800 {
+            let job = jobs::Entity::find_by_id(id.to_string())
+                .one(&self.db)
+                .await
+                .expect("db")
+                .expect("job");
+            if job.status == "done" || job.status == "failed" {
+                return job;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("job {id} did not settle");
+    }
+
+    fn signal(child: &Child, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+/// Waits (bounded) for a child process to exit and returns its status.
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let apis = self.apis.iter_mut().map(|(c, _)| c);
+        for child in apis.chain(self.workers.iter_mut().map(|(c, _)| c)) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if self.redis.own.is_none() {
+            // Shared Redis: remove this test's keys.
+            let _ = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "redis-cli -u {} --scan --pattern '*{}*' | xargs -r redis-cli -u {} del >/dev/null",
+                    self.redis.url, self.prefix, self.redis.url
+                ))
+                .status();
+        }
+        let _ = Command::new("psql")
+            .arg(format!("{}/postgres", pg_server()))
+            .args([
+                "-q",
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database),
+            ])
+            .status();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("process logs kept in {}", self.dir.display());
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_apis_and_two_workers_serve_everything_and_count_quota_exactly() {
+    let mut c = Cluster::new(Redis::shared()).await;
+    c.start_api(free_port()).await;
+    c.start_api(free_port()).await;
+    c.start_worker("w1").await;
+    c.start_worker("w2").await;
+
+    // 40 requests spread over both APIs, 8 at a time: every one answered.
+    let key = c.key(None).await;
+    let c = std::sync::Arc::new(c);
+    let mut answered = 0;
+    for round in 0..5 {
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let c = c.clone();
+            let secret = key.secret.clone();
+            tasks.push(tokio::spawn(async move {
+                let resp = c
+                    .http
+                    .post(c.url(i % 2, "/api/"))
+                    .bearer_auth(secret)
+                    .json(&json!({"text": format!("Say the number {round}{i}."), "max_tokens": 6}))
+                    .send()
+                    .await
+                    .expect("request");
+                read(resp).await
+            }));
+        }
+        for t in tasks {
+            let (status, body) = t.await.expect("task");
+            assert_eq!(status, 200, "{body}");
+            assert!(
+                !body["message"].as_str().unwrap_or_default().is_empty(),
+                "{body}"
+            );
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 40);
+    let jobs = c.jobs_of(&key).await;
+    assert_eq!(jobs.len(), 40);
+    assert!(jobs.iter().all(|j| j.status == "done"));
+    for w in ["w1", "w2"] {
+        let served = jobs
+            .iter()
+            .filter(|j| j.worker.as_deref() == Some(w))
+            .count();
+        assert!(served > 0, "worker {w} served none of the 40 jobs");
+    }
+    assert_eq!(c.calls_used(&key).await, 40);
+
+    // A token stream crosses processes: API 1 streams what a worker elsewhere generates.
+    let resp = c
+        .http
+        .post(c.url(1, "/v1/chat/completions"))
+        .bearer_auth(&key.secret)
+        .json(&json!({
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": "Name three colours."}],
+            "max_tokens": 12,
+            "stream": true
+        }))
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(resp.status().as_u16(), 200);
+    let text = resp.text().await.expect("sse");
+    let chunks = text.lines().filter(|l| l.starts_with("data: {")).count();
+    assert!(chunks >= 3, "expected several streamed chunks: {text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+
+    // The registry lists both workers as alive, with what they hold.
+    let gone_after = Duration::from_secs(3);
+    let rows = workers::list(&c.db).await.expect("workers");
+    for w in ["w1", "w2"] {
+        let row = rows.iter().find(|r| r.id == w).expect("worker row");
+        assert_ne!(row.state(gone_after), WorkerState::Gone, "{row:?}");
+        assert_eq!(row.model_list(), vec!["smollm2".to_string()]);
+        assert!(row.jobs_served > 0, "{row:?}");
+    }
+
+    // Quota across two instances: 60 concurrent submissions on 25 calls, split over both APIs,
+    // admit exactly 25.
+    let limited = c.key(Some(25)).await;
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let c = c.clone();
+        let secret = limited.secret.clone();
+        tasks.push(tokio::spawn(async move {
+            let resp = c
+                .http
+                .post(c.url(i % 2, "/api/jobs"))
+                .bearer_auth(secret)
+                .json(&json!({"text": format!("Hi {i}"), "max_tokens": 1}))
+                .send()
+                .await
+                .expect("request");
+            read(resp).await
+        }));
+    }
+    let (mut accepted, mut refused) = (0, 0);
+    for t in tasks {
+        let (status, body) = t.await.expect("task");
+        match status {
+            202 => accepted += 1,
+            429 => {
+                assert_eq!(code(&body), "quota_exceeded", "{body}");
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!((accepted, refused), (25, 35));
+    assert_eq!(c.calls_used(&limited).await, 25);
+    assert_eq!(c.jobs_of(&limited).await.len(), 25);
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_job_loses_nothing_and_charges_once() {
+    let mut c = Cluster::new(Redis::shared()).await;
+    c.start_api(free_port()).await;
+    c.start_worker("a").await;
+    c.start_worker("b").await;
+    let key = c.key(Some(10)).await;
+
+    // A client waits on a long job; the worker running it is SIGKILLed.
+    let url = c.url(0, "/api/");
+    let http = c.http.clone();
+    let secret = key.secret.clone();
+    let waiting = tokio::spawn(async move {
+        let resp = http
+            .post(url)
+            .bearer_auth(secret)
+            .json(&json!({"text": LONG, "max_tokens": 300}))
+            .send()
+            .await
+            .expect("request");
+        read(resp).await
+    });
+    let running = c.running_job(&key).await;
+    let victim = running.worker.clone().expect("running job has a worker");
+    c.worker_child(&victim).kill().expect("SIGKILL worker");
+
+    // The other worker picks it up; the waiting client gets the answer.
+    let (status, body) = waiting.await.expect("client");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !body["message"].as_str().unwrap_or_default().is_empty(),
+        "{body}"
+    );
+    let job = c.settled(&running.id).await;
+    assert_eq!(job.status, "done");
+    assert_eq!(job.attempts, 2, "{job:?}");
+    assert_ne!(job.worker.as_deref(), Some(victim.as_str()), "{job:?}");
+    assert_eq!(c.calls_used(&key).await, 1, "charged once");
+    assert_eq!(c.jobs_of(&key).await.len(), 1);
+
+    // The registry shows the killed worker as gone, the other as alive.
+    let gone_after = Duration::from_secs(3);
+    let mut victim_state = WorkerState::Idle;
+    for _ in 0..100 {
+        victim_state = c.worker_row(&victim).await.expect("row").state(gone_after);
+        if victim_state == WorkerState::Gone {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(victim_state, WorkerState::Gone);
+    let survivor = if victim == "a" { "b" } else { "a" };
+    assert_ne!(
+        c.worker_row(survivor).await.expect("row").state(gone_after),
+        WorkerState::Gone
+    );
+}
+
+#[tokio::test]
+async fn a_job_whose_workers_keep_dying_fails_with_a_reason_after_its_attempts() {
+    let mut c = Cluster::with_attempts(Redis::shared(), 1).await;
+    c.start_api(free_port()).await;
+    c.start_worker("solo").await;
+    let key = c.key(Some(10)).await;
+    let (status, body) = c
+        .post(
+            0,
+            &key,
+            "/api/jobs",
+            json!({"text": LONG, "max_tokens": 300}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["job_id"].as_str().expect("job id").to_string();
+    let running = c.running_job(&key).await;
+    assert_eq!(running.id, id);
+    c.worker_child("solo").kill().expect("SIGKILL worker");
+    let _ = c.worker_child("solo").wait();
+
+    // The same worker restarted finds its orphaned job: one attempt allowed, so it is failed
+    // with a reason, not lost and not left `running`; the call is refunded.
+    c.start_worker("solo").await;
+    let job = c.settled(&id).await;
+    assert_eq!(job.status, "failed", "{job:?}");
+    let reason = job.error.clone().unwrap_or_default();
+    assert!(reason.contains("worker stopped"), "{reason}");
+    let (status, body) = read(
+        c.http
+            .get(c.url(0, &format!("/api/jobs/{id}")))
+            .bearer_auth(&key.secret)
+            .send()
+            .await
+            .expect("poll"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "failed", "{body}");
+    assert_eq!(c.calls_used(&key).await, 0, "a failed job is not charged");
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_worker_finish_its_job_and_an_api_drain_and_restart() {
+    let mut c = Cluster::new(Redis::shared()).await;
+    let port = free_port();
+    c.start_api(port).await;
+    c.start_worker("only").await;
+    let key = c.key(None).await;
+
+    // A client waits on a long job; both its API and its worker get SIGTERM mid-job.
+    let url = c.url(0, "/api/");
+    let http = c.http.clone();
+    let secret = key.secret.clone();
+    let waiting = tokio::spawn(async move {
+        let resp = http
+            .post(url)
+            .bearer_auth(secret)
+            .json(&json!({"text": LONG, "max_tokens": 200}))
+            .send()
+            .await
+            .expect("request");
+        read(resp).await
+    });
+    let running = c.running_job(&key).await;
+    Cluster::signal(c.worker_child("only"), "-TERM");
+    Cluster::signal(&c.apis[0].0, "-TERM");
+    // The worker finishes the job it holds, then exits cleanly; the API drains the request.
+    let (status, body) = waiting.await.expect("client");
+    assert_eq!(status, 200, "{body}");
+    let exit = wait_exit(c.worker_child("only"), Duration::from_secs(120));
+    assert!(exit.success(), "worker exit: {exit:?}");
+    assert_eq!(c.settled(&running.id).await.status, "done");
+    let exit = wait_exit(&mut c.apis[0].0, Duration::from_secs(60));
+    assert!(exit.success(), "api exit: {exit:?}");
+    let row = c.worker_row("only").await.expect("row");
+    assert_eq!(row.state(Duration::from_secs(3)), WorkerState::Stopped);
+
+    // With no worker, an async job waits in the queue; the API restarted on the same port
+    // serves its status, and a new worker runs it: the result is there by id.
+    c.apis.clear();
+    c.start_api(port).await;
+    let (status, body) = c
+        .post(
+            0,
+            &key,
+            "/api/jobs",
+            json!({"text": "Say hello.", "max_tokens": 8}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["job_id"].as_str().expect("job id").to_string();
+    let (_, status_body) = read(
+        c.http
+            .get(c.url(0, &format!("/api/jobs/{id}")))
+            .bearer_auth(&key.secret)
+            .send()
+            .await
+            .expect("poll"),
+    )
+    .await;
+    assert_eq!(status_body["status"], "queued", "{status_body}");
+    Cluster::signal(&c.apis[0].0, "-TERM");
+    let _ = wait_exit(&mut c.apis[0].0, Duration::from_secs(60));
+    c.apis.clear();
+    c.start_worker("only").await;
+    assert_eq!(c.settled(&id).await.status, "done");
+    c.start_api(port).await;
+    let (status, body) = read(
+        c.http
+            .get(c.url(0, &format!("/api/jobs/{id}")))
+            .bearer_auth(&key.secret)
+            .send()
+            .await
+            .expect("poll"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "done", "{body}");
+    assert!(
+        !body["message"].as_str().unwrap_or_default().is_empty(),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn redis_restart_fails_requests_fast_and_free_then_everything_reconnects() {
+    let mut c = Cluster::new(Redis::private()).await;
+    c.start_api(free_port()).await;
+    c.start_worker("r").await;
+    let key = c.key(Some(50)).await;
+    let body = json!({"text": "Say yes.", "max_tokens": 4});
+    let (status, answer) = c.post(0, &key, "/api/", body.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+
+    c.redis.kill();
+    for _ in 0..3 {
+        let (status, answer) = c.post(0, &key, "/api/", body.clone()).await;
+        assert_eq!(status, 503, "{answer}");
+        assert_eq!(code(&answer), "queue_unavailable", "{answer}");
+    }
+    assert_eq!(
+        c.calls_used(&key).await,
+        1,
+        "nothing spent during the outage"
+    );
+    assert_eq!(
+        c.jobs_of(&key).await.len(),
+        1,
+        "nothing queued during the outage"
+    );
+
+    // Same port, empty Redis: no process is restarted, requests succeed again.
+    c.redis.restart();
+    let mut last = (0, Value::Null);
+    for _ in 0..120 {
+        last = c.post(0, &key, "/api/", body.clone()).await;
+        if last.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(last.0, 200, "{}", last.1);
+    assert_eq!(c.calls_used(&key).await, 2);
+}

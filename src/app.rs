@@ -185,6 +185,7 @@ impl Hooks for App {
     async fn after_routes(router: axum::Router, _ctx: &AppContext) -> Result<axum::Router> {
         let views = loco_rs::controller::views::engines::TeraView::build()?;
         Ok(router
+            .route_layer(axum::middleware::from_fn(crate::request_id::scope))
             .route_layer(axum::middleware::from_fn(crate::metrics::track))
             .layer(axum::Extension(
                 loco_rs::controller::views::ViewEngine::from(views),

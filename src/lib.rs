@@ -13,6 +13,7 @@ pub mod paths;
 pub mod queue;
 pub mod ratelimit;
 pub mod registry;
+pub mod request_id;
 pub mod services;
 pub mod settings;
 pub mod tasks;

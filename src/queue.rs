@@ -93,6 +93,8 @@ pub struct GenerationJob {
     pub job_id: String,
     pub api_key_id: i32,
     pub work: Work,
+    /// The HTTP request that queued it (`x-request-id`), logged by the worker with the job id.
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +112,8 @@ struct WireJob {
     #[serde(default)]
     kind: JobKind,
     request: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    request_id: Option<String>,
 }
 
 impl TryFrom<WireJob> for GenerationJob {
@@ -124,6 +128,7 @@ impl TryFrom<WireJob> for GenerationJob {
             job_id: w.job_id,
             api_key_id: w.api_key_id,
             work,
+            request_id: w.request_id,
         })
     }
 }
@@ -140,6 +145,7 @@ impl From<GenerationJob> for WireJob {
             kind,
             // These types always serialise; Null would fail loudly on the worker, not here.
             request: request.unwrap_or(serde_json::Value::Null),
+            request_id: j.request_id,
         }
     }
 }
@@ -577,6 +583,7 @@ mod tests {
                     scale: 0.5,
                 }),
             }),
+            request_id: Some("req-1".into()),
         };
         let embed = GenerationJob {
             job_id: "e".into(),
@@ -585,6 +592,7 @@ mod tests {
                 model: "m".into(),
                 inputs: vec!["a".into(), "b".into()],
             }),
+            request_id: None,
         };
         for job in [generate, embed] {
             let text = serde_json::to_string(&job).expect("serialise");

@@ -498,6 +498,7 @@ impl Services {
             job_id: job_id.clone(),
             api_key_id,
             work,
+            request_id: crate::request_id::current(),
         };
         let model = job.work.base_model().to_string();
         let pushed = match self.queue_for(&model) {

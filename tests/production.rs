@@ -173,7 +173,7 @@ impl Cluster {
             .env("TOLLGATE_HEARTBEAT_SECONDS", "1")
             .env("TOLLGATE_MISSED_HEARTBEATS", "3")
             .env("TOLLGATE_MAX_ATTEMPTS", self.max_attempts.to_string())
-            .env("TOLLGATE_LOG_FORMAT", "compact")
+            .env("TOLLGATE_LOG_FORMAT", "json")
             .env("TOLLGATE_LOG_LEVEL", "info")
             .env("TOLLGATE_THREADS", "1")
             .env("TOLLGATE_DEFAULT_TEMPERATURE", "0")
@@ -513,6 +513,117 @@ async fn two_apis_and_two_workers_serve_everything_and_count_quota_exactly() {
     assert_eq!((accepted, refused), (25, 35));
     assert_eq!(c.calls_used(&limited).await, 25);
     assert_eq!(c.jobs_of(&limited).await.len(), 25);
+
+    // Operations: Prometheus metrics of the deployment, from either instance.
+    let metrics = c
+        .http
+        .get(c.url(0, "/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for line in [
+        "tollgate_worker_up{worker=\"w1\",device=\"cpu\"} 1",
+        "tollgate_worker_up{worker=\"w2\",device=\"cpu\"} 1",
+        "tollgate_keys_near_quota 1",
+        "tollgate_queue_depth{model=\"smollm2\"}",
+        "tollgate_http_requests_total{route=\"/api/jobs\",method=\"POST\",status=\"429\"}",
+        "tollgate_http_request_duration_seconds_bucket{route=\"/api\",le=\"+Inf\"}",
+        "tollgate_worker_tokens_per_second{worker=\"w1\"}",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in:\n{metrics}");
+    }
+    let done: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_jobs{status=\"done\"} "))
+        .and_then(|n| n.parse().ok())
+        .expect("done jobs");
+    assert!(done >= 41, "{metrics}");
+    let generated: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_generated_tokens_total "))
+        .and_then(|n| n.parse().ok())
+        .expect("generated tokens");
+    assert!(generated >= 40, "{metrics}");
+
+    // The worker registry over the API: admin keys only.
+    let (status, _) = read(
+        c.http
+            .get(c.url(1, "/api/workers"))
+            .bearer_auth(&key.secret)
+            .send()
+            .await
+            .expect("workers"),
+    )
+    .await;
+    assert_eq!(status, 403);
+    let admin = KeyActive::issue(
+        &c.db,
+        KeyParams {
+            name: "ops".into(),
+            email: "ops@example.com".into(),
+            scope: tollgate::models::api_keys::Scope::Admin,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("admin key");
+    let (status, listed) = read(
+        c.http
+            .get(c.url(1, "/api/workers"))
+            .bearer_auth(&admin.secret)
+            .send()
+            .await
+            .expect("workers"),
+    )
+    .await;
+    assert_eq!(status, 200, "{listed}");
+    let ids: Vec<&str> = listed["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|w| w["id"].as_str())
+        .collect();
+    assert!(ids.contains(&"w1") && ids.contains(&"w2"), "{listed}");
+
+    // Logs: JSON lines; the worker's line for a job names the request that queued it (the id
+    // the client got in `x-request-id`), and no secret appears anywhere.
+    let resp = c
+        .http
+        .post(c.url(0, "/api/"))
+        .bearer_auth(&key.secret)
+        .json(&json!({"text": "One more.", "max_tokens": 3}))
+        .send()
+        .await
+        .expect("request");
+    let request_id = resp
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("x-request-id")
+        .to_string();
+    let (status, body) = read(resp).await;
+    assert_eq!(status, 200, "{body}");
+    let job_id = body["job_id"].as_str().expect("job id").to_string();
+    let mut seen = false;
+    let mut logs = String::new();
+    for entry in std::fs::read_dir(&c.dir).expect("logs") {
+        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("log");
+        for line in text.lines().filter(|l| l.starts_with('{')) {
+            let v: Value = serde_json::from_str(line).expect("every log line is JSON");
+            if v["fields"]["message"] == "job done" && v["span"]["job_id"] == job_id.as_str() {
+                assert_eq!(v["span"]["request_id"], request_id.as_str(), "{line}");
+                seen = true;
+            }
+        }
+        logs.push_str(&text);
+    }
+    assert!(seen, "no worker log line for job {job_id}");
+    for secret in [&key.secret, &limited.secret, &admin.secret] {
+        assert!(!logs.contains(secret.as_str()), "a key reached the logs");
+    }
 }
 
 #[tokio::test]

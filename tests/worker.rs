@@ -78,6 +78,7 @@ async fn queued_job(app: &TestApp, key: &common::TestKey) -> GenerationJob {
         job_id: id,
         api_key_id: key.id,
         work: Work::Generate(request()),
+        request_id: None,
     }
 }
 

@@ -105,7 +105,7 @@ impl GenerationWorker {
     ///
     /// # Errors
     /// Database errors; the queue then retries the delivery.
-    #[tracing::instrument(skip(self, job), fields(job_id = %job.job_id, worker = %self.name))]
+    #[tracing::instrument(skip(self, job), fields(job_id = %job.job_id, request_id = job.request_id.as_deref().unwrap_or("-"), worker = %self.name))]
     pub async fn run_one(&self, job: GenerationJob) -> Result<Outcome, ModelError> {
         let Some(running) = jobs::mark_running(&self.db, &job.job_id, &self.name).await? else {
             tracing::info!("job already settled; skipping duplicate delivery");

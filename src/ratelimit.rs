@@ -1,9 +1,11 @@
 //! Per-key request-rate limits (requests per minute with a burst), checked before a request may
 //! spend anything.
 //!
-//! Each key gets its own GCRA limiter (`governor`), built from the key's own limit or the
-//! configured default and rebuilt when an admin changes the limit. The state is per process: with
-//! several API instances each enforces the limit on the requests it sees.
+//! Each key gets its own GCRA limiter, from the key's own limit or the configured default. In
+//! embedded mode the state lives in this process (`governor`). With Redis (production) it lives
+//! in Redis, updated by one Lua script per request on Redis's clock, so any number of API
+//! instances enforce one limit together; if Redis cannot answer, the local limiter decides (and
+//! the request then meets the queue's own 503 anyway).
 
 use std::{
     collections::HashMap,
@@ -26,7 +28,34 @@ struct Limit {
 pub struct RateLimits {
     default: Option<Limit>,
     limiters: Mutex<HashMap<i32, (Limit, Arc<DefaultDirectRateLimiter>)>>,
+    shared: Option<Shared>,
 }
+
+/// GCRA state in Redis, shared by every API instance.
+struct Shared {
+    conn: redis::aio::ConnectionManager,
+    prefix: String,
+    timeout: std::time::Duration,
+    script: redis::Script,
+}
+
+/// GCRA on Redis's clock, in microseconds. KEYS[1]: the key's theoretical arrival time;
+/// ARGV[1]: interval between requests; ARGV[2]: burst tolerance = interval × (burst − 1).
+/// Returns 0 when the request may pass (and records it), else the wait in microseconds.
+const GCRA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+if tat - now > tolerance then
+  return tat - tolerance - now
+end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+return 0
+";
 
 impl std::fmt::Debug for RateLimits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -51,6 +80,63 @@ impl RateLimits {
         Self {
             default: limit(Some(settings.per_minute), settings.burst),
             limiters: Mutex::new(HashMap::new()),
+            shared: None,
+        }
+    }
+
+    /// Keeps the limiters' state in Redis (keys `<prefix>.ratelimit.<key id>`), shared by every
+    /// API instance of the deployment.
+    #[must_use]
+    pub fn shared_in_redis(
+        mut self,
+        conn: redis::aio::ConnectionManager,
+        prefix: &str,
+        timeout: std::time::Duration,
+    ) -> Self {
+        self.shared = Some(Shared {
+            conn,
+            prefix: prefix.to_string(),
+            timeout,
+            script: redis::Script::new(GCRA),
+        });
+        self
+    }
+
+    /// Takes one request from the key's allowance: in Redis when shared, else here.
+    ///
+    /// # Errors
+    /// 429 `rate_limited` with `Retry-After` when the key is over its rate.
+    pub async fn check(&self, key: &api_keys::Model) -> Result<(), ApiError> {
+        let Some(limit) = self.limit_for(key) else {
+            return Ok(());
+        };
+        let Some(shared) = &self.shared else {
+            return self.check_local(key);
+        };
+        let interval_us = 60_000_000 / u64::from(limit.per_minute.get());
+        let tolerance_us = interval_us * u64::from(limit.burst.get() - 1);
+        let mut conn = shared.conn.clone();
+        let mut invocation = shared
+            .script
+            .key(format!("{}.ratelimit.{}", shared.prefix, key.id));
+        invocation.arg(interval_us).arg(tolerance_us);
+        let verdict =
+            tokio::time::timeout(shared.timeout, invocation.invoke_async::<u64>(&mut conn)).await;
+        match verdict {
+            Ok(Ok(0)) => Ok(()),
+            Ok(Ok(wait_us)) => Err(ApiError::rate_limited(
+                limit.per_minute.get(),
+                limit.burst.get(),
+                wait_us.div_ceil(1_000_000).max(1),
+            )),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "shared rate limit unavailable; limiting locally");
+                self.check_local(key)
+            }
+            Err(_) => {
+                tracing::warn!("shared rate limit timed out; limiting locally");
+                self.check_local(key)
+            }
         }
     }
 
@@ -70,7 +156,7 @@ impl RateLimits {
     /// # Errors
     /// 429 `rate_limited` with `Retry-After` (whole seconds, at least 1) when the key is over
     /// its rate.
-    pub fn check(&self, key: &api_keys::Model) -> Result<(), ApiError> {
+    pub fn check_local(&self, key: &api_keys::Model) -> Result<(), ApiError> {
         let Some(limit) = self.limit_for(key) else {
             return Ok(());
         };
@@ -143,10 +229,10 @@ mod tests {
         });
         let k = key(1, Some(6), Some(3));
         for _ in 0..3 {
-            assert!(limits.check(&k).is_ok());
+            assert!(limits.check_local(&k).is_ok());
         }
         let err = limits
-            .check(&k)
+            .check_local(&k)
             .expect_err("fourth request within the burst window");
         assert_eq!(err.status.as_u16(), 429);
         // One request per 10 s at 6/min.
@@ -162,9 +248,9 @@ mod tests {
         });
         let a = key(1, None, None);
         let b = key(2, None, None);
-        assert!(limits.check(&a).is_ok());
-        assert!(limits.check(&a).is_err());
-        assert!(limits.check(&b).is_ok());
+        assert!(limits.check_local(&a).is_ok());
+        assert!(limits.check_local(&a).is_err());
+        assert!(limits.check_local(&b).is_ok());
     }
 
     #[test]
@@ -175,7 +261,7 @@ mod tests {
         });
         let k = key(1, None, None);
         for _ in 0..1000 {
-            assert!(limits.check(&k).is_ok());
+            assert!(limits.check_local(&k).is_ok());
         }
     }
 
@@ -185,8 +271,8 @@ mod tests {
             per_minute: 0,
             burst: None,
         });
-        assert!(limits.check(&key(1, Some(1), Some(1))).is_ok());
-        assert!(limits.check(&key(1, Some(1), Some(1))).is_err());
-        assert!(limits.check(&key(1, Some(600), Some(5))).is_ok());
+        assert!(limits.check_local(&key(1, Some(1), Some(1))).is_ok());
+        assert!(limits.check_local(&key(1, Some(1), Some(1))).is_err());
+        assert!(limits.check_local(&key(1, Some(600), Some(5))).is_ok());
     }
 }

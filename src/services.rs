@@ -213,8 +213,16 @@ impl Services {
             settings.auth.login_max_failures,
             Duration::from_secs(settings.auth.login_lockout_seconds),
         );
+        let mut rate_limits = RateLimits::new(&settings.api.rate_limit);
+        if settings.queue.is_redis() {
+            let timeout = Duration::from_millis(settings.queue.redis_timeout_ms);
+            let (_, conn) = crate::queue::redis_connect(&settings.queue.url, timeout)
+                .await
+                .map_err(|e| loco_rs::Error::Message(e.to_string()))?;
+            rate_limits = rate_limits.shared_in_redis(conn, &settings.queue.prefix, timeout);
+        }
         Ok(Arc::new(Self {
-            rate_limits: RateLimits::new(&settings.api.rate_limit),
+            rate_limits,
             registry: ModelRegistry::default(),
             settings,
             deny,
@@ -291,11 +299,11 @@ impl Services {
     ///
     /// # Errors
     /// The refusal as an HTTP error.
-    pub fn precheck(&self, key: &api_keys::Model) -> Result<(), ApiError> {
+    pub async fn precheck(&self, key: &api_keys::Model) -> Result<(), ApiError> {
         if let Some(refusal) = key.refusal_at(crate::models::now()) {
             return Err(refusal_error(refusal, key));
         }
-        self.rate_limits.check(key)
+        self.rate_limits.check(key).await
     }
 
     /// Checks a request against the model's context, charges the key atomically, queues the job

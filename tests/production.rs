@@ -514,6 +514,52 @@ async fn two_apis_and_two_workers_serve_everything_and_count_quota_exactly() {
     assert_eq!(c.calls_used(&limited).await, 25);
     assert_eq!(c.jobs_of(&limited).await.len(), 25);
 
+    // Rate limits hold across instances too (state in Redis): at 6 per minute with a burst of
+    // 4, ten concurrent requests split over both APIs let exactly 4 through.
+    let slow = KeyActive::issue(
+        &c.db,
+        KeyParams {
+            name: "slow".into(),
+            email: "slow@example.com".into(),
+            rate_limit_per_minute: Some(6),
+            rate_limit_burst: Some(4),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("key");
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let c = c.clone();
+        let secret = slow.secret.clone();
+        tasks.push(tokio::spawn(async move {
+            let resp = c
+                .http
+                .post(c.url(i % 2, "/api/jobs"))
+                .bearer_auth(secret)
+                .json(&json!({"text": format!("Hi {i}"), "max_tokens": 1}))
+                .send()
+                .await
+                .expect("request");
+            let retry_after = resp.headers().get("retry-after").is_some();
+            (read(resp).await, retry_after)
+        }));
+    }
+    let (mut passed, mut limited_rate) = (0, 0);
+    for t in tasks {
+        let ((status, body), retry_after) = t.await.expect("task");
+        match status {
+            202 => passed += 1,
+            429 => {
+                assert_eq!(code(&body), "rate_limited", "{body}");
+                assert!(retry_after, "429 without Retry-After");
+                limited_rate += 1;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!((passed, limited_rate), (4, 6));
+
     // Operations: Prometheus metrics of the deployment, from either instance.
     let metrics = c
         .http

@@ -303,7 +303,7 @@ async fn llm_request(
     body: Result<JsonBody<LlmRequest>, ApiError>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    services.precheck(&key)?;
+    services.precheck(&key).await?;
     let JsonBody(body) = body?;
     // The served model or one started with `/vllm_request/start` (seed 002's engines).
     let resolved = services

@@ -163,7 +163,7 @@ async fn generate(
     body: Result<JsonBody<ApiRequest>, ApiError>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    services.precheck(&key)?;
+    services.precheck(&key).await?;
     let JsonBody(body) = body?;
     let request = api_request(&ctx, &services, &key, body).await?;
     run(&ctx, &services, &key, "/api/", request, None, |job| {
@@ -187,7 +187,7 @@ async fn submit_job(
     body: Result<JsonBody<ApiRequest>, ApiError>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    services.precheck(&key)?;
+    services.precheck(&key).await?;
     let JsonBody(body) = body?;
     let request = api_request(&ctx, &services, &key, body).await?;
     match services

@@ -159,7 +159,7 @@ async fn generate_embedding(
     body: Result<JsonBody<SeedRequest>, ApiError>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    services.precheck(&key)?;
+    services.precheck(&key).await?;
     let JsonBody(body) = body?;
     check_text("text", &body.text)?;
     embed(
@@ -197,7 +197,7 @@ async fn openai_embeddings(
     body: Result<JsonBody<OpenAiRequest>, ApiError>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    services.precheck(&key)?;
+    services.precheck(&key).await?;
     let JsonBody(body) = body?;
     let base64 = match body.encoding_format.as_deref() {
         None | Some("float") => false,

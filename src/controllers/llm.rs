@@ -198,7 +198,7 @@ async fn inference(
     body: Result<JsonBody<InferenceRequest>, ApiError>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    services.precheck(&key)?;
+    services.precheck(&key).await?;
     let JsonBody(body) = body?;
     prompt_text("prompt", &body.prompt)?;
     let model_id = body.model_id.trim().to_string();

@@ -208,7 +208,7 @@ async fn chat_completions(
     body: Result<JsonBody<ChatRequest>, ApiError>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    services.precheck(&key)?;
+    services.precheck(&key).await?;
     let JsonBody(body) = body?;
     let messages = chat_messages(body.messages)?;
     let streaming = body.common.streaming();
@@ -257,7 +257,7 @@ async fn completions(
     body: Result<JsonBody<CompletionRequest>, ApiError>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    services.precheck(&key)?;
+    services.precheck(&key).await?;
     let JsonBody(body) = body?;
     prompt_text("prompt", &body.prompt)?;
     let streaming = body.common.streaming();

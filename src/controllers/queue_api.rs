@@ -187,7 +187,7 @@ async fn generate(
     body: Result<JsonBody<GenerateRequest>, ApiError>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    services.precheck(&key)?;
+    services.precheck(&key).await?;
     let JsonBody(body) = body?;
     let job_ref = client_ref(body.job_id)?;
     prompt_text("content", &body.content)?;
@@ -208,7 +208,7 @@ async fn chat_completion(
     body: Result<JsonBody<ChatRequest>, ApiError>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    services.precheck(&key)?;
+    services.precheck(&key).await?;
     let JsonBody(body) = body?;
     let job_ref = client_ref(body.job_id)?;
     if body.messages.is_empty() {

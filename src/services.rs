@@ -51,6 +51,9 @@ pub struct Services {
     /// The first-run setup link's token (its hash) and expiry, while there is no admin.
     setup: std::sync::Mutex<Option<(String, std::time::Instant)>>,
     worker: Mutex<Option<(WorkerHandle, HeartbeatHandle)>>,
+    /// Queues of models held only by worker processes elsewhere (production), opened on first
+    /// use.
+    remote_queues: Mutex<std::collections::HashMap<String, JobQueue>>,
 }
 
 /// What a request asked for: a model id (`base` or `base:adapter`), a LoRA head named apart
@@ -234,6 +237,7 @@ impl Services {
             logins,
             setup: std::sync::Mutex::new(None),
             worker: Mutex::new(worker),
+            remote_queues: Mutex::default(),
         }))
     }
 
@@ -474,7 +478,7 @@ impl Services {
     /// 503 before anything is charged when the model's queue cannot take a job now (Redis
     /// down): clients get a fast, free answer they can retry.
     async fn check_queue(&self, model: &str) -> Result<(), ApiError> {
-        let queue = self.queue_for(model).ok_or_else(|| {
+        let queue = self.queue_of(model).await.ok_or_else(|| {
             ApiError::unavailable(
                 "model_unavailable",
                 format!("model {model:?} is not loaded; nothing was charged"),
@@ -509,7 +513,7 @@ impl Services {
             request_id: crate::request_id::current(),
         };
         let model = job.work.base_model().to_string();
-        let pushed = match self.queue_for(&model) {
+        let pushed = match self.queue_of(&model).await {
             Some(queue) => queue.push(job).await,
             None => Err(crate::queue::QueueError::Storage(format!(
                 "model {model:?} is not loaded"
@@ -676,6 +680,12 @@ impl Services {
                 .map(|m| m.model_id.clone())
                 .filter(|m| key.permits_model(m)),
         );
+        ids.extend(
+            self.remote_models(db)
+                .await
+                .into_iter()
+                .filter(|m| key.permits_model(m)),
+        );
         Ok(ids)
     }
 
@@ -719,6 +729,30 @@ impl Services {
                 model: m.to_string(),
                 adapter: None,
             });
+        }
+        // A model held only by worker processes elsewhere (production: one model per GPU).
+        if let Some(m) = named.filter(|m| *m != served && !m.starts_with(&format!("{served}:"))) {
+            if self.remote_models(db).await.iter().any(|r| r == m) {
+                if !key.permits_model(m) {
+                    return Err(ApiError::forbidden(
+                        "model_not_allowed",
+                        format!(
+                            "this key may not use model {m:?}; it may use {:?}",
+                            key.allowed_models()
+                        ),
+                    ));
+                }
+                if choice.adapter.is_some() || choice.scale.is_some() {
+                    return Err(ApiError::unprocessable(
+                        "adapter_not_supported",
+                        format!("LoRA heads apply to {served:?} only, not to {m:?}"),
+                    ));
+                }
+                return Ok(Resolved {
+                    model: m.to_string(),
+                    adapter: None,
+                });
+            }
         }
         let from_model = match named {
             None => None,
@@ -823,6 +857,61 @@ impl Services {
                 scale,
             }),
         })
+    }
+
+    /// Live worker processes other than this process's own worker: what production API
+    /// instances (which hold no engine) know of the models being served.
+    pub async fn remote_workers(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+    ) -> Vec<crate::models::workers::Model> {
+        let gone_after = self.settings.queue.orphan_after();
+        match crate::models::workers::list(db).await {
+            Ok(rows) => rows
+                .into_iter()
+                .filter(|w| w.is_live(gone_after))
+                .filter(|w| self.worker_name.as_deref() != Some(w.id.as_str()))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the worker registry");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Models held by live workers elsewhere that this process does not hold itself.
+    async fn remote_models(&self, db: &sea_orm::DatabaseConnection) -> Vec<String> {
+        let mut models: Vec<String> = self
+            .remote_workers(db)
+            .await
+            .iter()
+            .flat_map(crate::models::workers::Model::model_list)
+            .filter(|m| *m != self.settings.engine.model_name && self.registry.get(m).is_none())
+            .collect();
+        models.sort();
+        models.dedup();
+        models
+    }
+
+    /// The queue of `model`: this process's own, or that of a model held by workers elsewhere.
+    async fn queue_of(&self, model: &str) -> Option<JobQueue> {
+        if let Some(queue) = self.queue_for(model) {
+            return Some(queue);
+        }
+        let mut remote = self.remote_queues.lock().await;
+        if let Some(queue) = remote.get(model) {
+            return Some(queue.clone());
+        }
+        match JobQueue::connect(&self.settings.queue, model).await {
+            Ok(queue) => {
+                remote.insert(model.to_string(), queue.clone());
+                Some(queue)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, model, "cannot open the model's queue");
+                None
+            }
+        }
     }
 
     /// The served model's architecture, which adapters must match.

@@ -213,9 +213,16 @@ impl Cluster {
 
     /// Starts a worker process and waits until its heartbeat is in the registry.
     async fn start_worker(&mut self, name: &str) {
+        self.start_worker_with(name, &[]).await;
+    }
+
+    async fn start_worker_with(&mut self, name: &str, extra: &[&str]) {
         let log = self.log(&format!("worker-{name}-{}", self.workers.len()));
+        let name_arg = format!("name={name}");
+        let mut args = vec!["task", "worker", name_arg.as_str()];
+        args.extend_from_slice(extra);
         let child = self
-            .command(&["task", "worker", &format!("name={name}")])
+            .command(&args)
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -894,4 +901,102 @@ async fn redis_restart_fails_requests_fast_and_free_then_everything_reconnects()
     }
     assert_eq!(last.0, 200, "{}", last.1);
     assert_eq!(c.calls_used(&key).await, 2);
+}
+
+#[tokio::test]
+async fn each_worker_serves_only_the_models_it_holds() {
+    let mut c = Cluster::new(Redis::shared()).await;
+    c.start_api(free_port()).await;
+    c.start_worker("d").await;
+    // A second model on its own worker (the same weights under another name keep CI light).
+    c.start_worker_with(
+        "b",
+        &[
+            "model=smollm2-b",
+            "path=models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        ],
+    )
+    .await;
+    let key = c.key(None).await;
+    let get = |path: &str| {
+        let req = c.http.get(c.url(0, path)).bearer_auth(&key.secret);
+        async move { read(req.send().await.expect("request")).await }
+    };
+    let (status, models) = get("/v1/models").await;
+    assert_eq!(status, 200, "{models}");
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&"smollm2") && ids.contains(&"smollm2-b"),
+        "{models}"
+    );
+    let (_, loaded) = get("/llm/loaded_models").await;
+    let mut loaded: Vec<&str> = loaded
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    loaded.sort_unstable();
+    assert_eq!(
+        loaded,
+        ["smollm2", "smollm2-b"],
+        "models held by worker processes"
+    );
+    let (_, ping) = get("/ping").await;
+    assert_eq!(ping["ready"], true, "{ping}");
+    assert_eq!(ping["workers"].as_array().map(Vec::len), Some(2), "{ping}");
+
+    let c = std::sync::Arc::new(c);
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let c = c.clone();
+        let secret = key.secret.clone();
+        let model = if i % 2 == 0 { "smollm2" } else { "smollm2-b" };
+        tasks.push(tokio::spawn(async move {
+            let resp = c
+                .http
+                .post(c.url(0, "/v1/chat/completions"))
+                .bearer_auth(secret)
+                .json(&json!({
+                    "model": model,
+                    "messages": [{"role": "user", "content": format!("Count to {i}.")}],
+                    "max_tokens": 5
+                }))
+                .send()
+                .await
+                .expect("request");
+            read(resp).await
+        }));
+    }
+    for t in tasks {
+        let (status, body) = t.await.expect("task");
+        assert_eq!(status, 200, "{body}");
+    }
+    let jobs = c.jobs_of(&key).await;
+    assert_eq!(jobs.len(), 8);
+    for j in &jobs {
+        let expected = if j.model == "smollm2-b" { "b" } else { "d" };
+        assert_eq!(j.worker.as_deref(), Some(expected), "{j:?}");
+    }
+    assert_eq!(jobs.iter().filter(|j| j.model == "smollm2-b").count(), 4);
+
+    let resp = c
+        .http
+        .post(c.url(0, "/v1/chat/completions"))
+        .bearer_auth(&key.secret)
+        .json(&json!({"model": "nobody-has-it", "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .expect("request");
+    let (status, body) = read(resp).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.to_string().contains("smollm2-b"),
+        "names what is available: {body}"
+    );
 }

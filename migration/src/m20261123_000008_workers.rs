@@ -15,6 +15,7 @@ enum Workers {
     Device,
     Models,
     Adapters,
+    Engine,
     CurrentJob,
     JobsServed,
     TokensPerSecond,
@@ -41,6 +42,7 @@ impl MigrationTrait for Migration {
                 .col(ColumnDef::new(Workers::Device).string().not_null())
                 .col(ColumnDef::new(Workers::Models).text().not_null())
                 .col(ColumnDef::new(Workers::Adapters).text().not_null())
+                .col(ColumnDef::new(Workers::Engine).text().not_null())
                 .col(ColumnDef::new(Workers::CurrentJob).string().null())
                 .col(
                     ColumnDef::new(Workers::JobsServed)

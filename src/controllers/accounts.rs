@@ -434,6 +434,16 @@ async fn active_models(
             .filter(|(_, status)| status.ready)
             .map(|(id, status)| entry(Some(id), status)),
     );
+    // Worker processes elsewhere (production).
+    list.extend(
+        services
+            .remote_workers(&ctx.db)
+            .await
+            .iter()
+            .filter_map(|w| w.engine_status().map(|status| (w.id.clone(), status)))
+            .filter(|(_, status)| status.ready)
+            .map(|(id, status)| entry(Some(id), status)),
+    );
     Ok(Json(list).into_response())
 }
 

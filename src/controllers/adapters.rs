@@ -31,26 +31,41 @@ struct AttachRequest {
     base_model: Option<String>,
 }
 
-/// The workers holding `name` loaded now (embedded mode knows its own; external workers report
-/// through their own `/ping`).
-/// Names of the workers in this process that hold the adapter `name` loaded now.
-pub fn loaded_on(services: &Services, name: &str) -> Vec<String> {
-    match (services.engine_status(), &services.worker_name) {
-        (Some(status), Some(worker)) if status.adapters.iter().any(|a| a == name) => {
-            vec![worker.clone()]
-        }
-        _ => Vec::new(),
+/// Which workers hold which adapters loaded now: this process's own worker (read live) and
+/// worker processes elsewhere (as of their last heartbeat). Read once per request.
+pub async fn holders(
+    db: &sea_orm::DatabaseConnection,
+    services: &Services,
+) -> Vec<(String, Vec<String>)> {
+    let mut all = Vec::new();
+    if let (Some(status), Some(worker)) = (services.engine_status(), &services.worker_name) {
+        all.push((worker.clone(), status.adapters));
     }
+    for w in services.remote_workers(db).await {
+        let adapters = w.adapter_list();
+        all.push((w.id, adapters));
+    }
+    all
 }
 
-fn adapter_json(services: &Services, a: &adapters::Model) -> Value {
+/// Names of the workers that hold the adapter `name` loaded now.
+#[must_use]
+pub fn loaded_on(holders: &[(String, Vec<String>)], name: &str) -> Vec<String> {
+    holders
+        .iter()
+        .filter(|(_, adapters)| adapters.iter().any(|a| a == name))
+        .map(|(worker, _)| worker.clone())
+        .collect()
+}
+
+fn adapter_json(holders: &[(String, Vec<String>)], a: &adapters::Model) -> Value {
     json!({
         "name": a.name,
         "model": format!("{}:{}", a.base_model, a.name),
         "file": a.file,
         "base_model": a.base_model,
         "default_scale": a.default_scale,
-        "loaded_on": loaded_on(services, &a.name),
+        "loaded_on": loaded_on(holders, &a.name),
         "created_at": a.created_at.to_rfc3339(),
     })
 }
@@ -129,17 +144,18 @@ async fn attach(
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/api/adapters/{}", record.name))],
-        Json(adapter_json(&services, &record)),
+        Json(adapter_json(&holders(&ctx.db, &services).await, &record)),
     )
         .into_response())
 }
 
 async fn list(State(ctx): State<AppContext>, AdminKey(_key): AdminKey) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
+    let holders = holders(&ctx.db, &services).await;
     let data: Vec<Value> = adapters::Model::list(&ctx.db)
         .await?
         .iter()
-        .map(|a| adapter_json(&services, a))
+        .map(|a| adapter_json(&holders, a))
         .collect();
     Ok(Json(json!({ "adapters": data })).into_response())
 }
@@ -153,7 +169,7 @@ async fn show(
     let record = adapters::Model::find_by_name(&ctx.db, &name)
         .await?
         .ok_or_else(|| not_found(&name))?;
-    Ok(Json(adapter_json(&services, &record)).into_response())
+    Ok(Json(adapter_json(&holders(&ctx.db, &services).await, &record)).into_response())
 }
 
 #[tracing::instrument(skip_all, fields(api_key, adapter = %name))]
@@ -167,7 +183,10 @@ async fn remove(
         .await?
         .ok_or_else(|| not_found(&name))?;
     tracing::info!(admin = %key.prefix, "LoRA head removed");
-    Ok(Json(json!({ "deleted": adapter_json(&services, &record) })).into_response())
+    Ok(
+        Json(json!({ "deleted": adapter_json(&holders(&ctx.db, &services).await, &record) }))
+            .into_response(),
+    )
 }
 
 pub fn routes() -> Routes {

@@ -695,6 +695,7 @@ async fn adapters_view(
     errors: &serde_json::Map<String, Value>,
 ) -> PageResult {
     let services = Services::from_ctx(ctx).map_err(IntoResponse::into_response)?;
+    let holders = super::adapters::holders(&ctx.db, &services).await;
     let rows: Vec<Value> = adapters::Model::list(&ctx.db)
         .await
         .map_err(internal)?
@@ -705,7 +706,7 @@ async fn adapters_view(
                 "model": format!("{}:{}", a.base_model, a.name),
                 "file": a.file,
                 "default_scale": a.default_scale,
-                "loaded_on": super::adapters::loaded_on(&services, &a.name),
+                "loaded_on": super::adapters::loaded_on(&holders, &a.name),
             })
         })
         .collect();

@@ -188,6 +188,14 @@ async fn loaded_models(State(ctx): State<AppContext>, ApiKey(key): ApiKey) -> Ap
             .filter(|m| m.status().ready)
             .map(|m| m.model_id.clone()),
     );
+    // Models held by worker processes elsewhere (production).
+    for w in services.remote_workers(&ctx.db).await {
+        for m in w.model_list() {
+            if !ids.contains(&m) {
+                ids.push(m);
+            }
+        }
+    }
     ids.retain(|id| key.permits_model(id));
     Ok(Json(ids).into_response())
 }

@@ -12,17 +12,26 @@ async fn ping(State(ctx): State<AppContext>) -> impl IntoResponse {
         return Json(json!({"status": "starting", "ready": false}));
     };
     let depth = services.queue.depth().await.ok();
+    let remote = services.remote_workers(&ctx.db).await;
+    let model = &services.settings.engine.model_name;
+    let workers: Vec<_> = remote
+        .iter()
+        .map(|w| json!({"id": w.id, "models": w.model_list(), "device": w.device, "adapters": w.adapter_list()}))
+        .collect();
     match services.engine_status() {
         Some(engine) => Json(json!({
             "status": "ok",
             "ready": engine.ready,
             "worker": {"mode": "embedded", "engine": engine},
+            "workers": workers,
             "queue": {"depth": depth},
         })),
+        // Ready when a live worker process holds the default model.
         None => Json(json!({
             "status": "ok",
-            "ready": true,
+            "ready": remote.iter().any(|w| w.model_list().contains(model)),
             "worker": {"mode": "external"},
+            "workers": workers,
             "queue": {"depth": depth},
         })),
     }

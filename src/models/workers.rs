@@ -24,6 +24,7 @@ pub struct Heartbeat {
     pub device: String,
     pub models: Vec<String>,
     pub adapters: Vec<String>,
+    pub engine: crate::engine::EngineStatus,
     pub current_job: Option<String>,
     pub jobs_served: u64,
     /// Generation speed of its last job.
@@ -58,6 +59,7 @@ pub async fn heartbeat<C: ConnectionTrait>(db: &C, beat: &Heartbeat) -> Result<(
         device: Set(beat.device.clone()),
         models: Set(serde_json::to_string(&beat.models).unwrap_or_else(|_| "[]".into())),
         adapters: Set(serde_json::to_string(&beat.adapters).unwrap_or_else(|_| "[]".into())),
+        engine: Set(serde_json::to_string(&beat.engine).unwrap_or_else(|_| "{}".into())),
         current_job: Set(beat.current_job.clone()),
         jobs_served: Set(i64::try_from(beat.jobs_served).unwrap_or(i64::MAX)),
         tokens_per_second: Set(beat.tokens_per_second),
@@ -74,6 +76,7 @@ pub async fn heartbeat<C: ConnectionTrait>(db: &C, beat: &Heartbeat) -> Result<(
                     Column::Device,
                     Column::Models,
                     Column::Adapters,
+                    Column::Engine,
                     Column::CurrentJob,
                     Column::JobsServed,
                     Column::TokensPerSecond,
@@ -147,6 +150,21 @@ impl Model {
     #[must_use]
     pub fn adapter_list(&self) -> Vec<String> {
         serde_json::from_str(&self.adapters).unwrap_or_default()
+    }
+
+    /// The engine status it reported last.
+    #[must_use]
+    pub fn engine_status(&self) -> Option<crate::engine::EngineStatus> {
+        serde_json::from_str(&self.engine).ok()
+    }
+
+    /// Whether it heartbeats now (busy or idle).
+    #[must_use]
+    pub fn is_live(&self, gone_after: Duration) -> bool {
+        matches!(
+            self.state(gone_after),
+            WorkerState::Busy | WorkerState::Idle
+        )
     }
 
     /// The row as the API and the dashboard show it.

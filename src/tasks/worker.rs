@@ -1,4 +1,5 @@
-//! `cargo loco task worker gpu=0 layers=99 name=gpu0`: a worker process (production).
+//! `cargo loco task worker gpu=0 layers=99 name=gpu0 [model=<name> path=<gguf>]`: a worker
+//! process (production).
 //!
 //! It loads the configured model once on one device, serves only that model's queue, one job
 //! at a time, heartbeats into the `workers` table, publishes job events through Redis so the
@@ -36,7 +37,7 @@ impl Task for Worker {
     fn task(&self) -> TaskInfo {
         TaskInfo {
             name: "worker".into(),
-            detail: "serve the model's queue: worker gpu=<n> layers=<n> threads=<n> name=<id> model=<name>"
+            detail: "serve a model's queue: worker gpu=<n> layers=<n> threads=<n> name=<id> [model=<name> path=<gguf>]"
                 .into(),
         }
     }
@@ -53,22 +54,26 @@ impl Task for Worker {
         if let Some(threads) = num_arg::<u32>(vars, "threads")? {
             engine.threads = threads;
         }
-        // `model=`/`models=` name what the operator expects this worker to hold; a worker holds
-        // the configured model (TOLLGATE_MODEL_NAME / TOLLGATE_MODEL_PATH), so a mismatch is a
-        // deployment mistake worth refusing loudly.
-        for asked in ["model", "models"]
-            .iter()
-            .filter_map(|k| opt_arg(vars, k))
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|m| !m.is_empty())
-        {
-            if asked != engine.model_name {
+        // `model=<name> path=<gguf>`: this worker holds another model than the configured
+        // default (one model per GPU); API instances route requests naming it to its queue.
+        // `model=` alone must name the configured model (a guard against a wrong unit file).
+        let asked = opt_arg(vars, "model").or_else(|| opt_arg(vars, "models"));
+        match (asked, opt_arg(vars, "path")) {
+            (Some(name), Some(path)) => {
+                if !std::path::Path::new(path).is_file() {
+                    return Err(msg(format!("path={path}: no such model file")));
+                }
+                engine.model_name = name.to_string();
+                engine.model_path = path.into();
+            }
+            (Some(name), None) if name != engine.model_name => {
                 return Err(msg(format!(
-                    "this worker serves the configured model {:?}; for {asked:?} set TOLLGATE_MODEL_NAME and TOLLGATE_MODEL_PATH",
+                    "this worker's configured model is {:?}; to serve {name:?} give its file too: model={name} path=models/<file>.gguf",
                     engine.model_name
                 )));
             }
+            (None, Some(_)) => return Err(msg("path= needs model=<name> too")),
+            _ => {}
         }
         let device_label = if engine.n_gpu_layers > 0 {
             format!("gpu{}", engine.main_gpu)

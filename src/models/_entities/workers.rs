@@ -15,6 +15,9 @@ pub struct Model {
     pub models: String,
     #[sea_orm(column_type = "Text")]
     pub adapters: String,
+    /// The engine's status (`EngineStatus` as JSON) at the last heartbeat.
+    #[sea_orm(column_type = "Text")]
+    pub engine: String,
     pub current_job: Option<String>,
     pub jobs_served: i64,
     #[sea_orm(column_type = "Double", nullable)]

@@ -2,8 +2,8 @@
 //!
 //! Embedded mode keeps the queue in a SQLite file; production keeps it in Redis
 //! (`apalis-redis`), shared by any number of API instances and worker processes. Producers (HTTP
-//! handlers) push a [`GenerationJob`]; a worker consumes with concurrency 1 so the single engine
-//! thread is never asked to interleave requests it cannot batch. Pushes wake workers at once
+//! handlers) push a [`GenerationJob`]; a worker takes as many jobs at once as its engine decodes
+//! together (plus a few to choose among fairly), never more. Pushes wake workers at once
 //! (SQLite's update hook; Redis's `…:available` channel); a short poll is the fallback. A worker
 //! that stops heartbeating for `missed_heartbeats × heartbeat_seconds` has its job handed back to
 //! the queue by a live worker, so a killed worker loses nothing.
@@ -370,10 +370,16 @@ impl JobQueue {
         }
     }
 
-    /// Starts a worker consuming this queue with concurrency 1. It runs until the returned
-    /// handle is shut down (or dropped). If the storage fails under it (Redis restarted), it
-    /// registers again and goes on, without anyone restarting the process.
-    pub async fn spawn_worker(&self, name: &str, handler: Arc<dyn JobHandler>) -> WorkerHandle {
+    /// Starts a worker consuming this queue, `concurrency` jobs at a time (the engine batches
+    /// them). It runs until the returned handle is shut down (or dropped). If the storage fails
+    /// under it (Redis restarted), it registers again and goes on, without anyone restarting the
+    /// process.
+    pub async fn spawn_worker(
+        &self,
+        name: &str,
+        handler: Arc<dyn JobHandler>,
+        concurrency: usize,
+    ) -> WorkerHandle {
         let (stop_tx, stop_rx) = watch::channel(false);
         let queue = self.clone();
         let name = name.to_string();
@@ -386,7 +392,9 @@ impl JobQueue {
                     let _ = stop.wait_for(|s| *s).await;
                     Ok::<(), std::io::Error>(())
                 };
-                let result = queue.run_worker(&name, handler.clone(), signal).await;
+                let result = queue
+                    .run_worker(&name, handler.clone(), concurrency.max(1), signal)
+                    .await;
                 if *stop_rx.borrow() {
                     break;
                 }
@@ -419,6 +427,7 @@ impl JobQueue {
         &self,
         name: &str,
         handler: Arc<dyn JobHandler>,
+        concurrency: usize,
         signal: impl std::future::Future<Output = Result<(), std::io::Error>> + Send + 'static,
     ) -> Result<(), String> {
         let poll = Duration::from_millis(250);
@@ -439,7 +448,7 @@ impl JobQueue {
                 WorkerBuilder::new(name.to_string())
                     .backend(backend)
                     .data(HandlerData(handler))
-                    .concurrency(1)
+                    .concurrency(concurrency)
                     .build(handle_task)
                     .run_until(signal)
                     .await
@@ -466,7 +475,7 @@ impl JobQueue {
                 WorkerBuilder::new(name.to_string())
                     .backend(backend)
                     .data(HandlerData(handler))
-                    .concurrency(1)
+                    .concurrency(concurrency)
                     .build(handle_task)
                     .run_until(signal)
                     .await

@@ -288,7 +288,8 @@ impl Services {
             )
             .with_max_attempts(self.settings.queue.max_attempts),
         );
-        let worker = queue.spawn_worker(&name, handler).await;
+        let concurrency = handler.concurrency(engine_settings.lookahead);
+        let worker = queue.spawn_worker(&name, handler, concurrency).await;
         let loaded = Arc::new(LoadedModel::new(
             model_id.clone(),
             config.config_id.clone(),

@@ -208,7 +208,13 @@ impl Services {
                 Duration::from_secs(settings.queue.heartbeat_seconds.max(1)),
             )
             .await;
-            worker = Some((queue.spawn_worker(&name, Arc::new(handler)).await, beat));
+            let concurrency = handler.concurrency(settings.engine.lookahead);
+            worker = Some((
+                queue
+                    .spawn_worker(&name, Arc::new(handler), concurrency)
+                    .await,
+                beat,
+            ));
             engine = Some(llama);
             worker_name = Some(name);
         }

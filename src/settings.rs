@@ -100,9 +100,16 @@ pub struct EngineSettings {
     /// CPU threads for decoding; 0 = all available cores.
     #[serde(default)]
     pub threads: u32,
-    /// Context window in tokens (prompt + generated).
+    /// Context window in tokens (prompt + generated), per running job.
     #[serde(default = "default_context_size")]
     pub context_size: u32,
+    /// Jobs decoded together in one batch (continuous batching); 1 = one job at a time. The KV
+    /// cache holds `context_size` tokens for each.
+    #[serde(default = "default_parallel")]
+    pub parallel: u32,
+    /// Jobs a worker takes from the queue beyond those running, to pick fairly among keys.
+    #[serde(default = "default_lookahead")]
+    pub lookahead: u32,
     /// Layers offloaded to the GPU (0 = CPU only; needs a `cuda` build to matter).
     #[serde(default)]
     pub n_gpu_layers: u32,
@@ -220,6 +227,12 @@ fn default_model_path() -> PathBuf {
 fn default_context_size() -> u32 {
     2048
 }
+fn default_parallel() -> u32 {
+    4
+}
+fn default_lookahead() -> u32 {
+    8
+}
 fn default_adapters_dir() -> PathBuf {
     "models/adapters".into()
 }
@@ -273,6 +286,8 @@ impl Default for EngineSettings {
             model_path: default_model_path(),
             threads: 0,
             context_size: default_context_size(),
+            parallel: default_parallel(),
+            lookahead: default_lookahead(),
             n_gpu_layers: 0,
             main_gpu: 0,
             adapters_dir: default_adapters_dir(),

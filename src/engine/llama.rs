@@ -4,9 +4,17 @@
 //! requests arrive over a channel, each with its own reply channel. The thread loads the model
 //! once and serves every request with it.
 //!
+//! Continuous batching: the context holds `settings.parallel` sequences. Every decode step feeds
+//! one token of each running job in one batch; a job joins as soon as a sequence is free (its
+//! prompt is read into its own sequence) and leaves when it ends, its sequence cleared for the
+//! next. Jobs waiting for a sequence sit in one FIFO lane per API key, served round-robin, so one
+//! key's backlog cannot starve another key's job.
+//!
 //! LoRA heads: a job may name an adapter; the thread applies it with the job's scale to the
-//! generation context for that job only and removes it afterwards, so the next job runs on the
-//! base model. Loaded adapters stay in a bounded LRU ([`super::lora::AdapterCache`]). Loading one
+//! generation context. An adapter applies to the whole context, so only jobs with the same head
+//! and scale share a batch: a job needing another head waits until the running ones finish
+//! (nothing new is admitted meanwhile), then the head is swapped. The base model runs with no
+//! head applied. Loaded adapters stay in a bounded LRU ([`super::lora::AdapterCache`]). Loading one
 //! needs the model mutably, so on a cache miss the thread ends the current *epoch* (drops its
 //! contexts), loads, and starts a new epoch with fresh contexts.
 //!
@@ -47,22 +55,37 @@ use crate::settings::{EngineSettings, Pooling};
 const PROMPT_BATCH: u32 = 512;
 
 enum Command {
-    Generate {
-        request: GenerationRequest,
-        sink: Option<TokenSink>,
-        reply: oneshot::Sender<Result<Generation, EngineError>>,
-    },
+    Generate(GenJob),
     Embed {
         request: EmbeddingRequest,
         reply: oneshot::Sender<Result<Embeddings, EngineError>>,
     },
 }
 
+/// A generation waiting for, or running on, a sequence.
+struct GenJob {
+    request: GenerationRequest,
+    sink: Option<TokenSink>,
+    reply: oneshot::Sender<Result<Generation, EngineError>>,
+    /// Fairness lane (the API key): waiting jobs are taken round-robin across lanes.
+    lane: i64,
+}
+
+impl GenJob {
+    /// The head (adapter and scale) the context must have for this job; `None` = base model.
+    fn head(&self) -> Option<(String, u32)> {
+        self.request
+            .adapter
+            .as_ref()
+            .map(|a| (a.name.clone(), a.scale.to_bits()))
+    }
+}
+
 impl Command {
     fn fail(self, e: EngineError) {
         match self {
-            Self::Generate { reply, .. } => {
-                let _ = reply.send(Err(e));
+            Self::Generate(job) => {
+                let _ = job.reply.send(Err(e));
             }
             Self::Embed { reply, .. } => {
                 let _ = reply.send(Err(e));
@@ -168,7 +191,7 @@ impl LlamaEngine {
 #[async_trait]
 impl Algorithm for LlamaEngine {
     async fn run(&self, request: GenerationRequest) -> Result<Generation, EngineError> {
-        self.submit(request, None).await
+        self.submit(request, None, 0).await
     }
 
     async fn run_streaming(
@@ -176,7 +199,20 @@ impl Algorithm for LlamaEngine {
         request: GenerationRequest,
         sink: TokenSink,
     ) -> Result<Generation, EngineError> {
-        self.submit(request, Some(sink)).await
+        self.submit(request, Some(sink), 0).await
+    }
+
+    async fn run_in_lane(
+        &self,
+        request: GenerationRequest,
+        sink: TokenSink,
+        lane: i64,
+    ) -> Result<Generation, EngineError> {
+        self.submit(request, Some(sink), lane).await
+    }
+
+    fn parallel(&self) -> usize {
+        self.settings.parallel.max(1) as usize
     }
 
     async fn embed(&self, request: EmbeddingRequest) -> Result<Embeddings, EngineError> {
@@ -198,14 +234,16 @@ impl LlamaEngine {
         &self,
         request: GenerationRequest,
         sink: Option<TokenSink>,
+        lane: i64,
     ) -> Result<Generation, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Generate {
+            .send(Command::Generate(GenJob {
                 request,
                 sink,
                 reply,
-            })
+                lane,
+            }))
             .map_err(|_| EngineError::Unavailable("engine thread has stopped".into()))?;
         rx.await
             .map_err(|_| EngineError::Unavailable("engine thread dropped the request".into()))?
@@ -275,10 +313,13 @@ fn generation_context<'m>(
     settings: &EngineSettings,
 ) -> Result<LlamaContext<'m>, EngineError> {
     let n_threads = threads(settings);
+    let parallel = settings.parallel.max(1);
+    // One KV cache split evenly: every sequence gets the configured context.
     let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(settings.context_size))
-        .with_n_batch(PROMPT_BATCH)
-        .with_n_ubatch(PROMPT_BATCH)
+        .with_n_ctx(NonZeroU32::new(settings.context_size.saturating_mul(parallel)))
+        .with_n_seq_max(parallel)
+        .with_n_batch(PROMPT_BATCH.max(parallel))
+        .with_n_ubatch(PROMPT_BATCH.max(parallel))
         .with_n_threads(n_threads)
         .with_n_threads_batch(n_threads);
     model
@@ -345,6 +386,7 @@ fn engine_thread(
         }
     };
     let mut cache = AdapterCache::new(&settings.adapters_dir, settings.adapter_cache_size);
+    let mut lanes = Lanes::default();
     let mut pending: Option<Command> = None;
     let mut started = false;
     loop {
@@ -383,6 +425,7 @@ fn engine_thread(
                 &model,
                 &mut contexts,
                 &mut cache,
+                &mut lanes,
                 rx,
                 pending.take(),
                 settings,
@@ -411,108 +454,430 @@ fn engine_thread(
     tracing::info!(model = %settings.model_name, "engine thread stopped");
 }
 
-/// Serves commands with this epoch's contexts until one needs a new adapter or the channel
-/// closes.
+/// Generation jobs waiting for a sequence: one FIFO lane per key, taken round-robin.
+#[derive(Default)]
+struct Lanes {
+    lanes: std::collections::VecDeque<(i64, std::collections::VecDeque<GenJob>)>,
+}
+
+impl Lanes {
+    fn push(&mut self, job: GenJob) {
+        match self.lanes.iter_mut().find(|(lane, _)| *lane == job.lane) {
+            Some((_, queue)) => queue.push_back(job),
+            None => self
+                .lanes
+                .push_back((job.lane, std::collections::VecDeque::from([job]))),
+        }
+    }
+
+    /// Puts a job that was already chosen back at the head of the line.
+    fn push_first(&mut self, job: GenJob) {
+        match self.lanes.iter().position(|(lane, _)| *lane == job.lane) {
+            Some(i) => {
+                if let Some((lane, mut queue)) = self.lanes.remove(i) {
+                    queue.push_front(job);
+                    self.lanes.push_front((lane, queue));
+                }
+            }
+            None => self
+                .lanes
+                .push_front((job.lane, std::collections::VecDeque::from([job]))),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lanes.is_empty()
+    }
+
+    /// Whether the job at the head of some lane satisfies `pred`.
+    fn any_head(&self, pred: impl Fn(&GenJob) -> bool) -> bool {
+        self.lanes.iter().any(|(_, q)| q.front().is_some_and(&pred))
+    }
+
+    /// The head job of the next lane in turn that `fits`; that lane goes to the back.
+    fn take_next(&mut self, fits: impl Fn(&GenJob) -> bool) -> Option<GenJob> {
+        for _ in 0..self.lanes.len() {
+            let (lane, mut queue) = self.lanes.pop_front()?;
+            if queue.front().is_some_and(&fits) {
+                let job = queue.pop_front();
+                if !queue.is_empty() {
+                    self.lanes.push_back((lane, queue));
+                }
+                return job;
+            }
+            self.lanes.push_back((lane, queue));
+        }
+        None
+    }
+}
+
+/// A generation running on one sequence of the shared context.
+struct Slot {
+    seq: i32,
+    job: GenJob,
+    sampler: LlamaSampler,
+    out: OutputDecoder,
+    prompt_tokens: usize,
+    /// Positions of this sequence in the KV cache.
+    n_past: usize,
+    generated: u32,
+    /// The token to feed at the next step.
+    next: llama_cpp_2::token::LlamaToken,
+}
+
+/// Serves commands with this epoch's contexts until a job needs an adapter that is not loaded
+/// (with no job running) or the channel closes.
+#[allow(clippy::too_many_arguments)]
 fn serve<'m>(
     model: &'m LlamaModel,
     contexts: &mut Contexts<'m>,
     cache: &mut AdapterCache,
+    lanes: &mut Lanes,
     rx: &mpsc::Receiver<Command>,
-    mut pending: Option<Command>,
+    pending: Option<Command>,
     settings: &EngineSettings,
     shared: &Shared,
 ) -> Next {
-    loop {
-        let cmd = match pending.take() {
-            Some(cmd) => cmd,
-            None => match rx.recv() {
-                Ok(cmd) => cmd,
-                Err(_) => return Next::Stop,
-            },
-        };
+    let parallel = settings.parallel.max(1) as usize;
+    let n_ctx_seq = settings.context_size as usize;
+    let mut slots: Vec<Slot> = Vec::with_capacity(parallel);
+    let mut free: Vec<i32> = (0..i32::try_from(parallel).unwrap_or(1)).rev().collect();
+    // The head applied to the generation context now, and its loaded adapter.
+    let mut head: Option<(String, u32)> = None;
+    let mut applied: Option<AdapterKey> = None;
+    let mut step = LlamaBatch::new(parallel, 1);
+    let mut closed = false;
+    if let Some(cmd) = pending {
         match cmd {
-            Command::Generate {
-                request,
-                sink,
-                reply,
-            } => {
-                let span = tracing::info_span!("generate", model = %request.display_model());
-                let _guard = span.enter();
-                let key = match request.adapter.as_ref().map(|a| cache.key_for(a)) {
-                    None => None,
-                    Some(Ok(key)) => Some(key),
-                    Some(Err(e)) => {
-                        shared.served.fetch_add(1, Ordering::AcqRel);
-                        let _ = reply.send(Err(e));
-                        continue;
-                    }
-                };
-                let scale = request.adapter.as_ref().map_or(0.0, |a| a.scale);
-                if let Some(key) = &key {
-                    // Looking it up also marks it most recently used.
-                    if cache.get_mut(key).is_none() {
-                        let key = key.clone();
-                        let cmd = Command::Generate {
-                            request,
-                            sink,
-                            reply,
-                        };
-                        return Next::Load(Box::new(cmd), key);
-                    }
-                    shared.set_adapters(cache.names());
+            Command::Generate(job) => lanes.push_first(job),
+            other => other.fail(EngineError::Unavailable("unexpected command".into())),
+        }
+    }
+    loop {
+        // Take what has arrived; block only when there is nothing else to do.
+        if slots.is_empty() && lanes.is_empty() {
+            if closed {
+                return Next::Stop;
+            }
+            match rx.recv() {
+                Ok(cmd) => intake(cmd, model, contexts, lanes, settings, shared),
+                Err(_) => return Next::Stop,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(cmd) => intake(cmd, model, contexts, lanes, settings, shared),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
                 }
-                let adapter = key.as_ref().and_then(|k| cache.get_mut(k));
-                let ctx = &mut contexts.generate;
-                let (result, clean) = match adapter {
-                    None => (run_generate(model, ctx, &request, sink.as_ref()), true),
-                    Some(adapter) => match ctx.lora_adapter_set(adapter, scale) {
-                        Err(e) => (
-                            Err(EngineError::Adapter {
-                                name: key.map(|k| k.name).unwrap_or_default(),
-                                reason: format!("cannot apply it: {e}"),
-                            }),
-                            true,
-                        ),
-                        Ok(()) => {
-                            let result = run_generate(model, ctx, &request, sink.as_ref());
-                            // The head is for this job only.
-                            let clean = ctx.lora_adapter_remove(adapter).is_ok();
-                            (result, clean)
-                        }
-                    },
-                };
-                shared.served.fetch_add(1, Ordering::AcqRel);
-                let _ = reply.send(result);
-                if !clean {
+            }
+        }
+
+        // With nothing running, the context goes back to the base model.
+        if slots.is_empty() {
+            head = None;
+            if let Some(key) = applied.take() {
+                if !remove_head(cache, &mut contexts.generate, &key) {
                     tracing::error!("LoRA adapter could not be removed; rebuilding contexts");
                     return Next::Rebuild;
                 }
             }
-            Command::Embed { request, reply } => {
-                let span = tracing::info_span!("embed", inputs = request.inputs.len());
-                let _guard = span.enter();
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    embed(model, &mut contexts.embed, settings, &request)
-                }))
-                .unwrap_or_else(|_| Err(EngineError::Embedding("engine panicked".into())));
-                shared.served.fetch_add(1, Ordering::AcqRel);
-                let _ = reply.send(result);
+        }
+
+        // Admit waiting jobs into free sequences: the same head as the running ones only, and
+        // none at all while a job for another head waits (it goes next, once these finish).
+        while let Some(&seq) = free.last() {
+            if !slots.is_empty() && lanes.any_head(|j| j.head() != head) {
+                break;
             }
+            let Some(job) = lanes.take_next(|j| slots.is_empty() || j.head() == head) else {
+                break;
+            };
+            if slots.is_empty() && job.head().is_some() && head.is_none() {
+                match apply_head(cache, &mut contexts.generate, &job, shared) {
+                    Applied::Yes(key) => {
+                        head = job.head();
+                        applied = key;
+                    }
+                    Applied::Failed(e) => {
+                        shared.served.fetch_add(1, Ordering::AcqRel);
+                        let _ = job.reply.send(Err(e));
+                        continue;
+                    }
+                    Applied::NotLoaded(key) => {
+                        return Next::Load(Box::new(Command::Generate(job)), key);
+                    }
+                }
+            }
+            free.pop();
+            let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                start(model, &mut contexts.generate, job, seq, n_ctx_seq)
+            }));
+            match started {
+                Ok(Started::Running(slot)) => slots.push(*slot),
+                Ok(Started::Done) => {
+                    shared.served.fetch_add(1, Ordering::AcqRel);
+                    free_seq(&mut contexts.generate, &mut free, seq);
+                }
+                Err(_) => {
+                    // The job's reply was dropped with it: its waiter sees the engine error.
+                    shared.served.fetch_add(1, Ordering::AcqRel);
+                    free_seq(&mut contexts.generate, &mut free, seq);
+                }
+            }
+        }
+        if slots.is_empty() {
+            continue;
+        }
+
+        // One decode step: one token of every running job.
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decode_step(model, &mut contexts.generate, &mut step, &mut slots, n_ctx_seq)
+        }));
+        let finished: Vec<Ended> = match stepped {
+            Ok(Ok(finished)) => finished,
+            Ok(Err(e)) => (0..slots.len()).map(|i| (i, Err(e.clone()))).collect(),
+            Err(_) => (0..slots.len())
+                .map(|i| (i, Err(EngineError::Decode("engine panicked".into()))))
+                .collect(),
+        };
+        // Highest index first, so removals do not shift the ones still to remove.
+        for (i, result) in finished.into_iter().rev() {
+            let slot = slots.swap_remove(i);
+            let seq = slot.seq;
+            finish(slot, result);
+            shared.served.fetch_add(1, Ordering::AcqRel);
+            free_seq(&mut contexts.generate, &mut free, seq);
         }
     }
 }
 
-/// One generation; a panic inside llama-cpp-2 must not take the worker down with it.
-fn run_generate(
+/// A new command: embeddings run at once (their own context); generations wait in their lane.
+fn intake<'m>(
+    cmd: Command,
+    model: &'m LlamaModel,
+    contexts: &mut Contexts<'m>,
+    lanes: &mut Lanes,
+    settings: &EngineSettings,
+    shared: &Shared,
+) {
+    match cmd {
+        Command::Generate(job) => lanes.push(job),
+        Command::Embed { request, reply } => {
+            let span = tracing::info_span!("embed", inputs = request.inputs.len());
+            let _guard = span.enter();
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                embed(model, &mut contexts.embed, settings, &request)
+            }))
+            .unwrap_or_else(|_| Err(EngineError::Embedding("engine panicked".into())));
+            shared.served.fetch_add(1, Ordering::AcqRel);
+            let _ = reply.send(result);
+        }
+    }
+}
+
+enum Applied {
+    Yes(Option<AdapterKey>),
+    Failed(EngineError),
+    NotLoaded(AdapterKey),
+}
+
+/// Applies the job's head to the (idle) context.
+fn apply_head(
+    cache: &mut AdapterCache,
+    ctx: &mut LlamaContext<'_>,
+    job: &GenJob,
+    shared: &Shared,
+) -> Applied {
+    let Some(choice) = job.request.adapter.as_ref() else {
+        return Applied::Yes(None);
+    };
+    let key = match cache.key_for(choice) {
+        Ok(key) => key,
+        Err(e) => return Applied::Failed(e),
+    };
+    // Looking it up also marks it most recently used.
+    let Some(adapter) = cache.get_mut(&key) else {
+        return Applied::NotLoaded(key);
+    };
+    let applied = ctx.lora_adapter_set(adapter, choice.scale);
+    shared.set_adapters(cache.names());
+    match applied {
+        Ok(()) => Applied::Yes(Some(key)),
+        Err(e) => Applied::Failed(EngineError::Adapter {
+            name: key.name,
+            reason: format!("cannot apply it: {e}"),
+        }),
+    }
+}
+
+/// Takes the adapter `key` off the context; false if that failed.
+fn remove_head(cache: &mut AdapterCache, ctx: &mut LlamaContext<'_>, key: &AdapterKey) -> bool {
+    match cache.get_mut(key) {
+        Some(adapter) => ctx.lora_adapter_remove(adapter).is_ok(),
+        // Evicted while applied cannot happen (loads end the epoch first); be safe anyway.
+        None => false,
+    }
+}
+
+fn free_seq(ctx: &mut LlamaContext<'_>, free: &mut Vec<i32>, seq: i32) {
+    let _ = ctx.clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
+    free.push(seq);
+}
+
+/// How starting a job went.
+enum Started {
+    /// Prompt read, first token taken; decode steps follow.
+    Running(Box<Slot>),
+    /// Already answered (an error, or finished on its first token).
+    Done,
+}
+
+/// Reads a job's prompt into sequence `seq` and takes its first token.
+fn start(
     model: &LlamaModel,
     ctx: &mut LlamaContext<'_>,
-    request: &GenerationRequest,
-    sink: Option<&TokenSink>,
-) -> Result<Generation, EngineError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        generate(model, ctx, request, sink)
-    }))
-    .unwrap_or_else(|_| Err(EngineError::Decode("engine panicked".into())))
+    job: GenJob,
+    seq: i32,
+    n_ctx_seq: usize,
+) -> Started {
+    let prepared = (|| {
+        let text = render_prompt(model, &job.request.prompt)?;
+        let tokens = tokenize(model, &text);
+        let prompt_tokens = tokens.len();
+        if prompt_tokens == 0 || prompt_tokens >= n_ctx_seq {
+            return Err(EngineError::PromptTooLong {
+                prompt_tokens,
+                context_size: u32::try_from(n_ctx_seq).unwrap_or(u32::MAX),
+            });
+        }
+        let _ = ctx.clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
+        let mut batch = LlamaBatch::new(PROMPT_BATCH as usize, 1);
+        let last = prompt_tokens - 1;
+        for (chunk_index, chunk) in tokens.chunks(PROMPT_BATCH as usize).enumerate() {
+            batch.clear();
+            for (i, tok) in chunk.iter().enumerate() {
+                let pos = chunk_index * PROMPT_BATCH as usize + i;
+                batch
+                    .add(*tok, pos_i32(pos)?, &[seq], pos == last)
+                    .map_err(|e| EngineError::Decode(e.to_string()))?;
+            }
+            ctx.decode(&mut batch)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+        }
+        Ok((prompt_tokens, batch.n_tokens() - 1))
+    })();
+    let (prompt_tokens, logits_at) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = job.reply.send(Err(e));
+            return Started::Done;
+        }
+    };
+    let mut slot = Slot {
+        seq,
+        sampler: sampler(&job.request.params),
+        out: OutputDecoder::new(&job.request.params.stop),
+        job,
+        prompt_tokens,
+        n_past: prompt_tokens,
+        generated: 0,
+        next: llama_cpp_2::token::LlamaToken(0),
+    };
+    match take_token(model, ctx, &mut slot, logits_at, n_ctx_seq) {
+        None => Started::Running(Box::new(slot)),
+        Some(finish_reason) => {
+            finish(slot, Ok(finish_reason));
+            Started::Done
+        }
+    }
+}
+
+/// Samples the slot's next token from the logits at batch index `idx` and adds it to the
+/// output; `Some` when the job ends with it (end of generation, stop string, a limit).
+fn take_token(
+    model: &LlamaModel,
+    ctx: &LlamaContext<'_>,
+    slot: &mut Slot,
+    idx: i32,
+    n_ctx_seq: usize,
+) -> Option<FinishReason> {
+    let vocab = model.vocab();
+    let tok = slot.sampler.sample(ctx, idx);
+    if vocab.is_eog(tok) {
+        return Some(FinishReason::Stop);
+    }
+    slot.generated += 1;
+    let stopped = slot.out.push(&vocab.token_to_piece(tok, false, None));
+    if let Some(sink) = &slot.job.sink {
+        let delta = slot.out.take_delta();
+        if !delta.is_empty() {
+            let _ = sink.send(delta);
+        }
+    }
+    if stopped {
+        return Some(FinishReason::Stop);
+    }
+    if slot.generated >= slot.job.request.params.max_tokens || slot.n_past >= n_ctx_seq {
+        return Some(FinishReason::Length);
+    }
+    slot.next = tok;
+    None
+}
+
+/// A running job that ended in a step: its index in the slots and how it ended.
+type Ended = (usize, Result<FinishReason, EngineError>);
+
+/// Feeds every running job's last token in one batch, then takes each one's next token.
+/// Returns the jobs that ended (by index into `slots`, ascending).
+fn decode_step(
+    model: &LlamaModel,
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch,
+    slots: &mut [Slot],
+    n_ctx_seq: usize,
+) -> Result<Vec<Ended>, EngineError> {
+    batch.clear();
+    for slot in slots.iter() {
+        batch
+            .add(slot.next, pos_i32(slot.n_past)?, &[slot.seq], true)
+            .map_err(|e| EngineError::Decode(e.to_string()))?;
+    }
+    ctx.decode(batch)
+        .map_err(|e| EngineError::Decode(e.to_string()))?;
+    let mut finished = Vec::new();
+    for (i, slot) in slots.iter_mut().enumerate() {
+        slot.n_past += 1;
+        let idx = i32::try_from(i).map_err(|_| EngineError::Decode("batch index".into()))?;
+        if let Some(reason) = take_token(model, ctx, slot, idx, n_ctx_seq) {
+            finished.push((i, Ok(reason)));
+        }
+    }
+    Ok(finished)
+}
+
+/// Answers a job: its text (the rest held back for stop strings is final now) or its error.
+fn finish(mut slot: Slot, result: Result<FinishReason, EngineError>) {
+    let reply = match result {
+        Ok(finish_reason) => {
+            if let Some(sink) = &slot.job.sink {
+                let rest = slot.out.take_rest();
+                if !rest.is_empty() {
+                    let _ = sink.send(rest);
+                }
+            }
+            Ok(Generation {
+                text: slot.out.into_text(),
+                prompt_tokens: u32::try_from(slot.prompt_tokens).unwrap_or(u32::MAX),
+                generated_tokens: slot.generated,
+                finish_reason,
+            })
+        }
+        Err(e) => Err(e),
+    };
+    let _ = slot.job.reply.send(reply);
 }
 
 /// Embeds each input on its own (a fresh sequence each), then L2-normalises the vector.
@@ -590,85 +955,6 @@ fn sampler(params: &SamplingParams) -> LlamaSampler {
         LlamaSampler::temp(params.temperature),
         LlamaSampler::dist(seed),
     ])
-}
-
-/// Runs one request on sequence 0 of the context.
-fn generate(
-    model: &LlamaModel,
-    ctx: &mut LlamaContext<'_>,
-    request: &GenerationRequest,
-    sink: Option<&TokenSink>,
-) -> Result<Generation, EngineError> {
-    let n_ctx = ctx.n_ctx();
-    let text = render_prompt(model, &request.prompt)?;
-    let tokens = tokenize(model, &text);
-    let prompt_tokens = tokens.len();
-    if prompt_tokens == 0 || prompt_tokens >= n_ctx as usize {
-        return Err(EngineError::PromptTooLong {
-            prompt_tokens,
-            context_size: n_ctx,
-        });
-    }
-    ctx.clear_kv_cache();
-
-    let decode_err = |e: &dyn std::fmt::Display| EngineError::Decode(e.to_string());
-    let mut batch = LlamaBatch::new(PROMPT_BATCH as usize, 1);
-    let last = prompt_tokens - 1;
-    for (chunk_index, chunk) in tokens.chunks(PROMPT_BATCH as usize).enumerate() {
-        batch.clear();
-        for (i, tok) in chunk.iter().enumerate() {
-            let pos = chunk_index * PROMPT_BATCH as usize + i;
-            batch
-                .add(*tok, pos_i32(pos)?, &[0], pos == last)
-                .map_err(|e| decode_err(&e))?;
-        }
-        ctx.decode(&mut batch).map_err(|e| decode_err(&e))?;
-    }
-
-    let vocab = model.vocab();
-    let mut sampler = sampler(&request.params);
-    let mut out = OutputDecoder::new(&request.params.stop);
-    let mut n_past = prompt_tokens;
-    let mut generated: u32 = 0;
-    let finish = loop {
-        if generated >= request.params.max_tokens || n_past >= n_ctx as usize {
-            break FinishReason::Length;
-        }
-        let tok = sampler.sample(ctx, batch.n_tokens() - 1);
-        if vocab.is_eog(tok) {
-            break FinishReason::Stop;
-        }
-        generated += 1;
-        let stopped = out.push(&vocab.token_to_piece(tok, false, None));
-        if let Some(sink) = sink {
-            let delta = out.take_delta();
-            if !delta.is_empty() {
-                let _ = sink.send(delta);
-            }
-        }
-        if stopped {
-            break FinishReason::Stop;
-        }
-        batch.clear();
-        batch
-            .add(tok, pos_i32(n_past)?, &[0], true)
-            .map_err(|e| decode_err(&e))?;
-        n_past += 1;
-        ctx.decode(&mut batch).map_err(|e| decode_err(&e))?;
-    };
-    if let Some(sink) = sink {
-        // Text held back as a possible stop-string prefix is final now.
-        let rest = out.take_rest();
-        if !rest.is_empty() {
-            let _ = sink.send(rest);
-        }
-    }
-    Ok(Generation {
-        text: out.into_text(),
-        prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
-        generated_tokens: generated,
-        finish_reason: finish,
-    })
 }
 
 fn pos_i32(pos: usize) -> Result<i32, EngineError> {

@@ -199,6 +199,25 @@ pub trait Algorithm: Send + Sync + 'static {
         Ok(generation)
     }
 
+    /// Like [`Self::run_streaming`], in a fairness `lane` (the API key): an engine that runs
+    /// several jobs at once takes waiting jobs round-robin across lanes, so one key's backlog
+    /// cannot starve another key's job. The default ignores the lane.
+    async fn run_in_lane(
+        &self,
+        request: GenerationRequest,
+        sink: TokenSink,
+        lane: i64,
+    ) -> Result<Generation, EngineError> {
+        let _ = lane;
+        self.run_streaming(request, sink).await
+    }
+
+    /// How many jobs this engine runs at once (its worker takes that many, and a few more to
+    /// choose from fairly).
+    fn parallel(&self) -> usize {
+        1
+    }
+
     /// Embeds each input. The default refuses: not every algorithm has vectors to give.
     async fn embed(&self, request: EmbeddingRequest) -> Result<Embeddings, EngineError> {
         let _ = request;

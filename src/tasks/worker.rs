@@ -122,7 +122,10 @@ impl Task for Worker {
             Duration::from_secs(settings.queue.heartbeat_seconds.max(1)),
         )
         .await;
-        let worker = queue.spawn_worker(&id, Arc::new(handler)).await;
+        let concurrency = handler.concurrency(settings.engine.lookahead);
+        let worker = queue
+            .spawn_worker(&id, Arc::new(handler), concurrency)
+            .await;
         tracing::info!(
             worker = %id,
             queue = %queue.name(),

@@ -95,6 +95,13 @@ impl GenerationWorker {
         self
     }
 
+    /// Jobs to take from the queue at once: those the engine runs together, plus a few to
+    /// choose among fairly.
+    #[must_use]
+    pub fn concurrency(&self, lookahead: u32) -> usize {
+        self.algorithm.parallel() + lookahead as usize
+    }
+
     /// What the worker is doing now (read by its heartbeat).
     #[must_use]
     pub fn stats(&self) -> Arc<WorkerStats> {
@@ -140,7 +147,10 @@ impl GenerationWorker {
         self.stats.started(&job.job_id);
         let started = std::time::Instant::now();
         let result = match job.work {
-            Work::Generate(request) => self.generate(&job.job_id, request).await,
+            Work::Generate(request) => {
+                self.generate(&job.job_id, request, i64::from(job.api_key_id))
+                    .await
+            }
             Work::Embed(request) => self.algorithm.embed(request).await.and_then(|e| {
                 JobOutput::embeddings(&e).map_err(|e| EngineError::Embedding(e.to_string()))
             }),
@@ -187,6 +197,7 @@ impl GenerationWorker {
         &self,
         job_id: &str,
         request: crate::engine::GenerationRequest,
+        lane: i64,
     ) -> Result<JobOutput, EngineError> {
         let (sink, mut deltas) = tokio::sync::mpsc::unbounded_channel::<String>();
         let events = self.events.clone();
@@ -196,7 +207,7 @@ impl GenerationWorker {
                 events.publish_delta(&stream_id, delta);
             }
         });
-        let result = self.algorithm.run_streaming(request, sink).await;
+        let result = self.algorithm.run_in_lane(request, sink, lane).await;
         // The sink is gone with the engine call; let the last deltas out before the final record.
         let _ = forward.await;
         result.map(|g| JobOutput::from(&g))

@@ -99,6 +99,8 @@ struct Shared {
     ready: AtomicBool,
     loads: AtomicU64,
     served: AtomicU64,
+    batched_steps: AtomicU64,
+    max_batch: AtomicU64,
     /// Names of the loaded LoRA adapters, most recently used first.
     adapters: Mutex<Vec<String>>,
     /// Facts about the loaded weights, set once the model is loaded.
@@ -267,6 +269,9 @@ impl LlamaEngine {
             embeddings: self.settings.embeddings.enabled,
             quantized: self.shared.loaded.get().is_some_and(|l| l.quantized),
             loaded_at: self.shared.loaded.get().map(|l| l.at.to_rfc3339()),
+            parallel: u64::from(self.settings.parallel.max(1)),
+            batched_steps: self.shared.batched_steps.load(Ordering::Acquire),
+            max_batch: self.shared.max_batch.load(Ordering::Acquire),
         }
     }
 }
@@ -316,7 +321,9 @@ fn generation_context<'m>(
     let parallel = settings.parallel.max(1);
     // One KV cache split evenly: every sequence gets the configured context.
     let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(settings.context_size.saturating_mul(parallel)))
+        .with_n_ctx(NonZeroU32::new(
+            settings.context_size.saturating_mul(parallel),
+        ))
         .with_n_seq_max(parallel)
         .with_n_batch(PROMPT_BATCH.max(parallel))
         .with_n_ubatch(PROMPT_BATCH.max(parallel))
@@ -575,17 +582,6 @@ fn serve<'m>(
             }
         }
 
-        // With nothing running, the context goes back to the base model.
-        if slots.is_empty() {
-            head = None;
-            if let Some(key) = applied.take() {
-                if !remove_head(cache, &mut contexts.generate, &key) {
-                    tracing::error!("LoRA adapter could not be removed; rebuilding contexts");
-                    return Next::Rebuild;
-                }
-            }
-        }
-
         // Admit waiting jobs into free sequences: the same head as the running ones only, and
         // none at all while a job for another head waits (it goes next, once these finish).
         while let Some(&seq) = free.last() {
@@ -595,7 +591,16 @@ fn serve<'m>(
             let Some(job) = lanes.take_next(|j| slots.is_empty() || j.head() == head) else {
                 break;
             };
-            if slots.is_empty() && job.head().is_some() && head.is_none() {
+            if job.head() != head {
+                // Nothing runs now (only then may a job with another head be taken): swap heads.
+                if let Some(key) = applied.take() {
+                    if !remove_head(cache, &mut contexts.generate, &key) {
+                        tracing::error!("LoRA adapter could not be removed; rebuilding contexts");
+                        lanes.push_first(job);
+                        return Next::Rebuild;
+                    }
+                }
+                head = None;
                 match apply_head(cache, &mut contexts.generate, &job, shared) {
                     Applied::Yes(key) => {
                         head = job.head();
@@ -633,8 +638,19 @@ fn serve<'m>(
         }
 
         // One decode step: one token of every running job.
+        let width = slots.len() as u64;
+        if width > 1 {
+            shared.batched_steps.fetch_add(1, Ordering::AcqRel);
+        }
+        shared.max_batch.fetch_max(width, Ordering::AcqRel);
         let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            decode_step(model, &mut contexts.generate, &mut step, &mut slots, n_ctx_seq)
+            decode_step(
+                model,
+                &mut contexts.generate,
+                &mut step,
+                &mut slots,
+                n_ctx_seq,
+            )
         }));
         let finished: Vec<Ended> = match stepped {
             Ok(Ok(finished)) => finished,

@@ -176,6 +176,14 @@ pub struct EngineStatus {
     /// When the weights were loaded (RFC 3339).
     #[serde(default)]
     pub loaded_at: Option<String>,
+    /// Jobs it decodes together at most (`settings.engine.parallel`).
+    #[serde(default)]
+    pub parallel: u64,
+    /// Decode steps that carried more than one job, and the most jobs one step carried.
+    #[serde(default)]
+    pub batched_steps: u64,
+    #[serde(default)]
+    pub max_batch: u64,
 }
 
 /// Where an engine sends text as it is generated (for streaming clients).

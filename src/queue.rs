@@ -13,6 +13,7 @@ use std::{sync::Arc, time::Duration};
 use apalis::prelude::{
     BackendExt, BoxDynError, Data, Strategy, TaskBuilder, TaskSink, WorkerBuilder, WorkerBuilderExt,
 };
+use apalis_core::backend::Vacuum;
 use apalis_redis::{ConnectionManager, RedisStorage};
 use apalis_sqlite::{callback::HookCallbackListener, SqlitePool, SqliteStorage};
 use futures::StreamExt;
@@ -192,6 +193,7 @@ pub struct JobQueue {
     max_attempts: usize,
     /// Bound on every Redis round trip of a request (fail fast with 503 when Redis is down).
     timeout: Duration,
+    heartbeat: Duration,
 }
 
 impl std::fmt::Debug for JobQueue {
@@ -201,6 +203,10 @@ impl std::fmt::Debug for JobQueue {
             .finish_non_exhaustive()
     }
 }
+
+/// A worker removes finished tasks from the queue storage every this many heartbeats (a
+/// minute by default).
+const VACUUM_EVERY_BEATS: u32 = 12;
 
 /// Name of the queue of one model: a worker consumes only the models it holds.
 #[must_use]
@@ -287,6 +293,7 @@ impl JobQueue {
             name,
             max_attempts: settings.max_attempts.max(1) as usize,
             timeout,
+            heartbeat,
         })
     }
 
@@ -305,14 +312,21 @@ impl JobQueue {
         match &self.store {
             Store::Sqlite { .. } => Ok(()),
             Store::Redis { conn, .. } => {
-                let mut conn = conn.clone();
-                self.bounded(async move {
-                    redis::cmd("PING")
-                        .query_async::<String>(&mut conn)
-                        .await
-                        .map(|_| ())
-                })
-                .await
+                let ping = || {
+                    let mut conn = conn.clone();
+                    self.bounded(async move {
+                        redis::cmd("PING")
+                            .query_async::<String>(&mut conn)
+                            .await
+                            .map(|_| ())
+                    })
+                };
+                // After a Redis restart the first command on the old connection fails and makes
+                // the manager reconnect: one retry tells a restart from an outage.
+                match ping().await {
+                    Ok(()) => Ok(()),
+                    Err(_) => ping().await,
+                }
             }
         }
     }
@@ -357,15 +371,55 @@ impl JobQueue {
         match &self.store {
             Store::Sqlite { pool, config, .. } => sqlx_count(pool, config.queue.as_ref()).await,
             Store::Redis { conn, config, .. } => {
+                // Pushed jobs wait in the scheduled set until a worker's fetch promotes them to
+                // the active list: both are waiting.
                 let mut conn = conn.clone();
-                let list = config.active_jobs_list();
+                let (list, scheduled) = (config.active_jobs_list(), config.scheduled_jobs_set());
                 self.bounded(async move {
-                    redis::cmd("LLEN")
+                    redis::pipe()
+                        .cmd("LLEN")
                         .arg(list)
+                        .cmd("ZCARD")
+                        .arg(scheduled)
+                        .query_async::<(i64, i64)>(&mut conn)
+                        .await
+                        .map(|(active, scheduled)| active + scheduled)
+                })
+                .await
+            }
+        }
+    }
+
+    /// Deletes finished tasks from the queue storage (their payloads hold prompts; the `jobs`
+    /// table keeps the record). Returns how many were removed.
+    ///
+    /// # Errors
+    /// On storage errors.
+    pub async fn vacuum(&self) -> Result<usize, QueueError> {
+        match &self.store {
+            Store::Sqlite { storage, .. } => {
+                let mut storage = storage.clone();
+                self.bounded(async move { storage.vacuum().await }).await
+            }
+            Store::Redis {
+                storage,
+                conn,
+                config,
+                ..
+            } => {
+                let mut storage = storage.clone();
+                let removed = self.bounded(async move { storage.vacuum().await }).await?;
+                // The ids of done tasks are kept in a set for statistics nobody reads here.
+                let mut conn = conn.clone();
+                let done = config.done_jobs_set();
+                self.bounded(async move {
+                    redis::cmd("DEL")
+                        .arg(done)
                         .query_async::<i64>(&mut conn)
                         .await
                 })
-                .await
+                .await?;
+                Ok(removed)
             }
         }
     }
@@ -383,6 +437,24 @@ impl JobQueue {
         let (stop_tx, stop_rx) = watch::channel(false);
         let queue = self.clone();
         let name = name.to_string();
+        let mut vacuum_stop = stop_rx.clone();
+        let cleaner = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(cleaner.heartbeat * VACUUM_EVERY_BEATS);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = vacuum_stop.wait_for(|s| *s) => break,
+                }
+                match cleaner.vacuum().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(queue = %cleaner.name, removed = n, "queue vacuumed"),
+                    Err(e) => {
+                        tracing::debug!(queue = %cleaner.name, error = %e, "queue vacuum failed")
+                    }
+                }
+            }
+        });
         let join = tokio::spawn(async move {
             let mut failures = 0u32;
             loop {

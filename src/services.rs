@@ -899,6 +899,21 @@ impl Services {
         models
     }
 
+    /// Every model served now (the default one, those loaded here, those held by live workers
+    /// elsewhere) with its queue, for depth figures.
+    pub async fn served_queues(&self, db: &sea_orm::DatabaseConnection) -> Vec<(String, JobQueue)> {
+        let mut queues = vec![(self.settings.engine.model_name.clone(), self.queue.clone())];
+        for m in self.registry.all() {
+            queues.push((m.model_id.clone(), m.queue.clone()));
+        }
+        for model in self.remote_models(db).await {
+            if let Some(queue) = self.queue_of(&model).await {
+                queues.push((model, queue));
+            }
+        }
+        queues
+    }
+
     /// The queue of `model`: this process's own, or that of a model held by workers elsewhere.
     async fn queue_of(&self, model: &str) -> Option<JobQueue> {
         if let Some(queue) = self.queue_for(model) {

@@ -620,10 +620,10 @@ async fn overview(
         .collect();
     latencies.sort_unstable();
     let failed = recent.iter().filter(|j| j.status == jobs::FAILED).count();
-    let mut queues = vec![json!({
-        "model": services.settings.engine.model_name,
-        "depth": services.queue.depth().await.ok(),
-    })];
+    let mut queues = Vec::new();
+    for (model, queue) in services.served_queues(&ctx.db).await {
+        queues.push(json!({"model": model, "depth": queue.depth().await.ok()}));
+    }
     // Every worker process that ever heartbeated (the registry table), then the models this
     // process loaded at run time (seed 004), which live and die with it.
     let gone_after = services.settings.queue.orphan_after();
@@ -639,7 +639,6 @@ async fn overview(
         })
         .collect();
     for m in services.registry.all() {
-        queues.push(json!({"model": m.model_id, "depth": m.queue.depth().await.ok()}));
         let status = m.status();
         workers.push(json!({
             "id": format!("{} (loaded {}, in this process)", m.model_id, m.loaded_at.format("%H:%M")),

@@ -49,13 +49,7 @@ async fn metrics_text(State(ctx): State<AppContext>) -> ApiResult<Response> {
 
     out.push_str("# HELP tollgate_queue_depth Jobs waiting for a worker, per model.\n");
     out.push_str("# TYPE tollgate_queue_depth gauge\n");
-    let mut queues = vec![(
-        services.settings.engine.model_name.clone(),
-        services.queue.clone(),
-    )];
-    for m in services.registry.all() {
-        queues.push((m.model_id.clone(), m.queue.clone()));
-    }
+    let queues = services.served_queues(&ctx.db).await;
     for (model, queue) in queues {
         if let Ok(depth) = queue.depth().await {
             let _ = writeln!(

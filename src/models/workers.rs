@@ -20,7 +20,8 @@ pub struct Heartbeat {
     pub id: String,
     pub host: String,
     pub pid: u32,
-    /// `cpu`, or `cuda:<n>` for a GPU worker.
+    /// `cpu`, or `gpu:<main_gpu> (<n> layers)` for a GPU worker (with `CUDA_VISIBLE_DEVICES`
+    /// the visible GPU is always 0; the worker's id names the physical one).
     pub device: String,
     pub models: Vec<String>,
     pub adapters: Vec<String>,

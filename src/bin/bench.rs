@@ -7,11 +7,14 @@
 //! ```
 //!
 //! 1. engine-only: the llama-cpp-2 decode loop of `src/engine/llama.rs`, written out here with the
-//!    server's engine settings (threads, context, batch), greedy, one sequence;
+//!    server's engine settings (threads, context, batch), greedy, one sequence — and N sequences
+//!    decoded together in one batch per step (the limit for N concurrent clients);
 //! 2. end to end: the same prompt through `/v1/chat/completions` and `/api/` of a real server
 //!    started in-process (SQLite files in a scratch dir, embedded worker), at several concurrency
 //!    levels;
-//! 3. overhead: end-to-end latency of 1-token requests minus the engine's own time for them;
+//! 3. overhead: end-to-end latency of 1-token requests minus the engine's own time for them, on
+//!    the embedded server and on one whose state is in Postgres and whose queue and job events go
+//!    through Redis (a fresh database and key prefix, removed afterwards);
 //! 4. key-check throughput: the production `ApiKey` extractor + `api_keys::charge` behind a
 //!    small router of this binary, then an exact-count check of `calls_used`;
 //! 5. optionally the load of 2 against any OpenAI-compatible URL.
@@ -77,6 +80,8 @@ Run from the repository root:  cargo run --release --bin tollgate-bench -- [flag
   --overhead-requests N  1-token requests (and engine 1-token runs) for part 3 (default 30)
   --keycheck-requests N  requests in part 4 (default 5000)
   --keycheck-clients N   concurrent clients in part 4 (default 8)
+  --postgres URL         server for part 3's production mode (default postgres://postgres@127.0.0.1:5432)
+  --redis URL            Redis for part 3's production mode (default redis://127.0.0.1:6379)
   --external-url URL     also load an OpenAI-compatible server (base URL without /v1)
   --external-key KEY     bearer key for --external-url (optional)
   --external-model NAME  model name for --external-url (default: the local model name)
@@ -95,6 +100,8 @@ struct Args {
     external_url: Option<String>,
     external_key: Option<String>,
     external_model: Option<String>,
+    postgres: String,
+    redis: String,
 }
 
 impl Default for Args {
@@ -110,6 +117,8 @@ impl Default for Args {
             external_url: None,
             external_key: None,
             external_model: None,
+            postgres: "postgres://postgres@127.0.0.1:5432".into(),
+            redis: "redis://127.0.0.1:6379".into(),
         }
     }
 }
@@ -146,6 +155,8 @@ fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
             "--external-url" => out.external_url = Some(value.trim_end_matches('/').to_string()),
             "--external-key" => out.external_key = Some(value.clone()),
             "--external-model" => out.external_model = Some(value.clone()),
+            "--postgres" => out.postgres = value.trim_end_matches('/').to_string(),
+            "--redis" => out.redis.clone_from(value),
             other => bail!("unknown flag {other:?} (see --help)"),
         }
     }
@@ -325,6 +336,88 @@ fn engine_only(settings: &EngineSettings, args: &Args) -> anyhow::Result<EngineR
     })
 }
 
+/// N copies of the prompt on N sequences of one context, decoded together one token of each per
+/// step (what the engine does for N concurrent jobs): aggregate tokens/s.
+fn engine_only_batched(
+    settings: &EngineSettings,
+    args: &Args,
+    n: usize,
+) -> anyhow::Result<(Duration, u32)> {
+    let backend = backend().map_err(|e| anyhow!("{e}"))?;
+    let params = LlamaModelParams::default()
+        .with_n_gpu_layers(settings.n_gpu_layers)
+        .with_main_gpu(settings.main_gpu);
+    let model = LlamaModel::load_from_file(backend, &settings.model_path, &params)
+        .with_context(|| format!("load {}", settings.model_path.display()))?;
+    let threads = engine_threads(settings);
+    let seqs = u32::try_from(n)?;
+    let ctx_params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(settings.context_size * seqs))
+        .with_n_seq_max(seqs)
+        .with_n_batch(PROMPT_BATCH.max(seqs))
+        .with_n_ubatch(PROMPT_BATCH.max(seqs))
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut ctx = model.new_context(backend, ctx_params)?;
+    let prompt = chat_prompt();
+    let mut run = || -> anyhow::Result<(Duration, u32)> {
+        let start = Instant::now();
+        ctx.clear_kv_cache();
+        let vocab = model.vocab();
+        let text = render_prompt(&model, &prompt).map_err(|e| anyhow!("{e}"))?;
+        let tokens = tokenize(&model, &text);
+        let mut next = Vec::with_capacity(n);
+        let mut samplers: Vec<LlamaSampler> = (0..n).map(|_| LlamaSampler::greedy()).collect();
+        let mut batch = LlamaBatch::new(PROMPT_BATCH as usize, 1);
+        for (seq, sampler) in samplers.iter_mut().enumerate() {
+            let seq_id = i32::try_from(seq)?;
+            batch.clear();
+            let last = tokens.len() - 1;
+            for (pos, tok) in tokens.iter().enumerate() {
+                batch.add(*tok, i32::try_from(pos)?, &[seq_id], pos == last)?;
+            }
+            ctx.decode(&mut batch)?;
+            next.push(Some(sampler.sample(&ctx, batch.n_tokens() - 1)));
+        }
+        let mut step = LlamaBatch::new(n, 1);
+        let mut n_past = tokens.len();
+        let mut generated = 0u32;
+        for _ in 0..args.max_tokens {
+            step.clear();
+            let mut live = Vec::new();
+            for (seq, tok) in next.iter().enumerate() {
+                if let Some(tok) = tok {
+                    if vocab.is_eog(*tok) {
+                        continue;
+                    }
+                    std::hint::black_box(vocab.token_to_piece(*tok, false, None));
+                    generated += 1;
+                    step.add(*tok, i32::try_from(n_past)?, &[i32::try_from(seq)?], true)?;
+                    live.push(seq);
+                }
+            }
+            if live.is_empty() {
+                break;
+            }
+            ctx.decode(&mut step)?;
+            n_past += 1;
+            next.fill(None);
+            for (i, seq) in live.into_iter().enumerate() {
+                next[seq] = Some(samplers[seq].sample(&ctx, i32::try_from(i)?));
+            }
+        }
+        Ok((start.elapsed(), generated))
+    };
+    run()?;
+    let mut total = (Duration::ZERO, 0u32);
+    for _ in 0..args.reps {
+        let (d, t) = run()?;
+        total.0 += d;
+        total.1 += t;
+    }
+    Ok(total)
+}
+
 /// The same work through the server's own engine thread (`LlamaEngine::run`): the engine's
 /// channel hop and bookkeeping, but no HTTP, key check or queue. Separates those from any
 /// difference between the raw loop above and the engine itself.
@@ -411,6 +504,91 @@ async fn start_server() -> anyhow::Result<(Server, EngineSettings)> {
         },
         typed.engine,
     ))
+}
+
+/// The same server with its state in a fresh Postgres database and its queue and job events in
+/// Redis under a fresh prefix (the worker still in-process, so the figure is the storage's
+/// cost). Returns the server and how to clean up after it.
+async fn start_production_server(args: &Args) -> anyhow::Result<(Server, String, String)> {
+    use sea_orm::ConnectionTrait;
+    let env = Environment::Development;
+    let mut config = App::load_config(&env).await?;
+    let database = format!("tollgate_bench_{}", uuid::Uuid::new_v4().simple());
+    let admin = sea_orm::Database::connect(format!("{}/postgres", args.postgres)).await?;
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {database}"))
+        .await?;
+    admin.close().await.ok();
+    let prefix = format!(
+        "tgbench{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    config.database.uri = format!("{}/{database}", args.postgres);
+    let mut settings = config.settings.clone().unwrap_or_else(|| json!({}));
+    settings["queue"]["url"] = json!(args.redis);
+    settings["queue"]["prefix"] = json!(prefix);
+    settings["queue"]["embedded_worker"] = json!(true);
+    settings["api"]["rate_limit"]["per_minute"] = json!(0);
+    config.settings = Some(settings);
+    let typed = Settings::from_config(&config)?;
+    let boot = App::boot(StartMode::ServerOnly, &env, config).await?;
+    let router = boot.router.ok_or_else(|| anyhow!("boot gave no router"))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        axum::serve(listener, into_service(router)).await.ok();
+    });
+    Ok((
+        Server {
+            base: format!("http://{addr}"),
+            ctx: boot.app_context,
+            dir,
+            model: typed.engine.model_name.clone(),
+        },
+        database,
+        prefix,
+    ))
+}
+
+/// Drops the production run's database and Redis keys.
+async fn clean_production(args: &Args, database: &str, prefix: &str) {
+    use sea_orm::ConnectionTrait;
+    if let Ok(admin) = sea_orm::Database::connect(format!("{}/postgres", args.postgres)).await {
+        let _ = admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+            .await;
+    }
+    if let Ok(client) = redis::Client::open(args.redis.as_str()) {
+        if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("*{prefix}*"))
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            for key in keys {
+                let _ = redis::cmd("DEL")
+                    .arg(key)
+                    .query_async::<i64>(&mut conn)
+                    .await;
+            }
+        }
+    }
+}
+
+/// `n` sequential 1-token `/api/` requests after one warm-up: their latencies in ms.
+async fn one_token_latencies(
+    http: &reqwest::Client,
+    target: &Target,
+    n: usize,
+) -> anyhow::Result<Vec<f64>> {
+    one_request(http, target, Route::Api, 1).await?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(ms(one_request(http, target, Route::Api, 1).await?.0));
+    }
+    Ok(out)
 }
 
 async fn issue_key_secret(
@@ -592,6 +770,15 @@ async fn charge_only(
     }
 }
 
+/// Part 3 (and 4) on Postgres + Redis, or why it could not run.
+enum Production {
+    Measured {
+        latencies: Vec<f64>,
+        keycheck: KeyCheck,
+    },
+    Unavailable(String),
+}
+
 struct KeyCheck {
     clients: usize,
     requests: usize,
@@ -676,9 +863,11 @@ fn report(
     settings: &EngineSettings,
     args: &Args,
     engine: &EngineRuns,
+    batched: &[(usize, Duration, u32)],
     engine_thread: &[(Duration, u32)],
     loads: &[Load],
     overhead: &[f64],
+    production: &Production,
     keycheck: &KeyCheck,
     external: Option<(&str, &[Load])>,
 ) -> String {
@@ -724,6 +913,27 @@ fn report(
         engine_tps,
         percentile(&lat, 50.0)
     );
+
+    if !batched.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nN sequences decoded together (one token of each per step, the engine's batching):\n"
+        );
+        let _ = writeln!(
+            s,
+            "| sequences | reps | tokens | tokens/s | ÷ one sequence |"
+        );
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|");
+        for (n, d, t) in batched {
+            let tps = f64::from(*t) / d.as_secs_f64().max(f64::EPSILON);
+            let _ = writeln!(
+                s,
+                "| {n} | {} | {t} | {tps:.1} | {:.2} |",
+                args.reps,
+                tps / engine_tps
+            );
+        }
+    }
 
     let thread_tokens: u32 = engine_thread.iter().map(|r| r.1).sum();
     let thread_secs: f64 = engine_thread.iter().map(|r| r.0.as_secs_f64()).sum();
@@ -790,10 +1000,30 @@ fn report(
         ov50,
         ov99
     );
-    let _ = writeln!(
-        s,
-        "| production (Postgres + Redis) | – | – | – | n/a (production mode not built yet) |"
-    );
+    let prod_overhead = match production {
+        Production::Measured { latencies, .. } => {
+            let (p50, p99) = (percentile(latencies, 50.0), percentile(latencies, 99.0));
+            let _ = writeln!(
+                s,
+                "| production (Postgres + Redis) | {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |",
+                latencies.len(),
+                p50,
+                p99,
+                eng50,
+                percentile(&engine_one, 99.0),
+                p50 - eng50,
+                p99 - eng50
+            );
+            Some(p50 - eng50)
+        }
+        Production::Unavailable(why) => {
+            let _ = writeln!(
+                s,
+                "| production (Postgres + Redis) | – | – | – | n/a: {why} |"
+            );
+            None
+        }
+    };
     let _ = writeln!(
         s,
         "\n(overhead = end-to-end percentile − engine p50 for the same 1-token work)"
@@ -801,26 +1031,36 @@ fn report(
 
     let rps = keycheck.requests as f64 / keycheck.wall.as_secs_f64().max(f64::EPSILON);
     let exact = keycheck.calls_used == keycheck.ok as i64;
+    let mut checks = vec![("embedded (SQLite)", keycheck)];
+    if let Production::Measured { keycheck, .. } = production {
+        checks.push(("production (Postgres)", keycheck));
+    }
     let _ = writeln!(
         s,
         "\n## 4. Key check + charge (ApiKey extractor + api_keys::charge, no generation)\n"
     );
     let _ = writeln!(
         s,
-        "| clients | requests | 200 answers | other | calls_used after | exact | requests/s |"
+        "| database | clients | requests | 200 answers | other | calls_used after | exact | requests/s |"
     );
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---|---:|");
-    let _ = writeln!(
-        s,
-        "| {} | {} | {} | {} | {} | {} | {:.0} |",
-        keycheck.clients,
-        keycheck.requests,
-        keycheck.ok,
-        keycheck.other,
-        keycheck.calls_used,
-        if exact { "yes" } else { "NO" },
-        rps
-    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---|---:|");
+    for (db, k) in &checks {
+        let _ = writeln!(
+            s,
+            "| {db} | {} | {} | {} | {} | {} | {} | {:.0} |",
+            k.clients,
+            k.requests,
+            k.ok,
+            k.other,
+            k.calls_used,
+            if k.calls_used == k.ok as i64 {
+                "yes"
+            } else {
+                "NO"
+            },
+            k.requests as f64 / k.wall.as_secs_f64().max(f64::EPSILON)
+        );
+    }
 
     if let Some((url, ext)) = external {
         let _ = writeln!(s, "\n## 5. External OpenAI-compatible server: {url}\n");
@@ -845,11 +1085,35 @@ fn report(
             )
         );
     }
+    for route in [Route::Chat, Route::Api] {
+        let at = |c: usize| {
+            loads
+                .iter()
+                .find(|l| l.route == route && l.concurrency == c)
+                .map(Load::tokens_per_s)
+        };
+        if let (Some(one), Some(eight)) = (at(1), at(8)) {
+            let ratio = eight / one;
+            let _ = writeln!(
+                s,
+                "| 8 concurrent clients ≥ 1.4 × single stream, aggregate ({}) | {ratio:.2} × | {} |",
+                route.name(),
+                verdict(ratio >= 1.4, format!("{:+.0} % vs target", (ratio / 1.4 - 1.0) * 100.0))
+            );
+        }
+    }
     let _ = writeln!(
         s,
         "| overhead p50 ≤ 2 ms embedded | {ov50:.2} ms | {} |",
         verdict(ov50 <= 2.0, format!("{:.2} ms over", (ov50 - 2.0).max(0.0)))
     );
+    if let Some(prod) = prod_overhead {
+        let _ = writeln!(
+            s,
+            "| overhead p50 ≤ 3 ms with Postgres + Redis | {prod:.2} ms | {} |",
+            verdict(prod <= 3.0, format!("{:.2} ms over", (prod - 3.0).max(0.0)))
+        );
+    }
     let _ = writeln!(
         s,
         "| key-check path ≥ 5,000 requests/s, exact counts | {rps:.0} req/s, exact: {} | {} |",
@@ -907,6 +1171,20 @@ fn main() -> anyhow::Result<()> {
         engine.tokens_per_s(),
         percentile(&engine.one.iter().map(|d| ms(*d)).collect::<Vec<_>>(), 50.0)
     );
+    let mut batched = Vec::new();
+    for n in args.concurrency.iter().copied().filter(|n| *n > 1) {
+        let (settings, args) = (settings.clone(), args.clone());
+        let (d, t) = std::thread::Builder::new()
+            .name("bench-engine".into())
+            .spawn(move || engine_only_batched(&settings, &args, n))?
+            .join()
+            .map_err(|_| anyhow!("engine-only thread panicked"))??;
+        eprintln!(
+            "    {n} sequences together: {:.1} tokens/s",
+            f64::from(t) / d.as_secs_f64().max(f64::EPSILON)
+        );
+        batched.push((n, d, t));
+    }
     let outcome = runtime.block_on(async {
         eprintln!(
             "1b. the server's engine thread, no HTTP ({} reps) …",
@@ -929,14 +1207,39 @@ fn main() -> anyhow::Result<()> {
             "3. overhead ({} 1-token requests) …",
             args.overhead_requests
         );
-        one_request(&http, &target, Route::Api, 1).await?;
-        let mut overhead = Vec::with_capacity(args.overhead_requests);
-        for _ in 0..args.overhead_requests {
-            overhead.push(ms(one_request(&http, &target, Route::Api, 1).await?.0));
-        }
+        let overhead = one_token_latencies(&http, &target, args.overhead_requests).await?;
 
         eprintln!("4. key check ({} requests) …", args.keycheck_requests);
         let keycheck = key_check(&server.ctx, &args).await?;
+
+        eprintln!(
+            "3b/4b. production mode: Postgres {} + Redis {} …",
+            args.postgres, args.redis
+        );
+        let production = match start_production_server(&args).await {
+            Ok((prod, database, prefix)) => {
+                let measured = async {
+                    let (_, secret) = issue_key_secret(&prod.ctx, None).await?;
+                    let target = Target {
+                        base: prod.base.clone(),
+                        key: Some(secret),
+                        model: prod.model.clone(),
+                    };
+                    let latencies =
+                        one_token_latencies(&http, &target, args.overhead_requests).await?;
+                    let keycheck = key_check(&prod.ctx, &args).await?;
+                    anyhow::Ok(Production::Measured {
+                        latencies,
+                        keycheck,
+                    })
+                }
+                .await
+                .unwrap_or_else(|e| Production::Unavailable(e.to_string()));
+                clean_production(&args, &database, &prefix).await;
+                measured
+            }
+            Err(e) => Production::Unavailable(e.to_string()),
+        };
 
         let external = match &args.external_url {
             Some(url) => {
@@ -958,11 +1261,12 @@ fn main() -> anyhow::Result<()> {
             engine_thread,
             loads,
             overhead,
+            production,
             keycheck,
             external,
         ))
     })?;
-    let (server_settings, engine_thread, loads, overhead, keycheck, external) = outcome;
+    let (server_settings, engine_thread, loads, overhead, production, keycheck, external) = outcome;
     println!(
         "{}",
         report(
@@ -970,9 +1274,11 @@ fn main() -> anyhow::Result<()> {
             &server_settings,
             &args,
             &engine,
+            &batched,
             &engine_thread,
             &loads,
             &overhead,
+            &production,
             &keycheck,
             args.external_url.as_deref().zip(external.as_deref()),
         )

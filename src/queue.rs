@@ -355,10 +355,29 @@ impl JobQueue {
                 self.bounded(async move { storage.push_task(task).await })
                     .await
             }
-            Store::Redis { storage, .. } => {
+            Store::Redis {
+                storage,
+                conn,
+                config,
+                ..
+            } => {
                 let mut storage = storage.clone();
                 self.bounded(async move { storage.push_task(task).await })
-                    .await
+                    .await?;
+                // apalis-redis files a task that has a run time (every built task has one) in
+                // its scheduled set and announces nothing; workers would see it only at their
+                // next poll. Wake them now on the channel they listen to.
+                let mut conn = conn.clone();
+                let channel = wake_channel(config);
+                self.bounded(async move {
+                    redis::cmd("PUBLISH")
+                        .arg(channel)
+                        .arg("1")
+                        .query_async::<i64>(&mut conn)
+                        .await
+                })
+                .await
+                .map(|_| ())
             }
         }
     }
@@ -532,11 +551,7 @@ impl JobQueue {
                 config,
                 ..
             } => {
-                let wake = wake_stream(
-                    client,
-                    &format!("tasks:{}:available", config.active_jobs_list()),
-                )
-                .await;
+                let wake = wake_stream(client, &wake_channel(config)).await;
                 let strategy = match wake {
                     Some(wake) => Strategy::new().stream(wake).interval(poll),
                     None => Strategy::new().interval(poll),
@@ -555,6 +570,11 @@ impl JobQueue {
             }
         }
     }
+}
+
+/// The channel apalis-redis announces available tasks on (`tasks:<queue>:active:available`).
+fn wake_channel(config: &apalis_redis::Config) -> String {
+    format!("tasks:{}:available", config.active_jobs_list())
 }
 
 /// Wakes a Redis worker the moment a job is pushed (apalis-redis publishes on

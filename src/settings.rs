@@ -110,6 +110,10 @@ pub struct EngineSettings {
     /// Jobs a worker takes from the queue beyond those running, to pick fairly among keys.
     #[serde(default = "default_lookahead")]
     pub lookahead: u32,
+    /// Longest a generation may run once started; then it fails (refunded) and its sequence
+    /// goes to the next job.
+    #[serde(default = "default_job_timeout_seconds")]
+    pub job_timeout_seconds: u64,
     /// Layers offloaded to the GPU (0 = CPU only; needs a `cuda` build to matter).
     #[serde(default)]
     pub n_gpu_layers: u32,
@@ -233,6 +237,9 @@ fn default_parallel() -> u32 {
 fn default_lookahead() -> u32 {
     8
 }
+fn default_job_timeout_seconds() -> u64 {
+    600
+}
 fn default_adapters_dir() -> PathBuf {
     "models/adapters".into()
 }
@@ -288,6 +295,7 @@ impl Default for EngineSettings {
             context_size: default_context_size(),
             parallel: default_parallel(),
             lookahead: default_lookahead(),
+            job_timeout_seconds: default_job_timeout_seconds(),
             n_gpu_layers: 0,
             main_gpu: 0,
             adapters_dir: default_adapters_dir(),

@@ -216,3 +216,26 @@ async fn a_late_single_job_of_another_key_does_not_wait_for_a_backlog() {
         "{finished_before} of the backlog's 10 jobs finished before the other key's single job"
     );
 }
+
+#[tokio::test]
+async fn a_job_that_runs_too_long_fails_refunded_and_frees_its_sequence() {
+    let app = TestApp::spawn_with(|s| {
+        s["engine"]["parallel"] = json!(1);
+        s["engine"]["job_timeout_seconds"] = json!(1);
+    })
+    .await;
+    let key = app.key_with_calls(Some(5)).await;
+    let (status, body) = app
+        .post_api(
+            &key,
+            json!({"text": "Count from 1 to 1000, separated by commas.", "temperature": 0, "max_tokens": 1500}),
+        )
+        .await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(common::code(&body), "generation_failed", "{body}");
+    assert!(body.to_string().contains("longer than 1 s"), "{body}");
+    assert_eq!(app.calls_used(&key).await, 0, "refunded");
+    // The only sequence is free again: the next job runs.
+    let answer = ask(&app, &key, PROMPTS[0], json!({"max_tokens": 8})).await;
+    assert!(!text(&answer).is_empty(), "{answer}");
+}

@@ -314,6 +314,10 @@ fn engine_only(settings: &EngineSettings, args: &Args) -> anyhow::Result<EngineR
             }
             generated += 1;
             std::hint::black_box(vocab.token_to_piece(tok, false, None));
+            // As the engine: the last token is not fed back (nothing would read its logits).
+            if generated >= max_tokens {
+                break;
+            }
             batch.clear();
             batch.add(tok, i32::try_from(n_past)?, &[0], true)?;
             n_past += 1;
@@ -866,6 +870,7 @@ fn report(
     batched: &[(usize, Duration, u32)],
     engine_thread: &[(Duration, u32)],
     loads: &[Load],
+    batching: &str,
     overhead: &[f64],
     production: &Production,
     keycheck: &KeyCheck,
@@ -974,6 +979,7 @@ fn report(
         "\n## 2. End to end (embedded: SQLite + in-process worker)\n"
     );
     table(&mut s, loads);
+    let _ = writeln!(s, "\n({batching})");
 
     let engine_one: Vec<f64> = engine.one.iter().map(|d| ms(*d)).collect();
     let e2e50 = percentile(overhead, 50.0);
@@ -1202,6 +1208,19 @@ fn main() -> anyhow::Result<()> {
         };
         eprintln!("2. end to end …");
         let loads = load_all(&http, &target, &[Route::Chat, Route::Api], &args).await?;
+        let ping: Value = http
+            .get(format!("{}/ping", server.base))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let batching = format!(
+            "engine: parallel {}, decode steps with more than one job {}, widest step {}",
+            ping["worker"]["engine"]["parallel"],
+            ping["worker"]["engine"]["batched_steps"],
+            ping["worker"]["engine"]["max_batch"]
+        );
+        eprintln!("    {batching}");
 
         eprintln!(
             "3. overhead ({} 1-token requests) …",
@@ -1259,14 +1278,22 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok((
             server_settings,
             engine_thread,
-            loads,
+            (loads, batching),
             overhead,
             production,
             keycheck,
             external,
         ))
     })?;
-    let (server_settings, engine_thread, loads, overhead, production, keycheck, external) = outcome;
+    let (
+        server_settings,
+        engine_thread,
+        (loads, batching),
+        overhead,
+        production,
+        keycheck,
+        external,
+    ) = outcome;
     println!(
         "{}",
         report(
@@ -1277,6 +1304,7 @@ fn main() -> anyhow::Result<()> {
             &batched,
             &engine_thread,
             &loads,
+            &batching,
             &overhead,
             &production,
             &keycheck,

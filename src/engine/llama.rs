@@ -530,6 +530,8 @@ struct Slot {
     generated: u32,
     /// The token to feed at the next step.
     next: llama_cpp_2::token::LlamaToken,
+    /// When it must have ended (`settings.engine.job_timeout_seconds` after its start).
+    deadline: std::time::Instant,
 }
 
 /// Serves commands with this epoch's contexts until a job needs an adapter that is not loaded
@@ -547,6 +549,7 @@ fn serve<'m>(
 ) -> Next {
     let parallel = settings.parallel.max(1) as usize;
     let n_ctx_seq = settings.context_size as usize;
+    let timeout = std::time::Duration::from_secs(settings.job_timeout_seconds.max(1));
     let mut slots: Vec<Slot> = Vec::with_capacity(parallel);
     let mut free: Vec<i32> = (0..i32::try_from(parallel).unwrap_or(1)).rev().collect();
     // The head applied to the generation context now, and its loaded adapter.
@@ -618,7 +621,7 @@ fn serve<'m>(
             }
             free.pop();
             let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                start(model, &mut contexts.generate, job, seq, n_ctx_seq)
+                start(model, &mut contexts.generate, job, seq, n_ctx_seq, timeout)
             }));
             match started {
                 Ok(Started::Running(slot)) => slots.push(*slot),
@@ -631,6 +634,26 @@ fn serve<'m>(
                     shared.served.fetch_add(1, Ordering::AcqRel);
                     free_seq(&mut contexts.generate, &mut free, seq);
                 }
+            }
+        }
+        if slots.is_empty() {
+            continue;
+        }
+
+        // Jobs past their deadline, or whose waiter has gone, end here and free their sequence.
+        let now = std::time::Instant::now();
+        let mut i = 0;
+        while i < slots.len() {
+            let expired = slots[i].deadline <= now;
+            if expired || slots[i].job.reply.is_closed() {
+                let slot = slots.swap_remove(i);
+                let seq = slot.seq;
+                tracing::warn!(seq, expired, "generation stopped before its end");
+                finish(slot, Err(EngineError::TimedOut(timeout.as_secs())));
+                shared.served.fetch_add(1, Ordering::AcqRel);
+                free_seq(&mut contexts.generate, &mut free, seq);
+            } else {
+                i += 1;
             }
         }
         if slots.is_empty() {
@@ -758,6 +781,7 @@ fn start(
     job: GenJob,
     seq: i32,
     n_ctx_seq: usize,
+    timeout: std::time::Duration,
 ) -> Started {
     let prepared = (|| {
         let text = render_prompt(model, &job.request.prompt)?;
@@ -801,6 +825,7 @@ fn start(
         n_past: prompt_tokens,
         generated: 0,
         next: llama_cpp_2::token::LlamaToken(0),
+        deadline: std::time::Instant::now() + timeout,
     };
     match take_token(model, ctx, &mut slot, logits_at, n_ctx_seq) {
         None => Started::Running(Box::new(slot)),

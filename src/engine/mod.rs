@@ -151,6 +151,8 @@ pub enum EngineError {
     Adapter { name: String, reason: String },
     #[error("embeddings: {0}")]
     Embedding(String),
+    #[error("the job ran longer than {0} s and was stopped")]
+    TimedOut(u64),
 }
 
 /// What a worker reports about its engine (for `/ping`, the dashboard and tests).

@@ -112,8 +112,8 @@ pub struct EngineSettings {
     pub lookahead: u32,
     /// Longest a generation may run once started; then it fails (refunded) and its sequence
     /// goes to the next job.
-    #[serde(default = "default_job_timeout_seconds")]
-    pub job_timeout_seconds: u64,
+    #[serde(default = "default_job_timeout_ms")]
+    pub job_timeout_ms: u64,
     /// Layers offloaded to the GPU (0 = CPU only; needs a `cuda` build to matter).
     #[serde(default)]
     pub n_gpu_layers: u32,
@@ -237,8 +237,8 @@ fn default_parallel() -> u32 {
 fn default_lookahead() -> u32 {
     8
 }
-fn default_job_timeout_seconds() -> u64 {
-    600
+fn default_job_timeout_ms() -> u64 {
+    600_000
 }
 fn default_adapters_dir() -> PathBuf {
     "models/adapters".into()
@@ -295,7 +295,7 @@ impl Default for EngineSettings {
             context_size: default_context_size(),
             parallel: default_parallel(),
             lookahead: default_lookahead(),
-            job_timeout_seconds: default_job_timeout_seconds(),
+            job_timeout_ms: default_job_timeout_ms(),
             n_gpu_layers: 0,
             main_gpu: 0,
             adapters_dir: default_adapters_dir(),

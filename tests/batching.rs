@@ -221,7 +221,7 @@ async fn a_late_single_job_of_another_key_does_not_wait_for_a_backlog() {
 async fn a_job_that_runs_too_long_fails_refunded_and_frees_its_sequence() {
     let app = TestApp::spawn_with(|s| {
         s["engine"]["parallel"] = json!(1);
-        s["engine"]["job_timeout_seconds"] = json!(1);
+        s["engine"]["job_timeout_ms"] = json!(100);
     })
     .await;
     let key = app.key_with_calls(Some(5)).await;
@@ -233,9 +233,10 @@ async fn a_job_that_runs_too_long_fails_refunded_and_frees_its_sequence() {
         .await;
     assert_eq!(status, 500, "{body}");
     assert_eq!(common::code(&body), "generation_failed", "{body}");
-    assert!(body.to_string().contains("longer than 1 s"), "{body}");
+    assert!(body.to_string().contains("longer than 100 ms"), "{body}");
     assert_eq!(app.calls_used(&key).await, 0, "refunded");
-    // The only sequence is free again: the next job runs.
-    let answer = ask(&app, &key, PROMPTS[0], json!({"max_tokens": 8})).await;
+    // The only sequence is free again: the next job runs to its end (one token: it ends while
+    // starting, before any deadline check).
+    let answer = ask(&app, &key, PROMPTS[0], json!({"max_tokens": 1})).await;
     assert!(!text(&answer).is_empty(), "{answer}");
 }

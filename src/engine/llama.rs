@@ -530,7 +530,8 @@ struct Slot {
     generated: u32,
     /// The token to feed at the next step.
     next: llama_cpp_2::token::LlamaToken,
-    /// When it must have ended (`settings.engine.job_timeout_seconds` after its start).
+    /// When it must have ended (`settings.engine.job_timeout_ms` after its start); checked
+    /// between decode steps.
     deadline: std::time::Instant,
 }
 
@@ -549,7 +550,7 @@ fn serve<'m>(
 ) -> Next {
     let parallel = settings.parallel.max(1) as usize;
     let n_ctx_seq = settings.context_size as usize;
-    let timeout = std::time::Duration::from_secs(settings.job_timeout_seconds.max(1));
+    let timeout = std::time::Duration::from_millis(settings.job_timeout_ms.max(1));
     let mut slots: Vec<Slot> = Vec::with_capacity(parallel);
     let mut free: Vec<i32> = (0..i32::try_from(parallel).unwrap_or(1)).rev().collect();
     // The head applied to the generation context now, and its loaded adapter.
@@ -649,7 +650,12 @@ fn serve<'m>(
                 let slot = slots.swap_remove(i);
                 let seq = slot.seq;
                 tracing::warn!(seq, expired, "generation stopped before its end");
-                finish(slot, Err(EngineError::TimedOut(timeout.as_secs())));
+                finish(
+                    slot,
+                    Err(EngineError::TimedOut(
+                        u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                    )),
+                );
                 shared.served.fetch_add(1, Ordering::AcqRel);
                 free_seq(&mut contexts.generate, &mut free, seq);
             } else {

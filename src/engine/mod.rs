@@ -151,7 +151,7 @@ pub enum EngineError {
     Adapter { name: String, reason: String },
     #[error("embeddings: {0}")]
     Embedding(String),
-    #[error("the job ran longer than {0} s and was stopped")]
+    #[error("the job ran longer than {0} ms and was stopped")]
     TimedOut(u64),
 }
 

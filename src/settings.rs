@@ -232,7 +232,7 @@ fn default_context_size() -> u32 {
     2048
 }
 fn default_parallel() -> u32 {
-    4
+    8
 }
 fn default_lookahead() -> u32 {
     8

@@ -202,6 +202,31 @@ impl JobEvents {
     }
 }
 
+impl JobEvents {
+    /// The job events of a process with these settings: over Redis when the queue is there
+    /// (`listen`: this process has requests waiting for workers elsewhere), else in-process.
+    ///
+    /// # Errors
+    /// When Redis cannot be reached now.
+    pub async fn for_settings(
+        settings: &crate::settings::QueueSettings,
+        db: &sea_orm::DatabaseConnection,
+        listen: bool,
+    ) -> Result<Self, crate::queue::QueueError> {
+        if !settings.is_redis() {
+            return Ok(Self::default());
+        }
+        Self::with_redis(
+            &settings.url,
+            &settings.prefix,
+            std::time::Duration::from_millis(settings.redis_timeout_ms),
+            db.clone(),
+            listen,
+        )
+        .await
+    }
+}
+
 async fn publish_loop(
     mut conn: redis::aio::ConnectionManager,
     channel: String,

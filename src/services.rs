@@ -26,10 +26,7 @@ use crate::{
     registry::ModelRegistry,
     settings::Settings,
     throttle::LoginThrottle,
-    workers::{
-        generation::GenerationWorker,
-        heartbeat::{self, HeartbeatHandle},
-    },
+    workers::heartbeat::HeartbeatHandle,
 };
 
 pub struct Services {
@@ -164,20 +161,10 @@ impl Services {
         let queue = JobQueue::connect(&settings.queue, &settings.engine.model_name)
             .await
             .map_err(|e| loco_rs::Error::Message(e.to_string()))?;
-        let events = if settings.queue.is_redis() {
-            // Workers elsewhere: their events reach this instance's requests through Redis.
-            JobEvents::with_redis(
-                &settings.queue.url,
-                &settings.queue.prefix,
-                Duration::from_millis(settings.queue.redis_timeout_ms),
-                ctx.db.clone(),
-                true,
-            )
+        // With workers elsewhere, their events reach this instance's requests through Redis.
+        let events = JobEvents::for_settings(&settings.queue, &ctx.db, true)
             .await
-            .map_err(|e| loco_rs::Error::Message(e.to_string()))?
-        } else {
-            JobEvents::default()
-        };
+            .map_err(|e| loco_rs::Error::Message(e.to_string()))?;
         let mut engine: Option<Arc<dyn Algorithm>> = None;
         let mut worker = None;
         let mut worker_name = None;
@@ -194,27 +181,17 @@ impl Services {
             );
             let llama: Arc<dyn Algorithm> = Arc::new(llama);
             let name = format!("embedded-{}", std::process::id());
-            let handler =
-                GenerationWorker::new(ctx.db.clone(), llama.clone(), events.clone(), name.clone())
-                    .with_max_attempts(settings.queue.max_attempts);
-            let beat = heartbeat::start(
-                ctx.db.clone(),
-                heartbeat::Identity {
-                    id: name.clone(),
-                    device: llama.status().device,
-                },
-                llama.clone(),
-                handler.stats(),
-                Duration::from_secs(settings.queue.heartbeat_seconds.max(1)),
-            )
-            .await;
-            let concurrency = handler.concurrency(settings.engine.lookahead);
-            worker = Some((
-                queue
-                    .spawn_worker(&name, Arc::new(handler), concurrency)
-                    .await,
-                beat,
-            ));
+            worker = Some(
+                crate::workers::serve_queue(
+                    &ctx.db,
+                    llama.clone(),
+                    events.clone(),
+                    &name,
+                    &settings,
+                    &queue,
+                )
+                .await,
+            );
             engine = Some(llama);
             worker_name = Some(name);
         }
@@ -713,51 +690,17 @@ impl Services {
             .as_deref()
             .map(str::trim)
             .filter(|m| !m.is_empty());
-        // A model loaded at run time (seed 004) is served as-is; LoRA heads attach to the
-        // default model only.
-        if let Some(m) = named.filter(|m| self.registry.get(m).is_some()) {
-            if !key.permits_model(m) {
-                return Err(ApiError::forbidden(
-                    "model_not_allowed",
-                    format!(
-                        "this key may not use model {m:?}; it may use {:?}",
-                        key.allowed_models()
-                    ),
-                ));
-            }
-            if choice.adapter.is_some() || choice.scale.is_some() {
-                return Err(ApiError::unprocessable(
-                    "adapter_not_supported",
-                    format!("LoRA heads apply to {served:?} only, not to {m:?}"),
-                ));
-            }
-            return Ok(Resolved {
-                model: m.to_string(),
-                adapter: None,
-            });
-        }
-        // A model held only by worker processes elsewhere (production: one model per GPU).
-        if let Some(m) = named.filter(|m| *m != served && !m.starts_with(&format!("{served}:"))) {
-            if self.remote_models(db).await.iter().any(|r| r == m) {
-                if !key.permits_model(m) {
-                    return Err(ApiError::forbidden(
-                        "model_not_allowed",
-                        format!(
-                            "this key may not use model {m:?}; it may use {:?}",
-                            key.allowed_models()
-                        ),
-                    ));
-                }
-                if choice.adapter.is_some() || choice.scale.is_some() {
-                    return Err(ApiError::unprocessable(
-                        "adapter_not_supported",
-                        format!("LoRA heads apply to {served:?} only, not to {m:?}"),
-                    ));
-                }
-                return Ok(Resolved {
-                    model: m.to_string(),
-                    adapter: None,
-                });
+        // A model loaded at run time (seed 004), or held only by worker processes elsewhere
+        // (production: one model per GPU), is served as-is; LoRA heads attach to the default
+        // model only.
+        if let Some(m) = named {
+            let here = self.registry.get(m).is_some();
+            if here
+                || (m != served
+                    && !m.starts_with(&format!("{served}:"))
+                    && self.remote_models(db).await.iter().any(|r| r == m))
+            {
+                return other_model(key, m, &served, &choice);
             }
         }
         let from_model = match named {
@@ -940,6 +883,34 @@ impl Services {
     pub fn base_architecture(&self) -> Option<String> {
         self.tokenizer.architecture()
     }
+}
+
+/// A request for a model other than the default one: allowed for this key, and without a head.
+fn other_model(
+    key: &api_keys::Model,
+    model: &str,
+    served: &str,
+    choice: &ModelChoice,
+) -> Result<Resolved, ApiError> {
+    if !key.permits_model(model) {
+        return Err(ApiError::forbidden(
+            "model_not_allowed",
+            format!(
+                "this key may not use model {model:?}; it may use {:?}",
+                key.allowed_models()
+            ),
+        ));
+    }
+    if choice.adapter.is_some() || choice.scale.is_some() {
+        return Err(ApiError::unprocessable(
+            "adapter_not_supported",
+            format!("LoRA heads apply to {served:?} only, not to {model:?}"),
+        ));
+    }
+    Ok(Resolved {
+        model: model.to_string(),
+        adapter: None,
+    })
 }
 
 /// Spends one call of `key` or says why not (401/403/429).

@@ -315,6 +315,27 @@ impl Cluster {
         read(resp).await
     }
 
+    /// `GET` with a bearer key (`None`: without one).
+    async fn get(&self, api: usize, secret: Option<&str>, path: &str) -> (u16, Value) {
+        let mut req = self.http.get(self.url(api, path));
+        if let Some(secret) = secret {
+            req = req.bearer_auth(secret);
+        }
+        read(req.send().await.expect("request")).await
+    }
+
+    /// The Prometheus text of one API instance.
+    async fn metrics(&self, api: usize) -> String {
+        self.http
+            .get(self.url(api, "/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
     /// The job of `key` that a worker is running now (polled; bounded).
     async fn running_job(&self, key: &TestKey) -> jobs::Model {
         for _ in 0..1200 {
@@ -587,15 +608,7 @@ async fn two_apis_and_two_workers_serve_everything_and_count_quota_exactly() {
     assert_eq!((passed, limited_rate), (4, 6));
 
     // Operations: Prometheus metrics of the deployment, from either instance.
-    let metrics = c
-        .http
-        .get(c.url(0, "/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = c.metrics(0).await;
     for line in [
         "tollgate_worker_up{worker=\"w1\",device=\"cpu\"} 1",
         "tollgate_worker_up{worker=\"w2\",device=\"cpu\"} 1",
@@ -621,15 +634,7 @@ async fn two_apis_and_two_workers_serve_everything_and_count_quota_exactly() {
     assert!(generated >= 40, "{metrics}");
 
     // The worker registry over the API: admin keys only.
-    let (status, _) = read(
-        c.http
-            .get(c.url(1, "/api/workers"))
-            .bearer_auth(&key.secret)
-            .send()
-            .await
-            .expect("workers"),
-    )
-    .await;
+    let (status, _) = c.get(1, Some(&key.secret), "/api/workers").await;
     assert_eq!(status, 403);
     let admin = KeyActive::issue(
         &c.db,
@@ -642,15 +647,7 @@ async fn two_apis_and_two_workers_serve_everything_and_count_quota_exactly() {
     )
     .await
     .expect("admin key");
-    let (status, listed) = read(
-        c.http
-            .get(c.url(1, "/api/workers"))
-            .bearer_auth(&admin.secret)
-            .send()
-            .await
-            .expect("workers"),
-    )
-    .await;
+    let (status, listed) = c.get(1, Some(&admin.secret), "/api/workers").await;
     assert_eq!(status, 200, "{listed}");
     let ids: Vec<&str> = listed["data"]
         .as_array()
@@ -784,15 +781,9 @@ async fn a_job_whose_workers_keep_dying_fails_with_a_reason_after_its_attempts()
     assert_eq!(job.status, "failed", "{job:?}");
     let reason = job.error.clone().unwrap_or_default();
     assert!(reason.contains("worker stopped"), "{reason}");
-    let (status, body) = read(
-        c.http
-            .get(c.url(0, &format!("/api/jobs/{id}")))
-            .bearer_auth(&key.secret)
-            .send()
-            .await
-            .expect("poll"),
-    )
-    .await;
+    let (status, body) = c
+        .get(0, Some(&key.secret), &format!("/api/jobs/{id}"))
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "failed", "{body}");
     assert_eq!(c.calls_used(&key).await, 0, "a failed job is not charged");
@@ -848,25 +839,11 @@ async fn sigterm_lets_a_worker_finish_its_job_and_an_api_drain_and_restart() {
         .await;
     assert_eq!(status, 202, "{body}");
     let queued = body["job_id"].as_str().expect("job id").to_string();
-    let (_, status_body) = read(
-        c.http
-            .get(c.url(0, &format!("/api/jobs/{queued}")))
-            .bearer_auth(&key.secret)
-            .send()
-            .await
-            .expect("poll"),
-    )
-    .await;
+    let (_, status_body) = c
+        .get(0, Some(&key.secret), &format!("/api/jobs/{queued}"))
+        .await;
     assert_eq!(status_body["status"], "queued", "{status_body}");
-    let metrics = c
-        .http
-        .get(c.url(0, "/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = c.metrics(0).await;
     assert!(
         metrics.contains("tollgate_queue_depth{model=\"smollm2\"} 1"),
         "the waiting job counts in the queue depth: {metrics}"
@@ -893,15 +870,9 @@ async fn sigterm_lets_a_worker_finish_its_job_and_an_api_drain_and_restart() {
     c.start_api(port).await;
     let mut body = Value::Null;
     for _ in 0..1800 {
-        let (status, polled) = read(
-            c.http
-                .get(c.url(0, &format!("/api/jobs/{id}")))
-                .bearer_auth(&key.secret)
-                .send()
-                .await
-                .expect("poll"),
-        )
-        .await;
+        let (status, polled) = c
+            .get(0, Some(&key.secret), &format!("/api/jobs/{id}"))
+            .await;
         assert_eq!(status, 200, "{polled}");
         body = polled;
         if body["status"] == "done" {
@@ -1031,15 +1002,7 @@ async fn each_worker_serves_only_the_models_it_holds() {
         assert_eq!(j.worker.as_deref(), Some(expected), "{j:?}");
     }
     assert_eq!(jobs.iter().filter(|j| j.model == "smollm2-b").count(), 4);
-    let metrics = c
-        .http
-        .get(c.url(0, "/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = c.metrics(0).await;
     assert!(
         metrics.contains("tollgate_queue_depth{model=\"smollm2-b\"} 0"),
         "{metrics}"

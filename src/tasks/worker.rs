@@ -3,10 +3,10 @@
 //!
 //! It loads the configured model once on one device, serves only that model's queue, one job
 //! at a time, heartbeats into the `workers` table, publishes job events through Redis so the
-//! API instance a client waits on hears them, and on SIGTERM/Ctrl-C finishes its current job,
+//! API instance a client waits on hears them, and on SIGTERM/Ctrl-C finishes the jobs it took,
 //! stops taking new ones and exits. Run one per GPU (`CUDA_VISIBLE_DEVICES=<n>` + `gpu=0`).
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use loco_rs::{
     app::AppContext,
@@ -20,10 +20,7 @@ use crate::{
     notify::JobEvents,
     queue::JobQueue,
     settings::Settings,
-    workers::{
-        generation::GenerationWorker,
-        heartbeat::{self, hostname, Identity},
-    },
+    workers::heartbeat::hostname,
 };
 
 pub struct Worker;
@@ -88,20 +85,12 @@ impl Task for Worker {
         let queue = JobQueue::connect(&settings.queue, &settings.engine.model_name)
             .await
             .map_err(msg)?;
-        let events = if settings.queue.is_redis() {
-            JobEvents::with_redis(
-                &settings.queue.url,
-                &settings.queue.prefix,
-                Duration::from_millis(settings.queue.redis_timeout_ms),
-                ctx.db.clone(),
-                false,
-            )
-            .await
-            .map_err(msg)?
-        } else {
+        if !settings.queue.is_redis() {
             tracing::warn!("queue is SQLite: API processes elsewhere learn of results by polling the database; use Redis for production");
-            JobEvents::default()
-        };
+        }
+        let events = JobEvents::for_settings(&settings.queue, &ctx.db, false)
+            .await
+            .map_err(msg)?;
         let started = std::time::Instant::now();
         let engine_settings = settings.engine.clone();
         let llama = tokio::task::spawn_blocking(move || LlamaEngine::start(engine_settings))
@@ -109,23 +98,9 @@ impl Task for Worker {
             .map_err(msg)?
             .map_err(msg)?;
         let llama: Arc<dyn Algorithm> = Arc::new(llama);
-        let handler = GenerationWorker::new(ctx.db.clone(), llama.clone(), events, id.clone())
-            .with_max_attempts(settings.queue.max_attempts);
-        let beat = heartbeat::start(
-            ctx.db.clone(),
-            Identity {
-                id: id.clone(),
-                device: llama.status().device,
-            },
-            llama.clone(),
-            handler.stats(),
-            Duration::from_secs(settings.queue.heartbeat_seconds.max(1)),
-        )
-        .await;
-        let concurrency = handler.concurrency(settings.engine.lookahead);
-        let worker = queue
-            .spawn_worker(&id, Arc::new(handler), concurrency)
-            .await;
+        let (worker, beat) =
+            crate::workers::serve_queue(&ctx.db, llama.clone(), events, &id, &settings, &queue)
+                .await;
         tracing::info!(
             worker = %id,
             queue = %queue.name(),
@@ -134,7 +109,7 @@ impl Task for Worker {
             "worker ready"
         );
         loco_rs::boot::shutdown_signal().await;
-        tracing::info!(worker = %id, "stopping: finishing the current job, taking no new ones");
+        tracing::info!(worker = %id, "stopping: finishing the jobs taken, taking no new ones");
         worker.shutdown().await;
         beat.stop().await;
         tracing::info!(worker = %id, "worker stopped");

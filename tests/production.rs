@@ -425,6 +425,39 @@ impl Drop for Cluster {
     }
 }
 
+/// `n` requests at once with `secret`, spread over the API instances, at `path` with `body(i)`;
+/// the answers in order, each with whether it carried `Retry-After`.
+async fn at_once(
+    c: &std::sync::Arc<Cluster>,
+    secret: &str,
+    n: usize,
+    path: &'static str,
+    body: impl Fn(usize) -> Value,
+) -> Vec<(u16, Value, bool)> {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (c, secret, body) = (c.clone(), secret.to_string(), body(i));
+        tasks.push(tokio::spawn(async move {
+            let resp = c
+                .http
+                .post(c.url(i % c.apis.len(), path))
+                .bearer_auth(secret)
+                .json(&body)
+                .send()
+                .await
+                .expect("request");
+            let retry_after = resp.headers().get("retry-after").is_some();
+            let (status, body) = read(resp).await;
+            (status, body, retry_after)
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
+}
+
 #[tokio::test]
 async fn two_apis_and_two_workers_serve_everything_and_count_quota_exactly() {
     let mut c = Cluster::new(Redis::shared()).await;
@@ -438,24 +471,15 @@ async fn two_apis_and_two_workers_serve_everything_and_count_quota_exactly() {
     let c = std::sync::Arc::new(c);
     let mut answered = 0;
     for round in 0..5 {
-        let mut tasks = Vec::new();
-        for i in 0..8 {
-            let c = c.clone();
-            let secret = key.secret.clone();
-            tasks.push(tokio::spawn(async move {
-                let resp = c
-                    .http
-                    .post(c.url(i % 2, "/api/"))
-                    .bearer_auth(secret)
-                    .json(&json!({"text": format!("Say the number {round}{i}."), "max_tokens": 6}))
-                    .send()
-                    .await
-                    .expect("request");
-                read(resp).await
-            }));
-        }
-        for t in tasks {
-            let (status, body) = t.await.expect("task");
+        let answers = at_once(
+            &c,
+            &key.secret,
+            8,
+            "/api/",
+            |i| json!({"text": format!("Say the number {round}{i}."), "max_tokens": 6}),
+        )
+        .await;
+        for (status, body, _) in answers {
             assert_eq!(status, 200, "{body}");
             assert!(
                 !body["message"].as_str().unwrap_or_default().is_empty(),
@@ -529,25 +553,9 @@ async fn two_apis_and_two_workers_serve_everything_and_count_quota_exactly() {
     // Quota across two instances: 60 concurrent submissions on 25 calls, split over both APIs,
     // admit exactly 25.
     let limited = c.key(Some(25)).await;
-    let mut tasks = Vec::new();
-    for i in 0..60 {
-        let c = c.clone();
-        let secret = limited.secret.clone();
-        tasks.push(tokio::spawn(async move {
-            let resp = c
-                .http
-                .post(c.url(i % 2, "/api/jobs"))
-                .bearer_auth(secret)
-                .json(&json!({"text": format!("Hi {i}"), "max_tokens": 1}))
-                .send()
-                .await
-                .expect("request");
-            read(resp).await
-        }));
-    }
+    let small = |i: usize| json!({"text": format!("Hi {i}"), "max_tokens": 1});
     let (mut accepted, mut refused) = (0, 0);
-    for t in tasks {
-        let (status, body) = t.await.expect("task");
+    for (status, body, _) in at_once(&c, &limited.secret, 60, "/api/jobs", small).await {
         match status {
             202 => accepted += 1,
             429 => {
@@ -575,26 +583,8 @@ async fn two_apis_and_two_workers_serve_everything_and_count_quota_exactly() {
     )
     .await
     .expect("key");
-    let mut tasks = Vec::new();
-    for i in 0..10 {
-        let c = c.clone();
-        let secret = slow.secret.clone();
-        tasks.push(tokio::spawn(async move {
-            let resp = c
-                .http
-                .post(c.url(i % 2, "/api/jobs"))
-                .bearer_auth(secret)
-                .json(&json!({"text": format!("Hi {i}"), "max_tokens": 1}))
-                .send()
-                .await
-                .expect("request");
-            let retry_after = resp.headers().get("retry-after").is_some();
-            (read(resp).await, retry_after)
-        }));
-    }
     let (mut passed, mut limited_rate) = (0, 0);
-    for t in tasks {
-        let ((status, body), retry_after) = t.await.expect("task");
+    for (status, body, retry_after) in at_once(&c, &slow.secret, 10, "/api/jobs", small).await {
         match status {
             202 => passed += 1,
             429 => {
@@ -970,29 +960,15 @@ async fn each_worker_serves_only_the_models_it_holds() {
     assert_eq!(ping["workers"].as_array().map(Vec::len), Some(2), "{ping}");
 
     let c = std::sync::Arc::new(c);
-    let mut tasks = Vec::new();
-    for i in 0..8 {
-        let c = c.clone();
-        let secret = key.secret.clone();
-        let model = if i % 2 == 0 { "smollm2" } else { "smollm2-b" };
-        tasks.push(tokio::spawn(async move {
-            let resp = c
-                .http
-                .post(c.url(0, "/v1/chat/completions"))
-                .bearer_auth(secret)
-                .json(&json!({
-                    "model": model,
-                    "messages": [{"role": "user", "content": format!("Count to {i}.")}],
-                    "max_tokens": 5
-                }))
-                .send()
-                .await
-                .expect("request");
-            read(resp).await
-        }));
-    }
-    for t in tasks {
-        let (status, body) = t.await.expect("task");
+    let chat = |i: usize| {
+        let model = if i.is_multiple_of(2) { "smollm2" } else { "smollm2-b" };
+        json!({
+            "model": model,
+            "messages": [{"role": "user", "content": format!("Count to {i}.")}],
+            "max_tokens": 5
+        })
+    };
+    for (status, body, _) in at_once(&c, &key.secret, 8, "/v1/chat/completions", chat).await {
         assert_eq!(status, 200, "{body}");
     }
     let jobs = c.jobs_of(&key).await;

@@ -96,6 +96,8 @@ pub struct GenerationJob {
     pub work: Work,
     /// The HTTP request that queued it (`x-request-id`), logged by the worker with the job id.
     pub request_id: Option<String>,
+    /// Its key's scheduling priority when it was queued (0 = normal).
+    pub priority: i32,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +117,13 @@ struct WireJob {
     request: serde_json::Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     request_id: Option<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    priority: i32,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 impl TryFrom<WireJob> for GenerationJob {
@@ -130,6 +139,7 @@ impl TryFrom<WireJob> for GenerationJob {
             api_key_id: w.api_key_id,
             work,
             request_id: w.request_id,
+            priority: w.priority,
         })
     }
 }
@@ -147,6 +157,7 @@ impl From<GenerationJob> for WireJob {
             // These types always serialise; Null would fail loudly on the worker, not here.
             request: request.unwrap_or(serde_json::Value::Null),
             request_id: j.request_id,
+            priority: j.priority,
         }
     }
 }
@@ -685,6 +696,7 @@ mod tests {
                 }),
             }),
             request_id: Some("req-1".into()),
+            priority: 3,
         };
         let embed = GenerationJob {
             job_id: "e".into(),
@@ -694,6 +706,7 @@ mod tests {
                 inputs: vec!["a".into(), "b".into()],
             }),
             request_id: None,
+            priority: 0,
         };
         for job in [generate, embed] {
             let text = serde_json::to_string(&job).expect("serialise");

@@ -218,6 +218,7 @@ mod tests {
             gen_token_limit: None,
             prompt_tokens_used: 0,
             gen_tokens_used: 0,
+            priority: 0,
         }
     }
 

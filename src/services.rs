@@ -453,7 +453,7 @@ impl Services {
             }
         };
         let span = tracing::info_span!("job", job_id = %job_id);
-        self.queue_and_wait(db, key.id, record, work, wait)
+        self.queue_and_wait(db, key, record, work, wait)
             .instrument(span)
             .await
     }
@@ -479,7 +479,7 @@ impl Services {
     async fn queue_and_wait(
         &self,
         db: &sea_orm::DatabaseConnection,
-        api_key_id: i32,
+        key: &api_keys::Model,
         record: jobs::Model,
         work: Work,
         wait: Follow,
@@ -491,9 +491,10 @@ impl Services {
         let done = (wait != Follow::Nothing).then(|| self.events.subscribe(&job_id));
         let job = GenerationJob {
             job_id: job_id.clone(),
-            api_key_id,
+            api_key_id: key.id,
             work,
             request_id: crate::request_id::current(),
+            priority: key.priority,
         };
         let model = job.work.base_model().to_string();
         let pushed = match self.queue_of(&model).await {

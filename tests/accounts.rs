@@ -622,6 +622,7 @@ async fn a_failed_job_releases_its_whole_reservation_exactly_once() {
             adapter: None,
         }),
         request_id: None,
+        priority: 0,
     };
     let outcome = worker.run_one(delivery.clone()).await.expect("run");
     assert!(matches!(outcome, Outcome::Failed(_)), "{outcome:?}");

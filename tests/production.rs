@@ -961,7 +961,11 @@ async fn each_worker_serves_only_the_models_it_holds() {
 
     let c = std::sync::Arc::new(c);
     let chat = |i: usize| {
-        let model = if i.is_multiple_of(2) { "smollm2" } else { "smollm2-b" };
+        let model = if i.is_multiple_of(2) {
+            "smollm2"
+        } else {
+            "smollm2-b"
+        };
         json!({
             "model": model,
             "messages": [{"role": "user", "content": format!("Count to {i}.")}],

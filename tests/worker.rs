@@ -79,6 +79,7 @@ async fn queued_job(app: &TestApp, key: &common::TestKey) -> GenerationJob {
         api_key_id: key.id,
         work: Work::Generate(request()),
         request_id: None,
+        priority: 0,
     }
 }
 

@@ -10,6 +10,7 @@ mod m20261123_000005_accounts;
 mod m20261123_000006_model_configs;
 mod m20261123_000007_admin_sessions;
 mod m20261123_000008_workers;
+mod m20261123_000009_key_priority;
 
 pub struct Migrator;
 
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000006_model_configs::Migration),
             Box::new(m20261123_000007_admin_sessions::Migration),
             Box::new(m20261123_000008_workers::Migration),
+            Box::new(m20261123_000009_key_priority::Migration),
         ]
     }
 }

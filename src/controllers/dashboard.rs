@@ -358,6 +358,7 @@ fn key_row(k: &api_keys::Model) -> Value {
         "prompt_token_limit": k.prompt_token_limit,
         "gen_tokens_used": k.gen_tokens_used,
         "gen_token_limit": k.gen_token_limit,
+        "priority": k.priority,
         "state": k.state_at(at).as_str(),
         "revoked": k.revoked_at.is_some(),
         "valid_from": k.valid_from.map(|t| t.format("%Y-%m-%d").to_string()),
@@ -380,6 +381,7 @@ fn key_form(k: &api_keys::Model) -> Value {
         "calls": num(k.max_calls),
         "prompt_tokens": num(k.prompt_token_limit),
         "gen_tokens": num(k.gen_token_limit),
+        "priority": k.priority.to_string(),
         "valid_from": day(k.valid_from),
         "valid_until": day(k.valid_until),
     })
@@ -826,6 +828,13 @@ fn key_params(fields: &Fields) -> Result<KeyParams, serde_json::Map<String, Valu
     let max_calls = number("calls");
     let prompt_token_limit = number("prompt_tokens");
     let gen_token_limit = number("gen_tokens");
+    let priority = number("priority").unwrap_or(0);
+    if priority > i64::from(api_keys::MAX_PRIORITY) {
+        errors.insert(
+            "priority".into(),
+            json!(format!("0 to {}.", api_keys::MAX_PRIORITY)),
+        );
+    }
     let mut bound = |name: &str, end: bool| {
         text(name).and_then(|raw| match api_keys::parse_bound(raw, end) {
             Ok(t) => Some(t),
@@ -861,6 +870,7 @@ fn key_params(fields: &Fields) -> Result<KeyParams, serde_json::Map<String, Valu
         valid_until,
         prompt_token_limit,
         gen_token_limit,
+        priority: i32::try_from(priority).unwrap_or(0),
         ..Default::default()
     })
 }

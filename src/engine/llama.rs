@@ -7,8 +7,9 @@
 //! Continuous batching: the context holds `settings.parallel` sequences. Every decode step feeds
 //! one token of each running job in one batch; a job joins as soon as a sequence is free (its
 //! prompt is read into its own sequence) and leaves when it ends, its sequence cleared for the
-//! next. Jobs waiting for a sequence sit in one FIFO lane per API key, served round-robin, so one
-//! key's backlog cannot starve another key's job.
+//! next. Jobs waiting for a sequence sit in one FIFO lane per API key, served by weighted
+//! round-robin (a key of priority p takes p + 1 turns per round), so one key's backlog cannot
+//! starve another key's job.
 //!
 //! LoRA heads: a job may name an adapter; the thread applies it with the job's scale to the
 //! generation context. An adapter applies to the whole context, so only jobs with the same head
@@ -47,7 +48,7 @@ use super::{
     text::OutputDecoder,
     tokenizer::{backend, embedding_tokens, render_prompt, tokenize},
     Algorithm, EmbeddingRequest, Embeddings, EngineError, EngineStatus, FinishReason, Generation,
-    GenerationRequest, SamplingParams, TokenSink,
+    GenerationRequest, Lane, SamplingParams, TokenSink,
 };
 use crate::settings::{EngineSettings, Pooling};
 
@@ -67,8 +68,9 @@ struct GenJob {
     request: GenerationRequest,
     sink: Option<TokenSink>,
     reply: oneshot::Sender<Result<Generation, EngineError>>,
-    /// Fairness lane (the API key): waiting jobs are taken round-robin across lanes.
-    lane: i64,
+    /// Fairness lane (the API key and its weight): waiting jobs are taken by weighted
+    /// round-robin across lanes.
+    lane: Lane,
 }
 
 impl GenJob {
@@ -193,7 +195,7 @@ impl LlamaEngine {
 #[async_trait]
 impl Algorithm for LlamaEngine {
     async fn run(&self, request: GenerationRequest) -> Result<Generation, EngineError> {
-        self.submit(request, None, 0).await
+        self.submit(request, None, Lane::new(0, 0)).await
     }
 
     async fn run_streaming(
@@ -201,14 +203,14 @@ impl Algorithm for LlamaEngine {
         request: GenerationRequest,
         sink: TokenSink,
     ) -> Result<Generation, EngineError> {
-        self.submit(request, Some(sink), 0).await
+        self.submit(request, Some(sink), Lane::new(0, 0)).await
     }
 
     async fn run_in_lane(
         &self,
         request: GenerationRequest,
         sink: TokenSink,
-        lane: i64,
+        lane: Lane,
     ) -> Result<Generation, EngineError> {
         self.submit(request, Some(sink), lane).await
     }
@@ -236,7 +238,7 @@ impl LlamaEngine {
         &self,
         request: GenerationRequest,
         sink: Option<TokenSink>,
-        lane: i64,
+        lane: Lane,
     ) -> Result<Generation, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -461,34 +463,54 @@ fn engine_thread(
     tracing::info!(model = %settings.model_name, "engine thread stopped");
 }
 
-/// Generation jobs waiting for a sequence: one FIFO lane per key, taken round-robin.
+/// Generation jobs waiting for a sequence: one FIFO lane per key, taken by weighted
+/// round-robin (a lane of weight w takes up to w jobs in a row before the next lane's turn).
 #[derive(Default)]
 struct Lanes {
-    lanes: std::collections::VecDeque<(i64, std::collections::VecDeque<GenJob>)>,
+    lanes: std::collections::VecDeque<LaneQueue>,
+}
+
+struct LaneQueue {
+    key: i64,
+    weight: u32,
+    /// Turns left in this lane's current round.
+    turns: u32,
+    jobs: std::collections::VecDeque<GenJob>,
+}
+
+impl LaneQueue {
+    fn new(job: GenJob) -> Self {
+        Self {
+            key: job.lane.key,
+            weight: job.lane.weight.max(1),
+            turns: job.lane.weight.max(1),
+            jobs: std::collections::VecDeque::from([job]),
+        }
+    }
 }
 
 impl Lanes {
     fn push(&mut self, job: GenJob) {
-        match self.lanes.iter_mut().find(|(lane, _)| *lane == job.lane) {
-            Some((_, queue)) => queue.push_back(job),
-            None => self
-                .lanes
-                .push_back((job.lane, std::collections::VecDeque::from([job]))),
+        match self.lanes.iter_mut().find(|l| l.key == job.lane.key) {
+            Some(lane) => {
+                // The key's latest priority applies from its next round.
+                lane.weight = job.lane.weight.max(1);
+                lane.jobs.push_back(job);
+            }
+            None => self.lanes.push_back(LaneQueue::new(job)),
         }
     }
 
     /// Puts a job that was already chosen back at the head of the line.
     fn push_first(&mut self, job: GenJob) {
-        match self.lanes.iter().position(|(lane, _)| *lane == job.lane) {
+        match self.lanes.iter().position(|l| l.key == job.lane.key) {
             Some(i) => {
-                if let Some((lane, mut queue)) = self.lanes.remove(i) {
-                    queue.push_front(job);
-                    self.lanes.push_front((lane, queue));
+                if let Some(mut lane) = self.lanes.remove(i) {
+                    lane.jobs.push_front(job);
+                    self.lanes.push_front(lane);
                 }
             }
-            None => self
-                .lanes
-                .push_front((job.lane, std::collections::VecDeque::from([job]))),
+            None => self.lanes.push_front(LaneQueue::new(job)),
         }
     }
 
@@ -498,21 +520,29 @@ impl Lanes {
 
     /// Whether the job at the head of some lane satisfies `pred`.
     fn any_head(&self, pred: impl Fn(&GenJob) -> bool) -> bool {
-        self.lanes.iter().any(|(_, q)| q.front().is_some_and(&pred))
+        self.lanes.iter().any(|l| l.jobs.front().is_some_and(&pred))
     }
 
-    /// The head job of the next lane in turn that `fits`; that lane goes to the back.
+    /// The head job of the lane whose turn it is and that `fits`. A lane keeps the turn until
+    /// it has taken `weight` jobs (or cannot take one now), then goes to the back.
     fn take_next(&mut self, fits: impl Fn(&GenJob) -> bool) -> Option<GenJob> {
         for _ in 0..self.lanes.len() {
-            let (lane, mut queue) = self.lanes.pop_front()?;
-            if queue.front().is_some_and(&fits) {
-                let job = queue.pop_front();
-                if !queue.is_empty() {
-                    self.lanes.push_back((lane, queue));
+            let mut lane = self.lanes.pop_front()?;
+            if lane.jobs.front().is_some_and(&fits) {
+                let job = lane.jobs.pop_front();
+                lane.turns = lane.turns.saturating_sub(1);
+                if !lane.jobs.is_empty() {
+                    if lane.turns == 0 {
+                        lane.turns = lane.weight;
+                        self.lanes.push_back(lane);
+                    } else {
+                        self.lanes.push_front(lane);
+                    }
                 }
                 return job;
             }
-            self.lanes.push_back((lane, queue));
+            lane.turns = lane.weight;
+            self.lanes.push_back(lane);
         }
         None
     }
@@ -1006,4 +1036,72 @@ fn sampler(params: &SamplingParams) -> LlamaSampler {
 
 fn pos_i32(pos: usize) -> Result<i32, EngineError> {
     i32::try_from(pos).map_err(|_| EngineError::Decode("position overflow".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Prompt;
+
+    fn job(key: i64, priority: i32, n: usize) -> GenJob {
+        let (reply, _) = oneshot::channel();
+        GenJob {
+            request: GenerationRequest {
+                model: "m".into(),
+                prompt: Prompt::Raw {
+                    text: format!("{key}-{n}"),
+                },
+                params: SamplingParams {
+                    max_tokens: 1,
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    seed: None,
+                    stop: vec![],
+                },
+                adapter: None,
+            },
+            sink: None,
+            reply,
+            lane: Lane::new(key, priority),
+        }
+    }
+
+    fn order(lanes: &mut Lanes) -> Vec<i64> {
+        std::iter::from_fn(|| lanes.take_next(|_| true))
+            .map(|j| j.lane.key)
+            .collect()
+    }
+
+    #[test]
+    fn a_backlog_takes_turns_with_a_late_single_job() {
+        let mut lanes = Lanes::default();
+        for n in 0..5 {
+            lanes.push(job(1, 0, n));
+        }
+        lanes.push(job(2, 0, 0));
+        assert_eq!(order(&mut lanes), vec![1, 2, 1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn priority_buys_turns_in_proportion_and_starves_nobody() {
+        let mut lanes = Lanes::default();
+        for n in 0..4 {
+            lanes.push(job(1, 0, n));
+        }
+        for n in 0..8 {
+            lanes.push(job(2, 2, n));
+        }
+        // Key 2 (priority 2) takes three jobs for each of key 1's.
+        assert_eq!(order(&mut lanes), vec![1, 2, 2, 2, 1, 2, 2, 2, 1, 2, 2, 1]);
+    }
+
+    #[test]
+    fn a_lane_whose_head_does_not_fit_keeps_its_place_in_line() {
+        let mut lanes = Lanes::default();
+        lanes.push(job(1, 0, 0));
+        lanes.push(job(2, 0, 0));
+        let second = lanes.take_next(|j| j.lane.key == 2).map(|j| j.lane.key);
+        assert_eq!(second, Some(2));
+        assert_eq!(order(&mut lanes), vec![1]);
+    }
 }

@@ -155,6 +155,25 @@ pub enum EngineError {
     TimedOut(u64),
 }
 
+/// Whose job it is, for fair scheduling: the API key, and its weight (priority + 1 turns per
+/// round of the lanes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lane {
+    pub key: i64,
+    pub weight: u32,
+}
+
+impl Lane {
+    /// The lane of a key with scheduling `priority` (0 = normal).
+    #[must_use]
+    pub fn new(key: i64, priority: i32) -> Self {
+        Self {
+            key,
+            weight: u32::try_from(priority).unwrap_or(0).saturating_add(1),
+        }
+    }
+}
+
 /// What a worker reports about its engine (for `/ping`, the dashboard and tests).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct EngineStatus {
@@ -210,13 +229,13 @@ pub trait Algorithm: Send + Sync + 'static {
     }
 
     /// Like [`Self::run_streaming`], in a fairness `lane` (the API key): an engine that runs
-    /// several jobs at once takes waiting jobs round-robin across lanes, so one key's backlog
-    /// cannot starve another key's job. The default ignores the lane.
+    /// several jobs at once takes waiting jobs by weighted round-robin across lanes, so one
+    /// key's backlog cannot starve another key's job. The default ignores the lane.
     async fn run_in_lane(
         &self,
         request: GenerationRequest,
         sink: TokenSink,
-        lane: i64,
+        lane: Lane,
     ) -> Result<Generation, EngineError> {
         let _ = lane;
         self.run_streaming(request, sink).await

@@ -17,6 +17,19 @@ use super::{now, ModelError};
 
 impl ActiveModelBehavior for ActiveModel {}
 
+/// Highest scheduling priority an admin may give a key.
+pub const MAX_PRIORITY: i32 = 10;
+
+fn checked_priority(priority: i32) -> Result<i32, ModelError> {
+    if (0..=MAX_PRIORITY).contains(&priority) {
+        Ok(priority)
+    } else {
+        Err(ModelError::Invalid(format!(
+            "priority must be 0 to {MAX_PRIORITY}, got {priority}"
+        )))
+    }
+}
+
 /// What a new key may do; `None` means unlimited / open-ended.
 #[derive(Debug, Clone, Default)]
 pub struct KeyParams {
@@ -40,6 +53,8 @@ pub struct KeyParams {
     pub prompt_token_limit: Option<i64>,
     /// Generated tokens this key may spend in all; `None` = unlimited.
     pub gen_token_limit: Option<i64>,
+    /// Scheduling priority (0 = normal, at most [`MAX_PRIORITY`]): p + 1 turns per round.
+    pub priority: i32,
 }
 
 /// What a key may reach: `admin` keys also reach the management routes (seed 004's `/llm/*`,
@@ -343,6 +358,7 @@ impl ActiveModel {
                 "rate limit and burst must be 1 or more".into(),
             ));
         }
+        checked_priority(params.priority)?;
         let name = checked_name(&params, &email)?;
         let (prefix, secret) = new_secret();
         let ts = now();
@@ -371,6 +387,7 @@ impl ActiveModel {
             gen_token_limit: Set(params.gen_token_limit),
             prompt_tokens_used: Set(0),
             gen_tokens_used: Set(0),
+            priority: Set(params.priority),
             created_at: Set(ts),
             updated_at: Set(ts),
             ..Default::default()
@@ -452,6 +469,7 @@ impl ActiveModel {
         am.gen_token_limit = Set(params.gen_token_limit);
         am.valid_from = Set(params.valid_from);
         am.valid_until = Set(params.valid_until);
+        am.priority = Set(checked_priority(params.priority)?);
         am.updated_at = Set(now());
         Ok(am.update(db).await?)
     }

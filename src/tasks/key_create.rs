@@ -18,7 +18,7 @@ impl Task for KeyCreate {
     fn task(&self) -> TaskInfo {
         TaskInfo {
             name: "key:create".into(),
-            detail: "issue an API key: email=… [name=…] [org=…] [calls=N] [from=DATE] [until=DATE] [scope=client|admin] [rpm=N] [burst=N] [models=a,b] [adapters=x,y] [prompt_tokens=N] [gen_tokens=N]; prints the secret once".into(),
+            detail: "issue an API key: email=… [name=…] [org=…] [calls=N] [from=DATE] [until=DATE] [scope=client|admin] [rpm=N] [burst=N] [models=a,b] [adapters=x,y] [prompt_tokens=N] [gen_tokens=N] [priority=0..10]; prints the secret once".into(),
         }
     }
 
@@ -50,6 +50,7 @@ impl Task for KeyCreate {
                 scope,
                 rate_limit_per_minute: num_arg(vars, "rpm")?,
                 rate_limit_burst: num_arg(vars, "burst")?,
+                priority: num_arg(vars, "priority")?.unwrap_or(0),
                 allowed_models: list_arg(vars, "models"),
                 allowed_adapters: list_arg(vars, "adapters"),
                 user_id: None,

@@ -148,8 +148,8 @@ impl GenerationWorker {
         let started = std::time::Instant::now();
         let result = match job.work {
             Work::Generate(request) => {
-                self.generate(&job.job_id, request, i64::from(job.api_key_id))
-                    .await
+                let lane = crate::engine::Lane::new(i64::from(job.api_key_id), job.priority);
+                self.generate(&job.job_id, request, lane).await
             }
             Work::Embed(request) => self.algorithm.embed(request).await.and_then(|e| {
                 JobOutput::embeddings(&e).map_err(|e| EngineError::Embedding(e.to_string()))
@@ -197,7 +197,7 @@ impl GenerationWorker {
         &self,
         job_id: &str,
         request: crate::engine::GenerationRequest,
-        lane: i64,
+        lane: crate::engine::Lane,
     ) -> Result<JobOutput, EngineError> {
         let (sink, mut deltas) = tokio::sync::mpsc::unbounded_channel::<String>();
         let events = self.events.clone();

@@ -35,6 +35,8 @@ pub struct Model {
     pub gen_token_limit: Option<i64>,
     pub prompt_tokens_used: i64,
     pub gen_tokens_used: i64,
+    /// Scheduling weight − 1 among keys waiting for the same worker (0 = normal).
+    pub priority: i32,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

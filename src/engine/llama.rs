@@ -652,14 +652,19 @@ fn serve<'m>(
             }
             free.pop();
             let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                start(model, &mut contexts.generate, job, seq, n_ctx_seq, timeout)
+                start(
+                    model,
+                    &mut contexts.generate,
+                    job,
+                    seq,
+                    n_ctx_seq,
+                    timeout,
+                    shared,
+                )
             }));
             match started {
                 Ok(Started::Running(slot)) => slots.push(*slot),
-                Ok(Started::Done) => {
-                    shared.served.fetch_add(1, Ordering::AcqRel);
-                    free_seq(&mut contexts.generate, &mut free, seq);
-                }
+                Ok(Started::Done) => free_seq(&mut contexts.generate, &mut free, seq),
                 Err(_) => {
                     // The job's reply was dropped with it: its waiter sees the engine error.
                     shared.served.fetch_add(1, Ordering::AcqRel);
@@ -685,8 +690,8 @@ fn serve<'m>(
                     Err(EngineError::TimedOut(
                         u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                     )),
+                    shared,
                 );
-                shared.served.fetch_add(1, Ordering::AcqRel);
                 free_seq(&mut contexts.generate, &mut free, seq);
             } else {
                 i += 1;
@@ -722,8 +727,7 @@ fn serve<'m>(
         for (i, result) in finished.into_iter().rev() {
             let slot = slots.swap_remove(i);
             let seq = slot.seq;
-            finish(slot, result);
-            shared.served.fetch_add(1, Ordering::AcqRel);
+            finish(slot, result, shared);
             free_seq(&mut contexts.generate, &mut free, seq);
         }
     }
@@ -818,6 +822,7 @@ fn start(
     seq: i32,
     n_ctx_seq: usize,
     timeout: std::time::Duration,
+    shared: &Shared,
 ) -> Started {
     let prepared = (|| {
         let text = render_prompt(model, &job.request.prompt)?;
@@ -848,6 +853,7 @@ fn start(
     let (prompt_tokens, logits_at) = match prepared {
         Ok(p) => p,
         Err(e) => {
+            shared.served.fetch_add(1, Ordering::AcqRel);
             let _ = job.reply.send(Err(e));
             return Started::Done;
         }
@@ -866,7 +872,7 @@ fn start(
     match take_token(model, ctx, &mut slot, logits_at, n_ctx_seq) {
         None => Started::Running(Box::new(slot)),
         Some(finish_reason) => {
-            finish(slot, Ok(finish_reason));
+            finish(slot, Ok(finish_reason), shared);
             Started::Done
         }
     }
@@ -936,7 +942,9 @@ fn decode_step(
 }
 
 /// Answers a job: its text (the rest held back for stop strings is final now) or its error.
-fn finish(mut slot: Slot, result: Result<FinishReason, EngineError>) {
+/// It counts as served before its waiter hears of it.
+fn finish(mut slot: Slot, result: Result<FinishReason, EngineError>, shared: &Shared) {
+    shared.served.fetch_add(1, Ordering::AcqRel);
     let reply = match result {
         Ok(finish_reason) => {
             if let Some(sink) = &slot.job.sink {

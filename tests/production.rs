@@ -336,6 +336,21 @@ impl Cluster {
             .expect("text")
     }
 
+    /// `POST /api/` in the background, for a client that waits while the test acts.
+    fn ask_later(
+        &self,
+        api: usize,
+        key: &TestKey,
+        body: Value,
+    ) -> tokio::task::JoinHandle<(u16, Value)> {
+        let req = self
+            .http
+            .post(self.url(api, "/api/"))
+            .bearer_auth(&key.secret)
+            .json(&body);
+        tokio::spawn(async move { read(req.send().await.expect("request")).await })
+    }
+
     /// The job of `key` that a worker is running now (polled; bounded).
     async fn running_job(&self, key: &TestKey) -> jobs::Model {
         for _ in 0..1200 {
@@ -694,19 +709,7 @@ async fn a_worker_killed_mid_job_loses_nothing_and_charges_once() {
     let key = c.key(Some(10)).await;
 
     // A client waits on a long job; the worker running it is SIGKILLed.
-    let url = c.url(0, "/api/");
-    let http = c.http.clone();
-    let secret = key.secret.clone();
-    let waiting = tokio::spawn(async move {
-        let resp = http
-            .post(url)
-            .bearer_auth(secret)
-            .json(&json!({"text": LONG, "max_tokens": 300}))
-            .send()
-            .await
-            .expect("request");
-        read(resp).await
-    });
+    let waiting = c.ask_later(0, &key, json!({"text": LONG, "max_tokens": 300}));
     let running = c.running_job(&key).await;
     let victim = running.worker.clone().expect("running job has a worker");
     c.worker_child(&victim).kill().expect("SIGKILL worker");
@@ -788,19 +791,7 @@ async fn sigterm_lets_a_worker_finish_its_job_and_an_api_drain_and_restart() {
     let key = c.key(None).await;
 
     // A client waits on a long job; both its API and its worker get SIGTERM mid-job.
-    let url = c.url(0, "/api/");
-    let http = c.http.clone();
-    let secret = key.secret.clone();
-    let waiting = tokio::spawn(async move {
-        let resp = http
-            .post(url)
-            .bearer_auth(secret)
-            .json(&json!({"text": LONG, "max_tokens": 200}))
-            .send()
-            .await
-            .expect("request");
-        read(resp).await
-    });
+    let waiting = c.ask_later(0, &key, json!({"text": LONG, "max_tokens": 200}));
     let running = c.running_job(&key).await;
     Cluster::signal(c.worker_child("only"), "-TERM");
     Cluster::signal(&c.apis[0].0, "-TERM");

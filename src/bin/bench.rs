@@ -477,17 +477,57 @@ impl Drop for Server {
     }
 }
 
-/// The development config (the server's defaults) on fresh SQLite files, served on a free port
-/// the way `tests/common/mod.rs` does it. The per-key rate limit is switched off: the bench
-/// sends far more than a client's default 600/minute.
+/// The development config (the server's defaults) on fresh SQLite files.
 async fn start_server() -> anyhow::Result<(Server, EngineSettings)> {
+    let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", uuid::Uuid::new_v4()));
+    let queue = format!("sqlite://{}/queue.sqlite?mode=rwc", dir.display());
+    let db = format!("sqlite://{}/db.sqlite?mode=rwc", dir.display());
+    serve_in_process(dir, db, json!({"url": queue})).await
+}
+
+/// The same server with its state in a fresh Postgres database and its queue and job events in
+/// Redis under a fresh prefix (the worker still in-process, so the figure is the storage's
+/// cost). Returns the server and how to clean up after it.
+async fn start_production_server(args: &Args) -> anyhow::Result<(Server, String, String)> {
+    use sea_orm::ConnectionTrait;
+    let database = format!("tollgate_bench_{}", uuid::Uuid::new_v4().simple());
+    let admin = sea_orm::Database::connect(format!("{}/postgres", args.postgres)).await?;
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {database}"))
+        .await?;
+    admin.close().await.ok();
+    let prefix = format!(
+        "tgbench{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", uuid::Uuid::new_v4()));
+    let (server, _) = serve_in_process(
+        dir,
+        format!("{}/{database}", args.postgres),
+        json!({"url": args.redis, "prefix": prefix}),
+    )
+    .await?;
+    Ok((server, database, prefix))
+}
+
+/// The development config on database `db` with the given queue settings and an embedded
+/// worker, served on a free port the way `tests/common/mod.rs` does it. The per-key rate limit
+/// is switched off: the bench sends far more than a client's default 600/minute.
+async fn serve_in_process(
+    dir: PathBuf,
+    db: String,
+    queue: Value,
+) -> anyhow::Result<(Server, EngineSettings)> {
     let env = Environment::Development;
     let mut config = App::load_config(&env).await?;
-    let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir)?;
-    config.database.uri = format!("sqlite://{}/db.sqlite?mode=rwc", dir.display());
+    config.database.uri = db;
     let mut settings = config.settings.clone().unwrap_or_else(|| json!({}));
-    settings["queue"]["url"] = json!(format!("sqlite://{}/queue.sqlite?mode=rwc", dir.display()));
+    if let Some(fields) = queue.as_object() {
+        for (k, v) in fields {
+            settings["queue"][k] = v.clone();
+        }
+    }
     settings["queue"]["embedded_worker"] = json!(true);
     settings["api"]["rate_limit"]["per_minute"] = json!(0);
     config.settings = Some(settings);
@@ -507,52 +547,6 @@ async fn start_server() -> anyhow::Result<(Server, EngineSettings)> {
             model: typed.engine.model_name.clone(),
         },
         typed.engine,
-    ))
-}
-
-/// The same server with its state in a fresh Postgres database and its queue and job events in
-/// Redis under a fresh prefix (the worker still in-process, so the figure is the storage's
-/// cost). Returns the server and how to clean up after it.
-async fn start_production_server(args: &Args) -> anyhow::Result<(Server, String, String)> {
-    use sea_orm::ConnectionTrait;
-    let env = Environment::Development;
-    let mut config = App::load_config(&env).await?;
-    let database = format!("tollgate_bench_{}", uuid::Uuid::new_v4().simple());
-    let admin = sea_orm::Database::connect(format!("{}/postgres", args.postgres)).await?;
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE {database}"))
-        .await?;
-    admin.close().await.ok();
-    let prefix = format!(
-        "tgbench{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir)?;
-    config.database.uri = format!("{}/{database}", args.postgres);
-    let mut settings = config.settings.clone().unwrap_or_else(|| json!({}));
-    settings["queue"]["url"] = json!(args.redis);
-    settings["queue"]["prefix"] = json!(prefix);
-    settings["queue"]["embedded_worker"] = json!(true);
-    settings["api"]["rate_limit"]["per_minute"] = json!(0);
-    config.settings = Some(settings);
-    let typed = Settings::from_config(&config)?;
-    let boot = App::boot(StartMode::ServerOnly, &env, config).await?;
-    let router = boot.router.ok_or_else(|| anyhow!("boot gave no router"))?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        axum::serve(listener, into_service(router)).await.ok();
-    });
-    Ok((
-        Server {
-            base: format!("http://{addr}"),
-            ctx: boot.app_context,
-            dir,
-            model: typed.engine.model_name.clone(),
-        },
-        database,
-        prefix,
     ))
 }
 

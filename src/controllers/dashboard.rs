@@ -265,6 +265,16 @@ async fn setup_open(ctx: &AppContext, services: &Services, token: &str) -> Resul
         .map_err(internal)
 }
 
+/// The page for a setup link that is used up, expired or unknown (404).
+fn setup_gone(v: &TeraView) -> PageResult {
+    render(
+        v,
+        StatusCode::NOT_FOUND,
+        "dashboard/setup_gone.html",
+        &json!({}),
+    )
+}
+
 async fn setup_page(
     State(ctx): State<AppContext>,
     ViewEngine(v): ViewEngine<TeraView>,
@@ -273,12 +283,7 @@ async fn setup_page(
     let services = Services::from_ctx(&ctx).map_err(IntoResponse::into_response)?;
     let token = q.get("token").cloned().unwrap_or_default();
     if !setup_open(&ctx, &services, &token).await? {
-        return render(
-            &v,
-            StatusCode::NOT_FOUND,
-            "dashboard/setup_gone.html",
-            &json!({}),
-        );
+        return setup_gone(&v);
     }
     render(
         &v,
@@ -296,12 +301,7 @@ async fn setup(
     let services = Services::from_ctx(&ctx).map_err(IntoResponse::into_response)?;
     let token = fields.get("token").cloned().unwrap_or_default();
     if !setup_open(&ctx, &services, &token).await? {
-        return render(
-            &v,
-            StatusCode::NOT_FOUND,
-            "dashboard/setup_gone.html",
-            &json!({}),
-        );
+        return setup_gone(&v);
     }
     let email = fields
         .get("email")

@@ -86,7 +86,7 @@ fn key_in_path(mut req: axum::extract::Request) -> axum::extract::Request {
 async fn announce_setup_link(ctx: &AppContext, services: &Services) -> Result<()> {
     use sea_orm::{EntityTrait, PaginatorTrait};
     if _entities::admins::Entity::find().count(&ctx.db).await? == 0 {
-        let token = services.new_setup_link();
+        let token = services.setup.issue();
         tracing::warn!(
             "no admin yet: open {}/admin/setup?token={token} within {} minutes to create the first admin (single use; `cargo loco task admin:create` works too)",
             ctx.config.server.full_url(),
@@ -159,17 +159,15 @@ impl Hooks for App {
     fn routes(_ctx: &AppContext) -> AppRoutes {
         AppRoutes::with_default_routes()
             .add_route(controllers::ping::routes())
-            .add_route(controllers::api::routes())
-            .add_route(controllers::usage::routes())
+            .add_route(controllers::native::routes())
             .add_route(controllers::openai::routes())
-            .add_route(controllers::queue_api::routes())
-            .add_route(controllers::llm::routes())
-            .add_route(controllers::llm::vllm_routes())
-            .add_route(controllers::adapters::routes())
-            .add_route(controllers::embeddings::routes())
-            .add_route(controllers::accounts::routes())
+            .add_route(controllers::compat::seed000::routes())
+            .add_route(controllers::compat::seed001::routes())
+            .add_route(controllers::compat::seed002::routes())
+            .add_route(controllers::compat::seed004::routes())
+            .add_route(controllers::admin::adapters::routes())
+            .add_route(controllers::admin::ops::routes())
             .add_route(controllers::dashboard::routes())
-            .add_route(controllers::ops::routes())
     }
 
     /// Runs for `start` (not for tasks): loads the model, opens the queue, starts the

@@ -1,8 +1,10 @@
 //! The one error type of the HTTP API.
 //!
 //! Every rejection leaves as `{"error": {"message", "type", "code"}}` (OpenAI's shape, which the
-//! other compatibility routes tolerate too) with a fixed, stable `code`. Internal causes go to the
-//! log; the client only sees a generic message for them.
+//! other compatibility routes tolerate too) with a fixed, stable `code`. The service layer
+//! (admission, serving) says *what* went wrong with an [`ErrorCode`]; the status and class each
+//! code gets are decided here, in one table. Internal causes go to the log; the client only sees
+//! a generic message for them.
 
 use axum::{
     http::{header, HeaderValue, StatusCode},
@@ -11,13 +13,155 @@ use axum::{
 };
 use serde_json::json;
 
+/// Declares every stable error code with the HTTP status it is answered with: the one table
+/// from which [`ErrorCode`], its wire name and its status come.
+macro_rules! error_codes {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal => $status:ident,)*) => {
+        /// Every stable error code Tollgate answers with. Clients and tests match on these
+        /// names; the status each is answered with is fixed here, in one place.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl ErrorCode {
+            /// Every code, for documentation and tests.
+            pub const ALL: &'static [Self] = &[$(Self::$variant,)*];
+
+            /// The code's wire name (`error.code`).
+            #[must_use]
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name,)*
+                }
+            }
+
+            /// The HTTP status a request refused with this code gets.
+            #[must_use]
+            pub const fn status(self) -> StatusCode {
+                match self {
+                    $(Self::$variant => StatusCode::$status,)*
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    // 400: the request cannot be parsed or breaks a hard limit.
+    InvalidJson = "invalid_json" => BAD_REQUEST,
+    EmptyBody = "empty_body" => BAD_REQUEST,
+    InvalidEncoding = "invalid_encoding" => BAD_REQUEST,
+    UnsupportedContentType = "unsupported_content_type" => BAD_REQUEST,
+    ContentPolicyViolation = "content_policy_violation" => BAD_REQUEST,
+    ContextLengthExceeded = "context_length_exceeded" => BAD_REQUEST,
+    InvalidN = "invalid_n" => BAD_REQUEST,
+    UnsupportedGrantType = "unsupported_grant_type" => BAD_REQUEST,
+    AdapterNotSupported = "adapter_not_supported" => BAD_REQUEST,
+    // 401: no key, an unknown key, a revoked key, wrong credentials.
+    MissingApiKey = "missing_api_key" => UNAUTHORIZED,
+    InvalidAuthorization = "invalid_authorization" => UNAUTHORIZED,
+    InvalidApiKey = "invalid_api_key" => UNAUTHORIZED,
+    KeyRevoked = "key_revoked" => UNAUTHORIZED,
+    InvalidCredentials = "invalid_credentials" => UNAUTHORIZED,
+    // 403: a valid key used outside what it allows.
+    KeyNotYetValid = "key_not_yet_valid" => FORBIDDEN,
+    KeyExpired = "key_expired" => FORBIDDEN,
+    UserDisabled = "user_disabled" => FORBIDDEN,
+    AdminScopeRequired = "admin_scope_required" => FORBIDDEN,
+    ModelNotAllowed = "model_not_allowed" => FORBIDDEN,
+    AdapterNotAllowed = "adapter_not_allowed" => FORBIDDEN,
+    // 404.
+    ModelNotFound = "model_not_found" => NOT_FOUND,
+    AdapterNotFound = "adapter_not_found" => NOT_FOUND,
+    JobNotFound = "job_not_found" => NOT_FOUND,
+    ConfigNotFound = "config_not_found" => NOT_FOUND,
+    ModelNotLoaded = "model_not_loaded" => NOT_FOUND,
+    EmbeddingsDisabled = "embeddings_disabled" => NOT_FOUND,
+    // 409: conflicts with the current state.
+    UserExists = "user_exists" => CONFLICT,
+    AdapterExists = "adapter_exists" => CONFLICT,
+    ModelPinned = "model_pinned" => CONFLICT,
+    ModelIdReserved = "model_id_reserved" => CONFLICT,
+    ConfigInUse = "config_in_use" => CONFLICT,
+    NoLocalWorker = "no_local_worker" => CONFLICT,
+    // 413.
+    PayloadTooLarge = "payload_too_large" => PAYLOAD_TOO_LARGE,
+    // 422: well-formed JSON whose fields are missing, mistyped or out of range.
+    InvalidBody = "invalid_body" => UNPROCESSABLE_ENTITY,
+    InvalidQuery = "invalid_query" => UNPROCESSABLE_ENTITY,
+    EmptyPrompt = "empty_prompt" => UNPROCESSABLE_ENTITY,
+    InvalidPrompt = "invalid_prompt" => UNPROCESSABLE_ENTITY,
+    InvalidMessages = "invalid_messages" => UNPROCESSABLE_ENTITY,
+    InvalidRole = "invalid_role" => UNPROCESSABLE_ENTITY,
+    UnsupportedContent = "unsupported_content" => UNPROCESSABLE_ENTITY,
+    InvalidMaxTokens = "invalid_max_tokens" => UNPROCESSABLE_ENTITY,
+    InvalidTokensLimit = "invalid_tokens_limit" => UNPROCESSABLE_ENTITY,
+    InvalidTemperature = "invalid_temperature" => UNPROCESSABLE_ENTITY,
+    InvalidTopP = "invalid_top_p" => UNPROCESSABLE_ENTITY,
+    InvalidSeed = "invalid_seed" => UNPROCESSABLE_ENTITY,
+    InvalidStop = "invalid_stop" => UNPROCESSABLE_ENTITY,
+    InvalidJobId = "invalid_job_id" => UNPROCESSABLE_ENTITY,
+    InvalidScale = "invalid_scale" => UNPROCESSABLE_ENTITY,
+    ScaleWithoutAdapter = "scale_without_adapter" => UNPROCESSABLE_ENTITY,
+    ConflictingAdapter = "conflicting_adapter" => UNPROCESSABLE_ENTITY,
+    InvalidAdapterName = "invalid_adapter_name" => UNPROCESSABLE_ENTITY,
+    InvalidAdapterPath = "invalid_adapter_path" => UNPROCESSABLE_ENTITY,
+    AdapterFileNotFound = "adapter_file_not_found" => UNPROCESSABLE_ENTITY,
+    NotALoraAdapter = "not_a_lora_adapter" => UNPROCESSABLE_ENTITY,
+    UnknownBaseModel = "unknown_base_model" => UNPROCESSABLE_ENTITY,
+    EmptyInput = "empty_input" => UNPROCESSABLE_ENTITY,
+    InvalidInput = "invalid_input" => UNPROCESSABLE_ENTITY,
+    TooManyInputs = "too_many_inputs" => UNPROCESSABLE_ENTITY,
+    InvalidEncodingFormat = "invalid_encoding_format" => UNPROCESSABLE_ENTITY,
+    InvalidDimensions = "invalid_dimensions" => UNPROCESSABLE_ENTITY,
+    InvalidUser = "invalid_user" => UNPROCESSABLE_ENTITY,
+    ConversationNumberRequired = "conversation_number_required" => UNPROCESSABLE_ENTITY,
+    InvalidConfig = "invalid_config" => UNPROCESSABLE_ENTITY,
+    InvalidModelKwargs = "invalid_model_kwargs" => UNPROCESSABLE_ENTITY,
+    ModelNotLoadable = "model_not_loadable" => UNPROCESSABLE_ENTITY,
+    InvalidDate = "invalid_date" => UNPROCESSABLE_ENTITY,
+    InvalidRange = "invalid_range" => UNPROCESSABLE_ENTITY,
+    // 429: a limit is reached; nothing was spent.
+    QuotaExceeded = "quota_exceeded" => TOO_MANY_REQUESTS,
+    TokenBudgetExceeded = "token_budget_exceeded" => TOO_MANY_REQUESTS,
+    RateLimited = "rate_limited" => TOO_MANY_REQUESTS,
+    TooManyLoginAttempts = "too_many_login_attempts" => TOO_MANY_REQUESTS,
+    // 500.
+    GenerationFailed = "generation_failed" => INTERNAL_SERVER_ERROR,
+    InternalError = "internal_error" => INTERNAL_SERVER_ERROR,
+    // 503: a dependency is not available; nothing was spent.
+    Starting = "starting" => SERVICE_UNAVAILABLE,
+    QueueUnavailable = "queue_unavailable" => SERVICE_UNAVAILABLE,
+    ModelUnavailable = "model_unavailable" => SERVICE_UNAVAILABLE,
+    AdapterUnavailable = "adapter_unavailable" => SERVICE_UNAVAILABLE,
+}
+
+impl ErrorCode {
+    /// OpenAI's error class (`error.type`) for this code.
+    #[must_use]
+    pub const fn kind(self) -> &'static str {
+        match self {
+            Self::QuotaExceeded | Self::TokenBudgetExceeded => "insufficient_quota",
+            Self::RateLimited | Self::TooManyLoginAttempts => "rate_limit_error",
+            _ => match self.status() {
+                StatusCode::UNAUTHORIZED => "authentication_error",
+                StatusCode::FORBIDDEN => "permission_error",
+                StatusCode::NOT_FOUND => "not_found_error",
+                StatusCode::INTERNAL_SERVER_ERROR | StatusCode::SERVICE_UNAVAILABLE => {
+                    "server_error"
+                }
+                _ => "invalid_request_error",
+            },
+        }
+    }
+}
+
+/// Why a request was refused: a stable code, a message for people, and when to retry. The
+/// code decides the HTTP status ([`ErrorCode::status`]).
 #[derive(Debug, Clone)]
 pub struct ApiError {
-    pub status: StatusCode,
-    /// OpenAI-style error class (`invalid_request_error`, `authentication_error`, ...).
-    pub kind: &'static str,
-    /// Stable machine-readable code; tests and clients match on it.
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     /// Seconds for a `Retry-After` header (429/503).
     pub retry_after: Option<u64>,
@@ -26,169 +170,67 @@ pub struct ApiError {
 pub type ApiResult<T> = std::result::Result<T, ApiError>;
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, code: &'static str, message: String) -> Self {
+    /// A refusal with `code`; 503s say to retry in a second.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            status,
-            kind,
             code,
-            message,
-            retry_after: None,
+            message: message.into(),
+            retry_after: (code.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(1),
         }
     }
 
-    /// 400: the request cannot be parsed or breaks a hard limit.
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            code,
-            message.into(),
-        )
-    }
-
-    /// 422: well-formed JSON whose fields are missing, mistyped or out of range.
-    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request_error",
-            code,
-            message.into(),
-        )
-    }
-
-    /// 401: no key, an unknown key or a revoked key.
-    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            "authentication_error",
-            code,
-            message.into(),
-        )
-    }
-
-    /// 403: a valid key used outside what it allows (its date window, a scope).
-    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            code,
-            message.into(),
-        )
-    }
-
-    /// 404.
-    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "not_found_error",
-            code,
-            message.into(),
-        )
-    }
-
-    /// 409: the request conflicts with the current state (a taken name, a model in use).
-    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::CONFLICT,
-            "invalid_request_error",
-            code,
-            message.into(),
-        )
+    #[must_use]
+    pub const fn status(&self) -> StatusCode {
+        self.code.status()
     }
 
     /// 413: body over the configured limit.
+    #[must_use]
     pub fn payload_too_large(limit: usize) -> Self {
         Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             format!("request body is larger than the limit of {limit} bytes"),
         )
     }
 
     /// 429: the key's call quota is used up.
+    #[must_use]
     pub fn quota_exhausted(max_calls: i64) -> Self {
         Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "insufficient_quota",
-            "quota_exceeded",
+            ErrorCode::QuotaExceeded,
             format!("this key has used all of its {max_calls} calls"),
         )
     }
 
     /// 429: the key sent requests faster than its rate limit allows; `Retry-After` says when
     /// the next one will be accepted. Nothing was spent.
+    #[must_use]
     pub fn rate_limited(per_minute: u32, burst: u32, retry_after_secs: u64) -> Self {
-        let mut e = Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            "rate_limited",
+        Self::new(
+            ErrorCode::RateLimited,
             format!(
                 "this key may send {per_minute} requests per minute (burst {burst}); retry in {retry_after_secs} s"
             ),
-        );
-        e.retry_after = Some(retry_after_secs);
-        e
-    }
-
-    /// 429: a token budget (prompt or generation, of the key or of its user) cannot take the
-    /// request. No `Retry-After`: budgets do not refill by themselves.
-    pub fn token_budget_exceeded(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "insufficient_quota",
-            "token_budget_exceeded",
-            message.into(),
         )
+        .retry_after(retry_after_secs)
     }
 
-    /// 429 with `Retry-After`: too many attempts (failed logins) for now.
-    pub fn too_many_attempts(
-        code: &'static str,
-        message: impl Into<String>,
-        retry_after: u64,
-    ) -> Self {
-        let mut e = Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            code,
-            message.into(),
-        );
-        e.retry_after = Some(retry_after.max(1));
-        e
+    /// Adds a `Retry-After` of at least a second.
+    #[must_use]
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
     }
 
     /// 500 with the job's failure reason (generation failed on the worker; the call was refunded).
     pub fn generation_failed(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "generation_failed",
-            message.into(),
-        )
-    }
-
-    /// 503: a dependency (queue, worker) is not available; nothing was spent.
-    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
-        let mut e = Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            code,
-            message.into(),
-        );
-        e.retry_after = Some(1);
-        e
+        Self::new(ErrorCode::GenerationFailed, message)
     }
 
     /// 500 for a cause the client should not see; the cause is logged here.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "internal_error",
-            "internal server error".into(),
-        )
+        Self::new(ErrorCode::InternalError, "internal server error")
     }
 }
 
@@ -197,8 +239,8 @@ impl std::fmt::Display for ApiError {
         write!(
             f,
             "{} {}: {}",
-            self.status.as_u16(),
-            self.code,
+            self.status().as_u16(),
+            self.code.as_str(),
             self.message
         )
     }
@@ -220,13 +262,13 @@ impl From<crate::models::adapters::AdapterError> for ApiError {
     fn from(e: crate::models::adapters::AdapterError) -> Self {
         use crate::models::adapters::AdapterError as E;
         match e {
-            E::InvalidName(m) => Self::unprocessable("invalid_adapter_name", m),
-            E::InvalidPath(m) => Self::unprocessable("invalid_adapter_path", m),
-            E::FileNotFound(m) => Self::unprocessable("adapter_file_not_found", m),
-            E::NotLora(m) => Self::unprocessable("not_a_lora_adapter", m),
-            E::InvalidScale(m) => Self::unprocessable("invalid_scale", m),
-            E::Exists(name) => Self::conflict(
-                "adapter_exists",
+            E::InvalidName(m) => Self::new(ErrorCode::InvalidAdapterName, m),
+            E::InvalidPath(m) => Self::new(ErrorCode::InvalidAdapterPath, m),
+            E::FileNotFound(m) => Self::new(ErrorCode::AdapterFileNotFound, m),
+            E::NotLora(m) => Self::new(ErrorCode::NotALoraAdapter, m),
+            E::InvalidScale(m) => Self::new(ErrorCode::InvalidScale, m),
+            E::Exists(name) => Self::new(
+                ErrorCode::AdapterExists,
                 format!("an adapter named {name:?} already exists; delete it first"),
             ),
             E::Db(e) => e.into(),
@@ -239,16 +281,36 @@ impl IntoResponse for ApiError {
         let body = json!({
             "error": {
                 "message": self.message,
-                "type": self.kind,
-                "code": self.code,
+                "type": self.code.kind(),
+                "code": self.code.as_str(),
             }
         });
-        let mut resp = (self.status, Json(body)).into_response();
+        let mut resp = (self.status(), Json(body)).into_response();
         if let Some(secs) = self.retry_after {
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
             }
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ErrorCode;
+
+    #[test]
+    fn every_code_has_one_unique_wire_name_and_an_error_status() {
+        let mut names: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        let all = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all, "two codes share a wire name");
+        for code in ErrorCode::ALL {
+            assert!(
+                code.status().is_client_error() || code.status().is_server_error(),
+                "{code:?}"
+            );
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Tollgate: a self-hosted LLM API server. Keys with quotas and date windows, a durable job
 //! queue, and one resident llama.cpp model per worker.
 
+pub mod admission;
 pub mod app;
 pub mod controllers;
 pub mod engine;
@@ -12,12 +13,12 @@ pub mod notify;
 pub mod paths;
 pub mod queue;
 pub mod ratelimit;
-pub mod registry;
 pub mod request_id;
 pub mod services;
+pub mod serving;
 pub mod settings;
+pub mod setup_link;
 pub mod tasks;
 pub mod throttle;
-pub mod validation;
 pub mod views;
 pub mod workers;

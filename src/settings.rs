@@ -128,6 +128,21 @@ pub struct EngineSettings {
     pub adapter_cache_size: usize,
     #[serde(default)]
     pub embeddings: EmbeddingSettings,
+    /// Which engine serves jobs: the model (`llama`), or a stand-in without weights for tests
+    /// (`scripted`, see [`crate::engine::scripted`]).
+    #[serde(default)]
+    pub backend: EngineBackend,
+}
+
+/// The engine behind [`crate::engine::start`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineBackend {
+    /// The llama.cpp model at `model_path`.
+    #[default]
+    Llama,
+    /// Deterministic replies derived from the prompt, no weights loaded (tests only).
+    Scripted,
 }
 
 /// Embedding vectors from the same model, through a second context in embedding mode.
@@ -186,6 +201,10 @@ pub struct QueueSettings {
     /// Longest a request waits on Redis before answering 503 (Redis down must fail fast).
     #[serde(default = "default_redis_timeout_ms")]
     pub redis_timeout_ms: u64,
+    /// Longest a job may wait for a worker before the reaper fails it (refunded), so that a
+    /// client never waits on a job nobody will take.
+    #[serde(default = "default_max_queued_seconds")]
+    pub max_queued_seconds: u64,
 }
 
 /// Limits and defaults of the HTTP API.
@@ -270,6 +289,9 @@ fn default_missed_heartbeats() -> u32 {
 fn default_redis_timeout_ms() -> u64 {
     1000
 }
+fn default_max_queued_seconds() -> u64 {
+    1800
+}
 fn default_wait_timeout_ms() -> u64 {
     120_000
 }
@@ -301,6 +323,7 @@ impl Default for EngineSettings {
             adapters_dir: default_adapters_dir(),
             adapter_cache_size: default_adapter_cache_size(),
             embeddings: EmbeddingSettings::default(),
+            backend: EngineBackend::default(),
         }
     }
 }
@@ -325,6 +348,7 @@ impl Default for QueueSettings {
             heartbeat_seconds: default_heartbeat_seconds(),
             missed_heartbeats: default_missed_heartbeats(),
             redis_timeout_ms: default_redis_timeout_ms(),
+            max_queued_seconds: default_max_queued_seconds(),
         }
     }
 }

@@ -11,6 +11,7 @@ mod m20261123_000006_model_configs;
 mod m20261123_000007_admin_sessions;
 mod m20261123_000008_workers;
 mod m20261123_000009_key_priority;
+mod m20261130_000010_job_status_index;
 
 pub struct Migrator;
 
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000007_admin_sessions::Migration),
             Box::new(m20261123_000008_workers::Migration),
             Box::new(m20261123_000009_key_priority::Migration),
+            Box::new(m20261130_000010_job_status_index::Migration),
         ]
     }
 }

@@ -1,13 +1,11 @@
-//! HTTP routes, one module per route family.
+//! HTTP routes, one module per route family. Every handler is a thin adapter: a caller
+//! extractor decides who calls and whether they may, the body becomes one domain type, and
+//! [`crate::admission`] admits it; [`respond`] shapes the answers they share.
 
-pub mod accounts;
-pub mod adapters;
-pub mod api;
+pub mod admin;
+pub mod compat;
 pub mod dashboard;
-pub mod embeddings;
-pub mod llm;
+pub mod native;
 pub mod openai;
-pub mod ops;
 pub mod ping;
-pub mod queue_api;
-pub mod usage;
+pub mod respond;

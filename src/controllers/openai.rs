@@ -1,11 +1,11 @@
 //! OpenAI-compatible routes: `GET /v1/models`, `POST /v1/chat/completions`,
-//! `POST /v1/completions`, with or without `stream: true` (server-sent events ending in
-//! `data: [DONE]`). Spec: <https://platform.openai.com/docs/api-reference>.
-//! Same key auth, quota, queue and worker as every other generation route.
+//! `POST /v1/completions` (with or without `stream: true`: server-sent events ending in
+//! `data: [DONE]`) and `POST /v1/embeddings`. Spec: <https://platform.openai.com/docs/api-reference>.
+//! Each body becomes the one admission input; same keys, quota, queue and worker as every
+//! other route.
 //!
 //! A LoRA head is a model of its own here, `base:adapter` (as OpenAI names fine-tuned models),
-//! listed by `/v1/models` for the keys allowed to use it. `/v1/embeddings` lives with the other
-//! embedding route in [`super::embeddings`].
+//! listed by `/v1/models` for the keys allowed to use it.
 
 use axum::{
     extract::State,
@@ -15,45 +15,27 @@ use axum::{
     },
     Json,
 };
+use base64::Engine as _;
 use futures::StreamExt;
 use loco_rs::{app::AppContext, controller::Routes};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::api::{run, usage_json};
+use super::respond::{answer, try_answer, usage_json};
 use crate::{
-    engine::{ChatMessage, GenerationRequest, Prompt},
-    errors::{ApiError, ApiResult},
-    extractors::{ApiKey, JsonBody},
+    admission::{
+        input::{chat_messages, prompt_text, WireMessage},
+        resolve::available_models,
+        Admitted, EmbeddingInput, Follow, GenerationInput, ModelChoice, SamplingInput, StopWords,
+        Ticket,
+    },
+    engine::Prompt,
+    errors::{ApiError, ApiResult, ErrorCode},
+    extractors::{Caller, JsonBody, MeteredCaller},
     models::{api_keys, jobs},
     notify::{job_updates, JobUpdate},
-    services::{ModelChoice, Services},
-    validation::{prompt_text, SamplingInput, StopWords},
+    services::Services,
 };
-
-/// Roles a chat message may have.
-const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
-
-/// Message content: a string, or OpenAI's list of content parts (text parts only).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Debug, Deserialize)]
-struct ContentPart {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct WireMessage {
-    role: String,
-    content: Option<Content>,
-}
 
 /// Fields shared by both completion routes.
 #[derive(Debug, Deserialize)]
@@ -118,121 +100,85 @@ struct CompletionRequest {
     common: Common,
 }
 
-fn chat_messages(wire: Vec<WireMessage>) -> ApiResult<Vec<ChatMessage>> {
-    if wire.is_empty() {
-        return Err(ApiError::unprocessable(
-            "invalid_messages",
-            "`messages` must contain at least one message",
-        ));
-    }
-    wire.into_iter()
-        .enumerate()
-        .map(|(i, m)| {
-            if !ROLES.contains(&m.role.as_str()) {
-                return Err(ApiError::unprocessable(
-                    "invalid_role",
-                    format!(
-                        "messages[{i}].role must be one of {ROLES:?}, got {:?}",
-                        m.role
-                    ),
-                ));
-            }
-            let content = match m.content {
-                None => String::new(),
-                Some(Content::Text(t)) => t,
-                Some(Content::Parts(parts)) => {
-                    if let Some(p) = parts.iter().find(|p| p.kind != "text") {
-                        return Err(ApiError::unprocessable(
-                            "unsupported_content",
-                            format!(
-                                "messages[{i}]: content parts of type {:?} are not supported",
-                                p.kind
-                            ),
-                        ));
-                    }
-                    parts
-                        .into_iter()
-                        .filter_map(|p| p.text)
-                        .collect::<Vec<_>>()
-                        .join("")
-                }
-            };
-            if content.contains('\0') {
-                return Err(ApiError::unprocessable(
-                    "invalid_prompt",
-                    format!("messages[{i}].content must not contain NUL characters"),
-                ));
-            }
-            Ok(ChatMessage {
-                role: m.role,
-                content,
-            })
+impl Common {
+    /// The request as admission takes it.
+    ///
+    /// # Errors
+    /// 400 for `n` other than 1.
+    fn into_input(self, prompt: Prompt) -> ApiResult<GenerationInput> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidN,
+                "only n = 1 is supported",
+            ));
+        }
+        Ok(GenerationInput {
+            prompt,
+            sampling: SamplingInput {
+                max_tokens: self.max_completion_tokens.or(self.max_tokens),
+                temperature: self.temperature,
+                top_p: self.top_p,
+                seed: self.seed,
+                stop: self.stop,
+                clamp_max_tokens: false,
+            },
+            model: ModelChoice::named(self.model),
+            memory: None,
         })
-        .collect()
+    }
 }
 
-/// Checks the request against what this server serves and builds the engine request.
-async fn build_request(
-    ctx: &AppContext,
-    services: &Services,
-    key: &crate::models::api_keys::Model,
-    common: Common,
-    prompt: Prompt,
-) -> ApiResult<GenerationRequest> {
-    if common.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad_request(
-            "invalid_n",
-            "only n = 1 is supported",
-        ));
+impl TryFrom<ChatRequest> for GenerationInput {
+    type Error = ApiError;
+
+    fn try_from(body: ChatRequest) -> Result<Self, ApiError> {
+        let messages = chat_messages(body.messages)?;
+        body.common.into_input(Prompt::Chat { messages })
     }
-    let sampling = SamplingInput {
-        max_tokens: common.max_completion_tokens.or(common.max_tokens),
-        temperature: common.temperature,
-        top_p: common.top_p,
-        seed: common.seed,
-        stop: common.stop,
+}
+
+impl TryFrom<CompletionRequest> for GenerationInput {
+    type Error = ApiError;
+
+    fn try_from(body: CompletionRequest) -> Result<Self, ApiError> {
+        prompt_text("prompt", &body.prompt)?;
+        body.common.into_input(Prompt::Raw { text: body.prompt })
+    }
+}
+
+/// Admits a completion request and answers it whole with `body(job)`, or as a stream.
+async fn complete(
+    ctx: &AppContext,
+    key: &api_keys::Model,
+    endpoint: &'static str,
+    input: GenerationInput,
+    streaming: Streaming,
+    shape: Shape,
+    body: impl FnOnce(&jobs::Model) -> Value,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(ctx)?;
+    let follow = if streaming.on {
+        Follow::Updates
+    } else {
+        Follow::Result
     };
-    let params = sampling.into_params(&services.settings.api)?;
-    let choice = ModelChoice {
-        model: common.model,
-        ..ModelChoice::default()
-    };
-    let resolved = services.resolve_model(&ctx.db, key, choice).await?;
-    Ok(resolved.request(prompt, params))
+    let ticket = Ticket::wait(endpoint).follow(follow);
+    match services.admission.admit(key, input, ticket).await? {
+        Admitted::Streaming(js) => Ok(stream(js, shape, streaming)),
+        admitted => answer(admitted, body),
+    }
 }
 
 #[tracing::instrument(skip_all, fields(api_key))]
 async fn chat_completions(
     State(ctx): State<AppContext>,
-    ApiKey(key): ApiKey,
+    MeteredCaller(key): MeteredCaller,
     body: Result<JsonBody<ChatRequest>, ApiError>,
 ) -> ApiResult<Response> {
-    let services = Services::from_ctx(&ctx)?;
-    services.precheck(&key).await?;
     let JsonBody(body) = body?;
-    let messages = chat_messages(body.messages)?;
     let streaming = body.common.streaming();
-    let request = build_request(
-        &ctx,
-        &services,
-        &key,
-        body.common,
-        Prompt::Chat { messages },
-    )
-    .await?;
-    if streaming.on {
-        return stream(
-            &ctx,
-            &services,
-            &key,
-            "/v1/chat/completions",
-            request,
-            Shape::Chat,
-            streaming,
-        )
-        .await;
-    }
-    run(&ctx, &services, &key, "/v1/chat/completions", request, None, |job| {
+    let input = GenerationInput::try_from(body)?;
+    complete(&ctx, &key, "/v1/chat/completions", input, streaming, Shape::Chat, |job| {
         json!({
             "id": format!("chatcmpl-{}", job.id),
             "object": "chat.completion",
@@ -253,35 +199,19 @@ async fn chat_completions(
 #[tracing::instrument(skip_all, fields(api_key))]
 async fn completions(
     State(ctx): State<AppContext>,
-    ApiKey(key): ApiKey,
+    MeteredCaller(key): MeteredCaller,
     body: Result<JsonBody<CompletionRequest>, ApiError>,
 ) -> ApiResult<Response> {
-    let services = Services::from_ctx(&ctx)?;
-    services.precheck(&key).await?;
     let JsonBody(body) = body?;
-    prompt_text("prompt", &body.prompt)?;
     let streaming = body.common.streaming();
-    let prompt = Prompt::Raw { text: body.prompt };
-    let request = build_request(&ctx, &services, &key, body.common, prompt).await?;
-    if streaming.on {
-        return stream(
-            &ctx,
-            &services,
-            &key,
-            "/v1/completions",
-            request,
-            Shape::Text,
-            streaming,
-        )
-        .await;
-    }
-    run(
+    let input = GenerationInput::try_from(body)?;
+    complete(
         &ctx,
-        &services,
         &key,
         "/v1/completions",
-        request,
-        None,
+        input,
+        streaming,
+        Shape::Text,
         |job| {
             json!({
                 "id": format!("cmpl-{}", job.id),
@@ -406,21 +336,10 @@ fn closing_events(
     events
 }
 
-/// Queues the request and streams its tokens as OpenAI chunks. Every refusal (auth, quota,
-/// validation) is an ordinary JSON error before the stream starts; a client that disconnects
+/// Streams an admitted job's tokens as OpenAI chunks. Every refusal (auth, quota,
+/// validation) was an ordinary JSON error before the stream started; a client that disconnects
 /// leaves the job to finish (it was charged) and its result stays at `GET /api/jobs/{id}`.
-async fn stream(
-    ctx: &AppContext,
-    services: &Services,
-    key: &api_keys::Model,
-    endpoint: &str,
-    request: GenerationRequest,
-    shape: Shape,
-    streaming: Streaming,
-) -> ApiResult<Response> {
-    let js = services
-        .submit_streaming(&ctx.db, key, endpoint, request)
-        .await?;
+fn stream(js: crate::admission::JobStream, shape: Shape, streaming: Streaming) -> Response {
     let chunks = Chunks {
         id: match shape {
             Shape::Chat => format!("chatcmpl-{}", js.job.id),
@@ -468,16 +387,16 @@ async fn stream(
     let all = futures::stream::iter(opening)
         .chain(body)
         .map(Ok::<Event, std::convert::Infallible>);
-    Ok(Sse::new(all)
+    Sse::new(all)
         .keep_alive(KeepAlive::default())
-        .into_response())
+        .into_response()
 }
 
 /// The served model and its LoRA heads (`base:adapter`), as far as this key may use them.
-async fn models(State(ctx): State<AppContext>, ApiKey(key): ApiKey) -> ApiResult<Response> {
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn models(State(ctx): State<AppContext>, Caller(key): Caller) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    let data: Vec<_> = services
-        .available_models(&ctx.db, &key)
+    let data: Vec<_> = available_models(&ctx.db, &services.models, &key)
         .await?
         .into_iter()
         .map(|id| {
@@ -492,10 +411,114 @@ async fn models(State(ctx): State<AppContext>, ApiKey(key): ApiKey) -> ApiResult
     Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
+#[derive(Debug, Deserialize)]
+struct EmbeddingsRequest {
+    input: Value,
+    model: Option<String>,
+    encoding_format: Option<String>,
+    dimensions: Option<i64>,
+}
+
+/// OpenAI's `input`: a string or a non-empty list of strings (token arrays are not accepted).
+fn embedding_inputs(input: Value) -> ApiResult<Vec<(String, String)>> {
+    match input {
+        Value::String(s) => Ok(vec![("input".into(), s)]),
+        Value::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok((format!("input[{i}]"), s)),
+                _ => Err(ApiError::new(
+                    ErrorCode::InvalidInput,
+                    format!("input[{i}] must be a string (token arrays are not supported)"),
+                )),
+            })
+            .collect(),
+        _ => Err(ApiError::new(
+            ErrorCode::InvalidInput,
+            "`input` must be a string or a list of strings",
+        )),
+    }
+}
+
+/// Little-endian f32 bytes in base64, as OpenAI sends `encoding_format: "base64"`.
+fn base64_vector(v: &[f32]) -> String {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// `usage` of an embedding job: prompt tokens only.
+#[must_use]
+pub fn embedding_usage(job: &jobs::Model) -> Value {
+    json!({"prompt_tokens": job.prompt_tokens, "total_tokens": job.prompt_tokens})
+}
+
+/// The vectors an embedding job stored.
+///
+/// # Errors
+/// 500 when the stored result is not a list of vectors.
+pub fn vectors(job: &jobs::Model) -> ApiResult<Vec<Vec<f32>>> {
+    serde_json::from_str(job.result.as_deref().unwrap_or("[]")).map_err(ApiError::internal)
+}
+
+/// `POST /v1/embeddings`: `data[i].embedding` per input, in order.
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn embeddings(
+    State(ctx): State<AppContext>,
+    MeteredCaller(key): MeteredCaller,
+    body: Result<JsonBody<EmbeddingsRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let JsonBody(body) = body?;
+    let base64 = match body.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidEncodingFormat,
+                format!("encoding_format must be \"float\" or \"base64\", got {other:?}"),
+            ))
+        }
+    };
+    let width = i64::from(services.models.n_embd());
+    if let Some(d) = body.dimensions.filter(|d| *d != width) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidDimensions,
+            format!("this model's vectors have {width} dimensions; got dimensions = {d}"),
+        ));
+    }
+    let input = EmbeddingInput::new(embedding_inputs(body.input)?, body.model)?;
+    let admitted = services
+        .admission
+        .admit(&key, input, Ticket::wait("/v1/embeddings"))
+        .await?;
+    try_answer(admitted, |job| {
+        let data: Vec<Value> = vectors(job)?
+            .iter()
+            .enumerate()
+            .map(|(index, v)| {
+                let embedding = if base64 {
+                    json!(base64_vector(v))
+                } else {
+                    json!(v)
+                };
+                json!({"object": "embedding", "index": index, "embedding": embedding})
+            })
+            .collect();
+        Ok(json!({
+            "object": "list",
+            "data": data,
+            "model": job.model,
+            "usage": embedding_usage(job),
+        }))
+    })
+}
+
 pub fn routes() -> Routes {
     Routes::new()
         .prefix("/v1")
         .add("/models", axum::routing::get(models))
         .add("/chat/completions", axum::routing::post(chat_completions))
         .add("/completions", axum::routing::post(completions))
+        .add("/embeddings", axum::routing::post(embeddings))
 }

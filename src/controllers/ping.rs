@@ -11,14 +11,15 @@ async fn ping(State(ctx): State<AppContext>) -> impl IntoResponse {
     let Ok(services) = Services::from_ctx(&ctx) else {
         return Json(json!({"status": "starting", "ready": false}));
     };
-    let depth = services.queue.depth().await.ok();
-    let remote = services.remote_workers(&ctx.db).await;
-    let model = &services.settings.engine.model_name;
+    let models = &services.models;
+    let depth = models.default_queue().depth().await.ok();
+    let remote = models.remote_workers().await;
+    let model = models.default_name().to_string();
     let workers: Vec<_> = remote
         .iter()
         .map(|w| json!({"id": w.id, "models": w.model_list(), "device": w.device, "adapters": w.adapter_list()}))
         .collect();
-    match services.engine_status() {
+    match models.engine_status() {
         Some(engine) => Json(json!({
             "status": "ok",
             "ready": engine.ready,
@@ -29,7 +30,7 @@ async fn ping(State(ctx): State<AppContext>) -> impl IntoResponse {
         // Ready when a live worker process holds the default model.
         None => Json(json!({
             "status": "ok",
-            "ready": remote.iter().any(|w| w.model_list().contains(model)),
+            "ready": remote.iter().any(|w| w.model_list().contains(&model)),
             "worker": {"mode": "external"},
             "workers": workers,
             "queue": {"depth": depth},

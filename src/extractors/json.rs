@@ -13,7 +13,11 @@ use axum::{
 use loco_rs::app::AppContext;
 use serde::de::DeserializeOwned;
 
-use crate::{errors::ApiError, services::Services, settings::ApiSettings};
+use crate::{
+    errors::{ApiError, ErrorCode},
+    services::Services,
+    settings::ApiSettings,
+};
 
 #[derive(Debug, Clone)]
 pub struct JsonBody<T>(pub T);
@@ -47,8 +51,8 @@ pub async fn read_json<T: DeserializeOwned>(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     if !content_type_allows_json(content_type.as_deref()) {
-        return Err(ApiError::bad_request(
-            "unsupported_content_type",
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedContentType,
             format!(
                 "expected a JSON body (Content-Type: application/json), got {}",
                 content_type.unwrap_or_default()
@@ -67,22 +71,25 @@ pub async fn read_json<T: DeserializeOwned>(
         .await
         .map_err(|_| ApiError::payload_too_large(limit))?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request(
-            "empty_body",
+        return Err(ApiError::new(
+            ErrorCode::EmptyBody,
             "the request body is empty; send a JSON object",
         ));
     }
     let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+        ApiError::new(
+            ErrorCode::InvalidJson,
+            format!("the body is not valid JSON: {e}"),
+        )
     })?;
     if !value.is_object() {
-        return Err(ApiError::unprocessable(
-            "invalid_body",
+        return Err(ApiError::new(
+            ErrorCode::InvalidBody,
             "the body must be a JSON object",
         ));
     }
     serde_json::from_value(value)
-        .map_err(|e| ApiError::unprocessable("invalid_body", format!("invalid request: {e}")))
+        .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("invalid request: {e}")))
 }
 
 impl<T: DeserializeOwned + Send> FromRequest<AppContext> for JsonBody<T> {

@@ -1,7 +1,8 @@
-//! Request extractors whose rejections are [`crate::errors::ApiError`]s.
+//! Request extractors whose rejections are [`crate::errors::ApiError`]s: who calls
+//! ([`Caller`] and its admin and metered forms) and the JSON body ([`JsonBody`]).
 
-pub mod api_key;
+pub mod caller;
 pub mod json;
 
-pub use api_key::{AdminKey, ApiKey};
+pub use caller::{AdminCaller, Caller, MeteredCaller};
 pub use json::JsonBody;

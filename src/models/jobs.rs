@@ -22,6 +22,13 @@ pub const RUNNING: &str = "running";
 pub const DONE: &str = "done";
 pub const FAILED: &str = "failed";
 
+/// Why the reaper picked a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stuck {
+    Queued,
+    Running,
+}
+
 /// What a finished job stores: its result text and token counts.
 #[derive(Debug, Clone)]
 pub struct JobOutput {
@@ -197,6 +204,47 @@ impl Model {
             .filter(Column::Status.eq(QUEUED))
             .all(db)
             .await?)
+    }
+
+    /// Ids of jobs `queued` since before `queued_before` or `running` since before
+    /// `running_before` (the reaper's candidates), at most 500 per call.
+    ///
+    /// # Errors
+    /// On database errors.
+    pub async fn stuck<C: ConnectionTrait>(
+        db: &C,
+        queued_before: DateTimeWithTimeZone,
+        running_before: DateTimeWithTimeZone,
+    ) -> Result<Vec<(String, Stuck)>, ModelError> {
+        use sea_orm::{Condition, QuerySelect};
+        let rows = Entity::find()
+            .filter(
+                Condition::any()
+                    .add(
+                        Condition::all()
+                            .add(Column::Status.eq(QUEUED))
+                            .add(Column::QueuedAt.lt(queued_before)),
+                    )
+                    .add(
+                        Condition::all()
+                            .add(Column::Status.eq(RUNNING))
+                            .add(Column::StartedAt.lt(running_before)),
+                    ),
+            )
+            .limit(500)
+            .all(db)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|j| {
+                let why = if j.status == QUEUED {
+                    Stuck::Queued
+                } else {
+                    Stuck::Running
+                };
+                (j.id, why)
+            })
+            .collect())
     }
 
     /// # Errors

@@ -6,8 +6,6 @@
 //! API instance a client waits on hears them, and on SIGTERM/Ctrl-C finishes the jobs it took,
 //! stops taking new ones and exits. Run one per GPU (`CUDA_VISIBLE_DEVICES=<n>` + `gpu=0`).
 
-use std::sync::Arc;
-
 use loco_rs::{
     app::AppContext,
     task::{Task, TaskInfo, Vars},
@@ -15,13 +13,7 @@ use loco_rs::{
 };
 
 use super::{num_arg, opt_arg};
-use crate::{
-    engine::{llama::LlamaEngine, Algorithm},
-    notify::JobEvents,
-    queue::JobQueue,
-    settings::Settings,
-    workers::heartbeat::hostname,
-};
+use crate::{notify::JobEvents, queue::JobQueue, settings::Settings, workers::heartbeat::hostname};
 
 pub struct Worker;
 
@@ -93,11 +85,10 @@ impl Task for Worker {
             .map_err(msg)?;
         let started = std::time::Instant::now();
         let engine_settings = settings.engine.clone();
-        let llama = tokio::task::spawn_blocking(move || LlamaEngine::start(engine_settings))
+        let llama = tokio::task::spawn_blocking(move || crate::engine::start(&engine_settings))
             .await
             .map_err(msg)?
             .map_err(msg)?;
-        let llama: Arc<dyn Algorithm> = Arc::new(llama);
         let (worker, beat) =
             crate::workers::serve_queue(&ctx.db, llama.clone(), events, &id, &settings, &queue)
                 .await;

@@ -1,6 +1,7 @@
-//! LoRA head management (admin keys only): seed 000's `POST /attach-head` registers an adapter
-//! file from the configured adapters folder; `GET /api/adapters` lists the registrations and
-//! where they are loaded; `DELETE /api/adapters/{name}` removes one (never the file).
+//! LoRA head management (admin keys only): `POST /api/adapters` (and seed 000's
+//! `POST /attach-head`) registers an adapter file from the configured adapters folder;
+//! `GET /api/adapters` lists the registrations and where they are loaded;
+//! `DELETE /api/adapters/{name}` removes one (never the file).
 
 use axum::{
     extract::{Path, State},
@@ -13,14 +14,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::{
-    errors::{ApiError, ApiResult},
-    extractors::{AdminKey, JsonBody},
+    errors::{ApiError, ApiResult, ErrorCode},
+    extractors::{AdminCaller, JsonBody},
     models::adapters::{self, NewAdapter},
     services::Services,
 };
 
 #[derive(Debug, Deserialize)]
-struct AttachRequest {
+pub struct AttachRequest {
     name: String,
     /// Relative to the adapters folder.
     #[serde(alias = "file")]
@@ -29,23 +30,6 @@ struct AttachRequest {
     scale: Option<f64>,
     /// Defaults to the served model (the only one adapters can be registered for).
     base_model: Option<String>,
-}
-
-/// Which workers hold which adapters loaded now: this process's own worker (read live) and
-/// worker processes elsewhere (as of their last heartbeat). Read once per request.
-pub async fn holders(
-    db: &sea_orm::DatabaseConnection,
-    services: &Services,
-) -> Vec<(String, Vec<String>)> {
-    let mut all = Vec::new();
-    if let (Some(status), Some(worker)) = (services.engine_status(), &services.worker_name) {
-        all.push((worker.clone(), status.adapters));
-    }
-    for w in services.remote_workers(db).await {
-        let adapters = w.adapter_list();
-        all.push((w.id, adapters));
-    }
-    all
 }
 
 /// Names of the workers that hold the adapter `name` loaded now.
@@ -88,11 +72,11 @@ pub async fn register(
     adapters::validate_name(&name)?;
     let scale = scale.unwrap_or(1.0);
     adapters::validate_scale(scale)?;
-    let served = services.settings.engine.model_name.clone();
+    let served = services.models.default_name().to_string();
     if let Some(base) = base_model.map(str::trim) {
         if !base.is_empty() && base != served {
-            return Err(ApiError::unprocessable(
-                "unknown_base_model",
+            return Err(ApiError::new(
+                ErrorCode::UnknownBaseModel,
                 format!("this server serves {served:?}; adapters can only be registered for it"),
             ));
         }
@@ -104,7 +88,7 @@ pub async fn register(
         return Err(adapters::AdapterError::Exists(name).into());
     }
     let file = adapters::resolve_file(&services.settings.engine.adapters_dir, path)?;
-    adapters::check_lora(&file.path, services.base_architecture().as_deref())?;
+    adapters::check_lora(&file.path, services.models.base_architecture().as_deref())?;
     Ok(adapters::ActiveModel::register(
         &ctx.db,
         NewAdapter {
@@ -118,15 +102,18 @@ pub async fn register(
 }
 
 fn not_found(name: &str) -> ApiError {
-    ApiError::not_found("adapter_not_found", format!("no LoRA head named {name:?}"))
+    ApiError::new(
+        ErrorCode::AdapterNotFound,
+        format!("no LoRA head named {name:?}"),
+    )
 }
 
 /// `POST /attach-head` (and `POST /api/adapters`): 201 with the adapter, 409 for a taken name,
 /// 422 for anything wrong with the file; nothing is stored unless every check passes.
 #[tracing::instrument(skip_all, fields(api_key))]
-async fn attach(
+pub async fn attach(
     State(ctx): State<AppContext>,
-    AdminKey(key): AdminKey,
+    AdminCaller(key): AdminCaller,
     body: Result<JsonBody<AttachRequest>, ApiError>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
@@ -144,14 +131,21 @@ async fn attach(
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/api/adapters/{}", record.name))],
-        Json(adapter_json(&holders(&ctx.db, &services).await, &record)),
+        Json(adapter_json(
+            &services.models.adapter_holders().await,
+            &record,
+        )),
     )
         .into_response())
 }
 
-async fn list(State(ctx): State<AppContext>, AdminKey(_key): AdminKey) -> ApiResult<Response> {
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn list(
+    State(ctx): State<AppContext>,
+    AdminCaller(_key): AdminCaller,
+) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    let holders = holders(&ctx.db, &services).await;
+    let holders = services.models.adapter_holders().await;
     let data: Vec<Value> = adapters::Model::list(&ctx.db)
         .await?
         .iter()
@@ -160,22 +154,27 @@ async fn list(State(ctx): State<AppContext>, AdminKey(_key): AdminKey) -> ApiRes
     Ok(Json(json!({ "adapters": data })).into_response())
 }
 
+#[tracing::instrument(skip_all, fields(api_key, adapter = %name))]
 async fn show(
     State(ctx): State<AppContext>,
-    AdminKey(_key): AdminKey,
+    AdminCaller(_key): AdminCaller,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
     let record = adapters::Model::find_by_name(&ctx.db, &name)
         .await?
         .ok_or_else(|| not_found(&name))?;
-    Ok(Json(adapter_json(&holders(&ctx.db, &services).await, &record)).into_response())
+    Ok(Json(adapter_json(
+        &services.models.adapter_holders().await,
+        &record,
+    ))
+    .into_response())
 }
 
 #[tracing::instrument(skip_all, fields(api_key, adapter = %name))]
 async fn remove(
     State(ctx): State<AppContext>,
-    AdminKey(key): AdminKey,
+    AdminCaller(key): AdminCaller,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
@@ -184,14 +183,13 @@ async fn remove(
         .ok_or_else(|| not_found(&name))?;
     tracing::info!(admin = %key.prefix, "LoRA head removed");
     Ok(
-        Json(json!({ "deleted": adapter_json(&holders(&ctx.db, &services).await, &record) }))
+        Json(json!({ "deleted": adapter_json(&services.models.adapter_holders().await, &record) }))
             .into_response(),
     )
 }
 
 pub fn routes() -> Routes {
     Routes::new()
-        .add("/attach-head", axum::routing::post(attach))
         .add("/api/adapters", axum::routing::get(list).post(attach))
         .add(
             "/api/adapters/{name}",

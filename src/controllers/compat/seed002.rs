@@ -1,43 +1,38 @@
-//! Seed 002's routes: `POST /token` (username + password → bearer token), `POST
-//! /db_request/add_user/` (admin), `POST /llm_request` (with optional server-side conversation
-//! memory) and `GET /active_models/`. Spec: ../shared/seeds/002.
+//! Seed 002's (the vLLM engine manager's) routes: `POST /token` (username + password → bearer
+//! token), `POST /db_request/add_user/` (admin), `POST /llm_request` (with optional server-side
+//! conversation memory), `GET /active_models/`, and `POST /vllm_request/start|terminate`
+//! (admin; load and unload a GGUF like seed 004's `load_model`). Spec: ../shared/seeds/002.
 //!
 //! A token is an ordinary API key linked to the user, so every other route accepts it too, and
 //! every generation made with it is charged to the key and reserved against the user's token
 //! budget (see `models::budgets`).
 
-use std::time::Duration;
-
 use axum::{
     body::Body,
     extract::{Request, State},
-    http::header,
+    http::{header, HeaderMap},
     response::{IntoResponse, Response},
     Json,
 };
 use loco_rs::{app::AppContext, controller::Routes};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Map};
 
-use super::api::{accepted, settled, usage_json};
+use super::seed004::create_config;
 use crate::{
-    engine::{ChatMessage, Prompt},
-    errors::{ApiError, ApiResult},
-    extractors::{AdminKey, ApiKey, JsonBody},
+    admission::{GenerationInput, Memory, ModelChoice, SamplingInput, Ticket},
+    controllers::respond::{answer, usage_json},
+    errors::{ApiError, ApiResult, ErrorCode},
+    extractors::{AdminCaller, Caller, JsonBody, MeteredCaller},
     models::{
         api_keys,
-        conversations::{self, Owner},
-        jobs,
+        conversations::Owner,
+        model_configs::{self, NewConfig},
         users::{self, Login, NewUser, Role},
         ModelError,
     },
-    services::{Services, Submission},
-    validation::{prompt_text, SamplingInput},
+    services::Services,
 };
-
-/// Longest a memory request keeps following a job that outlived the request's wait, so that
-/// its exchange still lands in the conversation.
-const REMEMBER_FOR: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Deserialize)]
 struct Credentials {
@@ -62,8 +57,7 @@ async fn read_credentials(req: Request<Body>, limit: usize) -> ApiResult<Credent
         .to_ascii_lowercase();
     let is_form = content_type == "application/x-www-form-urlencoded";
     if !(is_form || content_type.is_empty() || content_type.ends_with("json")) {
-        return Err(ApiError::bad_request(
-            "unsupported_content_type",
+        return Err(ApiError::new(ErrorCode::UnsupportedContentType,
             format!(
                 "send the credentials as JSON or application/x-www-form-urlencoded, got {content_type}"
             ),
@@ -73,24 +67,27 @@ async fn read_credentials(req: Request<Body>, limit: usize) -> ApiResult<Credent
         .await
         .map_err(|_| ApiError::payload_too_large(limit))?;
     let text = std::str::from_utf8(&bytes)
-        .map_err(|_| ApiError::bad_request("invalid_body", "the body is not UTF-8"))?
+        .map_err(|_| ApiError::new(ErrorCode::InvalidEncoding, "the body is not UTF-8"))?
         .trim();
     if text.is_empty() {
-        return Err(ApiError::bad_request(
-            "empty_body",
+        return Err(ApiError::new(
+            ErrorCode::EmptyBody,
             "send {\"username\": …, \"password\": …}",
         ));
     }
     // `curl -d '{…}'` labels JSON as a form: a body that opens like JSON is read as JSON.
     if text.starts_with('{') || !is_form {
         let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
-            ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+            ApiError::new(
+                ErrorCode::InvalidJson,
+                format!("the body is not valid JSON: {e}"),
+            )
         })?;
         return serde_json::from_value(value)
-            .map_err(|e| ApiError::unprocessable("invalid_body", format!("invalid request: {e}")));
+            .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("invalid request: {e}")));
     }
     serde_urlencoded::from_str(text)
-        .map_err(|e| ApiError::unprocessable("invalid_body", format!("invalid form: {e}")))
+        .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("invalid form: {e}")))
 }
 
 /// `POST /token`: `{"username", "password"}` (JSON or form) → `{"username", "access_token",
@@ -104,48 +101,48 @@ async fn token(State(ctx): State<AppContext>, req: Request<Body>) -> ApiResult<R
         .as_deref()
         .is_some_and(|g| !g.is_empty() && g != "password")
     {
-        return Err(ApiError::bad_request(
-            "unsupported_grant_type",
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedGrantType,
             "only grant_type=password is supported",
         ));
     }
     let (Some(username), Some(password)) =
         (creds.username.map(|u| u.trim().to_string()), creds.password)
     else {
-        return Err(ApiError::unprocessable(
-            "invalid_body",
+        return Err(ApiError::new(
+            ErrorCode::InvalidBody,
             "`username` and `password` are required",
         ));
     };
     if username.is_empty() || password.is_empty() {
-        return Err(ApiError::unprocessable(
-            "invalid_body",
+        return Err(ApiError::new(
+            ErrorCode::InvalidBody,
             "`username` and `password` must not be empty",
         ));
     }
     if let Err(wait) = services.logins.begin(&username) {
-        return Err(ApiError::too_many_attempts(
-            "too_many_login_attempts",
+        return Err(ApiError::new(
+            ErrorCode::TooManyLoginAttempts,
             format!(
                 "too many failed logins for this username; try again in {} s",
                 wait.as_secs().max(1)
             ),
-            wait.as_secs() + 1,
-        ));
+        )
+        .retry_after(wait.as_secs() + 1));
     }
     let user = match users::authenticate(&ctx.db, &username, &password).await? {
         Login::Ok(user) => user,
         Login::Disabled(_) => {
             services.logins.succeeded(&username);
-            return Err(ApiError::forbidden(
-                "user_disabled",
+            return Err(ApiError::new(
+                ErrorCode::UserDisabled,
                 "this user is disabled",
             ));
         }
         Login::Invalid => {
             tracing::info!("failed login");
-            return Err(ApiError::unauthorized(
-                "invalid_credentials",
+            return Err(ApiError::new(
+                ErrorCode::InvalidCredentials,
                 "incorrect username or password",
             ));
         }
@@ -183,11 +180,11 @@ struct AddUser {
 #[tracing::instrument(skip_all, fields(api_key))]
 async fn add_user(
     State(ctx): State<AppContext>,
-    AdminKey(_admin): AdminKey,
+    AdminCaller(_admin): AdminCaller,
     body: Result<JsonBody<AddUser>, ApiError>,
 ) -> ApiResult<Response> {
     let JsonBody(body) = body?;
-    let invalid = |e: ModelError| ApiError::unprocessable("invalid_user", e.to_string());
+    let invalid = |e: ModelError| ApiError::new(ErrorCode::InvalidUser, e.to_string());
     let role = body
         .role
         .as_deref()
@@ -213,7 +210,7 @@ async fn add_user(
         Ok(user) => user,
         Err(e @ ModelError::Invalid(_)) => return Err(invalid(e)),
         Err(ModelError::Conflict(message)) => {
-            return Err(ApiError::conflict("user_exists", message))
+            return Err(ApiError::new(ErrorCode::UserExists, message))
         }
         Err(e) => return Err(e.into()),
     };
@@ -247,148 +244,55 @@ async fn caller_name(db: &sea_orm::DatabaseConnection, key: &api_keys::Model) ->
     })
 }
 
-/// Appends the exchange once a job that outlived the request's wait settles (notification
-/// first, the record as the fallback for workers in other processes).
-fn remember_later(
-    db: sea_orm::DatabaseConnection,
-    services: &Services,
-    job_id: String,
-    memory: (Owner, i64),
-    prompt: String,
-) {
-    let events = services.events.clone();
-    tokio::spawn(async move {
-        let mut done = events.subscribe(&job_id);
-        let deadline = tokio::time::Instant::now() + REMEMBER_FOR;
-        loop {
-            match jobs::Model::find_any(&db, &job_id).await {
-                Ok(Some(job)) if job.is_finished() => {
-                    drop(done);
-                    events.forget(&job_id);
-                    if job.status == jobs::DONE {
-                        let reply = job.result.unwrap_or_default();
-                        if let Err(e) =
-                            conversations::append(&db, memory.0, memory.1, &prompt, &reply, &job.id)
-                                .await
-                        {
-                            tracing::error!(error = %e, "could not store the conversation turn");
-                        }
-                    }
-                    return;
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "reading a job to remember it"),
+impl LlmRequest {
+    /// The request as admission takes it; `owner` keeps the conversation when `memory` is on.
+    fn into_input(self, owner: Owner) -> ApiResult<GenerationInput> {
+        let memory = match (self.memory.unwrap_or(false), self.conversation_number) {
+            (false, _) => None,
+            (true, Some(number)) => Some(Memory { owner, number }),
+            (true, None) => {
+                return Err(ApiError::new(
+                    ErrorCode::ConversationNumberRequired,
+                    "`conversation_number` is required when `memory` is true",
+                ))
             }
-            if tokio::time::Instant::now() >= deadline {
-                drop(done);
-                events.forget(&job_id);
-                return;
-            }
-            // Wakes at once on the notification, else re-reads the record every few seconds.
-            if tokio::time::timeout(Duration::from_secs(5), &mut done)
-                .await
-                .is_ok()
-            {
-                done = events.subscribe(&job_id);
-            }
-        }
-    });
+        };
+        let mut input = GenerationInput::user_turn(
+            "prompt",
+            self.prompt,
+            self.sampling,
+            ModelChoice::named(Some(self.model)),
+        )?;
+        input.memory = memory;
+        Ok(input)
+    }
 }
 
-/// `POST /llm_request` → `{"username", "data"}` (plus `job_id` and `usage`).
+/// `POST /llm_request` → `{"username", "data"}` (plus `job_id` and `usage`). With `memory`,
+/// admission puts the stored conversation before the prompt and stores the exchange once the
+/// job is done, whether or not the client still waits.
 #[tracing::instrument(skip_all, fields(api_key))]
 async fn llm_request(
     State(ctx): State<AppContext>,
-    ApiKey(key): ApiKey,
+    MeteredCaller(key): MeteredCaller,
     body: Result<JsonBody<LlmRequest>, ApiError>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    services.precheck(&key).await?;
     let JsonBody(body) = body?;
-    // The served model or one started with `/vllm_request/start` (seed 002's engines).
-    let resolved = services
-        .resolve_model(
-            &ctx.db,
-            &key,
-            crate::services::ModelChoice {
-                model: Some(body.model.clone()),
-                ..Default::default()
-            },
-        )
+    let input = body.into_input(Owner::of(&key))?;
+    let admitted = services
+        .admission
+        .admit(&key, input, Ticket::wait("/llm_request"))
         .await?;
-    let tokenizer = services.tokenizer_for(&resolved.model);
-    prompt_text("prompt", &body.prompt)?;
-    let memory = match (body.memory.unwrap_or(false), body.conversation_number) {
-        (false, _) => None,
-        (true, Some(n)) => Some((Owner::of(&key), n)),
-        (true, None) => {
-            return Err(ApiError::unprocessable(
-                "conversation_number_required",
-                "`conversation_number` is required when `memory` is true",
-            ))
-        }
-    };
-    let params = body.sampling.into_params(&services.settings.api)?;
-    let message = ChatMessage {
-        role: "user".into(),
-        content: body.prompt.clone(),
-    };
-    let messages = match memory {
-        None => vec![message],
-        Some((owner, number)) => {
-            let context = tokenizer.context_size();
-            let history = conversations::recent(&ctx.db, owner, number, u64::from(context)).await?;
-            let budget = context.saturating_sub(params.max_tokens) as usize;
-            conversations::fit(history, message, budget, |chat| {
-                tokenizer.count(&Prompt::Chat {
-                    messages: chat.to_vec(),
-                })
-            })
-            .map_err(|e| {
-                ApiError::unprocessable("invalid_prompt", format!("prompt cannot be rendered: {e}"))
-            })?
-        }
-    };
-    let request = resolved.request(Prompt::Chat { messages }, params);
     let username = caller_name(&ctx.db, &key).await?;
-    match services
-        .submit_and_wait(&ctx.db, &key, "/llm_request", request, None)
-        .await?
-    {
-        Submission::Pending(job) => {
-            if let Some(memory) = memory {
-                remember_later(
-                    ctx.db.clone(),
-                    &services,
-                    job.id.clone(),
-                    memory,
-                    body.prompt,
-                );
-            }
-            Ok(accepted(&job))
-        }
-        Submission::Finished(job) => {
-            let job = settled(job)?;
-            let reply = job.result.clone().unwrap_or_default();
-            if let Some((owner, number)) = memory {
-                // The answer was generated and charged: a storage failure is logged, not
-                // turned into an error the client would retry (and pay for) again.
-                if let Err(e) =
-                    conversations::append(&ctx.db, owner, number, &body.prompt, &reply, &job.id)
-                        .await
-                {
-                    tracing::error!(error = %e, "could not store the conversation turn");
-                }
-            }
-            Ok(Json(json!({
-                "username": username,
-                "data": reply,
-                "job_id": job.id,
-                "usage": usage_json(&job),
-            }))
-            .into_response())
-        }
-    }
+    answer(admitted, |job| {
+        json!({
+            "username": username,
+            "data": job.result.clone().unwrap_or_default(),
+            "job_id": job.id,
+            "usage": usage_json(job),
+        })
+    })
 }
 
 /// `GET /active_models/`: the models this server's worker has loaded, in seed 002's shape,
@@ -397,12 +301,12 @@ async fn llm_request(
 #[tracing::instrument(skip_all, fields(api_key))]
 async fn active_models(
     State(ctx): State<AppContext>,
-    ApiKey(key): ApiKey,
+    Caller(key): Caller,
     headers: axum::http::HeaderMap,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
     let caller = caller_name(&ctx.db, &key).await?;
-    let endpoint = super::llm::openai_base_url(&headers);
+    let endpoint = openai_base_url(&headers);
     let entry = |container: Option<String>, status: crate::engine::EngineStatus| {
         json!({
             "engine_name": status.model,
@@ -418,17 +322,17 @@ async fn active_models(
             "device": status.device,
         })
     };
-    let mut list: Vec<serde_json::Value> = services
+    let models = &services.models;
+    let mut list: Vec<serde_json::Value> = models
         .engine_status()
         .filter(|status| status.ready)
-        .map(|status| entry(services.worker_name.clone(), status))
+        .map(|status| entry(models.worker_name().map(str::to_string), status))
         .into_iter()
         .collect();
     // Engines started with `/vllm_request/start` or `/llm/load_model`.
     list.extend(
-        services
-            .registry
-            .all()
+        models
+            .loaded()
             .iter()
             .map(|m| (m.model_id.clone(), m.status()))
             .filter(|(_, status)| status.ready)
@@ -436,8 +340,8 @@ async fn active_models(
     );
     // Worker processes elsewhere (production).
     list.extend(
-        services
-            .remote_workers(&ctx.db)
+        models
+            .remote_workers()
             .await
             .iter()
             .filter_map(|w| w.engine_status().map(|status| (w.id.clone(), status)))
@@ -445,6 +349,132 @@ async fn active_models(
             .map(|(id, status)| entry(Some(id), status)),
     );
     Ok(Json(list).into_response())
+}
+
+/// Seed 002's engine start request. The Hugging Face token is accepted for compatibility and
+/// dropped at once: models come from the local models directory, never from a hub.
+#[derive(Debug, Deserialize)]
+#[allow(non_snake_case)]
+struct StartRequest {
+    Model: String,
+    MAX_MODEL_LEN: Option<u32>,
+    SEED: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TerminateRequest {
+    container_id: String,
+}
+
+/// This server's OpenAI base URL as the client reached it (`X-Forwarded-*` aware).
+pub fn openai_base_url(headers: &HeaderMap) -> String {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let host = header("x-forwarded-host")
+        .or_else(|| header("host"))
+        .unwrap_or_else(|| "localhost".into());
+    let scheme = header("x-forwarded-proto").unwrap_or_else(|| "http".into());
+    format!("{scheme}://{host}/v1")
+}
+
+/// A model id from a file name: its stem, with anything unusual replaced.
+fn model_id_for(file: &str) -> String {
+    let stem = file.trim().trim_end_matches(".gguf");
+    let stem = stem.rsplit('/').next().unwrap_or(stem);
+    stem.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect()
+}
+
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn vllm_start(
+    State(ctx): State<AppContext>,
+    AdminCaller(key): AdminCaller,
+    headers: HeaderMap,
+    body: Result<JsonBody<StartRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let JsonBody(body) = body?;
+    let default = services.models.default_name().to_string();
+    let model_id = if body.Model.trim() == default {
+        default.clone()
+    } else {
+        model_id_for(&body.Model)
+    };
+    let message = if model_id == default {
+        "the default model is always running".to_string()
+    } else {
+        let mut kwargs = Map::new();
+        if let Some(n) = body.MAX_MODEL_LEN {
+            kwargs.insert("context_size".into(), n.into());
+        }
+        if let Some(seed) = body.SEED {
+            kwargs.insert("seed".into(), seed.into());
+        }
+        let config = create_config(
+            &ctx.db,
+            NewConfig {
+                model_id: model_id.clone(),
+                model_name: body.Model.trim().to_string(),
+                model_type: "vllm_request".into(),
+                model_kwargs: kwargs,
+            },
+        )
+        .await?;
+        match services.models.load(&config).await {
+            Ok((_, true)) => format!("engine {model_id} started"),
+            Ok((_, false)) => {
+                model_configs::delete(&ctx.db, &config.config_id).await?;
+                format!("engine {model_id} was already running")
+            }
+            Err(e) => {
+                model_configs::delete(&ctx.db, &config.config_id).await?;
+                return Err(e);
+            }
+        }
+    };
+    Ok(Json(json!({
+        "message": message,
+        "vLLM_endpoint": openai_base_url(&headers),
+        "engine_name": model_id,
+        "container_id": model_id,
+        "user_info": {"key": key.prefix, "name": key.name},
+        "status": "healthy",
+    }))
+    .into_response())
+}
+
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn vllm_terminate(
+    State(ctx): State<AppContext>,
+    AdminCaller(_key): AdminCaller,
+    body: Result<JsonBody<TerminateRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let JsonBody(body) = body?;
+    let model_id = body.container_id.trim().to_string();
+    let config_id = services.models.get(&model_id).map(|m| m.config_id.clone());
+    services.models.unload(&model_id).await?;
+    // Engines started through /vllm_request own their configuration.
+    if let Some(config_id) = config_id {
+        if let Some(config) = model_configs::Model::find_by_config_id(&ctx.db, &config_id).await? {
+            if config.model_type == "vllm_request" {
+                model_configs::delete(&ctx.db, &config_id).await?;
+            }
+        }
+    }
+    Ok(Json(json!({"status": "terminated"})).into_response())
 }
 
 pub fn routes() -> Routes {
@@ -455,4 +485,9 @@ pub fn routes() -> Routes {
         .add("/db_request/add_user", axum::routing::post(add_user))
         .add("/llm_request", axum::routing::post(llm_request))
         .add("/active_models", axum::routing::get(active_models))
+        .add("/vllm_request/start", axum::routing::post(vllm_start))
+        .add(
+            "/vllm_request/terminate",
+            axum::routing::post(vllm_terminate),
+        )
 }

@@ -15,16 +15,17 @@ use serde_json::json;
 
 use crate::{
     errors::{ApiError, ApiResult},
-    extractors::AdminKey,
+    extractors::AdminCaller,
     metrics::{self, label},
     models::workers,
     services::Services,
 };
 
 /// `GET /api/workers`: every worker that has heartbeated, with its state.
+#[tracing::instrument(skip_all, fields(api_key))]
 async fn list_workers(
     State(ctx): State<AppContext>,
-    AdminKey(_key): AdminKey,
+    AdminCaller(_key): AdminCaller,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
     let gone_after = services.settings.queue.orphan_after();
@@ -49,7 +50,7 @@ async fn metrics_text(State(ctx): State<AppContext>) -> ApiResult<Response> {
 
     out.push_str("# HELP tollgate_queue_depth Jobs waiting for a worker, per model.\n");
     out.push_str("# TYPE tollgate_queue_depth gauge\n");
-    let queues = services.served_queues(&ctx.db).await;
+    let queues = services.models.served_queues().await;
     for (model, queue) in queues {
         if let Ok(depth) = queue.depth().await {
             let _ = writeln!(

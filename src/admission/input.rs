@@ -1,0 +1,476 @@
+//! The one request shape every route family converts its wire body into (parse, don't
+//! validate: past this point the text and the numbers are trusted).
+//!
+//! Each wire type (seed 000/001/002/003/004, OpenAI chat/completions/embeddings) has a
+//! `TryFrom` into [`GenerationInput`] or [`EmbeddingInput`] next to its route; the rules that
+//! all of them share — what a prompt may hold, which chat roles exist, how sampling numbers are
+//! bounded — live here, once.
+
+use serde::Deserialize;
+
+use crate::{
+    engine::{ChatMessage, Prompt, SamplingParams},
+    errors::{ApiError, ErrorCode},
+    models::conversations::Owner,
+    settings::ApiSettings,
+};
+
+/// Most stop strings a request may give, and their longest length.
+pub const MAX_STOP_WORDS: usize = 8;
+pub const MAX_STOP_LEN: usize = 128;
+/// Most inputs one embedding request may carry.
+pub const MAX_EMBEDDING_INPUTS: usize = 256;
+
+/// Chat roles, one closed set for every route. `developer` (OpenAI's newer name for
+/// instructions from the application) is rendered as `system`.
+pub const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+/// A generation request, whatever route it came in on.
+#[derive(Debug, Clone)]
+pub struct GenerationInput {
+    pub prompt: Prompt,
+    pub sampling: SamplingInput,
+    pub model: ModelChoice,
+    /// Seed 002's server-side memory: the stored turns of this conversation are put before
+    /// the prompt, and the exchange is stored once the job is done.
+    pub memory: Option<Memory>,
+}
+
+impl GenerationInput {
+    /// A single user turn.
+    ///
+    /// # Errors
+    /// 422 when `text` is blank or holds NUL characters.
+    pub fn user_turn(
+        field: &str,
+        text: String,
+        sampling: SamplingInput,
+        model: ModelChoice,
+    ) -> Result<Self, ApiError> {
+        Ok(Self {
+            prompt: user_prompt(field, text)?,
+            sampling,
+            model,
+            memory: None,
+        })
+    }
+}
+
+/// `text` (the body's field `field`) as a single user turn.
+///
+/// # Errors
+/// 422 when `text` is blank or holds NUL characters.
+pub fn user_prompt(field: &str, text: String) -> Result<Prompt, ApiError> {
+    prompt_text(field, &text)?;
+    Ok(Prompt::Chat {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: text,
+        }],
+    })
+}
+
+/// Which stored conversation a request continues.
+#[derive(Debug, Clone, Copy)]
+pub struct Memory {
+    pub owner: Owner,
+    pub number: i64,
+}
+
+/// Texts to embed, whatever route they came in on.
+#[derive(Debug, Clone)]
+pub struct EmbeddingInput {
+    pub inputs: Vec<String>,
+    pub model: Option<String>,
+}
+
+impl EmbeddingInput {
+    /// # Errors
+    /// 422 when there are no inputs, too many, or one is blank or holds NUL characters.
+    pub fn new(inputs: Vec<(String, String)>, model: Option<String>) -> Result<Self, ApiError> {
+        if inputs.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::EmptyInput,
+                "`input` must contain at least one string",
+            ));
+        }
+        if inputs.len() > MAX_EMBEDDING_INPUTS {
+            return Err(ApiError::new(
+                ErrorCode::TooManyInputs,
+                format!("`input` takes at most {MAX_EMBEDDING_INPUTS} strings"),
+            ));
+        }
+        for (field, text) in &inputs {
+            if text.trim().is_empty() {
+                return Err(ApiError::new(
+                    ErrorCode::EmptyInput,
+                    format!("`{field}` must not be empty"),
+                ));
+            }
+            if text.contains('\0') {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidInput,
+                    format!("`{field}` must not contain NUL characters"),
+                ));
+            }
+        }
+        Ok(Self {
+            inputs: inputs.into_iter().map(|(_, t)| t).collect(),
+            model,
+        })
+    }
+}
+
+/// What is admitted: a generation or an embedding.
+#[derive(Debug, Clone)]
+pub enum Input {
+    Generate(GenerationInput),
+    Embed(EmbeddingInput),
+}
+
+impl From<GenerationInput> for Input {
+    fn from(g: GenerationInput) -> Self {
+        Self::Generate(g)
+    }
+}
+
+impl From<EmbeddingInput> for Input {
+    fn from(e: EmbeddingInput) -> Self {
+        Self::Embed(e)
+    }
+}
+
+/// What a request asked for: a model id (`base` or `base:adapter`), a LoRA head named apart
+/// from it, and a scale for that head.
+#[derive(Debug, Clone, Default)]
+pub struct ModelChoice {
+    pub model: Option<String>,
+    pub adapter: Option<String>,
+    pub scale: Option<f64>,
+    /// Seed 001 clients name their own deployment's model (its example says "gpt-model"): an
+    /// unknown base name is served by the configured model instead of refused.
+    pub lenient_base: bool,
+}
+
+impl ModelChoice {
+    /// Just a model name, as most routes give it.
+    #[must_use]
+    pub fn named(model: Option<String>) -> Self {
+        Self {
+            model,
+            ..Self::default()
+        }
+    }
+}
+
+/// The model and LoRA head fields a generation request may carry (`model` may be
+/// `base:adapter`; `lora`, alias `head`, names the adapter on its own).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct HeadInput {
+    pub model: Option<String>,
+    #[serde(alias = "head")]
+    pub lora: Option<String>,
+    pub scale: Option<f64>,
+}
+
+impl From<HeadInput> for ModelChoice {
+    fn from(h: HeadInput) -> Self {
+        Self {
+            model: h.model,
+            adapter: h.lora,
+            scale: h.scale,
+            lenient_base: false,
+        }
+    }
+}
+
+/// `stop` as clients send it: one string or a list.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum StopWords {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopWords {
+    #[must_use]
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+/// Optional sampling fields shared by every generation route, as sent.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SamplingInput {
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub seed: Option<i64>,
+    pub stop: Option<StopWords>,
+    /// A `max_tokens` above the server's limit is cut to it instead of refused (seed 001's
+    /// documented default of 8096 is larger than most contexts).
+    #[serde(skip)]
+    pub clamp_max_tokens: bool,
+}
+
+impl SamplingInput {
+    /// Fills fields the request left out from `fallback` (a loaded model's own defaults).
+    #[must_use]
+    pub fn or(self, fallback: Self) -> Self {
+        Self {
+            max_tokens: self.max_tokens.or(fallback.max_tokens),
+            temperature: self.temperature.or(fallback.temperature),
+            top_p: self.top_p.or(fallback.top_p),
+            seed: self.seed.or(fallback.seed),
+            stop: self.stop.or(fallback.stop),
+            clamp_max_tokens: self.clamp_max_tokens,
+        }
+    }
+
+    /// Applies defaults and bounds.
+    ///
+    /// # Errors
+    /// 422 naming the field and its allowed range.
+    pub fn into_params(self, api: &ApiSettings) -> Result<SamplingParams, ApiError> {
+        let limit = i64::from(api.max_tokens_limit);
+        let max_tokens = match self.max_tokens {
+            None => api.default_max_tokens,
+            Some(n) if n > limit && self.clamp_max_tokens => api.max_tokens_limit,
+            Some(n) if n >= 1 && n <= i64::from(api.max_tokens_limit) => {
+                u32::try_from(n).unwrap_or(api.max_tokens_limit)
+            }
+            Some(n) => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidMaxTokens,
+                    format!(
+                        "max_tokens must be between 1 and {}, got {n}",
+                        api.max_tokens_limit
+                    ),
+                ))
+            }
+        };
+        let temperature = match self.temperature {
+            None => api.default_temperature,
+            Some(t) if (0.0..=2.0).contains(&t) => t as f32,
+            Some(t) => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidTemperature,
+                    format!("temperature must be between 0 and 2, got {t}"),
+                ))
+            }
+        };
+        let top_p = match self.top_p {
+            None => 1.0,
+            Some(p) if p > 0.0 && p <= 1.0 => p as f32,
+            Some(p) => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidTopP,
+                    format!("top_p must be in (0, 1], got {p}"),
+                ))
+            }
+        };
+        let seed = match self.seed {
+            None => None,
+            Some(s) => Some(u32::try_from(s).map_err(|_| {
+                ApiError::new(
+                    ErrorCode::InvalidSeed,
+                    format!("seed must be between 0 and {}, got {s}", u32::MAX),
+                )
+            })?),
+        };
+        let stop = self.stop.map(StopWords::into_vec).unwrap_or_default();
+        if stop.len() > MAX_STOP_WORDS || stop.iter().any(|s| s.len() > MAX_STOP_LEN) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidStop,
+                format!(
+                    "stop accepts at most {MAX_STOP_WORDS} strings of at most {MAX_STOP_LEN} bytes"
+                ),
+            ));
+        }
+        Ok(SamplingParams {
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+        })
+    }
+}
+
+/// A prompt text field: present, a string, not blank, no NUL bytes.
+///
+/// # Errors
+/// 422 naming the field.
+pub fn prompt_text(field: &str, text: &str) -> Result<(), ApiError> {
+    if text.trim().is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::EmptyPrompt,
+            format!("`{field}` must not be empty"),
+        ));
+    }
+    if text.contains('\0') {
+        return Err(ApiError::new(
+            ErrorCode::InvalidPrompt,
+            format!("`{field}` must not contain NUL characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Message content as clients send it: a string, or OpenAI's list of content parts (text
+/// parts only).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+/// One chat message as any route receives it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WireMessage {
+    pub role: String,
+    pub content: Option<Content>,
+}
+
+/// The one rule set for chat messages on every route: at least one message, roles from
+/// [`ROLES`], text content only, no NUL characters.
+///
+/// # Errors
+/// 422 naming the message at fault.
+pub fn chat_messages(wire: Vec<WireMessage>) -> Result<Vec<ChatMessage>, ApiError> {
+    if wire.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidMessages,
+            "`messages` must contain at least one message",
+        ));
+    }
+    wire.into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = m.role.trim();
+            if !ROLES.contains(&role) {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRole,
+                    format!(
+                        "messages[{i}].role must be one of {ROLES:?}, got {:?}",
+                        m.role
+                    ),
+                ));
+            }
+            let role = if role == "developer" { "system" } else { role };
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => {
+                    if let Some(p) = parts.iter().find(|p| p.kind != "text") {
+                        return Err(ApiError::new(
+                            ErrorCode::UnsupportedContent,
+                            format!(
+                                "messages[{i}]: content parts of type {:?} are not supported",
+                                p.kind
+                            ),
+                        ));
+                    }
+                    parts
+                        .into_iter()
+                        .filter_map(|p| p.text)
+                        .collect::<Vec<_>>()
+                        .join("")
+                }
+            };
+            if content.contains('\0') {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidPrompt,
+                    format!("messages[{i}].content must not contain NUL characters"),
+                ));
+            }
+            Ok(ChatMessage {
+                role: role.to_string(),
+                content,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_missing_fields_and_bounds_reject_out_of_range() {
+        let api = ApiSettings::default();
+        let p = SamplingInput::default()
+            .into_params(&api)
+            .expect("defaults");
+        assert_eq!(p.max_tokens, api.default_max_tokens);
+        assert!(p.stop.is_empty());
+        for bad in [
+            SamplingInput {
+                max_tokens: Some(0),
+                ..Default::default()
+            },
+            SamplingInput {
+                max_tokens: Some(i64::from(api.max_tokens_limit) + 1),
+                ..Default::default()
+            },
+            SamplingInput {
+                temperature: Some(2.5),
+                ..Default::default()
+            },
+            SamplingInput {
+                temperature: Some(-0.1),
+                ..Default::default()
+            },
+            SamplingInput {
+                top_p: Some(0.0),
+                ..Default::default()
+            },
+            SamplingInput {
+                seed: Some(-1),
+                ..Default::default()
+            },
+        ] {
+            let err = bad.into_params(&api).expect_err("out of range");
+            assert_eq!(err.status().as_u16(), 422, "{err}");
+        }
+    }
+
+    fn message(role: &str, content: &str) -> WireMessage {
+        WireMessage {
+            role: role.into(),
+            content: Some(Content::Text(content.into())),
+        }
+    }
+
+    #[test]
+    fn one_role_set_for_every_route_and_developer_is_a_system_turn() {
+        let ok = chat_messages(vec![
+            message("developer", "be brief"),
+            message("user", "hi"),
+        ])
+        .expect("valid roles");
+        assert_eq!(ok[0].role, "system");
+        for bad in ["", "narrator", "System", "<|im_start|>system"] {
+            let err = chat_messages(vec![message(bad, "x")]).expect_err("closed set");
+            assert_eq!(err.code.as_str(), "invalid_role", "{bad:?}");
+        }
+        assert_eq!(
+            chat_messages(vec![])
+                .expect_err("no messages")
+                .code
+                .as_str(),
+            "invalid_messages"
+        );
+    }
+}

@@ -1,0 +1,613 @@
+//! The one admission path. Every route that spends a call — whatever its wire shape — converts
+//! its body into an [`Input`] and calls [`Admission::admit`], which:
+//!
+//! 1. follows an earlier job with the same client id (seed 001's `job_id`), charging nothing;
+//! 2. resolves the model and LoRA head against the key's allow-lists ([`resolve`]);
+//! 3. bounds the sampling numbers and, for seed 002's memory, puts the stored conversation
+//!    before the prompt;
+//! 4. applies the content policy and counts tokens against the context ([`policy`]);
+//! 5. checks that the model's queue answers;
+//! 6. charges the call, reserves token budgets, records the job and pushes it — the one step
+//!    with side effects, run as its own task so that it completes even when the client hangs up
+//!    halfway (every compensation lives in [`commit`]);
+//! 7. follows the job as the route asked: wait for the result, answer at once, or stream.
+//!
+//! Steps 1–5 change nothing, so every refusal leaves no trace. A job that nonetheless stays
+//! `queued` or `running` too long (its process died mid-step) is failed and refunded by the
+//! [`reaper`].
+
+pub mod input;
+pub mod policy;
+pub mod reaper;
+pub mod resolve;
+
+use std::{sync::Arc, time::Duration};
+
+use sea_orm::DatabaseConnection;
+use tracing::Instrument;
+
+pub use self::input::{
+    EmbeddingInput, GenerationInput, HeadInput, Input, Memory, ModelChoice, SamplingInput,
+    StopWords,
+};
+use crate::{
+    engine::{EmbeddingRequest, Prompt},
+    errors::{ApiError, ErrorCode},
+    models::{
+        api_keys::{self, Refusal},
+        budgets::{self, BudgetRefusal},
+        conversations, jobs,
+    },
+    notify::JobEvents,
+    queue::{GenerationJob, JobQueue, Work},
+    serving::ModelRegistry,
+    settings::Settings,
+};
+
+/// Longest a memory request's exchange is waited for, so that it still lands in the
+/// conversation when its job outlived the request.
+const REMEMBER_FOR: Duration = Duration::from_secs(3600);
+
+/// What the caller wants once the job is admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follow {
+    /// The result, up to `settings.api.wait_timeout_ms`.
+    Result,
+    /// Nothing: answer as soon as the job is queued.
+    Nothing,
+    /// Its token deltas and final record (no timeout: the client reads them as they come).
+    Updates,
+}
+
+/// How an admission ended for the caller.
+#[derive(Debug)]
+pub enum Admitted {
+    /// Settled within the wait: done or failed.
+    Finished(jobs::Model),
+    /// Still queued or running; poll `GET /api/jobs/{id}`.
+    Pending(jobs::Model),
+    /// Subscribed for streaming.
+    Streaming(JobStream),
+}
+
+/// A queued job and its subscriptions: text deltas as the worker generates, then the record.
+#[derive(Debug)]
+pub struct JobStream {
+    pub job: jobs::Model,
+    pub deltas: Option<tokio::sync::broadcast::Receiver<String>>,
+    pub done: tokio::sync::oneshot::Receiver<jobs::Model>,
+}
+
+/// Where a request came from and how it wants to be answered.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    /// The route, as recorded on the job.
+    pub endpoint: &'static str,
+    /// The client's own id for the job (seed 001's `job_id`), idempotent per key.
+    pub client_ref: Option<String>,
+    pub follow: Follow,
+}
+
+impl Ticket {
+    /// Wait for the result.
+    #[must_use]
+    pub fn wait(endpoint: &'static str) -> Self {
+        Self {
+            endpoint,
+            client_ref: None,
+            follow: Follow::Result,
+        }
+    }
+
+    #[must_use]
+    pub fn follow(mut self, follow: Follow) -> Self {
+        self.follow = follow;
+        self
+    }
+
+    #[must_use]
+    pub fn client_ref(mut self, client_ref: Option<String>) -> Self {
+        self.client_ref = client_ref;
+        self
+    }
+}
+
+/// The admission unit: what [`Admission::admit`] needs, built once at start-up.
+pub struct Admission {
+    settings: Settings,
+    db: DatabaseConnection,
+    policy: policy::Policy,
+    models: Arc<ModelRegistry>,
+    events: JobEvents,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission").finish_non_exhaustive()
+    }
+}
+
+impl Admission {
+    #[must_use]
+    pub fn new(
+        settings: Settings,
+        db: DatabaseConnection,
+        policy: policy::Policy,
+        models: Arc<ModelRegistry>,
+        events: JobEvents,
+    ) -> Self {
+        Self {
+            settings,
+            db,
+            policy,
+            models,
+            events,
+        }
+    }
+
+    /// Admits `input` for `key` (whose standing the caller extractor has checked) and follows
+    /// the job as `ticket` says.
+    ///
+    /// # Errors
+    /// Every refusal (404/403/422 model or input, 400 policy or context, 401/403/429 from the
+    /// charge, 429 budgets, 503 queue) comes before anything is charged or queued.
+    pub async fn admit(
+        &self,
+        key: &api_keys::Model,
+        input: impl Into<Input>,
+        ticket: Ticket,
+    ) -> Result<Admitted, ApiError> {
+        if let Some(r) = ticket.client_ref.as_deref() {
+            if let Some(existing) = jobs::Model::find_by_client_ref(&self.db, key.id, r).await? {
+                return self.follow(existing, ticket.follow).await;
+            }
+        }
+        let (work, memory) = self.work(key, input.into()).await?;
+        let prompt_tokens = self
+            .policy
+            .admit_input(&work, &self.models, &self.settings.engine)?;
+        let queue = self.queue_for(work.base_model()).await?;
+        let memory_prompt = memory.map(|m| (m, last_user_text(&work)));
+        let commit = Commit {
+            db: self.db.clone(),
+            events: self.events.clone(),
+            queue,
+            key: key.clone(),
+            endpoint: ticket.endpoint,
+            client_ref: ticket.client_ref.clone(),
+            prompt_tokens,
+            work,
+            subscribe: ticket.follow,
+            request_id: crate::request_id::current(),
+        };
+        // Spawned: a client that hangs up cannot stop it between the charge and the push.
+        let committed = tokio::spawn(commit.run().in_current_span())
+            .await
+            .map_err(ApiError::internal)?;
+        let (record, deltas, done) = match committed {
+            Committed::New(record, deltas, done) => (record, deltas, done),
+            Committed::Existing(record) => return self.follow(record, ticket.follow).await,
+            Committed::Refused(e) => return Err(e),
+        };
+        if let Some((memory, prompt)) = memory_prompt {
+            remember(
+                self.db.clone(),
+                self.events.clone(),
+                record.id.clone(),
+                memory,
+                prompt,
+            );
+        }
+        match (ticket.follow, done) {
+            (Follow::Updates, Some(done)) => Ok(Admitted::Streaming(JobStream {
+                job: record,
+                deltas,
+                done,
+            })),
+            (_, Some(done)) => self.await_settled(done, record).await,
+            (_, None) => Ok(Admitted::Pending(record)),
+        }
+    }
+
+    /// The engine work for `input`: model resolved, numbers bounded, history put before a
+    /// memory request's prompt.
+    async fn work(
+        &self,
+        key: &api_keys::Model,
+        input: Input,
+    ) -> Result<(Work, Option<Memory>), ApiError> {
+        match input {
+            Input::Generate(g) => {
+                let resolved = resolve::resolve(
+                    &self.db,
+                    &self.models,
+                    &self.settings.engine.adapters_dir,
+                    key,
+                    g.model,
+                )
+                .await?;
+                let d = self.models.defaults_for(&resolved.model);
+                let params = g
+                    .sampling
+                    .or(SamplingInput {
+                        max_tokens: d.max_tokens,
+                        temperature: d.temperature,
+                        top_p: d.top_p,
+                        ..SamplingInput::default()
+                    })
+                    .into_params(&self.settings.api)?;
+                let prompt = match (g.memory, g.prompt) {
+                    (Some(m), Prompt::Chat { mut messages }) if !messages.is_empty() => {
+                        let last = messages.remove(messages.len() - 1);
+                        let tokenizer = self.models.tokenizer_for(&resolved.model);
+                        let context = tokenizer.context_size();
+                        let history =
+                            conversations::recent(&self.db, m.owner, m.number, u64::from(context))
+                                .await?;
+                        let budget = context.saturating_sub(params.max_tokens) as usize;
+                        let fitted = conversations::fit(history, last, budget, |chat| {
+                            tokenizer.count(&Prompt::Chat {
+                                messages: chat.to_vec(),
+                            })
+                        })
+                        .map_err(|e| {
+                            ApiError::new(
+                                ErrorCode::InvalidPrompt,
+                                format!("prompt cannot be rendered: {e}"),
+                            )
+                        })?;
+                        Prompt::Chat { messages: fitted }
+                    }
+                    (_, prompt) => prompt,
+                };
+                Ok((Work::Generate(resolved.request(prompt, params)), g.memory))
+            }
+            Input::Embed(e) => {
+                if !self.settings.engine.embeddings.enabled {
+                    return Err(ApiError::new(
+                        ErrorCode::EmbeddingsDisabled,
+                        "embeddings are disabled on this server",
+                    ));
+                }
+                let resolved = resolve::resolve(
+                    &self.db,
+                    &self.models,
+                    &self.settings.engine.adapters_dir,
+                    key,
+                    ModelChoice::named(e.model),
+                )
+                .await?;
+                if resolved.adapter.is_some() {
+                    return Err(ApiError::new(
+                        ErrorCode::AdapterNotSupported,
+                        "LoRA heads apply to generation; embeddings come from the base model",
+                    ));
+                }
+                Ok((
+                    Work::Embed(EmbeddingRequest {
+                        model: resolved.model,
+                        inputs: e.inputs,
+                    }),
+                    None,
+                ))
+            }
+        }
+    }
+
+    /// 503 before anything is charged when the model's queue cannot take a job now (Redis
+    /// down): clients get a fast, free answer they can retry.
+    async fn queue_for(&self, model: &str) -> Result<JobQueue, ApiError> {
+        let queue = self.models.queue_of(model).await.ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::ModelUnavailable,
+                format!("model {model:?} is not loaded; nothing was charged"),
+            )
+        })?;
+        queue.ping().await.map_err(|e| {
+            tracing::warn!(error = %e, "queue unavailable");
+            queue_unavailable()
+        })?;
+        Ok(queue)
+    }
+
+    /// Subscriptions for an existing job; a job that already settled gets its record at once.
+    ///
+    /// # Errors
+    /// On database errors.
+    pub async fn stream_of(&self, job: jobs::Model) -> Result<JobStream, ApiError> {
+        let deltas = self.events.subscribe_deltas(&job.id);
+        let done = self.events.subscribe(&job.id);
+        let current = jobs::Model::find_any(&self.db, &job.id)
+            .await?
+            .unwrap_or(job);
+        if current.is_finished() {
+            self.events.forget(&current.id);
+            let (tx, done) = tokio::sync::oneshot::channel();
+            let _ = tx.send(current.clone());
+            return Ok(JobStream {
+                job: current,
+                deltas: None,
+                done,
+            });
+        }
+        Ok(JobStream {
+            job: current,
+            deltas,
+            done,
+        })
+    }
+
+    /// Follows an existing job (a repeated client id) without charging anything.
+    async fn follow(&self, job: jobs::Model, follow: Follow) -> Result<Admitted, ApiError> {
+        if job.is_finished() {
+            return Ok(Admitted::Finished(job));
+        }
+        match follow {
+            Follow::Nothing => return Ok(Admitted::Pending(job)),
+            Follow::Updates => return Ok(Admitted::Streaming(self.stream_of(job).await?)),
+            Follow::Result => {}
+        }
+        let done = self.events.subscribe(&job.id);
+        // It may have settled between the read and the subscription.
+        let current = jobs::Model::find_any(&self.db, &job.id)
+            .await?
+            .unwrap_or(job);
+        if current.is_finished() {
+            self.events.forget(&current.id);
+            return Ok(Admitted::Finished(current));
+        }
+        self.await_settled(done, current).await
+    }
+
+    /// Waits for the notification up to the configured timeout, then trusts the record.
+    async fn await_settled(
+        &self,
+        done: tokio::sync::oneshot::Receiver<jobs::Model>,
+        record: jobs::Model,
+    ) -> Result<Admitted, ApiError> {
+        let wait = Duration::from_millis(self.settings.api.wait_timeout_ms);
+        if let Ok(Ok(job)) = tokio::time::timeout(wait, done).await {
+            return Ok(Admitted::Finished(job));
+        }
+        self.events.forget(&record.id);
+        // Timed out (or the worker went away): report what the record says now.
+        let current = jobs::Model::find_any(&self.db, &record.id)
+            .await?
+            .unwrap_or(record);
+        if current.is_finished() {
+            Ok(Admitted::Finished(current))
+        } else {
+            Ok(Admitted::Pending(current))
+        }
+    }
+}
+
+fn queue_unavailable() -> ApiError {
+    ApiError::new(
+        ErrorCode::QueueUnavailable,
+        "the job queue is unavailable; nothing was charged, try again",
+    )
+}
+
+/// The text of the turn a memory request adds (its last message).
+fn last_user_text(work: &Work) -> String {
+    match work {
+        Work::Generate(r) => match &r.prompt {
+            Prompt::Chat { messages } => messages
+                .last()
+                .map(|m| m.content.clone())
+                .unwrap_or_default(),
+            Prompt::Raw { text } => text.clone(),
+        },
+        Work::Embed(_) => String::new(),
+    }
+}
+
+/// Everything the side-effecting step needs, owned, so it can run as its own task.
+struct Commit {
+    db: DatabaseConnection,
+    events: JobEvents,
+    queue: JobQueue,
+    key: api_keys::Model,
+    endpoint: &'static str,
+    client_ref: Option<String>,
+    prompt_tokens: usize,
+    work: Work,
+    subscribe: Follow,
+    request_id: Option<String>,
+}
+
+/// How the side-effecting step ended.
+enum Committed {
+    /// Charged, recorded, queued; with the subscriptions asked for.
+    New(
+        jobs::Model,
+        Option<tokio::sync::broadcast::Receiver<String>>,
+        Option<tokio::sync::oneshot::Receiver<jobs::Model>>,
+    ),
+    /// A concurrent repeat with the same client id won: follow its job (nothing charged).
+    Existing(jobs::Model),
+    /// Refused, with everything it spent given back.
+    Refused(ApiError),
+}
+
+impl Commit {
+    /// Charge → reserve → record → subscribe → push, each failure undoing what came before.
+    async fn run(self) -> Committed {
+        match self.steps().await {
+            Ok(c) => c,
+            Err(e) => Committed::Refused(e),
+        }
+    }
+
+    async fn steps(self) -> Result<Committed, ApiError> {
+        let db = &self.db;
+        let key_id = self.key.id;
+        let charged = match api_keys::charge(db, key_id).await? {
+            Ok(charged) => charged,
+            Err(refusal) => return Err(refusal_error(refusal, Some(&self.key))),
+        };
+        let reservation = match budgets::reserve(
+            db,
+            &charged,
+            i64::try_from(self.prompt_tokens).unwrap_or(i64::MAX),
+            i64::from(self.work.max_new_tokens()),
+        )
+        .await
+        {
+            Ok(Ok(reservation)) => reservation,
+            Ok(Err(refusal)) => {
+                api_keys::refund(db, key_id).await.ok();
+                return Err(budget_error(&refusal));
+            }
+            Err(e) => {
+                api_keys::refund(db, key_id).await.ok();
+                return Err(e.into());
+            }
+        };
+        let job_id = uuid::Uuid::new_v4().to_string();
+        let request_json = self.work.to_json().map_err(ApiError::internal)?;
+        let created = jobs::ActiveModel::create_queued(
+            db,
+            jobs::NewJob {
+                id: job_id.clone(),
+                api_key_id: key_id,
+                endpoint: self.endpoint.to_string(),
+                model: self.work.display_model(),
+                request_json,
+                prompt_tokens: i32::try_from(self.prompt_tokens).unwrap_or(i32::MAX),
+                client_ref: self.client_ref.clone(),
+                reservation,
+            },
+        )
+        .await;
+        let record = match created {
+            Ok(r) => r,
+            Err(e) => {
+                api_keys::refund(db, key_id).await.ok();
+                budgets::release(db, key_id, &reservation).await.ok();
+                if let Some(r) = &self.client_ref {
+                    if let Some(existing) = jobs::Model::find_by_client_ref(db, key_id, r).await? {
+                        return Ok(Committed::Existing(existing));
+                    }
+                }
+                return Err(e.into());
+            }
+        };
+        let span = tracing::info_span!("job", job_id = %job_id);
+        self.push(record).instrument(span).await
+    }
+
+    /// Subscribes as asked *before* the push, so a fast worker's result is never missed.
+    async fn push(self, record: jobs::Model) -> Result<Committed, ApiError> {
+        let job_id = record.id.clone();
+        let deltas = (self.subscribe == Follow::Updates)
+            .then(|| self.events.subscribe_deltas(&job_id))
+            .flatten();
+        let done = (self.subscribe != Follow::Nothing).then(|| self.events.subscribe(&job_id));
+        let job = GenerationJob {
+            job_id: job_id.clone(),
+            api_key_id: self.key.id,
+            work: self.work,
+            request_id: self.request_id,
+            priority: self.key.priority,
+        };
+        if let Err(e) = self.queue.push(job).await {
+            tracing::error!(error = %e, "could not queue job");
+            self.events.forget(&job_id);
+            jobs::fail(&self.db, &job_id, "the queue is unavailable")
+                .await
+                .ok();
+            return Err(queue_unavailable());
+        }
+        Ok(Committed::New(record, deltas, done))
+    }
+}
+
+/// Appends a memory request's exchange once its job is done, whether or not its client still
+/// waits (notification first, the record as the fallback for workers in other processes).
+fn remember(
+    db: DatabaseConnection,
+    events: JobEvents,
+    job_id: String,
+    memory: Memory,
+    prompt: String,
+) {
+    tokio::spawn(async move {
+        let mut done = events.subscribe(&job_id);
+        let deadline = tokio::time::Instant::now() + REMEMBER_FOR;
+        loop {
+            match jobs::Model::find_any(&db, &job_id).await {
+                Ok(Some(job)) if job.is_finished() => {
+                    drop(done);
+                    events.forget(&job_id);
+                    if job.status == jobs::DONE {
+                        let reply = job.result.unwrap_or_default();
+                        if let Err(e) = conversations::append(
+                            &db,
+                            memory.owner,
+                            memory.number,
+                            &prompt,
+                            &reply,
+                            &job.id,
+                        )
+                        .await
+                        {
+                            tracing::error!(error = %e, "could not store the conversation turn");
+                        }
+                    }
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "reading a job to remember it"),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                drop(done);
+                events.forget(&job_id);
+                return;
+            }
+            // Wakes at once on the notification, else re-reads the record every few seconds.
+            if tokio::time::timeout(Duration::from_secs(5), &mut done)
+                .await
+                .is_ok()
+            {
+                done = events.subscribe(&job_id);
+            }
+        }
+    });
+}
+
+/// The error for a request its token budgets cannot take (nothing was spent).
+#[must_use]
+pub fn budget_error(refusal: &BudgetRefusal) -> ApiError {
+    match refusal {
+        BudgetRefusal::Exceeded { .. } => {
+            ApiError::new(ErrorCode::TokenBudgetExceeded, refusal.to_string())
+        }
+        BudgetRefusal::UserDisabled => ApiError::new(ErrorCode::UserDisabled, refusal.to_string()),
+    }
+}
+
+/// The error for a key that may not call now; `key` (as read) adds the window's dates.
+#[must_use]
+pub fn refusal_error(refusal: Refusal, key: Option<&api_keys::Model>) -> ApiError {
+    match refusal {
+        Refusal::Revoked => ApiError::new(ErrorCode::KeyRevoked, "this API key has been revoked"),
+        Refusal::Unknown => ApiError::new(ErrorCode::InvalidApiKey, "unknown API key"),
+        Refusal::NotYetValid => ApiError::new(
+            ErrorCode::KeyNotYetValid,
+            match key.and_then(|k| k.valid_from) {
+                Some(t) => format!("this key is valid from {}", t.to_rfc3339()),
+                None => "this key is not valid yet".into(),
+            },
+        ),
+        Refusal::Expired => ApiError::new(
+            ErrorCode::KeyExpired,
+            match key.and_then(|k| k.valid_until) {
+                Some(t) => format!("this key expired at {}", t.to_rfc3339()),
+                None => "this key has expired".into(),
+            },
+        ),
+        Refusal::QuotaExhausted { max_calls } => ApiError::quota_exhausted(max_calls),
+    }
+}

@@ -1,0 +1,213 @@
+//! Seed 001's queue-based API: `POST /generate` (`content`) and `POST /chat_completion`
+//! (`messages`), each with a client `job_id` and `meta {temperature, tokens_limit, stop_words,
+//! model}`, answering `{"content": …}`. Spec: ../shared/seeds/001.
+//!
+//! `job_id` is idempotent per key: a repeat returns the first job's result (or its status while
+//! it runs) and is never generated or charged twice.
+//!
+//! Seed 000 uses the same `POST /generate` with a LoRA head: `lora` (alias `head`) names a
+//! registered adapter and `scale` sets its strength, at the top level or inside `meta`; its
+//! clients send the text as `prompt`, accepted as an alias of `content`.
+
+use axum::{extract::State, response::Response};
+use loco_rs::{app::AppContext, controller::Routes};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{
+    admission::{
+        input::{chat_messages, user_prompt, WireMessage},
+        GenerationInput, ModelChoice, SamplingInput, StopWords, Ticket,
+    },
+    controllers::respond::answer,
+    engine::Prompt,
+    errors::{ApiError, ApiResult, ErrorCode},
+    extractors::{JsonBody, MeteredCaller},
+    services::Services,
+};
+
+/// Seed 001's documented defaults.
+const DEFAULT_TEMPERATURE: f64 = 0.2;
+const MAX_JOB_ID_LEN: usize = 128;
+
+#[derive(Debug, Default, Deserialize)]
+struct Meta {
+    temperature: Option<f64>,
+    tokens_limit: Option<i64>,
+    stop_words: Option<StopWords>,
+    model: Option<String>,
+    #[serde(alias = "head")]
+    lora: Option<String>,
+    scale: Option<f64>,
+}
+
+/// A LoRA head given at the top level of the body (seed 000) rather than in `meta`.
+#[derive(Debug, Default, Deserialize)]
+struct TopHead {
+    #[serde(alias = "head")]
+    lora: Option<String>,
+    scale: Option<f64>,
+}
+
+/// `job_id` as clients send it (the seed documents a string; numbers are common too).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum JobId {
+    Text(String),
+    Number(i64),
+}
+
+#[derive(Debug, Deserialize)]
+struct GenerateRequest {
+    job_id: Option<JobId>,
+    #[serde(default)]
+    meta: Meta,
+    #[serde(alias = "prompt")]
+    content: String,
+    #[serde(flatten)]
+    head: TopHead,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    job_id: Option<JobId>,
+    #[serde(default)]
+    meta: Meta,
+    messages: Vec<WireMessage>,
+    #[serde(flatten)]
+    head: TopHead,
+}
+
+/// One value given at the top level or in `meta`: both is fine when they agree.
+fn one_of<T: PartialEq + std::fmt::Debug>(
+    field: &str,
+    top: Option<T>,
+    meta: Option<T>,
+) -> ApiResult<Option<T>> {
+    match (top, meta) {
+        (Some(a), Some(b)) if a != b => Err(ApiError::new(
+            ErrorCode::ConflictingAdapter,
+            format!("`{field}` is {a:?} at the top level but {b:?} in `meta`"),
+        )),
+        (Some(a), _) => Ok(Some(a)),
+        (None, b) => Ok(b),
+    }
+}
+
+fn client_ref(job_id: Option<JobId>) -> ApiResult<Option<String>> {
+    let Some(id) = job_id else { return Ok(None) };
+    let id = match id {
+        JobId::Text(t) => t.trim().to_string(),
+        JobId::Number(n) => n.to_string(),
+    };
+    if id.is_empty() || id.len() > MAX_JOB_ID_LEN {
+        return Err(ApiError::new(
+            ErrorCode::InvalidJobId,
+            format!("job_id must be 1 to {MAX_JOB_ID_LEN} characters"),
+        ));
+    }
+    Ok(Some(id))
+}
+
+impl Meta {
+    /// The sampling and model fields of `meta` (and a head at the top level) as admission
+    /// takes them.
+    fn into_input(self, head: TopHead, prompt: Prompt) -> ApiResult<GenerationInput> {
+        // The seed's default `tokens_limit` (8096) exceeds most contexts: a limit above this
+        // server's maximum is clamped to it by admission rather than refused, so unchanged
+        // clients keep working.
+        if let Some(n) = self.tokens_limit.filter(|n| *n < 1) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidTokensLimit,
+                format!("meta.tokens_limit must be at least 1, got {n}"),
+            ));
+        }
+        Ok(GenerationInput {
+            prompt,
+            sampling: SamplingInput {
+                max_tokens: self.tokens_limit,
+                temperature: Some(self.temperature.unwrap_or(DEFAULT_TEMPERATURE)),
+                top_p: None,
+                seed: None,
+                stop: self.stop_words,
+                clamp_max_tokens: true,
+            },
+            model: ModelChoice {
+                model: self.model,
+                adapter: one_of("lora", head.lora, self.lora)?,
+                scale: one_of("scale", head.scale, self.scale)?,
+                // Seed 001 clients name their deployment's model (its example says
+                // "gpt-model"): this route serves them with the configured model instead.
+                lenient_base: true,
+            },
+            memory: None,
+        })
+    }
+}
+
+impl TryFrom<GenerateRequest> for GenerationInput {
+    type Error = ApiError;
+
+    fn try_from(body: GenerateRequest) -> Result<Self, ApiError> {
+        let prompt = user_prompt("content", body.content)?;
+        body.meta.into_input(body.head, prompt)
+    }
+}
+
+impl TryFrom<ChatRequest> for GenerationInput {
+    type Error = ApiError;
+
+    fn try_from(body: ChatRequest) -> Result<Self, ApiError> {
+        let messages = chat_messages(body.messages)?;
+        body.meta.into_input(body.head, Prompt::Chat { messages })
+    }
+}
+
+/// Admits the job (or follows the earlier one with the same `job_id`) and answers in the seed's
+/// shape: `{"content": …}`, plus the job id the client can quote.
+async fn run(
+    ctx: &AppContext,
+    key: &crate::models::api_keys::Model,
+    endpoint: &'static str,
+    job_id: Option<JobId>,
+    input: ApiResult<GenerationInput>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(ctx)?;
+    let job_ref = client_ref(job_id)?;
+    let ticket = Ticket::wait(endpoint).client_ref(job_ref.clone());
+    let admitted = services.admission.admit(key, input?, ticket).await?;
+    answer(admitted, |job| {
+        json!({
+            "content": job.result.clone().unwrap_or_default(),
+            "job_id": job_ref.clone().unwrap_or_else(|| job.id.clone()),
+        })
+    })
+}
+
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn generate(
+    State(ctx): State<AppContext>,
+    MeteredCaller(key): MeteredCaller,
+    body: Result<JsonBody<GenerateRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let JsonBody(mut body) = body?;
+    let job_id = body.job_id.take();
+    run(&ctx, &key, "/generate", job_id, body.try_into()).await
+}
+
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn chat_completion(
+    State(ctx): State<AppContext>,
+    MeteredCaller(key): MeteredCaller,
+    body: Result<JsonBody<ChatRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let JsonBody(mut body) = body?;
+    let job_id = body.job_id.take();
+    run(&ctx, &key, "/chat_completion", job_id, body.try_into()).await
+}
+
+pub fn routes() -> Routes {
+    Routes::new()
+        .add("/generate", axum::routing::post(generate))
+        .add("/chat_completion", axum::routing::post(chat_completion))
+}

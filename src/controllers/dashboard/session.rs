@@ -1,0 +1,182 @@
+//! Sign-in, sign-out and the first-run setup link.
+
+use axum::{
+    extract::{Query, State},
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Form,
+};
+use loco_rs::{
+    app::AppContext,
+    controller::views::{engines::TeraView, ViewEngine},
+};
+use serde_json::json;
+
+use super::{internal, render, see_other, AdminForm, Fields, PageResult, COOKIE};
+use crate::{
+    models::{admin_sessions, admins},
+    services::Services,
+};
+
+fn session_cookie(token: &str, max_age_secs: i64, secure: bool) -> HeaderValue {
+    let secure = if secure { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{COOKIE}={token}; Path=/admin; HttpOnly; SameSite=Strict; Max-Age={max_age_secs}{secure}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("tg_admin=; Path=/admin; Max-Age=0"))
+}
+
+async fn start_session(ctx: &AppContext, services: &Services, admin_id: i32) -> PageResult {
+    let minutes = services.settings.auth.session_ttl_minutes.max(1);
+    let (token, _) =
+        admin_sessions::start(&ctx.db, admin_id, chrono::Duration::minutes(minutes.into()))
+            .await
+            .map_err(internal)?;
+    let mut resp = see_other("/admin/keys");
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        session_cookie(
+            &token,
+            i64::from(minutes) * 60,
+            services.settings.auth.secure_cookies,
+        ),
+    );
+    Ok(resp)
+}
+
+pub(super) async fn login_page(ViewEngine(v): ViewEngine<TeraView>) -> PageResult {
+    render(&v, StatusCode::OK, "dashboard/login.html", &json!({}))
+}
+
+pub(super) async fn login(
+    State(ctx): State<AppContext>,
+    ViewEngine(v): ViewEngine<TeraView>,
+    Form(fields): Form<Fields>,
+) -> PageResult {
+    let services = Services::from_ctx(&ctx).map_err(IntoResponse::into_response)?;
+    let email = fields
+        .get("email")
+        .map(|e| e.trim().to_lowercase())
+        .unwrap_or_default();
+    let password = fields.get("password").cloned().unwrap_or_default();
+    let throttle_key = format!("admin:{email}");
+    if let Err(wait) = services.logins.begin(&throttle_key) {
+        return render(
+            &v,
+            StatusCode::TOO_MANY_REQUESTS,
+            "dashboard/login.html",
+            &json!({"email": email, "error": format!("Too many failed sign-ins. Try again in {} s.", wait.as_secs().max(1))}),
+        );
+    }
+    let admin = admins::Model::find_by_email(&ctx.db, &email)
+        .await
+        .map_err(internal)?;
+    match admin {
+        Some(admin) if admin.verify_password(&password) => {
+            services.logins.succeeded(&throttle_key);
+            start_session(&ctx, &services, admin.id).await
+        }
+        _ => render(
+            &v,
+            StatusCode::UNAUTHORIZED,
+            "dashboard/login.html",
+            &json!({"email": email, "error": "Wrong email or password."}),
+        ),
+    }
+}
+
+pub(super) async fn logout(State(ctx): State<AppContext>, form: AdminForm) -> PageResult {
+    admin_sessions::end(&ctx.db, &form.admin.token)
+        .await
+        .map_err(internal)?;
+    let mut resp = see_other("/admin/login");
+    resp.headers_mut()
+        .insert(header::SET_COOKIE, session_cookie("", 0, false));
+    Ok(resp)
+}
+
+/// Whether `token` is the live setup link; it only works while there is no admin at all.
+async fn setup_open(ctx: &AppContext, services: &Services, token: &str) -> Result<bool, Response> {
+    use sea_orm::{EntityTrait, PaginatorTrait};
+    if !services.setup.is_valid(token) {
+        return Ok(false);
+    }
+    admins::Entity::find()
+        .count(&ctx.db)
+        .await
+        .map(|n| n == 0)
+        .map_err(internal)
+}
+
+/// The page for a setup link that is used up, expired or unknown (404).
+fn setup_gone(v: &TeraView) -> PageResult {
+    render(
+        v,
+        StatusCode::NOT_FOUND,
+        "dashboard/setup_gone.html",
+        &json!({}),
+    )
+}
+
+pub(super) async fn setup_page(
+    State(ctx): State<AppContext>,
+    ViewEngine(v): ViewEngine<TeraView>,
+    Query(q): Query<Fields>,
+) -> PageResult {
+    let services = Services::from_ctx(&ctx).map_err(IntoResponse::into_response)?;
+    let token = q.get("token").cloned().unwrap_or_default();
+    if !setup_open(&ctx, &services, &token).await? {
+        return setup_gone(&v);
+    }
+    render(
+        &v,
+        StatusCode::OK,
+        "dashboard/setup.html",
+        &json!({"token": token}),
+    )
+}
+
+pub(super) async fn setup(
+    State(ctx): State<AppContext>,
+    ViewEngine(v): ViewEngine<TeraView>,
+    Form(fields): Form<Fields>,
+) -> PageResult {
+    let services = Services::from_ctx(&ctx).map_err(IntoResponse::into_response)?;
+    let token = fields.get("token").cloned().unwrap_or_default();
+    if !setup_open(&ctx, &services, &token).await? {
+        return setup_gone(&v);
+    }
+    let email = fields
+        .get("email")
+        .map(|e| e.trim().to_string())
+        .unwrap_or_default();
+    let password = fields.get("password").cloned().unwrap_or_default();
+    let again = fields.get("password2").cloned().unwrap_or_default();
+    let mut errors = serde_json::Map::new();
+    if password != again {
+        errors.insert("password2".into(), json!("The passwords differ."));
+    }
+    if errors.is_empty() {
+        match admins::ActiveModel::create(&ctx.db, &email, &password).await {
+            Ok(admin) => {
+                services.setup.consume();
+                return start_session(&ctx, &services, admin.id).await;
+            }
+            Err(crate::models::ModelError::Invalid(m)) => {
+                let field = if m.contains("password") {
+                    "password"
+                } else {
+                    "email"
+                };
+                errors.insert(field.into(), json!(m));
+            }
+            Err(e) => return Err(internal(e)),
+        }
+    }
+    render(
+        &v,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "dashboard/setup.html",
+        &json!({"token": token, "email": email, "errors": errors}),
+    )
+}

@@ -1,0 +1,264 @@
+//! Tollgate's own API, which is seed 003's (djangollmapi): `POST /api/` (and its alias
+//! `POST /analyze/`) with `{"text": …}` → `{"message": …}`; `POST /api/jobs` answering 202 at
+//! once; `GET /api/jobs/{id}` and its server-sent events for results that outlive a request;
+//! `GET /usage/` for the calling key's usage. Spec: ../shared/seeds/003.
+
+use axum::{
+    extract::{Path, Query, State},
+    response::{
+        sse::{Event, KeepAlive, Sse},
+        IntoResponse, Response,
+    },
+    Json,
+};
+use chrono::{Duration, NaiveDate};
+use futures::StreamExt;
+use loco_rs::{app::AppContext, controller::Routes};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::respond::{accepted, answer, job_json, usage_json};
+use crate::{
+    admission::{Admitted, Follow, GenerationInput, HeadInput, SamplingInput, Ticket},
+    errors::{ApiError, ApiResult, ErrorCode},
+    extractors::{Caller, JsonBody, MeteredCaller},
+    models::{jobs, now, usage_records, users},
+    notify::{job_updates, JobUpdate},
+    services::Services,
+};
+
+#[derive(Debug, Deserialize)]
+struct ApiRequest {
+    text: String,
+    /// Optional `model` (`base` or `base:adapter`), `lora`/`head` and `scale`.
+    #[serde(flatten)]
+    head: HeadInput,
+    #[serde(flatten)]
+    sampling: SamplingInput,
+}
+
+impl TryFrom<ApiRequest> for GenerationInput {
+    type Error = ApiError;
+
+    /// `text` as one user turn of the chat template.
+    fn try_from(body: ApiRequest) -> Result<Self, ApiError> {
+        Self::user_turn("text", body.text, body.sampling, body.head.into())
+    }
+}
+
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn generate(
+    State(ctx): State<AppContext>,
+    MeteredCaller(key): MeteredCaller,
+    body: Result<JsonBody<ApiRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let JsonBody(body) = body?;
+    let admitted = services
+        .admission
+        .admit(
+            &key,
+            GenerationInput::try_from(body)?,
+            Ticket::wait("/api/"),
+        )
+        .await?;
+    answer(admitted, |job| {
+        json!({
+            "message": job.result.clone().unwrap_or_default(),
+            "job_id": job.id,
+            "model": job.model,
+            "finish_reason": job.finish_reason,
+            "usage": usage_json(job),
+        })
+    })
+}
+
+/// `POST /api/jobs`: the same request as `POST /api/`, answered at once with 202 and the job
+/// id; the client polls `GET /api/jobs/{id}`.
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn submit_job(
+    State(ctx): State<AppContext>,
+    MeteredCaller(key): MeteredCaller,
+    body: Result<JsonBody<ApiRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let JsonBody(body) = body?;
+    let ticket = Ticket::wait("/api/jobs").follow(Follow::Nothing);
+    match services
+        .admission
+        .admit(&key, GenerationInput::try_from(body)?, ticket)
+        .await?
+    {
+        Admitted::Pending(job) | Admitted::Finished(job) => Ok(accepted(&job)),
+        Admitted::Streaming(stream) => Ok(accepted(&stream.job)),
+    }
+}
+
+#[tracing::instrument(skip_all, fields(api_key, job_id = %id))]
+async fn job_status(
+    State(ctx): State<AppContext>,
+    Caller(key): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let Some(job) = jobs::Model::find_for_key(&ctx.db, &id, key.id).await? else {
+        return Err(ApiError::new(
+            ErrorCode::JobNotFound,
+            format!("no job {id} for this key"),
+        ));
+    };
+    Ok(Json(job_json(&job)).into_response())
+}
+
+fn done_event(job: &jobs::Model) -> Event {
+    Event::default()
+        .event("done")
+        .data(job_json(job).to_string())
+}
+
+fn token_event(text: &str) -> Event {
+    Event::default()
+        .event("token")
+        .data(json!({ "text": text }).to_string())
+}
+
+/// `GET /api/jobs/{id}/events`: server-sent events, `token` (`{"text": delta}`) as the job
+/// generates, then one `done` with the job record. A client that connects (or reconnects)
+/// after the job settled gets the `done` event at once.
+#[tracing::instrument(skip_all, fields(api_key, job_id = %id))]
+async fn job_events(
+    State(ctx): State<AppContext>,
+    Caller(key): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    if jobs::Model::find_for_key(&ctx.db, &id, key.id)
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::new(
+            ErrorCode::JobNotFound,
+            format!("no job {id} for this key"),
+        ));
+    }
+    // Subscribe first, then read: a job settling in between is still seen.
+    let deltas = services.events.subscribe_deltas(&id);
+    let done = services.events.subscribe(&id);
+    let current = jobs::Model::find_for_key(&ctx.db, &id, key.id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(ErrorCode::JobNotFound, format!("no job {id} for this key"))
+        })?;
+    let updates: std::pin::Pin<Box<dyn futures::Stream<Item = JobUpdate> + Send>> =
+        if current.is_finished() {
+            services.events.forget(&id);
+            Box::pin(futures::stream::once(async move {
+                JobUpdate::Done(Box::new(current))
+            }))
+        } else {
+            Box::pin(job_updates(deltas, done))
+        };
+    let stream = updates
+        .map(|update| match update {
+            JobUpdate::Delta(text) => token_event(&text),
+            JobUpdate::Skipped(n) => Event::default().comment(format!(
+                "{n} deltas skipped; the done event has the full text"
+            )),
+            JobUpdate::Done(job) => done_event(&job),
+        })
+        .map(Ok::<Event, std::convert::Infallible>);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// Longest range one request may ask for.
+const MAX_DAYS: i64 = 366;
+
+#[derive(Debug, Deserialize)]
+struct UsageQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+fn parse_day(field: &str, value: Option<&str>, default: NaiveDate) -> ApiResult<NaiveDate> {
+    value.map_or(Ok(default), |v| {
+        NaiveDate::parse_from_str(v, "%Y-%m-%d").map_err(|_| {
+            ApiError::new(
+                ErrorCode::InvalidDate,
+                format!("`{field}` must be a date like 2026-01-31, got {v:?}"),
+            )
+        })
+    })
+}
+
+/// `GET /usage/`: the calling key's usage per day (seed 003 reported words per day), and its
+/// token budgets (and its user's, for seed 002 login tokens).
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn usage(
+    State(ctx): State<AppContext>,
+    Caller(key): Caller,
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(query) = query.map_err(|e| ApiError::new(ErrorCode::InvalidQuery, e.body_text()))?;
+    let today = now().date_naive();
+    let to = parse_day("to", query.to.as_deref(), today)?;
+    let from = parse_day("from", query.from.as_deref(), to - Duration::days(29))?;
+    if from > to || (to - from).num_days() >= MAX_DAYS {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRange,
+            format!("`from` must be on or before `to` and at most {MAX_DAYS} days apart"),
+        ));
+    }
+    let days = usage_records::daily(&ctx.db, key.id, from, to).await?;
+    let user = match key.user_id {
+        Some(id) => users::Model::find(&ctx.db, id).await?.map(|u| {
+            json!({
+                "username": u.username,
+                "role": u.role,
+                "prompt_token_limit": u.prompt_token_limit,
+                "prompt_tokens_used": u.prompt_tokens_used,
+                "gen_token_limit": u.gen_token_limit,
+                "gen_tokens_used": u.gen_tokens_used,
+            })
+        }),
+        None => None,
+    };
+    let total = |f: fn(&usage_records::DailyUsage) -> i64| days.iter().map(f).sum::<i64>();
+    Ok(Json(json!({
+        "key": {
+            "prefix": key.prefix,
+            "name": key.name,
+            "calls_used": key.calls_used,
+            "max_calls": key.max_calls,
+            "valid_from": key.valid_from.map(|t| t.to_rfc3339()),
+            "valid_until": key.valid_until.map(|t| t.to_rfc3339()),
+            "prompt_token_limit": key.prompt_token_limit,
+            "prompt_tokens_used": key.prompt_tokens_used,
+            "gen_token_limit": key.gen_token_limit,
+            "gen_tokens_used": key.gen_tokens_used,
+        },
+        "user": user,
+        "from": from,
+        "to": to,
+        "days": days,
+        "total": {
+            "requests": total(|d| d.requests),
+            "prompt_tokens": total(|d| d.prompt_tokens),
+            "generated_tokens": total(|d| d.generated_tokens),
+            "words": total(|d| d.words),
+        },
+    }))
+    .into_response())
+}
+
+pub fn routes() -> Routes {
+    Routes::new()
+        // Trailing-slash forms (`/api/`, seed 003's URL) reach these through
+        // `app::into_service`, which trims the slash before routing.
+        .add("/api", axum::routing::post(generate))
+        .add("/analyze", axum::routing::post(generate))
+        .add("/api/jobs", axum::routing::post(submit_job))
+        .add("/api/jobs/{id}", axum::routing::get(job_status))
+        .add("/api/jobs/{id}/events", axum::routing::get(job_events))
+        .add("/usage", axum::routing::get(usage))
+}

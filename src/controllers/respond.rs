@@ -1,0 +1,114 @@
+//! Shaping admitted jobs into answers, shared by every route family: the job as JSON, 202 for a
+//! job still pending, the failure of a job that failed, and OpenAI-named `usage`.
+
+use axum::{
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde_json::{json, Value};
+
+use crate::{
+    admission::Admitted,
+    errors::{ApiError, ApiResult},
+    models::jobs,
+};
+
+/// `usage` in OpenAI's names, used by every route that reports tokens.
+#[must_use]
+pub fn usage_json(job: &jobs::Model) -> Value {
+    json!({
+        "prompt_tokens": job.prompt_tokens,
+        "completion_tokens": job.generated_tokens,
+        "total_tokens": job.prompt_tokens + job.generated_tokens,
+    })
+}
+
+fn millis_between(
+    a: Option<sea_orm::prelude::DateTimeWithTimeZone>,
+    b: Option<sea_orm::prelude::DateTimeWithTimeZone>,
+) -> Option<i64> {
+    Some((b? - a?).num_milliseconds())
+}
+
+/// The public view of a job record.
+#[must_use]
+pub fn job_json(job: &jobs::Model) -> Value {
+    json!({
+        "job_id": job.id,
+        "status": job.status,
+        "model": job.model,
+        "message": job.result,
+        "error": job.error,
+        "finish_reason": job.finish_reason,
+        "usage": usage_json(job),
+        "attempts": job.attempts,
+        "queued_at": job.queued_at.to_rfc3339(),
+        "started_at": job.started_at.map(|t| t.to_rfc3339()),
+        "finished_at": job.finished_at.map(|t| t.to_rfc3339()),
+        "timings": {
+            "queue_ms": millis_between(Some(job.queued_at), job.started_at),
+            "run_ms": millis_between(job.started_at, job.finished_at),
+            "total_ms": millis_between(Some(job.queued_at), job.finished_at),
+        },
+    })
+}
+
+/// 202 with where to poll.
+#[must_use]
+pub fn accepted(job: &jobs::Model) -> Response {
+    let location = format!("/api/jobs/{}", job.id);
+    (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location.clone())],
+        Json(json!({
+            "job_id": job.id,
+            "status": job.status,
+            "poll_url": location,
+        })),
+    )
+        .into_response()
+}
+
+/// A settled job as the waiting request's answer, or the error it ended with.
+///
+/// # Errors
+/// 500 `generation_failed` when the worker failed the job (its call was refunded).
+pub fn settled(job: jobs::Model) -> ApiResult<jobs::Model> {
+    if job.status == jobs::DONE {
+        Ok(job)
+    } else {
+        Err(ApiError::generation_failed(format!(
+            "job {} failed: {} (the call was refunded)",
+            job.id,
+            job.error.unwrap_or_default()
+        )))
+    }
+}
+
+/// An admitted job as a route's answer: `body(job)` once done, 202 while pending, or the
+/// failure. (A streaming admission is answered by its route; here it counts as pending.)
+///
+/// # Errors
+/// 500 `generation_failed` when the job failed.
+pub fn answer(admitted: Admitted, body: impl FnOnce(&jobs::Model) -> Value) -> ApiResult<Response> {
+    try_answer(admitted, |job| Ok(body(job)))
+}
+
+/// [`answer`] with a body that may fail (a stored result that does not parse).
+///
+/// # Errors
+/// 500 `generation_failed` when the job failed, or what `body` returns.
+pub fn try_answer(
+    admitted: Admitted,
+    body: impl FnOnce(&jobs::Model) -> ApiResult<Value>,
+) -> ApiResult<Response> {
+    match admitted {
+        Admitted::Finished(job) => {
+            let job = settled(job)?;
+            Ok(Json(body(&job)?).into_response())
+        }
+        Admitted::Pending(job) => Ok(accepted(&job)),
+        Admitted::Streaming(stream) => Ok(accepted(&stream.job)),
+    }
+}

@@ -1,0 +1,211 @@
+//! Jobs running in sequences of the shared generation context: reading a prompt into a
+//! sequence, one decode step for every running job, sampling, and answering the waiter.
+
+use std::sync::atomic::Ordering;
+
+use llama_cpp_2::{
+    context::LlamaContext, llama_batch::LlamaBatch, model::LlamaModel, sampling::LlamaSampler,
+};
+
+use super::{pos_i32, GenJob, Shared, PROMPT_BATCH};
+use crate::engine::{
+    text::OutputDecoder,
+    tokenizer::{render_prompt, tokenize},
+    EngineError, FinishReason, Generation, SamplingParams,
+};
+
+/// A generation running on one sequence of the shared context.
+pub(super) struct Slot {
+    pub(super) seq: i32,
+    pub(super) job: GenJob,
+    sampler: LlamaSampler,
+    out: OutputDecoder,
+    prompt_tokens: usize,
+    /// Positions of this sequence in the KV cache.
+    n_past: usize,
+    generated: u32,
+    /// The token to feed at the next step.
+    next: llama_cpp_2::token::LlamaToken,
+    /// When it must have ended (`settings.engine.job_timeout_ms` after its start); checked
+    /// between decode steps.
+    pub(super) deadline: std::time::Instant,
+}
+
+/// How starting a job went.
+pub(super) enum Started {
+    /// Prompt read, first token taken; decode steps follow.
+    Running(Box<Slot>),
+    /// Already answered (an error, or finished on its first token).
+    Done,
+}
+
+/// Clears sequence `seq` and hands it back to the free list.
+pub(super) fn free_seq(ctx: &mut LlamaContext<'_>, free: &mut Vec<i32>, seq: i32) {
+    let _ = ctx.clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
+    free.push(seq);
+}
+
+/// Reads a job's prompt into sequence `seq` and takes its first token.
+pub(super) fn start(
+    model: &LlamaModel,
+    ctx: &mut LlamaContext<'_>,
+    job: GenJob,
+    seq: i32,
+    n_ctx_seq: usize,
+    timeout: std::time::Duration,
+    shared: &Shared,
+) -> Started {
+    let prepared = (|| {
+        let text = render_prompt(model, &job.request.prompt)?;
+        let tokens = tokenize(model, &text);
+        let prompt_tokens = tokens.len();
+        if prompt_tokens == 0 || prompt_tokens >= n_ctx_seq {
+            return Err(EngineError::PromptTooLong {
+                prompt_tokens,
+                context_size: u32::try_from(n_ctx_seq).unwrap_or(u32::MAX),
+            });
+        }
+        let _ = ctx.clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
+        let mut batch = LlamaBatch::new(PROMPT_BATCH as usize, 1);
+        let last = prompt_tokens - 1;
+        for (chunk_index, chunk) in tokens.chunks(PROMPT_BATCH as usize).enumerate() {
+            batch.clear();
+            for (i, tok) in chunk.iter().enumerate() {
+                let pos = chunk_index * PROMPT_BATCH as usize + i;
+                batch
+                    .add(*tok, pos_i32(pos)?, &[seq], pos == last)
+                    .map_err(|e| EngineError::Decode(e.to_string()))?;
+            }
+            ctx.decode(&mut batch)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+        }
+        Ok((prompt_tokens, batch.n_tokens() - 1))
+    })();
+    let (prompt_tokens, logits_at) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            shared.served.fetch_add(1, Ordering::AcqRel);
+            let _ = job.reply.send(Err(e));
+            return Started::Done;
+        }
+    };
+    let mut slot = Slot {
+        seq,
+        sampler: sampler(&job.request.params),
+        out: OutputDecoder::new(&job.request.params.stop),
+        job,
+        prompt_tokens,
+        n_past: prompt_tokens,
+        generated: 0,
+        next: llama_cpp_2::token::LlamaToken(0),
+        deadline: std::time::Instant::now() + timeout,
+    };
+    match take_token(model, ctx, &mut slot, logits_at, n_ctx_seq) {
+        None => Started::Running(Box::new(slot)),
+        Some(finish_reason) => {
+            finish(slot, Ok(finish_reason), shared);
+            Started::Done
+        }
+    }
+}
+
+/// Samples the slot's next token from the logits at batch index `idx` and adds it to the
+/// output; `Some` when the job ends with it (end of generation, stop string, a limit).
+fn take_token(
+    model: &LlamaModel,
+    ctx: &LlamaContext<'_>,
+    slot: &mut Slot,
+    idx: i32,
+    n_ctx_seq: usize,
+) -> Option<FinishReason> {
+    let vocab = model.vocab();
+    let tok = slot.sampler.sample(ctx, idx);
+    if vocab.is_eog(tok) {
+        return Some(FinishReason::Stop);
+    }
+    slot.generated += 1;
+    let stopped = slot.out.push(&vocab.token_to_piece(tok, false, None));
+    if let Some(sink) = &slot.job.sink {
+        let delta = slot.out.take_delta();
+        if !delta.is_empty() {
+            let _ = sink.send(delta);
+        }
+    }
+    if stopped {
+        return Some(FinishReason::Stop);
+    }
+    if slot.generated >= slot.job.request.params.max_tokens || slot.n_past >= n_ctx_seq {
+        return Some(FinishReason::Length);
+    }
+    slot.next = tok;
+    None
+}
+
+/// A running job that ended in a step: its index in the slots and how it ended.
+pub(super) type Ended = (usize, Result<FinishReason, EngineError>);
+
+/// Feeds every running job's last token in one batch, then takes each one's next token.
+/// Returns the jobs that ended (by index into `slots`, ascending).
+pub(super) fn decode_step(
+    model: &LlamaModel,
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch,
+    slots: &mut [Slot],
+    n_ctx_seq: usize,
+) -> Result<Vec<Ended>, EngineError> {
+    batch.clear();
+    for slot in slots.iter() {
+        batch
+            .add(slot.next, pos_i32(slot.n_past)?, &[slot.seq], true)
+            .map_err(|e| EngineError::Decode(e.to_string()))?;
+    }
+    ctx.decode(batch)
+        .map_err(|e| EngineError::Decode(e.to_string()))?;
+    let mut finished = Vec::new();
+    for (i, slot) in slots.iter_mut().enumerate() {
+        slot.n_past += 1;
+        let idx = i32::try_from(i).map_err(|_| EngineError::Decode("batch index".into()))?;
+        if let Some(reason) = take_token(model, ctx, slot, idx, n_ctx_seq) {
+            finished.push((i, Ok(reason)));
+        }
+    }
+    Ok(finished)
+}
+
+/// Answers a job: its text (the rest held back for stop strings is final now) or its error.
+/// It counts as served before its waiter hears of it.
+pub(super) fn finish(mut slot: Slot, result: Result<FinishReason, EngineError>, shared: &Shared) {
+    shared.served.fetch_add(1, Ordering::AcqRel);
+    let reply = match result {
+        Ok(finish_reason) => {
+            if let Some(sink) = &slot.job.sink {
+                let rest = slot.out.take_rest();
+                if !rest.is_empty() {
+                    let _ = sink.send(rest);
+                }
+            }
+            Ok(Generation {
+                text: slot.out.into_text(),
+                prompt_tokens: u32::try_from(slot.prompt_tokens).unwrap_or(u32::MAX),
+                generated_tokens: slot.generated,
+                finish_reason,
+            })
+        }
+        Err(e) => Err(e),
+    };
+    let _ = slot.job.reply.send(reply);
+}
+
+/// Greedy at temperature 0; otherwise top-k 40, top-p, temperature, then a seeded draw.
+fn sampler(params: &SamplingParams) -> LlamaSampler {
+    if params.temperature <= 0.0 {
+        return LlamaSampler::greedy();
+    }
+    let seed = params.seed.unwrap_or_else(rand::random);
+    LlamaSampler::chain_simple([
+        LlamaSampler::top_k(40),
+        LlamaSampler::top_p(params.top_p, 1),
+        LlamaSampler::temp(params.temperature),
+        LlamaSampler::dist(seed),
+    ])
+}

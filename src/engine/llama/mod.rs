@@ -1,0 +1,289 @@
+//! The llama.cpp engine: one thread owns the model and its context for the life of the worker.
+//!
+//! The context borrows the model and is not `Send`, so both live on a dedicated OS thread;
+//! requests arrive over a channel, each with its own reply channel. The thread loads the model
+//! once and serves every request with it.
+//!
+//! Continuous batching: the context holds `settings.parallel` sequences. Every decode step feeds
+//! one token of each running job in one batch; a job joins as soon as a sequence is free (its
+//! prompt is read into its own sequence) and leaves when it ends, its sequence cleared for the
+//! next. Jobs waiting for a sequence sit in one FIFO lane per API key, served by weighted
+//! round-robin ([`super::lanes`]), so one key's backlog cannot starve another key's job.
+//!
+//! LoRA heads: a job may name an adapter; the thread applies it with the job's scale to the
+//! generation context. An adapter applies to the whole context, so only jobs with the same head
+//! and scale share a batch: a job needing another head waits until the running ones finish
+//! (nothing new is admitted meanwhile), then the head is swapped. The base model runs with no
+//! head applied. Loaded adapters stay in a bounded LRU ([`super::lora::AdapterCache`]). Loading one
+//! needs the model mutably, so on a cache miss the thread ends the current *epoch* (drops its
+//! contexts), loads, and starts a new epoch with fresh contexts.
+//!
+//! Embeddings: a second context on the same model, in embedding mode with the configured
+//! pooling, created on the first embedding job of an epoch.
+//!
+//! Rooms: [`thread`] runs the loop (epochs, contexts, admission), [`batch`] runs jobs in
+//! sequences (prompt, decode steps, sampling, answers), [`heads`] swaps LoRA heads and
+//! [`embed`] computes vectors.
+
+mod batch;
+mod embed;
+mod heads;
+mod thread;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    thread as os_thread,
+};
+
+use async_trait::async_trait;
+use llama_cpp_2::model::LlamaModel;
+use tokio::sync::oneshot;
+
+use super::{
+    lanes::Laned, tokenizer::backend, Algorithm, EmbeddingRequest, Embeddings, EngineError,
+    EngineStatus, Generation, GenerationRequest, Lane, TokenSink,
+};
+use crate::settings::EngineSettings;
+
+/// Tokens fed to one `decode` call while reading a prompt.
+const PROMPT_BATCH: u32 = 512;
+
+enum Command {
+    Generate(GenJob),
+    Embed {
+        request: EmbeddingRequest,
+        reply: oneshot::Sender<Result<Embeddings, EngineError>>,
+    },
+}
+
+/// A generation waiting for, or running on, a sequence.
+struct GenJob {
+    request: GenerationRequest,
+    sink: Option<TokenSink>,
+    reply: oneshot::Sender<Result<Generation, EngineError>>,
+    /// Fairness lane (the API key and its weight): waiting jobs are taken by weighted
+    /// round-robin across lanes.
+    lane: Lane,
+}
+
+impl GenJob {
+    /// The head (adapter and scale) the context must have for this job; `None` = base model.
+    fn head(&self) -> Option<(String, u32)> {
+        self.request
+            .adapter
+            .as_ref()
+            .map(|a| (a.name.clone(), a.scale.to_bits()))
+    }
+}
+
+impl Laned for GenJob {
+    fn lane(&self) -> Lane {
+        self.lane
+    }
+}
+
+impl Command {
+    fn fail(self, e: EngineError) {
+        match self {
+            Self::Generate(job) => {
+                let _ = job.reply.send(Err(e));
+            }
+            Self::Embed { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}
+
+/// What the engine thread tells the handles (for [`Algorithm::status`]).
+#[derive(Default)]
+struct Shared {
+    ready: AtomicBool,
+    loads: AtomicU64,
+    served: AtomicU64,
+    batched_steps: AtomicU64,
+    max_batch: AtomicU64,
+    /// Names of the loaded LoRA adapters, most recently used first.
+    adapters: Mutex<Vec<String>>,
+    /// Facts about the loaded weights, set once the model is loaded.
+    loaded: std::sync::OnceLock<Loaded>,
+}
+
+struct Loaded {
+    at: chrono::DateTime<chrono::Utc>,
+    quantized: bool,
+}
+
+/// Whether the weights are quantized: GGUF's `general.file_type` names the dominant tensor
+/// type (0 = F32, 1 = F16, 32 = BF16 are the unquantized ones); without it, fewer than ~15 bits
+/// per parameter means quantized.
+fn is_quantized(model: &LlamaModel) -> bool {
+    match model
+        .meta_val_str("general.file_type")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+    {
+        Some(file_type) => !matches!(file_type, 0 | 1 | 32),
+        None => {
+            let params = model.n_params().max(1);
+            model.size().saturating_mul(8) / params < 15
+        }
+    }
+}
+
+impl Shared {
+    fn set_adapters(&self, names: Vec<String>) {
+        if let Ok(mut list) = self.adapters.lock() {
+            *list = names;
+        }
+    }
+}
+
+/// Handle to the engine thread. Dropping the last handle closes the channel and the thread
+/// exits after its current request.
+pub struct LlamaEngine {
+    tx: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    settings: EngineSettings,
+    device: String,
+}
+
+impl std::fmt::Debug for LlamaEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlamaEngine")
+            .field("model", &self.settings.model_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LlamaEngine {
+    /// Starts the engine thread and waits until the model is loaded (or failed to load).
+    ///
+    /// Blocking: call from `spawn_blocking` in async code.
+    ///
+    /// # Errors
+    /// When the model cannot be loaded or the context cannot be created.
+    pub fn start(settings: EngineSettings) -> Result<Self, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let shared = Arc::new(Shared::default());
+        let thread_shared = shared.clone();
+        let thread_settings = settings.clone();
+        os_thread::Builder::new()
+            .name(format!("llama-{}", settings.model_name))
+            .spawn(move || {
+                thread::engine_thread(&thread_settings, &rx, &ready_tx, &thread_shared);
+            })
+            .map_err(|e| EngineError::Load(format!("cannot spawn engine thread: {e}")))?;
+        ready_rx
+            .recv()
+            .map_err(|_| EngineError::Load("engine thread exited during load".into()))??;
+        let device = if settings.n_gpu_layers > 0 && backend()?.supports_gpu_offload() {
+            format!(
+                "gpu:{} ({} layers)",
+                settings.main_gpu, settings.n_gpu_layers
+            )
+        } else {
+            "cpu".to_string()
+        };
+        Ok(Self {
+            tx,
+            shared,
+            settings,
+            device,
+        })
+    }
+}
+
+#[async_trait]
+impl Algorithm for LlamaEngine {
+    async fn run(&self, request: GenerationRequest) -> Result<Generation, EngineError> {
+        self.submit(request, None, Lane::new(0, 0)).await
+    }
+
+    async fn run_streaming(
+        &self,
+        request: GenerationRequest,
+        sink: TokenSink,
+    ) -> Result<Generation, EngineError> {
+        self.submit(request, Some(sink), Lane::new(0, 0)).await
+    }
+
+    async fn run_in_lane(
+        &self,
+        request: GenerationRequest,
+        sink: TokenSink,
+        lane: Lane,
+    ) -> Result<Generation, EngineError> {
+        self.submit(request, Some(sink), lane).await
+    }
+
+    fn parallel(&self) -> usize {
+        self.settings.parallel.max(1) as usize
+    }
+
+    async fn embed(&self, request: EmbeddingRequest) -> Result<Embeddings, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Embed { request, reply })
+            .map_err(|_| EngineError::Unavailable("engine thread has stopped".into()))?;
+        rx.await
+            .map_err(|_| EngineError::Unavailable("engine thread dropped the request".into()))?
+    }
+
+    fn status(&self) -> EngineStatus {
+        self.snapshot()
+    }
+}
+
+impl LlamaEngine {
+    async fn submit(
+        &self,
+        request: GenerationRequest,
+        sink: Option<TokenSink>,
+        lane: Lane,
+    ) -> Result<Generation, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Generate(GenJob {
+                request,
+                sink,
+                reply,
+                lane,
+            }))
+            .map_err(|_| EngineError::Unavailable("engine thread has stopped".into()))?;
+        rx.await
+            .map_err(|_| EngineError::Unavailable("engine thread dropped the request".into()))?
+    }
+
+    fn snapshot(&self) -> EngineStatus {
+        EngineStatus {
+            ready: self.shared.ready.load(Ordering::Acquire),
+            model: self.settings.model_name.clone(),
+            model_path: self.settings.model_path.display().to_string(),
+            loads: self.shared.loads.load(Ordering::Acquire),
+            jobs_served: self.shared.served.load(Ordering::Acquire),
+            context_size: self.settings.context_size,
+            device: self.device.clone(),
+            adapters: self
+                .shared
+                .adapters
+                .lock()
+                .map(|l| l.clone())
+                .unwrap_or_default(),
+            embeddings: self.settings.embeddings.enabled,
+            quantized: self.shared.loaded.get().is_some_and(|l| l.quantized),
+            loaded_at: self.shared.loaded.get().map(|l| l.at.to_rfc3339()),
+            parallel: u64::from(self.settings.parallel.max(1)),
+            batched_steps: self.shared.batched_steps.load(Ordering::Acquire),
+            max_batch: self.shared.max_batch.load(Ordering::Acquire),
+        }
+    }
+}
+
+fn pos_i32(pos: usize) -> Result<i32, EngineError> {
+    i32::try_from(pos).map_err(|_| EngineError::Decode("position overflow".into()))
+}

@@ -1,0 +1,412 @@
+//! A scripted engine: deterministic replies derived from the prompt, with no model weights.
+//!
+//! Why it exists: the tests of admission, auth, quotas, validation and routing exercise
+//! everything *around* the engine. On this stand-in they need no GGUF file, run in
+//! milliseconds on any machine, and can predict every answer to the byte. It is selected with
+//! `settings.engine.backend: scripted` (see [`super::start`]); the default, `llama`, loads the
+//! real model, and a worker running this one says so in its status (`device: "scripted"`).
+//!
+//! What it does not prove: that generation works. The tests that run the real model through
+//! [`super::llama::LlamaEngine`] (batching, LoRA heads, embeddings, streaming, the seed
+//! examples) prove that; nothing here stands in for them.
+//!
+//! The script: the reply is `echo:` followed by the words of the last user message (the raw
+//! text for a completion), prefixed by `[<adapter>]` when the job names a LoRA head. One
+//! whitespace-separated word is one token, so `max_tokens` cuts at a word (finish reason
+//! `length`), a stop string cuts the text before it (finish reason `stop`, through the same
+//! [`OutputDecoder`] the real engine uses), and deltas are sent word by word. Embeddings are
+//! hashed bags of words of the real model's width, L2-normalised.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+
+use super::{
+    text::{count_words, OutputDecoder},
+    Algorithm, EmbeddingRequest, Embeddings, EngineError, EngineStatus, FinishReason, Generation,
+    GenerationRequest, Lane, Prompt, TokenSink,
+};
+use crate::settings::EngineSettings;
+
+/// Width of the scripted vectors: the shipped model's `n_embd`, so dimension checks in the API
+/// agree with the real engine.
+pub const EMBEDDING_WIDTH: usize = 576;
+
+/// The deterministic stand-in for [`super::llama::LlamaEngine`]; see the module doc.
+#[derive(Debug)]
+pub struct ScriptedEngine {
+    settings: EngineSettings,
+    served: AtomicU64,
+    /// Heads seen, most recently used first (bounded like the real adapter cache).
+    adapters: Mutex<Vec<String>>,
+    loaded_at: String,
+    /// Pause after each generated word (zero unless a test asks for slow jobs).
+    token_delay: Duration,
+}
+
+impl ScriptedEngine {
+    /// A ready engine; loads nothing.
+    #[must_use]
+    pub fn new(settings: EngineSettings) -> Self {
+        Self {
+            settings,
+            served: AtomicU64::new(0),
+            adapters: Mutex::new(Vec::new()),
+            loaded_at: chrono::Utc::now().to_rfc3339(),
+            token_delay: Duration::ZERO,
+        }
+    }
+
+    /// Makes every generated word take `delay` (for tests of jobs that overlap or stream).
+    #[must_use]
+    pub fn with_token_delay(mut self, delay: Duration) -> Self {
+        self.token_delay = delay;
+        self
+    }
+
+    /// The reply's words, before any limit: `[adapter]`, `echo:`, then the prompt's words.
+    fn script(request: &GenerationRequest) -> Vec<String> {
+        let source = match &request.prompt {
+            Prompt::Raw { text } => text.as_str(),
+            Prompt::Chat { messages } => messages
+                .iter()
+                .rev()
+                .find(|m| m.role == "user")
+                .or_else(|| messages.last())
+                .map_or("", |m| m.content.as_str()),
+        };
+        let head = request.adapter.as_ref().map(|a| format!("[{}]", a.name));
+        head.into_iter()
+            .chain(std::iter::once("echo:".to_string()))
+            .chain(source.split_whitespace().map(str::to_string))
+            .collect()
+    }
+
+    fn use_head(&self, request: &GenerationRequest) {
+        let Some(adapter) = &request.adapter else {
+            return;
+        };
+        if let Ok(mut list) = self.adapters.lock() {
+            list.retain(|n| n != &adapter.name);
+            list.insert(0, adapter.name.clone());
+            list.truncate(self.settings.adapter_cache_size.max(1));
+        }
+    }
+
+    async fn generate(
+        &self,
+        request: &GenerationRequest,
+        sink: Option<&TokenSink>,
+    ) -> Result<Generation, EngineError> {
+        let words: usize = request.prompt.texts().map(count_words).sum();
+        let prompt_tokens = words.max(1);
+        let context = self.settings.context_size as usize;
+        if prompt_tokens >= context {
+            return Err(EngineError::PromptTooLong {
+                prompt_tokens,
+                context_size: self.settings.context_size,
+            });
+        }
+        self.use_head(request);
+        let room = u32::try_from(context - prompt_tokens).unwrap_or(u32::MAX);
+        let limit = request.params.max_tokens.max(1).min(room);
+        let mut out = OutputDecoder::new(&request.params.stop);
+        let send = |text: String| match sink {
+            Some(sink) if !text.is_empty() => drop(sink.send(text)),
+            _ => {}
+        };
+        let mut generated = 0u32;
+        // Running out of words is the end-of-generation token.
+        let mut finish_reason = FinishReason::Stop;
+        for (i, word) in Self::script(request).iter().enumerate() {
+            let space = if i == 0 { "" } else { " " };
+            generated += 1;
+            let stopped = out.push(format!("{space}{word}").as_bytes());
+            send(out.take_delta());
+            if stopped {
+                break;
+            }
+            if generated >= limit {
+                finish_reason = FinishReason::Length;
+                break;
+            }
+            if !self.token_delay.is_zero() {
+                tokio::time::sleep(self.token_delay).await;
+            }
+        }
+        send(out.take_rest());
+        Ok(Generation {
+            text: out.into_text(),
+            prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
+            generated_tokens: generated,
+            finish_reason,
+        })
+    }
+
+    /// Answers a generation, counted as served before its caller hears of it.
+    async fn answer(
+        &self,
+        request: &GenerationRequest,
+        sink: Option<&TokenSink>,
+    ) -> Result<Generation, EngineError> {
+        let result = self.generate(request, sink).await;
+        self.served.fetch_add(1, Ordering::AcqRel);
+        result
+    }
+
+    fn vectors(&self, request: &EmbeddingRequest) -> Result<Embeddings, EngineError> {
+        if !self.settings.embeddings.enabled {
+            return Err(EngineError::Embedding(
+                "embeddings are disabled on this worker".into(),
+            ));
+        }
+        let n_ctx = self.settings.embeddings.context_size.max(8) as usize;
+        let mut vectors = Vec::with_capacity(request.inputs.len());
+        let mut total = 0usize;
+        for (i, text) in request.inputs.iter().enumerate() {
+            let tokens = count_words(text).max(1);
+            if tokens > n_ctx {
+                return Err(EngineError::Embedding(format!(
+                    "input {i} has {tokens} tokens; embeddings take 1 to {n_ctx}"
+                )));
+            }
+            vectors.push(hashed_vector(text));
+            total += tokens;
+        }
+        Ok(Embeddings {
+            vectors,
+            prompt_tokens: u32::try_from(total).unwrap_or(u32::MAX),
+        })
+    }
+}
+
+#[async_trait]
+impl Algorithm for ScriptedEngine {
+    async fn run(&self, request: GenerationRequest) -> Result<Generation, EngineError> {
+        self.answer(&request, None).await
+    }
+
+    async fn run_streaming(
+        &self,
+        request: GenerationRequest,
+        sink: TokenSink,
+    ) -> Result<Generation, EngineError> {
+        self.answer(&request, Some(&sink)).await
+    }
+
+    /// Every job runs at once, so lanes have nothing to order.
+    async fn run_in_lane(
+        &self,
+        request: GenerationRequest,
+        sink: TokenSink,
+        _lane: Lane,
+    ) -> Result<Generation, EngineError> {
+        self.answer(&request, Some(&sink)).await
+    }
+
+    fn parallel(&self) -> usize {
+        self.settings.parallel.max(1) as usize
+    }
+
+    async fn embed(&self, request: EmbeddingRequest) -> Result<Embeddings, EngineError> {
+        let result = self.vectors(&request);
+        self.served.fetch_add(1, Ordering::AcqRel);
+        result
+    }
+
+    fn status(&self) -> EngineStatus {
+        EngineStatus {
+            ready: true,
+            model: self.settings.model_name.clone(),
+            model_path: self.settings.model_path.display().to_string(),
+            loads: 1,
+            jobs_served: self.served.load(Ordering::Acquire),
+            context_size: self.settings.context_size,
+            device: "scripted".into(),
+            adapters: self.adapters.lock().map(|l| l.clone()).unwrap_or_default(),
+            embeddings: self.settings.embeddings.enabled,
+            quantized: false,
+            loaded_at: Some(self.loaded_at.clone()),
+            parallel: u64::from(self.settings.parallel.max(1)),
+            batched_steps: 0,
+            max_batch: 0,
+        }
+    }
+}
+
+/// A unit vector from the text's words: each word adds ±1 at four hashed positions, so equal
+/// texts give equal vectors and texts sharing words point the same way.
+fn hashed_vector(text: &str) -> Vec<f32> {
+    let mut v = vec![0f64; EMBEDDING_WIDTH];
+    let mut words: Vec<&str> = text.split_whitespace().collect();
+    if words.is_empty() {
+        words.push(text);
+    }
+    let width = EMBEDDING_WIDTH as u64;
+    for word in words {
+        let mut h = fnv1a(word.as_bytes());
+        for _ in 0..4 {
+            h = splitmix64(h);
+            let at = usize::try_from(h % width).unwrap_or(0);
+            v[at] += if h >> 63 == 0 { 1.0 } else { -1.0 };
+        }
+    }
+    let mut norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    if norm == 0.0 {
+        // Every hit cancelled out: any fixed unit vector will do.
+        v[usize::try_from(fnv1a(text.as_bytes()) % width).unwrap_or(0)] = 1.0;
+        norm = 1.0;
+    }
+    v.iter().map(|x| (x / norm) as f32).collect()
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::AdapterChoice;
+
+    fn engine() -> ScriptedEngine {
+        ScriptedEngine::new(EngineSettings::default())
+    }
+
+    fn chat(text: &str, max_tokens: u32, stop: &[&str]) -> GenerationRequest {
+        let messages = [("system", "Be brief."), ("user", text)]
+            .map(|(role, content)| serde_json::json!({"role": role, "content": content}));
+        serde_json::from_value(serde_json::json!({
+            "model": "smollm2",
+            "prompt": {"kind": "chat", "messages": messages},
+            "params": {"max_tokens": max_tokens, "temperature": 0.7, "top_p": 0.9, "stop": stop},
+        }))
+        .unwrap()
+    }
+
+    async fn reply(text: &str, max_tokens: u32, stop: &[&str]) -> Generation {
+        engine().run(chat(text, max_tokens, stop)).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_reply_echoes_the_last_user_message_the_same_every_time() {
+        let e = engine();
+        let first = e.run(chat("hello  there\nworld", 16, &[])).await.unwrap();
+        let again = e.run(chat("hello  there\nworld", 16, &[])).await.unwrap();
+        assert_eq!(first, again);
+        assert_eq!(first.text, "echo: hello there world");
+        assert_eq!(first.generated_tokens, 4);
+        assert_eq!(first.finish_reason, FinishReason::Stop);
+        // "Be brief." and the user's three words.
+        assert_eq!(first.prompt_tokens, 5);
+        assert_eq!(e.status().jobs_served, 2);
+    }
+
+    #[tokio::test]
+    async fn max_tokens_cuts_at_a_word_with_length() {
+        let g = reply("one two three four", 3, &[]).await;
+        assert_eq!(g.text, "echo: one two");
+        assert_eq!(g.generated_tokens, 3);
+        assert_eq!(g.finish_reason, FinishReason::Length);
+    }
+
+    #[tokio::test]
+    async fn a_stop_string_cuts_before_it_with_stop() {
+        let g = reply("one two three four", 16, &["thr"]).await;
+        assert_eq!(g.text, "echo: one two ");
+        assert_eq!(g.finish_reason, FinishReason::Stop);
+    }
+
+    #[tokio::test]
+    async fn deltas_concatenate_to_the_text() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let g = engine()
+            .run_in_lane(chat("a bb ccc dddd", 16, &["cc"]), tx, Lane::new(1, 0))
+            .await
+            .unwrap();
+        let mut deltas = Vec::new();
+        while let Ok(d) = rx.try_recv() {
+            deltas.push(d);
+        }
+        assert!(deltas.len() > 1, "sent word by word: {deltas:?}");
+        assert_eq!(deltas.concat(), g.text);
+        assert_eq!(g.text, "echo: a bb ");
+    }
+
+    #[tokio::test]
+    async fn an_adapter_prefixes_the_reply_and_shows_in_the_status() {
+        let e = engine();
+        let mut request = chat("hi", 16, &[]);
+        request.adapter = Some(AdapterChoice {
+            name: "pirate".into(),
+            path: "models/adapters/pirate.gguf".into(),
+            scale: 1.0,
+        });
+        let g = e.run(request).await.unwrap();
+        assert_eq!(g.text, "[pirate] echo: hi");
+        let status = e.status();
+        assert_eq!(status.adapters, vec!["pirate".to_string()]);
+        assert!(status.ready);
+        assert_eq!(status.device, "scripted");
+    }
+
+    #[tokio::test]
+    async fn a_prompt_that_fills_the_context_is_refused() {
+        let e = ScriptedEngine::new(EngineSettings {
+            context_size: 4,
+            ..EngineSettings::default()
+        });
+        let err = e.run(chat("a b c", 16, &[])).await.unwrap_err();
+        assert!(matches!(err, EngineError::PromptTooLong { .. }), "{err}");
+        assert_eq!(e.status().jobs_served, 1);
+    }
+
+    #[test]
+    fn the_factory_makes_a_scripted_engine_without_weights() {
+        let settings = EngineSettings {
+            backend: crate::settings::EngineBackend::Scripted,
+            model_path: "no/such/file.gguf".into(),
+            ..EngineSettings::default()
+        };
+        let status = crate::engine::start(&settings).unwrap().status();
+        assert!(status.ready);
+        assert_eq!(status.device, "scripted");
+        assert_eq!(status.loads, 1);
+    }
+
+    #[tokio::test]
+    async fn embeddings_are_unit_vectors_and_deterministic() {
+        let e = engine();
+        let request = EmbeddingRequest {
+            model: "smollm2".into(),
+            inputs: vec!["the sea is wide".into(), "a cat".into(), String::new()],
+        };
+        let first = e.embed(request.clone()).await.unwrap();
+        let again = e.embed(request).await.unwrap();
+        assert_eq!(first, again);
+        assert_eq!(first.vectors.len(), 3);
+        assert_eq!(first.prompt_tokens, 4 + 2 + 1);
+        for v in &first.vectors {
+            assert_eq!(v.len(), EMBEDDING_WIDTH);
+            let norm: f64 = v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
+        }
+        assert_ne!(first.vectors[0], first.vectors[1]);
+        assert_eq!(e.status().jobs_served, 2);
+    }
+}

@@ -1,0 +1,141 @@
+//! Who is calling, and whether they may: `Authorization: Bearer <secret>` → the key's row,
+//! checked for standing before the handler runs.
+//!
+//! Every keyed route takes one of these, so identity and standing are decided in one place for
+//! all of them: an unknown or revoked key is 401; a key outside its date window, or whose user
+//! is disabled, is 403 — on every route, admin routes included. [`AdminCaller`] also needs the
+//! `admin` scope (403). [`MeteredCaller`], for routes that spend a call, also refuses a key whose
+//! calls were used up as last read (429) and one over its request rate (429 with
+//! `Retry-After`); the atomic charge in admission still decides the quota. Header extractors
+//! run before the body is read, so key problems are reported before body problems.
+
+use axum::{extract::FromRequestParts, http::request::Parts};
+use loco_rs::app::AppContext;
+
+use crate::{
+    admission::refusal_error,
+    errors::{ApiError, ErrorCode},
+    models::{
+        api_keys::{self, Refusal},
+        users,
+    },
+    services::Services,
+};
+
+/// A key in good standing.
+#[derive(Debug, Clone)]
+pub struct Caller(pub api_keys::Model);
+
+/// A key in good standing with the `admin` scope, for the management routes.
+#[derive(Debug, Clone)]
+pub struct AdminCaller(pub api_keys::Model);
+
+/// A key in good standing that may spend a call now, as far as can be told before the charge.
+#[derive(Debug, Clone)]
+pub struct MeteredCaller(pub api_keys::Model);
+
+/// The secret from an `Authorization` header value, if it is a bearer token.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The key's standing at this instant: revoked, outside its window, or its user disabled.
+/// Quota is not standing: it is decided by the charge (or, for [`MeteredCaller`], as read).
+async fn identify(parts: &Parts, ctx: &AppContext) -> Result<api_keys::Model, ApiError> {
+    let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
+        return Err(ApiError::new(
+            ErrorCode::MissingApiKey,
+            "send your API key as `Authorization: Bearer <key>`",
+        ));
+    };
+    let Some(secret) = header.to_str().ok().and_then(bearer) else {
+        return Err(ApiError::new(
+            ErrorCode::InvalidAuthorization,
+            "the Authorization header must be `Bearer <key>`",
+        ));
+    };
+    let Some(key) = api_keys::Model::find_by_secret(&ctx.db, secret).await? else {
+        return Err(ApiError::new(ErrorCode::InvalidApiKey, "unknown API key"));
+    };
+    tracing::Span::current().record("api_key", key.prefix.as_str());
+    match key.refusal_at(crate::models::now()) {
+        None | Some(Refusal::QuotaExhausted { .. }) => {}
+        Some(refusal) => return Err(refusal_error(refusal, Some(&key))),
+    }
+    // A login token stops working the moment its user is disabled (generations are also
+    // refused by the budget reservation, which checks `enabled` atomically).
+    if let Some(user_id) = key.user_id {
+        if !users::Model::find(&ctx.db, user_id)
+            .await?
+            .is_some_and(|u| u.enabled)
+        {
+            return Err(ApiError::new(
+                ErrorCode::UserDisabled,
+                "the user of this key is disabled",
+            ));
+        }
+    }
+    Ok(key)
+}
+
+impl FromRequestParts<AppContext> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        ctx: &AppContext,
+    ) -> Result<Self, Self::Rejection> {
+        identify(parts, ctx).await.map(Self)
+    }
+}
+
+impl FromRequestParts<AppContext> for AdminCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        ctx: &AppContext,
+    ) -> Result<Self, Self::Rejection> {
+        let key = identify(parts, ctx).await?;
+        if !key.is_admin() {
+            return Err(ApiError::new(
+                ErrorCode::AdminScopeRequired,
+                "this route needs a key with the `admin` scope; this key has `client` scope",
+            ));
+        }
+        Ok(Self(key))
+    }
+}
+
+impl FromRequestParts<AppContext> for MeteredCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        ctx: &AppContext,
+    ) -> Result<Self, Self::Rejection> {
+        let key = identify(parts, ctx).await?;
+        if let Some(refusal @ Refusal::QuotaExhausted { .. }) = key.refusal_at(crate::models::now())
+        {
+            return Err(refusal_error(refusal, Some(&key)));
+        }
+        Services::from_ctx(ctx)?.rate_limits.check(&key).await?;
+        Ok(Self(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_needs_a_token() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("abc"), None);
+    }
+}

@@ -1,0 +1,328 @@
+//! What this deployment serves, and where a job for each model goes.
+//!
+//! [`ModelRegistry`] owns the models: the default one (its queue, its prompt tokenizer and, in
+//! embedded mode, the engine and worker inside this process), the models loaded at run time
+//! (seed 004's `load_model`, seed 002's `/vllm_request/start`; see [`load`]), and what live
+//! worker processes elsewhere hold (production: one model per GPU, read from the `workers`
+//! table). Every route that names a model asks it, so each answers the same way.
+
+pub mod load;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
+
+use sea_orm::{prelude::DateTimeWithTimeZone, DatabaseConnection};
+use tokio::sync::Mutex;
+
+use crate::{
+    engine::{tokenizer::PromptTokenizer, Algorithm, EngineStatus},
+    models::workers,
+    notify::JobEvents,
+    queue::{JobQueue, WorkerHandle},
+    settings::Settings,
+    workers::heartbeat::HeartbeatHandle,
+};
+
+/// Queues of models held only by workers elsewhere that one API process keeps open; a
+/// deployment serving more models than this reopens the least used ones.
+const MAX_REMOTE_QUEUES: usize = 64;
+
+/// Sampling defaults a configuration's `model_kwargs` may set for its model.
+#[derive(Debug, Clone, Default)]
+pub struct InferenceDefaults {
+    pub temperature: Option<f64>,
+    pub max_tokens: Option<i64>,
+    pub top_p: Option<f64>,
+}
+
+/// A queue consumer and its heartbeat, stopped together.
+pub type Worker = (WorkerHandle, HeartbeatHandle);
+
+/// One model held by this process besides the default one.
+pub struct LoadedModel {
+    pub model_id: String,
+    /// The configuration it was loaded from.
+    pub config_id: String,
+    pub engine: Arc<dyn Algorithm>,
+    pub tokenizer: Arc<PromptTokenizer>,
+    pub queue: JobQueue,
+    pub defaults: InferenceDefaults,
+    pub loaded_at: DateTimeWithTimeZone,
+    worker: Mutex<Option<Worker>>,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("model_id", &self.model_id)
+            .field("config_id", &self.config_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LoadedModel {
+    #[must_use]
+    pub fn status(&self) -> EngineStatus {
+        self.engine.status()
+    }
+
+    /// Stops the worker after its current job. The engine thread exits when the last handle
+    /// to the engine is dropped.
+    pub async fn stop(&self) {
+        if let Some((worker, beat)) = self.worker.lock().await.take() {
+            worker.shutdown().await;
+            beat.stop().await;
+        }
+    }
+}
+
+/// The default model as this process holds it.
+pub struct DefaultModel {
+    pub queue: JobQueue,
+    pub tokenizer: Arc<PromptTokenizer>,
+    /// The in-process engine (embedded mode); `None` when workers run elsewhere.
+    pub engine: Option<Arc<dyn Algorithm>>,
+    /// The embedded worker's id (as recorded on the jobs it runs), when there is one.
+    pub worker_name: Option<String>,
+    pub worker: Option<Worker>,
+}
+
+pub struct ModelRegistry {
+    settings: Settings,
+    db: DatabaseConnection,
+    events: JobEvents,
+    queue: JobQueue,
+    tokenizer: Arc<PromptTokenizer>,
+    engine: Option<Arc<dyn Algorithm>>,
+    worker_name: Option<String>,
+    worker: Mutex<Option<Worker>>,
+    loaded: RwLock<HashMap<String, Arc<LoadedModel>>>,
+    /// Serializes loads and unloads so two requests never load the same model twice.
+    changes: Mutex<()>,
+    /// Queues of models held only by worker processes elsewhere, opened on first use.
+    remote_queues: Mutex<HashMap<String, JobQueue>>,
+}
+
+impl std::fmt::Debug for ModelRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelRegistry")
+            .field("default", &self.settings.engine.model_name)
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ModelRegistry {
+    #[must_use]
+    pub fn new(
+        settings: Settings,
+        db: DatabaseConnection,
+        events: JobEvents,
+        default: DefaultModel,
+    ) -> Self {
+        Self {
+            settings,
+            db,
+            events,
+            queue: default.queue,
+            tokenizer: default.tokenizer,
+            engine: default.engine,
+            worker_name: default.worker_name,
+            worker: Mutex::new(default.worker),
+            loaded: RwLock::default(),
+            changes: Mutex::default(),
+            remote_queues: Mutex::default(),
+        }
+    }
+
+    /// The default model's name (`settings.engine.model_name`).
+    #[must_use]
+    pub fn default_name(&self) -> &str {
+        &self.settings.engine.model_name
+    }
+
+    /// The default model's queue.
+    #[must_use]
+    pub fn default_queue(&self) -> &JobQueue {
+        &self.queue
+    }
+
+    /// The embedded engine, when this process runs one.
+    #[must_use]
+    pub fn engine(&self) -> Option<&Arc<dyn Algorithm>> {
+        self.engine.as_ref()
+    }
+
+    #[must_use]
+    pub fn engine_status(&self) -> Option<EngineStatus> {
+        self.engine.as_ref().map(|e| e.status())
+    }
+
+    /// The embedded worker's id, when this process runs one.
+    #[must_use]
+    pub fn worker_name(&self) -> Option<&str> {
+        self.worker_name.as_deref()
+    }
+
+    /// The served model's architecture, which adapters must match.
+    #[must_use]
+    pub fn base_architecture(&self) -> Option<String> {
+        self.tokenizer.architecture()
+    }
+
+    /// Width of the default model's embedding vectors.
+    #[must_use]
+    pub fn n_embd(&self) -> u32 {
+        self.tokenizer.n_embd()
+    }
+
+    /// A model loaded at run time in this process.
+    #[must_use]
+    pub fn get(&self, model_id: &str) -> Option<Arc<LoadedModel>> {
+        self.loaded
+            .read()
+            .ok()
+            .and_then(|m| m.get(model_id).cloned())
+    }
+
+    /// Models loaded at run time, by id.
+    #[must_use]
+    pub fn loaded(&self) -> Vec<Arc<LoadedModel>> {
+        let mut all: Vec<_> = self
+            .loaded
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        all.sort_by(|a, b| a.model_id.cmp(&b.model_id));
+        all
+    }
+
+    /// Names of every model this process can serve now: the default one and those loaded.
+    #[must_use]
+    pub fn served_here(&self) -> Vec<String> {
+        let mut names = vec![self.default_name().to_string()];
+        names.extend(self.loaded().iter().map(|m| m.model_id.clone()));
+        names
+    }
+
+    /// The tokenizer that counts prompts for `model` (the default one for unknown names).
+    #[must_use]
+    pub fn tokenizer_for(&self, model: &str) -> Arc<PromptTokenizer> {
+        self.get(model)
+            .map_or_else(|| self.tokenizer.clone(), |m| m.tokenizer.clone())
+    }
+
+    /// Sampling defaults of a model loaded from a configuration.
+    #[must_use]
+    pub fn defaults_for(&self, model: &str) -> InferenceDefaults {
+        self.get(model)
+            .map(|m| m.defaults.clone())
+            .unwrap_or_default()
+    }
+
+    /// The queue a job for `model` goes to when this process knows the model itself.
+    fn queue_here(&self, model: &str) -> Option<JobQueue> {
+        if model == self.default_name() {
+            return Some(self.queue.clone());
+        }
+        self.get(model).map(|m| m.queue.clone())
+    }
+
+    /// The queue of `model`: this process's own, or that of a model held by workers elsewhere.
+    pub async fn queue_of(&self, model: &str) -> Option<JobQueue> {
+        if let Some(queue) = self.queue_here(model) {
+            return Some(queue);
+        }
+        let mut remote = self.remote_queues.lock().await;
+        if let Some(queue) = remote.get(model) {
+            return Some(queue.clone());
+        }
+        match JobQueue::connect(&self.settings.queue, model).await {
+            Ok(queue) => {
+                if remote.len() >= MAX_REMOTE_QUEUES {
+                    remote.clear();
+                }
+                remote.insert(model.to_string(), queue.clone());
+                Some(queue)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, model, "cannot open the model's queue");
+                None
+            }
+        }
+    }
+
+    /// Live worker processes other than this process's own worker: what production API
+    /// instances (which hold no engine) know of the models being served.
+    pub async fn remote_workers(&self) -> Vec<workers::Model> {
+        let gone_after = self.settings.queue.orphan_after();
+        match workers::list(&self.db).await {
+            Ok(rows) => rows
+                .into_iter()
+                .filter(|w| w.is_live(gone_after))
+                .filter(|w| self.worker_name.as_deref() != Some(w.id.as_str()))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the worker registry");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Models held by live workers elsewhere that this process does not hold itself.
+    pub async fn remote_models(&self) -> Vec<String> {
+        let mut models: Vec<String> = self
+            .remote_workers()
+            .await
+            .iter()
+            .flat_map(workers::Model::model_list)
+            .filter(|m| m != self.default_name() && self.get(m).is_none())
+            .collect();
+        models.sort();
+        models.dedup();
+        models
+    }
+
+    /// Every model served now (the default one, those loaded here, those held by live workers
+    /// elsewhere) with its queue, for depth figures.
+    pub async fn served_queues(&self) -> Vec<(String, JobQueue)> {
+        let mut queues = vec![(self.default_name().to_string(), self.queue.clone())];
+        for m in self.loaded() {
+            queues.push((m.model_id.clone(), m.queue.clone()));
+        }
+        for model in self.remote_models().await {
+            if let Some(queue) = self.queue_of(&model).await {
+                queues.push((model, queue));
+            }
+        }
+        queues
+    }
+
+    /// Which workers hold which adapters loaded now: this process's own worker (read live) and
+    /// worker processes elsewhere (as of their last heartbeat).
+    pub async fn adapter_holders(&self) -> Vec<(String, Vec<String>)> {
+        let mut all = Vec::new();
+        if let (Some(status), Some(worker)) = (self.engine_status(), &self.worker_name) {
+            all.push((worker.clone(), status.adapters));
+        }
+        for w in self.remote_workers().await {
+            let adapters = w.adapter_list();
+            all.push((w.id, adapters));
+        }
+        all
+    }
+
+    /// Stops the embedded worker and those of run-time loaded models, each after its current
+    /// job (server shutdown).
+    pub async fn shutdown(&self) {
+        for model in self.loaded() {
+            model.stop().await;
+        }
+        if let Some((worker, beat)) = self.worker.lock().await.take() {
+            worker.shutdown().await;
+            beat.stop().await;
+        }
+    }
+}

@@ -26,4 +26,11 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# Plain `cargo …` (README's `cargo loco task …`) builds into ./target: point it at the build
+# this script's callers make, so no command after them rebuilds from scratch.
+if [ -n "${CARGO_TARGET_DIR:-}" ] && [ ! -e target ]; then
+  mkdir -p "$CARGO_TARGET_DIR"
+  ln -s "$CARGO_TARGET_DIR" target
+fi
+
 ./scripts/fetch-model.sh

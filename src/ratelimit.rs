@@ -235,7 +235,7 @@ mod tests {
         let err = limits
             .check_local(&k)
             .expect_err("fourth request within the burst window");
-        assert_eq!(err.status.as_u16(), 429);
+        assert_eq!(err.status().as_u16(), 429);
         // One request per 10 s at 6/min.
         let retry = err.retry_after.unwrap_or_default();
         assert!((1..=10).contains(&retry), "retry_after {retry}");

@@ -5,51 +5,30 @@ mod common;
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use common::{code, read, TestApp, TestKey};
-use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use common::{code, key_of, merge, read, retry_after, FailingEngine, TestApp, TestKey};
+use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::{json, Value};
 use tollgate::{
-    engine::{Algorithm, EngineError, EngineStatus, Generation, GenerationRequest},
+    engine::{GenerationRequest, Prompt},
     models::{
         _entities::{api_keys as key_entity, jobs as job_entity},
-        api_keys::{self, KeyParams, Scope},
+        api_keys::{self, KeyParams},
         budgets,
         conversations::{self, Owner},
         jobs, users,
     },
     notify::JobEvents,
-    queue::GenerationJob,
-    workers::generation::{GenerationWorker, Outcome},
+    workers::generation::Outcome,
 };
 
 const PASSWORD: &str = "correct horse battery";
 
-async fn admin_key(app: &TestApp) -> TestKey {
-    app.issue_key(KeyParams {
-        name: "ops".into(),
-        email: "ops@example.com".into(),
-        scope: Scope::Admin,
-        ..Default::default()
-    })
-    .await
-}
-
-async fn post(app: &TestApp, key: Option<&TestKey>, path: &str, body: Value) -> (u16, Value) {
-    let mut req = app.http.post(app.url(path)).json(&body);
-    if let Some(k) = key {
-        req = req.bearer_auth(&k.secret);
-    }
-    read(req.send().await.expect("request")).await
-}
-
 async fn add_user(app: &TestApp, admin: &TestKey, body: Value) -> (u16, Value) {
-    post(app, Some(admin), "/db_request/add_user/", body).await
+    app.post(Some(admin), "/db_request/add_user/", body).await
 }
 
 async fn login(app: &TestApp, username: &str, password: &str) -> (u16, Value) {
-    post(
-        app,
+    app.post(
         None,
         "/token",
         json!({"username": username, "password": password}),
@@ -57,25 +36,9 @@ async fn login(app: &TestApp, username: &str, password: &str) -> (u16, Value) {
     .await
 }
 
-/// The key row behind a bearer secret (a login token is an ordinary key).
-async fn key_of(app: &TestApp, secret: &str) -> TestKey {
-    let row = api_keys::Model::find_by_secret(&app.ctx.db, secret)
-        .await
-        .expect("db")
-        .expect("the token is a stored key");
-    TestKey {
-        id: row.id,
-        prefix: row.prefix,
-        secret: secret.to_string(),
-    }
-}
-
 /// Adds a user through the API (with `extra` fields) and logs in; returns the token.
 async fn user_token(app: &TestApp, admin: &TestKey, username: &str, extra: Value) -> TestKey {
-    let mut body = json!({"username": username, "password": PASSWORD});
-    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
-        b.extend(e.clone());
-    }
+    let body = merge(json!({"username": username, "password": PASSWORD}), &extra);
     let (status, reply) = add_user(app, admin, body).await;
     assert_eq!(status, 200, "{reply}");
     token_for(app, username).await
@@ -94,14 +57,6 @@ async fn user(app: &TestApp, username: &str) -> users::Model {
         .expect("user row")
 }
 
-async fn jobs_of(app: &TestApp, key: &TestKey) -> Vec<job_entity::Model> {
-    job_entity::Entity::find()
-        .filter(job_entity::Column::ApiKeyId.eq(key.id))
-        .all(&app.ctx.db)
-        .await
-        .expect("db")
-}
-
 async fn job(app: &TestApp, id: &str) -> job_entity::Model {
     jobs::Model::find_any(&app.ctx.db, id)
         .await
@@ -111,7 +66,7 @@ async fn job(app: &TestApp, id: &str) -> job_entity::Model {
 
 /// (prompt, generated) token totals of a key's finished jobs.
 async fn spent(app: &TestApp, key: &TestKey) -> (i64, i64) {
-    jobs_of(app, key)
+    app.jobs_of(key)
         .await
         .iter()
         .filter(|j| j.status == "done")
@@ -142,35 +97,15 @@ async fn snapshot(app: &TestApp, key: &TestKey, username: Option<&str>) -> Value
 }
 
 /// Fires every (key, path, body) at once; returns the statuses in order.
-async fn fire(app: &TestApp, calls: Vec<(String, &'static str, Value)>) -> Vec<u16> {
-    let tasks: Vec<_> = calls
-        .into_iter()
-        .map(|(secret, path, body)| {
-            let http = app.http.clone();
-            let url = app.url(path);
-            tokio::spawn(async move {
-                http.post(url)
-                    .bearer_auth(secret)
-                    .json(&body)
-                    .send()
-                    .await
-                    .expect("request")
-                    .status()
-                    .as_u16()
-            })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.push(t.await.expect("task"));
-    }
-    statuses
+async fn fire(app: &TestApp, calls: Vec<(&TestKey, &str, Value)>) -> Vec<u16> {
+    let answers = app.post_at_once(calls).await;
+    answers.into_iter().map(|(status, _)| status).collect()
 }
 
 #[tokio::test]
 async fn a_user_logs_in_and_calls_the_openai_and_llm_request_routes_with_the_token() {
     let app = TestApp::spawn().await;
-    let admin = admin_key(&app).await;
+    let admin = app.admin_key().await;
     let (status, body) = add_user(
         &app,
         &admin,
@@ -203,26 +138,20 @@ async fn a_user_logs_in_and_calls_the_openai_and_llm_request_routes_with_the_tok
     assert!(!alice.password_hash.contains(PASSWORD));
     assert!(alice.password_hash.starts_with("$argon2"));
 
-    let (status, chat) = post(
-        &app,
-        Some(&token),
-        "/v1/chat/completions",
-        json!({"model": "smollm2", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 6}),
-    )
-    .await;
+    let request = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Say hi"}],
+                         "max_tokens": 6});
+    let (status, chat) = app
+        .post(Some(&token), "/v1/chat/completions", request)
+        .await;
     assert_eq!(status, 200, "{chat}");
     assert!(
         chat["choices"][0]["message"]["content"].is_string(),
         "{chat}"
     );
 
-    let (status, answer) = post(
-        &app,
-        Some(&token),
-        "/llm_request",
-        json!({"model": "smollm2", "inference_endpoint": "http://old-vllm:8000/v1", "prompt": "Name a colour.", "max_tokens": 6}),
-    )
-    .await;
+    let request = json!({"model": "smollm2", "inference_endpoint": "http://old-vllm:8000/v1",
+                         "prompt": "Name a colour.", "max_tokens": 6});
+    let (status, answer) = app.post(Some(&token), "/llm_request", request).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["username"], "alice");
     assert!(
@@ -253,8 +182,7 @@ async fn a_user_logs_in_and_calls_the_openai_and_llm_request_routes_with_the_tok
 
     // FastAPI's OAuth2 clients send a form.
     let resp = app
-        .http
-        .post(app.url("/token"))
+        .request(reqwest::Method::POST, None, "/token")
         .form(&[
             ("grant_type", "password"),
             ("username", "alice"),
@@ -272,7 +200,7 @@ async fn a_user_logs_in_and_calls_the_openai_and_llm_request_routes_with_the_tok
 #[tokio::test]
 async fn wrong_credentials_are_401_a_disabled_user_403_and_repeated_failures_429() {
     let app = TestApp::spawn().await;
-    let admin = admin_key(&app).await;
+    let admin = app.admin_key().await;
     for (name, enabled) in [("bob", true), ("carol", false), ("dave", true)] {
         let (status, body) = add_user(
             &app,
@@ -302,11 +230,10 @@ async fn wrong_credentials_are_401_a_disabled_user_403_and_repeated_failures_429
         "a wrong password must not reveal that carol is disabled"
     );
 
-    let (status, body) = post(&app, None, "/token", json!({"username": "bob"})).await;
+    let (status, body) = app.post(None, "/token", json!({"username": "bob"})).await;
     assert_eq!(status, 422, "{body}");
     let resp = app
-        .http
-        .post(app.url("/token"))
+        .request(reqwest::Method::POST, None, "/token")
         .header("content-type", "application/json")
         .body("")
         .send()
@@ -320,17 +247,12 @@ async fn wrong_credentials_are_401_a_disabled_user_403_and_repeated_failures_429
         assert_eq!(status, 401, "{body}");
     }
     let resp = app
-        .http
-        .post(app.url("/token"))
+        .request(reqwest::Method::POST, None, "/token")
         .json(&json!({"username": "dave", "password": PASSWORD}))
         .send()
         .await
         .expect("request");
-    let retry_after = resp
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let retry_after = retry_after(&resp);
     let (status, body) = read(resp).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(code(&body), "too_many_login_attempts");
@@ -348,13 +270,13 @@ async fn wrong_credentials_are_401_a_disabled_user_403_and_repeated_failures_429
         .await
         .expect("disable");
     let before = snapshot(&app, &token, Some("bob")).await;
-    let (status, body) = post(
-        &app,
-        Some(&token),
-        "/llm_request",
-        json!({"model": "smollm2", "inference_endpoint": "x", "prompt": "hi"}),
-    )
-    .await;
+    let (status, body) = app
+        .post(
+            Some(&token),
+            "/llm_request",
+            json!({"model": "smollm2", "inference_endpoint": "x", "prompt": "hi"}),
+        )
+        .await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(code(&body), "user_disabled");
     assert_eq!(snapshot(&app, &token, Some("bob")).await, before);
@@ -363,14 +285,14 @@ async fn wrong_credentials_are_401_a_disabled_user_403_and_repeated_failures_429
 #[tokio::test]
 async fn add_user_needs_an_admin_key_and_rejects_duplicates_and_bad_input() {
     let app = TestApp::spawn().await;
-    let admin = admin_key(&app).await;
+    let admin = app.admin_key().await;
     let client = app.key_with_calls(None).await;
     let body = json!({"username": "erin", "password": PASSWORD});
 
     let (status, reply) = add_user(&app, &client, body.clone()).await;
     assert_eq!(status, 403, "{reply}");
     assert_eq!(code(&reply), "admin_scope_required");
-    let (status, _) = post(&app, None, "/db_request/add_user/", body.clone()).await;
+    let (status, _) = app.post(None, "/db_request/add_user/", body.clone()).await;
     assert_eq!(status, 401);
     assert!(users::Model::find_by_username(&app.ctx.db, "erin")
         .await
@@ -452,7 +374,7 @@ async fn add_user_needs_an_admin_key_and_rejects_duplicates_and_bad_input() {
 #[tokio::test]
 async fn a_request_over_the_remaining_budget_is_refused_with_429_and_changes_nothing() {
     let app = TestApp::spawn().await;
-    let admin = admin_key(&app).await;
+    let admin = app.admin_key().await;
 
     // The key's own generation budget: max_tokens is reserved in full.
     let key = app
@@ -495,26 +417,20 @@ async fn a_request_over_the_remaining_budget_is_refused_with_429_and_changes_not
     // The user's budget: the key reservation and the call charge are undone too.
     let token = user_token(&app, &admin, "ivan", json!({"gen_token_limit": 20})).await;
     let before = snapshot(&app, &token, Some("ivan")).await;
-    let (status, body) = post(
-        &app,
-        Some(&token),
-        "/llm_request",
-        json!({"model": "smollm2", "inference_endpoint": "x", "prompt": "Hi", "max_tokens": 21}),
-    )
-    .await;
+    let request =
+        json!({"model": "smollm2", "inference_endpoint": "x", "prompt": "Hi", "max_tokens": 21});
+    let (status, body) = app.post(Some(&token), "/llm_request", request).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(code(&body), "token_budget_exceeded");
     assert!(body["error"]["message"]
         .as_str()
         .is_some_and(|m| m.contains("user")));
     // OpenAI's error shape on the OpenAI route.
-    let (status, body) = post(
-        &app,
-        Some(&token),
-        "/v1/chat/completions",
-        json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 21}),
-    )
-    .await;
+    let request = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}],
+                         "max_tokens": 21});
+    let (status, body) = app
+        .post(Some(&token), "/v1/chat/completions", request)
+        .await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["code"], "token_budget_exceeded");
     assert_eq!(body["error"]["type"], "insufficient_quota");
@@ -560,23 +476,10 @@ async fn a_request_over_the_remaining_budget_is_refused_with_429_and_changes_not
     assert_eq!(ivan.gen_tokens_used, spent(&app, &token).await.1);
 }
 
-/// Narrow stand-in for the release path: an engine that always fails.
-struct FailingEngine;
-
-#[async_trait]
-impl Algorithm for FailingEngine {
-    async fn run(&self, _: GenerationRequest) -> Result<Generation, EngineError> {
-        Err(EngineError::Decode("simulated device failure".into()))
-    }
-    fn status(&self) -> EngineStatus {
-        EngineStatus::default()
-    }
-}
-
 #[tokio::test]
 async fn a_failed_job_releases_its_whole_reservation_exactly_once() {
     let app = TestApp::spawn().await;
-    let admin = admin_key(&app).await;
+    let admin = app.admin_key().await;
     let token = user_token(&app, &admin, "judy", json!({"gen_token_limit": 100})).await;
     let key = app.key_row(&token).await;
     let reservation = budgets::reserve(&app.ctx.db, &key, 12, 30)
@@ -584,46 +487,14 @@ async fn a_failed_job_releases_its_whole_reservation_exactly_once() {
         .expect("db")
         .expect("reserved");
     assert_eq!(user(&app, "judy").await.gen_tokens_used, 30);
-    let id = uuid::Uuid::new_v4().to_string();
-    jobs::ActiveModel::create_queued(
-        &app.ctx.db,
-        jobs::NewJob {
-            id: id.clone(),
-            api_key_id: key.id,
-            endpoint: "/api/".into(),
-            model: "smollm2".into(),
-            request_json: "{}".into(),
-            prompt_tokens: 12,
-            client_ref: None,
-            reservation,
-        },
-    )
-    .await
-    .expect("job");
-    let worker = GenerationWorker::new(
-        app.ctx.db.clone(),
-        Arc::new(FailingEngine),
-        JobEvents::default(),
-        "test-worker".into(),
-    );
-    let delivery = GenerationJob {
-        job_id: id,
-        api_key_id: key.id,
-        work: tollgate::queue::Work::Generate(GenerationRequest {
-            model: "smollm2".into(),
-            prompt: tollgate::engine::Prompt::Raw { text: "x".into() },
-            params: tollgate::engine::SamplingParams {
-                max_tokens: 30,
-                temperature: 0.0,
-                top_p: 1.0,
-                seed: None,
-                stop: vec![],
-            },
-            adapter: None,
-        }),
-        request_id: None,
-        priority: 0,
+    let request = GenerationRequest {
+        model: "smollm2".into(),
+        prompt: Prompt::Raw { text: "x".into() },
+        params: common::greedy(30),
+        adapter: None,
     };
+    let delivery = common::queued_job(&app, key.id, 12, reservation, request).await;
+    let worker = common::worker_on(&app, Arc::new(FailingEngine), JobEvents::default());
     let outcome = worker.run_one(delivery.clone()).await.expect("run");
     assert!(matches!(outcome, Outcome::Failed(_)), "{outcome:?}");
     let judy = user(&app, "judy").await;
@@ -657,17 +528,13 @@ async fn prompt_tokens_of(app: &TestApp, text: &str) -> i64 {
 async fn concurrent_prompt_budget(app: &TestApp) {
     const TEXT: &str = "Count to three.";
     let p = prompt_tokens_of(app, TEXT).await;
-    let admin = admin_key(app).await;
+    let admin = app.admin_key().await;
     let first = user_token(app, &admin, "kim", json!({"prompt_token_limit": 4 * p})).await;
     let second = token_for(app, "kim").await;
     let calls = (0..16)
         .map(|i| {
             let key = if i % 2 == 0 { &first } else { &second };
-            (
-                key.secret.clone(),
-                "/api/",
-                json!({"text": TEXT, "max_tokens": 2}),
-            )
+            (key, "/api/", json!({"text": TEXT, "max_tokens": 2}))
         })
         .collect();
     let statuses = fire(app, calls).await;
@@ -692,7 +559,7 @@ async fn concurrent_prompt_budget(app: &TestApp) {
     for (key, (p, g)) in [(&first, (p1, g1)), (&second, (p2, g2))] {
         let row = app.key_row(key).await;
         assert_eq!((row.prompt_tokens_used, row.gen_tokens_used), (p, g));
-        assert_eq!(row.calls_used, jobs_of(app, key).await.len() as i64);
+        assert_eq!(row.calls_used, app.jobs_of(key).await.len() as i64);
     }
 }
 
@@ -713,7 +580,7 @@ async fn concurrent_requests_never_overspend_a_small_budget() {
     let calls = (0..16)
         .map(|_| {
             (
-                key.secret.clone(),
+                &key,
                 "/api/",
                 json!({"text": "Count from one to one hundred.", "max_tokens": 4}),
             )
@@ -746,7 +613,7 @@ async fn on_postgres_concurrent_requests_never_overspend_a_small_budget() {
 #[tokio::test]
 async fn memory_keeps_a_conversation_per_owner_and_number() {
     let app = TestApp::spawn().await;
-    let admin = admin_key(&app).await;
+    let admin = app.admin_key().await;
     let alice = user_token(&app, &admin, "alice", json!({})).await;
     let bob = user_token(&app, &admin, "bob", json!({})).await;
     let alice_id = user(&app, "alice").await.id;
@@ -765,7 +632,7 @@ async fn memory_keeps_a_conversation_per_owner_and_number() {
         };
         let app = &app;
         async move {
-            let (status, body) = post(app, Some(&key), "/llm_request", body).await;
+            let (status, body) = app.post(Some(&key), "/llm_request", body).await;
             assert_eq!(status, 200, "{body}");
             body
         }
@@ -872,7 +739,7 @@ async fn memory_keeps_a_conversation_per_owner_and_number() {
             "invalid_body",
         ),
     ] {
-        let (got, reply) = post(&app, Some(&alice), "/llm_request", body.clone()).await;
+        let (got, reply) = app.post(Some(&alice), "/llm_request", body.clone()).await;
         assert_eq!(got, status, "{body} -> {reply}");
         assert_eq!(code(&reply), expected, "{reply}");
         if expected == "model_not_found" {
@@ -882,13 +749,13 @@ async fn memory_keeps_a_conversation_per_owner_and_number() {
         }
     }
     assert_eq!(snapshot(&app, &alice, Some("alice")).await, before);
-    let (status, _) = post(
-        &app,
-        None,
-        "/llm_request",
-        json!({"model": "smollm2", "inference_endpoint": "x", "prompt": "hi"}),
-    )
-    .await;
+    let (status, _) = app
+        .post(
+            None,
+            "/llm_request",
+            json!({"model": "smollm2", "inference_endpoint": "x", "prompt": "hi"}),
+        )
+        .await;
     assert_eq!(status, 401);
 }
 
@@ -911,14 +778,10 @@ async fn a_long_history_is_trimmed_from_the_oldest_turns_to_fit_the_context() {
         .await
         .expect("seed history");
     }
-    let (status, body) = post(
-        &app,
-        Some(&key),
-        "/llm_request",
-        json!({"model": "smollm2", "inference_endpoint": "x", "prompt": "And the last one?",
-               "memory": true, "conversation_number": 7, "max_tokens": 32, "temperature": 0}),
-    )
-    .await;
+    let request = json!({"model": "smollm2", "inference_endpoint": "x",
+                         "prompt": "And the last one?", "memory": true,
+                         "conversation_number": 7, "max_tokens": 32, "temperature": 0});
+    let (status, body) = app.post(Some(&key), "/llm_request", request).await;
     assert_eq!(status, 200, "{body}");
     let j = job(&app, body["job_id"].as_str().expect("job id")).await;
     let prompt = i64::from(j.prompt_tokens);
@@ -950,14 +813,10 @@ async fn a_long_history_is_trimmed_from_the_oldest_turns_to_fit_the_context() {
 async fn a_memory_request_that_outlives_the_wait_still_lands_in_the_conversation() {
     let app = TestApp::spawn_with(|s| s["api"]["wait_timeout_ms"] = json!(1)).await;
     let key = app.key_with_calls(None).await;
-    let (status, body) = post(
-        &app,
-        Some(&key),
-        "/llm_request",
-        json!({"model": "smollm2", "inference_endpoint": "x", "prompt": "Tell me about the sea.",
-               "memory": true, "conversation_number": 3, "max_tokens": 24}),
-    )
-    .await;
+    let request = json!({"model": "smollm2", "inference_endpoint": "x",
+                         "prompt": "Tell me about the sea.", "memory": true,
+                         "conversation_number": 3, "max_tokens": 24});
+    let (status, body) = app.post(Some(&key), "/llm_request", request).await;
     assert_eq!(status, 202, "{body}");
     let job_id = body["job_id"].as_str().expect("job id").to_string();
     let done = common::poll_job(&app, &key, &job_id).await;
@@ -983,7 +842,7 @@ async fn a_memory_request_that_outlives_the_wait_still_lands_in_the_conversation
 #[tokio::test]
 async fn seed_002_documented_requests_get_the_documented_shapes() {
     let app = TestApp::spawn().await;
-    let admin = admin_key(&app).await;
+    let admin = app.admin_key().await;
 
     // /db_request/add_user/
     let (status, body) = add_user(
@@ -1006,13 +865,13 @@ async fn seed_002_documented_requests_get_the_documented_shapes() {
     );
 
     // /token
-    let (status, body) = post(
-        &app,
-        None,
-        "/token",
-        json!({"username": "seeduser", "password": "seed-password"}),
-    )
-    .await;
+    let (status, body) = app
+        .post(
+            None,
+            "/token",
+            json!({"username": "seeduser", "password": "seed-password"}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     assert!(body["username"].is_string() && body["access_token"].is_string());
     assert_eq!(body["token_type"], "bearer");
@@ -1025,7 +884,7 @@ async fn seed_002_documented_requests_get_the_documented_shapes() {
         json!({"model": "smollm2", "inference_endpoint": "http://localhost:8000/v1",
                "prompt": "Hello!", "memory": true, "conversation_number": 1}),
     ] {
-        let (status, body) = post(&app, Some(&token), "/llm_request", request).await;
+        let (status, body) = app.post(Some(&token), "/llm_request", request).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["username"], "seeduser");
         assert!(body["data"].is_string(), "{body}");
@@ -1055,7 +914,8 @@ async fn seed_002_documented_requests_get_the_documented_shapes() {
     assert_eq!(m["user_id"], "seeduser");
     assert!(chrono::DateTime::parse_from_rfc3339(m["timestamp"].as_str().unwrap_or("")).is_ok());
     // The container id is the worker that ran this user's jobs.
-    let worker = jobs_of(&app, &token)
+    let worker = app
+        .jobs_of(&token)
         .await
         .into_iter()
         .find_map(|j| j.worker)

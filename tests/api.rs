@@ -4,6 +4,7 @@ mod common;
 
 use chrono::{Duration, Utc};
 use common::{code, TestApp};
+use reqwest::Method;
 use serde_json::json;
 use tollgate::models::api_keys::KeyParams;
 
@@ -33,15 +34,9 @@ async fn the_analyze_alias_and_the_unslashed_path_serve_the_same_api() {
     let app = TestApp::spawn().await;
     let key = app.key_with_calls(None).await;
     for path in ["/analyze/", "/api", "/analyze"] {
-        let resp = app
-            .http
-            .post(app.url(path))
-            .bearer_auth(&key.secret)
-            .json(&json!({"text": "Say hi", "max_tokens": 4}))
-            .send()
-            .await
-            .expect("request");
-        let (status, body) = common::read(resp).await;
+        let (status, body) = app
+            .post(Some(&key), path, json!({"text": "Say hi", "max_tokens": 4}))
+            .await;
         assert_eq!(status, 200, "{path}: {body}");
         assert!(body["message"].is_string(), "{path}: {body}");
     }
@@ -219,18 +214,12 @@ async fn an_async_job_is_accepted_at_once_and_its_result_is_polled() {
     let app = TestApp::spawn().await;
     let key = app.key_with_calls(Some(2)).await;
     let resp = app
-        .http
-        .post(app.url("/api/jobs"))
-        .bearer_auth(&key.secret)
+        .request(Method::POST, Some(&key), "/api/jobs")
         .json(&json!({"text": "Name three fruits.", "max_tokens": 16}))
         .send()
         .await
         .expect("request");
-    let location = resp
-        .headers()
-        .get("location")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let location = common::header(&resp, "location");
     let (status, body) = common::read(resp).await;
     assert_eq!(status, 202, "{body}");
     let job_id = body["job_id"].as_str().expect("job id").to_string();
@@ -247,15 +236,8 @@ async fn an_async_job_is_accepted_at_once_and_its_result_is_polled() {
         "{job}"
     );
 
-    let resp = app
-        .http
-        .post(app.url("/api/jobs"))
-        .bearer_auth(&key.secret)
-        .json(&json!({"text": ""}))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status().as_u16(), 422);
+    let (status, _) = app.post(Some(&key), "/api/jobs", json!({"text": ""})).await;
+    assert_eq!(status, 422);
     assert_eq!(app.calls_used(&key).await, 1);
     assert_eq!(app.job_count().await, 1);
 }

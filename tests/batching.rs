@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{TestApp, TestKey};
+use common::{merge, TestApp, TestKey};
 use serde_json::{json, Value};
 
 const PROMPTS: [&str; 4] = [
@@ -25,12 +25,10 @@ async fn app(parallel: u32, lookahead: u32) -> TestApp {
 
 /// `POST /api/` greedy with `extra` fields; returns the body (asserting 200).
 async fn ask(app: &TestApp, key: &TestKey, prompt: &str, extra: Value) -> Value {
-    let mut body = json!({"text": prompt, "temperature": 0, "max_tokens": 24});
-    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
-        for (k, v) in e {
-            b.insert(k.clone(), v.clone());
-        }
-    }
+    let body = merge(
+        json!({"text": prompt, "temperature": 0, "max_tokens": 24}),
+        &extra,
+    );
     let (status, answer) = app.post_api(key, body).await;
     assert_eq!(status, 200, "{answer}");
     answer
@@ -42,6 +40,14 @@ async fn together(app: &TestApp, key: &TestKey, requests: &[(&str, Value)]) -> V
         .iter()
         .map(|(prompt, extra)| ask(app, key, prompt, extra.clone()));
     futures::future::join_all(futures).await
+}
+
+/// `POST /api/jobs` greedy, up to 40 tokens; returns the job id (asserting 202).
+async fn submit(app: &TestApp, key: &TestKey, text: String) -> String {
+    let body = json!({"text": text, "temperature": 0, "max_tokens": 40});
+    let (status, body) = app.post(Some(key), "/api/jobs", body).await;
+    assert_eq!(status, 202, "{body}");
+    body["job_id"].as_str().expect("id").to_string()
 }
 
 async fn engine(app: &TestApp) -> Value {
@@ -126,28 +132,20 @@ async fn one_jobs_stop_string_or_token_limit_never_cuts_another() {
 #[tokio::test]
 async fn jobs_with_different_lora_heads_never_share_a_batch() {
     let app = app(4, 4).await;
-    let admin = app
-        .issue_key(tollgate::models::api_keys::KeyParams {
-            name: "admin".into(),
-            email: "admin@example.com".into(),
-            scope: tollgate::models::api_keys::Scope::Admin,
-            ..Default::default()
-        })
-        .await;
+    let admin = app.admin_key().await;
     let adapters = std::path::Path::new("models/adapters");
     std::fs::create_dir_all(adapters).expect("adapters dir");
     let file = format!("batch-test-{}.gguf", uuid::Uuid::new_v4().simple());
     common::make_adapter(&adapters.join(&file), 7);
     let name = format!("b{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let resp = app
-        .http
-        .post(app.url("/api/adapters"))
-        .bearer_auth(&admin.secret)
-        .json(&json!({"name": name, "path": file}))
-        .send()
-        .await
-        .expect("register");
-    assert_eq!(resp.status().as_u16(), 201, "{:?}", resp.text().await);
+    let (status, body) = app
+        .post(
+            Some(&admin),
+            "/api/adapters",
+            json!({"name": name, "path": file}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
 
     let key = app.key_with_calls(None).await;
     let head = json!({"lora": name, "scale": 1.0});
@@ -183,23 +181,12 @@ async fn a_late_single_job_of_another_key_does_not_wait_for_a_backlog() {
     let app = app(2, 16).await;
     let busy = app.key_with_calls(None).await;
     let other = app.key_with_calls(None).await;
-    let submit = |key: &TestKey, i: usize| {
-        let req = app
-            .http
-            .post(app.url("/api/jobs"))
-            .bearer_auth(&key.secret)
-            .json(&json!({"text": format!("Write a story number {i}."), "temperature": 0, "max_tokens": 40}));
-        async move { common::read(req.send().await.expect("submit")).await }
-    };
+    let story = |i: usize| format!("Write a story number {i}.");
     let mut backlog = Vec::new();
     for i in 0..10 {
-        let (status, body) = submit(&busy, i).await;
-        assert_eq!(status, 202, "{body}");
-        backlog.push(body["job_id"].as_str().expect("id").to_string());
+        backlog.push(submit(&app, &busy, story(i)).await);
     }
-    let (status, body) = submit(&other, 99).await;
-    assert_eq!(status, 202, "{body}");
-    let single = body["job_id"].as_str().expect("id").to_string();
+    let single = submit(&app, &other, story(99)).await;
 
     let single_done = common::poll_job(&app, &other, &single).await;
     let mut finished_before = 0;
@@ -253,24 +240,11 @@ async fn a_key_with_a_higher_priority_gets_more_turns() {
             ..Default::default()
         })
         .await;
-    let submit = |key: &TestKey, i: usize| {
-        let req = app
-            .http
-            .post(app.url("/api/jobs"))
-            .bearer_auth(&key.secret)
-            .json(&json!({"text": format!("Tell me about the number {i}."), "temperature": 0, "max_tokens": 40}));
-        async move { common::read(req.send().await.expect("submit")).await }
-    };
     let mut jobs = Vec::new();
     for (key, urgent_key) in [(&normal, false), (&urgent, true)] {
         for i in 0..6 {
-            let (status, body) = submit(key, i).await;
-            assert_eq!(status, 202, "{body}");
-            jobs.push((
-                body["job_id"].as_str().expect("id").to_string(),
-                key,
-                urgent_key,
-            ));
+            let id = submit(&app, key, format!("Tell me about the number {i}.")).await;
+            jobs.push((id, key, urgent_key));
         }
     }
     let mut finished = Vec::new();

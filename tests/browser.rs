@@ -16,24 +16,15 @@ async fn an_admin_goes_from_empty_database_to_working_key_in_chromium() {
     let app = TestApp::spawn().await;
     let token = Services::from_ctx(&app.ctx)
         .expect("services")
-        .new_setup_link();
-    let out = tokio::process::Command::new("node")
-        .args([
-            "tests/browser/dashboard.mjs",
-            &app.base,
-            &token,
-            "artifacts/screenshots",
-        ])
-        .output()
-        .await
-        .expect("run node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "browser checks failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("browser checks passed"), "{stdout}");
+        .setup
+        .issue();
+    let args = [
+        "tests/browser/dashboard.mjs",
+        &app.base,
+        &token,
+        "artifacts/screenshots",
+    ];
+    common::run_checks("node", &args, "browser checks", "browser checks passed").await;
     for shot in [
         "keys.png",
         "key-created.png",

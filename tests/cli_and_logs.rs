@@ -14,13 +14,6 @@ use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate-cli");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 fn envs(dir: &Path, port: u16) -> Vec<(String, String)> {
     vec![
         ("LOCO_ENV".into(), "development".into()),
@@ -85,7 +78,7 @@ async fn readme_run_command_serves_a_key_made_by_the_tasks_and_logs_no_secret() 
     use std::os::unix::process::CommandExt;
 
     let dir = common::scratch_dir("readme");
-    let port = free_port();
+    let port = common::free_port();
     let log_path = dir.join("server.log");
 
     let (ok, out) = task(

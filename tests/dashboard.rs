@@ -4,169 +4,196 @@
 mod common;
 
 use common::TestApp;
-use reqwest::{header, redirect::Policy, Client, StatusCode};
+use reqwest::{header, redirect::Policy, Client, RequestBuilder, Response, StatusCode};
 use serde_json::json;
 use tollgate::services::Services;
 
-/// A browser without cookie storage: the test carries the session cookie itself.
-fn browser() -> Client {
-    Client::builder()
-        .redirect(Policy::none())
-        .build()
-        .expect("client")
+/// A browser without cookie storage on one test server: the test carries the session cookie
+/// itself (none until it signs in).
+struct Browser<'a> {
+    app: &'a TestApp,
+    http: Client,
+    cookie: String,
 }
 
-fn location(resp: &reqwest::Response) -> String {
-    resp.headers()
-        .get(header::LOCATION)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
+impl<'a> Browser<'a> {
+    fn new(app: &'a TestApp) -> Self {
+        let http = Client::builder()
+            .redirect(Policy::none())
+            .build()
+            .expect("client");
+        Self {
+            app,
+            http,
+            cookie: String::new(),
+        }
+    }
+
+    fn with_cookie(&self, req: RequestBuilder) -> RequestBuilder {
+        if self.cookie.is_empty() {
+            req
+        } else {
+            req.header(header::COOKIE, &self.cookie)
+        }
+    }
+
+    async fn get(&self, path: &str) -> Response {
+        let req = self.with_cookie(self.http.get(self.app.url(path)));
+        req.send().await.expect("get")
+    }
+
+    /// A page's status and HTML.
+    async fn page(&self, path: &str) -> (StatusCode, String) {
+        let resp = self.get(path).await;
+        (resp.status(), resp.text().await.expect("body"))
+    }
+
+    async fn form(&self, path: &str, fields: &[(&str, &str)]) -> Response {
+        let req = self.with_cookie(self.http.post(self.app.url(path)));
+        req.form(fields).send().await.expect("post")
+    }
+
+    /// Submits the sign-in form, never with a session cookie.
+    async fn sign_in(&self, email: &str, password: &str) -> Response {
+        let fields = [("email", email), ("password", password)];
+        let req = self.http.post(self.app.url("/admin/login"));
+        req.form(&fields).send().await.expect("post")
+    }
+
+    /// Creates the admin `root@example.com` and signs in as them.
+    async fn sign_in_as_new_admin(&mut self) {
+        tollgate::models::admins::ActiveModel::create(
+            &self.app.ctx.db,
+            "root@example.com",
+            "long-enough-pw",
+        )
+        .await
+        .expect("admin");
+        let resp = self.sign_in("root@example.com", "long-enough-pw").await;
+        self.cookie = session_cookie(&resp);
+    }
+}
+
+fn location(resp: &Response) -> String {
+    common::header(resp, header::LOCATION.as_str()).unwrap_or_default()
 }
 
 /// `tg_admin=<token>` from a `Set-Cookie` header, checking its attributes.
-fn session_cookie(resp: &reqwest::Response) -> String {
-    let set = resp
-        .headers()
-        .get(header::SET_COOKIE)
-        .and_then(|v| v.to_str().ok())
-        .expect("Set-Cookie")
-        .to_string();
+fn session_cookie(resp: &Response) -> String {
+    let set = common::header(resp, header::SET_COOKIE.as_str()).expect("Set-Cookie");
     assert!(set.contains("HttpOnly"), "{set}");
     assert!(set.contains("SameSite=Strict"), "{set}");
     set.split(';').next().expect("cookie").to_string()
 }
 
-fn csrf_of(page: &str) -> String {
-    let re = regex::Regex::new(r#"name="csrf" value="([0-9a-f]+)""#).expect("regex");
-    re.captures(page)
+/// The first capture of `pattern` in `page`.
+fn capture(pattern: &str, page: &str, what: &str) -> String {
+    regex::Regex::new(pattern)
+        .expect("regex")
+        .captures(page)
         .and_then(|c| c.get(1))
         .map(|m| m.as_str().to_string())
-        .expect("a csrf field on the page")
+        .unwrap_or_else(|| panic!("{what} on the page"))
 }
 
-async fn page(http: &Client, url: String, cookie: &str) -> (StatusCode, String) {
-    let resp = http
-        .get(url)
-        .header(header::COOKIE, cookie)
-        .send()
-        .await
-        .expect("get");
-    (resp.status(), resp.text().await.expect("body"))
+fn csrf_of(page: &str) -> String {
+    capture(r#"name="csrf" value="([0-9a-f]+)""#, page, "a csrf field")
 }
 
-async fn form(
-    http: &Client,
-    url: String,
-    cookie: &str,
-    fields: &[(&str, &str)],
-) -> reqwest::Response {
-    http.post(url)
-        .header(header::COOKIE, cookie)
-        .form(fields)
+/// The key secret shown on a page.
+fn secret_on(page: &str) -> String {
+    capture(r"(tg_[0-9a-f]{8}_[0-9a-f]{64})", page, "a secret")
+}
+
+/// The status of a small `POST /api/` call with `secret`, as a client makes it.
+async fn call_api(app: &TestApp, secret: &str) -> StatusCode {
+    app.http
+        .post(app.url("/api/"))
+        .bearer_auth(secret)
+        .json(&json!({"text": "hi", "max_tokens": 2}))
         .send()
         .await
-        .expect("post")
+        .expect("call")
+        .status()
 }
 
 #[tokio::test]
 async fn from_an_empty_database_to_a_working_key_in_the_browser() {
-    let app = TestApp::spawn().await;
-    let http = browser();
-    let url = |p: &str| app.url(p);
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let mut b = Browser::new(&app);
 
     // Nothing is reachable without signing in.
     for path in ["/admin", "/admin/keys", "/admin/keys/new"] {
-        let resp = http.get(url(path)).send().await.expect("get");
+        let resp = b.get(path).await;
         assert_eq!(resp.status(), StatusCode::SEE_OTHER, "{path}");
         assert_eq!(location(&resp), "/admin/login", "{path}");
     }
-    let resp = form(&http, url("/admin/keys"), "", &[("email", "x@example.com")]).await;
+    let resp = b.form("/admin/keys", &[("email", "x@example.com")]).await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert_eq!(app.key_count().await, 0);
 
     // First run: the link the server printed (same code path) creates the first admin.
     let services = Services::from_ctx(&app.ctx).expect("services");
-    let token = services.new_setup_link();
-    let (status, _) = page(&http, url("/admin/setup?token=wrong"), "").await;
+    let token = services.setup.issue();
+    let (status, _) = b.page("/admin/setup?token=wrong").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, body) = page(&http, url(&format!("/admin/setup?token={token}")), "").await;
+    let (status, body) = b.page(&format!("/admin/setup?token={token}")).await;
     assert_eq!(status, StatusCode::OK);
     assert!(body.contains("Create the first admin"), "{body}");
-    let resp = form(
-        &http,
-        url("/admin/setup"),
-        "",
-        &[
-            ("token", &token),
+    let setup = |password2| {
+        [
+            ("token", token.as_str()),
             ("email", "root@example.com"),
             ("password", "long-enough-pw"),
-            ("password2", "different-pw"),
-        ],
-    )
-    .await;
+            ("password2", password2),
+        ]
+    };
+    let resp = b.form("/admin/setup", &setup("different-pw")).await;
     assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert!(resp
         .text()
         .await
         .expect("body")
         .contains("The passwords differ."));
-    let resp = form(
-        &http,
-        url("/admin/setup"),
-        "",
-        &[
-            ("token", &token),
-            ("email", "root@example.com"),
-            ("password", "long-enough-pw"),
-            ("password2", "long-enough-pw"),
-        ],
-    )
-    .await;
+    let resp = b.form("/admin/setup", &setup("long-enough-pw")).await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert_eq!(location(&resp), "/admin/keys");
-    let cookie = session_cookie(&resp);
+    b.cookie = session_cookie(&resp);
     // Single use.
-    let (status, _) = page(&http, url(&format!("/admin/setup?token={token}")), "").await;
+    let (status, _) = b.page(&format!("/admin/setup?token={token}")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
-    let (status, body) = page(&http, url("/admin/keys"), &cookie).await;
+    let (status, body) = b.page("/admin/keys").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("No keys"), "{body}");
     let csrf = csrf_of(&body);
 
     // Forms without the CSRF token change nothing.
-    let resp = form(
-        &http,
-        url("/admin/keys"),
-        &cookie,
-        &[("email", "client@example.com")],
-    )
-    .await;
+    let resp = b
+        .form("/admin/keys", &[("email", "client@example.com")])
+        .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
-    let resp = form(
-        &http,
-        url("/admin/keys"),
-        &cookie,
-        &[("csrf", "0000"), ("email", "client@example.com")],
-    )
-    .await;
+    let resp = b
+        .form(
+            "/admin/keys",
+            &[("csrf", "0000"), ("email", "client@example.com")],
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(app.key_count().await, 0);
 
     // Errors show next to their fields, and nothing is created.
-    let resp = form(
-        &http,
-        url("/admin/keys"),
-        &cookie,
-        &[
-            ("csrf", &csrf),
-            ("email", "nope"),
-            ("calls", "-1"),
-            ("valid_until", "someday"),
-        ],
-    )
-    .await;
+    let resp = b
+        .form(
+            "/admin/keys",
+            &[
+                ("csrf", &csrf),
+                ("email", "nope"),
+                ("calls", "-1"),
+                ("valid_until", "someday"),
+            ],
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let body = resp.text().await.expect("body");
     assert!(
@@ -184,49 +211,34 @@ async fn from_an_empty_database_to_a_working_key_in_the_browser() {
     assert_eq!(app.key_count().await, 0);
 
     // Create a key: the secret is on the next page, once.
-    let resp = form(
-        &http,
-        url("/admin/keys"),
-        &cookie,
-        &[
-            ("csrf", &csrf),
-            ("name", "Demo"),
-            ("email", "client@example.com"),
-            ("calls", "2"),
-        ],
-    )
-    .await;
+    let resp = b
+        .form(
+            "/admin/keys",
+            &[
+                ("csrf", &csrf),
+                ("name", "Demo"),
+                ("email", "client@example.com"),
+                ("calls", "2"),
+            ],
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     assert_eq!(
-        resp.headers()
-            .get(header::CACHE_CONTROL)
-            .and_then(|v| v.to_str().ok()),
+        common::header(&resp, header::CACHE_CONTROL.as_str()).as_deref(),
         Some("no-store")
     );
     let body = resp.text().await.expect("body");
-    let secret = regex::Regex::new(r"tg_[0-9a-f]{8}_[0-9a-f]{64}")
-        .expect("regex")
-        .find(&body)
-        .map(|m| m.as_str().to_string())
-        .expect("the secret on the page");
+    let secret = secret_on(&body);
     let prefix = secret[3..11].to_string();
 
     // The key works, and the list shows its usage.
-    let resp = app
-        .http
-        .post(app.url("/api/"))
-        .bearer_auth(&secret)
-        .json(&json!({"text": "hi", "max_tokens": 2}))
-        .send()
-        .await
-        .expect("call");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let (_, body) = page(&http, url("/admin/keys?q=demo"), &cookie).await;
+    assert_eq!(call_api(&app, &secret).await, StatusCode::OK);
+    let (_, body) = b.page("/admin/keys?q=demo").await;
     assert!(body.contains(&format!("tg_{prefix}_…")), "{body}");
     assert!(body.contains("1 / 2"), "{body}");
     assert!(!body.contains(&secret), "the list never shows a secret");
     // The key's page: today's bar in both charts, and the job.
-    let (status, body) = page(&http, url(&format!("/admin/keys/{prefix}")), &cookie).await;
+    let (status, body) = b.page(&format!("/admin/keys/{prefix}")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
     assert!(
@@ -238,26 +250,22 @@ async fn from_an_empty_database_to_a_working_key_in_the_browser() {
         body.contains("<code>/api/</code>") && body.contains(">done"),
         "{body}"
     );
-    let (status, _) = page(&http, url("/admin/keys/ffffffff"), &cookie).await;
+    let (status, _) = b.page("/admin/keys/ffffffff").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     // Jobs across keys, filtered, and one job's detail.
-    let (status, body) = page(&http, url("/admin/jobs?status=done"), &cookie).await;
+    let (status, body) = b.page("/admin/jobs?status=done").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(
         body.contains("<code>/api/</code>") && body.contains(&prefix),
         "{body}"
     );
-    let (_, body) = page(&http, url("/admin/jobs?status=failed"), &cookie).await;
+    let (_, body) = b.page("/admin/jobs?status=failed").await;
     assert!(body.contains("No jobs match."), "{body}");
-    let (_, body) = page(&http, url("/admin/jobs?key=ffffffff"), &cookie).await;
+    let (_, body) = b.page("/admin/jobs?key=ffffffff").await;
     assert!(body.contains("No jobs match."), "{body}");
-    let job_id = regex::Regex::new(r#"/admin/jobs/([0-9a-f-]{36})"#)
-        .expect("regex")
-        .captures(&page(&http, url("/admin/jobs"), &cookie).await.1)
-        .and_then(|c| c.get(1))
-        .map(|m| m.as_str().to_string())
-        .expect("a job link");
-    let (status, body) = page(&http, url(&format!("/admin/jobs/{job_id}")), &cookie).await;
+    let jobs = b.page("/admin/jobs").await.1;
+    let job_id = capture(r#"/admin/jobs/([0-9a-f-]{36})"#, &jobs, "a job link");
+    let (status, body) = b.page(&format!("/admin/jobs/{job_id}")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(
         body.contains(&job_id) && body.contains("ran ") && body.contains("waited "),
@@ -265,7 +273,7 @@ async fn from_an_empty_database_to_a_working_key_in_the_browser() {
     );
 
     // The overview: numbers from the database and the worker.
-    let (status, body) = page(&http, url("/admin/overview"), &cookie).await;
+    let (status, body) = b.page("/admin/overview").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(
         body.contains("Jobs finished (last 15 min)</th><td>1 ("),
@@ -277,40 +285,25 @@ async fn from_an_empty_database_to_a_working_key_in_the_browser() {
     );
     assert!(body.contains("Queue depth · smollm2"), "{body}");
 
-    let (_, body) = page(&http, url("/admin/keys?q=nomatch"), &cookie).await;
+    let (_, body) = b.page("/admin/keys?q=nomatch").await;
     assert!(body.contains("No keys"), "{body}");
 
     // Revoke: the next call is 401. Reactivate: it works again.
-    let resp = form(
-        &http,
-        url(&format!("/admin/keys/{prefix}/revoke")),
-        &cookie,
-        &[("csrf", &csrf)],
-    )
-    .await;
+    let resp = b
+        .form(&format!("/admin/keys/{prefix}/revoke"), &[("csrf", &csrf)])
+        .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    let call = || {
-        app.http
-            .post(app.url("/api/"))
-            .bearer_auth(&secret)
-            .json(&json!({"text": "hi", "max_tokens": 2}))
-            .send()
-    };
-    assert_eq!(
-        call().await.expect("call").status(),
-        StatusCode::UNAUTHORIZED
-    );
-    let (_, body) = page(&http, url("/admin/keys"), &cookie).await;
+    assert_eq!(call_api(&app, &secret).await, StatusCode::UNAUTHORIZED);
+    let (_, body) = b.page("/admin/keys").await;
     assert!(body.contains(">revoked<"), "{body}");
-    let resp = form(
-        &http,
-        url(&format!("/admin/keys/{prefix}/reactivate")),
-        &cookie,
-        &[("csrf", &csrf)],
-    )
-    .await;
+    let resp = b
+        .form(
+            &format!("/admin/keys/{prefix}/reactivate"),
+            &[("csrf", &csrf)],
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    assert_eq!(call().await.expect("call").status(), StatusCode::OK);
+    assert_eq!(call_api(&app, &secret).await, StatusCode::OK);
 
     // Edit limits and window: counters stay.
     let edit = [
@@ -319,17 +312,11 @@ async fn from_an_empty_database_to_a_working_key_in_the_browser() {
         ("calls", "5"),
         ("valid_until", "2099-12-31"),
     ];
-    let resp = form(&http, url(&format!("/admin/keys/{prefix}")), &cookie, &edit).await;
+    let resp = b.form(&format!("/admin/keys/{prefix}"), &edit).await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN, "no csrf, no change");
     let mut with_csrf = vec![("csrf", csrf.as_str())];
     with_csrf.extend(edit);
-    let resp = form(
-        &http,
-        url(&format!("/admin/keys/{prefix}")),
-        &cookie,
-        &with_csrf,
-    )
-    .await;
+    let resp = b.form(&format!("/admin/keys/{prefix}"), &with_csrf).await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert_eq!(location(&resp), format!("/admin/keys/{prefix}"));
     let key = tollgate::models::api_keys::Model::find_by_prefix(&app.ctx.db, &prefix)
@@ -340,35 +327,16 @@ async fn from_an_empty_database_to_a_working_key_in_the_browser() {
     assert!(key.valid_until.is_some());
 
     // Rotate: a new secret for the same key; the old one stops working.
-    let resp = form(
-        &http,
-        url(&format!("/admin/keys/{prefix}/rotate")),
-        &cookie,
-        &[("csrf", &csrf)],
-    )
-    .await;
+    let resp = b
+        .form(&format!("/admin/keys/{prefix}/rotate"), &[("csrf", &csrf)])
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let body = resp.text().await.expect("body");
     assert!(body.contains("New secret for"), "{body}");
-    let rotated = regex::Regex::new(r"tg_[0-9a-f]{8}_[0-9a-f]{64}")
-        .expect("regex")
-        .find(&body)
-        .map(|m| m.as_str().to_string())
-        .expect("the new secret");
+    let rotated = secret_on(&body);
     assert_ne!(rotated, secret);
-    assert_eq!(
-        call().await.expect("call").status(),
-        StatusCode::UNAUTHORIZED
-    );
-    let resp = app
-        .http
-        .post(app.url("/api/"))
-        .bearer_auth(&rotated)
-        .json(&json!({"text": "hi", "max_tokens": 2}))
-        .send()
-        .await
-        .expect("call");
-    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(call_api(&app, &secret).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(call_api(&app, &rotated).await, StatusCode::OK);
     let key = {
         use sea_orm::EntityTrait;
         tollgate::models::api_keys::Entity::find_by_id(key.id)
@@ -380,52 +348,30 @@ async fn from_an_empty_database_to_a_working_key_in_the_browser() {
     assert_eq!(key.calls_used, 3, "the same key, its history kept");
 
     // Sign out ends the session on the server, not only in the browser.
-    let resp = form(&http, url("/admin/logout"), &cookie, &[("csrf", &csrf)]).await;
+    let resp = b.form("/admin/logout", &[("csrf", &csrf)]).await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert_eq!(location(&resp), "/admin/login");
-    let resp = http
-        .get(url("/admin/keys"))
-        .header(header::COOKIE, &cookie)
-        .send()
-        .await
-        .expect("get");
+    let resp = b.get("/admin/keys").await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
 
     // Sign in again.
-    let resp = form(
-        &http,
-        url("/admin/login"),
-        "",
-        &[
-            ("email", "root@example.com"),
-            ("password", "wrong-password"),
-        ],
-    )
-    .await;
+    let resp = b.sign_in("root@example.com", "wrong-password").await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     assert!(resp
         .text()
         .await
         .expect("body")
         .contains("Wrong email or password."));
-    let resp = form(
-        &http,
-        url("/admin/login"),
-        "",
-        &[
-            ("email", "Root@Example.com"),
-            ("password", "long-enough-pw"),
-        ],
-    )
-    .await;
+    let resp = b.sign_in("Root@Example.com", "long-enough-pw").await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    let cookie = session_cookie(&resp);
-    let (status, _) = page(&http, url("/admin/keys"), &cookie).await;
+    b.cookie = session_cookie(&resp);
+    let (status, _) = b.page("/admin/keys").await;
     assert_eq!(status, StatusCode::OK);
 
     // The stylesheet is served locally.
-    let resp = http
-        .get(url("/admin/static/dashboard.css"))
+    let resp = b
+        .http
+        .get(app.url("/admin/static/dashboard.css"))
         .send()
         .await
         .expect("css");
@@ -435,25 +381,13 @@ async fn from_an_empty_database_to_a_working_key_in_the_browser() {
 
 #[tokio::test]
 async fn repeated_failed_sign_ins_are_throttled() {
-    let app = TestApp::spawn_with(|s| s["auth"]["login_max_failures"] = json!(2)).await;
-    let http = browser();
+    let app = TestApp::spawn_scripted(|s| s["auth"]["login_max_failures"] = json!(2)).await;
+    let b = Browser::new(&app);
     for _ in 0..2 {
-        let resp = form(
-            &http,
-            app.url("/admin/login"),
-            "",
-            &[("email", "a@example.com"), ("password", "nope-nope")],
-        )
-        .await;
+        let resp = b.sign_in("a@example.com", "nope-nope").await;
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     }
-    let resp = form(
-        &http,
-        app.url("/admin/login"),
-        "",
-        &[("email", "a@example.com"), ("password", "nope-nope")],
-    )
-    .await;
+    let resp = b.sign_in("a@example.com", "nope-nope").await;
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
 }
 
@@ -464,43 +398,24 @@ async fn admins_register_and_remove_lora_heads_in_the_dashboard() {
     common::make_adapter(&dir.join("demo.gguf"), 1234);
     let adapters_dir = dir.display().to_string();
     let app = TestApp::spawn_with(move |s| s["engine"]["adapters_dir"] = json!(adapters_dir)).await;
-    tollgate::models::admins::ActiveModel::create(
-        &app.ctx.db,
-        "root@example.com",
-        "long-enough-pw",
-    )
-    .await
-    .expect("admin");
-    let http = browser();
-    let resp = form(
-        &http,
-        app.url("/admin/login"),
-        "",
-        &[
-            ("email", "root@example.com"),
-            ("password", "long-enough-pw"),
-        ],
-    )
-    .await;
-    let cookie = session_cookie(&resp);
-    let (status, body) = page(&http, app.url("/admin/adapters"), &cookie).await;
+    let mut b = Browser::new(&app);
+    b.sign_in_as_new_admin().await;
+    let (status, body) = b.page("/admin/adapters").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("No LoRA heads registered."), "{body}");
     let csrf = csrf_of(&body);
 
-    // A path out of the folder: the error shows at the path field, nothing is stored.
-    let resp = form(
-        &http,
-        app.url("/admin/adapters"),
-        &cookie,
-        &[
-            ("csrf", &csrf),
+    let head = |path, scale| {
+        [
+            ("csrf", csrf.as_str()),
             ("name", "demo"),
-            ("path", "../demo.gguf"),
-            ("scale", "1"),
-        ],
-    )
-    .await;
+            ("path", path),
+            ("scale", scale),
+        ]
+    };
+
+    // A path out of the folder: the error shows at the path field, nothing is stored.
+    let resp = b.form("/admin/adapters", &head("../demo.gguf", "1")).await;
     assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let body = resp.text().await.expect("body");
     assert!(
@@ -509,20 +424,9 @@ async fn admins_register_and_remove_lora_heads_in_the_dashboard() {
     );
     assert!(body.contains("No LoRA heads registered."), "{body}");
 
-    let resp = form(
-        &http,
-        app.url("/admin/adapters"),
-        &cookie,
-        &[
-            ("csrf", &csrf),
-            ("name", "demo"),
-            ("path", "demo.gguf"),
-            ("scale", "0.5"),
-        ],
-    )
-    .await;
+    let resp = b.form("/admin/adapters", &head("demo.gguf", "0.5")).await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    let (_, body) = page(&http, app.url("/admin/adapters"), &cookie).await;
+    let (_, body) = b.page("/admin/adapters").await;
     assert!(
         body.contains("<code>smollm2:demo</code>") && body.contains(">0.5<"),
         "{body}"
@@ -530,41 +434,32 @@ async fn admins_register_and_remove_lora_heads_in_the_dashboard() {
 
     // The head is usable at once through the API.
     let key = app.key_with_calls(None).await;
-    let resp = app
-        .http
-        .post(app.url("/v1/chat/completions"))
-        .bearer_auth(&key.secret)
-        .json(&json!({"model": "smollm2:demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}))
-        .send()
-        .await
-        .expect("call");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let (_, body) = page(&http, app.url("/admin/adapters"), &cookie).await;
+    let chat = json!({"model": "smollm2:demo", "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 4});
+    let (status, body) = app.post(Some(&key), "/v1/chat/completions", chat).await;
+    assert_eq!(status, StatusCode::OK.as_u16(), "{body}");
+    let (_, body) = b.page("/admin/adapters").await;
     assert!(
         body.contains("embedded-"),
         "loaded on the worker after use: {body}"
     );
 
-    let resp = form(&http, app.url("/admin/adapters/demo/remove"), &cookie, &[]).await;
+    let resp = b.form("/admin/adapters/demo/remove", &[]).await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN, "no csrf");
-    let resp = form(
-        &http,
-        app.url("/admin/adapters/demo/remove"),
-        &cookie,
-        &[("csrf", &csrf)],
-    )
-    .await;
+    let resp = b
+        .form("/admin/adapters/demo/remove", &[("csrf", &csrf)])
+        .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    let (_, body) = page(&http, app.url("/admin/adapters"), &cookie).await;
+    let (_, body) = b.page("/admin/adapters").await;
     assert!(body.contains("No LoRA heads registered."), "{body}");
 }
 
 #[tokio::test]
 async fn every_page_needs_a_session_and_every_form_its_csrf_token() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_scripted(|_| {}).await;
     let key = app.key_with_calls(Some(1)).await;
     let prefix = app.key_row(&key).await.prefix;
-    let http = browser();
+    let mut b = Browser::new(&app);
     let gets = [
         "/admin".to_string(),
         "/admin/overview".into(),
@@ -586,13 +481,12 @@ async fn every_page_needs_a_session_and_every_form_its_csrf_token() {
         "/admin/adapters/x/remove".into(),
     ];
     for path in gets.iter().chain(posts.iter()) {
-        let req = if gets.contains(path) {
-            http.get(app.url(path))
+        let resp = if gets.contains(path) {
+            b.get(path).await
         } else {
-            http.post(app.url(path))
-                .form(&[("csrf", "x"), ("email", "a@example.com")])
+            b.form(path, &[("csrf", "x"), ("email", "a@example.com")])
+                .await
         };
-        let resp = req.send().await.expect("send");
         assert_eq!(
             resp.status(),
             StatusCode::SEE_OTHER,
@@ -601,26 +495,9 @@ async fn every_page_needs_a_session_and_every_form_its_csrf_token() {
         assert_eq!(location(&resp), "/admin/login", "{path}");
     }
 
-    tollgate::models::admins::ActiveModel::create(
-        &app.ctx.db,
-        "root@example.com",
-        "long-enough-pw",
-    )
-    .await
-    .expect("admin");
-    let resp = form(
-        &http,
-        app.url("/admin/login"),
-        "",
-        &[
-            ("email", "root@example.com"),
-            ("password", "long-enough-pw"),
-        ],
-    )
-    .await;
-    let cookie = session_cookie(&resp);
+    b.sign_in_as_new_admin().await;
     for path in &gets[1..] {
-        let (status, body) = page(&http, app.url(path), &cookie).await;
+        let (status, body) = b.page(path).await;
         let expected = if path.starts_with("/admin/jobs/0000") {
             StatusCode::NOT_FOUND
         } else {
@@ -639,7 +516,7 @@ async fn every_page_needs_a_session_and_every_form_its_csrf_token() {
             if let Some(c) = csrf {
                 fields.push(("csrf", c));
             }
-            let resp = form(&http, app.url(path), &cookie, &fields).await;
+            let resp = b.form(path, &fields).await;
             assert_eq!(
                 resp.status(),
                 StatusCode::FORBIDDEN,
@@ -649,7 +526,7 @@ async fn every_page_needs_a_session_and_every_form_its_csrf_token() {
     }
     assert_eq!(app.key_row(&key).await, before, "no form changed the key");
     assert_eq!(app.key_count().await, 1);
-    let (status, _) = page(&http, app.url("/admin/keys"), &cookie).await;
+    let (status, _) = b.page("/admin/keys").await;
     assert_eq!(
         status,
         StatusCode::OK,

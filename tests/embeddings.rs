@@ -7,18 +7,6 @@ use base64::Engine as _;
 use common::{code, TestApp, TestKey};
 use serde_json::{json, Value};
 
-async fn post(app: &TestApp, key: &TestKey, path: &str, body: &Value) -> (u16, Value) {
-    let resp = app
-        .http
-        .post(app.url(path))
-        .bearer_auth(&key.secret)
-        .json(body)
-        .send()
-        .await
-        .expect("request");
-    common::read(resp).await
-}
-
 fn vector(v: &Value) -> Vec<f32> {
     v.as_array()
         .expect("an array of numbers")
@@ -32,7 +20,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 async fn embed_one(app: &TestApp, key: &TestKey, text: &str) -> Vec<f32> {
-    let (status, body) = post(app, key, "/generate-embedding", &json!({ "text": text })).await;
+    let (status, body) = app
+        .post(Some(key), "/generate-embedding", &json!({ "text": text }))
+        .await;
     assert_eq!(status, 200, "{body}");
     let v = vector(&body["embedding"]);
     assert_eq!(body["dimensions"].as_u64(), Some(v.len() as u64), "{body}");
@@ -55,7 +45,9 @@ async fn the_seed_route_gives_stable_unit_vectors_and_charges_one_call_each() {
 
     // `input` and `content` are accepted for `text`.
     for field in ["input", "content"] {
-        let (status, body) = post(&app, &key, "/generate-embedding", &json!({ field: "Hi" })).await;
+        let (status, body) = app
+            .post(Some(&key), "/generate-embedding", &json!({ field: "Hi" }))
+            .await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(vector(&body["embedding"]), c);
     }
@@ -105,13 +97,13 @@ async fn openai_lists_return_one_vector_per_input_in_order() {
     let app = TestApp::spawn().await;
     let key = app.key_with_calls(Some(10)).await;
     let texts = ["Paris is in France.", "Bananas are yellow.", "Hi"];
-    let (status, body) = post(
-        &app,
-        &key,
-        "/v1/embeddings",
-        &json!({"model": "smollm2", "input": texts}),
-    )
-    .await;
+    let (status, body) = app
+        .post(
+            Some(&key),
+            "/v1/embeddings",
+            &json!({"model": "smollm2", "input": texts}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "list");
     assert_eq!(body["model"], "smollm2");
@@ -132,13 +124,13 @@ async fn openai_lists_return_one_vector_per_input_in_order() {
     }
 
     // base64: little-endian f32s, as the openai SDKs ask for by default.
-    let (status, b64) = post(
-        &app,
-        &key,
-        "/v1/embeddings",
-        &json!({"input": "Hi", "encoding_format": "base64", "dimensions": 576}),
-    )
-    .await;
+    let (status, b64) = app
+        .post(
+            Some(&key),
+            "/v1/embeddings",
+            &json!({"input": "Hi", "encoding_format": "base64", "dimensions": 576}),
+        )
+        .await;
     assert_eq!(status, 200, "{b64}");
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(
@@ -174,24 +166,24 @@ async fn empty_or_invalid_input_is_422_and_charges_nothing() {
         ),
         ("/v1/embeddings", json!({"input": "ok", "dimensions": 8})),
     ] {
-        let (status, out) = post(&app, &key, path, &body).await;
+        let (status, out) = app.post(Some(&key), path, &body).await;
         assert_eq!(status, 422, "{path} {body} -> {out}");
     }
-    let (status, out) = post(
-        &app,
-        &key,
-        "/v1/embeddings",
-        &json!({"model": "no-such-model", "input": "ok"}),
-    )
-    .await;
+    let (status, out) = app
+        .post(
+            Some(&key),
+            "/v1/embeddings",
+            &json!({"model": "no-such-model", "input": "ok"}),
+        )
+        .await;
     assert_eq!((status, code(&out)), (404, "model_not_found"), "{out}");
-    let (status, out) = post(
-        &app,
-        &key,
-        "/v1/embeddings",
-        &json!({"input": "word ".repeat(600)}),
-    )
-    .await;
+    let (status, out) = app
+        .post(
+            Some(&key),
+            "/v1/embeddings",
+            &json!({"input": "word ".repeat(600)}),
+        )
+        .await;
     assert_eq!(
         (status, code(&out)),
         (400, "context_length_exceeded"),
@@ -205,7 +197,9 @@ async fn empty_or_invalid_input_is_422_and_charges_nothing() {
 async fn disabled_embeddings_are_refused_before_any_charge() {
     let app = TestApp::spawn_with(|s| s["engine"]["embeddings"]["enabled"] = json!(false)).await;
     let key = app.key_with_calls(Some(3)).await;
-    let (status, out) = post(&app, &key, "/v1/embeddings", &json!({"input": "Hi"})).await;
+    let (status, out) = app
+        .post(Some(&key), "/v1/embeddings", &json!({"input": "Hi"}))
+        .await;
     assert_eq!((status, code(&out)), (404, "embeddings_disabled"), "{out}");
     assert_eq!(app.calls_used(&key).await, 0);
 }

@@ -5,13 +5,10 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{code, make_adapter, python, scratch_dir, TestApp, TestKey};
+use common::{code, ids, make_adapter, merge, python, scratch_dir, TestApp, TestKey};
 use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::{json, Value};
-use tollgate::models::{
-    _entities::adapters,
-    api_keys::{KeyParams, Scope},
-};
+use tollgate::models::{_entities::adapters, api_keys::KeyParams};
 
 const PROMPT: &str = "Write one sentence about the sea.";
 
@@ -49,44 +46,11 @@ async fn spawn(scratch: &Scratch, cache_size: Option<usize>) -> TestApp {
     .await
 }
 
-async fn admin_key(app: &TestApp) -> TestKey {
-    app.issue_key(KeyParams {
-        email: "admin@example.com".into(),
-        scope: Scope::Admin,
-        ..Default::default()
-    })
-    .await
-}
-
-async fn post(app: &TestApp, key: &TestKey, path: &str, body: &Value) -> (u16, Value) {
-    let resp = app
-        .http
-        .post(app.url(path))
-        .bearer_auth(&key.secret)
-        .json(body)
-        .send()
-        .await
-        .expect("request");
-    common::read(resp).await
-}
-
-async fn delete(app: &TestApp, key: &TestKey, path: &str) -> (u16, Value) {
-    let resp = app
-        .http
-        .delete(app.url(path))
-        .bearer_auth(&key.secret)
-        .send()
-        .await
-        .expect("request");
-    common::read(resp).await
-}
-
 async fn attach(app: &TestApp, admin: &TestKey, name: &str, path: &str) -> (u16, Value) {
-    post(
-        app,
-        admin,
+    app.post(
+        Some(admin),
         "/attach-head",
-        &json!({"name": name, "path": path, "scale": 1.0}),
+        json!({"name": name, "path": path, "scale": 1.0}),
     )
     .await
 }
@@ -100,13 +64,11 @@ async fn adapter_rows(app: &TestApp) -> u64 {
 
 /// Greedy `POST /generate` (seed 001 shape) with extra top-level fields; returns the content.
 async fn generate(app: &TestApp, key: &TestKey, extra: Value) -> String {
-    let mut body = json!({"content": PROMPT, "meta": {"temperature": 0, "tokens_limit": 24}});
-    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
-        for (k, v) in e {
-            b.insert(k.clone(), v.clone());
-        }
-    }
-    let (status, out) = post(app, key, "/generate", &body).await;
+    let body = merge(
+        json!({"content": PROMPT, "meta": {"temperature": 0, "tokens_limit": 24}}),
+        &extra,
+    );
+    let (status, out) = app.post(Some(key), "/generate", body).await;
     assert_eq!(status, 200, "{out}");
     out["content"].as_str().expect("content").to_string()
 }
@@ -116,7 +78,7 @@ async fn a_head_changes_greedy_output_for_its_own_job_only() {
     let scratch = Scratch::new();
     make_adapter(&scratch.adapters().join("demo.gguf"), 1234);
     let app = spawn(&scratch, None).await;
-    let admin = admin_key(&app).await;
+    let admin = app.admin_key().await;
     let (status, body) = attach(&app, &admin, "demo", "demo.gguf").await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["model"], "smollm2:demo");
@@ -138,13 +100,9 @@ async fn a_head_changes_greedy_output_for_its_own_job_only() {
     assert_eq!(base_again, base, "the head leaked into the next job");
 
     // Seed 000's field names: `prompt` for the text, `head` for the adapter.
-    let (status, seed0) = post(
-        &app,
-        &key,
-        "/generate",
-        &json!({"prompt": PROMPT, "head": "demo", "scale": 1, "meta": {"temperature": 0, "tokens_limit": 24}}),
-    )
-    .await;
+    let seed0_body = json!({"prompt": PROMPT, "head": "demo", "scale": 1,
+                            "meta": {"temperature": 0, "tokens_limit": 24}});
+    let (status, seed0) = app.post(Some(&key), "/generate", seed0_body).await;
     assert_eq!(status, 200, "{seed0}");
     assert_eq!(seed0["content"], with_head.as_str());
     assert_eq!(app.calls_used(&key).await, 5);
@@ -170,19 +128,13 @@ async fn the_openai_routes_select_a_head_with_base_colon_adapter() {
     let scratch = Scratch::new();
     make_adapter(&scratch.adapters().join("demo.gguf"), 1234);
     let app = spawn(&scratch, None).await;
-    let admin = admin_key(&app).await;
+    let admin = app.admin_key().await;
     assert_eq!(attach(&app, &admin, "demo", "demo.gguf").await.0, 201);
     let key = app.key_with_calls(None).await;
 
     let (status, models) = app.get(Some(&key), "/v1/models").await;
     assert_eq!(status, 200, "{models}");
-    let ids: Vec<&str> = models["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .filter_map(|m| m["id"].as_str())
-        .collect();
-    assert_eq!(ids, ["smollm2", "smollm2:demo"]);
+    assert_eq!(ids(&models["data"]), ["smollm2", "smollm2:demo"]);
 
     let chat = |model: &str| {
         json!({
@@ -192,8 +144,12 @@ async fn the_openai_routes_select_a_head_with_base_colon_adapter() {
             "temperature": 0
         })
     };
-    let (s1, base) = post(&app, &key, "/v1/chat/completions", &chat("smollm2")).await;
-    let (s2, head) = post(&app, &key, "/v1/chat/completions", &chat("smollm2:demo")).await;
+    let (s1, base) = app
+        .post(Some(&key), "/v1/chat/completions", &chat("smollm2"))
+        .await;
+    let (s2, head) = app
+        .post(Some(&key), "/v1/chat/completions", &chat("smollm2:demo"))
+        .await;
     assert_eq!((s1, s2), (200, 200), "{base} {head}");
     assert_eq!(head["model"], "smollm2:demo");
     assert_ne!(
@@ -202,8 +158,12 @@ async fn the_openai_routes_select_a_head_with_base_colon_adapter() {
     );
 
     let completion = |model: &str| json!({"model": model, "prompt": "The sea is", "max_tokens": 12, "temperature": 0});
-    let (s1, base) = post(&app, &key, "/v1/completions", &completion("smollm2")).await;
-    let (s2, head) = post(&app, &key, "/v1/completions", &completion("smollm2:demo")).await;
+    let (s1, base) = app
+        .post(Some(&key), "/v1/completions", &completion("smollm2"))
+        .await;
+    let (s2, head) = app
+        .post(Some(&key), "/v1/completions", &completion("smollm2:demo"))
+        .await;
     assert_eq!((s1, s2), (200, 200), "{base} {head}");
     assert_ne!(head["choices"][0]["text"], base["choices"][0]["text"]);
 }
@@ -236,7 +196,7 @@ async fn registration_refuses_files_outside_the_adapters_folder_and_stores_nothi
     );
 
     let app = spawn(&scratch, None).await;
-    let admin = admin_key(&app).await;
+    let admin = app.admin_key().await;
     let outside = scratch.root.join("outside.gguf").display().to_string();
     for (path, expected) in [
         ("../outside.gguf", "invalid_adapter_path"),
@@ -261,13 +221,13 @@ async fn registration_refuses_files_outside_the_adapters_folder_and_stores_nothi
             "{body}"
         );
     }
-    let (status, body) = post(
-        &app,
-        &admin,
-        "/attach-head",
-        &json!({"name": "head", "path": "demo.gguf", "scale": 9}),
-    )
-    .await;
+    let (status, body) = app
+        .post(
+            Some(&admin),
+            "/attach-head",
+            &json!({"name": "head", "path": "demo.gguf", "scale": 9}),
+        )
+        .await;
     assert_eq!((status, code(&body)), (422, "invalid_scale"), "{body}");
     assert_eq!(
         adapter_rows(&app).await,
@@ -287,7 +247,7 @@ async fn only_admin_keys_manage_heads_and_names_are_unique() {
     let scratch = Scratch::new();
     make_adapter(&scratch.adapters().join("demo.gguf"), 1234);
     let app = spawn(&scratch, None).await;
-    let admin = admin_key(&app).await;
+    let admin = app.admin_key().await;
     let client = app.key_with_calls(Some(5)).await;
 
     let (status, body) = attach(&app, &client, "demo", "demo.gguf").await;
@@ -298,7 +258,7 @@ async fn only_admin_keys_manage_heads_and_names_are_unique() {
     );
     let (status, _) = app.get(Some(&client), "/api/adapters").await;
     assert_eq!(status, 403);
-    let (status, _) = delete(&app, &client, "/api/adapters/demo").await;
+    let (status, _) = app.delete(Some(&client), "/api/adapters/demo").await;
     assert_eq!(status, 403);
     let (status, _) = app.get(None, "/api/adapters").await;
     assert_eq!(status, 401);
@@ -316,10 +276,10 @@ async fn only_admin_keys_manage_heads_and_names_are_unique() {
         (200, Some("demo")),
         "{body}"
     );
-    let (status, body) = delete(&app, &admin, "/api/adapters/demo").await;
+    let (status, body) = app.delete(Some(&admin), "/api/adapters/demo").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["deleted"]["name"], "demo");
-    let (status, body) = delete(&app, &admin, "/api/adapters/demo").await;
+    let (status, body) = app.delete(Some(&admin), "/api/adapters/demo").await;
     assert_eq!((status, code(&body)), (404, "adapter_not_found"), "{body}");
     assert_eq!(adapter_rows(&app).await, 0);
     assert!(
@@ -327,13 +287,13 @@ async fn only_admin_keys_manage_heads_and_names_are_unique() {
         "unregistering must not delete the file"
     );
 
-    let (status, body) = post(
-        &app,
-        &client,
-        "/generate",
-        &json!({"content": PROMPT, "lora": "demo"}),
-    )
-    .await;
+    let (status, body) = app
+        .post(
+            Some(&client),
+            "/generate",
+            &json!({"content": PROMPT, "lora": "demo"}),
+        )
+        .await;
     assert_eq!((status, code(&body)), (404, "adapter_not_found"), "{body}");
 }
 
@@ -342,17 +302,17 @@ async fn unknown_heads_and_bad_head_fields_cost_nothing() {
     let scratch = Scratch::new();
     make_adapter(&scratch.adapters().join("demo.gguf"), 1234);
     let app = spawn(&scratch, None).await;
-    let admin = admin_key(&app).await;
+    let admin = app.admin_key().await;
     assert_eq!(attach(&app, &admin, "demo", "demo.gguf").await.0, 201);
     let key = app.key_with_calls(Some(5)).await;
 
-    let (status, body) = post(
-        &app,
-        &key,
-        "/generate",
-        &json!({"content": PROMPT, "lora": "nope"}),
-    )
-    .await;
+    let (status, body) = app
+        .post(
+            Some(&key),
+            "/generate",
+            &json!({"content": PROMPT, "lora": "nope"}),
+        )
+        .await;
     assert_eq!((status, code(&body)), (404, "adapter_not_found"), "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(
@@ -362,9 +322,13 @@ async fn unknown_heads_and_bad_head_fields_cost_nothing() {
 
     let chat =
         |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
-    let (status, body) = post(&app, &key, "/v1/chat/completions", &chat("smollm2:nope")).await;
+    let (status, body) = app
+        .post(Some(&key), "/v1/chat/completions", &chat("smollm2:nope"))
+        .await;
     assert_eq!((status, code(&body)), (404, "adapter_not_found"), "{body}");
-    let (status, body) = post(&app, &key, "/v1/chat/completions", &chat("gpt-4")).await;
+    let (status, body) = app
+        .post(Some(&key), "/v1/chat/completions", &chat("gpt-4"))
+        .await;
     assert_eq!((status, code(&body)), (404, "model_not_found"), "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("smollm2:demo"), "{message}");
@@ -377,11 +341,8 @@ async fn unknown_heads_and_bad_head_fields_cost_nothing() {
             "conflicting_adapter",
         ),
     ] {
-        let mut body = json!({"content": PROMPT});
-        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
-            b.extend(e.clone());
-        }
-        let (status, out) = post(&app, &key, "/generate", &body).await;
+        let body = merge(json!({"content": PROMPT}), &extra);
+        let (status, out) = app.post(Some(&key), "/generate", &body).await;
         assert_eq!((status, code(&out)), (422, expected), "{body} -> {out}");
     }
     assert_eq!(
@@ -398,7 +359,7 @@ async fn allow_lists_limit_heads_and_models_and_filter_the_model_list() {
     make_adapter(&scratch.adapters().join("demo.gguf"), 1234);
     make_adapter(&scratch.adapters().join("other.gguf"), 99);
     let app = spawn(&scratch, None).await;
-    let admin = admin_key(&app).await;
+    let admin = app.admin_key().await;
     assert_eq!(attach(&app, &admin, "demo", "demo.gguf").await.0, 201);
     assert_eq!(attach(&app, &admin, "other", "other.gguf").await.0, 201);
 
@@ -411,20 +372,14 @@ async fn allow_lists_limit_heads_and_models_and_filter_the_model_list() {
         })
         .await;
     let (_, models) = app.get(Some(&only_demo), "/v1/models").await;
-    let ids: Vec<&str> = models["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .filter_map(|m| m["id"].as_str())
-        .collect();
-    assert_eq!(ids, ["smollm2", "smollm2:demo"]);
-    let (status, body) = post(
-        &app,
-        &only_demo,
-        "/generate",
-        &json!({"content": PROMPT, "lora": "other"}),
-    )
-    .await;
+    assert_eq!(ids(&models["data"]), ["smollm2", "smollm2:demo"]);
+    let (status, body) = app
+        .post(
+            Some(&only_demo),
+            "/generate",
+            &json!({"content": PROMPT, "lora": "other"}),
+        )
+        .await;
     assert_eq!(
         (status, code(&body)),
         (403, "adapter_not_allowed"),
@@ -447,13 +402,13 @@ async fn allow_lists_limit_heads_and_models_and_filter_the_model_list() {
         .await;
     let (_, models) = app.get(Some(&other_model), "/v1/models").await;
     assert_eq!(models["data"], json!([]), "{models}");
-    let (status, body) = post(
-        &app,
-        &other_model,
-        "/v1/chat/completions",
-        &json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]}),
-    )
-    .await;
+    let (status, body) = app
+        .post(
+            Some(&other_model),
+            "/v1/chat/completions",
+            &json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
     assert_eq!((status, code(&body)), (403, "model_not_allowed"), "{body}");
     assert!(
         body["error"]["message"]
@@ -475,7 +430,7 @@ async fn a_cache_of_one_swaps_heads_and_each_still_gives_its_own_output() {
     make_adapter(&scratch.adapters().join("demo.gguf"), 1234);
     make_adapter(&scratch.adapters().join("other.gguf"), 99);
     let app = spawn(&scratch, Some(1)).await;
-    let admin = admin_key(&app).await;
+    let admin = app.admin_key().await;
     assert_eq!(attach(&app, &admin, "demo", "demo.gguf").await.0, 201);
     assert_eq!(attach(&app, &admin, "other", "other.gguf").await.0, 201);
     let key = app.key_with_calls(None).await;

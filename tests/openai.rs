@@ -2,40 +2,23 @@
 
 mod common;
 
-use common::{code, TestApp};
+use common::{code, TestApp, TestKey};
 use serde_json::{json, Value};
-
-async fn post(app: &TestApp, key: &common::TestKey, path: &str, body: Value) -> (u16, Value) {
-    let resp = app
-        .http
-        .post(app.url(path))
-        .bearer_auth(&key.secret)
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
-    common::read(resp).await
-}
 
 #[tokio::test]
 async fn chat_completions_answer_in_openai_shape_and_count_one_call() {
     let app = TestApp::spawn().await;
     let key = app.key_with_calls(Some(3)).await;
-    let (status, body) = post(
-        &app,
-        &key,
-        "/v1/chat/completions",
-        json!({
-            "model": "smollm2",
-            "messages": [
-                {"role": "system", "content": "You are terse."},
-                {"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}
-            ],
-            "max_tokens": 12,
-            "temperature": 0
-        }),
-    )
-    .await;
+    let request = json!({
+        "model": "smollm2",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}
+        ],
+        "max_tokens": 12,
+        "temperature": 0
+    });
+    let (status, body) = app.post(Some(&key), "/v1/chat/completions", request).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "chat.completion");
     assert!(body["id"]
@@ -61,13 +44,8 @@ async fn chat_completions_answer_in_openai_shape_and_count_one_call() {
 async fn completions_continue_raw_text() {
     let app = TestApp::spawn().await;
     let key = app.key_with_calls(None).await;
-    let (status, body) = post(
-        &app,
-        &key,
-        "/v1/completions",
-        json!({"model": "smollm2", "prompt": "One, two, three,", "max_tokens": 6, "temperature": 0}),
-    )
-    .await;
+    let request = json!({"model": "smollm2", "prompt": "One, two, three,", "max_tokens": 6, "temperature": 0});
+    let (status, body) = app.post(Some(&key), "/v1/completions", request).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "text_completion");
     assert!(body["choices"][0]["text"]
@@ -88,13 +66,13 @@ async fn models_lists_the_served_model_and_unknown_models_are_404() {
     let (status, _) = app.get(None, "/v1/models").await;
     assert_eq!(status, 401);
 
-    let (status, body) = post(
-        &app,
-        &key,
-        "/v1/chat/completions",
-        json!({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}),
-    )
-    .await;
+    let (status, body) = app
+        .post(
+            Some(&key),
+            "/v1/chat/completions",
+            json!({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(code(&body), "model_not_found");
     assert!(body["error"]["message"]
@@ -134,7 +112,7 @@ async fn invalid_openai_requests_spend_nothing() {
         (json!({"model": "smollm2"}), 422, "invalid_body"),
     ];
     for (body, status, expected) in cases {
-        let (got, resp) = post(&app, &key, "/v1/chat/completions", body).await;
+        let (got, resp) = app.post(Some(&key), "/v1/chat/completions", body).await;
         assert_eq!(got, status, "{resp}");
         assert_eq!(code(&resp), expected, "{resp}");
     }
@@ -152,25 +130,18 @@ fn sse_data(body: &str) -> Vec<String> {
 
 async fn post_stream(
     app: &TestApp,
-    key: &common::TestKey,
+    key: &TestKey,
     path: &str,
     body: Value,
 ) -> (u16, String, String) {
     let resp = app
-        .http
-        .post(app.url(path))
-        .bearer_auth(&key.secret)
+        .request(reqwest::Method::POST, Some(key), path)
         .json(&body)
         .send()
         .await
         .expect("request");
     let status = resp.status().as_u16();
-    let content_type = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let content_type = common::header(&resp, "content-type").unwrap_or_default();
     (status, content_type, resp.text().await.expect("body"))
 }
 
@@ -184,7 +155,9 @@ async fn streamed_chat_adds_up_to_the_plain_answer_and_ends_with_done() {
         "max_tokens": 16,
         "temperature": 0
     });
-    let (status, plain) = post(&app, &key, "/v1/chat/completions", request.clone()).await;
+    let (status, plain) = app
+        .post(Some(&key), "/v1/chat/completions", request.clone())
+        .await;
     assert_eq!(status, 200, "{plain}");
 
     let mut streamed = request;

@@ -7,9 +7,10 @@ use serde_json::json;
 
 #[tokio::test]
 async fn prompts_matching_the_deny_list_are_refused_on_every_route_and_cost_nothing() {
-    let app =
-        TestApp::spawn_with(|s| s["policy"]["deny"] = json!(["forbidden-topic", r"\bb[o0]mb\b"]))
-            .await;
+    let app = TestApp::spawn_scripted(|s| {
+        s["policy"]["deny"] = json!(["forbidden-topic", r"\bb[o0]mb\b"])
+    })
+    .await;
     let key = app.key_with_calls(Some(5)).await;
     let cases = [
         ("/api/", json!({"text": "How do I build a B0MB?"})),
@@ -29,15 +30,7 @@ async fn prompts_matching_the_deny_list_are_refused_on_every_route_and_cost_noth
         ("/v1/completions", json!({"prompt": "a bomb"})),
     ];
     for (path, body) in cases {
-        let resp = app
-            .http
-            .post(app.url(path))
-            .bearer_auth(&key.secret)
-            .json(&body)
-            .send()
-            .await
-            .expect("request");
-        let (status, err) = common::read(resp).await;
+        let (status, err) = app.post(Some(&key), path, body).await;
         assert_eq!(status, 400, "{path}: {err}");
         assert_eq!(code(&err), "content_policy_violation", "{path}: {err}");
     }
@@ -57,15 +50,10 @@ async fn prompts_matching_the_deny_list_are_refused_on_every_route_and_cost_noth
 #[tokio::test]
 async fn an_invalid_deny_pattern_stops_the_server_at_start() {
     use loco_rs::{app::Hooks, boot::StartMode, environment::Environment};
-    let env = Environment::Test;
-    let mut config = tollgate::app::App::load_config(&env).await.expect("config");
     let dir = common::scratch_dir("policy");
-    config.database.uri = format!("sqlite://{}/db.sqlite?mode=rwc", dir.display());
-    let mut settings = config.settings.clone().expect("settings");
-    settings["queue"]["url"] = json!(format!("sqlite://{}/q.sqlite?mode=rwc", dir.display()));
-    settings["policy"]["deny"] = json!(["(unclosed"]);
-    config.settings = Some(settings);
-    let booted = tollgate::app::App::boot(StartMode::ServerOnly, &env, config).await;
+    let config =
+        common::test_config(&dir, None, |s| s["policy"]["deny"] = json!(["(unclosed"])).await;
+    let booted = tollgate::app::App::boot(StartMode::ServerOnly, &Environment::Test, config).await;
     let err = booted.err().expect("boot must fail").to_string();
     assert!(err.contains("settings.policy.deny"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -11,12 +11,15 @@ use std::{
     time::Duration,
 };
 
-use common::{code, pg_server, read, scratch_dir, TestKey};
-use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter};
+use common::{
+    admin_params, code, create_database, drop_database, free_port, header, ids, issue_key, jobs_of,
+    key_row, pg_server, read, scratch_dir, TestKey,
+};
+use sea_orm::{DatabaseConnection, EntityTrait};
 use serde_json::{json, Value};
 use tollgate::models::{
-    _entities::{api_keys, jobs},
-    api_keys::{ActiveModel as KeyActive, KeyParams},
+    _entities::jobs,
+    api_keys::KeyParams,
     workers::{self, WorkerState},
 };
 
@@ -96,13 +99,6 @@ impl Drop for Redis {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// One deployment: a Postgres database, a Redis namespace, and the processes started on them.
 struct Cluster {
     db: DatabaseConnection,
@@ -122,15 +118,7 @@ impl Cluster {
     }
 
     async fn with_attempts(redis: Redis, max_attempts: u32) -> Self {
-        let database = format!("tollgate_prod_{}", uuid::Uuid::new_v4().simple());
-        let admin = sea_orm::Database::connect(format!("{}/postgres", pg_server()))
-            .await
-            .expect("connect to the test Postgres");
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE {database}"))
-            .await
-            .expect("create test database");
-        admin.close().await.ok();
+        let database = create_database("tollgate_prod").await;
         let mut cluster = Self {
             db: sea_orm::Database::connect(format!("{}/{database}", pg_server()))
                 .await
@@ -266,41 +254,23 @@ impl Cluster {
     }
 
     async fn key(&self, max_calls: Option<i64>) -> TestKey {
-        let issued = KeyActive::issue(
-            &self.db,
-            KeyParams {
-                name: "prod".into(),
-                email: "ops@example.com".into(),
-                max_calls,
-                rate_limit_per_minute: Some(100_000),
-                rate_limit_burst: Some(1000),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("issue key");
-        TestKey {
-            id: issued.key.id,
-            prefix: issued.key.prefix,
-            secret: issued.secret,
-        }
+        let params = KeyParams {
+            name: "prod".into(),
+            email: "ops@example.com".into(),
+            max_calls,
+            rate_limit_per_minute: Some(100_000),
+            rate_limit_burst: Some(1000),
+            ..Default::default()
+        };
+        issue_key(&self.db, params).await
     }
 
     async fn calls_used(&self, key: &TestKey) -> i64 {
-        api_keys::Entity::find_by_id(key.id)
-            .one(&self.db)
-            .await
-            .expect("db")
-            .expect("key")
-            .calls_used
+        key_row(&self.db, key).await.calls_used
     }
 
     async fn jobs_of(&self, key: &TestKey) -> Vec<jobs::Model> {
-        jobs::Entity::find()
-            .filter(jobs::Column::ApiKeyId.eq(key.id))
-            .all(&self.db)
-            .await
-            .expect("jobs")
+        jobs_of(&self.db, key).await
     }
 
     async fn post(&self, api: usize, key: &TestKey, path: &str, body: Value) -> (u16, Value) {
@@ -313,6 +283,13 @@ impl Cluster {
             .await
             .expect("request");
         read(resp).await
+    }
+
+    /// `POST /api/jobs`: asserts that the job was accepted (202) and returns its id.
+    async fn submit(&self, api: usize, key: &TestKey, body: Value) -> String {
+        let (status, body) = self.post(api, key, "/api/jobs", body).await;
+        assert_eq!(status, 202, "{body}");
+        body["job_id"].as_str().expect("job id").to_string()
     }
 
     /// `GET` with a bearer key (`None`: without one).
@@ -424,14 +401,7 @@ impl Drop for Cluster {
                 ))
                 .status();
         }
-        let _ = Command::new("psql")
-            .arg(format!("{}/postgres", pg_server()))
-            .args([
-                "-q",
-                "-c",
-                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database),
-            ])
-            .status();
+        drop_database(&self.database);
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
@@ -461,7 +431,7 @@ async fn at_once(
                 .send()
                 .await
                 .expect("request");
-            let retry_after = resp.headers().get("retry-after").is_some();
+            let retry_after = header(&resp, "retry-after").is_some();
             let (status, body) = read(resp).await;
             (status, body, retry_after)
         }));
@@ -586,18 +556,14 @@ async fn two_apis_and_two_workers_serve_everything_and_count_quota_exactly() {
 
     // Rate limits hold across instances too (state in Redis): at 6 per minute with a burst of
     // 4, ten concurrent requests split over both APIs let exactly 4 through.
-    let slow = KeyActive::issue(
-        &c.db,
-        KeyParams {
-            name: "slow".into(),
-            email: "slow@example.com".into(),
-            rate_limit_per_minute: Some(6),
-            rate_limit_burst: Some(4),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("key");
+    let slow = KeyParams {
+        name: "slow".into(),
+        email: "slow@example.com".into(),
+        rate_limit_per_minute: Some(6),
+        rate_limit_burst: Some(4),
+        ..Default::default()
+    };
+    let slow = issue_key(&c.db, slow).await;
     let (mut passed, mut limited_rate) = (0, 0);
     for (status, body, retry_after) in at_once(&c, &slow.secret, 10, "/api/jobs", small).await {
         match status {
@@ -641,25 +607,10 @@ async fn two_apis_and_two_workers_serve_everything_and_count_quota_exactly() {
     // The worker registry over the API: admin keys only.
     let (status, _) = c.get(1, Some(&key.secret), "/api/workers").await;
     assert_eq!(status, 403);
-    let admin = KeyActive::issue(
-        &c.db,
-        KeyParams {
-            name: "ops".into(),
-            email: "ops@example.com".into(),
-            scope: tollgate::models::api_keys::Scope::Admin,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("admin key");
+    let admin = issue_key(&c.db, admin_params()).await;
     let (status, listed) = c.get(1, Some(&admin.secret), "/api/workers").await;
     assert_eq!(status, 200, "{listed}");
-    let ids: Vec<&str> = listed["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .filter_map(|w| w["id"].as_str())
-        .collect();
+    let ids = ids(&listed["data"]);
     assert!(ids.contains(&"w1") && ids.contains(&"w2"), "{listed}");
 
     // Logs: JSON lines; the worker's line for a job names the request that queued it (the id
@@ -672,12 +623,7 @@ async fn two_apis_and_two_workers_serve_everything_and_count_quota_exactly() {
         .send()
         .await
         .expect("request");
-    let request_id = resp
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .expect("x-request-id")
-        .to_string();
+    let request_id = header(&resp, "x-request-id").expect("x-request-id");
     let (status, body) = read(resp).await;
     assert_eq!(status, 200, "{body}");
     let job_id = body["job_id"].as_str().expect("job id").to_string();
@@ -752,16 +698,9 @@ async fn a_job_whose_workers_keep_dying_fails_with_a_reason_after_its_attempts()
     c.start_api(free_port()).await;
     c.start_worker("solo").await;
     let key = c.key(Some(10)).await;
-    let (status, body) = c
-        .post(
-            0,
-            &key,
-            "/api/jobs",
-            json!({"text": LONG, "max_tokens": 300}),
-        )
+    let id = c
+        .submit(0, &key, json!({"text": LONG, "max_tokens": 300}))
         .await;
-    assert_eq!(status, 202, "{body}");
-    let id = body["job_id"].as_str().expect("job id").to_string();
     let running = c.running_job(&key).await;
     assert_eq!(running.id, id);
     c.worker_child("solo").kill().expect("SIGKILL worker");
@@ -810,16 +749,9 @@ async fn sigterm_lets_a_worker_finish_its_job_and_an_api_drain_and_restart() {
     // API's restart.
     c.apis.clear();
     c.start_api(port).await;
-    let (status, body) = c
-        .post(
-            0,
-            &key,
-            "/api/jobs",
-            json!({"text": "Say hello.", "max_tokens": 8}),
-        )
+    let queued = c
+        .submit(0, &key, json!({"text": "Say hello.", "max_tokens": 8}))
         .await;
-    assert_eq!(status, 202, "{body}");
-    let queued = body["job_id"].as_str().expect("job id").to_string();
     let (_, status_body) = c
         .get(0, Some(&key.secret), &format!("/api/jobs/{queued}"))
         .await;
@@ -834,16 +766,9 @@ async fn sigterm_lets_a_worker_finish_its_job_and_an_api_drain_and_restart() {
     // after the restart the result is retrievable by id.
     c.start_worker("only").await;
     assert_eq!(c.settled(&queued).await.status, "done");
-    let (status, body) = c
-        .post(
-            0,
-            &key,
-            "/api/jobs",
-            json!({"text": LONG, "max_tokens": 200}),
-        )
+    let id = c
+        .submit(0, &key, json!({"text": LONG, "max_tokens": 200}))
         .await;
-    assert_eq!(status, 202, "{body}");
-    let id = body["job_id"].as_str().expect("job id").to_string();
     assert_eq!(c.running_job(&key).await.id, id);
     Cluster::signal(&c.apis[0].0, "-TERM");
     let _ = wait_exit(&mut c.apis[0].0, Duration::from_secs(60));
@@ -917,18 +842,10 @@ async fn each_worker_serves_only_the_models_it_holds() {
     )
     .await;
     let key = c.key(None).await;
-    let get = |path: &str| {
-        let req = c.http.get(c.url(0, path)).bearer_auth(&key.secret);
-        async move { read(req.send().await.expect("request")).await }
-    };
+    let get = |path: &'static str| c.get(0, Some(&key.secret), path);
     let (status, models) = get("/v1/models").await;
     assert_eq!(status, 200, "{models}");
-    let ids: Vec<&str> = models["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .filter_map(|m| m["id"].as_str())
-        .collect();
+    let ids = ids(&models["data"]);
     assert!(
         ids.contains(&"smollm2") && ids.contains(&"smollm2-b"),
         "{models}"
@@ -979,15 +896,8 @@ async fn each_worker_serves_only_the_models_it_holds() {
         "{metrics}"
     );
 
-    let resp = c
-        .http
-        .post(c.url(0, "/v1/chat/completions"))
-        .bearer_auth(&key.secret)
-        .json(&json!({"model": "nobody-has-it", "messages": [{"role": "user", "content": "Hi"}]}))
-        .send()
-        .await
-        .expect("request");
-    let (status, body) = read(resp).await;
+    let chat = json!({"model": "nobody-has-it", "messages": [{"role": "user", "content": "Hi"}]});
+    let (status, body) = c.post(0, &key, "/v1/chat/completions", chat).await;
     assert_eq!(status, 404, "{body}");
     assert!(
         body.to_string().contains("smollm2-b"),

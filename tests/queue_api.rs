@@ -3,19 +3,7 @@
 mod common;
 
 use common::{code, TestApp};
-use serde_json::{json, Value};
-
-async fn post(app: &TestApp, key: &common::TestKey, path: &str, body: &Value) -> (u16, Value) {
-    let resp = app
-        .http
-        .post(app.url(path))
-        .bearer_auth(&key.secret)
-        .json(body)
-        .send()
-        .await
-        .expect("request");
-    common::read(resp).await
-}
+use serde_json::json;
 
 #[tokio::test]
 async fn the_seeds_documented_examples_get_content() {
@@ -28,7 +16,7 @@ async fn the_seeds_documented_examples_get_content() {
       "meta": {"temperature": 0.5, "tokens_limit": 1000, "stop_words": ["stop"], "model": "gpt-model"},
       "content": "What is AI?"
     });
-    let (status, body) = post(&app, &key, "/generate", &generate).await;
+    let (status, body) = app.post(Some(&key), "/generate", &generate).await;
     assert_eq!(status, 200, "{body}");
     assert!(
         body["content"]
@@ -45,18 +33,18 @@ async fn the_seeds_documented_examples_get_content() {
         {"role": "assistant", "content": "Artificial Intelligence is..."}
       ]
     });
-    let (status, body) = post(&app, &key, "/chat_completion", &chat).await;
+    let (status, body) = app.post(Some(&key), "/chat_completion", &chat).await;
     assert_eq!(status, 200, "{body}");
     assert!(body["content"].is_string(), "{body}");
 
     // The seed's default tokens_limit (8096) is clamped, not refused.
-    let (status, body) = post(
-        &app,
-        &key,
-        "/generate",
-        &json!({"meta": {"tokens_limit": 8096}, "content": "Hi"}),
-    )
-    .await;
+    let (status, body) = app
+        .post(
+            Some(&key),
+            "/generate",
+            &json!({"meta": {"tokens_limit": 8096}, "content": "Hi"}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
 }
 
@@ -65,8 +53,8 @@ async fn a_repeated_job_id_returns_the_first_result_without_a_second_charge() {
     let app = TestApp::spawn().await;
     let key = app.key_with_calls(Some(10)).await;
     let body = json!({"job_id": "order-42", "meta": {"temperature": 0.9, "tokens_limit": 24}, "content": "Write a haiku."});
-    let (s1, first) = post(&app, &key, "/generate", &body).await;
-    let (s2, second) = post(&app, &key, "/generate", &body).await;
+    let (s1, first) = app.post(Some(&key), "/generate", &body).await;
+    let (s2, second) = app.post(Some(&key), "/generate", &body).await;
     assert_eq!((s1, s2), (200, 200), "{first} {second}");
     assert_eq!(
         first["content"], second["content"],
@@ -78,7 +66,7 @@ async fn a_repeated_job_id_returns_the_first_result_without_a_second_charge() {
 
     // The same id from another key is that key's own job.
     let other = app.key_with_calls(Some(10)).await;
-    let (status, _) = post(&app, &other, "/generate", &body).await;
+    let (status, _) = app.post(Some(&other), "/generate", &body).await;
     assert_eq!(status, 200);
     assert_eq!(app.calls_used(&other).await, 1);
     assert_eq!(app.job_count().await, 2);
@@ -89,26 +77,9 @@ async fn concurrent_repeats_of_one_job_id_generate_and_charge_once() {
     let app = TestApp::spawn().await;
     let key = app.key_with_calls(Some(10)).await;
     let body = json!({"job_id": "burst", "meta": {"temperature": 1.0, "tokens_limit": 16}, "content": "Tell a joke."});
-    let mut tasks = Vec::new();
-    for _ in 0..6 {
-        let http = app.http.clone();
-        let url = app.url("/generate");
-        let secret = key.secret.clone();
-        let body = body.clone();
-        tasks.push(tokio::spawn(async move {
-            let resp = http
-                .post(url)
-                .bearer_auth(secret)
-                .json(&body)
-                .send()
-                .await
-                .expect("request");
-            common::read(resp).await
-        }));
-    }
+    let repeats = (0..6).map(|_| (&key, "/generate", body.clone()));
     let mut contents = Vec::new();
-    for t in tasks {
-        let (status, body) = t.await.expect("task");
+    for (status, body) in app.post_at_once(repeats).await {
         assert_eq!(status, 200, "{body}");
         contents.push(body["content"].clone());
     }
@@ -150,7 +121,7 @@ async fn invalid_seed001_requests_spend_nothing() {
         ),
     ];
     for (path, body, status, expected) in cases {
-        let (got, resp) = post(&app, &key, path, &body).await;
+        let (got, resp) = app.post(Some(&key), path, &body).await;
         assert_eq!(got, status, "{path}: {resp}");
         assert_eq!(code(&resp), expected, "{path}: {resp}");
     }

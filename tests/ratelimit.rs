@@ -8,7 +8,7 @@ use tollgate::models::api_keys::KeyParams;
 
 #[tokio::test]
 async fn a_key_over_its_rate_gets_429_with_retry_after_and_spends_nothing() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_scripted(|_| {}).await;
     // One request a minute after a burst of two: the third in a row must wait ~a minute.
     let key = app
         .issue_key(KeyParams {
@@ -25,18 +25,12 @@ async fn a_key_over_its_rate_gets_429_with_retry_after_and_spends_nothing() {
         assert_eq!(status, 200, "{resp}");
     }
     let resp = app
-        .http
-        .post(app.url("/api/"))
-        .bearer_auth(&key.secret)
+        .request(reqwest::Method::POST, Some(&key), "/api/")
         .json(&body)
         .send()
         .await
         .expect("request");
-    let retry_after = resp
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let retry_after = common::retry_after(&resp);
     let (status, resp) = common::read(resp).await;
     assert_eq!(status, 429, "{resp}");
     assert_eq!(code(&resp), "rate_limited");
@@ -45,15 +39,8 @@ async fn a_key_over_its_rate_gets_429_with_retry_after_and_spends_nothing() {
         "Retry-After {retry_after:?}"
     );
     // The OpenAI route shares the limit and answers in OpenAI's shape.
-    let resp = app
-        .http
-        .post(app.url("/v1/chat/completions"))
-        .bearer_auth(&key.secret)
-        .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .expect("request");
-    let (status, resp) = common::read(resp).await;
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}]});
+    let (status, resp) = app.post(Some(&key), "/v1/chat/completions", chat).await;
     assert_eq!(status, 429, "{resp}");
     assert_eq!(resp["error"]["type"], "rate_limit_error");
     assert_eq!(app.calls_used(&key).await, 2);
@@ -66,7 +53,7 @@ async fn a_key_over_its_rate_gets_429_with_retry_after_and_spends_nothing() {
 
 #[tokio::test]
 async fn the_configured_default_applies_to_keys_without_their_own_limit() {
-    let app = TestApp::spawn_with(|cfg| {
+    let app = TestApp::spawn_scripted(|cfg| {
         cfg["api"]["rate_limit"] = json!({"per_minute": 1, "burst": 1});
     })
     .await;

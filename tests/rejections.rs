@@ -4,6 +4,7 @@ mod common;
 
 use chrono::{Duration, Utc};
 use common::{code, TestApp, TestKey};
+use reqwest::Method;
 use serde_json::{json, Value};
 use tollgate::models::api_keys::{ActiveModel as KeyActive, KeyParams};
 
@@ -39,18 +40,29 @@ async fn assert_rejected(
 }
 
 fn post(app: &TestApp, key: &TestKey) -> reqwest::RequestBuilder {
-    app.http.post(app.url("/api/")).bearer_auth(&key.secret)
+    app.request(Method::POST, Some(key), "/api/")
+}
+
+/// [`assert_rejected`] for `POST /api/` with `key` and the JSON `body`.
+async fn assert_body_rejected(
+    app: &TestApp,
+    key: &TestKey,
+    body: Value,
+    status: u16,
+    expected_code: &str,
+) -> Value {
+    assert_rejected(app, key, post(app, key).json(&body), status, expected_code).await
 }
 
 #[tokio::test]
 async fn auth_failures_are_401() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_scripted(|_| {}).await;
     let key = app.key_with_calls(Some(5)).await;
     let body = json!({"text": "hi"});
     assert_rejected(
         &app,
         &key,
-        app.http.post(app.url("/api/")).json(&body),
+        app.request(Method::POST, None, "/api/").json(&body),
         401,
         "missing_api_key",
     )
@@ -58,8 +70,7 @@ async fn auth_failures_are_401() {
     assert_rejected(
         &app,
         &key,
-        app.http
-            .post(app.url("/api/"))
+        app.request(Method::POST, None, "/api/")
             .bearer_auth("tg_00000000_nope")
             .json(&body),
         401,
@@ -69,8 +80,7 @@ async fn auth_failures_are_401() {
     assert_rejected(
         &app,
         &key,
-        app.http
-            .post(app.url("/api/"))
+        app.request(Method::POST, None, "/api/")
             .header("Authorization", format!("Basic {}", key.secret))
             .json(&body),
         401,
@@ -80,12 +90,12 @@ async fn auth_failures_are_401() {
     KeyActive::revoke(&app.ctx.db, &key.prefix)
         .await
         .expect("revoke");
-    assert_rejected(&app, &key, post(&app, &key).json(&body), 401, "key_revoked").await;
+    assert_body_rejected(&app, &key, body, 401, "key_revoked").await;
 }
 
 #[tokio::test]
 async fn keys_outside_their_date_window_are_403() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_scripted(|_| {}).await;
     let future = app
         .issue_key(KeyParams {
             email: "f@example.com".into(),
@@ -101,55 +111,28 @@ async fn keys_outside_their_date_window_are_403() {
         })
         .await;
     let body = json!({"text": "hi"});
-    assert_rejected(
-        &app,
-        &future,
-        post(&app, &future).json(&body),
-        403,
-        "key_not_yet_valid",
-    )
-    .await;
-    assert_rejected(
-        &app,
-        &past,
-        post(&app, &past).json(&body),
-        403,
-        "key_expired",
-    )
-    .await;
+    assert_body_rejected(&app, &future, body.clone(), 403, "key_not_yet_valid").await;
+    assert_body_rejected(&app, &past, body, 403, "key_expired").await;
 }
 
 #[tokio::test]
 async fn a_used_up_quota_is_429() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_scripted(|_| {}).await;
     let key = app.key_with_calls(Some(1)).await;
     let (status, _) = app
         .post_api(&key, json!({"text": "hi", "max_tokens": 1}))
         .await;
     assert_eq!(status, 200);
-    let body = assert_rejected(
-        &app,
-        &key,
-        post(&app, &key).json(&json!({"text": "again"})),
-        429,
-        "quota_exceeded",
-    )
-    .await;
+    let body =
+        assert_body_rejected(&app, &key, json!({"text": "again"}), 429, "quota_exceeded").await;
     assert_eq!(body["error"]["type"], "insufficient_quota");
     let zero = app.key_with_calls(Some(0)).await;
-    assert_rejected(
-        &app,
-        &zero,
-        post(&app, &zero).json(&json!({"text": "hi"})),
-        429,
-        "quota_exceeded",
-    )
-    .await;
+    assert_body_rejected(&app, &zero, json!({"text": "hi"}), 429, "quota_exceeded").await;
 }
 
 #[tokio::test]
 async fn malformed_bodies_are_400_or_422_and_cost_nothing() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_scripted(|_| {}).await;
     let key = app.key_with_calls(Some(5)).await;
     let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
         (
@@ -246,17 +229,11 @@ async fn malformed_bodies_are_400_or_422_and_cost_nothing() {
 
 #[tokio::test]
 async fn a_body_over_the_limit_is_413() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_scripted(|_| {}).await;
     let key = app.key_with_calls(Some(5)).await;
     let big = "a".repeat(1024 * 1024 + 10);
-    let body = assert_rejected(
-        &app,
-        &key,
-        post(&app, &key).json(&json!({"text": big})),
-        413,
-        "payload_too_large",
-    )
-    .await;
+    let body =
+        assert_body_rejected(&app, &key, json!({"text": big}), 413, "payload_too_large").await;
     assert!(body["error"]["message"]
         .as_str()
         .unwrap_or("")
@@ -265,13 +242,13 @@ async fn a_body_over_the_limit_is_413() {
 
 #[tokio::test]
 async fn a_prompt_longer_than_the_context_is_400_naming_the_limit() {
-    let app = TestApp::spawn_with(|s| s["engine"]["context_size"] = json!(256)).await;
+    let app = TestApp::spawn_scripted(|s| s["engine"]["context_size"] = json!(256)).await;
     let key = app.key_with_calls(Some(5)).await;
     let long = "tollgate counts tokens. ".repeat(200);
-    let body = assert_rejected(
+    let body = assert_body_rejected(
         &app,
         &key,
-        post(&app, &key).json(&json!({"text": long})),
+        json!({"text": long}),
         400,
         "context_length_exceeded",
     )
@@ -292,7 +269,7 @@ async fn a_prompt_longer_than_the_context_is_400_naming_the_limit() {
 
 #[tokio::test]
 async fn key_problems_are_reported_before_body_problems() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_scripted(|_| {}).await;
     let expired = app
         .issue_key(KeyParams {
             email: "e@example.com".into(),
@@ -300,12 +277,5 @@ async fn key_problems_are_reported_before_body_problems() {
             ..Default::default()
         })
         .await;
-    assert_rejected(
-        &app,
-        &expired,
-        post(&app, &expired).json(&json!({})),
-        403,
-        "key_expired",
-    )
-    .await;
+    assert_body_rejected(&app, &expired, json!({}), 403, "key_expired").await;
 }

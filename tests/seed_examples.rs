@@ -8,7 +8,6 @@ mod common;
 
 use common::{code, TestApp};
 use serde_json::json;
-use tollgate::models::api_keys::{KeyParams, Scope};
 
 #[tokio::test]
 async fn seed_001_curl_examples_work_with_the_key_in_the_base_url() {
@@ -77,38 +76,18 @@ async fn seed_001_curl_examples_work_with_the_key_in_the_base_url() {
 
 #[tokio::test]
 async fn seed_003_and_seed_004_python_examples_run_unchanged_but_for_the_url() {
-    let python = std::path::Path::new(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "missing .venv: run ./scripts/test.sh (it creates it)"
-    );
+    let python = common::python();
     let app = TestApp::spawn().await;
     let client = app.key_with_calls(Some(3)).await;
-    let admin = app
-        .issue_key(KeyParams {
-            email: "ops@example.com".into(),
-            scope: Scope::Admin,
-            ..Default::default()
-        })
-        .await;
-    let out = tokio::process::Command::new(python)
-        .args([
-            "tests/python/seed_examples.py",
-            &app.base,
-            &client.secret,
-            &admin.secret,
-            "SmolLM2-135M-Instruct.Q4_1.gguf",
-        ])
-        .output()
-        .await
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "seed examples failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("seed examples passed"), "{stdout}");
+    let admin = app.admin_key().await;
+    let args = [
+        "tests/python/seed_examples.py",
+        &app.base,
+        &client.secret,
+        &admin.secret,
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+    ];
+    common::run_checks(python, &args, "seed examples", "seed examples passed").await;
     assert_eq!(app.calls_used(&client).await, 1, "seed 003's one call");
     assert_eq!(app.calls_used(&admin).await, 1, "seed 004's one inference");
 }

@@ -2,7 +2,8 @@
 
 mod common;
 
-use common::TestApp;
+use common::{TestApp, TestKey};
+use reqwest::Method;
 use serde_json::{json, Value};
 
 /// Parses an SSE body into (event, data) pairs.
@@ -23,20 +24,20 @@ fn events(body: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
-async fn read_events(app: &TestApp, key: &common::TestKey, job_id: &str) -> Vec<(String, Value)> {
+async fn read_events(app: &TestApp, key: &TestKey, job_id: &str) -> Vec<(String, Value)> {
     let resp = app
-        .http
-        .get(app.url(&format!("/api/jobs/{job_id}/events")))
-        .bearer_auth(&key.secret)
+        .request(
+            Method::GET,
+            Some(key),
+            &format!("/api/jobs/{job_id}/events"),
+        )
         .send()
         .await
         .expect("request");
     assert_eq!(resp.status().as_u16(), 200);
-    assert!(resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream")));
+    assert!(
+        common::header(&resp, "content-type").is_some_and(|v| v.starts_with("text/event-stream"))
+    );
     events(&resp.text().await.expect("body"))
 }
 
@@ -44,15 +45,9 @@ async fn read_events(app: &TestApp, key: &common::TestKey, job_id: &str) -> Vec<
 async fn a_job_streams_its_tokens_then_its_result_and_a_reconnect_gets_the_result() {
     let app = TestApp::spawn().await;
     let key = app.key_with_calls(Some(3)).await;
-    let resp = app
-        .http
-        .post(app.url("/api/jobs"))
-        .bearer_auth(&key.secret)
-        .json(&json!({"text": "Write a long story about a dragon and a knight.", "max_tokens": 160, "temperature": 0}))
-        .send()
-        .await
-        .expect("request");
-    let (status, body) = common::read(resp).await;
+    let request = json!({"text": "Write a long story about a dragon and a knight.",
+                         "max_tokens": 160, "temperature": 0});
+    let (status, body) = app.post(Some(&key), "/api/jobs", request).await;
     assert_eq!(status, 202, "{body}");
     let job_id = body["job_id"].as_str().expect("job id").to_string();
 
@@ -76,12 +71,8 @@ async fn a_job_streams_its_tokens_then_its_result_and_a_reconnect_gets_the_resul
 
     // Another key's job is not visible.
     let other = app.key_with_calls(None).await;
-    let resp = app
-        .http
-        .get(app.url(&format!("/api/jobs/{job_id}/events")))
-        .bearer_auth(&other.secret)
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status().as_u16(), 404);
+    let (status, _) = app
+        .get(Some(&other), &format!("/api/jobs/{job_id}/events"))
+        .await;
+    assert_eq!(status, 404);
 }

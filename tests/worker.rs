@@ -4,33 +4,16 @@ mod common;
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use common::TestApp;
+use common::{FailingEngine, TestApp, TestKey};
 use sea_orm::{EntityTrait, PaginatorTrait};
 use tollgate::{
-    engine::{
-        Algorithm, ChatMessage, EngineError, EngineStatus, Generation, GenerationRequest, Prompt,
-        SamplingParams,
-    },
-    models::{_entities::usage_records, api_keys, jobs},
+    engine::{ChatMessage, GenerationRequest, Prompt},
+    models::{_entities::usage_records, api_keys},
     notify::JobEvents,
-    queue::{GenerationJob, Work},
+    queue::GenerationJob,
     services::Services,
-    workers::generation::{GenerationWorker, Outcome},
+    workers::generation::Outcome,
 };
-
-/// Narrow stand-in: an engine that always fails, to exercise the refund path.
-struct FailingEngine;
-
-#[async_trait]
-impl Algorithm for FailingEngine {
-    async fn run(&self, _: GenerationRequest) -> Result<Generation, EngineError> {
-        Err(EngineError::Decode("simulated device failure".into()))
-    }
-    fn status(&self) -> EngineStatus {
-        EngineStatus::default()
-    }
-}
 
 fn request() -> GenerationRequest {
     GenerationRequest {
@@ -41,46 +24,18 @@ fn request() -> GenerationRequest {
                 content: "Name a colour.".into(),
             }],
         },
-        params: SamplingParams {
-            max_tokens: 4,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: None,
-            stop: vec![],
-        },
+        params: common::greedy(4),
         adapter: None,
     }
 }
 
 /// Charges the key and records a queued job, as the API does before pushing.
-async fn queued_job(app: &TestApp, key: &common::TestKey) -> GenerationJob {
+async fn queued_job(app: &TestApp, key: &TestKey) -> GenerationJob {
     api_keys::charge(&app.ctx.db, key.id)
         .await
         .expect("db")
         .expect("charged");
-    let id = uuid::Uuid::new_v4().to_string();
-    jobs::ActiveModel::create_queued(
-        &app.ctx.db,
-        jobs::NewJob {
-            id: id.clone(),
-            api_key_id: key.id,
-            endpoint: "/api/".into(),
-            model: "smollm2".into(),
-            request_json: "{}".into(),
-            prompt_tokens: 0,
-            client_ref: None,
-            reservation: Default::default(),
-        },
-    )
-    .await
-    .expect("job");
-    GenerationJob {
-        job_id: id,
-        api_key_id: key.id,
-        work: Work::Generate(request()),
-        request_id: None,
-        priority: 0,
-    }
+    common::queued_job(app, key.id, 0, Default::default(), request()).await
 }
 
 #[tokio::test]
@@ -92,12 +47,7 @@ async fn a_failed_generation_refunds_its_call_exactly_once() {
 
     let events = JobEvents::default();
     let waiter = events.subscribe(&job.job_id);
-    let worker = GenerationWorker::new(
-        app.ctx.db.clone(),
-        Arc::new(FailingEngine),
-        events.clone(),
-        "test-worker".into(),
-    );
+    let worker = common::worker_on(&app, Arc::new(FailingEngine), events.clone());
     let outcome = worker.run_one(job.clone()).await.expect("run");
     let Outcome::Failed(record) = outcome else {
         panic!("expected a failed job, got {outcome:?}");
@@ -125,13 +75,8 @@ async fn a_duplicate_delivery_of_a_done_job_is_not_generated_or_counted_twice() 
     let key = app.key_with_calls(Some(3)).await;
     let job = queued_job(&app, &key).await;
     let services = Services::from_ctx(&app.ctx).expect("services");
-    let engine = services.engine.clone().expect("embedded engine");
-    let worker = GenerationWorker::new(
-        app.ctx.db.clone(),
-        engine.clone(),
-        JobEvents::default(),
-        "test-worker".into(),
-    );
+    let engine = services.models.engine().cloned().expect("embedded engine");
+    let worker = common::worker_on(&app, engine.clone(), JobEvents::default());
     let served_before = engine.status().jobs_served;
 
     let first = worker.run_one(job.clone()).await.expect("run");

@@ -189,24 +189,30 @@ impl Admission {
             Committed::Existing(record) => return self.follow(record, ticket.follow).await,
             Committed::Refused(e) => return Err(e),
         };
-        if let Some((memory, prompt)) = memory_prompt {
+        let remembered = memory_prompt.map(|(memory, prompt)| {
             remember(
                 self.db.clone(),
                 self.events.clone(),
                 record.id.clone(),
                 memory,
                 prompt,
-            );
-        }
-        match (ticket.follow, done) {
-            (Follow::Updates, Some(done)) => Ok(Admitted::Streaming(JobStream {
+            )
+        });
+        let admitted = match (ticket.follow, done) {
+            (Follow::Updates, Some(done)) => Admitted::Streaming(JobStream {
                 job: record,
                 deltas,
                 done,
-            })),
-            (_, Some(done)) => self.await_settled(done, record).await,
-            (_, None) => Ok(Admitted::Pending(record)),
+            }),
+            (_, Some(done)) => self.await_settled(done, record).await?,
+            (_, None) => Admitted::Pending(record),
+        };
+        // A client answered with the result may send its next turn at once: the exchange is
+        // stored before it hears back (and, should it hang up, stored all the same).
+        if let (Admitted::Finished(_), Some(task)) = (&admitted, remembered) {
+            let _ = task.await;
         }
+        Ok(admitted)
     }
 
     /// The engine work for `input`: model resolved, numbers bounded, history put before a
@@ -317,24 +323,35 @@ impl Admission {
     pub async fn stream_of(&self, job: jobs::Model) -> Result<JobStream, ApiError> {
         let deltas = self.events.subscribe_deltas(&job.id);
         let done = self.events.subscribe(&job.id);
+        match self.recheck(job).await? {
+            Err(settled) => {
+                let (tx, done) = tokio::sync::oneshot::channel();
+                let _ = tx.send(settled.clone());
+                Ok(JobStream {
+                    job: settled,
+                    deltas: None,
+                    done,
+                })
+            }
+            Ok(job) => Ok(JobStream { job, deltas, done }),
+        }
+    }
+
+    /// The job as recorded now, read after subscribing to it so that a job settling in between
+    /// is not missed: `Err(job)` when it has settled (its subscription is dropped), else
+    /// `Ok(job)` to wait on.
+    async fn recheck(
+        &self,
+        job: jobs::Model,
+    ) -> Result<Result<jobs::Model, jobs::Model>, ApiError> {
         let current = jobs::Model::find_any(&self.db, &job.id)
             .await?
             .unwrap_or(job);
         if current.is_finished() {
             self.events.forget(&current.id);
-            let (tx, done) = tokio::sync::oneshot::channel();
-            let _ = tx.send(current.clone());
-            return Ok(JobStream {
-                job: current,
-                deltas: None,
-                done,
-            });
+            return Ok(Err(current));
         }
-        Ok(JobStream {
-            job: current,
-            deltas,
-            done,
-        })
+        Ok(Ok(current))
     }
 
     /// Follows an existing job (a repeated client id) without charging anything.
@@ -348,15 +365,10 @@ impl Admission {
             Follow::Result => {}
         }
         let done = self.events.subscribe(&job.id);
-        // It may have settled between the read and the subscription.
-        let current = jobs::Model::find_any(&self.db, &job.id)
-            .await?
-            .unwrap_or(job);
-        if current.is_finished() {
-            self.events.forget(&current.id);
-            return Ok(Admitted::Finished(current));
+        match self.recheck(job).await? {
+            Err(settled) => Ok(Admitted::Finished(settled)),
+            Ok(current) => self.await_settled(done, current).await,
         }
-        self.await_settled(done, current).await
     }
 
     /// Waits for the notification up to the configured timeout, then trusts the record.
@@ -532,7 +544,7 @@ fn remember(
     job_id: String,
     memory: Memory,
     prompt: String,
-) {
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut done = events.subscribe(&job_id);
         let deadline = tokio::time::Instant::now() + REMEMBER_FOR;
@@ -574,7 +586,7 @@ fn remember(
                 done = events.subscribe(&job_id);
             }
         }
-    });
+    })
 }
 
 /// The error for a request its token budgets cannot take (nothing was spent).

@@ -17,7 +17,7 @@ use loco_rs::{app::AppContext, controller::Routes};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::respond::{accepted, answer, job_json, usage_json};
+use super::respond::{accepted, admit, answer, job_json, usage_json};
 use crate::{
     admission::{Admitted, Follow, GenerationInput, HeadInput, SamplingInput, Ticket},
     errors::{ApiError, ApiResult, ErrorCode},
@@ -52,16 +52,8 @@ async fn generate(
     MeteredCaller(key): MeteredCaller,
     body: Result<JsonBody<ApiRequest>, ApiError>,
 ) -> ApiResult<Response> {
-    let services = Services::from_ctx(&ctx)?;
-    let JsonBody(body) = body?;
-    let admitted = services
-        .admission
-        .admit(
-            &key,
-            GenerationInput::try_from(body)?,
-            Ticket::wait("/api/"),
-        )
-        .await?;
+    let ticket = Ticket::wait("/api/");
+    let admitted = admit::<_, GenerationInput>(&ctx, &key, body, ticket).await?;
     answer(admitted, |job| {
         json!({
             "message": job.result.clone().unwrap_or_default(),
@@ -81,14 +73,8 @@ async fn submit_job(
     MeteredCaller(key): MeteredCaller,
     body: Result<JsonBody<ApiRequest>, ApiError>,
 ) -> ApiResult<Response> {
-    let services = Services::from_ctx(&ctx)?;
-    let JsonBody(body) = body?;
     let ticket = Ticket::wait("/api/jobs").follow(Follow::Nothing);
-    match services
-        .admission
-        .admit(&key, GenerationInput::try_from(body)?, ticket)
-        .await?
-    {
+    match admit::<_, GenerationInput>(&ctx, &key, body, ticket).await? {
         Admitted::Pending(job) | Admitted::Finished(job) => Ok(accepted(&job)),
         Admitted::Streaming(stream) => Ok(accepted(&stream.job)),
     }

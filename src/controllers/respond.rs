@@ -1,5 +1,6 @@
-//! Shaping admitted jobs into answers, shared by every route family: the job as JSON, 202 for a
-//! job still pending, the failure of a job that failed, and OpenAI-named `usage`.
+//! What every route family's handlers share: admitting a converted body ([`admit`]), and
+//! shaping admitted jobs into answers: the job as JSON, 202 for a job still pending, the
+//! failure of a job that failed, and OpenAI-named `usage`.
 
 use axum::{
     http::{header, StatusCode},
@@ -8,11 +9,36 @@ use axum::{
 };
 use serde_json::{json, Value};
 
+use loco_rs::app::AppContext;
+
 use crate::{
-    admission::Admitted,
+    admission::{Admitted, Input, Ticket},
     errors::{ApiError, ApiResult},
-    models::jobs,
+    extractors::JsonBody,
+    models::{api_keys, jobs},
+    services::Services,
 };
+
+/// Converts a route's JSON body into the admission input `I` and admits it for `key`.
+///
+/// # Errors
+/// The body's own rejection (400/413/422), its conversion's, or the admission's.
+pub async fn admit<B, I>(
+    ctx: &AppContext,
+    key: &api_keys::Model,
+    body: ApiResult<JsonBody<B>>,
+    ticket: Ticket,
+) -> ApiResult<Admitted>
+where
+    I: TryFrom<B, Error = ApiError> + Into<Input>,
+{
+    let services = Services::from_ctx(ctx)?;
+    let JsonBody(body) = body?;
+    services
+        .admission
+        .admit(key, I::try_from(body)?, ticket)
+        .await
+}
 
 /// `usage` in OpenAI's names, used by every route that reports tokens.
 #[must_use]

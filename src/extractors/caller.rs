@@ -80,51 +80,41 @@ async fn identify(parts: &Parts, ctx: &AppContext) -> Result<api_keys::Model, Ap
     Ok(key)
 }
 
-impl FromRequestParts<AppContext> for Caller {
-    type Rejection = ApiError;
+/// Each caller type: [`identify`], then what that type adds.
+macro_rules! caller {
+    ($ty:ident, |$key:ident, $ctx:ident| $check:block) => {
+        impl FromRequestParts<AppContext> for $ty {
+            type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        ctx: &AppContext,
-    ) -> Result<Self, Self::Rejection> {
-        identify(parts, ctx).await.map(Self)
-    }
-}
-
-impl FromRequestParts<AppContext> for AdminCaller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        ctx: &AppContext,
-    ) -> Result<Self, Self::Rejection> {
-        let key = identify(parts, ctx).await?;
-        if !key.is_admin() {
-            return Err(ApiError::new(
-                ErrorCode::AdminScopeRequired,
-                "this route needs a key with the `admin` scope; this key has `client` scope",
-            ));
+            async fn from_request_parts(
+                parts: &mut Parts,
+                $ctx: &AppContext,
+            ) -> Result<Self, Self::Rejection> {
+                let $key = identify(parts, $ctx).await?;
+                $check
+                Ok(Self($key))
+            }
         }
-        Ok(Self(key))
-    }
+    };
 }
 
-impl FromRequestParts<AppContext> for MeteredCaller {
-    type Rejection = ApiError;
+caller!(Caller, |_key, _ctx| {});
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        ctx: &AppContext,
-    ) -> Result<Self, Self::Rejection> {
-        let key = identify(parts, ctx).await?;
-        if let Some(refusal @ Refusal::QuotaExhausted { .. }) = key.refusal_at(crate::models::now())
-        {
-            return Err(refusal_error(refusal, Some(&key)));
-        }
-        Services::from_ctx(ctx)?.rate_limits.check(&key).await?;
-        Ok(Self(key))
+caller!(AdminCaller, |key, _ctx| {
+    if !key.is_admin() {
+        return Err(ApiError::new(
+            ErrorCode::AdminScopeRequired,
+            "this route needs a key with the `admin` scope; this key has `client` scope",
+        ));
     }
-}
+});
+
+caller!(MeteredCaller, |key, ctx| {
+    if let Some(refusal @ Refusal::QuotaExhausted { .. }) = key.refusal_at(crate::models::now()) {
+        return Err(refusal_error(refusal, Some(&key)));
+    }
+    Services::from_ctx(ctx)?.rate_limits.check(&key).await?;
+});
 
 #[cfg(test)]
 mod tests {

@@ -17,11 +17,10 @@ use crate::{
     controllers::{
         admin::adapters::attach,
         openai::{embedding_usage, vectors},
-        respond::try_answer,
+        respond::{admit, try_answer},
     },
     errors::{ApiError, ApiResult},
     extractors::{JsonBody, MeteredCaller},
-    services::Services,
 };
 
 #[derive(Debug, Deserialize)]
@@ -46,16 +45,8 @@ async fn generate_embedding(
     MeteredCaller(key): MeteredCaller,
     body: Result<JsonBody<EmbeddingRequest>, ApiError>,
 ) -> ApiResult<Response> {
-    let services = Services::from_ctx(&ctx)?;
-    let JsonBody(body) = body?;
-    let admitted = services
-        .admission
-        .admit(
-            &key,
-            EmbeddingInput::try_from(body)?,
-            Ticket::wait("/generate-embedding"),
-        )
-        .await?;
+    let ticket = Ticket::wait("/generate-embedding");
+    let admitted = admit::<_, EmbeddingInput>(&ctx, &key, body, ticket).await?;
     try_answer(admitted, |job| {
         let embedding = vectors(job)?.pop().unwrap_or_default();
         Ok(json!({

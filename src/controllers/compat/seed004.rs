@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 
 use crate::{
     admission::{GenerationInput, ModelChoice, SamplingInput, StopWords, Ticket},
-    controllers::respond::answer,
+    controllers::respond::{admit, answer},
     errors::{ApiError, ApiResult, ErrorCode},
     extractors::{AdminCaller, Caller, JsonBody, MeteredCaller},
     models::model_configs::{self, NewConfig},
@@ -54,11 +54,16 @@ struct InferenceRequest {
     inference_kwargs: Option<InferenceKwargs>,
 }
 
-fn config_not_found(config_id: &str) -> ApiError {
-    ApiError::new(
-        ErrorCode::ConfigNotFound,
-        format!("no configuration {config_id}"),
-    )
+/// The stored configuration `config_id`, or 404 `config_not_found`.
+async fn stored(ctx: &AppContext, config_id: &str) -> ApiResult<model_configs::Model> {
+    model_configs::Model::find_by_config_id(&ctx.db, config_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::ConfigNotFound,
+                format!("no configuration {config_id}"),
+            )
+        })
 }
 
 /// Stores a configuration; invalid ids or names are 422 `invalid_config`.
@@ -101,9 +106,7 @@ async fn load(
     Path(config_id): Path<String>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    let config = model_configs::Model::find_by_config_id(&ctx.db, &config_id)
-        .await?
-        .ok_or_else(|| config_not_found(&config_id))?;
+    let config = stored(&ctx, &config_id).await?;
     let (model, newly) = services.models.load(&config).await?;
     let message = if newly {
         "Model loaded successfully"
@@ -147,9 +150,7 @@ async fn configuration(
     Caller(_key): Caller,
     Path(config_id): Path<String>,
 ) -> ApiResult<Response> {
-    let config = model_configs::Model::find_by_config_id(&ctx.db, &config_id)
-        .await?
-        .ok_or_else(|| config_not_found(&config_id))?;
+    let config = stored(&ctx, &config_id).await?;
     Ok(Json(config.to_json()).into_response())
 }
 
@@ -160,9 +161,7 @@ async fn delete_configuration(
     Path(config_id): Path<String>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    let config = model_configs::Model::find_by_config_id(&ctx.db, &config_id)
-        .await?
-        .ok_or_else(|| config_not_found(&config_id))?;
+    let config = stored(&ctx, &config_id).await?;
     if services.models.is_loaded_from(&config) {
         return Err(ApiError::new(
             ErrorCode::ConfigInUse,
@@ -230,16 +229,8 @@ async fn inference(
     MeteredCaller(key): MeteredCaller,
     body: Result<JsonBody<InferenceRequest>, ApiError>,
 ) -> ApiResult<Response> {
-    let services = Services::from_ctx(&ctx)?;
-    let JsonBody(body) = body?;
-    let admitted = services
-        .admission
-        .admit(
-            &key,
-            GenerationInput::try_from(body)?,
-            Ticket::wait("/llm/inference/"),
-        )
-        .await?;
+    let ticket = Ticket::wait("/llm/inference/");
+    let admitted = admit::<_, GenerationInput>(&ctx, &key, body, ticket).await?;
     answer(
         admitted,
         |job| json!({"response": job.result.clone().unwrap_or_default()}),

@@ -21,9 +21,9 @@
 //! Embeddings: a second context on the same model, in embedding mode with the configured
 //! pooling, created on the first embedding job of an epoch.
 //!
-//! Rooms: [`thread`] runs the loop (epochs, contexts, admission), [`batch`] runs jobs in
-//! sequences (prompt, decode steps, sampling, answers), [`heads`] swaps LoRA heads and
-//! [`embed`] computes vectors.
+//! Rooms: `thread` runs the loop (epochs, contexts, admission), `batch` runs jobs in sequences
+//! (prompt, decode steps, sampling, answers), `heads` swaps LoRA heads and `embed` computes
+//! vectors.
 
 mod batch;
 mod embed;

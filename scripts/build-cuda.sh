@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Builds tollgate-cli with CUDA on a machine without a GPU, and packs what a GPU machine needs.
+#
+#   ./scripts/build-cuda.sh            # sm_90 (H100/H200); TOLLGATE_CUDA_ARCHS="90;100" for more
+#
+# The CUDA 13.0 toolkit comes from NVIDIA's PyPI wheels (pinned below: GPU machines with driver
+# 580 run CUDA 13.0), installed into .cuda/ (git-ignored) and laid out so CMake finds it. No
+# libcuda.so driver stub ships in the wheels, so llama.cpp is built without the driver API
+# (`cuda-no-vmm`). llama.cpp is built as shared libraries that link the CUDA runtime and cuBLAS
+# dynamically; the binary finds them next to itself (rpath $ORIGIN).
+#
+# Output: dist/tollgate-cuda-sm<archs>.tar.xz holding tollgate-cli, llama.cpp's libraries
+# (stripped) and MANIFEST.txt (CUDA version, architectures, the shared libraries needed: ldd).
+# Unpack it on the GPU machine and run scripts/gpu-smoke.sh against its tollgate-cli. The last
+# line printed is the archive's path. Not part of CI (hours on two cores; HOWTO.md, GPU section).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+archs=${TOLLGATE_CUDA_ARCHS:-90}
+toolkit=${TOLLGATE_CUDA_DIR:-$root/.cuda}
+export CARGO_TARGET_DIR=${TOLLGATE_CUDA_TARGET:-$HOME/.cache/tollgate-target-cuda}
+started=$(date +%s)
+
+./scripts/setup.sh
+
+# 1. The toolkit, from PyPI (13.0 series), into a venv of its own.
+if [ ! -x "$toolkit/venv/bin/python" ]; then
+  python3 -m venv "$toolkit/venv" || { apt-get install -y -qq python3-venv >/dev/null && python3 -m venv "$toolkit/venv"; }
+fi
+"$toolkit/venv/bin/python" -m pip install -q --disable-pip-version-check \
+  nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
+  nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cublas==13.0.2.14
+cu=$(echo "$toolkit"/venv/lib/python3*/site-packages/nvidia/cu13)
+[ -x "$cu/bin/nvcc" ] || { echo "tollgate: nvcc not found under $cu" >&2; exit 1; }
+# The wheels ship only versioned names; CMake and the linker look for the plain ones.
+for so in "$cu"/lib/lib*.so.*; do
+  base=${so%%.so.*}.so
+  [ -e "$base" ] || ln -s "$(basename "$so")" "$base"
+done
+cuda_version=$("$cu/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')
+echo "tollgate: CUDA $cuda_version from PyPI in $cu; architectures: $archs" >&2
+
+# 2. The build: CMake takes the compiler, toolkit and architectures from the environment.
+export CUDACXX="$cu/bin/nvcc" CUDAToolkit_ROOT="$cu" CUDA_PATH="$cu" CUDAARCHS="$archs"
+export PATH="$cu/bin:$PATH" LIBRARY_PATH="$cu/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$cu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LLAMA_BUILD_SHARED_LIBS=1
+export RUSTFLAGS='-C link-arg=-Wl,-rpath,$ORIGIN'
+env -u DATABASE_URL nice -n 10 cargo build --release --features cuda-no-vmm --bin tollgate-cli
+
+# 3. Pack: the binary, llama.cpp's shared libraries, a manifest.
+name="tollgate-cuda-sm${archs//;/-sm}"
+out="$root/dist/$name"
+rm -rf "$out" && mkdir -p "$out"
+cp "$CARGO_TARGET_DIR/release/tollgate-cli" "$out/"
+for lib in "$CARGO_TARGET_DIR"/release/lib*.so*; do
+  [ -e "$lib" ] && cp -L "$lib" "$out/"
+done
+strip --strip-unneeded "$out"/tollgate-cli "$out"/lib*.so* 2>/dev/null || true
+{
+  echo "tollgate-cli built with --features cuda-no-vmm on $(date -u +%FT%TZ) ($(uname -m))"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "CUDA: $cuda_version (PyPI wheels: nvcc 13.0.88, runtime 13.0.96, cuBLAS 13.0.2.14)"
+  echo "architectures: sm_${archs//;/ sm_}"
+  echo "build seconds: $(( $(date +%s) - started ))"
+  echo
+  echo "Shared libraries needed (ldd, with this build's CUDA libraries on LD_LIBRARY_PATH):"
+  (cd "$out" && ldd ./tollgate-cli ./lib*.so* 2>&1 | sed 's/ (0x[0-9a-f]*)//')
+  echo
+  echo "On the GPU machine: libcudart.so.13 and libcublas.so.13 (CUDA 13 runtime, e.g. the"
+  echo "nvidia-cuda-runtime and nvidia-cublas wheels) on LD_LIBRARY_PATH, and driver >= 580."
+  echo
+  ls -l "$out"
+} > "$out/MANIFEST.txt"
+tar -C "$root/dist" -cJf "$root/dist/$name.tar.xz" "$name"
+ls -l "$root/dist/$name.tar.xz" >&2
+echo "tollgate: built in $(( $(date +%s) - started )) s" >&2
+echo "$root/dist/$name.tar.xz"

@@ -1,0 +1,165 @@
+//! Requests to a test server and reading their answers.
+
+use reqwest::{Method, RequestBuilder, Response};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::{TestApp, TestKey};
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// `method path` with `key` as its bearer token (`None`: no `Authorization` header), for a
+    /// test that sets its own headers or body, or reads the response's headers.
+    pub fn request(&self, method: Method, key: Option<&TestKey>, path: &str) -> RequestBuilder {
+        let req = self.http.request(method, self.url(path));
+        match key {
+            Some(k) => req.bearer_auth(&k.secret),
+            None => req,
+        }
+    }
+
+    /// Sends `method path` with `key` and, if given, a JSON body; returns the status and the
+    /// JSON answer.
+    pub async fn send(
+        &self,
+        method: Method,
+        key: Option<&TestKey>,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let mut req = self.request(method, key, path);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        read(req.send().await.expect("request")).await
+    }
+
+    /// `POST path` with a JSON body.
+    pub async fn post(
+        &self,
+        key: Option<&TestKey>,
+        path: &str,
+        body: impl Serialize,
+    ) -> (u16, Value) {
+        let req = self.request(Method::POST, key, path).json(&body);
+        read(req.send().await.expect("request")).await
+    }
+
+    /// `POST path` without a body.
+    pub async fn post_empty(&self, key: Option<&TestKey>, path: &str) -> (u16, Value) {
+        self.send(Method::POST, key, path, None).await
+    }
+
+    pub async fn get(&self, key: Option<&TestKey>, path: &str) -> (u16, Value) {
+        self.send(Method::GET, key, path, None).await
+    }
+
+    pub async fn delete(&self, key: Option<&TestKey>, path: &str) -> (u16, Value) {
+        self.send(Method::DELETE, key, path, None).await
+    }
+
+    /// `POST /api/` with a JSON body and a bearer key.
+    pub async fn post_api(&self, key: &TestKey, body: impl Serialize) -> (u16, Value) {
+        self.post(Some(key), "/api/", body).await
+    }
+
+    /// Sends every `(key, path, body)` POST at once; the answers in the same order.
+    pub async fn post_at_once<'a>(
+        &self,
+        calls: impl IntoIterator<Item = (&'a TestKey, &'a str, Value)>,
+    ) -> Vec<(u16, Value)> {
+        let tasks: Vec<_> = calls
+            .into_iter()
+            .map(|(key, path, body)| {
+                let req = self.request(Method::POST, Some(key), path).json(&body);
+                tokio::spawn(async move { read(req.send().await.expect("request")).await })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.expect("task"));
+        }
+        answers
+    }
+}
+
+pub async fn read(resp: Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    let value = serde_json::from_str(&text).unwrap_or_else(|_| json!({ "raw": text }));
+    (status, value)
+}
+
+/// The `error.code` of an error response.
+pub fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<no error code>")
+}
+
+/// A response header as text, if present.
+pub fn header(resp: &Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// The seconds of a `Retry-After` header, if present.
+pub fn retry_after(resp: &Response) -> Option<u64> {
+    header(resp, "retry-after").and_then(|v| v.parse().ok())
+}
+
+/// `base` with the top-level fields of `extra` added (replacing any of the same name).
+pub fn merge(mut base: Value, extra: &Value) -> Value {
+    if let (Some(b), Some(e)) = (base.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    base
+}
+
+/// The `id`s of a list's items (`/v1/models`' `data`, the worker registry's `data`).
+pub fn ids(list: &Value) -> Vec<&str> {
+    list.as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|item| item["id"].as_str())
+        .collect()
+}
+
+/// Fires `n` concurrent one-token `POST /api/` calls with `key`; returns (admitted, 429s) and
+/// fails on any other status. Admitted means charged and queued: 200, or 202 when a loaded
+/// machine makes the job outlast the request's wait.
+pub async fn concurrent_calls(app: &TestApp, key: &TestKey, n: usize) -> (usize, usize) {
+    let calls = (0..n).map(|i| {
+        (
+            key,
+            "/api/",
+            json!({"text": format!("Number {i}"), "max_tokens": 1}),
+        )
+    });
+    let (mut ok, mut limited) = (0, 0);
+    for (status, _) in app.post_at_once(calls).await {
+        match status {
+            200 | 202 => ok += 1,
+            429 => limited += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    (ok, limited)
+}
+
+/// Polls `GET /api/jobs/{id}` until the job is settled (bounded: 180 s, generous for a loaded
+/// machine; a bound, not a timing check) and returns it.
+pub async fn poll_job(app: &TestApp, key: &TestKey, job_id: &str) -> Value {
+    for _ in 0..1800 {
+        let (status, job) = app.get(Some(key), &format!("/api/jobs/{job_id}")).await;
+        assert_eq!(status, 200, "{job}");
+        if job["status"] == "done" || job["status"] == "failed" {
+            return job;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("job {job_id} did not settle in 180 s");
+}

@@ -9,10 +9,11 @@
 # (`cuda-no-vmm`). llama.cpp is built as shared libraries that link the CUDA runtime and cuBLAS
 # dynamically; the binary finds them next to itself (rpath $ORIGIN).
 #
-# Output: dist/tollgate-cuda-sm<archs>.tar.xz holding tollgate-cli, llama.cpp's libraries
-# (stripped) and MANIFEST.txt (CUDA version, architectures, the shared libraries needed: ldd).
-# Unpack it on the GPU machine and run scripts/gpu-smoke.sh against its tollgate-cli. The last
-# line printed is the archive's path. Not part of CI (hours on two cores; HOWTO.md, GPU section).
+# Output: dist/tollgate-cuda-sm<archs>.tar.xz holding tollgate-cli and tollgate-bench, llama.cpp's
+# libraries (all stripped), config/ and assets/, a demo LoRA head, gpu-smoke.sh and MANIFEST.txt (CUDA
+# version, architectures, the shared libraries needed: ldd). Unpack it on the GPU machine and run
+# its gpu-smoke.sh against its tollgate-cli. The last line printed is the archive's path. Not
+# part of CI (an hour or more on two cores; HOWTO.md, GPU section).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -46,17 +47,26 @@ export PATH="$cu/bin:$PATH" LIBRARY_PATH="$cu/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
 export LD_LIBRARY_PATH="$cu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LLAMA_BUILD_SHARED_LIBS=1
 export RUSTFLAGS='-C link-arg=-Wl,-rpath,$ORIGIN'
-env -u DATABASE_URL nice -n 10 cargo build --release --features cuda-no-vmm --bin tollgate-cli
+env -u DATABASE_URL nice -n 10 cargo build --release --features cuda-no-vmm \
+  --bin tollgate-cli --bin tollgate-bench
 
-# 3. Pack: the binary, llama.cpp's shared libraries, a manifest.
+# 3. Pack: the binaries, llama.cpp's shared libraries, the config, a demo LoRA head and a
+# manifest: everything scripts/gpu-smoke.sh needs besides the model.
 name="tollgate-cuda-sm${archs//;/-sm}"
 out="$root/dist/$name"
-rm -rf "$out" && mkdir -p "$out"
-cp "$CARGO_TARGET_DIR/release/tollgate-cli" "$out/"
+rm -rf "$out" && mkdir -p "$out/config" "$out/adapters"
+cp "$CARGO_TARGET_DIR/release/tollgate-cli" "$CARGO_TARGET_DIR/release/tollgate-bench" "$out/"
+cp config/development.yaml "$out/config/"
+cp -r assets "$out/"
+cp scripts/gpu-smoke.sh "$out/"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv && .venv/bin/python -m pip install -q -r tests/python/requirements.txt
+fi
+.venv/bin/python scripts/make-lora.py --out "$out/adapters/demo.gguf" >&2
 for lib in "$CARGO_TARGET_DIR"/release/lib*.so*; do
   [ -e "$lib" ] && cp -L "$lib" "$out/"
 done
-strip --strip-unneeded "$out"/tollgate-cli "$out"/lib*.so* 2>/dev/null || true
+strip --strip-unneeded "$out"/tollgate-cli "$out"/tollgate-bench "$out"/lib*.so* 2>/dev/null || true
 {
   echo "tollgate-cli built with --features cuda-no-vmm on $(date -u +%FT%TZ) ($(uname -m))"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -65,7 +75,7 @@ strip --strip-unneeded "$out"/tollgate-cli "$out"/lib*.so* 2>/dev/null || true
   echo "build seconds: $(( $(date +%s) - started ))"
   echo
   echo "Shared libraries needed (ldd, with this build's CUDA libraries on LD_LIBRARY_PATH):"
-  (cd "$out" && ldd ./tollgate-cli ./lib*.so* 2>&1 | sed 's/ (0x[0-9a-f]*)//')
+  (cd "$out" && ldd ./tollgate-cli ./tollgate-bench ./lib*.so* 2>&1 | sed 's/ (0x[0-9a-f]*)//')
   echo
   echo "On the GPU machine: libcudart.so.13 and libcublas.so.13 (CUDA 13 runtime, e.g. the"
   echo "nvidia-cuda-runtime and nvidia-cublas wheels) on LD_LIBRARY_PATH, and driver >= 580."

@@ -51,7 +51,9 @@ pub fn into_service(
 /// against Tollgate by changing only their base URL (`http://host/k/tg_…`). The prefix is
 /// removed before routing and logging, so Tollgate's own logs never see the secret; a proxy in
 /// front logs URLs, which is why clients that can send a header should (HOWTO.md says how to
-/// keep nginx's access log clean). An explicit `Authorization` header wins.
+/// keep nginx's access log clean). The key in the path wins over any `Authorization` header:
+/// seed 002's OpenAI-SDK clients send `api_key="EMPTY"`, and their base URL is where their key
+/// can go.
 fn key_in_path(mut req: axum::extract::Request) -> axum::extract::Request {
     let Some(rest) = req.uri().path().strip_prefix("/k/") else {
         return req;
@@ -76,8 +78,7 @@ fn key_in_path(mut req: axum::extract::Request) -> axum::extract::Request {
     *req.uri_mut() = uri;
     if let Some(value) = bearer {
         req.headers_mut()
-            .entry(axum::http::header::AUTHORIZATION)
-            .or_insert(value);
+            .insert(axum::http::header::AUTHORIZATION, value);
     }
     req
 }

@@ -54,6 +54,19 @@ impl Work {
         }
     }
 
+    /// Words of the text the client sent (every prompt text, or every input to embed).
+    #[must_use]
+    pub fn input_words(&self) -> usize {
+        match self {
+            Self::Generate(r) => r.prompt.texts().map(crate::engine::text::count_words).sum(),
+            Self::Embed(r) => r
+                .inputs
+                .iter()
+                .map(|t| crate::engine::text::count_words(t))
+                .sum(),
+        }
+    }
+
     /// Tokens the job may generate (reserved against generation budgets); embeddings none.
     #[must_use]
     pub fn max_new_tokens(&self) -> u32 {

@@ -174,7 +174,7 @@ async fn a_user_logs_in_and_calls_the_openai_and_llm_request_routes_with_the_tok
     );
     assert_eq!(row.calls_used, 2);
 
-    let (status, usage) = app.get(Some(&token), "/usage/").await;
+    let (status, usage) = app.get(Some(&token), "/api/usage").await;
     assert_eq!(status, 200, "{usage}");
     assert_eq!(usage["user"]["username"], "alice");
     assert_eq!(usage["user"]["gen_token_limit"], 1000);

@@ -175,7 +175,7 @@ async fn usage_reports_requests_and_tokens_per_day_for_the_calling_key() {
     app.post_api(&other, json!({"text": "Three", "max_tokens": 3}))
         .await;
 
-    let (status, usage) = app.get(Some(&key), "/usage/").await;
+    let (status, usage) = app.get(Some(&key), "/api/usage").await;
     assert_eq!(status, 200, "{usage}");
     let days = usage["days"].as_array().expect("days");
     assert_eq!(days.len(), 1, "{usage}");
@@ -186,9 +186,47 @@ async fn usage_reports_requests_and_tokens_per_day_for_the_calling_key() {
     assert!(days[0]["words"].as_i64().unwrap_or(0) > 0);
     assert_eq!(usage["key"]["calls_used"], 2);
 
-    let (status, err) = app.get(Some(&key), "/usage/?from=yesterday").await;
-    assert_eq!(status, 422);
-    assert_eq!(code(&err), "invalid_date");
+    for path in ["/api/usage?from=yesterday", "/usage/?from=yesterday"] {
+        let (status, err) = app.get(Some(&key), path).await;
+        assert_eq!(status, 422, "{path}");
+        assert_eq!(code(&err), "invalid_date", "{path}");
+    }
+    // Dates at the edge of what chrono holds are refused, never a panic.
+    for path in ["/api/usage?to=-262143-01-01", "/usage/?to=-262143-01-01"] {
+        let (status, err) = app.get(Some(&key), path).await;
+        assert_eq!(status, 422, "{path}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn usage_answers_as_djangollmapi_did_with_the_words_sent_per_day() {
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let key = app.key_with_calls(None).await;
+    let other = app.key_with_calls(None).await;
+    for text in [
+        "Is this real?",
+        "This could be any payload data the api expects.",
+    ] {
+        let (status, body) = app.post_api(&key, json!({"text": text})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    app.post_api(&other, json!({"text": "not counted for the first key"}))
+        .await;
+    let (status, usage) = app.get(Some(&key), "/usage/").await;
+    assert_eq!(status, 200, "{usage}");
+    let today = format!("{}T00:00:00Z", Utc::now().date_naive());
+    assert_eq!(
+        usage,
+        json!([{"day": today, "total_words": 3 + 9}]),
+        "a bare list of days, each with the words of the texts sent"
+    );
+    // Seed 003's GET on its API route.
+    let (status, body) = app.get(Some(&key), "/api/").await;
+    assert_eq!(
+        (status, body),
+        (200, json!({"message": "Use a post request."}))
+    );
+    assert_eq!(app.calls_used(&key).await, 2, "a GET spends nothing");
 }
 
 #[tokio::test]

@@ -44,7 +44,9 @@ fn class_of(method: &Method, uri: &str) -> Option<Class> {
         (_, "/_ping" | "/_health" | "/_readiness" | "/ping" | "/metrics" | "/token") => Public,
         (
             "GET",
-            "/api/jobs/{id}"
+            "/api"
+            | "/api/usage"
+            | "/api/jobs/{id}"
             | "/api/jobs/{id}/events"
             | "/usage"
             | "/v1/models"

@@ -16,9 +16,15 @@ async fn on_postgres_fifty_concurrent_requests_on_twenty_calls_admit_exactly_twe
     assert_eq!(app.calls_used(&key).await, 20);
     assert_eq!(app.job_count().await, 20);
 
-    let (status, usage) = app.get(Some(&key), "/usage/").await;
+    let (status, usage) = app.get(Some(&key), "/api/usage").await;
     assert_eq!(status, 200, "{usage}");
     assert_eq!(usage["days"][0]["requests"], 20, "{usage}");
+    let (status, words) = app.get(Some(&key), "/usage/").await;
+    assert_eq!(status, 200, "{words}");
+    assert_eq!(
+        words[0]["total_words"], 40,
+        "20 requests of two words each: {words}"
+    );
 }
 
 #[tokio::test]

@@ -25,8 +25,9 @@ async fn the_seeds_documented_examples_get_content() {
         "{body}"
     );
 
+    // The seed's second example reuses job_id "12345" for another request: a new job.
     let chat = json!({
-      "job_id": "12346",
+      "job_id": "12345",
       "meta": {"temperature": 0.5, "tokens_limit": 1000, "stop_words": ["stop"], "model": "gpt-model"},
       "messages": [
         {"role": "user", "content": "What is AI?"},
@@ -36,16 +37,85 @@ async fn the_seeds_documented_examples_get_content() {
     let (status, body) = app.post(Some(&key), "/chat_completion", &chat).await;
     assert_eq!(status, 200, "{body}");
     assert!(body["content"].is_string(), "{body}");
+    assert_eq!(body["job_id"], "12345", "the client's id is echoed");
+    assert_eq!(
+        app.calls_used(&key).await,
+        2,
+        "the chat example is its own job"
+    );
+    assert_eq!(app.job_count().await, 2);
 
-    // The seed's default tokens_limit (8096) is clamped, not refused.
+    // The seed's default tokens_limit (8096), given or left out, is cut to the room the
+    // context leaves, not refused.
+    for body in [
+        json!({"meta": {"tokens_limit": 8096}, "content": "Hi"}),
+        json!({"content": "Hi"}),
+    ] {
+        let (status, answer) = app.post(Some(&key), "/generate", &body).await;
+        assert_eq!(status, 200, "{body}: {answer}");
+    }
+}
+
+#[tokio::test]
+async fn a_missing_tokens_limit_is_the_seeds_8096_cut_to_the_contexts_room() {
+    let app = TestApp::spawn_scripted(|s| {
+        s["engine"]["context_size"] = json!(256);
+        s["api"]["max_tokens_limit"] = json!(100_000);
+    })
+    .await;
+    let key = app.key_with_calls(None).await;
     let (status, body) = app
-        .post(
-            Some(&key),
-            "/generate",
-            &json!({"meta": {"tokens_limit": 8096}, "content": "Hi"}),
-        )
+        .post(Some(&key), "/generate", &json!({"content": "What is AI?"}))
         .await;
     assert_eq!(status, 200, "{body}");
+    let job = &app.jobs_of(&key).await[0];
+    let request: serde_json::Value = serde_json::from_str(&job.request).expect("request json");
+    let max_tokens = request["params"]["max_tokens"]
+        .as_i64()
+        .expect("max_tokens recorded");
+    // The prompt as the API counted it: the model's tokenizer on the chat-templated turn.
+    let settings = tollgate::settings::EngineSettings {
+        context_size: 256,
+        ..Default::default()
+    };
+    let tokenizer =
+        tollgate::engine::tokenizer::PromptTokenizer::load(&settings).expect("tokenizer");
+    let prompt: tollgate::engine::Prompt =
+        serde_json::from_value(request["prompt"].clone()).expect("prompt");
+    let counted = i64::try_from(tokenizer.count(&prompt).expect("count")).expect("count");
+    assert_eq!(
+        max_tokens,
+        256 - counted,
+        "the room the prompt leaves in a 256-token context: {request}"
+    );
+}
+
+#[tokio::test]
+async fn the_same_job_id_with_another_body_or_route_is_a_new_job() {
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let key = app.key_with_calls(None).await;
+    let first = json!({"job_id": "7", "content": "first question"});
+    let (s1, a1) = app.post(Some(&key), "/generate", &first).await;
+    let (s2, a2) = app.post(Some(&key), "/generate", &first).await;
+    assert_eq!((s1, s2), (200, 200), "{a1} {a2}");
+    assert_eq!(
+        app.job_count().await,
+        1,
+        "an identical retry replays the job"
+    );
+    let other = json!({"job_id": "7", "content": "another question"});
+    let (s3, a3) = app.post(Some(&key), "/generate", &other).await;
+    assert_eq!(s3, 200, "{a3}");
+    assert_ne!(a3["content"], a1["content"]);
+    let chat = json!({"job_id": "7", "messages": [{"role": "user", "content": "first question"}]});
+    let (s4, a4) = app.post(Some(&key), "/chat_completion", &chat).await;
+    assert_eq!(s4, 200, "{a4}");
+    assert_eq!(
+        app.job_count().await,
+        3,
+        "another body or route is another job"
+    );
+    assert_eq!(app.calls_used(&key).await, 3);
 }
 
 #[tokio::test]

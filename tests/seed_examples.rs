@@ -42,8 +42,9 @@ async fn seed_001_curl_examples_work_with_the_key_in_the_base_url() {
     assert_eq!(again["content"], first["content"]);
     assert_eq!(app.calls_used(&key).await, 1);
 
+    // Verbatim: the seed's second example reuses "12345" for another request (a new job).
     let chat = json!({
-      "job_id": "12346",
+      "job_id": "12345",
       "meta": {
         "temperature": 0.5,
         "tokens_limit": 1000,
@@ -72,6 +73,26 @@ async fn seed_001_curl_examples_work_with_the_key_in_the_base_url() {
     assert_eq!(status, 401, "{body}");
     assert_eq!(code(&body), "invalid_api_key");
     assert_eq!(app.calls_used(&key).await, 2);
+}
+
+#[tokio::test]
+async fn the_key_in_the_base_url_wins_over_the_sdks_placeholder_header() {
+    // Seed 002's OpenAI-SDK clients are built with `api_key="EMPTY"`; the key rides in their
+    // base URL (`http://host/k/<key>/v1`).
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let key = app.key_with_calls(Some(3)).await;
+    let resp = app
+        .http
+        .post(format!("{}/k/{}/v1/chat/completions", app.base, key.secret))
+        .bearer_auth("EMPTY")
+        .json(&json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hello"}]}))
+        .send()
+        .await
+        .expect("send");
+    let (status, body) = common::read(resp).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(app.calls_used(&key).await, 1);
 }
 
 #[tokio::test]

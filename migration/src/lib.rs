@@ -12,6 +12,7 @@ mod m20261123_000007_admin_sessions;
 mod m20261123_000008_workers;
 mod m20261123_000009_key_priority;
 mod m20261130_000010_job_status_index;
+mod m20261130_000011_usage_input_words;
 
 pub struct Migrator;
 
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000008_workers::Migration),
             Box::new(m20261123_000009_key_priority::Migration),
             Box::new(m20261130_000010_job_status_index::Migration),
+            Box::new(m20261130_000011_usage_input_words::Migration),
         ]
     }
 }

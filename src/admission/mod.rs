@@ -162,10 +162,17 @@ impl Admission {
                 return self.follow(existing, ticket.follow).await;
             }
         }
-        let (work, memory) = self.work(key, input.into()).await?;
+        let (mut work, memory, clamp) = self.work(key, input.into()).await?;
         let prompt_tokens = self
             .policy
             .admit_input(&work, &self.models, &self.settings.engine)?;
+        if let (true, Work::Generate(request)) = (clamp, &mut work) {
+            // Cut to the room the prompt leaves in the model's context (never below 1; a
+            // prompt that fills the context was refused above).
+            let context = self.models.tokenizer_for(&request.model).context_size();
+            let room = context.saturating_sub(u32::try_from(prompt_tokens).unwrap_or(u32::MAX));
+            request.params.max_tokens = request.params.max_tokens.min(room.max(1));
+        }
         let queue = self.queue_for(work.base_model()).await?;
         let memory_prompt = memory.map(|m| (m, last_user_text(&work)));
         let commit = Commit {
@@ -215,15 +222,17 @@ impl Admission {
         Ok(admitted)
     }
 
-    /// The engine work for `input`: model resolved, numbers bounded, history put before a
-    /// memory request's prompt.
+    /// The engine work for `input` (model resolved, numbers bounded, history put before a
+    /// memory request's prompt), its memory, and whether `max_tokens` is cut to the room the
+    /// prompt leaves rather than kept as asked.
     async fn work(
         &self,
         key: &api_keys::Model,
         input: Input,
-    ) -> Result<(Work, Option<Memory>), ApiError> {
+    ) -> Result<(Work, Option<Memory>, bool), ApiError> {
         match input {
             Input::Generate(g) => {
+                let clamp = g.sampling.clamp_max_tokens;
                 let resolved = resolve::resolve(
                     &self.db,
                     &self.models,
@@ -266,7 +275,11 @@ impl Admission {
                     }
                     (_, prompt) => prompt,
                 };
-                Ok((Work::Generate(resolved.request(prompt, params)), g.memory))
+                Ok((
+                    Work::Generate(resolved.request(prompt, params)),
+                    g.memory,
+                    clamp,
+                ))
             }
             Input::Embed(e) => {
                 if !self.settings.engine.embeddings.enabled {
@@ -295,6 +308,7 @@ impl Admission {
                         inputs: e.inputs,
                     }),
                     None,
+                    false,
                 ))
             }
         }

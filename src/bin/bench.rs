@@ -85,6 +85,9 @@ Run from the repository root:  cargo run --release --bin tollgate-bench -- [flag
   --external-url URL     also load an OpenAI-compatible server (base URL without /v1)
   --external-key KEY     bearer key for --external-url (optional)
   --external-model NAME  model name for --external-url (default: the local model name)
+  --only engine|external run only part 1 (engine only, 1 and --concurrency sequences) or only
+                         part 5 (--external-url) and print one JSON object: what
+                         scripts/gpu-smoke.sh reads
   -h, --help             this text
 ";
 
@@ -102,6 +105,14 @@ struct Args {
     external_model: Option<String>,
     postgres: String,
     redis: String,
+    only: Option<Only>,
+}
+
+/// A single part, reported as JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Only {
+    Engine,
+    External,
 }
 
 impl Default for Args {
@@ -119,6 +130,7 @@ impl Default for Args {
             external_model: None,
             postgres: "postgres://postgres@127.0.0.1:5432".into(),
             redis: "redis://127.0.0.1:6379".into(),
+            only: None,
         }
     }
 }
@@ -157,6 +169,13 @@ fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
             "--external-model" => out.external_model = Some(value.clone()),
             "--postgres" => out.postgres = value.trim_end_matches('/').to_string(),
             "--redis" => out.redis.clone_from(value),
+            "--only" => {
+                out.only = Some(match value.as_str() {
+                    "engine" => Only::Engine,
+                    "external" => Only::External,
+                    other => bail!("--only takes engine or external, got {other:?}"),
+                });
+            }
             other => bail!("unknown flag {other:?} (see --help)"),
         }
     }
@@ -170,6 +189,9 @@ fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
         || out.concurrency.contains(&0)
     {
         bail!("every count must be at least 1 (see --help)");
+    }
+    if out.only == Some(Only::External) && out.external_url.is_none() {
+        bail!("--only external needs --external-url");
     }
     Ok(Some(out))
 }
@@ -1128,6 +1150,51 @@ fn report(
 
 // ---------------------------------------------------------------------------------------------
 
+/// Part 5 alone, as JSON: an OpenAI-compatible server (a Tollgate started elsewhere) under
+/// the same load as part 2.
+fn only_external(
+    runtime: &tokio::runtime::Runtime,
+    args: &Args,
+    settings: &EngineSettings,
+) -> anyhow::Result<()> {
+    let url = args
+        .external_url
+        .clone()
+        .ok_or_else(|| anyhow!("--only external needs --external-url"))?;
+    let target = Target {
+        base: url,
+        key: args.external_key.clone(),
+        model: args
+            .external_model
+            .clone()
+            .unwrap_or_else(|| settings.model_name.clone()),
+    };
+    let loads = runtime.block_on(load_all(
+        &reqwest::Client::new(),
+        &target,
+        &[Route::Chat],
+        args,
+    ))?;
+    let levels: Vec<Value> = loads
+        .iter()
+        .map(|l| {
+            json!({
+                "route": l.route.name(),
+                "concurrency": l.concurrency,
+                "requests": l.requests,
+                "tokens_per_s": l.tokens_per_s(),
+                "p50_ms": percentile(&l.latencies_ms, 50.0),
+                "p99_ms": percentile(&l.latencies_ms, 99.0),
+            })
+        })
+        .collect();
+    println!(
+        "{}",
+        json!({"part": "end_to_end", "max_tokens": args.max_tokens, "levels": levels})
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let Some(args) = parse_args(&argv)? else {
@@ -1154,6 +1221,9 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok(Settings::from_config(&config)?.engine)
     })?;
 
+    if args.only == Some(Only::External) {
+        return only_external(&runtime, &args, &settings);
+    }
     eprintln!("1. engine only ({} reps) …", args.reps);
     // Before the server starts, so nothing else competes for the cores; on a thread of its own
     // like the server's engine (llama.cpp's OpenMP team then belongs to that thread, as there).
@@ -1184,6 +1254,20 @@ fn main() -> anyhow::Result<()> {
             f64::from(t) / d.as_secs_f64().max(f64::EPSILON)
         );
         batched.push((n, d, t));
+    }
+    match args.only {
+        Some(Only::Engine) => {
+            let mut levels = vec![json!({"sequences": 1, "tokens_per_s": engine.tokens_per_s()})];
+            levels.extend(batched.iter().map(|(n, d, t)| {
+                json!({"sequences": n, "tokens_per_s": f64::from(*t) / d.as_secs_f64().max(f64::EPSILON)})
+            }));
+            println!(
+                "{}",
+                json!({"part": "engine_only", "prompt_tokens": engine.prompt_tokens, "max_tokens": args.max_tokens, "levels": levels})
+            );
+            return Ok(());
+        }
+        Some(Only::External) | None => {}
     }
     let outcome = runtime.block_on(async {
         eprintln!(

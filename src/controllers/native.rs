@@ -11,7 +11,7 @@ use axum::{
     },
     Json,
 };
-use chrono::{Duration, NaiveDate};
+use chrono::{Datelike, Duration, NaiveDate};
 use futures::StreamExt;
 use loco_rs::{app::AppContext, controller::Routes};
 use serde::Deserialize;
@@ -63,6 +63,12 @@ async fn generate(
             "usage": usage_json(job),
         })
     })
+}
+
+/// `GET /api/`: djangollmapi's answer to a GET, for clients that probe the route.
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn use_post(Caller(_key): Caller) -> Json<serde_json::Value> {
+    Json(json!({"message": "Use a post request."}))
 }
 
 /// `POST /api/jobs`: the same request as `POST /api/`, answered at once with 202 and the job
@@ -159,6 +165,8 @@ async fn job_events(
 
 /// Longest range one request may ask for.
 const MAX_DAYS: i64 = 366;
+/// Longest range of seed 003's `/usage/` (whose default is the key's whole life).
+const SEED_MAX_DAYS: i64 = 3660;
 
 #[derive(Debug, Deserialize)]
 struct UsageQuery {
@@ -167,34 +175,84 @@ struct UsageQuery {
 }
 
 fn parse_day(field: &str, value: Option<&str>, default: NaiveDate) -> ApiResult<NaiveDate> {
-    value.map_or(Ok(default), |v| {
-        NaiveDate::parse_from_str(v, "%Y-%m-%d").map_err(|_| {
+    let Some(v) = value else {
+        return Ok(default);
+    };
+    NaiveDate::parse_from_str(v, "%Y-%m-%d")
+        .ok()
+        .filter(|d| (1970..=9999).contains(&d.year()))
+        .ok_or_else(|| {
             ApiError::new(
                 ErrorCode::InvalidDate,
-                format!("`{field}` must be a date like 2026-01-31, got {v:?}"),
+                format!("`{field}` must be a date from 1970-01-01 to 9999-12-31 like 2026-01-31, got {v:?}"),
             )
         })
-    })
 }
 
-/// `GET /usage/`: the calling key's usage per day (seed 003 reported words per day), and its
-/// token budgets (and its user's, for seed 002 login tokens).
+/// `from`..`to` of a usage query: `to` defaults to today, `from` to `default_from(to)`; at
+/// most `max_days` apart.
+fn day_range(
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+    default_from: impl FnOnce(NaiveDate) -> Option<NaiveDate>,
+    max_days: i64,
+) -> ApiResult<(NaiveDate, NaiveDate)> {
+    let Query(query) = query.map_err(|e| ApiError::new(ErrorCode::InvalidQuery, e.body_text()))?;
+    let to = parse_day("to", query.to.as_deref(), now().date_naive())?;
+    let fallback = default_from(to).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::InvalidDate,
+            format!("`to` is out of range: {to}"),
+        )
+    })?;
+    let from = parse_day("from", query.from.as_deref(), fallback)?;
+    if from > to || (to - from).num_days() >= max_days {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRange,
+            format!("`from` must be on or before `to` and at most {max_days} days apart"),
+        ));
+    }
+    Ok((from, to))
+}
+
+/// `GET /usage/`, as seed 003 (djangollmapi) answered it: a list of `{"day", "total_words"}`,
+/// oldest first, one entry per day with requests, `day` being that day's midnight (UTC) and
+/// `total_words` the words of the texts the key sent that day. Optional `from`/`to` dates;
+/// by default every day since the key was created.
 #[tracing::instrument(skip_all, fields(api_key))]
-async fn usage(
+async fn seed_usage(
     State(ctx): State<AppContext>,
     Caller(key): Caller,
     query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
-    let Query(query) = query.map_err(|e| ApiError::new(ErrorCode::InvalidQuery, e.body_text()))?;
-    let today = now().date_naive();
-    let to = parse_day("to", query.to.as_deref(), today)?;
-    let from = parse_day("from", query.from.as_deref(), to - Duration::days(29))?;
-    if from > to || (to - from).num_days() >= MAX_DAYS {
-        return Err(ApiError::new(
-            ErrorCode::InvalidRange,
-            format!("`from` must be on or before `to` and at most {MAX_DAYS} days apart"),
-        ));
-    }
+    let created = key.created_at.date_naive();
+    let (from, to) = day_range(query, |to| Some(created.min(to)), SEED_MAX_DAYS)?;
+    let days: Vec<_> = usage_records::daily_input_words(&ctx.db, key.id, from, to)
+        .await?
+        .into_iter()
+        .map(|d| {
+            json!({
+                "day": format!("{}T00:00:00Z", d.day.format("%Y-%m-%d")),
+                "total_words": d.total_words,
+            })
+        })
+        .collect();
+    Ok(Json(days).into_response())
+}
+
+/// `GET /api/usage`: the calling key's usage per day (requests, prompt and generated tokens,
+/// output words) over `from`..`to` (default: the last 30 days), its counters and token budgets
+/// (and its user's, for seed 002 login tokens).
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn usage_report(
+    State(ctx): State<AppContext>,
+    Caller(key): Caller,
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let (from, to) = day_range(
+        query,
+        |to| to.checked_sub_signed(Duration::days(29)),
+        MAX_DAYS,
+    )?;
     let days = usage_records::daily(&ctx.db, key.id, from, to).await?;
     let user = match key.user_id {
         Some(id) => users::Model::find(&ctx.db, id).await?.map(|u| {
@@ -241,10 +299,11 @@ pub fn routes() -> Routes {
     Routes::new()
         // Trailing-slash forms (`/api/`, seed 003's URL) reach these through
         // `app::into_service`, which trims the slash before routing.
-        .add("/api", axum::routing::post(generate))
+        .add("/api", axum::routing::get(use_post).post(generate))
         .add("/analyze", axum::routing::post(generate))
         .add("/api/jobs", axum::routing::post(submit_job))
         .add("/api/jobs/{id}", axum::routing::get(job_status))
         .add("/api/jobs/{id}/events", axum::routing::get(job_events))
-        .add("/usage", axum::routing::get(usage))
+        .add("/usage", axum::routing::get(seed_usage))
+        .add("/api/usage", axum::routing::get(usage_report))
 }

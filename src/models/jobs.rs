@@ -37,7 +37,10 @@ pub struct JobOutput {
     pub prompt_tokens: u32,
     pub generated_tokens: u32,
     pub finish_reason: Option<&'static str>,
+    /// Words of the output text.
     pub words: usize,
+    /// Words of the request's input text (seed 003's `/usage/` counts these).
+    pub input_words: usize,
 }
 
 impl From<&Generation> for JobOutput {
@@ -48,6 +51,7 @@ impl From<&Generation> for JobOutput {
             generated_tokens: g.generated_tokens,
             finish_reason: Some(g.finish_reason.as_str()),
             words: count_words(&g.text),
+            input_words: 0,
         }
     }
 }
@@ -62,6 +66,7 @@ impl JobOutput {
             generated_tokens: 0,
             finish_reason: None,
             words: 0,
+            input_words: 0,
         })
     }
 }
@@ -362,6 +367,7 @@ pub async fn complete(
         prompt_tokens: Set(job.prompt_tokens),
         generated_tokens: Set(job.generated_tokens),
         words: Set(i32::try_from(output.words).unwrap_or(i32::MAX)),
+        input_words: Set(i32::try_from(output.input_words).unwrap_or(i32::MAX)),
         created_at: Set(ts),
         updated_at: Set(ts),
         ..Default::default()

@@ -53,3 +53,44 @@ pub async fn daily<C: ConnectionTrait>(
         .all(db)
         .await?)
 }
+
+/// One day of seed 003's `/usage/`: words the key's requests sent that day.
+#[derive(Debug, Clone, Serialize, FromQueryResult, PartialEq, Eq)]
+pub struct DailyWords {
+    pub day: Date,
+    pub total_words: i64,
+}
+
+/// Words of each day's request inputs for a key between `from` and `to` (inclusive), oldest
+/// first; days without requests are left out, as seed 003 did.
+///
+/// # Errors
+/// On database errors.
+pub async fn daily_input_words<C: ConnectionTrait>(
+    db: &C,
+    api_key_id: i32,
+    from: Date,
+    to: Date,
+) -> Result<Vec<DailyWords>, ModelError> {
+    use sea_orm::sea_query::{Expr, Func};
+    let total: Expr = Func::cast_as(
+        Func::coalesce([
+            Expr::from(Func::sum(Expr::col(Column::InputWords))),
+            Expr::val(0),
+        ]),
+        sea_orm::sea_query::Alias::new("BIGINT"),
+    )
+    .into();
+    Ok(Entity::find()
+        .select_only()
+        .column(Column::Day)
+        .column_as(total, "total_words")
+        .filter(Column::ApiKeyId.eq(api_key_id))
+        .filter(Column::Day.gte(from))
+        .filter(Column::Day.lte(to))
+        .group_by(Column::Day)
+        .order_by_asc(Column::Day)
+        .into_model::<DailyWords>()
+        .all(db)
+        .await?)
+}

@@ -146,6 +146,7 @@ impl GenerationWorker {
         }
         self.stats.started(&job.job_id);
         let started = std::time::Instant::now();
+        let input_words = job.work.input_words();
         let result = match job.work {
             Work::Generate(request) => {
                 let lane = crate::engine::Lane::new(i64::from(job.api_key_id), job.priority);
@@ -154,7 +155,11 @@ impl GenerationWorker {
             Work::Embed(request) => self.algorithm.embed(request).await.and_then(|e| {
                 JobOutput::embeddings(&e).map_err(|e| EngineError::Embedding(e.to_string()))
             }),
-        };
+        }
+        .map(|output| JobOutput {
+            input_words,
+            ..output
+        });
         let elapsed = started.elapsed().as_secs_f64();
         let tokens_per_second = match &result {
             Ok(o) if o.generated_tokens > 0 && elapsed > 0.0 => {

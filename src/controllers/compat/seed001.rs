@@ -28,6 +28,7 @@ use crate::{
 
 /// Seed 001's documented defaults.
 const DEFAULT_TEMPERATURE: f64 = 0.2;
+const DEFAULT_TOKENS_LIMIT: i64 = 8096;
 const MAX_JOB_ID_LEN: usize = 128;
 
 #[derive(Debug, Default, Deserialize)]
@@ -114,8 +115,8 @@ impl Meta {
     /// takes them.
     fn into_input(self, head: TopHead, prompt: Prompt) -> ApiResult<GenerationInput> {
         // The seed's default `tokens_limit` (8096) exceeds most contexts: a limit above this
-        // server's maximum is clamped to it by admission rather than refused, so unchanged
-        // clients keep working.
+        // server's maximum, or above the room the prompt leaves in the context, is cut by
+        // admission rather than refused, so unchanged clients keep working.
         if let Some(n) = self.tokens_limit.filter(|n| *n < 1) {
             return Err(ApiError::new(
                 ErrorCode::InvalidTokensLimit,
@@ -125,7 +126,8 @@ impl Meta {
         Ok(GenerationInput {
             prompt,
             sampling: SamplingInput {
-                max_tokens: self.tokens_limit,
+                // Absent: the seed's documented default, cut to what the context has room for.
+                max_tokens: Some(self.tokens_limit.unwrap_or(DEFAULT_TOKENS_LIMIT)),
                 temperature: Some(self.temperature.unwrap_or(DEFAULT_TEMPERATURE)),
                 top_p: None,
                 seed: None,
@@ -174,8 +176,17 @@ async fn run(
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(ctx)?;
     let job_ref = client_ref(job_id)?;
-    let ticket = Ticket::wait(endpoint).client_ref(job_ref.clone());
-    let admitted = services.admission.admit(key, input?, ticket).await?;
+    let input = input?;
+    // The same `job_id` is the same job only for the same route and body (a client's retry);
+    // reused with another request (the seed's own two examples both say "12345") it is a new
+    // job. The stored reference carries a digest of what was asked.
+    let stored_ref = job_ref.as_ref().map(|id| {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(format!("{endpoint}\n{input:?}").as_bytes());
+        format!("{id}#{}", &hex::encode(digest)[..16])
+    });
+    let ticket = Ticket::wait(endpoint).client_ref(stored_ref);
+    let admitted = services.admission.admit(key, input, ticket).await?;
     answer(admitted, |job| {
         json!({
             "content": job.result.clone().unwrap_or_default(),

@@ -17,6 +17,7 @@ pub struct Model {
     pub prompt_tokens: i32,
     pub generated_tokens: i32,
     pub words: i32,
+    pub input_words: i32,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

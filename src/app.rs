@@ -205,6 +205,7 @@ impl Hooks for App {
     fn register_tasks(tasks: &mut Tasks) {
         tasks.register(tasks::admin_create::AdminCreate);
         tasks.register(tasks::key_create::KeyCreate);
+        tasks.register(tasks::key_import::KeyImport);
         tasks.register(tasks::key_list::KeyList);
         tasks.register(tasks::key_revoke::KeyRevoke);
         tasks.register(tasks::user_create::UserCreate);

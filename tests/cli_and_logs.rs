@@ -246,3 +246,71 @@ fn tail(path: &std::path::Path, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+#[tokio::test]
+async fn djangollmapi_keys_are_imported_by_hash_and_keep_working() {
+    // Two keys as djangollmapi stores them (40 hex characters), exported with a header.
+    let old = "66cc3a57c348b6b4947bac1a05916a1dcec060c3";
+    let dir = common::scratch_dir("import");
+    let file = dir.join("keys.csv");
+    std::fs::write(
+        &file,
+        format!(
+            "key,email,first_name,last_name,organization,n_allowed_requests,n_requests,start_date,end_date\n\
+             {old},ada@example.com,Ada,Lovelace,ACME,100,7,2024-01-01,2099-12-31\n\
+             0123456789abcdef0123456789abcdef01234567,bob@example.com,,,,,,,\n"
+        ),
+    )
+    .expect("write keys");
+    let (ok, out) = task(&dir, &["key:import", &format!("file={}", file.display())]);
+    assert!(ok, "{out}");
+    assert!(out.contains("imported 2 keys"), "{out}");
+    assert!(!out.contains(old), "the task printed a secret: {out}");
+    // Importing again stores nothing more (and says why).
+    let (ok, out) = task(&dir, &["key:import", &format!("file={}", file.display())]);
+    assert!(!ok, "a second import must fail: {out}");
+    let (ok, list) = task(&dir, &["key:list"]);
+    assert!(
+        ok && list.contains("66cc3a57") && list.contains("ada@example.com"),
+        "{list}"
+    );
+    let stored = std::fs::read(dir.join("tollgate.sqlite")).expect("database file");
+    assert!(
+        !stored.windows(old.len()).any(|w| w == old.as_bytes()),
+        "the plaintext key reached the database"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // An imported key authenticates, keeps its counters and its limits.
+    let app = common::TestApp::spawn_scripted(|_| {}).await;
+    tollgate::models::api_keys::ActiveModel::import(
+        &app.ctx.db,
+        tollgate::models::api_keys::KeyParams {
+            email: "ada@example.com".into(),
+            max_calls: Some(8),
+            ..Default::default()
+        },
+        old,
+        7,
+    )
+    .await
+    .expect("import");
+    let resp = app
+        .http
+        .post(app.url("/api/"))
+        .header("Authorization", format!("Bearer {old}"))
+        .json(&json!({"text": "Is this real?"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 200);
+    let resp = app
+        .http
+        .post(app.url("/api/"))
+        .header("Authorization", format!("Bearer {old}"))
+        .json(&json!({"text": "Is this real?"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 429, "7 used + 1 = the 8 allowed");
+}

@@ -335,6 +335,53 @@ impl ActiveModel {
         db: &C,
         params: KeyParams,
     ) -> Result<IssuedKey, ModelError> {
+        let (prefix, secret) = new_secret();
+        let key = Self::store(db, params, prefix, &secret, 0).await?;
+        Ok(IssuedKey { key, secret })
+    }
+
+    /// Brings over a key issued by another system (djangollmapi's 40-hex-character keys), so
+    /// its clients keep working: only the secret's hash is stored. Its public prefix is the
+    /// secret's first 8 characters (another random one when those are taken), and its
+    /// `calls_used` carries over.
+    ///
+    /// # Errors
+    /// `Invalid` for a secret that is too short, too long or holds spaces, one already stored,
+    /// or bad parameters; or a database error.
+    pub async fn import<C: ConnectionTrait>(
+        db: &C,
+        params: KeyParams,
+        secret: &str,
+        calls_used: i64,
+    ) -> Result<Model, ModelError> {
+        if !(16..=256).contains(&secret.len()) || !secret.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(ModelError::Invalid(
+                "a key to import must be 16 to 256 printable characters without spaces".into(),
+            ));
+        }
+        if calls_used < 0 {
+            return Err(ModelError::Invalid("calls used must be 0 or more".into()));
+        }
+        if Model::find_by_secret(db, secret).await?.is_some() {
+            return Err(ModelError::Invalid(
+                "this key is already stored (imported or issued before)".into(),
+            ));
+        }
+        let mut prefix: String = secret.chars().take(8).collect();
+        if Model::find_by_prefix(db, &prefix).await?.is_some() {
+            prefix = new_secret().0;
+        }
+        Self::store(db, params, prefix, secret, calls_used).await
+    }
+
+    /// Checks `params` and stores a key row holding only `secret`'s hash.
+    async fn store<C: ConnectionTrait>(
+        db: &C,
+        params: KeyParams,
+        prefix: String,
+        secret: &str,
+        calls_used: i64,
+    ) -> Result<Model, ModelError> {
         let email = params.email.trim().to_lowercase();
         if !email.contains('@') {
             return Err(ModelError::Invalid(format!(
@@ -360,9 +407,8 @@ impl ActiveModel {
         }
         checked_priority(params.priority)?;
         let name = checked_name(&params, &email)?;
-        let (prefix, secret) = new_secret();
         let ts = now();
-        let key = Self {
+        Ok(Self {
             name: Set(name),
             email: Set(email),
             organization: Set(params
@@ -370,9 +416,9 @@ impl ActiveModel {
                 .map(|o| o.trim().to_string())
                 .filter(|o| !o.is_empty())),
             prefix: Set(prefix),
-            secret_hash: Set(hash_secret(&secret)),
+            secret_hash: Set(hash_secret(secret)),
             max_calls: Set(params.max_calls),
-            calls_used: Set(0),
+            calls_used: Set(calls_used),
             valid_from: Set(params.valid_from),
             valid_until: Set(params.valid_until),
             revoked_at: Set(None),
@@ -393,8 +439,7 @@ impl ActiveModel {
             ..Default::default()
         }
         .insert(db)
-        .await?;
-        Ok(IssuedKey { key, secret })
+        .await?)
     }
 
     /// Revokes the key with this prefix; revoking twice keeps the first time.

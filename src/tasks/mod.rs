@@ -2,6 +2,7 @@
 
 pub mod admin_create;
 pub mod key_create;
+pub mod key_import;
 pub mod key_list;
 pub mod key_revoke;
 pub mod user_create;

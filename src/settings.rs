@@ -20,6 +20,10 @@ pub struct Settings {
     pub policy: PolicySettings,
     #[serde(default)]
     pub auth: AuthSettings,
+    /// Names clients send for a model (a Hugging Face id such as `meta-llama/Llama-3.1-8B`)
+    /// → the model id served here, or a GGUF file in the models folder to load under it.
+    #[serde(default)]
+    pub aliases: std::collections::BTreeMap<String, String>,
 }
 
 /// Seed 002's username/password logins (`POST /token`).

@@ -331,3 +331,67 @@ async fn seed_002_engine_start_and_terminate_load_and_unload() {
         .await;
     assert_eq!(status, 403);
 }
+
+#[tokio::test]
+async fn hugging_face_names_reach_the_models_their_aliases_name() {
+    let app = TestApp::spawn_scripted(|s| {
+        s["aliases"] = json!({
+            "meta-llama/Llama-2-7b-chat-hf": "smollm2",
+            "TinyLlama/TinyLlama-1.1B-Chat-v1.0": MODEL_FILE,
+        });
+    })
+    .await;
+    let admin = app.admin_key().await;
+    let key = app.key_with_calls(None).await;
+    // Seed 002's flow with Hugging Face names: start an engine, then infer on it by that name.
+    let (status, body) = app
+        .post(
+            Some(&admin),
+            "/vllm_request/start",
+            json!({"HUGGING_FACE_HUB_TOKEN": "hf_x", "Model": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["container_id"], "SmolLM2-135M-Instruct.Q4_1");
+    for model in [
+        "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        "meta-llama/Llama-2-7b-chat-hf",
+    ] {
+        let (status, body) = app
+            .post(
+                Some(&key),
+                "/llm_request",
+                json!({"model": model, "inference_endpoint": "http://old-vllm:8000/v1", "prompt": "Hi"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{model}: {body}");
+        let (status, body) = app
+            .post(
+                Some(&key),
+                "/v1/chat/completions",
+                json!({"model": model, "messages": [{"role": "user", "content": "Hi"}]}),
+            )
+            .await;
+        assert_eq!(status, 200, "{model}: {body}");
+    }
+    // The default model's alias starts nothing new.
+    let (status, body) = app
+        .post(
+            Some(&admin),
+            "/vllm_request/start",
+            json!({"Model": "meta-llama/Llama-2-7b-chat-hf"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["container_id"], "smollm2");
+    // A name without an alias is still unknown, naming what is served.
+    let (status, body) = app
+        .post(
+            Some(&key),
+            "/llm_request",
+            json!({"model": "mistralai/Mistral-7B", "inference_endpoint": "x", "prompt": "Hi"}),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(code(&body), "model_not_found");
+}

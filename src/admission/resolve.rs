@@ -82,11 +82,13 @@ pub async fn resolve(
     choice: ModelChoice,
 ) -> Result<Resolved, ApiError> {
     let served = models.default_name().to_string();
-    let named = choice
+    // A name clients send for a model (a Hugging Face id) stands for the id it aliases.
+    let canonical = choice
         .model
         .as_deref()
-        .map(str::trim)
+        .map(|m| models.canonical(m))
         .filter(|m| !m.is_empty());
+    let named = canonical.as_deref();
     // A model loaded at run time (seed 004), or held only by worker processes elsewhere
     // (production: one model per GPU), is served as-is; LoRA heads attach to the default
     // model only.

@@ -29,6 +29,23 @@ use crate::{
 /// deployment serving more models than this reopens the least used ones.
 const MAX_REMOTE_QUEUES: usize = 64;
 
+/// A model id from a GGUF file name: its stem, with anything unusual replaced.
+#[must_use]
+pub fn model_id_for_file(file: &str) -> String {
+    let stem = file.trim().trim_end_matches(".gguf");
+    let stem = stem.rsplit('/').next().unwrap_or(stem);
+    stem.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect()
+}
+
 /// Sampling defaults a configuration's `model_kwargs` may set for its model.
 #[derive(Debug, Clone, Default)]
 pub struct InferenceDefaults {
@@ -176,6 +193,23 @@ impl ModelRegistry {
     #[must_use]
     pub fn n_embd(&self) -> u32 {
         self.tokenizer.n_embd()
+    }
+
+    /// The model id a client's model name stands for: an alias from `settings.aliases`
+    /// (to a served id, or to a GGUF file, whose id is its stem), else the name itself.
+    #[must_use]
+    pub fn canonical(&self, name: &str) -> String {
+        match self.settings.aliases.get(name.trim()) {
+            Some(target) if target.ends_with(".gguf") => model_id_for_file(target),
+            Some(target) => target.clone(),
+            None => name.trim().to_string(),
+        }
+    }
+
+    /// The alias `name` has in `settings.aliases`, if any.
+    #[must_use]
+    pub fn alias(&self, name: &str) -> Option<&str> {
+        self.settings.aliases.get(name.trim()).map(String::as_str)
     }
 
     /// A model loaded at run time in this process.

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Map};
 
 use super::seed004::create_config;
+use crate::serving::model_id_for_file;
 use crate::{
     admission::{GenerationInput, Memory, ModelChoice, SamplingInput, Ticket},
     controllers::respond::{answer, usage_json},
@@ -381,22 +382,6 @@ pub fn openai_base_url(headers: &HeaderMap) -> String {
     format!("{scheme}://{host}/v1")
 }
 
-/// A model id from a file name: its stem, with anything unusual replaced.
-fn model_id_for(file: &str) -> String {
-    let stem = file.trim().trim_end_matches(".gguf");
-    let stem = stem.rsplit('/').next().unwrap_or(stem);
-    stem.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect()
-}
-
 #[tracing::instrument(skip_all, fields(api_key))]
 async fn vllm_start(
     State(ctx): State<AppContext>,
@@ -407,10 +392,13 @@ async fn vllm_start(
     let services = Services::from_ctx(&ctx)?;
     let JsonBody(body) = body?;
     let default = services.models.default_name().to_string();
-    let model_id = if body.Model.trim() == default {
+    // Seed 002 names Hugging Face models; `settings.aliases` says what each is here.
+    let asked = body.Model.trim();
+    let file = services.models.alias(asked).unwrap_or(asked).to_string();
+    let model_id = if services.models.canonical(asked) == default || file == default {
         default.clone()
     } else {
-        model_id_for(&body.Model)
+        model_id_for_file(&file)
     };
     let message = if model_id == default {
         "the default model is always running".to_string()
@@ -426,7 +414,7 @@ async fn vllm_start(
             &ctx.db,
             NewConfig {
                 model_id: model_id.clone(),
-                model_name: body.Model.trim().to_string(),
+                model_name: file.clone(),
                 model_type: "vllm_request".into(),
                 model_kwargs: kwargs,
             },

@@ -168,6 +168,7 @@ impl Hooks for App {
             .add_route(controllers::compat::seed004::routes())
             .add_route(controllers::admin::adapters::routes())
             .add_route(controllers::admin::ops::routes())
+            .add_route(controllers::admin::users::routes())
             .add_route(controllers::dashboard::routes())
     }
 
@@ -209,6 +210,8 @@ impl Hooks for App {
         tasks.register(tasks::key_list::KeyList);
         tasks.register(tasks::key_revoke::KeyRevoke);
         tasks.register(tasks::user_create::UserCreate);
+        tasks.register(tasks::user_update::UserUpdate);
+        tasks.register(tasks::user_update::UserDelete);
         tasks.register(tasks::worker::Worker);
     }
 

@@ -77,6 +77,7 @@ error_codes! {
     JobNotFound = "job_not_found" => NOT_FOUND,
     ConfigNotFound = "config_not_found" => NOT_FOUND,
     ModelNotLoaded = "model_not_loaded" => NOT_FOUND,
+    UserNotFound = "user_not_found" => NOT_FOUND,
     EmbeddingsDisabled = "embeddings_disabled" => NOT_FOUND,
     // 409: conflicts with the current state.
     UserExists = "user_exists" => CONFLICT,

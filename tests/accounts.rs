@@ -5,6 +5,8 @@ mod common;
 
 use std::sync::Arc;
 
+use reqwest::Method;
+
 use common::{code, key_of, merge, read, retry_after, FailingEngine, TestApp, TestKey};
 use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::{json, Value};
@@ -993,4 +995,130 @@ async fn the_cli_tasks_set_token_budgets_and_create_users() {
     assert_eq!(status, 200, "{body}");
     let token = key_of(&app, body["access_token"].as_str().expect("token")).await;
     assert_eq!(app.key_row(&token).await.scope, "admin");
+
+    // user:update and user:delete make the admin API's changes from the shell.
+    run(
+        "user:update",
+        &[
+            ("username", "boss"),
+            ("enabled", "false"),
+            ("gen_tokens", "none"),
+        ],
+    )
+    .await
+    .expect("user:update");
+    let boss = user(&app, "boss").await;
+    assert_eq!((boss.enabled, boss.gen_token_limit), (false, None));
+    let (status, body) = app.get(Some(&token), "/api/workers").await;
+    assert_eq!((status, code(&body)), (403, "user_disabled"));
+    assert!(
+        run("user:update", &[("username", "boss"), ("enabled", "maybe")])
+            .await
+            .is_err(),
+        "a bad flag is refused"
+    );
+    run("user:delete", &[("username", "boss")])
+        .await
+        .expect("user:delete");
+    let (status, body) = app.get(Some(&token), "/api/workers").await;
+    assert_eq!((status, code(&body)), (401, "key_revoked"));
+}
+
+#[tokio::test]
+async fn admins_disable_change_reset_and_delete_users_and_their_tokens_follow() {
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let admin = app.admin_key().await;
+    let token = user_token(
+        &app,
+        &admin,
+        "frank",
+        json!({"gen_token_limit": 500, "gen_token_number": 40}),
+    )
+    .await;
+    let (status, _) = app.get(Some(&token), "/v1/models").await;
+    assert_eq!(status, 200);
+
+    // Disabled: every token of the user stops at once, on every route.
+    let (status, body) = app
+        .send(
+            Method::PATCH,
+            Some(&admin),
+            "/api/users/frank",
+            Some(&json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["enabled"], false);
+    for path in ["/v1/models", "/api/jobs/none"] {
+        let (status, body) = app.get(Some(&token), path).await;
+        assert_eq!((status, code(&body)), (403, "user_disabled"), "{path}");
+    }
+    let (status, body) = login(&app, "frank", PASSWORD).await;
+    assert_eq!((status, code(&body)), (403, "user_disabled"));
+
+    // Enabled again, with new limits and a new password; counters reset.
+    let (status, body) = app
+        .send(
+            Method::PATCH,
+            Some(&admin),
+            "/api/users/frank",
+            Some(
+                &json!({"enabled": true, "gen_token_limit": null, "prompt_token_limit": 900,
+                         "password": "a brand new password"}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (
+            body["gen_token_limit"].clone(),
+            body["prompt_token_limit"].clone()
+        ),
+        (Value::Null, json!(900))
+    );
+    let (status, _) = app.get(Some(&token), "/v1/models").await;
+    assert_eq!(status, 200);
+    let (status, _) = login(&app, "frank", PASSWORD).await;
+    assert_eq!(status, 401, "the old password no longer works");
+    let (status, body) = app.post_empty(Some(&admin), "/api/users/frank/reset").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["gen_token_number"], 0);
+    let (status, list) = app.get(Some(&admin), "/api/users").await;
+    assert_eq!(status, 200);
+    assert_eq!(list["data"][0]["username"], "frank");
+    assert!(
+        !list.to_string().contains("argon2"),
+        "no password hash is shown"
+    );
+
+    // Bad changes change nothing.
+    for bad in [
+        json!({"gen_token_limit": -1}),
+        json!({"role": "root"}),
+        json!({"color": "red"}),
+    ] {
+        let (status, body) = app
+            .send(Method::PATCH, Some(&admin), "/api/users/frank", Some(&bad))
+            .await;
+        assert_eq!(status, 422, "{bad}: {body}");
+    }
+    let (status, body) = app
+        .send(
+            Method::PATCH,
+            Some(&admin),
+            "/api/users/nobody",
+            Some(&json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!((status, code(&body)), (404, "user_not_found"));
+
+    // Deleted: its tokens are revoked.
+    let (status, body) = app.delete(Some(&admin), "/api/users/frank").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = app.get(Some(&token), "/v1/models").await;
+    assert_eq!((status, code(&body)), (401, "key_revoked"));
+    assert!(users::Model::find_by_username(&app.ctx.db, "frank")
+        .await
+        .expect("db")
+        .is_none());
 }

@@ -69,9 +69,26 @@ fn class_of(method: &Method, uri: &str) -> Option<Class> {
             | "/llm/inference"
             | "/llm_request",
         ) => Metered,
-        ("POST", "/attach-head" | "/api/adapters" | "/db_request/add_user")
-        | ("GET", "/api/adapters" | "/api/adapters/{name}" | "/api/workers")
-        | ("DELETE", "/api/adapters/{name}" | "/llm/configuration/{config_id}")
+        (
+            "POST",
+            "/attach-head"
+            | "/api/adapters"
+            | "/db_request/add_user"
+            | "/api/users/{username}/reset",
+        )
+        | (
+            "GET",
+            "/api/adapters"
+            | "/api/adapters/{name}"
+            | "/api/workers"
+            | "/api/users"
+            | "/api/users/{username}",
+        )
+        | ("PATCH", "/api/users/{username}")
+        | (
+            "DELETE",
+            "/api/adapters/{name}" | "/llm/configuration/{config_id}" | "/api/users/{username}",
+        )
         | (
             "POST",
             "/llm/configure_model"

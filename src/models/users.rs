@@ -275,3 +275,120 @@ impl ActiveModel {
         Ok(am.update(db).await?)
     }
 }
+
+/// What an admin may change about a user; `None` leaves a field as it is (for a limit,
+/// `Some(None)` removes it).
+#[derive(Debug, Clone, Default)]
+pub struct UserChanges {
+    pub enabled: Option<bool>,
+    pub role: Option<Role>,
+    pub password: Option<String>,
+    pub prompt_token_limit: Option<Option<i64>>,
+    pub gen_token_limit: Option<Option<i64>>,
+    /// Sets both token counters back to zero.
+    pub reset_counters: bool,
+}
+
+impl ActiveModel {
+    /// Applies `changes` to a user. Disabling one stops every token it holds at once (the
+    /// caller extractor checks `enabled` on every request).
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown username, `Invalid` for a negative limit or a bad password,
+    /// or a database error.
+    pub async fn change<C: ConnectionTrait>(
+        db: &C,
+        username: &str,
+        changes: UserChanges,
+    ) -> Result<Model, ModelError> {
+        let user = Model::find_by_username(db, username)
+            .await?
+            .ok_or_else(|| ModelError::NotFound(format!("no user {username:?}")))?;
+        for (field, value) in [
+            ("prompt_token_limit", changes.prompt_token_limit.flatten()),
+            ("gen_token_limit", changes.gen_token_limit.flatten()),
+        ] {
+            if value.is_some_and(|v| v < 0) {
+                return Err(ModelError::Invalid(format!("{field} must be 0 or more")));
+            }
+        }
+        let hash = match changes.password {
+            Some(password) => {
+                let len = password.chars().count();
+                if !(MIN_PASSWORD_CHARS..=MAX_PASSWORD_CHARS).contains(&len) {
+                    return Err(ModelError::Invalid(format!(
+                        "password must be {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters"
+                    )));
+                }
+                Some(
+                    tokio::task::spawn_blocking(move || hash_password(&password))
+                        .await
+                        .map_err(|e| ModelError::Hash(e.to_string()))??,
+                )
+            }
+            None => None,
+        };
+        let mut am: Self = user.into();
+        if let Some(enabled) = changes.enabled {
+            am.enabled = Set(enabled);
+        }
+        if let Some(role) = changes.role {
+            am.role = Set(role.as_str().to_string());
+        }
+        if let Some(hash) = hash {
+            am.password_hash = Set(hash);
+        }
+        if let Some(limit) = changes.prompt_token_limit {
+            am.prompt_token_limit = Set(limit);
+        }
+        if let Some(limit) = changes.gen_token_limit {
+            am.gen_token_limit = Set(limit);
+        }
+        if changes.reset_counters {
+            am.prompt_tokens_used = Set(0);
+            am.gen_tokens_used = Set(0);
+        }
+        am.updated_at = Set(now());
+        Ok(am.update(db).await?)
+    }
+
+    /// Deletes a user: every token issued to it is revoked first (its jobs and usage stay, as
+    /// records), then the user and its stored conversations go.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown username, or a database error.
+    pub async fn remove<C: ConnectionTrait>(db: &C, username: &str) -> Result<Model, ModelError> {
+        use sea_orm::{sea_query::Expr, QueryFilter};
+        let user = Model::find_by_username(db, username)
+            .await?
+            .ok_or_else(|| ModelError::NotFound(format!("no user {username:?}")))?;
+        let ts = now();
+        super::_entities::api_keys::Entity::update_many()
+            .col_expr(
+                super::_entities::api_keys::Column::RevokedAt,
+                Expr::value(ts),
+            )
+            .col_expr(
+                super::_entities::api_keys::Column::UpdatedAt,
+                Expr::value(ts),
+            )
+            .filter(super::_entities::api_keys::Column::UserId.eq(user.id))
+            .filter(super::_entities::api_keys::Column::RevokedAt.is_null())
+            .exec(db)
+            .await?;
+        Entity::delete_by_id(user.id).exec(db).await?;
+        Ok(user)
+    }
+}
+
+/// Every user, by name.
+///
+/// # Errors
+/// On database errors.
+pub async fn list<C: ConnectionTrait>(db: &C) -> Result<Vec<Model>, ModelError> {
+    use sea_orm::QueryOrder;
+    Ok(Entity::find()
+        .order_by_asc(Column::Username)
+        .all(db)
+        .await?)
+}

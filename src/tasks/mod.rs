@@ -6,6 +6,7 @@ pub mod key_import;
 pub mod key_list;
 pub mod key_revoke;
 pub mod user_create;
+pub mod user_update;
 pub mod worker;
 
 use loco_rs::task::Vars;

@@ -100,3 +100,72 @@ async fn a_duplicate_delivery_of_a_done_job_is_not_generated_or_counted_twice() 
         .expect("db");
     assert_eq!(usage_rows, 1);
 }
+
+#[tokio::test]
+async fn a_job_running_on_a_live_worker_is_never_run_by_another_until_that_worker_is_gone() {
+    use sea_orm::{ActiveModelTrait, ActiveValue::Set, IntoActiveModel};
+    use tollgate::models::{_entities::workers as worker_rows, jobs, workers};
+
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let key = app.key_with_calls(Some(3)).await;
+    let job = queued_job(&app, &key).await;
+    let db = &app.ctx.db;
+    let bound = std::time::Duration::from_secs(15);
+    // Worker A took the job and heartbeats.
+    let claimed = jobs::mark_running(db, &job.job_id, "worker-a", bound)
+        .await
+        .expect("db");
+    assert!(claimed.is_some());
+    // Worker A heartbeats while a late delivery reaches worker B: B does not run it, charges
+    // nothing, and gives up after twice its bound; the job stays A's.
+    let beat = workers::Heartbeat {
+        id: "worker-a".into(),
+        host: "h".into(),
+        pid: 1,
+        device: "cpu".into(),
+        models: vec!["smollm2".into()],
+        adapters: vec![],
+        engine: tollgate::engine::EngineStatus::default(),
+        current_job: Some(job.job_id.clone()),
+        jobs_served: 0,
+        tokens_per_second: None,
+        started_at: tollgate::models::now(),
+    };
+    workers::heartbeat(db, &beat).await.expect("heartbeat");
+    let beating = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            loop {
+                workers::heartbeat(&db, &beat).await.expect("heartbeat");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let worker = common::worker_on(&app, Arc::new(FailingEngine), JobEvents::default())
+        .with_orphan_after(std::time::Duration::from_secs(1));
+    let outcome = worker.run_one(job.clone()).await.expect("run");
+    beating.abort();
+    assert!(matches!(outcome, Outcome::AlreadySettled), "{outcome:?}");
+    let row = app.jobs_of(&key).await.remove(0);
+    assert_eq!(
+        (row.status.as_str(), row.worker.as_deref(), row.attempts),
+        ("running", Some("worker-a"), 1)
+    );
+    // A stops heartbeating past the bound: B takes the job over.
+    let mut stale = worker_rows::Entity::find_by_id("worker-a".to_string())
+        .one(db)
+        .await
+        .expect("db")
+        .expect("row")
+        .into_active_model();
+    stale.heartbeat_at = Set(tollgate::models::now() - chrono::Duration::minutes(5));
+    stale.update(db).await.expect("age the heartbeat");
+    let outcome = worker.run_one(job).await.expect("run");
+    let Outcome::Failed(record) = outcome else {
+        panic!("the orphaned job should have been taken over, got {outcome:?}");
+    };
+    assert_eq!(
+        (record.attempts, record.worker.as_deref()),
+        (2, Some("test-worker"))
+    );
+}

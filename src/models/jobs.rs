@@ -300,7 +300,11 @@ impl ActiveModel {
     }
 }
 
-/// Claims a job for a worker. `None` when it is already finished (a duplicate delivery).
+/// Claims a job for `worker`, in one conditional UPDATE: a `queued` job, or a `running` one
+/// whose worker is gone (no live heartbeat within `gone_after`, stopped, or unknown) or is
+/// this worker itself (restarted under the same name). `None` when the job is finished or
+/// running on another live worker (a late or duplicate delivery): it is never run twice at
+/// once.
 ///
 /// # Errors
 /// On database errors.
@@ -308,8 +312,30 @@ pub async fn mark_running<C: ConnectionTrait>(
     db: &C,
     id: &str,
     worker: &str,
+    gone_after: std::time::Duration,
 ) -> Result<Option<Model>, ModelError> {
+    use sea_orm::{sea_query::Query, Condition};
+
+    use super::_entities::workers;
     let ts = now();
+    let live_since = ts - chrono::Duration::from_std(gone_after).unwrap_or(chrono::Duration::MAX);
+    let live_holder = Query::select()
+        .expr(Expr::val(1))
+        .from(workers::Entity)
+        .and_where(
+            Expr::col((workers::Entity, workers::Column::Id)).equals((Entity, Column::Worker)),
+        )
+        .and_where(Expr::col((workers::Entity, workers::Column::StoppedAt)).is_null())
+        .and_where(Expr::col((workers::Entity, workers::Column::HeartbeatAt)).gt(live_since))
+        .to_owned();
+    let claimable = Condition::any().add(Column::Status.eq(QUEUED)).add(
+        Condition::all().add(Column::Status.eq(RUNNING)).add(
+            Condition::any()
+                .add(Column::Worker.is_null())
+                .add(Column::Worker.eq(worker))
+                .add(Expr::exists(live_holder).not()),
+        ),
+    );
     let rows = Entity::update_many()
         .col_expr(Column::Status, Expr::value(RUNNING))
         .col_expr(Column::Attempts, Expr::col(Column::Attempts).add(1))
@@ -317,7 +343,7 @@ pub async fn mark_running<C: ConnectionTrait>(
         .col_expr(Column::StartedAt, Expr::value(ts))
         .col_expr(Column::UpdatedAt, Expr::value(ts))
         .filter(Column::Id.eq(id))
-        .filter(Column::Status.is_in([QUEUED, RUNNING]))
+        .filter(claimable)
         .exec_with_returning(db)
         .await?;
     Ok(rows.into_iter().next())

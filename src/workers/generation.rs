@@ -20,7 +20,8 @@ use crate::{
 pub enum Outcome {
     Done(jobs::Model),
     Failed(jobs::Model),
-    /// The job was already settled (a duplicate delivery): nothing was run or charged.
+    /// The job was already settled, or runs on another live worker (a late or duplicate
+    /// delivery): nothing was run or charged.
     AlreadySettled,
 }
 
@@ -31,6 +32,8 @@ pub struct GenerationWorker {
     name: String,
     /// Deliveries a job gets before it is failed; a worker killed mid-job costs one.
     max_attempts: i32,
+    /// How long a worker's heartbeat may be missing before its running job may be taken over.
+    orphan_after: std::time::Duration,
     stats: Arc<WorkerStats>,
 }
 
@@ -84,6 +87,7 @@ impl GenerationWorker {
             events,
             name,
             max_attempts: 3,
+            orphan_after: std::time::Duration::from_secs(15),
             stats: Arc::default(),
         }
     }
@@ -92,6 +96,14 @@ impl GenerationWorker {
     #[must_use]
     pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
         self.max_attempts = i32::try_from(max_attempts.max(1)).unwrap_or(i32::MAX);
+        self
+    }
+
+    /// How long a worker may miss heartbeats before a job it runs may be taken over
+    /// (`settings.queue`'s heartbeat bound).
+    #[must_use]
+    pub fn with_orphan_after(mut self, orphan_after: std::time::Duration) -> Self {
+        self.orphan_after = orphan_after;
         self
     }
 
@@ -114,11 +126,7 @@ impl GenerationWorker {
     /// Database errors; the queue then retries the delivery.
     #[tracing::instrument(skip(self, job), fields(job_id = %job.job_id, request_id = job.request_id.as_deref().unwrap_or("-"), worker = %self.name))]
     pub async fn run_one(&self, job: GenerationJob) -> Result<Outcome, ModelError> {
-        let Some(running) = jobs::mark_running(&self.db, &job.job_id, &self.name).await? else {
-            tracing::info!("job already settled; skipping duplicate delivery");
-            if let Some(record) = jobs::Model::find_any(&self.db, &job.job_id).await? {
-                self.events.publish(&record);
-            }
+        let Some(running) = self.claim(&job.job_id).await? else {
             return Ok(Outcome::AlreadySettled);
         };
         if running.attempts > self.max_attempts {
@@ -197,6 +205,35 @@ impl GenerationWorker {
 }
 
 impl GenerationWorker {
+    /// Claims the job, or `None` when it is settled or stays with another live worker.
+    ///
+    /// A delivery can arrive while the job's last worker still counts as live (the queue
+    /// hands a job back on its own clock, a heartbeat may land a moment later): the claim is
+    /// retried until that worker's heartbeat is past the bound, for at most twice the bound.
+    async fn claim(&self, job_id: &str) -> Result<Option<jobs::Model>, ModelError> {
+        let give_up = std::time::Instant::now() + self.orphan_after * 2;
+        loop {
+            if let Some(running) =
+                jobs::mark_running(&self.db, job_id, &self.name, self.orphan_after).await?
+            {
+                return Ok(Some(running));
+            }
+            let record = jobs::Model::find_any(&self.db, job_id).await?;
+            let finished = record.as_ref().is_none_or(jobs::Model::is_finished);
+            if finished || std::time::Instant::now() >= give_up {
+                tracing::info!(
+                    finished,
+                    "job settled or running on a live worker; skipping this delivery"
+                );
+                if let Some(record) = record.filter(jobs::Model::is_finished) {
+                    self.events.publish(&record);
+                }
+                return Ok(None);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    }
+
     /// Runs a generation, forwarding its text deltas to the job's stream subscribers.
     async fn generate(
         &self,

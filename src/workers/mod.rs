@@ -27,7 +27,8 @@ pub async fn serve_queue(
 ) -> (WorkerHandle, heartbeat::HeartbeatHandle) {
     let handler =
         generation::GenerationWorker::new(db.clone(), engine.clone(), events, name.to_string())
-            .with_max_attempts(settings.queue.max_attempts);
+            .with_max_attempts(settings.queue.max_attempts)
+            .with_orphan_after(settings.queue.orphan_after());
     let beat = heartbeat::start(
         db.clone(),
         heartbeat::Identity {

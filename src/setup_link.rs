@@ -45,10 +45,51 @@ impl SetupLinks {
         })
     }
 
-    /// The link is single use.
-    pub fn consume(&self) {
-        if let Ok(mut slot) = self.current.lock() {
-            *slot = None;
+    /// Takes the link if `token` is it and unexpired, in one step: of two requests racing
+    /// with it, only one gets it.
+    #[must_use]
+    pub fn take(&self, token: &str) -> Option<SetupClaim> {
+        let hash = hash_secret(token);
+        let mut slot = self.current.lock().ok()?;
+        match slot.as_ref() {
+            Some((h, until)) if *h == hash && Instant::now() < *until => {
+                slot.take().map(|(hash, until)| SetupClaim { hash, until })
+            }
+            _ => None,
         }
+    }
+
+    /// Puts a taken link back (its form needs another try), unless another link was issued
+    /// meanwhile.
+    pub fn give_back(&self, claim: SetupClaim) {
+        if let Ok(mut slot) = self.current.lock() {
+            if slot.is_none() {
+                *slot = Some((claim.hash, claim.until));
+            }
+        }
+    }
+}
+
+/// A setup link taken by one request.
+#[derive(Debug)]
+pub struct SetupClaim {
+    hash: String,
+    until: Instant,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SetupLinks;
+
+    #[test]
+    fn a_link_is_taken_once_and_can_be_given_back() {
+        let links = SetupLinks::new(std::time::Duration::from_secs(60));
+        let token = links.issue();
+        assert!(links.take("wrong").is_none());
+        let claim = links.take(&token).expect("first take");
+        assert!(links.take(&token).is_none(), "taken once");
+        assert!(!links.is_valid(&token));
+        links.give_back(claim);
+        assert!(links.is_valid(&token), "given back for another try");
     }
 }

@@ -53,11 +53,25 @@ impl<'a> Browser<'a> {
         req.form(fields).send().await.expect("post")
     }
 
-    /// Submits the sign-in form, never with a session cookie.
+    /// Opens the sign-in page and submits its form (with the page's CSRF cookie and field),
+    /// never with a session cookie.
     async fn sign_in(&self, email: &str, password: &str) -> Response {
-        let fields = [("email", email), ("password", password)];
+        let page = self
+            .http
+            .get(self.app.url("/admin/login"))
+            .send()
+            .await
+            .expect("get");
+        let set = common::header(&page, header::SET_COOKIE.as_str()).expect("login cookie");
+        let login_cookie = set.split(';').next().expect("cookie").to_string();
+        let csrf = csrf_of(&page.text().await.expect("page"));
+        let fields = [("email", email), ("password", password), ("csrf", &csrf)];
         let req = self.http.post(self.app.url("/admin/login"));
-        req.form(&fields).send().await.expect("post")
+        req.header(header::COOKIE, login_cookie)
+            .form(&fields)
+            .send()
+            .await
+            .expect("post")
     }
 
     /// Creates the admin `root@example.com` and signs in as them.
@@ -377,6 +391,88 @@ async fn from_an_empty_database_to_a_working_key_in_the_browser() {
         .expect("css");
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(resp.text().await.expect("css").contains(".bar"));
+}
+
+#[tokio::test]
+async fn a_sign_in_posted_without_the_forms_token_is_refused() {
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    tollgate::models::admins::ActiveModel::create(
+        &app.ctx.db,
+        "root@example.com",
+        "long-enough-pw",
+    )
+    .await
+    .expect("admin");
+    let b = Browser::new(&app);
+    // Another site's form: the right credentials, no token, no cookie.
+    let resp = b
+        .http
+        .post(app.url("/admin/login"))
+        .form(&[
+            ("email", "root@example.com"),
+            ("password", "long-enough-pw"),
+        ])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert!(
+        common::header(&resp, header::SET_COOKIE.as_str()).is_none(),
+        "no session"
+    );
+    // A token that is not the cookie's.
+    let resp = b
+        .http
+        .post(app.url("/admin/login"))
+        .header(header::COOKIE, "tg_login=aaaa")
+        .form(&[
+            ("email", "root@example.com"),
+            ("password", "long-enough-pw"),
+            ("csrf", "bbbb"),
+        ])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    // The page's own form signs in.
+    let resp = b.sign_in("root@example.com", "long-enough-pw").await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+}
+
+#[tokio::test]
+async fn two_setup_posts_racing_with_one_link_create_one_admin() {
+    use sea_orm::{EntityTrait, PaginatorTrait};
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let token = tollgate::services::Services::from_ctx(&app.ctx)
+        .expect("services")
+        .setup
+        .issue();
+    let mut posts = Vec::new();
+    for i in 0..8 {
+        let (http, url, token) = (app.http.clone(), app.url("/admin/setup"), token.clone());
+        posts.push(tokio::spawn(async move {
+            let email = format!("admin{i}@example.com");
+            http.post(url)
+                .form(&[
+                    ("token", token.as_str()),
+                    ("email", email.as_str()),
+                    ("password", "long-enough-pw"),
+                    ("password2", "long-enough-pw"),
+                ])
+                .send()
+                .await
+                .expect("post")
+                .status()
+        }));
+    }
+    for p in posts {
+        p.await.expect("task");
+    }
+    let admins = tollgate::models::_entities::admins::Entity::find()
+        .count(&app.ctx.db)
+        .await
+        .expect("count");
+    assert_eq!(admins, 1, "one setup link, one admin");
 }
 
 #[tokio::test]

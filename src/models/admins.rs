@@ -38,7 +38,7 @@ impl Model {
             .await?)
     }
 
-    /// True when `password` matches the stored argon2 hash.
+    /// True when `password` matches the stored argon2 hash. (Blocking: argon2 on purpose.)
     #[must_use]
     pub fn verify_password(&self, password: &str) -> bool {
         PasswordHash::new(&self.password_hash).is_ok_and(|parsed| {
@@ -46,6 +46,18 @@ impl Model {
                 .verify_password(password.as_bytes(), &parsed)
                 .is_ok()
         })
+    }
+}
+
+/// Runs the same argon2 check as a real sign-in against a decoy hash, so an unknown email
+/// costs what a wrong password does.
+pub fn verify_decoy(password: &str) {
+    use std::sync::OnceLock;
+    static DECOY: OnceLock<String> = OnceLock::new();
+    let hash =
+        DECOY.get_or_init(|| hash_password("decoy password, never matches").unwrap_or_default());
+    if let Ok(parsed) = PasswordHash::new(hash) {
+        let _ = Argon2::default().verify_password(password.as_bytes(), &parsed);
     }
 }
 

@@ -100,14 +100,18 @@ fn see_other(to: &str) -> Response {
 
 /// The session cookie's token, from the `Cookie` header.
 fn cookie_token(parts: &Parts) -> Option<String> {
-    parts
-        .headers
+    cookie(&parts.headers, COOKIE)
+}
+
+/// The value of cookie `name` in a request's headers, if set and not empty.
+fn cookie(headers: &axum::http::HeaderMap, name: &str) -> Option<String> {
+    headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .find(|(n, _)| *n == name)
         .map(|(_, value)| value.to_string())
         .filter(|v| !v.is_empty())
 }

@@ -2,8 +2,8 @@
 
 use axum::{
     extract::{Query, State},
-    http::{header, HeaderValue, StatusCode},
-    response::{IntoResponse, Response},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
+    response::{Html, IntoResponse, Response},
     Form,
 };
 use loco_rs::{
@@ -12,7 +12,9 @@ use loco_rs::{
 };
 use serde_json::json;
 
-use super::{internal, render, see_other, AdminForm, Fields, PageResult, COOKIE};
+use super::{
+    constant_time_eq, cookie, internal, render, see_other, AdminForm, Fields, PageResult, COOKIE,
+};
 use crate::{
     models::{admin_sessions, admins},
     services::Services,
@@ -44,16 +46,44 @@ async fn start_session(ctx: &AppContext, services: &Services, admin_id: i32) -> 
     Ok(resp)
 }
 
+/// The sign-in form's CSRF cookie: a sign-in posted from another site (which would sign the
+/// victim in as the attacker) carries neither this SameSite=Strict cookie nor its value.
+const LOGIN_COOKIE: &str = "tg_login";
+
+/// The sign-in page, with a fresh CSRF token in a cookie and in the form (double submit).
+fn login_form(v: &TeraView, status: StatusCode, data: serde_json::Value) -> PageResult {
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    let mut data = data;
+    data["csrf"] = json!(token);
+    let mut resp = render(v, status, "dashboard/login.html", &data)?;
+    if let Ok(value) = HeaderValue::from_str(&format!(
+        "{LOGIN_COOKIE}={token}; Path=/admin/login; HttpOnly; SameSite=Strict; Max-Age=3600"
+    )) {
+        resp.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    Ok(resp)
+}
+
 pub(super) async fn login_page(ViewEngine(v): ViewEngine<TeraView>) -> PageResult {
-    render(&v, StatusCode::OK, "dashboard/login.html", &json!({}))
+    login_form(&v, StatusCode::OK, json!({}))
 }
 
 pub(super) async fn login(
     State(ctx): State<AppContext>,
     ViewEngine(v): ViewEngine<TeraView>,
+    headers: HeaderMap,
     Form(fields): Form<Fields>,
 ) -> PageResult {
     let services = Services::from_ctx(&ctx).map_err(IntoResponse::into_response)?;
+    let sent = fields.get("csrf").map_or("", String::as_str);
+    let expected = cookie(&headers, LOGIN_COOKIE).unwrap_or_default();
+    if sent.is_empty() || !constant_time_eq(sent, &expected) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            Html("<h1>403</h1><p>The sign-in form's security token is missing or stale. Go back, reload the page and try again.</p>"),
+        )
+            .into_response());
+    }
     let email = fields
         .get("email")
         .map(|e| e.trim().to_lowercase())
@@ -61,26 +91,38 @@ pub(super) async fn login(
     let password = fields.get("password").cloned().unwrap_or_default();
     let throttle_key = format!("admin:{email}");
     if let Err(wait) = services.logins.begin(&throttle_key) {
-        return render(
+        return login_form(
             &v,
             StatusCode::TOO_MANY_REQUESTS,
-            "dashboard/login.html",
-            &json!({"email": email, "error": format!("Too many failed sign-ins. Try again in {} s.", wait.as_secs().max(1))}),
+            json!({"email": email, "error": format!("Too many failed sign-ins. Try again in {} s.", wait.as_secs().max(1))}),
         );
     }
     let admin = admins::Model::find_by_email(&ctx.db, &email)
         .await
         .map_err(internal)?;
+    // The argon2 check runs off the async runtime, and runs for unknown emails too (against a
+    // decoy hash), so a sign-in's time does not tell which emails are admins.
+    let verified = tokio::task::spawn_blocking({
+        let admin = admin.clone();
+        move || match admin {
+            Some(a) => a.verify_password(&password),
+            None => {
+                admins::verify_decoy(&password);
+                false
+            }
+        }
+    })
+    .await
+    .map_err(internal)?;
     match admin {
-        Some(admin) if admin.verify_password(&password) => {
+        Some(admin) if verified => {
             services.logins.succeeded(&throttle_key);
             start_session(&ctx, &services, admin.id).await
         }
-        _ => render(
+        _ => login_form(
             &v,
             StatusCode::UNAUTHORIZED,
-            "dashboard/login.html",
-            &json!({"email": email, "error": "Wrong email or password."}),
+            json!({"email": email, "error": "Wrong email or password."}),
         ),
     }
 }
@@ -146,6 +188,11 @@ pub(super) async fn setup(
     if !setup_open(&ctx, &services, &token).await? {
         return setup_gone(&v);
     }
+    // Taken before the admin is created, in one step: of two posts racing with the same link,
+    // one gets it and the other the used-up page. Given back if the form needs another try.
+    let Some(claim) = services.setup.take(&token) else {
+        return setup_gone(&v);
+    };
     let email = fields
         .get("email")
         .map(|e| e.trim().to_string())
@@ -158,10 +205,7 @@ pub(super) async fn setup(
     }
     if errors.is_empty() {
         match admins::ActiveModel::create(&ctx.db, &email, &password).await {
-            Ok(admin) => {
-                services.setup.consume();
-                return start_session(&ctx, &services, admin.id).await;
-            }
+            Ok(admin) => return start_session(&ctx, &services, admin.id).await,
             Err(crate::models::ModelError::Invalid(m)) => {
                 let field = if m.contains("password") {
                     "password"
@@ -173,6 +217,7 @@ pub(super) async fn setup(
             Err(e) => return Err(internal(e)),
         }
     }
+    services.setup.give_back(claim);
     render(
         &v,
         StatusCode::UNPROCESSABLE_ENTITY,

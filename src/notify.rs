@@ -117,7 +117,9 @@ impl JobEvents {
         }
     }
 
-    /// Drops subscriptions whose receiver is gone (a waiter that timed out).
+    /// Drops subscriptions whose receiver is gone (a waiter that timed out, a stream whose
+    /// client left or that was opened for a job already settled), so nothing lingers for a job
+    /// nobody follows.
     pub fn forget(&self, job_id: &str) {
         if let Ok(mut map) = self.waiters.lock() {
             if let Some(list) = map.get_mut(job_id) {
@@ -127,6 +129,17 @@ impl JobEvents {
                 }
             }
         }
+        if let Ok(mut map) = self.streams.lock() {
+            if map.get(job_id).is_some_and(|tx| tx.receiver_count() == 0) {
+                map.remove(job_id);
+            }
+        }
+    }
+
+    /// Jobs with a delta channel open (for tests and metrics).
+    #[must_use]
+    pub fn streaming(&self) -> usize {
+        self.streams.lock().map(|m| m.len()).unwrap_or(0)
     }
 
     /// Number of jobs someone is waiting for (for tests and metrics).

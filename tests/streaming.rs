@@ -76,3 +76,22 @@ async fn a_job_streams_its_tokens_then_its_result_and_a_reconnect_gets_the_resul
         .await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn reading_a_finished_jobs_events_again_and_again_leaves_nothing_behind() {
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let key = app.key_with_calls(None).await;
+    let (status, body) = app.post_api(&key, json!({"text": "Hello there"})).await;
+    assert_eq!(status, 200, "{body}");
+    let job_id = body["job_id"].as_str().expect("job id").to_string();
+    for _ in 0..200 {
+        let events = read_events(&app, &key, &job_id).await;
+        assert_eq!(events.last().map(|e| e.0.as_str()), Some("done"));
+    }
+    let services = tollgate::services::Services::from_ctx(&app.ctx).expect("services");
+    assert_eq!(
+        (services.events.streaming(), services.events.waiting()),
+        (0, 0),
+        "every channel opened for a settled job is gone"
+    );
+}

@@ -339,6 +339,8 @@ impl Admission {
         let done = self.events.subscribe(&job.id);
         match self.recheck(job).await? {
             Err(settled) => {
+                drop((deltas, done));
+                self.events.forget(&settled.id);
                 let (tx, done) = tokio::sync::oneshot::channel();
                 let _ = tx.send(settled.clone());
                 Ok(JobStream {

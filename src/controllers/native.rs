@@ -142,6 +142,7 @@ async fn job_events(
         })?;
     let updates: std::pin::Pin<Box<dyn futures::Stream<Item = JobUpdate> + Send>> =
         if current.is_finished() {
+            drop((deltas, done));
             services.events.forget(&id);
             Box::pin(futures::stream::once(async move {
                 JobUpdate::Done(Box::new(current))

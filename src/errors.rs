@@ -58,6 +58,7 @@ error_codes! {
     InvalidN = "invalid_n" => BAD_REQUEST,
     UnsupportedGrantType = "unsupported_grant_type" => BAD_REQUEST,
     AdapterNotSupported = "adapter_not_supported" => BAD_REQUEST,
+    UnsupportedParameter = "unsupported_parameter" => BAD_REQUEST,
     // 401: no key, an unknown key, a revoked key, wrong credentials.
     MissingApiKey = "missing_api_key" => UNAUTHORIZED,
     InvalidAuthorization = "invalid_authorization" => UNAUTHORIZED,

@@ -84,6 +84,42 @@ async fn models_lists_the_served_model_and_unknown_models_are_404() {
 }
 
 #[tokio::test]
+async fn what_clients_commonly_send_is_accepted_and_large_max_tokens_are_cut_to_fit() {
+    let app = TestApp::spawn_scripted(|s| s["engine"]["context_size"] = json!(256)).await;
+    let key = app.key_with_calls(None).await;
+    // Advisory fields and fields at their do-nothing values, as SDKs and frameworks send them.
+    let body = json!({
+        "model": "smollm2",
+        "messages": [{"role": "developer", "content": "Be brief."},
+                     {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+        "max_tokens": 4096, "user": "u-1", "metadata": {"a": "b"}, "store": false,
+        "n": 1, "logprobs": false, "presence_penalty": 0, "frequency_penalty": 0.0,
+        "logit_bias": {}, "response_format": {"type": "text"}, "stream": false,
+        "parallel_tool_calls": true, "tool_choice": "none", "tools": []
+    });
+    let (status, resp) = app.post(Some(&key), "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{resp}");
+    let (status, resp) = app
+        .post(
+            Some(&key),
+            "/v1/completions",
+            &json!({"model": "smollm2", "prompt": "Hi", "max_tokens": 100_000, "logprobs": 0,
+                    "echo": false, "best_of": 1}),
+        )
+        .await;
+    assert_eq!(status, 200, "{resp}");
+    let job = &app.jobs_of(&key).await[0];
+    let request: serde_json::Value = serde_json::from_str(&job.request).expect("request");
+    let max_tokens = request["params"]["max_tokens"]
+        .as_i64()
+        .expect("max_tokens");
+    assert!(
+        max_tokens < 256,
+        "cut to the room in a 256-token context, got {max_tokens}"
+    );
+}
+
+#[tokio::test]
 async fn invalid_openai_requests_spend_nothing() {
     let app = TestApp::spawn().await;
     let key = app.key_with_calls(Some(2)).await;
@@ -110,11 +146,47 @@ async fn invalid_openai_requests_spend_nothing() {
             "invalid_temperature",
         ),
         (json!({"model": "smollm2"}), 422, "invalid_body"),
+        // What would be silently ignored is refused by name.
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}],
+                   "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
+            400,
+            "unsupported_parameter",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}],
+                   "response_format": {"type": "json_object"}}),
+            400,
+            "unsupported_parameter",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true}),
+            400,
+            "unsupported_parameter",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}),
+            400,
+            "unsupported_parameter",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "mirostat": 2}),
+            400,
+            "unsupported_parameter",
+        ),
     ];
     for (body, status, expected) in cases {
-        let (got, resp) = app.post(Some(&key), "/v1/chat/completions", body).await;
-        assert_eq!(got, status, "{resp}");
+        let (got, resp) = app.post(Some(&key), "/v1/chat/completions", &body).await;
+        assert_eq!(got, status, "{body}: {resp}");
         assert_eq!(code(&resp), expected, "{resp}");
+        if expected == "unsupported_parameter" {
+            let field = body
+                .as_object()
+                .and_then(|o| o.keys().find(|k| *k != "messages"))
+                .expect("the field");
+            let message = resp["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains(field.as_str()), "names {field}: {message}");
+        }
     }
     assert_eq!(app.calls_used(&key).await, 0);
     assert_eq!(app.job_count().await, 0);

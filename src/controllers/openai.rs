@@ -51,6 +51,67 @@ struct Common {
     stream: bool,
     stream_options: Option<StreamOptions>,
     n: Option<i64>,
+    /// Every other field: accepted only where OpenAI documents it as advisory (or it asks for
+    /// what happens anyway); anything else is refused by name ([`check_rest`]).
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
+}
+
+/// Fields OpenAI documents as advisory (identifiers, storage and tier hints, prediction
+/// hints): accepted and ignored.
+const ADVISORY: [&str; 8] = [
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "prediction",
+    "safety_identifier",
+    "prompt_cache_key",
+    "parallel_tool_calls",
+];
+
+/// Refuses, by name, every field this server would otherwise silently ignore: the client
+/// believes a tool, a schema or a penalty was honoured when it was not. Fields at the value
+/// that changes nothing (`logprobs: false`, a zero penalty, an empty `logit_bias`,
+/// `response_format: {"type": "text"}`, `modalities: ["text"]`) are accepted.
+fn check_rest(rest: &serde_json::Map<String, Value>) -> ApiResult<()> {
+    let inert = |name: &str, v: &Value| match name {
+        "logprobs" | "echo" => v.is_null() || v == &Value::Bool(false) || v.as_i64() == Some(0),
+        "presence_penalty" | "frequency_penalty" => v.is_null() || v.as_f64() == Some(0.0),
+        "logit_bias" | "tools" | "functions" => {
+            v.is_null()
+                || v.as_object().is_some_and(serde_json::Map::is_empty)
+                || v.as_array().is_some_and(Vec::is_empty)
+        }
+        "tool_choice" | "function_call" => v.is_null() || v == "none",
+        "response_format" => v.is_null() || v["type"] == "text",
+        "modalities" => v.as_array().is_some_and(|m| m.iter().all(|x| x == "text")),
+        "best_of" => v.is_null() || v.as_i64() == Some(1),
+        "suffix" | "top_logprobs" => v.is_null(),
+        _ => ADVISORY.contains(&name),
+    };
+    let mut refused: Vec<&str> = rest
+        .iter()
+        .filter(|(k, v)| !inert(k, v))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    if refused.is_empty() {
+        return Ok(());
+    }
+    refused.sort_unstable();
+    Err(ApiError::new(
+        ErrorCode::UnsupportedParameter,
+        format!(
+            "this server does not support {}: {}; leave {} out",
+            if refused.len() == 1 {
+                "the field"
+            } else {
+                "the fields"
+            },
+            refused.join(", "),
+            if refused.len() == 1 { "it" } else { "them" }
+        ),
+    ))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,6 +173,7 @@ impl Common {
                 "only n = 1 is supported",
             ));
         }
+        check_rest(&self.rest)?;
         Ok(GenerationInput {
             prompt,
             sampling: SamplingInput {
@@ -120,7 +182,9 @@ impl Common {
                 top_p: self.top_p,
                 seed: self.seed,
                 stop: self.stop,
-                clamp_max_tokens: false,
+                // Clients often ask for more than a small model's context holds (4096 is a
+                // common default): cut to what fits, reported as `finish_reason: "length"`.
+                clamp_max_tokens: true,
             },
             model: ModelChoice::named(self.model),
             memory: None,

@@ -53,8 +53,10 @@ fn class_of(method: &Method, uri: &str) -> Option<Class> {
             | "/llm/configurations"
             | "/llm/configuration/{config_id}"
             | "/llm/loaded_models"
-            | "/active_models",
-        ) => Keyed,
+            | "/active_models"
+            | "/v1/models/{*id}",
+        )
+        | ("POST", "/tokenize" | "/detokenize") => Keyed,
         (
             "POST",
             "/api"

@@ -351,3 +351,103 @@ async fn a_refused_stream_is_a_plain_json_error_and_spends_nothing() {
     assert_eq!(code(&body), "quota_exceeded");
     assert_eq!(app.job_count().await, 0);
 }
+
+#[tokio::test]
+async fn models_tokens_and_token_embeddings_as_llama_server_and_vllm_clients_read_them() {
+    let app = TestApp::spawn_scripted(|s| s["engine"]["context_size"] = json!(1024)).await;
+    let key = app.key_with_calls(Some(5)).await;
+    let (status, list) = app.get(Some(&key), "/v1/models").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["data"][0]["context_length"], 1024, "{list}");
+    assert_eq!(list["data"][0]["max_model_len"], 1024, "{list}");
+    let (status, one) = app.get(Some(&key), "/v1/models/smollm2").await;
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(
+        (one["id"].clone(), one["capabilities"]["embeddings"].clone()),
+        (json!("smollm2"), json!(true))
+    );
+    let (status, none) = app.get(Some(&key), "/v1/models/meta-llama/Nope").await;
+    assert_eq!((status, code(&none)), (404, "model_not_found"));
+
+    // /tokenize and /detokenize round-trip with the model's own tokenizer.
+    let (status, t) = app
+        .post(
+            Some(&key),
+            "/tokenize",
+            &json!({"content": "The cat sat on the mat."}),
+        )
+        .await;
+    assert_eq!(status, 200, "{t}");
+    let ids: Vec<i64> = t["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .filter_map(Value::as_i64)
+        .collect();
+    assert!(!ids.is_empty());
+    let (status, d) = app
+        .post(Some(&key), "/detokenize", &json!({"tokens": ids}))
+        .await;
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["content"], "The cat sat on the mat.");
+    let (status, p) = app
+        .post(
+            Some(&key),
+            "/tokenize",
+            &json!({"content": "cat", "with_pieces": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{p}");
+    assert!(p["tokens"][0]["piece"].is_string(), "{p}");
+    let (status, bad) = app
+        .post(Some(&key), "/detokenize", &json!({"tokens": [1, -4]}))
+        .await;
+    assert_eq!((status, code(&bad)), (422, "invalid_input"), "{bad}");
+    let (status, bad) = app
+        .post(Some(&key), "/detokenize", &json!({"tokens": [999_999_999]}))
+        .await;
+    assert_eq!((status, code(&bad)), (422, "invalid_input"), "{bad}");
+
+    // Embeddings from token ids (one list, or a list of lists) equal those of the text.
+    let by_text = app
+        .post(
+            Some(&key),
+            "/v1/embeddings",
+            &json!({"model": "smollm2", "input": "The cat sat on the mat."}),
+        )
+        .await;
+    let by_ids = app
+        .post(
+            Some(&key),
+            "/v1/embeddings",
+            &json!({"model": "smollm2", "input": [ids.clone()]}),
+        )
+        .await;
+    let flat = app
+        .post(
+            Some(&key),
+            "/v1/embeddings",
+            &json!({"model": "smollm2", "input": ids}),
+        )
+        .await;
+    assert_eq!(
+        (by_text.0, by_ids.0, flat.0),
+        (200, 200, 200),
+        "{} {}",
+        by_ids.1,
+        flat.1
+    );
+    assert_eq!(
+        by_text.1["data"][0]["embedding"],
+        by_ids.1["data"][0]["embedding"]
+    );
+    assert_eq!(
+        by_ids.1["data"][0]["embedding"],
+        flat.1["data"][0]["embedding"]
+    );
+    assert_eq!(
+        app.calls_used(&key).await,
+        3,
+        "only the embeddings spent calls"
+    );
+}

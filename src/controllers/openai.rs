@@ -21,7 +21,10 @@ use loco_rs::{app::AppContext, controller::Routes};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::respond::{answer, try_answer, usage_json};
+use super::{
+    compat::llama_server::token_ids,
+    respond::{answer, try_answer, usage_json},
+};
 use crate::{
     admission::{
         input::{chat_messages, prompt_text, WireMessage},
@@ -460,19 +463,50 @@ fn stream(js: crate::admission::JobStream, shape: Shape, streaming: Streaming) -
 #[tracing::instrument(skip_all, fields(api_key))]
 async fn models(State(ctx): State<AppContext>, Caller(key): Caller) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    let data: Vec<_> = available_models(&ctx.db, &services.models, &key)
-        .await?
-        .into_iter()
-        .map(|id| {
-            json!({
-                "id": id,
-                "object": "model",
-                "created": 0,
-                "owned_by": "tollgate",
-            })
-        })
-        .collect();
+    let mut data = Vec::new();
+    for id in available_models(&ctx.db, &services.models, &key).await? {
+        data.push(model_entry(&services, &id).await);
+    }
     Ok(Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// One model as `/v1/models` lists it, with what clients size requests by: its context length
+/// (`context_length`, and vLLM's `max_model_len`) and what it does.
+async fn model_entry(services: &Services, id: &str) -> Value {
+    let models = &services.models;
+    let base = id.split_once(':').map_or(id, |(b, _)| b);
+    let context = models.context_size_of(base).await;
+    let embeddings = base == models.default_name() && services.settings.engine.embeddings.enabled;
+    json!({
+        "id": id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "tollgate",
+        "context_length": context,
+        "max_model_len": context,
+        "capabilities": {"chat": true, "completion": true, "embeddings": embeddings, "tools": false},
+    })
+}
+
+/// `GET /v1/models/{id}`: one model the key may use, or 404 naming those it may.
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn model(
+    State(ctx): State<AppContext>,
+    Caller(key): Caller,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let available = available_models(&ctx.db, &services.models, &key).await?;
+    let wanted = services.models.canonical(&id);
+    if !available.contains(&wanted) {
+        return Err(ApiError::new(
+            ErrorCode::ModelNotFound,
+            format!("model {id:?} does not exist; available: {available:?}"),
+        ));
+    }
+    let mut entry = model_entry(&services, &wanted).await;
+    entry["id"] = json!(id);
+    Ok(Json(entry).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -483,24 +517,54 @@ struct EmbeddingsRequest {
     dimensions: Option<i64>,
 }
 
-/// OpenAI's `input`: a string or a non-empty list of strings (token arrays are not accepted).
-fn embedding_inputs(input: Value) -> ApiResult<Vec<(String, String)>> {
+/// OpenAI's `input`: a string, a list of strings, one list of token ids, or a list of them
+/// (LangChain sends ids). Ids must be the model's own; they are read back to text.
+fn embedding_inputs(
+    input: Value,
+    tokenizer: &crate::engine::tokenizer::PromptTokenizer,
+) -> ApiResult<Vec<(String, String)>> {
+    let ids = |field: String, values: &[Value]| -> ApiResult<(String, String)> {
+        let numbers: Vec<i64> = values
+            .iter()
+            .enumerate()
+            .map(|(j, v)| {
+                v.as_i64().ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::InvalidInput,
+                        format!("{field}[{j}] must be a token id"),
+                    )
+                })
+            })
+            .collect::<ApiResult<_>>()?;
+        let tokens = token_ids(&numbers, |t| tokenizer.is_token(t), &field)?;
+        let text = tokenizer.text_of(&tokens).map_err(|j| {
+            ApiError::new(
+                ErrorCode::InvalidInput,
+                format!("{field}[{j}] is not a token id"),
+            )
+        })?;
+        Ok((field, text))
+    };
     match input {
         Value::String(s) => Ok(vec![("input".into(), s)]),
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => {
+            Ok(vec![ids("input".into(), &items)?])
+        }
         Value::Array(items) => items
             .into_iter()
             .enumerate()
             .map(|(i, v)| match v {
                 Value::String(s) => Ok((format!("input[{i}]"), s)),
+                Value::Array(values) => ids(format!("input[{i}]"), &values),
                 _ => Err(ApiError::new(
                     ErrorCode::InvalidInput,
-                    format!("input[{i}] must be a string (token arrays are not supported)"),
+                    format!("input[{i}] must be a string or a list of token ids"),
                 )),
             })
             .collect(),
         _ => Err(ApiError::new(
             ErrorCode::InvalidInput,
-            "`input` must be a string or a list of strings",
+            "`input` must be a string, a list of strings or token ids",
         )),
     }
 }
@@ -551,7 +615,11 @@ async fn embeddings(
             format!("this model's vectors have {width} dimensions; got dimensions = {d}"),
         ));
     }
-    let input = EmbeddingInput::new(embedding_inputs(body.input)?, body.model)?;
+    let model = services
+        .models
+        .canonical(body.model.as_deref().unwrap_or_default());
+    let tokenizer = services.models.tokenizer_for(&model);
+    let input = EmbeddingInput::new(embedding_inputs(body.input, &tokenizer)?, body.model)?;
     let admitted = services
         .admission
         .admit(&key, input, Ticket::wait("/v1/embeddings"))
@@ -582,6 +650,7 @@ pub fn routes() -> Routes {
     Routes::new()
         .prefix("/v1")
         .add("/models", axum::routing::get(models))
+        .add("/models/{*id}", axum::routing::get(model))
         .add("/chat/completions", axum::routing::post(chat_completions))
         .add("/completions", axum::routing::post(completions))
         .add("/embeddings", axum::routing::post(embeddings))

@@ -123,6 +123,54 @@ impl PromptTokenizer {
         embedding_tokens(&self.model, text).len()
     }
 
+    /// Token ids of `text` (llama.cpp server's `/tokenize`): with the model's special prefix
+    /// when `add_special`, and the template's control tokens read as such when `parse_special`.
+    #[must_use]
+    pub fn token_ids(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<i32> {
+        self.model
+            .vocab()
+            .tokenize(text.as_bytes(), add_special, parse_special)
+            .into_iter()
+            .map(|t| t.0)
+            .collect()
+    }
+
+    /// The text of one token (its piece, special tokens written out).
+    #[must_use]
+    pub fn piece(&self, token: i32) -> String {
+        if !self.is_token(token) {
+            return String::new();
+        }
+        String::from_utf8_lossy(
+            &self
+                .model
+                .vocab()
+                .token_to_piece(LlamaToken(token), true, None),
+        )
+        .into_owned()
+    }
+
+    /// The text of token ids (llama.cpp server's `/detokenize`).
+    ///
+    /// # Errors
+    /// The position of the first id that is not in the vocabulary.
+    pub fn text_of(&self, tokens: &[i32]) -> Result<String, usize> {
+        if let Some(bad) = tokens.iter().position(|t| !self.is_token(*t)) {
+            return Err(bad);
+        }
+        let ids: Vec<LlamaToken> = tokens.iter().map(|t| LlamaToken(*t)).collect();
+        Ok(
+            String::from_utf8_lossy(&self.model.vocab().detokenize(&ids, false, false))
+                .into_owned(),
+        )
+    }
+
+    /// Whether `token` is an id of this vocabulary (llama.cpp must never see another).
+    #[must_use]
+    pub fn is_token(&self, token: i32) -> bool {
+        (0..self.model.vocab().n_tokens()).contains(&token)
+    }
+
     /// Width of the model's embedding vectors. A vocab-only load leaves the model's
     /// hyper-parameters unset, so this reads `<arch>.embedding_length` from the metadata.
     #[must_use]

@@ -319,6 +319,20 @@ impl ModelRegistry {
         models
     }
 
+    /// The context length of `model`: its tokenizer's here, or what a worker elsewhere that
+    /// holds it reported.
+    pub async fn context_size_of(&self, model: &str) -> u32 {
+        if model == self.default_name() || self.get(model).is_some() {
+            return self.tokenizer_for(model).context_size();
+        }
+        self.remote_workers()
+            .await
+            .iter()
+            .filter(|w| w.model_list().iter().any(|m| m == model))
+            .find_map(|w| w.engine_status().map(|s| s.context_size))
+            .unwrap_or_else(|| self.tokenizer.context_size())
+    }
+
     /// Every model served now (the default one, those loaded here, those held by live workers
     /// elsewhere) with its queue, for depth figures.
     pub async fn served_queues(&self) -> Vec<(String, JobQueue)> {

@@ -1,0 +1,136 @@
+//! llama.cpp server's token routes, for the tools built on it: `POST /tokenize`
+//! (`{"content", "add_special"?, "parse_special"?, "with_pieces"?}` → `{"tokens"}`) and
+//! `POST /detokenize` (`{"tokens"}` → `{"content"}`), with the served model's own tokenizer.
+//! Any key in good standing; nothing is charged (no generation runs).
+
+use axum::{
+    extract::State,
+    response::{IntoResponse, Response},
+    Json,
+};
+use loco_rs::{app::AppContext, controller::Routes};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::{
+    errors::{ApiError, ApiResult, ErrorCode},
+    extractors::{Caller, JsonBody},
+    services::Services,
+};
+
+/// Longest text `/tokenize` takes (the body limit bounds it too).
+const MAX_CONTENT_BYTES: usize = 1 << 20;
+/// Most ids `/detokenize` takes.
+const MAX_TOKENS: usize = 1 << 17;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeRequest {
+    content: String,
+    #[serde(default)]
+    add_special: bool,
+    #[serde(default = "yes")]
+    parse_special: bool,
+    #[serde(default)]
+    with_pieces: bool,
+    model: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetokenizeRequest {
+    tokens: Vec<i64>,
+    model: Option<String>,
+}
+
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn tokenize(
+    State(ctx): State<AppContext>,
+    Caller(_key): Caller,
+    body: Result<JsonBody<TokenizeRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let JsonBody(body) = body?;
+    if body.content.len() > MAX_CONTENT_BYTES {
+        return Err(ApiError::new(
+            ErrorCode::InvalidInput,
+            format!("`content` takes at most {MAX_CONTENT_BYTES} bytes"),
+        ));
+    }
+    let model = services
+        .models
+        .canonical(body.model.as_deref().unwrap_or_default());
+    let tokenizer = services.models.tokenizer_for(&model);
+    let ids = tokenizer.token_ids(&body.content, body.add_special, body.parse_special);
+    let tokens: Vec<Value> = if body.with_pieces {
+        ids.iter()
+            .map(|id| json!({"id": id, "piece": tokenizer.piece(*id)}))
+            .collect()
+    } else {
+        ids.iter().map(|id| json!(id)).collect()
+    };
+    Ok(Json(json!({"tokens": tokens})).into_response())
+}
+
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn detokenize(
+    State(ctx): State<AppContext>,
+    Caller(_key): Caller,
+    body: Result<JsonBody<DetokenizeRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let JsonBody(body) = body?;
+    if body.tokens.len() > MAX_TOKENS {
+        return Err(ApiError::new(
+            ErrorCode::InvalidInput,
+            format!("`tokens` takes at most {MAX_TOKENS} ids"),
+        ));
+    }
+    let model = services
+        .models
+        .canonical(body.model.as_deref().unwrap_or_default());
+    let tokenizer = services.models.tokenizer_for(&model);
+    let ids = token_ids(&body.tokens, |t| tokenizer.is_token(t), "tokens")?;
+    let content = tokenizer
+        .text_of(&ids)
+        .map_err(|i| not_a_token("tokens", i))?;
+    Ok(Json(json!({"content": content})).into_response())
+}
+
+fn not_a_token(field: &str, index: usize) -> ApiError {
+    ApiError::new(
+        ErrorCode::InvalidInput,
+        format!("{field}[{index}] is not a token id of this model"),
+    )
+}
+
+/// `values` as token ids of a vocabulary (`is_token`), or 422 naming the first that is not.
+///
+/// # Errors
+/// 422 `invalid_input` naming `field[index]`.
+pub fn token_ids(
+    values: &[i64],
+    is_token: impl Fn(i32) -> bool,
+    field: &str,
+) -> ApiResult<Vec<i32>> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            i32::try_from(*v)
+                .ok()
+                .filter(|t| is_token(*t))
+                .ok_or_else(|| not_a_token(field, i))
+        })
+        .collect()
+}
+
+pub fn routes() -> Routes {
+    Routes::new()
+        .add("/tokenize", axum::routing::post(tokenize))
+        .add("/detokenize", axum::routing::post(detokenize))
+}

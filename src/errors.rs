@@ -103,6 +103,7 @@ error_codes! {
     InvalidTopP = "invalid_top_p" => UNPROCESSABLE_ENTITY,
     InvalidSeed = "invalid_seed" => UNPROCESSABLE_ENTITY,
     InvalidStop = "invalid_stop" => UNPROCESSABLE_ENTITY,
+    InvalidSampling = "invalid_sampling" => UNPROCESSABLE_ENTITY,
     InvalidJobId = "invalid_job_id" => UNPROCESSABLE_ENTITY,
     InvalidScale = "invalid_scale" => UNPROCESSABLE_ENTITY,
     ScaleWithoutAdapter = "scale_without_adapter" => UNPROCESSABLE_ENTITY,

@@ -701,6 +701,7 @@ mod tests {
                     top_p: 1.0,
                     seed: None,
                     stop: vec![],
+                    controls: Default::default(),
                 },
                 adapter: Some(crate::engine::AdapterChoice {
                     name: "a".into(),

@@ -165,9 +165,9 @@ async fn invalid_openai_requests_spend_nothing() {
             "unsupported_parameter",
         ),
         (
-            json!({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}),
-            400,
-            "unsupported_parameter",
+            json!({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 5}),
+            422,
+            "invalid_sampling",
         ),
         (
             json!({"messages": [{"role": "user", "content": "hi"}], "mirostat": 2}),
@@ -450,4 +450,74 @@ async fn models_tokens_and_token_embeddings_as_llama_server_and_vllm_clients_rea
         3,
         "only the embeddings spent calls"
     );
+}
+
+#[tokio::test]
+async fn sampling_controls_reach_the_sampler_and_bad_values_are_refused() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(None).await;
+    let ask = |extra: Value| {
+        let mut body = json!({"model": "smollm2", "max_tokens": 6, "temperature": 0,
+                              "messages": [{"role": "user", "content": "What is the capital of France?"}]});
+        for (k, v) in extra.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let (status, plain) = app
+        .post(Some(&key), "/v1/chat/completions", &ask(json!({})))
+        .await;
+    assert_eq!(status, 200, "{plain}");
+    let text = plain["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text")
+        .to_string();
+    let (_, t) = app
+        .post(Some(&key), "/tokenize", &json!({"content": text}))
+        .await;
+    let first = t["tokens"][0].as_i64().expect("first token");
+    // Banning the greedy answer's first token changes the answer.
+    let (status, banned) = app
+        .post(
+            Some(&key),
+            "/v1/chat/completions",
+            &ask(json!({"logit_bias": {first.to_string(): -100}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{banned}");
+    assert_ne!(
+        banned["choices"][0]["message"]["content"],
+        plain["choices"][0]["message"]["content"]
+    );
+    // Penalties and llama.cpp's own fields are accepted and run.
+    let (status, body) = app
+        .post(
+            Some(&key),
+            "/v1/chat/completions",
+            &ask(
+                json!({"temperature": 0.8, "seed": 7, "top_k": 20, "min_p": 0.05, "typical_p": 0.9,
+                        "presence_penalty": 0.5, "frequency_penalty": 0.5, "repeat_penalty": 1.1}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for (extra, field) in [
+        (json!({"top_k": -1}), "top_k"),
+        (json!({"min_p": 2}), "min_p"),
+        (json!({"presence_penalty": 3}), "presence_penalty"),
+        (json!({"logit_bias": {"x": 1}}), "logit_bias"),
+        (json!({"logit_bias": {"99999999": 1}}), "logit_bias"),
+    ] {
+        let (status, err) = app
+            .post(Some(&key), "/v1/chat/completions", &ask(extra))
+            .await;
+        assert_eq!((status, code(&err)), (422, "invalid_sampling"), "{err}");
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(field),
+            "{err}"
+        );
+    }
 }

@@ -9,7 +9,7 @@
 use serde::Deserialize;
 
 use crate::{
-    engine::{ChatMessage, Prompt, SamplingParams},
+    engine::{ChatMessage, Prompt, SamplerControls, SamplingParams},
     errors::{ApiError, ErrorCode},
     models::conversations::Owner,
     settings::ApiSettings,
@@ -124,13 +124,13 @@ impl EmbeddingInput {
 /// What is admitted: a generation or an embedding.
 #[derive(Debug, Clone)]
 pub enum Input {
-    Generate(GenerationInput),
+    Generate(Box<GenerationInput>),
     Embed(EmbeddingInput),
 }
 
 impl From<GenerationInput> for Input {
     fn from(g: GenerationInput) -> Self {
-        Self::Generate(g)
+        Self::Generate(Box::new(g))
     }
 }
 
@@ -210,10 +210,40 @@ pub struct SamplingInput {
     pub top_p: Option<f64>,
     pub seed: Option<i64>,
     pub stop: Option<StopWords>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub typical_p: Option<f64>,
+    pub repeat_penalty: Option<f64>,
+    pub repeat_last_n: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    /// OpenAI's shape: token id (as a string) → bias from -100 to 100.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     /// A `max_tokens` above the server's limit is cut to it instead of refused (seed 001's
     /// documented default of 8096 is larger than most contexts).
     #[serde(skip)]
     pub clamp_max_tokens: bool,
+}
+
+/// `value` of `field` within `range`, as f32, or 422 `code` naming both.
+fn bounded(
+    field: &str,
+    value: Option<f64>,
+    range: std::ops::RangeInclusive<f64>,
+    code: ErrorCode,
+) -> Result<Option<f32>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(v) if range.contains(&v) => Ok(Some(v as f32)),
+        Some(v) => Err(ApiError::new(
+            code,
+            format!(
+                "{field} must be between {} and {}, got {v}",
+                range.start(),
+                range.end()
+            ),
+        )),
+    }
 }
 
 impl SamplingInput {
@@ -226,6 +256,14 @@ impl SamplingInput {
             top_p: self.top_p.or(fallback.top_p),
             seed: self.seed.or(fallback.seed),
             stop: self.stop.or(fallback.stop),
+            top_k: self.top_k.or(fallback.top_k),
+            min_p: self.min_p.or(fallback.min_p),
+            typical_p: self.typical_p.or(fallback.typical_p),
+            repeat_penalty: self.repeat_penalty.or(fallback.repeat_penalty),
+            repeat_last_n: self.repeat_last_n.or(fallback.repeat_last_n),
+            presence_penalty: self.presence_penalty.or(fallback.presence_penalty),
+            frequency_penalty: self.frequency_penalty.or(fallback.frequency_penalty),
+            logit_bias: self.logit_bias.or(fallback.logit_bias),
             clamp_max_tokens: self.clamp_max_tokens,
         }
     }
@@ -290,12 +328,79 @@ impl SamplingInput {
                 ),
             ));
         }
+        let controls = SamplerControls {
+            top_k: match self.top_k {
+                None => None,
+                Some(k) if (0..=100_000).contains(&k) => i32::try_from(k).ok(),
+                Some(k) => {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidSampling,
+                        format!("top_k must be between 0 and 100000, got {k}"),
+                    ))
+                }
+            },
+            min_p: bounded("min_p", self.min_p, 0.0..=1.0, ErrorCode::InvalidSampling)?,
+            typical_p: bounded("typical_p", self.typical_p, 0.0..=1.0, ErrorCode::InvalidSampling)?,
+            repeat_penalty: bounded(
+                "repeat_penalty",
+                self.repeat_penalty,
+                0.0..=10.0,
+                ErrorCode::InvalidSampling,
+            )?
+            .filter(|p| *p > 0.0),
+            repeat_last_n: match self.repeat_last_n {
+                None => None,
+                Some(n) if (0..=65_536).contains(&n) => i32::try_from(n).ok(),
+                Some(n) => {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidSampling,
+                        format!("repeat_last_n must be between 0 and 65536, got {n}"),
+                    ))
+                }
+            },
+            presence_penalty: bounded(
+                "presence_penalty",
+                self.presence_penalty,
+                -2.0..=2.0,
+                ErrorCode::InvalidSampling,
+            )?,
+            frequency_penalty: bounded(
+                "frequency_penalty",
+                self.frequency_penalty,
+                -2.0..=2.0,
+                ErrorCode::InvalidSampling,
+            )?,
+            logit_bias: self
+                .logit_bias
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(token, bias)| {
+                    let id = token.trim().parse::<i32>().ok().filter(|t| *t >= 0);
+                    match (id, (-100.0..=100.0).contains(&bias)) {
+                        (Some(id), true) => Ok((id, bias as f32)),
+                        _ => Err(ApiError::new(
+                            ErrorCode::InvalidSampling,
+                            format!(
+                                "logit_bias maps token ids to biases from -100 to 100; got {token:?}: {bias}"
+                            ),
+                        )),
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        if controls.logit_bias.len() > 1024 {
+            return Err(ApiError::new(
+                ErrorCode::InvalidSampling,
+                "logit_bias takes at most 1024 tokens",
+            ));
+        }
         Ok(SamplingParams {
             max_tokens,
             temperature,
             top_p,
             seed,
             stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+            controls,
         })
     }
 }

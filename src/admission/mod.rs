@@ -232,6 +232,7 @@ impl Admission {
     ) -> Result<(Work, Option<Memory>, bool), ApiError> {
         match input {
             Input::Generate(g) => {
+                let g = *g;
                 let clamp = g.sampling.clamp_max_tokens;
                 let resolved = resolve::resolve(
                     &self.db,
@@ -251,6 +252,18 @@ impl Admission {
                         ..SamplingInput::default()
                     })
                     .into_params(&self.settings.api)?;
+                let tokenizer = self.models.tokenizer_for(&resolved.model);
+                if let Some((token, _)) = params
+                    .controls
+                    .logit_bias
+                    .iter()
+                    .find(|(t, _)| !tokenizer.is_token(*t))
+                {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidSampling,
+                        format!("logit_bias names token {token}, which this model does not have"),
+                    ));
+                }
                 let prompt = match (g.memory, g.prompt) {
                     (Some(m), Prompt::Chat { mut messages }) if !messages.is_empty() => {
                         let last = messages.remove(messages.len() - 1);

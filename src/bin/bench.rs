@@ -464,6 +464,7 @@ async fn engine_thread_runs(
             top_p: 1.0,
             seed: None,
             stop: Vec::new(),
+            controls: Default::default(),
         },
         adapter: None,
     };

@@ -50,6 +50,15 @@ struct Common {
     top_p: Option<f64>,
     seed: Option<i64>,
     stop: Option<StopWords>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// llama.cpp server's and vLLM's own sampling fields.
+    top_k: Option<i64>,
+    min_p: Option<f64>,
+    typical_p: Option<f64>,
+    repeat_penalty: Option<f64>,
+    repeat_last_n: Option<i64>,
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
@@ -74,14 +83,13 @@ const ADVISORY: [&str; 8] = [
 ];
 
 /// Refuses, by name, every field this server would otherwise silently ignore: the client
-/// believes a tool, a schema or a penalty was honoured when it was not. Fields at the value
-/// that changes nothing (`logprobs: false`, a zero penalty, an empty `logit_bias`,
-/// `response_format: {"type": "text"}`, `modalities: ["text"]`) are accepted.
+/// believes a tool or a schema was honoured when it was not. Fields at the value that changes
+/// nothing (`logprobs: false`, empty `tools`, `response_format: {"type": "text"}`,
+/// `modalities: ["text"]`) are accepted.
 fn check_rest(rest: &serde_json::Map<String, Value>) -> ApiResult<()> {
     let inert = |name: &str, v: &Value| match name {
         "logprobs" | "echo" => v.is_null() || v == &Value::Bool(false) || v.as_i64() == Some(0),
-        "presence_penalty" | "frequency_penalty" => v.is_null() || v.as_f64() == Some(0.0),
-        "logit_bias" | "tools" | "functions" => {
+        "tools" | "functions" => {
             v.is_null()
                 || v.as_object().is_some_and(serde_json::Map::is_empty)
                 || v.as_array().is_some_and(Vec::is_empty)
@@ -185,6 +193,14 @@ impl Common {
                 top_p: self.top_p,
                 seed: self.seed,
                 stop: self.stop,
+                top_k: self.top_k,
+                min_p: self.min_p,
+                typical_p: self.typical_p,
+                repeat_penalty: self.repeat_penalty,
+                repeat_last_n: self.repeat_last_n,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
+                logit_bias: self.logit_bias,
                 // Clients often ask for more than a small model's context holds (4096 is a
                 // common default): cut to what fits, reported as `finish_reason: "length"`.
                 clamp_max_tokens: true,

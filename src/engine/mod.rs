@@ -83,6 +83,34 @@ pub struct SamplingParams {
     pub seed: Option<u32>,
     /// Generation stops before the first occurrence of any of these strings.
     pub stop: Vec<String>,
+    /// The rest of llama.cpp's sampler chain; absent in jobs queued before it existed.
+    #[serde(default, skip_serializing_if = "SamplerControls::is_default")]
+    pub controls: SamplerControls,
+}
+
+/// Sampling controls beyond temperature and top-p, validated by the API: `None` (or an empty
+/// bias list) leaves llama.cpp's usual chain as it was.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SamplerControls {
+    /// Keep the k most likely tokens (0 = all); 40 when unset.
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    pub typical_p: Option<f32>,
+    /// llama.cpp's repetition penalty (1 = off) over the last `repeat_last_n` tokens (64).
+    pub repeat_penalty: Option<f32>,
+    pub repeat_last_n: Option<i32>,
+    /// OpenAI's penalties (0 = off).
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// Added to a token's logit before sampling (token id, bias); ids are the model's.
+    pub logit_bias: Vec<(i32, f32)>,
+}
+
+impl SamplerControls {
+    #[must_use]
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// A LoRA head applied to one job, resolved by the API so the worker needs no database.

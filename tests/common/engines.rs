@@ -40,6 +40,7 @@ pub fn greedy(max_tokens: u32) -> SamplingParams {
         top_p: 1.0,
         seed: None,
         stop: vec![],
+        controls: Default::default(),
     }
 }
 

@@ -133,6 +133,7 @@ impl Meta {
                 seed: None,
                 stop: self.stop_words,
                 clamp_max_tokens: true,
+                ..SamplingInput::default()
             },
             model: ModelChoice {
                 model: self.model,

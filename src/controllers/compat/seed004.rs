@@ -216,7 +216,7 @@ impl TryFrom<InferenceRequest> for GenerationInput {
             top_p: kw.top_p,
             seed: kw.seed,
             stop: kw.stop,
-            clamp_max_tokens: false,
+            ..SamplingInput::default()
         };
         let model = ModelChoice::named(Some(body.model_id.trim().to_string()));
         Self::user_turn("prompt", body.prompt, sampling, model)

@@ -4,7 +4,11 @@
 use std::sync::atomic::Ordering;
 
 use llama_cpp_2::{
-    context::LlamaContext, llama_batch::LlamaBatch, model::LlamaModel, sampling::LlamaSampler,
+    context::LlamaContext,
+    llama_batch::LlamaBatch,
+    model::LlamaModel,
+    sampling::LlamaSampler,
+    token::{logit_bias::LlamaLogitBias, LlamaToken},
 };
 
 use super::{pos_i32, GenJob, Shared, PROMPT_BATCH};
@@ -91,7 +95,7 @@ pub(super) fn start(
     };
     let mut slot = Slot {
         seq,
-        sampler: sampler(&job.request.params),
+        sampler: sampler(&job.request.params, model.n_vocab()),
         out: OutputDecoder::new(&job.request.params.stop),
         job,
         prompt_tokens,
@@ -197,15 +201,45 @@ pub(super) fn finish(mut slot: Slot, result: Result<FinishReason, EngineError>, 
 }
 
 /// Greedy at temperature 0; otherwise top-k 40, top-p, temperature, then a seeded draw.
-fn sampler(params: &SamplingParams) -> LlamaSampler {
-    if params.temperature <= 0.0 {
-        return LlamaSampler::greedy();
+/// The job's sampler chain, in llama.cpp server's order: logit biases, penalties, then greedy
+/// at temperature 0, else top-k, typical, top-p, min-p, temperature and a seeded draw.
+fn sampler(params: &SamplingParams, n_vocab: i32) -> LlamaSampler {
+    let c = &params.controls;
+    let mut chain = Vec::new();
+    if !c.logit_bias.is_empty() {
+        let biases: Vec<LlamaLogitBias> = c
+            .logit_bias
+            .iter()
+            .filter(|(token, _)| (0..n_vocab).contains(token))
+            .map(|(token, bias)| LlamaLogitBias::new(LlamaToken(*token), *bias))
+            .collect();
+        chain.push(LlamaSampler::logit_bias(n_vocab, &biases));
     }
-    let seed = params.seed.unwrap_or_else(rand::random);
-    LlamaSampler::chain_simple([
-        LlamaSampler::top_k(40),
-        LlamaSampler::top_p(params.top_p, 1),
-        LlamaSampler::temp(params.temperature),
-        LlamaSampler::dist(seed),
-    ])
+    let repeat = c.repeat_penalty.unwrap_or(1.0);
+    let frequency = c.frequency_penalty.unwrap_or(0.0);
+    let presence = c.presence_penalty.unwrap_or(0.0);
+    if (repeat - 1.0).abs() > f32::EPSILON || frequency != 0.0 || presence != 0.0 {
+        let last_n = c.repeat_last_n.unwrap_or(64);
+        chain.push(LlamaSampler::penalties(
+            n_vocab, last_n, repeat, frequency, presence,
+        ));
+    }
+    if params.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        chain.push(LlamaSampler::top_k(c.top_k.unwrap_or(40)));
+        if let Some(p) = c.typical_p.filter(|p| *p < 1.0) {
+            chain.push(LlamaSampler::typical(p, 1));
+        }
+        chain.push(LlamaSampler::top_p(params.top_p, 1));
+        if let Some(p) = c.min_p.filter(|p| *p > 0.0) {
+            chain.push(LlamaSampler::min_p(p, 1));
+        }
+        chain.push(LlamaSampler::temp(params.temperature));
+        chain.push(LlamaSampler::dist(params.seed.unwrap_or_else(rand::random)));
+    }
+    if chain.len() == 1 {
+        return chain.remove(0);
+    }
+    LlamaSampler::chain_simple(chain)
 }

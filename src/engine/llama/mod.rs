@@ -52,7 +52,7 @@ use crate::settings::EngineSettings;
 const PROMPT_BATCH: u32 = 512;
 
 enum Command {
-    Generate(GenJob),
+    Generate(Box<GenJob>),
     Embed {
         request: EmbeddingRequest,
         reply: oneshot::Sender<Result<Embeddings, EngineError>>,
@@ -248,12 +248,12 @@ impl LlamaEngine {
     ) -> Result<Generation, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Generate(GenJob {
+            .send(Command::Generate(Box::new(GenJob {
                 request,
                 sink,
                 reply,
                 lane,
-            }))
+            })))
             .map_err(|_| EngineError::Unavailable("engine thread has stopped".into()))?;
         rx.await
             .map_err(|_| EngineError::Unavailable("engine thread dropped the request".into()))?

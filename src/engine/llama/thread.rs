@@ -219,7 +219,7 @@ impl Thread<'_> {
         let mut closed = false;
         if let Some(cmd) = pending {
             match cmd {
-                Command::Generate(job) => self.lanes.push_first(job),
+                Command::Generate(job) => self.lanes.push_first(*job),
                 other => other.fail(EngineError::Unavailable("unexpected command".into())),
             }
         }
@@ -282,7 +282,7 @@ impl Thread<'_> {
                             continue;
                         }
                         Applied::NotLoaded(key) => {
-                            return Next::Load(Box::new(Command::Generate(job)), key);
+                            return Next::Load(Box::new(Command::Generate(Box::new(job))), key);
                         }
                     }
                 }
@@ -374,7 +374,7 @@ impl Thread<'_> {
     /// lane.
     fn intake<'m>(&mut self, cmd: Command, model: &'m LlamaModel, contexts: &mut Contexts<'m>) {
         match cmd {
-            Command::Generate(job) => self.lanes.push(job),
+            Command::Generate(job) => self.lanes.push(*job),
             Command::Embed { request, reply } => {
                 let span = tracing::info_span!("embed", inputs = request.inputs.len());
                 let _guard = span.enter();

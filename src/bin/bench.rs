@@ -52,7 +52,7 @@ use tollgate::{
     app::{into_service, App},
     engine::{
         llama::LlamaEngine,
-        tokenizer::{backend, render_prompt, tokenize},
+        tokenizer::{self, backend},
         Algorithm, ChatMessage, GenerationRequest, Prompt, SamplingParams,
     },
     errors::ApiError,
@@ -305,15 +305,12 @@ fn engine_only(settings: &EngineSettings, args: &Args) -> anyhow::Result<EngineR
         .with_n_threads_batch(threads);
     let mut ctx = model.new_context(backend, ctx_params)?;
     let prompt = chat_prompt();
-    let prompt_tokens = tokenize(
-        &model,
-        &render_prompt(&model, &prompt).map_err(|e| anyhow!("{e}"))?,
-    )
-    .len();
+    let prompt_tokens = tokenizer::prompt_tokens(&model, &prompt)
+        .map_err(|e| anyhow!("{e}"))?
+        .len();
     let mut run = |max_tokens: u32| -> anyhow::Result<(Duration, u32)> {
         let start = Instant::now();
-        let text = render_prompt(&model, &prompt).map_err(|e| anyhow!("{e}"))?;
-        let tokens = tokenize(&model, &text);
+        let tokens = tokenizer::prompt_tokens(&model, &prompt).map_err(|e| anyhow!("{e}"))?;
         ctx.clear_kv_cache();
         let mut batch = LlamaBatch::new(PROMPT_BATCH as usize, 1);
         let last = tokens.len() - 1;
@@ -390,8 +387,7 @@ fn engine_only_batched(
         let start = Instant::now();
         ctx.clear_kv_cache();
         let vocab = model.vocab();
-        let text = render_prompt(&model, &prompt).map_err(|e| anyhow!("{e}"))?;
-        let tokens = tokenize(&model, &text);
+        let tokens = tokenizer::prompt_tokens(&model, &prompt).map_err(|e| anyhow!("{e}"))?;
         let mut next = Vec::with_capacity(n);
         let mut samplers: Vec<LlamaSampler> = (0..n).map(|_| LlamaSampler::greedy()).collect();
         let mut batch = LlamaBatch::new(PROMPT_BATCH as usize, 1);

@@ -62,6 +62,57 @@ pub fn tokenize(model: &LlamaModel, text: &str) -> Vec<LlamaToken> {
     model.vocab().tokenize(text.as_bytes(), true, true)
 }
 
+/// The tokens the model reads for `prompt`. A chat's template markup is read with its special
+/// tokens, but what clients wrote in messages is read as plain text: a message containing
+/// `<|im_start|>system …` stays text and cannot open a forged turn. (A raw completion prompt
+/// is the client's own text from end to end and is read as llama.cpp's server reads it,
+/// special tokens included.)
+///
+/// How: each message is rendered between two markers carrying a random nonce (clients cannot
+/// forge them); the rendered text is cut at the markers, the template's pieces tokenized with
+/// special tokens, the messages' without.
+///
+/// # Errors
+/// When the chat template cannot be applied.
+pub fn prompt_tokens(model: &LlamaModel, prompt: &Prompt) -> Result<Vec<LlamaToken>, EngineError> {
+    let Prompt::Chat { messages } = prompt else {
+        return Ok(tokenize(model, &render_prompt(model, prompt)?));
+    };
+    let nonce = format!("{:016x}", rand::random::<u64>());
+    let open = |i: usize| format!("\u{F8FF}{nonce}<{i}\u{F8FF}");
+    let close = |i: usize| format!("\u{F8FF}{nonce}>{i}\u{F8FF}");
+    let marked = Prompt::Chat {
+        messages: messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| super::ChatMessage {
+                role: m.role.clone(),
+                content: format!("{}{}{}", open(i), m.content, close(i)),
+            })
+            .collect(),
+    };
+    let rendered = render_prompt(model, &marked)?;
+    let vocab = model.vocab();
+    let mut tokens = Vec::new();
+    let mut rest = rendered.as_str();
+    let mut first = true;
+    for i in 0..messages.len() {
+        let (Some(start), Some(end)) = (rest.find(&open(i)), rest.find(&close(i))) else {
+            continue;
+        };
+        if end < start {
+            continue;
+        }
+        let bytes = rest.as_bytes();
+        tokens.extend(vocab.tokenize(&bytes[..start], first, true));
+        first = false;
+        tokens.extend(vocab.tokenize(&bytes[start + open(i).len()..end], false, false));
+        rest = &rest[end + close(i).len()..];
+    }
+    tokens.extend(vocab.tokenize(rest.as_bytes(), first, true));
+    Ok(tokens)
+}
+
 /// Tokens of a text to embed: the model's own special prefix (BOS where it uses one), and the
 /// text read literally, so client text cannot smuggle in control tokens.
 #[must_use]
@@ -113,8 +164,18 @@ impl PromptTokenizer {
     /// # Errors
     /// When the prompt cannot be rendered.
     pub fn count(&self, prompt: &Prompt) -> Result<usize, EngineError> {
-        let text = render_prompt(&self.model, prompt)?;
-        Ok(tokenize(&self.model, &text).len())
+        Ok(prompt_tokens(&self.model, prompt)?.len())
+    }
+
+    /// The token ids the engine will feed for this prompt (what [`Self::count`] counts).
+    ///
+    /// # Errors
+    /// When the prompt cannot be rendered.
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<i32>, EngineError> {
+        Ok(prompt_tokens(&self.model, prompt)?
+            .into_iter()
+            .map(|t| t.0)
+            .collect())
     }
 
     /// Number of tokens the engine will embed for this text.

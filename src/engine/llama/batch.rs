@@ -13,9 +13,8 @@ use llama_cpp_2::{
 
 use super::{pos_i32, GenJob, Shared, PROMPT_BATCH};
 use crate::engine::{
-    text::OutputDecoder,
-    tokenizer::{render_prompt, tokenize},
-    EngineError, FinishReason, Generation, SamplingParams,
+    text::OutputDecoder, tokenizer::prompt_tokens, EngineError, FinishReason, Generation,
+    SamplingParams,
 };
 
 /// A generation running on one sequence of the shared context.
@@ -60,8 +59,7 @@ pub(super) fn start(
     shared: &Shared,
 ) -> Started {
     let prepared = (|| {
-        let text = render_prompt(model, &job.request.prompt)?;
-        let tokens = tokenize(model, &text);
+        let tokens = prompt_tokens(model, &job.request.prompt)?;
         let prompt_tokens = tokens.len();
         if prompt_tokens == 0 || prompt_tokens >= n_ctx_seq {
             return Err(EngineError::PromptTooLong {

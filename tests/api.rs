@@ -53,7 +53,15 @@ async fn one_loaded_model_serves_consecutive_requests() {
             .await;
         assert_eq!(status, 200, "{body}");
     }
-    let (status, ping) = app.get(None, "/ping").await;
+    let (status, public) = app.get(None, "/ping").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        public,
+        json!({"status": "ok", "ready": true, "models": ["smollm2"]}),
+        "the public answer says no more"
+    );
+    let admin = app.admin_key().await;
+    let (status, ping) = app.get(Some(&admin), "/ping").await;
     assert_eq!(status, 200);
     assert_eq!(ping["status"], "ok");
     assert_eq!(ping["ready"], true);

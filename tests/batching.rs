@@ -51,7 +51,8 @@ async fn submit(app: &TestApp, key: &TestKey, text: String) -> String {
 }
 
 async fn engine(app: &TestApp) -> Value {
-    let (status, ping) = app.get(None, "/ping").await;
+    let admin = app.admin_key().await;
+    let (status, ping) = app.get(Some(&admin), "/ping").await;
     assert_eq!(status, 200, "{ping}");
     ping["worker"]["engine"].clone()
 }

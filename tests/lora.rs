@@ -108,7 +108,7 @@ async fn a_head_changes_greedy_output_for_its_own_job_only() {
     assert_eq!(app.calls_used(&key).await, 5);
 
     // The engine reports what it holds, and the admin list says where.
-    let (_, ping) = app.get(None, "/ping").await;
+    let (_, ping) = app.get(Some(&app.admin_key().await), "/ping").await;
     assert_eq!(
         ping["worker"]["engine"]["adapters"],
         json!(["demo"]),
@@ -438,7 +438,7 @@ async fn a_cache_of_one_swaps_heads_and_each_still_gives_its_own_output() {
     let demo = generate(&app, &key, json!({"lora": "demo"})).await;
     let other = generate(&app, &key, json!({"lora": "other"})).await;
     assert_ne!(demo, other, "two different adapters gave the same output");
-    let (_, ping) = app.get(None, "/ping").await;
+    let (_, ping) = app.get(Some(&app.admin_key().await), "/ping").await;
     assert_eq!(
         ping["worker"]["engine"]["adapters"],
         json!(["other"]),
@@ -447,7 +447,7 @@ async fn a_cache_of_one_swaps_heads_and_each_still_gives_its_own_output() {
     // `demo` was evicted (and freed); loading it again gives the same output as before.
     let demo_again = generate(&app, &key, json!({"lora": "demo"})).await;
     assert_eq!(demo_again, demo);
-    let (_, ping) = app.get(None, "/ping").await;
+    let (_, ping) = app.get(Some(&app.admin_key().await), "/ping").await;
     assert_eq!(
         ping["worker"]["engine"]["adapters"],
         json!(["demo"]),

@@ -865,6 +865,11 @@ async fn each_worker_serves_only_the_models_it_holds() {
     );
     let (_, ping) = get("/ping").await;
     assert_eq!(ping["ready"], true, "{ping}");
+    let mut served = ping["models"].as_array().cloned().unwrap_or_default();
+    served.sort_by_key(ToString::to_string);
+    assert_eq!(served, vec![json!("smollm2"), json!("smollm2-b")], "{ping}");
+    let admin = issue_key(&c.db, admin_params()).await;
+    let (_, ping) = c.get(0, Some(&admin.secret), "/ping").await;
     assert_eq!(ping["workers"].as_array().map(Vec::len), Some(2), "{ping}");
 
     let c = std::sync::Arc::new(c);

@@ -57,7 +57,7 @@ use tollgate::{
     },
     errors::ApiError,
     extractors::Caller,
-    models::api_keys::{self, ActiveModel as KeyActive, KeyParams},
+    models::api_keys::{self, ActiveModel as KeyActive, KeyParams, Scope},
     settings::{EngineSettings, Settings},
 };
 
@@ -611,6 +611,7 @@ async fn one_token_latencies(
 async fn issue_key_secret(
     ctx: &AppContext,
     max_calls: Option<i64>,
+    scope: Scope,
 ) -> anyhow::Result<(api_keys::Model, String)> {
     let issued = KeyActive::issue(
         &ctx.db,
@@ -618,6 +619,7 @@ async fn issue_key_secret(
             name: "bench".into(),
             email: "bench@example.com".into(),
             max_calls,
+            scope,
             ..Default::default()
         },
     )
@@ -814,10 +816,12 @@ async fn key_check(ctx: &AppContext, args: &Args) -> anyhow::Result<KeyCheck> {
     tokio::spawn(async move {
         axum::serve(listener, router).await.ok();
     });
-    let (key, secret) = issue_key_secret(ctx, Some(1_000_000_000)).await?;
+    let (key, secret) = issue_key_secret(ctx, Some(1_000_000_000), Scope::Client).await?;
     let http = reqwest::Client::new();
     // Warm-up with a separate key, so the counted key sees only the measured requests.
-    let warm = issue_key_secret(ctx, Some(1_000_000_000)).await?.1;
+    let warm = issue_key_secret(ctx, Some(1_000_000_000), Scope::Client)
+        .await?
+        .1;
     for _ in 0..20 {
         http.post(&url).bearer_auth(&warm).send().await?;
     }
@@ -1274,7 +1278,7 @@ fn main() -> anyhow::Result<()> {
         let engine_thread = engine_thread_runs(&settings, &args).await?;
         eprintln!("starting the in-process server …");
         let (server, server_settings) = start_server().await?;
-        let (_, secret) = issue_key_secret(&server.ctx, None).await?;
+        let (_, secret) = issue_key_secret(&server.ctx, None, Scope::Client).await?;
         let http = reqwest::Client::new();
         let target = Target {
             base: server.base.clone(),
@@ -1283,8 +1287,11 @@ fn main() -> anyhow::Result<()> {
         };
         eprintln!("2. end to end …");
         let loads = load_all(&http, &target, &[Route::Chat, Route::Api], &args).await?;
+        // The engine's batching figures are for operators: /ping shows them to an admin key.
+        let (_, admin) = issue_key_secret(&server.ctx, None, Scope::Admin).await?;
         let ping: Value = http
             .get(format!("{}/ping", server.base))
+            .bearer_auth(admin)
             .send()
             .await?
             .json()
@@ -1313,7 +1320,7 @@ fn main() -> anyhow::Result<()> {
         let production = match start_production_server(&args).await {
             Ok((prod, database, prefix)) => {
                 let measured = async {
-                    let (_, secret) = issue_key_secret(&prod.ctx, None).await?;
+                    let (_, secret) = issue_key_secret(&prod.ctx, None, Scope::Client).await?;
                     let target = Target {
                         base: prod.base.clone(),
                         key: Some(secret),

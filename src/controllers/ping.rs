@@ -1,41 +1,51 @@
 //! `GET /ping`: liveness plus whether a worker and model are ready (no key needed).
+//!
+//! Anyone may ask, so the public answer says only `status`, `ready` and the names of the
+//! models served. An admin key (`Authorization: Bearer …`) adds what operators need and
+//! strangers should not see: the engine (model path, adapters loaded, device), the worker
+//! processes and the queue depth.
 
-use axum::{extract::State, response::IntoResponse, Json};
+use axum::{
+    extract::{Request, State},
+    response::IntoResponse,
+    Json,
+};
 use loco_rs::{app::AppContext, controller::Routes};
-use serde_json::json;
+use serde_json::{json, Value};
 
-use crate::services::Services;
+use crate::{extractors::caller::admin_if_any, services::Services};
 
 /// Seed 000's health check: `{"status": "ok"}` with the worker's readiness added.
-async fn ping(State(ctx): State<AppContext>) -> impl IntoResponse {
+async fn ping(State(ctx): State<AppContext>, request: Request) -> impl IntoResponse {
     let Ok(services) = Services::from_ctx(&ctx) else {
         return Json(json!({"status": "starting", "ready": false}));
     };
+    let (parts, _) = request.into_parts();
     let models = &services.models;
-    let depth = models.default_queue().depth().await.ok();
     let remote = models.remote_workers().await;
-    let model = models.default_name().to_string();
-    let workers: Vec<_> = remote
-        .iter()
-        .map(|w| json!({"id": w.id, "models": w.model_list(), "device": w.device, "adapters": w.adapter_list()}))
-        .collect();
-    match models.engine_status() {
-        Some(engine) => Json(json!({
-            "status": "ok",
-            "ready": engine.ready,
-            "worker": {"mode": "embedded", "engine": engine},
-            "workers": workers,
-            "queue": {"depth": depth},
-        })),
-        // Ready when a live worker process holds the default model.
-        None => Json(json!({
-            "status": "ok",
-            "ready": remote.iter().any(|w| w.model_list().contains(&model)),
-            "worker": {"mode": "external"},
-            "workers": workers,
-            "queue": {"depth": depth},
-        })),
+    let default = models.default_name().to_string();
+    let engine = models.engine_status();
+    // Ready when this process's engine is, or a live worker process holds the default model.
+    let ready = engine.as_ref().map_or_else(
+        || remote.iter().any(|w| w.model_list().contains(&default)),
+        |e| e.ready,
+    );
+    let mut names = models.served_here();
+    names.extend(models.remote_models().await);
+    let mut answer = json!({"status": "ok", "ready": ready, "models": names});
+    if admin_if_any(&parts, &ctx).await.is_some() {
+        let workers: Vec<Value> = remote
+            .iter()
+            .map(|w| json!({"id": w.id, "models": w.model_list(), "device": w.device, "adapters": w.adapter_list()}))
+            .collect();
+        answer["worker"] = match engine {
+            Some(engine) => json!({"mode": "embedded", "engine": engine}),
+            None => json!({"mode": "external"}),
+        };
+        answer["workers"] = json!(workers);
+        answer["queue"] = json!({"depth": models.default_queue().depth().await.ok()});
     }
+    Json(answer)
 }
 
 pub fn routes() -> Routes {

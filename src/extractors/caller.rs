@@ -80,6 +80,21 @@ async fn identify(parts: &Parts, ctx: &AppContext) -> Result<api_keys::Model, Ap
     Ok(key)
 }
 
+/// The admin key a request carries, if it carries one in good standing: for public routes that
+/// show operators more. Never an error (a bad key just gets the public answer).
+pub async fn admin_if_any(parts: &Parts, ctx: &AppContext) -> Option<api_keys::Model> {
+    if !parts
+        .headers
+        .contains_key(axum::http::header::AUTHORIZATION)
+    {
+        return None;
+    }
+    identify(parts, ctx)
+        .await
+        .ok()
+        .filter(api_keys::Model::is_admin)
+}
+
 /// Each caller type: [`identify`], then what that type adds.
 macro_rules! caller {
     ($ty:ident, |$key:ident, $ctx:ident| $check:block) => {

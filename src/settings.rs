@@ -233,6 +233,10 @@ pub struct ApiSettings {
     /// Default per-key request rate; a key's own limit overrides it.
     #[serde(default)]
     pub rate_limit: RateLimitSettings,
+    /// When set, `GET /metrics` answers only `Authorization: Bearer <this>` (what Prometheus'
+    /// `authorization` block sends); unset, it is open (keep it off the public side).
+    #[serde(default)]
+    pub metrics_token: Option<String>,
 }
 
 /// Requests per minute and burst. `per_minute: 0` means no default limit.
@@ -366,6 +370,7 @@ impl Default for ApiSettings {
             max_tokens_limit: default_max_tokens_limit(),
             default_temperature: default_temperature(),
             rate_limit: RateLimitSettings::default(),
+            metrics_token: None,
         }
     }
 }

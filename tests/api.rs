@@ -287,3 +287,64 @@ async fn an_async_job_is_accepted_at_once_and_its_result_is_polled() {
     assert_eq!(app.calls_used(&key).await, 1);
     assert_eq!(app.job_count().await, 1);
 }
+
+#[tokio::test]
+async fn metrics_can_require_a_token_and_listings_follow_the_keys_allow_lists() {
+    let app = TestApp::spawn_scripted(|s| s["api"]["metrics_token"] = json!("scrape-me")).await;
+    let resp = app.http.get(app.url("/metrics")).send().await.expect("get");
+    assert_eq!(resp.status().as_u16(), 401);
+    let resp = app
+        .http
+        .get(app.url("/metrics"))
+        .bearer_auth("scrape-me")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(resp.text().await.expect("text").contains("tollgate_jobs"));
+
+    let admin = app.admin_key().await;
+    let (status, body) = app
+        .post(
+            Some(&admin),
+            "/llm/configure_model/",
+            json!({"model_id": "hidden", "model_name": "x.gguf", "model_type": "llama.cpp"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let config_id = body["config_id"].as_str().expect("id").to_string();
+    let limited = app
+        .issue_key(tollgate::models::api_keys::KeyParams {
+            email: "l@example.com".into(),
+            allowed_models: vec!["smollm2".into()],
+            ..Default::default()
+        })
+        .await;
+    let (_, listed) = app.get(Some(&limited), "/llm/configurations/").await;
+    assert_eq!(
+        listed,
+        json!([]),
+        "a configuration of a model the key may not use is hidden"
+    );
+    let (status, _) = app
+        .get(Some(&limited), &format!("/llm/configuration/{config_id}"))
+        .await;
+    assert_eq!(status, 404);
+    let (_, listed) = app.get(Some(&admin), "/llm/configurations/").await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1));
+    let only_other = app
+        .issue_key(tollgate::models::api_keys::KeyParams {
+            email: "o@example.com".into(),
+            allowed_models: vec!["other".into()],
+            ..Default::default()
+        })
+        .await;
+    let (_, engines) = app.get(Some(&only_other), "/active_models/").await;
+    assert_eq!(
+        engines,
+        json!([]),
+        "engines of models the key may not use are hidden"
+    );
+    let (_, engines) = app.get(Some(&limited), "/active_models/").await;
+    assert_eq!(engines.as_array().map(Vec::len), Some(1), "{engines}");
+}

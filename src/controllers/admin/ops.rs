@@ -14,7 +14,7 @@ use sea_orm::{ConnectionTrait, Statement};
 use serde_json::json;
 
 use crate::{
-    errors::{ApiError, ApiResult},
+    errors::{ApiError, ApiResult, ErrorCode},
     extractors::AdminCaller,
     metrics::{self, label},
     models::workers,
@@ -44,8 +44,36 @@ async fn scalar_rows(ctx: &AppContext, sql: &str) -> Result<Vec<sea_orm::QueryRe
 
 /// `GET /metrics`: Prometheus text format. Job, token, worker and key figures come from the
 /// database, so every API instance reports the deployment's totals.
-async fn metrics_text(State(ctx): State<AppContext>) -> ApiResult<Response> {
+async fn metrics_text(
+    State(ctx): State<AppContext>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
+    if let Some(token) = services
+        .settings
+        .api
+        .metrics_token
+        .as_deref()
+        .filter(|t| !t.is_empty())
+    {
+        let sent = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let same = sent.len() == token.len()
+            && sent
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !same {
+            return Err(ApiError::new(
+                ErrorCode::InvalidAuthorization,
+                "this server's metrics need `Authorization: Bearer <settings.api.metrics_token>`",
+            ));
+        }
+    }
     let mut out = metrics::render_http();
 
     out.push_str("# HELP tollgate_queue_depth Jobs waiting for a worker, per model.\n");

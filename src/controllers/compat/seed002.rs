@@ -349,6 +349,12 @@ async fn active_models(
             .filter(|(_, status)| status.ready)
             .map(|(id, status)| entry(Some(id), status)),
     );
+    // A key limited to some models sees only those engines.
+    list.retain(|e| {
+        e["model_name"]
+            .as_str()
+            .is_some_and(|m| key.permits_model(m))
+    });
     Ok(Json(list).into_response())
 }
 

@@ -133,13 +133,14 @@ async fn unload(
 }
 
 #[tracing::instrument(skip_all, fields(api_key))]
-async fn configurations(
-    State(ctx): State<AppContext>,
-    Caller(_key): Caller,
-) -> ApiResult<Response> {
+async fn configurations(State(ctx): State<AppContext>, Caller(key): Caller) -> ApiResult<Response> {
+    // A key limited to some models sees only their configurations.
     let all = model_configs::Model::list(&ctx.db).await?;
     Ok(Json(Value::Array(
-        all.iter().map(model_configs::Model::to_json).collect(),
+        all.iter()
+            .filter(|c| key.permits_model(&c.model_id))
+            .map(model_configs::Model::to_json)
+            .collect(),
     ))
     .into_response())
 }
@@ -147,10 +148,16 @@ async fn configurations(
 #[tracing::instrument(skip_all, fields(api_key))]
 async fn configuration(
     State(ctx): State<AppContext>,
-    Caller(_key): Caller,
+    Caller(key): Caller,
     Path(config_id): Path<String>,
 ) -> ApiResult<Response> {
     let config = stored(&ctx, &config_id).await?;
+    if !key.permits_model(&config.model_id) {
+        return Err(ApiError::new(
+            ErrorCode::ConfigNotFound,
+            format!("no configuration {config_id}"),
+        ));
+    }
     Ok(Json(config.to_json()).into_response())
 }
 

@@ -135,6 +135,7 @@ error_codes! {
     InternalError = "internal_error" => INTERNAL_SERVER_ERROR,
     // 503: a dependency is not available; nothing was spent.
     Starting = "starting" => SERVICE_UNAVAILABLE,
+    ServerBusy = "server_busy" => SERVICE_UNAVAILABLE,
     QueueUnavailable = "queue_unavailable" => SERVICE_UNAVAILABLE,
     ModelUnavailable = "model_unavailable" => SERVICE_UNAVAILABLE,
     AdapterUnavailable = "adapter_unavailable" => SERVICE_UNAVAILABLE,

@@ -29,6 +29,9 @@ pub struct Services {
     pub rate_limits: RateLimits,
     /// Failed-login throttle of `POST /token`.
     pub logins: LoginThrottle,
+    /// Bounds the password checks (argon2) running at once, so a flood of sign-ins cannot eat
+    /// the memory or the blocking threads (see [`Self::password_check`]).
+    password_checks: Arc<tokio::sync::Semaphore>,
     pub setup: SetupLinks,
     reaper: tokio::task::JoinHandle<()>,
 }
@@ -131,6 +134,11 @@ impl Services {
             events.clone(),
             reaper::Bounds::from_settings(&settings),
         );
+        let checks = match settings.auth.password_checks {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            n => n as usize,
+        };
+        let password_checks = Arc::new(tokio::sync::Semaphore::new(checks));
         let setup = SetupLinks::new(Duration::from_secs(
             u64::from(settings.auth.setup_link_minutes) * 60,
         ));
@@ -141,6 +149,7 @@ impl Services {
             events,
             rate_limits,
             logins,
+            password_checks,
             setup,
             reaper,
         }))
@@ -154,6 +163,23 @@ impl Services {
         ctx.shared_store
             .get::<Arc<Self>>()
             .ok_or_else(|| ApiError::new(ErrorCode::Starting, "the server is still starting"))
+    }
+
+    /// A permit to run one password check now, or 503 `server_busy` at once when as many as
+    /// allowed are running (sign-in floods are refused, not queued).
+    ///
+    /// # Errors
+    /// 503 with `Retry-After: 1`.
+    pub fn password_check(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.password_checks
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorCode::ServerBusy,
+                    "too many sign-ins at this moment; try again in a second",
+                )
+            })
     }
 
     /// Stops the reaper and every worker of this process after its current job.

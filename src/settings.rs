@@ -49,6 +49,10 @@ pub struct AuthSettings {
     /// How long the first-run setup link printed at start stays usable.
     #[serde(default = "default_setup_link_minutes")]
     pub setup_link_minutes: u32,
+    /// Password checks (argon2, ~20 MiB and tens of ms each) run at once at most; more sign-ins
+    /// at the same moment get 503 with `Retry-After` at once. 0 = one per CPU core.
+    #[serde(default)]
+    pub password_checks: u32,
 }
 
 fn default_session_ttl_minutes() -> u32 {
@@ -77,6 +81,7 @@ impl Default for AuthSettings {
             session_ttl_minutes: default_session_ttl_minutes(),
             secure_cookies: false,
             setup_link_minutes: default_setup_link_minutes(),
+            password_checks: 0,
         }
     }
 }

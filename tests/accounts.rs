@@ -1122,3 +1122,46 @@ async fn admins_disable_change_reset_and_delete_users_and_their_tokens_follow() 
         .expect("db")
         .is_none());
 }
+
+#[tokio::test]
+async fn a_flood_of_sign_ins_is_refused_at_once_beyond_the_password_check_bound() {
+    let app = TestApp::spawn_scripted(|s| {
+        s["auth"]["password_checks"] = json!(1);
+        s["auth"]["login_max_failures"] = json!(1000);
+    })
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let (http, url) = (app.http.clone(), app.url("/token"));
+        tasks.push(tokio::spawn(async move {
+            let resp = http
+                .post(url)
+                .json(&json!({"username": format!("nobody{i}"), "password": "guess-guess"}))
+                .send()
+                .await
+                .expect("post");
+            let retry = resp.headers().contains_key("retry-after");
+            (resp.status().as_u16(), retry)
+        }));
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for t in tasks {
+        let (status, retry) = t.await.expect("task");
+        assert!(status != 503 || retry, "a 503 says when to retry");
+        *seen.entry(status).or_insert(0) += 1;
+    }
+    assert!(
+        seen.keys().all(|s| *s == 401 || *s == 503),
+        "only wrong-credential answers and busy refusals: {seen:?}"
+    );
+    assert!(
+        seen.get(&503).copied().unwrap_or(0) > 0,
+        "the bound refused some: {seen:?}"
+    );
+    assert!(
+        seen.get(&401).copied().unwrap_or(0) > 0,
+        "some were checked: {seen:?}"
+    );
+    let (status, _) = app.get(None, "/ping").await;
+    assert_eq!(status, 200);
+}

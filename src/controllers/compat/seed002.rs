@@ -131,7 +131,10 @@ async fn token(State(ctx): State<AppContext>, req: Request<Body>) -> ApiResult<R
         )
         .retry_after(wait.as_secs() + 1));
     }
-    let user = match users::authenticate(&ctx.db, &username, &password).await? {
+    let permit = services.password_check()?;
+    let login = users::authenticate(&ctx.db, &username, &password).await;
+    drop(permit);
+    let user = match login? {
         Login::Ok(user) => user,
         Login::Disabled(_) => {
             services.logins.succeeded(&username);

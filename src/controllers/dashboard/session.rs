@@ -102,6 +102,9 @@ pub(super) async fn login(
         .map_err(internal)?;
     // The argon2 check runs off the async runtime, and runs for unknown emails too (against a
     // decoy hash), so a sign-in's time does not tell which emails are admins.
+    let permit = services
+        .password_check()
+        .map_err(IntoResponse::into_response)?;
     let verified = tokio::task::spawn_blocking({
         let admin = admin.clone();
         move || match admin {
@@ -114,6 +117,7 @@ pub(super) async fn login(
     })
     .await
     .map_err(internal)?;
+    drop(permit);
     match admin {
         Some(admin) if verified => {
             services.logins.succeeded(&throttle_key);

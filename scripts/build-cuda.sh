@@ -63,10 +63,18 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv && .venv/bin/python -m pip install -q -r tests/python/requirements.txt
 fi
 .venv/bin/python scripts/make-lora.py --out "$out/adapters/demo.gguf" >&2
-for lib in "$CARGO_TARGET_DIR"/release/lib*.so*; do
-  [ -e "$lib" ] && cp -L "$lib" "$out/"
+# llama.cpp's libraries under the names the binaries ask for (their SONAMEs, `lib*.so.0`).
+libdir=$(ls -d "$CARGO_TARGET_DIR"/release/build/llama-cpp-sys-2-*/out/lib 2>/dev/null | head -n 1)
+[ -n "$libdir" ] || { echo "tollgate: llama.cpp's libraries not found under $CARGO_TARGET_DIR" >&2; exit 1; }
+for lib in "$libdir"/lib*.so.0; do
+  cp -L "$lib" "$out/"
 done
 strip --strip-unneeded "$out"/tollgate-cli "$out"/tollgate-bench "$out"/lib*.so* 2>/dev/null || true
+# Each library finds the others beside it too (llama.cpp links them to one another).
+command -v patchelf >/dev/null 2>&1 || { apt-get install -y -qq patchelf >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq patchelf >/dev/null; }; }
+for lib in "$out"/lib*.so.0; do
+  patchelf --set-rpath '$ORIGIN' "$lib"
+done
 {
   echo "tollgate-cli built with --features cuda-no-vmm on $(date -u +%FT%TZ) ($(uname -m))"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -74,7 +82,8 @@ strip --strip-unneeded "$out"/tollgate-cli "$out"/tollgate-bench "$out"/lib*.so*
   echo "architectures: sm_${archs//;/ sm_}"
   echo "build seconds: $(( $(date +%s) - started ))"
   echo
-  echo "Shared libraries needed (ldd, with this build's CUDA libraries on LD_LIBRARY_PATH):"
+  echo "Shared libraries needed (ldd, with this build's CUDA libraries on LD_LIBRARY_PATH;"
+  echo "llama.cpp's own are found beside each file, rpath \$ORIGIN):"
   (cd "$out" && ldd ./tollgate-cli ./tollgate-bench ./lib*.so* 2>&1 | sed 's/ (0x[0-9a-f]*)//')
   echo
   echo "On the GPU machine: libcudart.so.13 and libcublas.so.13 (CUDA 13 runtime, e.g. the"

@@ -38,7 +38,8 @@ command -v nvidia-smi >/dev/null || fail_early gpu "no NVIDIA GPU here: nvidia-s
 gpus=$(nvidia-smi -L 2>&1) || fail_early gpu "nvidia-smi found no usable GPU: $gpus"
 echo "$gpus" | grep -q '^GPU 0' || fail_early gpu "nvidia-smi lists no GPU 0: $gpus"
 [ -n "$model" ] && [ -s "$model" ] || fail_early model "model not found: give its path as the second argument"
-missing=$(ldd "$bin" 2>&1 | grep 'not found')
+export LD_LIBRARY_PATH="$pkg${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+missing=$(ldd "$bin" "$pkg"/lib*.so.0 2>/dev/null | grep 'not found' | sort -u)
 [ -z "$missing" ] || fail_early libraries "shared libraries not found (put the CUDA 13 runtime on LD_LIBRARY_PATH): $missing"
 bench="$pkg/tollgate-bench"
 [ -x "$bench" ] || fail_early bench "tollgate-bench not found next to $bin"

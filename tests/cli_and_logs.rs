@@ -189,22 +189,20 @@ async fn readme_run_command_serves_a_key_made_by_the_tasks_and_logs_no_secret() 
     let mut wrong = secret.clone();
     wrong.pop();
     wrong.push('x');
-    let resp = http
-        .post(format!("{base}/api/"))
-        .bearer_auth(&wrong)
-        .json(&json!({"text": "hi"}))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status().as_u16(), 401);
+    // `POST /api/` at `url` with `{"text": "hi"}` (and a bearer key, if given): its status.
+    let say_hi = |url: String, bearer: Option<String>| {
+        let mut req = http.post(url).json(&json!({"text": "hi"}));
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        async move { req.send().await.expect("request").status().as_u16() }
+    };
+    assert_eq!(
+        say_hi(format!("{base}/api/"), Some(wrong.clone())).await,
+        401
+    );
     // Also when it rides in the base URL (`/k/<key>/…`): refused, and never logged.
-    let resp = http
-        .post(format!("{base}/k/{wrong}/api/"))
-        .json(&json!({"text": "hi"}))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status().as_u16(), 401);
+    assert_eq!(say_hi(format!("{base}/k/{wrong}/api/"), None).await, 401);
 
     let (ok, out) = task(&dir, &["key:list"]);
     assert!(ok, "{out}");
@@ -213,14 +211,10 @@ async fn readme_run_command_serves_a_key_made_by_the_tasks_and_logs_no_secret() 
 
     let (ok, out) = task(&dir, &["key:revoke", &format!("prefix={prefix}")]);
     assert!(ok, "{out}");
-    let resp = http
-        .post(format!("{base}/api/"))
-        .bearer_auth(&secret)
-        .json(&json!({"text": "hi"}))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status().as_u16(), 401);
+    assert_eq!(
+        say_hi(format!("{base}/api/"), Some(secret.clone())).await,
+        401
+    );
 
     drop(server);
     let logs = std::fs::read_to_string(&log_path).expect("read log");

@@ -58,7 +58,7 @@ done
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export CUDA_VISIBLE_DEVICES=0 TOLLGATE_N_GPU_LAYERS=999 TOLLGATE_PARALLEL=32 TOLLGATE_LOOKAHEAD=8
 export TOLLGATE_PORT=$port TOLLGATE_BINDING=127.0.0.1 TOLLGATE_DEFAULT_TEMPERATURE=0
-export RUST_LOG=${RUST_LOG:-info,llama-cpp-2=info}
+export RUST_LOG=${RUST_LOG:-info,llama-cpp-2=info} TOLLGATE_LOG_FORMAT=${TOLLGATE_LOG_FORMAT:-json}
 cd "$work" || exit 2
 
 # 1. The bench's engine-only part, before the server holds the GPU.

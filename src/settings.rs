@@ -167,6 +167,14 @@ pub struct EmbeddingSettings {
     /// Longest input in tokens; the embedding context reads each input in one batch.
     #[serde(default = "default_embedding_context")]
     pub context_size: u32,
+    /// Most tokens one embedding call may hold across its inputs: the engine embeds between
+    /// decode steps, so one huge call must not stall every running generation.
+    #[serde(default = "default_embedding_call_tokens")]
+    pub max_tokens_per_call: u32,
+}
+
+fn default_embedding_call_tokens() -> u32 {
+    16_384
 }
 
 /// Pooling of token states into a sequence embedding.
@@ -347,6 +355,7 @@ impl Default for EmbeddingSettings {
             enabled: true,
             pooling: Pooling::default(),
             context_size: default_embedding_context(),
+            max_tokens_per_call: default_embedding_call_tokens(),
         }
     }
 }

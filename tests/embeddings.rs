@@ -203,3 +203,39 @@ async fn disabled_embeddings_are_refused_before_any_charge() {
     assert_eq!((status, code(&out)), (404, "embeddings_disabled"), "{out}");
     assert_eq!(app.calls_used(&key).await, 0);
 }
+
+#[tokio::test]
+async fn one_call_holds_at_most_the_configured_tokens_and_a_bigger_one_costs_nothing() {
+    let app =
+        TestApp::spawn_scripted(|s| s["engine"]["embeddings"]["max_tokens_per_call"] = json!(40))
+            .await;
+    let key = app.key_with_calls(Some(3)).await;
+    let many: Vec<String> = (0..20)
+        .map(|i| format!("sentence number {i} about cats"))
+        .collect();
+    let (status, body) = app
+        .post(
+            Some(&key),
+            "/v1/embeddings",
+            json!({"model": "smollm2", "input": many}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(common::code(&body), "context_length_exceeded");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("at most 40"),
+        "{body}"
+    );
+    assert_eq!(app.calls_used(&key).await, 0);
+    let (status, body) = app
+        .post(
+            Some(&key),
+            "/v1/embeddings",
+            json!({"model": "smollm2", "input": ["a cat", "a dog"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}

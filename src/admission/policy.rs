@@ -76,6 +76,15 @@ impl Policy {
                     }
                     total += n;
                 }
+                let cap = engine.embeddings.max_tokens_per_call as usize;
+                if total > cap {
+                    return Err(ApiError::new(
+                        ErrorCode::ContextLengthExceeded,
+                        format!(
+                            "the inputs hold {total} tokens; one embedding call takes at most {cap} (split it into several calls)"
+                        ),
+                    ));
+                }
                 Ok(total)
             }
         }

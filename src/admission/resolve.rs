@@ -184,7 +184,9 @@ pub async fn resolve(
             ),
         ));
     }
-    let scale = adapters::validate_scale(choice.scale.unwrap_or(record.default_scale))?;
+    let scale = snap_scale(adapters::validate_scale(
+        choice.scale.unwrap_or(record.default_scale),
+    )?);
     let file = record.resolve(adapters_dir).map_err(|e| {
         tracing::error!(adapter = %record.name, error = %e, "registered adapter file unusable");
         ApiError::new(
@@ -203,6 +205,17 @@ pub async fn resolve(
             scale,
         }),
     })
+}
+
+/// Steps a LoRA scale is rounded to. Only jobs with the same head and scale share a batch, so
+/// every distinct scale is a group that drains the batch when it comes up: a grid keeps the
+/// groups few, whatever scales clients send.
+pub const SCALE_STEP: f32 = 0.05;
+
+/// `scale` on the [`SCALE_STEP`] grid.
+#[must_use]
+pub fn snap_scale(scale: f32) -> f32 {
+    (scale / SCALE_STEP).round() * SCALE_STEP
 }
 
 /// A request for a model other than the default one: allowed for this key, and without a head.
@@ -231,4 +244,27 @@ fn other_model(
         model: model.to_string(),
         adapter: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snap_scale;
+
+    #[test]
+    fn scales_snap_to_a_coarse_grid() {
+        for (asked, got) in [
+            (0.83, 0.85),
+            (0.8, 0.8),
+            (0.0, 0.0),
+            (1.0, 1.0),
+            (0.024, 0.0),
+            (3.99, 4.0),
+        ] {
+            assert!(
+                (snap_scale(asked) - got).abs() < 1e-6,
+                "{asked} -> {}",
+                snap_scale(asked)
+            );
+        }
+    }
 }

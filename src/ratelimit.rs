@@ -24,7 +24,11 @@ struct Limit {
     burst: NonZeroU32,
 }
 
-/// The limiters of all keys seen by this process.
+/// Keys whose limiter one process keeps; beyond this an arbitrary other key's limiter is
+/// dropped (that key starts afresh: a full burst again, never a wrong refusal).
+const MAX_LIMITERS: usize = 10_000;
+
+/// The limiters of all keys seen by this process (at most [`MAX_LIMITERS`]).
 pub struct RateLimits {
     default: Option<Limit>,
     limiters: Mutex<HashMap<i32, (Limit, Arc<DefaultDirectRateLimiter>)>>,
@@ -165,6 +169,11 @@ impl RateLimits {
                 .limiters
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if map.len() >= MAX_LIMITERS && !map.contains_key(&key.id) {
+                if let Some(other) = map.keys().next().copied() {
+                    map.remove(&other);
+                }
+            }
             let entry = map
                 .entry(key.id)
                 .or_insert_with(|| (limit, new_limiter(limit)));
@@ -239,6 +248,23 @@ mod tests {
         // One request per 10 s at 6/min.
         let retry = err.retry_after.unwrap_or_default();
         assert!((1..=10).contains(&retry), "retry_after {retry}");
+    }
+
+    #[test]
+    fn the_limiters_kept_are_bounded() {
+        let limits = RateLimits::new(&RateLimitSettings {
+            per_minute: 60,
+            burst: Some(1),
+        });
+        for id in 0..i32::try_from(MAX_LIMITERS + 50).unwrap_or(i32::MAX) {
+            assert!(limits.check_local(&key(id, None, None)).is_ok());
+        }
+        let kept = limits
+            .limiters
+            .lock()
+            .map(|m| m.len())
+            .unwrap_or(usize::MAX);
+        assert!(kept <= MAX_LIMITERS, "{kept} limiters kept");
     }
 
     #[test]

@@ -52,11 +52,21 @@ impl LoginThrottle {
         let Ok(mut entries) = self.entries.lock() else {
             return Ok(());
         };
-        if entries.len() >= MAX_TRACKED {
+        if entries.len() >= MAX_TRACKED && !entries.contains_key(username) {
             let window = self.lockout;
             entries.retain(|_, e| {
                 e.locked_until.is_some_and(|t| t > now) || now.duration_since(e.since) < window
             });
+            // Still full of live entries (a flood of names): drop the oldest one.
+            if entries.len() >= MAX_TRACKED {
+                if let Some(oldest) = entries
+                    .iter()
+                    .min_by_key(|(_, e)| e.since)
+                    .map(|(name, _)| name.clone())
+                {
+                    entries.remove(&oldest);
+                }
+            }
         }
         let entry = entries.entry(username.to_string()).or_insert(Entry {
             failures: 0,
@@ -95,6 +105,17 @@ impl LoginThrottle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_names_tracked_are_bounded_even_in_a_flood() {
+        let t = LoginThrottle::new(3, Duration::from_secs(60));
+        let start = Instant::now();
+        for i in 0..MAX_TRACKED + 100 {
+            assert!(t.begin_at(&format!("user{i}"), start).is_ok());
+        }
+        let tracked = t.entries.lock().map(|m| m.len()).unwrap_or(usize::MAX);
+        assert!(tracked <= MAX_TRACKED, "{tracked} names tracked");
+    }
 
     #[test]
     fn locks_after_max_failures_until_the_lockout_ends() {

@@ -374,12 +374,29 @@ async fn hugging_face_names_reach_the_models_their_aliases_name() {
             .await;
         assert_eq!(status, 200, "{model}: {body}");
     }
+    // Tensor parallelism over several GPUs is refused by name; 1 is what happens anyway.
+    let (status, body) = app
+        .post(
+            Some(&admin),
+            "/vllm_request/start",
+            json!({"Model": "meta-llama/Llama-2-7b-chat-hf", "TENSOR_PARALLEL_SIZE": 2}),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (400, "unsupported_parameter"),
+        "{body}"
+    );
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("TENSOR_PARALLEL_SIZE"));
     // The default model's alias starts nothing new.
     let (status, body) = app
         .post(
             Some(&admin),
             "/vllm_request/start",
-            json!({"Model": "meta-llama/Llama-2-7b-chat-hf"}),
+            json!({"Model": "meta-llama/Llama-2-7b-chat-hf", "TENSOR_PARALLEL_SIZE": 1}),
         )
         .await;
     assert_eq!(status, 200, "{body}");

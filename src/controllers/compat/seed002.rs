@@ -369,6 +369,8 @@ struct StartRequest {
     Model: String,
     MAX_MODEL_LEN: Option<u32>,
     SEED: Option<i64>,
+    /// One engine runs on one GPU here: 1 is what happens anyway; more is refused by name.
+    TENSOR_PARALLEL_SIZE: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -400,6 +402,12 @@ async fn vllm_start(
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
     let JsonBody(body) = body?;
+    if let Some(n) = body.TENSOR_PARALLEL_SIZE.filter(|n| *n != 1) {
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedParameter,
+            format!("TENSOR_PARALLEL_SIZE {n} is not supported: each engine runs on one GPU (run one worker per GPU)"),
+        ));
+    }
     let default = services.models.default_name().to_string();
     // Seed 002 names Hugging Face models; `settings.aliases` says what each is here.
     let asked = body.Model.trim();

@@ -63,14 +63,22 @@ impl AdapterCache {
     /// # Errors
     /// When the file is missing, not a regular file, or outside the adapters folder.
     pub fn key_for(&self, choice: &AdapterChoice) -> Result<AdapterKey, EngineError> {
+        // Errors reach the job record, which clients read: they name files relative to the
+        // adapters folder; the full paths go to this worker's log only.
         let dir = std::fs::canonicalize(&self.dir).map_err(|e| {
-            adapter_error(
-                &choice.name,
-                format!("adapters folder {}: {e}", self.dir.display()),
-            )
+            tracing::error!(dir = %self.dir.display(), error = %e, "adapters folder unusable");
+            adapter_error(&choice.name, "this worker's adapters folder is unavailable")
         })?;
-        let path = std::fs::canonicalize(&choice.path)
-            .map_err(|e| adapter_error(&choice.name, format!("{}: {e}", choice.path.display())))?;
+        let shown = |p: &std::path::Path| {
+            p.strip_prefix(&dir)
+                .ok()
+                .or_else(|| p.file_name().map(std::path::Path::new))
+                .map_or_else(String::new, |r| r.display().to_string())
+        };
+        let path = std::fs::canonicalize(&choice.path).map_err(|e| {
+            tracing::warn!(path = %choice.path.display(), error = %e, "adapter file unusable");
+            adapter_error(&choice.name, format!("{}: {e}", shown(&choice.path)))
+        })?;
         if !path.starts_with(&dir) {
             return Err(adapter_error(
                 &choice.name,
@@ -78,7 +86,7 @@ impl AdapterCache {
             ));
         }
         let meta = std::fs::metadata(&path)
-            .map_err(|e| adapter_error(&choice.name, format!("{}: {e}", path.display())))?;
+            .map_err(|e| adapter_error(&choice.name, format!("{}: {e}", shown(&path))))?;
         if !meta.is_file() {
             return Err(adapter_error(&choice.name, "not a regular file"));
         }
@@ -158,5 +166,33 @@ fn free(adapter: LlamaLoraAdapter) {
             adapter,
         );
         llama_cpp_sys_2::llama_adapter_lora_free(ptr);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AdapterCache;
+    use crate::engine::AdapterChoice;
+
+    #[test]
+    fn errors_name_files_relative_to_the_adapters_folder() {
+        let dir = std::env::temp_dir().join(format!("tollgate-lora-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let cache = AdapterCache::new(&dir, 2);
+        let choice = AdapterChoice {
+            name: "gone".into(),
+            path: dir.join("sub").join("gone.gguf"),
+            scale: 1.0,
+        };
+        let message = cache
+            .key_for(&choice)
+            .expect_err("missing file")
+            .to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(message.contains("gone.gguf"), "{message}");
+        assert!(
+            !message.contains(&*dir.to_string_lossy()),
+            "an absolute path reached the message: {message}"
+        );
     }
 }

@@ -304,6 +304,17 @@ mod tests {
     use super::ErrorCode;
 
     #[test]
+    fn every_code_is_documented_in_the_readme() {
+        let readme = include_str!("../README.md");
+        let missing: Vec<&str> = ErrorCode::ALL
+            .iter()
+            .map(|c| c.as_str())
+            .filter(|c| !readme.contains(&format!("`{c}`")))
+            .collect();
+        assert!(missing.is_empty(), "README's Errors table lacks {missing:?}");
+    }
+
+    #[test]
     fn every_code_has_one_unique_wire_name_and_an_error_status() {
         let mut names: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
         let all = names.len();

@@ -311,7 +311,10 @@ mod tests {
             .map(|c| c.as_str())
             .filter(|c| !readme.contains(&format!("`{c}`")))
             .collect();
-        assert!(missing.is_empty(), "README's Errors table lacks {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "README's Errors table lacks {missing:?}"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{
-    compat::llama_server::token_ids,
+    compat::llama_server::{token_ids, tokenizer_of},
     respond::{answer, try_answer, usage_json},
 };
 use crate::{
@@ -479,19 +479,21 @@ fn stream(js: crate::admission::JobStream, shape: Shape, streaming: Streaming) -
 #[tracing::instrument(skip_all, fields(api_key))]
 async fn models(State(ctx): State<AppContext>, Caller(key): Caller) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    let mut data = Vec::new();
-    for id in available_models(&ctx.db, &services.models, &key).await? {
-        data.push(model_entry(&services, &id).await);
-    }
+    let remote = services.models.remote_workers().await;
+    let data: Vec<Value> = available_models(&ctx.db, &services.models, &key)
+        .await?
+        .iter()
+        .map(|id| model_entry(&services, id, &remote))
+        .collect();
     Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
 /// One model as `/v1/models` lists it, with what clients size requests by: its context length
 /// (`context_length`, and vLLM's `max_model_len`) and what it does.
-async fn model_entry(services: &Services, id: &str) -> Value {
+fn model_entry(services: &Services, id: &str, remote: &[crate::models::workers::Model]) -> Value {
     let models = &services.models;
     let base = id.split_once(':').map_or(id, |(b, _)| b);
-    let context = models.context_size_of(base).await;
+    let context = models.context_size_of(base, remote);
     let embeddings = base == models.default_name() && services.settings.engine.embeddings.enabled;
     json!({
         "id": id,
@@ -520,7 +522,8 @@ async fn model(
             format!("model {id:?} does not exist; available: {available:?}"),
         ));
     }
-    let mut entry = model_entry(&services, &wanted).await;
+    let remote = services.models.remote_workers().await;
+    let mut entry = model_entry(&services, &wanted, &remote);
     entry["id"] = json!(id);
     Ok(Json(entry).into_response())
 }
@@ -631,10 +634,7 @@ async fn embeddings(
             format!("this model's vectors have {width} dimensions; got dimensions = {d}"),
         ));
     }
-    let model = services
-        .models
-        .canonical(body.model.as_deref().unwrap_or_default());
-    let tokenizer = services.models.tokenizer_for(&model);
+    let tokenizer = tokenizer_of(&services, body.model.as_deref());
     let input = EmbeddingInput::new(embedding_inputs(body.input, &tokenizer)?, body.model)?;
     let admitted = services
         .admission

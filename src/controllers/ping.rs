@@ -31,7 +31,7 @@ async fn ping(State(ctx): State<AppContext>, request: Request) -> impl IntoRespo
         |e| e.ready,
     );
     let mut names = models.served_here();
-    names.extend(models.remote_models().await);
+    names.extend(models.models_of(&remote));
     let mut answer = json!({"status": "ok", "ready": ready, "models": names});
     if admin_if_any(&parts, &ctx).await.is_some() {
         let workers: Vec<Value> = remote

@@ -49,14 +49,17 @@ impl Model {
     }
 }
 
-/// Runs the same argon2 check as a real sign-in against a decoy hash, so an unknown email
-/// costs what a wrong password does.
-pub fn verify_decoy(password: &str) {
+/// A hash to verify against when the account is unknown (admins and seed 002 users alike), so
+/// that a sign-in for a missing account costs the same argon2 work as a wrong password.
+pub fn decoy_hash() -> &'static str {
     use std::sync::OnceLock;
     static DECOY: OnceLock<String> = OnceLock::new();
-    let hash =
-        DECOY.get_or_init(|| hash_password("decoy password, never matches").unwrap_or_default());
-    if let Ok(parsed) = PasswordHash::new(hash) {
+    DECOY.get_or_init(|| hash_password("decoy password, never matches").unwrap_or_default())
+}
+
+/// Runs the same argon2 check as a real sign-in against [`decoy_hash`].
+pub fn verify_decoy(password: &str) {
+    if let Ok(parsed) = PasswordHash::new(decoy_hash()) {
         let _ = Argon2::default().verify_password(password.as_bytes(), &parsed);
     }
 }

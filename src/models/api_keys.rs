@@ -153,6 +153,17 @@ pub fn hash_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
+/// Whether two secrets (tokens, CSRF values) are equal, in time that does not depend on where
+/// they first differ.
+#[must_use]
+pub fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
 fn new_secret() -> (String, String) {
     let mut rng = rand::rngs::OsRng;
     let mut prefix = [0u8; 4];

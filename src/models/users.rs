@@ -5,8 +5,6 @@
 //! (only its SHA-256 stored, valid for `settings.auth.token_ttl_minutes`), and every generation
 //! made with it is reserved against both the key's and the user's budgets.
 
-use std::sync::OnceLock;
-
 use argon2::{
     password_hash::{PasswordHash, PasswordVerifier},
     Argon2,
@@ -99,13 +97,6 @@ pub fn normalize_username(username: &str) -> Result<String, ModelError> {
     Ok(name.to_string())
 }
 
-/// A hash to verify against when the username is unknown, so that a login for a missing user
-/// costs the same argon2 work as one with a wrong password.
-fn decoy_hash() -> &'static str {
-    static DECOY: OnceLock<String> = OnceLock::new();
-    DECOY.get_or_init(|| hash_password("decoy password, never matches").unwrap_or_default())
-}
-
 fn verify(hash: &str, password: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|parsed| {
         Argon2::default()
@@ -156,9 +147,10 @@ pub async fn authenticate<C: ConnectionTrait>(
     password: &str,
 ) -> Result<Login, ModelError> {
     let user = Model::find_by_username(db, username).await?;
-    let hash = user
-        .as_ref()
-        .map_or_else(|| decoy_hash().to_string(), |u| u.password_hash.clone());
+    let hash = user.as_ref().map_or_else(
+        || super::admins::decoy_hash().to_string(),
+        |u| u.password_hash.clone(),
+    );
     let password = password.to_string();
     let matches = tokio::task::spawn_blocking(move || verify(&hash, &password))
         .await

@@ -307,9 +307,27 @@ impl ModelRegistry {
 
     /// Models held by live workers elsewhere that this process does not hold itself.
     pub async fn remote_models(&self) -> Vec<String> {
-        let mut models: Vec<String> = self
-            .remote_workers()
-            .await
+        self.models_of(&self.remote_workers().await)
+    }
+
+    /// The context length of `model`: its tokenizer's here, or what one of `remote` (the live
+    /// workers elsewhere, read once by the caller) reported for it.
+    #[must_use]
+    pub fn context_size_of(&self, model: &str, remote: &[workers::Model]) -> u32 {
+        if model == self.default_name() || self.get(model).is_some() {
+            return self.tokenizer_for(model).context_size();
+        }
+        remote
+            .iter()
+            .filter(|w| w.model_list().iter().any(|m| m == model))
+            .find_map(|w| w.engine_status().map(|s| s.context_size))
+            .unwrap_or_else(|| self.tokenizer.context_size())
+    }
+
+    /// Models held by the workers of `remote` that this process does not hold itself.
+    #[must_use]
+    pub fn models_of(&self, remote: &[workers::Model]) -> Vec<String> {
+        let mut models: Vec<String> = remote
             .iter()
             .flat_map(workers::Model::model_list)
             .filter(|m| m != self.default_name() && self.get(m).is_none())
@@ -317,20 +335,6 @@ impl ModelRegistry {
         models.sort();
         models.dedup();
         models
-    }
-
-    /// The context length of `model`: its tokenizer's here, or what a worker elsewhere that
-    /// holds it reported.
-    pub async fn context_size_of(&self, model: &str) -> u32 {
-        if model == self.default_name() || self.get(model).is_some() {
-            return self.tokenizer_for(model).context_size();
-        }
-        self.remote_workers()
-            .await
-            .iter()
-            .filter(|w| w.model_list().iter().any(|m| m == model))
-            .find_map(|w| w.engine_status().map(|s| s.context_size))
-            .unwrap_or_else(|| self.tokenizer.context_size())
     }
 
     /// Every model served now (the default one, those loaded here, those held by live workers

@@ -61,13 +61,7 @@ async fn metrics_text(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default();
-        let same = sent.len() == token.len()
-            && sent
-                .bytes()
-                .zip(token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if !same {
+        if !crate::models::api_keys::constant_time_eq(sent, token) {
             return Err(ApiError::new(
                 ErrorCode::InvalidAuthorization,
                 "this server's metrics need `Authorization: Bearer <settings.api.metrics_token>`",

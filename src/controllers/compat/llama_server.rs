@@ -61,10 +61,7 @@ async fn tokenize(
             format!("`content` takes at most {MAX_CONTENT_BYTES} bytes"),
         ));
     }
-    let model = services
-        .models
-        .canonical(body.model.as_deref().unwrap_or_default());
-    let tokenizer = services.models.tokenizer_for(&model);
+    let tokenizer = tokenizer_of(&services, body.model.as_deref());
     let ids = tokenizer.token_ids(&body.content, body.add_special, body.parse_special);
     let tokens: Vec<Value> = if body.with_pieces {
         ids.iter()
@@ -90,15 +87,22 @@ async fn detokenize(
             format!("`tokens` takes at most {MAX_TOKENS} ids"),
         ));
     }
-    let model = services
-        .models
-        .canonical(body.model.as_deref().unwrap_or_default());
-    let tokenizer = services.models.tokenizer_for(&model);
+    let tokenizer = tokenizer_of(&services, body.model.as_deref());
     let ids = token_ids(&body.tokens, |t| tokenizer.is_token(t), "tokens")?;
     let content = tokenizer
         .text_of(&ids)
         .map_err(|i| not_a_token("tokens", i))?;
     Ok(Json(json!({"content": content})).into_response())
+}
+
+/// The tokenizer of the model a request names (through `settings.aliases`; none: the default).
+#[must_use]
+pub fn tokenizer_of(
+    services: &Services,
+    model: Option<&str>,
+) -> std::sync::Arc<crate::engine::tokenizer::PromptTokenizer> {
+    let models = &services.models;
+    models.tokenizer_for(&models.canonical(model.unwrap_or_default()))
 }
 
 fn not_a_token(field: &str, index: usize) -> ApiError {

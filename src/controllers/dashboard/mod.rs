@@ -39,7 +39,7 @@ use loco_rs::{
 };
 use serde_json::{json, Value};
 
-use crate::models::{admin_sessions, admins};
+use crate::models::{admin_sessions, admins, api_keys::constant_time_eq};
 
 /// The session cookie's name.
 const COOKIE: &str = "tg_admin";
@@ -190,14 +190,6 @@ impl FromRequest<AppContext> for AdminForm {
         admin.check_csrf(&fields)?;
         Ok(Self { admin, fields })
     }
-}
-
-fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
 }
 
 async fn index(_admin: SignedIn) -> Response {

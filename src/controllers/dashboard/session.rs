@@ -12,11 +12,9 @@ use loco_rs::{
 };
 use serde_json::json;
 
-use super::{
-    constant_time_eq, cookie, internal, render, see_other, AdminForm, Fields, PageResult, COOKIE,
-};
+use super::{cookie, internal, render, see_other, AdminForm, Fields, PageResult, COOKIE};
 use crate::{
-    models::{admin_sessions, admins},
+    models::{admin_sessions, admins, api_keys::constant_time_eq},
     services::Services,
 };
 

@@ -133,6 +133,9 @@ error_codes! {
     // 500.
     GenerationFailed = "generation_failed" => INTERNAL_SERVER_ERROR,
     InternalError = "internal_error" => INTERNAL_SERVER_ERROR,
+    // 502/504: a remote model's upstream failed or did not answer in time (call refunded).
+    UpstreamError = "upstream_error" => BAD_GATEWAY,
+    UpstreamTimeout = "upstream_timeout" => GATEWAY_TIMEOUT,
     // 503: a dependency is not available; nothing was spent.
     Starting = "starting" => SERVICE_UNAVAILABLE,
     ServerBusy = "server_busy" => SERVICE_UNAVAILABLE,
@@ -152,12 +155,34 @@ impl ErrorCode {
                 StatusCode::UNAUTHORIZED => "authentication_error",
                 StatusCode::FORBIDDEN => "permission_error",
                 StatusCode::NOT_FOUND => "not_found_error",
-                StatusCode::INTERNAL_SERVER_ERROR | StatusCode::SERVICE_UNAVAILABLE => {
-                    "server_error"
-                }
+                StatusCode::INTERNAL_SERVER_ERROR
+                | StatusCode::BAD_GATEWAY
+                | StatusCode::SERVICE_UNAVAILABLE
+                | StatusCode::GATEWAY_TIMEOUT => "server_error",
                 _ => "invalid_request_error",
             },
         }
+    }
+}
+
+impl ErrorCode {
+    /// The code a failed job is answered with: a remote model's failures keep their code as
+    /// the first word of the job's reason (`upstream_error: …`, see `engine::remote`), every
+    /// other failure is `generation_failed`.
+    #[must_use]
+    pub fn of_job_failure(reason: &str) -> Self {
+        [
+            Self::UpstreamError,
+            Self::UpstreamTimeout,
+            Self::ContextLengthExceeded,
+        ]
+        .into_iter()
+        .find(|c| {
+            reason
+                .strip_prefix(c.as_str())
+                .is_some_and(|rest| rest.starts_with(": "))
+        })
+        .unwrap_or(Self::GenerationFailed)
     }
 }
 
@@ -315,6 +340,23 @@ mod tests {
             missing.is_empty(),
             "README's Errors table lacks {missing:?}"
         );
+    }
+
+    #[test]
+    fn remote_failures_keep_their_code_and_the_rest_are_generation_failures() {
+        assert_eq!(
+            ErrorCode::of_job_failure("upstream_timeout: no answer in 5 s"),
+            ErrorCode::UpstreamTimeout
+        );
+        assert_eq!(
+            ErrorCode::of_job_failure("upstream_error: cannot connect"),
+            ErrorCode::UpstreamError
+        );
+        assert_eq!(
+            ErrorCode::of_job_failure("llama.cpp decode failed: x"),
+            ErrorCode::GenerationFailed
+        );
+        assert_eq!(ErrorCode::UpstreamError.kind(), "server_error");
     }
 
     #[test]

@@ -122,6 +122,9 @@ impl Services {
             events.clone(),
             default,
         ));
+        // Upstreams of settings.remote_models: forwarding needs no GPU, so every API process
+        // serves them (production included).
+        models.start_configured_remotes().await.map_err(startup)?;
         let admission = Admission::new(
             settings.clone(),
             ctx.db.clone(),

@@ -24,6 +24,71 @@ pub struct Settings {
     /// → the model id served here, or a GGUF file in the models folder to load under it.
     #[serde(default)]
     pub aliases: std::collections::BTreeMap<String, String>,
+    /// OpenAI-compatible upstreams (a vLLM or llama-server cluster) served under ids of their
+    /// own, started with the server (see [`crate::engine::remote`]).
+    #[serde(default)]
+    pub remote_models: Vec<RemoteModelSettings>,
+    /// Which credentials remote-model configurations made through the API may name.
+    #[serde(default)]
+    pub remote_credentials: RemoteCredentialSettings,
+}
+
+/// One upstream in `settings.remote_models`. The key is named (a variable or a file), never
+/// written here; unknown fields (such as `api_key`) stop the server at start.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteModelSettings {
+    /// The model id clients use here.
+    pub id: String,
+    /// The upstream's OpenAI base URL (`http://vllm:8000/v1`).
+    pub base_url: String,
+    /// The model's name on the upstream.
+    pub model: String,
+    /// Environment variable holding the upstream's key.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// File holding the upstream's key (its first line).
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// Longest a forwarded request may take, streaming included (default 300).
+    #[serde(default)]
+    pub timeout_seconds: Option<u64>,
+    /// Requests forwarded at once (default 8).
+    #[serde(default)]
+    pub parallel: Option<u32>,
+    /// The upstream's context length, reported in model lists (default 4096).
+    #[serde(default)]
+    pub context_size: Option<u32>,
+}
+
+/// What an admin key may point a remote configuration's credential at: configurations are
+/// made over HTTP, so they may not name any variable or file of the server (that would send,
+/// say, `DATABASE_URL` to a URL of the caller's choosing).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteCredentialSettings {
+    /// Environment variables `model_kwargs.api_key_env` may name.
+    #[serde(default = "default_credential_env")]
+    pub env: Vec<String>,
+    /// The folder `model_kwargs.api_key_file` names a file in (relative path).
+    #[serde(default = "default_secrets_dir")]
+    pub dir: PathBuf,
+}
+
+fn default_credential_env() -> Vec<String> {
+    vec!["OPENAI_API_KEY".into()]
+}
+fn default_secrets_dir() -> PathBuf {
+    PathBuf::from("secrets")
+}
+
+impl Default for RemoteCredentialSettings {
+    fn default() -> Self {
+        Self {
+            env: default_credential_env(),
+            dir: default_secrets_dir(),
+        }
+    }
 }
 
 /// Seed 002's username/password logins (`POST /token`).

@@ -166,6 +166,9 @@ impl Admission {
         let prompt_tokens = self
             .policy
             .admit_input(&work, &self.models, &self.settings.engine)?;
+        // A remote model's count is an upper bound, not the room its context leaves: its
+        // `max_tokens` goes to the upstream as asked (bounded by `max_tokens_limit`).
+        let clamp = clamp && !self.models.is_remote(work.base_model());
         if let (true, Work::Generate(request)) = (clamp, &mut work) {
             // Cut to the room the prompt leaves in the model's context (never below 1; a
             // prompt that fills the context was refused above).
@@ -253,11 +256,13 @@ impl Admission {
                     })
                     .into_params(&self.settings.api)?;
                 let tokenizer = self.models.tokenizer_for(&resolved.model);
+                // A remote model's ids are its upstream's, checked there.
+                let local = !self.models.is_remote(&resolved.model);
                 if let Some((token, _)) = params
                     .controls
                     .logit_bias
                     .iter()
-                    .find(|(t, _)| !tokenizer.is_token(*t))
+                    .find(|(t, _)| local && !tokenizer.is_token(*t))
                 {
                     return Err(ApiError::new(
                         ErrorCode::InvalidSampling,

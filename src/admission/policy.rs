@@ -53,7 +53,17 @@ impl Policy {
         engine: &EngineSettings,
     ) -> Result<usize, ApiError> {
         match work {
+            Work::Generate(request) if models.is_remote(&request.model) => {
+                // No local tokenizer: an upper bound is reserved, settled to the upstream's
+                // usage; the upstream checks its own context.
+                self.check(request.prompt.texts())?;
+                Ok(crate::engine::remote::reserve_estimate(&request.prompt))
+            }
             Work::Generate(request) => self.check_prompt(models, &request.model, &request.prompt),
+            Work::Embed(request) if models.is_remote(&request.model) => {
+                self.check(request.inputs.iter().map(String::as_str))?;
+                Ok(crate::engine::remote::embedding_estimate(&request.inputs))
+            }
             Work::Embed(request) => {
                 self.check(request.inputs.iter().map(String::as_str))?;
                 let limit = engine.embeddings.context_size as usize;

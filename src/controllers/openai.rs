@@ -406,13 +406,10 @@ fn closing_events(
             events.push(chunks.usage(usage_json(job)));
         }
     } else {
+        let reason = job.error.as_deref().unwrap_or_default();
         events.push(error_event(
-            "generation_failed",
-            &format!(
-                "job {} failed: {} (the call was refunded)",
-                job.id,
-                job.error.as_deref().unwrap_or_default()
-            ),
+            crate::errors::ErrorCode::of_job_failure(reason).as_str(),
+            &format!("job {} failed: {reason} (the call was refunded)", job.id),
         ));
     }
     events.push(Event::default().data("[DONE]"));

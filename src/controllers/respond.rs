@@ -99,16 +99,18 @@ pub fn accepted(job: &jobs::Model) -> Response {
 /// A settled job as the waiting request's answer, or the error it ended with.
 ///
 /// # Errors
-/// 500 `generation_failed` when the worker failed the job (its call was refunded).
+/// 500 `generation_failed` when the worker failed the job (its call was refunded); a remote
+/// model's `upstream_error` (502), `upstream_timeout` (504) or `context_length_exceeded` (400).
 pub fn settled(job: jobs::Model) -> ApiResult<jobs::Model> {
     if job.status == jobs::DONE {
         Ok(job)
     } else {
-        Err(ApiError::generation_failed(format!(
-            "job {} failed: {} (the call was refunded)",
-            job.id,
-            job.error.unwrap_or_default()
-        )))
+        let reason = job.error.unwrap_or_default();
+        // A remote model's upstream failures keep their own code (502/504/400).
+        Err(ApiError::new(
+            crate::errors::ErrorCode::of_job_failure(&reason),
+            format!("job {} failed: {reason} (the call was refunded)", job.id),
+        ))
     }
 }
 

@@ -6,7 +6,8 @@
 //! default) keeps one llama.cpp model resident on its own thread; [`scripted::ScriptedEngine`]
 //! loads no weights and answers deterministically, for tests of everything around the model.
 //! Another implementation (a different model runtime, a rule-based system) plugs in by
-//! implementing the trait and being returned from [`start`].
+//! implementing the trait and being returned from [`start`]. [`remote::RemoteEngine`] holds no
+//! model at all: it forwards each job to an OpenAI-compatible upstream (seed 004's remote types).
 //!
 //! Waiting jobs are taken fairly across API keys by [`lanes::Lanes`].
 
@@ -14,6 +15,7 @@ pub mod gguf;
 pub mod lanes;
 pub mod llama;
 pub mod lora;
+pub mod remote;
 pub mod scripted;
 pub mod text;
 pub mod tokenizer;
@@ -210,6 +212,12 @@ pub enum EngineError {
     Embedding(String),
     #[error("the job ran longer than {0} ms and was stopped")]
     TimedOut(u64),
+    /// A remote model's upstream failed; the message starts with the failure's API code.
+    #[error("{}: {message}", failure.code())]
+    Upstream {
+        failure: remote::UpstreamFailure,
+        message: String,
+    },
 }
 
 /// Whose job it is, for fair scheduling: the API key, and its weight (priority + 1 turns per

@@ -1,12 +1,14 @@
 //! Token budgets of keys and users (seed 002's `prompt_token_limit` / `gen_token_limit`).
 //!
-//! A request reserves its prompt tokens (exact, counted with the model's tokenizer) and its
-//! `max_tokens` before it is queued: on the key, then on the key's user. Each reservation is one
-//! `UPDATE … SET used = used + n WHERE id = ? AND (limit IS NULL OR used + n <= limit)
-//! RETURNING`, so concurrent requests can never overspend. The job row keeps what it reserved;
-//! when the job settles, the unused part of the generation reservation is given back
-//! ([`settle`], in `jobs::complete`), or the whole reservation when the job fails ([`release`],
-//! in `jobs::fail`). Counters therefore end equal to the tokens actually read and generated.
+//! A request reserves its prompt tokens (exact, counted with the model's tokenizer; an upper
+//! bound for a remote model) and its `max_tokens` before it is queued: on the key, then on the
+//! key's user. Each reservation is one `UPDATE … SET used = used + n WHERE id = ? AND (limit IS
+//! NULL OR used + n <= limit) RETURNING`, so concurrent requests can never overspend. The job
+//! row keeps what it reserved; when the job settles, the unused part of the generation
+//! reservation is given back and the prompt reservation is brought to the engine's count
+//! ([`settle`], in `jobs::complete`), or the whole reservation is given back when the job fails
+//! ([`release`], in `jobs::fail`). Counters therefore end equal to the tokens actually read and
+//! generated.
 
 use sea_orm::{
     entity::prelude::*,
@@ -311,19 +313,23 @@ pub fn of_job(job: &jobs::Model) -> Reservation {
     }
 }
 
-/// Settles a finished job: the generation tokens it reserved but did not generate go back.
-/// Call once, in the transaction that marks the job done.
+/// Settles a finished job: the generation tokens it reserved but did not generate go back,
+/// and the prompt reservation becomes the prompt tokens the engine reported (the same number
+/// for a local model; for a remote one the upstream's `usage`, read against an upper-bound
+/// reservation — should the upstream count more, the difference is charged). Call once, in
+/// the transaction that marks the job done.
 ///
 /// # Errors
 /// On database errors.
 pub async fn settle<C: ConnectionTrait>(db: &C, job: &jobs::Model) -> Result<(), ModelError> {
     let unused = std::cmp::max(job.reserved_gen_tokens - i64::from(job.generated_tokens), 0);
-    if unused == 0 {
+    let prompt_back = job.reserved_prompt_tokens - i64::from(Ord::max(job.prompt_tokens, 0));
+    if unused == 0 && prompt_back == 0 {
         return Ok(());
     }
-    give_back_key(db, job.api_key_id, 0, unused).await?;
+    give_back_key(db, job.api_key_id, prompt_back, unused).await?;
     if let Some(user_id) = job.user_id {
-        give_back_user(db, user_id, 0, unused).await?;
+        give_back_user(db, user_id, prompt_back, unused).await?;
     }
     Ok(())
 }

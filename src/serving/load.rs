@@ -53,6 +53,7 @@ impl ModelRegistry {
     /// default model's own name), with `model_kwargs` `context_size`/`n_ctx`/`max_model_len`,
     /// `n_gpu_layers`, `threads`, and inference defaults `temperature`, `max_tokens`, `top_p`.
     /// Returns the loaded model and whether this call loaded it (false: it already was).
+    /// A `model_type` `openai`/`vllm` configuration is an upstream instead ([`super::remote`]).
     ///
     /// # Errors
     /// 409 for the default model's id or when workers run in other processes, 422 for a file
@@ -71,6 +72,10 @@ impl ModelRegistry {
         }
         if let Some(existing) = self.get(&model_id) {
             return Ok((existing, false));
+        }
+        if crate::engine::remote::is_remote_type(&config.model_type) {
+            // Forwarding needs no GPU: served from this process in every mode.
+            return self.load_remote(config).await;
         }
         if !self.settings.queue.embedded_worker {
             return Err(ApiError::new(
@@ -145,6 +150,7 @@ impl ModelRegistry {
             queue,
             defaults,
             loaded_at: crate::models::now(),
+            remote: None,
             worker: Mutex::new(Some(worker)),
         });
         if let Ok(mut m) = self.loaded.write() {

@@ -7,6 +7,7 @@
 //! table). Every route that names a model asks it, so each answers the same way.
 
 pub mod load;
+pub mod remote;
 
 use std::{
     collections::HashMap,
@@ -67,6 +68,8 @@ pub struct LoadedModel {
     pub queue: JobQueue,
     pub defaults: InferenceDefaults,
     pub loaded_at: DateTimeWithTimeZone,
+    /// The upstream it forwards to, for a remote model (`None`: a GGUF served here).
+    pub remote: Option<crate::engine::remote::RemoteSpec>,
     worker: Mutex<Option<Worker>>,
 }
 

@@ -66,11 +66,14 @@ async fn stored(ctx: &AppContext, config_id: &str) -> ApiResult<model_configs::M
         })
 }
 
-/// Stores a configuration; invalid ids or names are 422 `invalid_config`.
+/// Stores a configuration; invalid ids or names are 422 `invalid_config`, a credential in
+/// `model_kwargs` or a remote (`openai`/`vllm`) one that does not parse 422
+/// `invalid_model_kwargs`.
 pub async fn create_config(
     db: &sea_orm::DatabaseConnection,
     new: NewConfig,
 ) -> ApiResult<model_configs::Model> {
+    crate::serving::remote::check_new_config(&new)?;
     model_configs::ActiveModel::create(db, new)
         .await
         .map_err(|e| match e {

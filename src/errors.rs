@@ -59,6 +59,10 @@ error_codes! {
     UnsupportedGrantType = "unsupported_grant_type" => BAD_REQUEST,
     AdapterNotSupported = "adapter_not_supported" => BAD_REQUEST,
     UnsupportedParameter = "unsupported_parameter" => BAD_REQUEST,
+    /// `response_format`'s JSON schema uses keywords the output grammar cannot enforce.
+    UnsupportedSchema = "unsupported_schema" => BAD_REQUEST,
+    /// `response_format` is not usable (a schema that is not one, a `$ref` to nowhere).
+    InvalidResponseFormat = "invalid_response_format" => BAD_REQUEST,
     // 401: no key, an unknown key, a revoked key, wrong credentials.
     MissingApiKey = "missing_api_key" => UNAUTHORIZED,
     InvalidAuthorization = "invalid_authorization" => UNAUTHORIZED,

@@ -155,9 +155,10 @@ async fn invalid_openai_requests_spend_nothing() {
         ),
         (
             json!({"messages": [{"role": "user", "content": "hi"}],
-                   "response_format": {"type": "json_object"}}),
+                   "response_format": {"type": "json_schema", "json_schema": {
+                       "name": "mail", "schema": {"type": "string", "format": "email"}}}}),
             400,
-            "unsupported_parameter",
+            "unsupported_schema",
         ),
         (
             json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true}),

@@ -9,7 +9,10 @@
 use serde::Deserialize;
 
 use crate::{
-    engine::{ChatMessage, Prompt, SamplerControls, SamplingParams},
+    engine::{
+        grammar::{self, FormatError, OutputConstraint, ResponseFormat},
+        ChatMessage, Prompt, SamplerControls, SamplingParams,
+    },
     errors::{ApiError, ErrorCode},
     models::conversations::Owner,
     settings::ApiSettings,
@@ -223,6 +226,11 @@ pub struct SamplingInput {
     /// documented default of 8096 is larger than most contexts).
     #[serde(skip)]
     pub clamp_max_tokens: bool,
+    /// OpenAI's `response_format` (`json_object`/`json_schema`; `text` is `None`): turned into
+    /// an output grammar here, so a schema the grammar cannot enforce is refused before
+    /// anything is charged. Only the OpenAI routes set it.
+    #[serde(skip)]
+    pub response_format: Option<ResponseFormat>,
 }
 
 /// `value` of `field` within `range`, as f32, or 422 `code` naming both.
@@ -265,6 +273,7 @@ impl SamplingInput {
             frequency_penalty: self.frequency_penalty.or(fallback.frequency_penalty),
             logit_bias: self.logit_bias.or(fallback.logit_bias),
             clamp_max_tokens: self.clamp_max_tokens,
+            response_format: self.response_format.or(fallback.response_format),
         }
     }
 
@@ -387,6 +396,11 @@ impl SamplingInput {
                     }
                 })
                 .collect::<Result<_, _>>()?,
+            output: self
+                .response_format
+                .map(output_constraint)
+                .transpose()?
+                .map(Box::new),
         };
         if controls.logit_bias.len() > 1024 {
             return Err(ApiError::new(
@@ -403,6 +417,24 @@ impl SamplingInput {
             controls,
         })
     }
+}
+
+/// The grammar for a `response_format`.
+///
+/// # Errors
+/// 400 `unsupported_schema` naming every keyword the grammar cannot enforce, 400
+/// `invalid_response_format` for a schema that is not usable.
+fn output_constraint(format: ResponseFormat) -> Result<OutputConstraint, ApiError> {
+    grammar::constrain(format).map_err(|e| match e {
+        FormatError::Unsupported(_) => ApiError::new(
+            ErrorCode::UnsupportedSchema,
+            format!("response_format.json_schema.schema: {e}; remove or rewrite those keywords"),
+        ),
+        FormatError::Invalid(why) => ApiError::new(
+            ErrorCode::InvalidResponseFormat,
+            format!("response_format.json_schema.schema: {why}"),
+        ),
+    })
 }
 
 /// A prompt text field: present, a string, not blank, no NUL bytes.

@@ -258,6 +258,13 @@ impl Admission {
                 let tokenizer = self.models.tokenizer_for(&resolved.model);
                 // A remote model's ids are its upstream's, checked there.
                 let local = !self.models.is_remote(&resolved.model);
+                if !local && params.controls.output.is_some() {
+                    // The remote engine does not forward it yet: refused, not ignored.
+                    return Err(ApiError::new(
+                        ErrorCode::UnsupportedParameter,
+                        "response_format is not supported for remote models yet; leave it out",
+                    ));
+                }
                 if let Some((token, _)) = params
                     .controls
                     .logit_bias

@@ -32,7 +32,7 @@ use crate::{
         Admitted, EmbeddingInput, Follow, GenerationInput, ModelChoice, SamplingInput, StopWords,
         Ticket,
     },
-    engine::Prompt,
+    engine::{grammar::ResponseFormat, Prompt},
     errors::{ApiError, ApiResult, ErrorCode},
     extractors::{Caller, JsonBody, MeteredCaller},
     models::{api_keys, jobs},
@@ -63,6 +63,8 @@ struct Common {
     stream: bool,
     stream_options: Option<StreamOptions>,
     n: Option<i64>,
+    /// Structured output: `json_object` or `json_schema` constrain decoding with a grammar.
+    response_format: Option<ResponseFormatWire>,
     /// Every other field: accepted only where OpenAI documents it as advisory (or it asks for
     /// what happens anyway); anything else is refused by name ([`check_rest`]).
     #[serde(flatten)]
@@ -84,8 +86,7 @@ const ADVISORY: [&str; 8] = [
 
 /// Refuses, by name, every field this server would otherwise silently ignore: the client
 /// believes a tool or a schema was honoured when it was not. Fields at the value that changes
-/// nothing (`logprobs: false`, empty `tools`, `response_format: {"type": "text"}`,
-/// `modalities: ["text"]`) are accepted.
+/// nothing (`logprobs: false`, empty `tools`, `modalities: ["text"]`) are accepted.
 fn check_rest(rest: &serde_json::Map<String, Value>) -> ApiResult<()> {
     let inert = |name: &str, v: &Value| match name {
         "logprobs" | "echo" => v.is_null() || v == &Value::Bool(false) || v.as_i64() == Some(0),
@@ -95,7 +96,6 @@ fn check_rest(rest: &serde_json::Map<String, Value>) -> ApiResult<()> {
                 || v.as_array().is_some_and(Vec::is_empty)
         }
         "tool_choice" | "function_call" => v.is_null() || v == "none",
-        "response_format" => v.is_null() || v["type"] == "text",
         "modalities" => v.as_array().is_some_and(|m| m.iter().all(|x| x == "text")),
         "best_of" => v.is_null() || v.as_i64() == Some(1),
         "suffix" | "top_logprobs" => v.is_null(),
@@ -123,6 +123,66 @@ fn check_rest(rest: &serde_json::Map<String, Value>) -> ApiResult<()> {
             if refused.len() == 1 { "it" } else { "them" }
         ),
     ))
+}
+
+/// OpenAI's `response_format`: plain text (the default), any JSON object, or JSON valid
+/// against a schema. Both JSON kinds constrain decoding with a grammar
+/// ([`crate::engine::grammar`]), so the answer parses (unless `max_tokens` cuts it short,
+/// reported as `finish_reason: "length"`).
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ResponseFormatWire {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaWire },
+}
+
+/// `response_format.json_schema`, as OpenAI defines it.
+#[derive(Debug, Deserialize)]
+struct JsonSchemaWire {
+    /// `a-z`, `A-Z`, `0-9`, `_` and `-`, at most 64 characters.
+    name: String,
+    /// For the model in OpenAI's API; a grammar has no use for it.
+    description: Option<String>,
+    /// A JSON Schema; absent means any JSON object.
+    schema: Option<Value>,
+    /// Accepted either way: the grammar enforces the schema exactly as strict mode would.
+    strict: Option<bool>,
+}
+
+impl ResponseFormatWire {
+    /// The format admission turns into a grammar; `None` for text.
+    ///
+    /// # Errors
+    /// 400 `invalid_response_format` for a name OpenAI would refuse.
+    fn into_format(self) -> ApiResult<Option<ResponseFormat>> {
+        let spec = match self {
+            Self::Text => return Ok(None),
+            Self::JsonObject => return Ok(Some(ResponseFormat::JsonObject)),
+            Self::JsonSchema { json_schema } => json_schema,
+        };
+        let name_ok = !spec.name.is_empty()
+            && spec.name.len() <= 64
+            && spec
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !name_ok {
+            return Err(ApiError::new(
+                ErrorCode::InvalidResponseFormat,
+                "response_format.json_schema.name must be 1 to 64 of a-z, A-Z, 0-9, _ and -",
+            ));
+        }
+        let _ = spec.description;
+        Ok(Some(match spec.schema {
+            None => ResponseFormat::JsonObject,
+            Some(schema) => ResponseFormat::JsonSchema {
+                name: spec.name,
+                schema,
+                strict: spec.strict.unwrap_or(false),
+            },
+        }))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -185,6 +245,10 @@ impl Common {
             ));
         }
         check_rest(&self.rest)?;
+        let response_format = match self.response_format {
+            Some(f) => f.into_format()?,
+            None => None,
+        };
         Ok(GenerationInput {
             prompt,
             sampling: SamplingInput {
@@ -204,6 +268,7 @@ impl Common {
                 // Clients often ask for more than a small model's context holds (4096 is a
                 // common default): cut to what fits, reported as `finish_reason: "length"`.
                 clamp_max_tokens: true,
+                response_format,
             },
             model: ModelChoice::named(self.model),
             memory: None,

@@ -12,6 +12,7 @@
 //! Waiting jobs are taken fairly across API keys by [`lanes::Lanes`].
 
 pub mod gguf;
+pub mod grammar;
 pub mod lanes;
 pub mod llama;
 pub mod lora;
@@ -106,6 +107,9 @@ pub struct SamplerControls {
     pub frequency_penalty: Option<f32>,
     /// Added to a token's logit before sampling (token id, bias); ids are the model's.
     pub logit_bias: Vec<(i32, f32)>,
+    /// Structured output (`response_format`): only tokens the grammar allows are sampled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Box<grammar::OutputConstraint>>,
 }
 
 impl SamplerControls {

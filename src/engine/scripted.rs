@@ -14,7 +14,9 @@
 //! text for a completion), prefixed by `[<adapter>]` when the job names a LoRA head. One
 //! whitespace-separated word is one token, so `max_tokens` cuts at a word (finish reason
 //! `length`), a stop string cuts the text before it (finish reason `stop`, through the same
-//! [`OutputDecoder`] the real engine uses), and deltas are sent word by word. Embeddings are
+//! [`OutputDecoder`] the real engine uses), and deltas are sent word by word. A job with a
+//! `response_format` answers a small JSON value that format accepts ([`super::grammar::example`]),
+//! so tests of structured output around the model can parse it. Embeddings are
 //! hashed bags of words of the real model's width, L2-normalised.
 
 use std::{
@@ -70,8 +72,13 @@ impl ScriptedEngine {
         self
     }
 
-    /// The reply's words, before any limit: `[adapter]`, `echo:`, then the prompt's words.
+    /// The reply's words, before any limit: `[adapter]`, `echo:`, then the prompt's words; with
+    /// a `response_format`, one word instead: a small JSON value it accepts (compact, so it is
+    /// one token and parses whole).
     fn script(request: &GenerationRequest) -> Vec<String> {
+        if let Some(output) = &request.params.controls.output {
+            return vec![super::grammar::example(output).to_string()];
+        }
         let source = match &request.prompt {
             Prompt::Raw { text } => text.as_str(),
             Prompt::Chat { messages } => messages

@@ -3,8 +3,10 @@
 Usage: openai_sdk.py BASE_URL GOOD_KEY EXHAUSTED_KEY
 Exits non-zero (with the reason) when any check fails.
 """
+import json
 import sys
 
+import jsonschema
 import openai
 
 base, good, exhausted = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -46,6 +48,37 @@ assert len(pieces) > 1, pieces
 assert "".join(pieces) == text, (pieces, text)
 assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens, usage
 assert finish == chat.choices[0].finish_reason, finish
+
+# Structured output: a json_schema answer parses and validates with `jsonschema`.
+person = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+structured = client.chat.completions.create(
+    model="smollm2",
+    messages=[{"role": "user", "content": "Invent a person with a name and an age, as JSON."}],
+    max_tokens=40,
+    temperature=0.7,
+    seed=11,
+    response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": person, "strict": True}},
+)
+assert structured.choices[0].finish_reason == "stop", structured
+jsonschema.validate(json.loads(structured.choices[0].message.content), person)
+
+try:
+    client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "hi"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "m", "schema": {"type": "string", "format": "email"}}},
+    )
+    raise SystemExit("a schema the grammar cannot enforce was accepted")
+except openai.BadRequestError as e:
+    assert e.status_code == 400 and e.code == "unsupported_schema" and "email" in str(e), e
 
 done = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=5, temperature=0)
 assert done.choices[0].text, done

@@ -8,7 +8,10 @@ use llama_cpp_2::{
     llama_batch::LlamaBatch,
     model::LlamaModel,
     sampling::LlamaSampler,
-    token::{logit_bias::LlamaLogitBias, LlamaToken},
+    token::{
+        data::LlamaTokenData, data_array::LlamaTokenDataArray, logit_bias::LlamaLogitBias,
+        LlamaToken,
+    },
 };
 
 use super::{pos_i32, GenJob, Shared, PROMPT_BATCH};
@@ -22,6 +25,9 @@ pub(super) struct Slot {
     pub(super) seq: i32,
     pub(super) job: GenJob,
     sampler: LlamaSampler,
+    /// The output grammar (structured output), kept apart from the chain: see
+    /// [`sample_constrained`].
+    grammar: Option<LlamaSampler>,
     out: OutputDecoder,
     prompt_tokens: usize,
     /// Positions of this sequence in the KV cache.
@@ -59,6 +65,14 @@ pub(super) fn start(
     shared: &Shared,
 ) -> Started {
     let prepared = (|| {
+        let sampler = sampler(&job.request.params, model.n_vocab());
+        let grammar = match &job.request.params.controls.output {
+            Some(output) => Some(
+                LlamaSampler::grammar(model, &output.grammar, "root")
+                    .map_err(|e| EngineError::Decode(format!("output grammar: {e}")))?,
+            ),
+            None => None,
+        };
         let tokens = prompt_tokens(model, &job.request.prompt)?;
         let prompt_tokens = tokens.len();
         if prompt_tokens == 0 || prompt_tokens >= n_ctx_seq {
@@ -81,9 +95,9 @@ pub(super) fn start(
             ctx.decode(&mut batch)
                 .map_err(|e| EngineError::Decode(e.to_string()))?;
         }
-        Ok((prompt_tokens, batch.n_tokens() - 1))
+        Ok((prompt_tokens, batch.n_tokens() - 1, sampler, grammar))
     })();
-    let (prompt_tokens, logits_at) = match prepared {
+    let (prompt_tokens, logits_at, sampler, grammar) = match prepared {
         Ok(p) => p,
         Err(e) => {
             shared.served.fetch_add(1, Ordering::AcqRel);
@@ -93,7 +107,8 @@ pub(super) fn start(
     };
     let mut slot = Slot {
         seq,
-        sampler: sampler(&job.request.params, model.n_vocab()),
+        sampler,
+        grammar,
         out: OutputDecoder::new(&job.request.params.stop),
         job,
         prompt_tokens,
@@ -121,7 +136,10 @@ fn take_token(
     n_ctx_seq: usize,
 ) -> Option<FinishReason> {
     let vocab = model.vocab();
-    let tok = slot.sampler.sample(ctx, idx);
+    let tok = match slot.grammar.as_mut() {
+        None => slot.sampler.sample(ctx, idx),
+        Some(grammar) => sample_constrained(ctx, idx, &mut slot.sampler, grammar, &vocab),
+    };
     if vocab.is_eog(tok) {
         return Some(FinishReason::Stop);
     }
@@ -198,9 +216,9 @@ pub(super) fn finish(mut slot: Slot, result: Result<FinishReason, EngineError>, 
     let _ = slot.job.reply.send(reply);
 }
 
-/// Greedy at temperature 0; otherwise top-k 40, top-p, temperature, then a seeded draw.
 /// The job's sampler chain, in llama.cpp server's order: logit biases, penalties, then greedy
-/// at temperature 0, else top-k, typical, top-p, min-p, temperature and a seeded draw.
+/// at temperature 0, else top-k, typical, top-p, min-p, temperature and a seeded draw. (The
+/// output grammar, when there is one, is applied around it by [`sample_constrained`].)
 fn sampler(params: &SamplingParams, n_vocab: i32) -> LlamaSampler {
     let c = &params.controls;
     let mut chain = Vec::new();
@@ -240,4 +258,40 @@ fn sampler(params: &SamplingParams, n_vocab: i32) -> LlamaSampler {
         return chain.remove(0);
     }
     LlamaSampler::chain_simple(chain)
+}
+
+/// Draws a token the output grammar allows, as llama.cpp's common sampler does: the chain
+/// draws from the whole vocabulary first and only that token is checked against the grammar
+/// (cheap); only when the grammar refuses it is every token masked by the grammar and the
+/// chain draws again. Masking all ~50k tokens at every step instead makes an open grammar
+/// (any JSON object) many times slower. Both samplers then accept the token (the grammar
+/// advances; penalties see it).
+fn sample_constrained(
+    ctx: &LlamaContext<'_>,
+    idx: i32,
+    chain: &mut LlamaSampler,
+    grammar: &mut LlamaSampler,
+    vocab: &llama_cpp_2::vocab::LlamaVocab<'_>,
+) -> LlamaToken {
+    let mut all = LlamaTokenDataArray::from_iter(ctx.candidates_ith(idx), false);
+    all.apply_sampler(chain);
+    let first = all.selected_token();
+    let allowed = first.is_some_and(|tok| {
+        let mut one = LlamaTokenDataArray::new(vec![LlamaTokenData::new(tok, 1.0, 0.0)], false);
+        one.apply_sampler(grammar);
+        one.data.first().is_some_and(|d| d.logit().is_finite())
+    });
+    let tok = match first {
+        Some(tok) if allowed => tok,
+        _ => {
+            let mut all = LlamaTokenDataArray::from_iter(ctx.candidates_ith(idx), false);
+            all.apply_sampler(grammar);
+            all.apply_sampler(chain);
+            // The grammar always allows some token (end of generation once it is complete).
+            all.selected_token().unwrap_or_else(|| vocab.eos())
+        }
+    };
+    grammar.accept(tok);
+    chain.accept(tok);
+    tok
 }

@@ -15,6 +15,7 @@ use loco_rs::{
     Result,
 };
 use migration::Migrator;
+use sea_orm::ConnectionTrait;
 
 use crate::{controllers, models::_entities, services::Services, tasks};
 
@@ -162,6 +163,7 @@ impl Hooks for App {
             .add_route(controllers::ping::routes())
             .add_route(controllers::native::routes())
             .add_route(controllers::openai::routes())
+            .add_route(controllers::openapi::routes())
             .add_route(controllers::compat::seed000::routes())
             .add_route(controllers::compat::seed001::routes())
             .add_route(controllers::compat::seed002::routes())
@@ -224,6 +226,7 @@ impl Hooks for App {
         truncate_table(&ctx.db, _entities::users::Entity).await?;
         truncate_table(&ctx.db, _entities::admins::Entity).await?;
         truncate_table(&ctx.db, _entities::adapters::Entity).await?;
+        ctx.db.execute_unprepared("DELETE FROM job_totals").await?;
         Ok(())
     }
 

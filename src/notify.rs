@@ -21,8 +21,17 @@ use tokio::sync::{broadcast, oneshot};
 
 use crate::models::jobs;
 
-/// Deltas kept for a late subscriber; older ones are dropped (it still gets the final record).
-const STREAM_BUFFER: usize = 1024;
+/// Deltas kept for a subscriber that falls behind; older ones are dropped (it is told how many,
+/// and still gets the final record with the whole text). Each stream allocates its slots up
+/// front (~12 KiB at 256).
+const STREAM_BUFFER: usize = 256;
+
+/// Jobs one process awaits at most, and streams at most (each stream holds its buffer). Entries
+/// live only while a request waits for or streams a job; past a bound, entries nobody listens
+/// to any more are swept first, and if the map is still full the new subscription is refused
+/// (its receiver closes at once, and the caller falls back to the job's database record).
+pub const MAX_FOLLOWED: usize = 50_000;
+pub const MAX_STREAMS: usize = 10_000;
 
 #[derive(Debug, Default, Clone)]
 pub struct JobEvents {
@@ -35,11 +44,26 @@ pub struct JobEvents {
 impl JobEvents {
     fn stream(&self, job_id: &str) -> Option<broadcast::Sender<String>> {
         let mut map = self.streams.lock().ok()?;
+        if map.len() >= MAX_STREAMS && !map.contains_key(job_id) {
+            map.retain(|_, tx| tx.receiver_count() > 0);
+            if map.len() >= MAX_STREAMS {
+                tracing::warn!("job events: {MAX_STREAMS} streams open; refusing another");
+                return None;
+            }
+        }
         Some(
             map.entry(job_id.to_string())
                 .or_insert_with(|| broadcast::channel(STREAM_BUFFER).0)
                 .clone(),
         )
+    }
+
+    /// The job's delta channel if someone here streams it; never creates one.
+    fn existing_stream(&self, job_id: &str) -> Option<broadcast::Sender<String>> {
+        self.streams
+            .lock()
+            .ok()
+            .and_then(|map| map.get(job_id).cloned())
     }
 
     /// Text deltas of a running job, from now on.
@@ -53,19 +77,16 @@ impl JobEvents {
         if let Some(bus) = &self.bus {
             bus.send(job_id, Some(delta.clone()));
         }
-        if let Some(tx) = self.stream(job_id) {
+        // Streams are opened by subscribers before their job is queued; a job nobody streams
+        // gets no channel.
+        if let Some(tx) = self.existing_stream(job_id) {
             let _ = tx.send(delta);
         }
     }
 
     /// A delta from another process: only for jobs someone here follows.
     fn deliver_remote_delta(&self, job_id: &str, delta: String) {
-        let tx = self
-            .streams
-            .lock()
-            .ok()
-            .and_then(|map| map.get(job_id).cloned());
-        if let Some(tx) = tx {
+        if let Some(tx) = self.existing_stream(job_id) {
             let _ = tx.send(delta);
         }
     }
@@ -88,6 +109,16 @@ impl JobEvents {
     pub fn subscribe(&self, job_id: &str) -> oneshot::Receiver<jobs::Model> {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut map) = self.waiters.lock() {
+            if map.len() >= MAX_FOLLOWED && !map.contains_key(job_id) {
+                map.retain(|_, list| {
+                    list.retain(|tx| !tx.is_closed());
+                    !list.is_empty()
+                });
+                if map.len() >= MAX_FOLLOWED {
+                    tracing::warn!("job events: {MAX_FOLLOWED} jobs awaited; refusing another");
+                    return rx;
+                }
+            }
             map.entry(job_id.to_string()).or_default().push(tx);
         }
         rx
@@ -380,4 +411,50 @@ pub fn job_updates(
             UpdateState::End => None,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn followed_jobs_are_bounded_and_abandoned_ones_are_swept_first() {
+        let events = JobEvents::default();
+        // Waiters whose requests went away are swept when the map is full.
+        for i in 0..MAX_FOLLOWED + 10 {
+            drop(events.subscribe(&format!("gone-{i}")));
+        }
+        assert!(events.waiting() <= MAX_FOLLOWED);
+        // Live waiters fill it; one more is refused (its receiver is closed at once).
+        let live: Vec<_> = (0..MAX_FOLLOWED)
+            .map(|i| events.subscribe(&format!("live-{i}")))
+            .collect();
+        assert_eq!(events.waiting(), MAX_FOLLOWED);
+        let mut refused = events.subscribe("one-too-many");
+        assert!(refused.try_recv().is_err());
+        assert_eq!(events.waiting(), MAX_FOLLOWED);
+        drop(live);
+
+        for i in 0..MAX_STREAMS + 10 {
+            drop(events.subscribe_deltas(&format!("s-{i}")));
+        }
+        assert!(events.streaming() <= MAX_STREAMS);
+        let live: Vec<_> = (0..MAX_STREAMS)
+            .filter_map(|i| events.subscribe_deltas(&format!("live-{i}")))
+            .collect();
+        assert_eq!(live.len(), MAX_STREAMS);
+        assert!(events.subscribe_deltas("one-too-many").is_none());
+    }
+
+    #[test]
+    fn deltas_of_a_job_nobody_streams_open_no_channel() {
+        let events = JobEvents::default();
+        for i in 0..100 {
+            events.publish_delta(&format!("job-{i}"), "token".into());
+        }
+        assert_eq!(events.streaming(), 0);
+        let mut rx = events.subscribe_deltas("job-7").expect("stream");
+        events.publish_delta("job-7", "hello".into());
+        assert_eq!(rx.try_recv().ok().as_deref(), Some("hello"));
+    }
 }

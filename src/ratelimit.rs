@@ -1,7 +1,9 @@
 //! Per-key request-rate limits (requests per minute with a burst), checked before a request may
 //! spend anything.
 //!
-//! Each key gets its own GCRA limiter, from the key's own limit or the configured default. In
+//! Each key gets its own GCRA limiter, from the key's own limit or the configured default, except
+//! keys that act for a user (seed 002's `/token` logins): those share one limiter per user, so
+//! logging in three times does not triple a user's rate. In
 //! embedded mode the state lives in this process (`governor`). With Redis (production) it lives
 //! in Redis, updated by one Lua script per request on Redis's clock, so any number of API
 //! instances enforce one limit together; if Redis cannot answer, the local limiter decides (and
@@ -28,10 +30,31 @@ struct Limit {
 /// dropped (that key starts afresh: a full burst again, never a wrong refusal).
 const MAX_LIMITERS: usize = 10_000;
 
+/// Who one limiter belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Holder {
+    Key(i32),
+    /// Every key acting for this user.
+    User(i32),
+}
+
+impl Holder {
+    fn of(key: &api_keys::Model) -> Self {
+        key.user_id.map_or(Self::Key(key.id), Self::User)
+    }
+
+    fn redis_key(self, prefix: &str) -> String {
+        match self {
+            Self::Key(id) => format!("{prefix}.ratelimit.{id}"),
+            Self::User(id) => format!("{prefix}.ratelimit.user.{id}"),
+        }
+    }
+}
+
 /// The limiters of all keys seen by this process (at most [`MAX_LIMITERS`]).
 pub struct RateLimits {
     default: Option<Limit>,
-    limiters: Mutex<HashMap<i32, (Limit, Arc<DefaultDirectRateLimiter>)>>,
+    limiters: Mutex<HashMap<Holder, (Limit, Arc<DefaultDirectRateLimiter>)>>,
     shared: Option<Shared>,
 }
 
@@ -120,9 +143,7 @@ impl RateLimits {
         let interval_us = 60_000_000 / u64::from(limit.per_minute.get());
         let tolerance_us = interval_us * u64::from(limit.burst.get() - 1);
         let mut conn = shared.conn.clone();
-        let mut invocation = shared
-            .script
-            .key(format!("{}.ratelimit.{}", shared.prefix, key.id));
+        let mut invocation = shared.script.key(Holder::of(key).redis_key(&shared.prefix));
         invocation.arg(interval_us).arg(tolerance_us);
         let verdict =
             tokio::time::timeout(shared.timeout, invocation.invoke_async::<u64>(&mut conn)).await;
@@ -169,13 +190,14 @@ impl RateLimits {
                 .limiters
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if map.len() >= MAX_LIMITERS && !map.contains_key(&key.id) {
+            let holder = Holder::of(key);
+            if map.len() >= MAX_LIMITERS && !map.contains_key(&holder) {
                 if let Some(other) = map.keys().next().copied() {
                     map.remove(&other);
                 }
             }
             let entry = map
-                .entry(key.id)
+                .entry(holder)
                 .or_insert_with(|| (limit, new_limiter(limit)));
             if entry.0 != limit {
                 *entry = (limit, new_limiter(limit));
@@ -278,6 +300,29 @@ mod tests {
         assert!(limits.check_local(&a).is_ok());
         assert!(limits.check_local(&a).is_err());
         assert!(limits.check_local(&b).is_ok());
+    }
+
+    #[test]
+    fn keys_acting_for_one_user_share_the_users_limit() {
+        let limits = RateLimits::new(&RateLimitSettings {
+            per_minute: 60,
+            burst: Some(2),
+        });
+        let login = |id| api_keys::Model {
+            user_id: Some(7),
+            ..key(id, None, None)
+        };
+        assert!(limits.check_local(&login(1)).is_ok());
+        assert!(limits.check_local(&login(2)).is_ok());
+        assert!(
+            limits.check_local(&login(3)).is_err(),
+            "a third login token of the same user has no allowance of its own"
+        );
+        let other_user = api_keys::Model {
+            user_id: Some(8),
+            ..key(4, None, None)
+        };
+        assert!(limits.check_local(&other_user).is_ok());
     }
 
     #[test]

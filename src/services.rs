@@ -18,7 +18,7 @@ use crate::{
     serving::{DefaultModel, ModelRegistry},
     settings::Settings,
     setup_link::SetupLinks,
-    throttle::LoginThrottle,
+    throttle::Logins,
 };
 
 pub struct Services {
@@ -28,12 +28,14 @@ pub struct Services {
     pub events: JobEvents,
     pub rate_limits: RateLimits,
     /// Failed-login throttle of `POST /token`.
-    pub logins: LoginThrottle,
+    pub logins: Logins,
     /// Bounds the password checks (argon2) running at once, so a flood of sign-ins cannot eat
     /// the memory or the blocking threads (see [`Self::password_check`]).
     password_checks: Arc<tokio::sync::Semaphore>,
     pub setup: SetupLinks,
     reaper: tokio::task::JoinHandle<()>,
+    /// The hourly purge of old job texts, when retention is on.
+    retention: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Services {
@@ -104,8 +106,9 @@ impl Services {
             default.engine = Some(engine);
             default.worker_name = Some(name);
         }
-        let logins = LoginThrottle::new(
+        let logins = Logins::new(
             settings.auth.login_max_failures,
+            settings.auth.login_max_failures_per_address,
             Duration::from_secs(settings.auth.login_lockout_seconds),
         );
         let mut rate_limits = RateLimits::new(&settings.api.rate_limit);
@@ -137,6 +140,7 @@ impl Services {
             events.clone(),
             reaper::Bounds::from_settings(&settings),
         );
+        let retention = crate::retention::start(ctx.db.clone(), settings.retention.job_text_days);
         let checks = match settings.auth.password_checks {
             0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
             n => n as usize,
@@ -155,6 +159,7 @@ impl Services {
             password_checks,
             setup,
             reaper,
+            retention,
         }))
     }
 
@@ -185,9 +190,12 @@ impl Services {
             })
     }
 
-    /// Stops the reaper and every worker of this process after its current job.
+    /// Stops the reaper, the purge and every worker of this process after its current job.
     pub async fn shutdown(&self) {
         self.reaper.abort();
+        if let Some(purge) = &self.retention {
+            purge.abort();
+        }
         self.models.shutdown().await;
     }
 }

@@ -20,6 +20,8 @@ pub struct Settings {
     pub policy: PolicySettings,
     #[serde(default)]
     pub auth: AuthSettings,
+    #[serde(default)]
+    pub retention: RetentionSettings,
     /// Names clients send for a model (a Hugging Face id such as `meta-llama/Llama-3.1-8B`)
     /// → the model id served here, or a GGUF file in the models folder to load under it.
     #[serde(default)]
@@ -91,6 +93,17 @@ impl Default for RemoteCredentialSettings {
     }
 }
 
+/// How long finished jobs keep their texts.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Days after which the prompt, output and error texts of finished jobs are erased (the job
+    /// row, its token counts and the usage records stay, so quotas, `/usage/` and the
+    /// dashboard's charts are unchanged). 0 keeps them forever.
+    #[serde(default)]
+    pub job_text_days: u32,
+}
+
 /// Seed 002's username/password logins (`POST /token`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -101,6 +114,14 @@ pub struct AuthSettings {
     /// Failed logins for one username before further attempts get 429.
     #[serde(default = "default_login_max_failures")]
     pub login_max_failures: u32,
+    /// Failed logins (any usernames, `/token` and the dashboard together) from one client
+    /// address before further attempts from it get 429 for `login_lockout_seconds`.
+    #[serde(default = "default_login_max_failures_per_address")]
+    pub login_max_failures_per_address: u32,
+    /// Take the client address from the last `X-Forwarded-For` entry (set only behind a reverse
+    /// proxy that appends it; otherwise clients could pick their own address).
+    #[serde(default)]
+    pub trust_forwarded_for: bool,
     /// How long a username stays locked after too many failures (and the window in which
     /// failures are counted).
     #[serde(default = "default_login_lockout_seconds")]
@@ -133,6 +154,9 @@ fn default_token_ttl_minutes() -> u32 {
 fn default_login_max_failures() -> u32 {
     5
 }
+fn default_login_max_failures_per_address() -> u32 {
+    30
+}
 fn default_login_lockout_seconds() -> u64 {
     60
 }
@@ -142,6 +166,8 @@ impl Default for AuthSettings {
         Self {
             token_ttl_minutes: default_token_ttl_minutes(),
             login_max_failures: default_login_max_failures(),
+            login_max_failures_per_address: default_login_max_failures_per_address(),
+            trust_forwarded_for: false,
             login_lockout_seconds: default_login_lockout_seconds(),
             session_ttl_minutes: default_session_ttl_minutes(),
             secure_cookies: false,
@@ -206,6 +232,37 @@ pub struct EngineSettings {
     /// (`scripted`, see [`crate::engine::scripted`]).
     #[serde(default)]
     pub backend: EngineBackend,
+    /// How the engine comes back when its thread dies (see [`crate::engine::supervisor`]).
+    #[serde(default)]
+    pub restart: RestartSettings,
+}
+
+/// Restarts of an engine whose thread died (a panic): bounded, with a doubling back-off.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartSettings {
+    /// Restarts in a row before the engine gives up and stays down (reported on `/ping`).
+    #[serde(default = "default_restart_attempts")]
+    pub max_attempts: u32,
+    /// Wait before the first restart; each further one in a row waits twice as long.
+    #[serde(default = "default_restart_backoff_ms")]
+    pub backoff_ms: u64,
+}
+
+fn default_restart_attempts() -> u32 {
+    5
+}
+fn default_restart_backoff_ms() -> u64 {
+    1000
+}
+
+impl Default for RestartSettings {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_restart_attempts(),
+            backoff_ms: default_restart_backoff_ms(),
+        }
+    }
 }
 
 /// The engine behind [`crate::engine::start`].
@@ -287,6 +344,14 @@ pub struct QueueSettings {
     /// client never waits on a job nobody will take.
     #[serde(default = "default_max_queued_seconds")]
     pub max_queued_seconds: u64,
+    /// Production: how long `load_model`/`unload_model` wait for a worker process to act
+    /// before answering 202 (the request stays recorded and a worker still acts on it).
+    #[serde(default = "default_model_change_wait_seconds")]
+    pub model_change_wait_seconds: u64,
+}
+
+fn default_model_change_wait_seconds() -> u64 {
+    120
 }
 
 /// Limits and defaults of the HTTP API.
@@ -299,7 +364,8 @@ pub struct ApiSettings {
     /// Largest accepted request body; bigger ones get 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
-    /// `max_tokens` when the request names none.
+    /// Ceiling for a request that names no `max_tokens`: it generates until the model stops or
+    /// the context is full, and at most this many tokens.
     #[serde(default = "default_max_tokens")]
     pub default_max_tokens: u32,
     /// Upper bound a request may ask for.
@@ -385,7 +451,7 @@ fn default_max_body_bytes() -> usize {
     1024 * 1024
 }
 fn default_max_tokens() -> u32 {
-    256
+    2048
 }
 fn default_max_tokens_limit() -> u32 {
     2048
@@ -410,6 +476,7 @@ impl Default for EngineSettings {
             adapter_cache_size: default_adapter_cache_size(),
             embeddings: EmbeddingSettings::default(),
             backend: EngineBackend::default(),
+            restart: RestartSettings::default(),
         }
     }
 }
@@ -436,6 +503,7 @@ impl Default for QueueSettings {
             missed_heartbeats: default_missed_heartbeats(),
             redis_timeout_ms: default_redis_timeout_ms(),
             max_queued_seconds: default_max_queued_seconds(),
+            model_change_wait_seconds: default_model_change_wait_seconds(),
         }
     }
 }

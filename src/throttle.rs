@@ -1,4 +1,6 @@
-//! Failed-login throttling for `POST /token`, per username, in memory.
+//! Failed-login throttling for `POST /token` and the dashboard sign-in, in memory: one instance
+//! per username and one per client address (which stops one client from trying a password on
+//! thousands of usernames).
 //!
 //! Every attempt is counted as a failure *before* the password is checked and forgiven when it
 //! succeeds, so concurrent guesses cannot slip past the limit: after `max_failures` attempts
@@ -99,6 +101,70 @@ impl LoginThrottle {
         if let Ok(mut entries) = self.entries.lock() {
             entries.remove(username);
         }
+    }
+
+    /// Forgives only this attempt's failure: for a client address, where one right password
+    /// must not wipe out the failures of other usernames tried from the same place.
+    pub fn forgive_one(&self, key: &str) {
+        if let Ok(mut entries) = self.entries.lock() {
+            if let Some(entry) = entries.get_mut(key) {
+                if entry.locked_until.is_none() {
+                    entry.failures = entry.failures.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    /// Entries held now (for tests of the bound).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.entries.lock().map_or(0, |e| e.len())
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The two throttles every password sign-in passes: per username (or email) and per client
+/// address.
+#[derive(Debug)]
+pub struct Logins {
+    by_name: LoginThrottle,
+    by_address: LoginThrottle,
+}
+
+impl Logins {
+    #[must_use]
+    pub fn new(per_name: u32, per_address: u32, lockout: Duration) -> Self {
+        Self {
+            by_name: LoginThrottle::new(per_name, lockout),
+            by_address: LoginThrottle::new(per_address, lockout),
+        }
+    }
+
+    /// Admits an attempt for `name` from `address`, counting it as a failure on both until
+    /// [`Self::succeeded`].
+    ///
+    /// # Errors
+    /// How long the address or the name stays locked.
+    pub fn begin(&self, address: &str, name: &str) -> Result<(), Duration> {
+        self.by_address.begin(address)?;
+        self.by_name.begin(name)
+    }
+
+    /// The right password: the name's failures are forgiven, and this one attempt of the
+    /// address's.
+    pub fn succeeded(&self, address: &str, name: &str) {
+        self.by_name.succeeded(name);
+        self.by_address.forgive_one(address);
+    }
+
+    /// Entries held by the two throttles (each bounded).
+    #[must_use]
+    pub fn tracked(&self) -> (usize, usize) {
+        (self.by_name.len(), self.by_address.len())
     }
 }
 

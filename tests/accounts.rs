@@ -1165,3 +1165,121 @@ async fn a_flood_of_sign_ins_is_refused_at_once_beyond_the_password_check_bound(
     let (status, _) = app.get(None, "/ping").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn one_address_trying_many_usernames_is_throttled_and_login_tokens_share_the_users_rate() {
+    let app = TestApp::spawn_scripted(|s| {
+        s["auth"]["login_max_failures_per_address"] = json!(4);
+        s["api"]["rate_limit"] = json!({"per_minute": 60, "burst": 2});
+    })
+    .await;
+    let admin = app
+        .issue_key(KeyParams {
+            rate_limit_per_minute: Some(6000),
+            rate_limit_burst: Some(100),
+            ..common::admin_params()
+        })
+        .await;
+    for name in ["erin", "frank"] {
+        let (status, body) = add_user(
+            &app,
+            &admin,
+            json!({"username": name, "password": PASSWORD}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    // Three logins of one user: three tokens, one rate (burst 2) between them.
+    let tokens = [
+        token_for(&app, "erin").await,
+        token_for(&app, "erin").await,
+        token_for(&app, "erin").await,
+    ];
+    let mut statuses = Vec::new();
+    for token in &tokens {
+        let (status, _) = app.post_api(token, json!({"text": "hi"})).await;
+        statuses.push(status);
+    }
+    assert_eq!(statuses[..2], [200, 200], "{statuses:?}");
+    assert_eq!(
+        statuses[2], 429,
+        "a third token must not bring a fresh burst"
+    );
+    assert_eq!(
+        app.calls_used(&tokens[2]).await,
+        0,
+        "a refused call spends nothing"
+    );
+    // Another user's token has its own allowance.
+    let frank = token_for(&app, "frank").await;
+    let (status, body) = app.post_api(&frank, json!({"text": "hi"})).await;
+    assert_eq!(status, 200, "{body}");
+
+    // One address guessing across usernames: each name stays under its own limit (5), but
+    // the address is locked after 4 failures, for every username, right password included.
+    for name in ["u1", "u2", "u3", "u4"] {
+        let (status, body) = login(&app, name, "guess").await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let (status, body) = login(&app, "frank", PASSWORD).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(code(&body), "too_many_login_attempts");
+    let services = tollgate::services::Services::from_ctx(&app.ctx).expect("services");
+    let (names, addresses) = services.logins.tracked();
+    assert!(
+        names >= 4 && addresses == 1,
+        "{names} names, {addresses} addresses"
+    );
+}
+
+#[tokio::test]
+async fn a_conversation_keeps_its_newest_messages_only_and_others_are_untouched() {
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let key = app.key_with_calls(None).await;
+    let other = app.key_with_calls(None).await;
+    let turns = conversations::KEPT_MESSAGES / 2 + 5;
+    for i in 0..turns {
+        conversations::append(
+            &app.ctx.db,
+            Owner::Key(key.id),
+            3,
+            &format!("q{i}"),
+            &format!("a{i}"),
+            "seeded",
+        )
+        .await
+        .expect("append");
+    }
+    conversations::append(
+        &app.ctx.db,
+        Owner::Key(other.id),
+        3,
+        "keep me",
+        "kept",
+        "seeded",
+    )
+    .await
+    .expect("append");
+    let kept = conversations::messages(&app.ctx.db, Owner::Key(key.id), 3)
+        .await
+        .expect("messages");
+    assert_eq!(kept.len() as u64, conversations::KEPT_MESSAGES);
+    assert_eq!(
+        kept.last().map(|m| m.content.as_str()),
+        Some(format!("a{}", turns - 1).as_str())
+    );
+    assert_eq!(
+        kept.first().map(|m| m.content.as_str()),
+        Some("q5"),
+        "the oldest turns went first"
+    );
+    let untouched = conversations::messages(&app.ctx.db, Owner::Key(other.id), 3)
+        .await
+        .expect("messages");
+    assert_eq!(
+        untouched.len(),
+        2,
+        "another owner's conversation is not trimmed"
+    );
+}

@@ -348,3 +348,138 @@ async fn metrics_can_require_a_token_and_listings_follow_the_keys_allow_lists() 
     let (_, engines) = app.get(Some(&limited), "/active_models/").await;
     assert_eq!(engines.as_array().map(Vec::len), Some(1), "{engines}");
 }
+
+/// Reads `name` (a full series with its labels) from a `/metrics` scrape.
+fn metric(text: &str, name: &str) -> i64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_count_finished_jobs_from_running_totals_not_the_jobs_table() {
+    use sea_orm::ConnectionTrait;
+
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let key = app.key_with_calls(None).await;
+    for _ in 0..3 {
+        let (status, body) = app.post_api(&key, json!({"text": "count me"})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = app.post_api(&key, json!({"text": ""})).await;
+    assert_eq!(status, 422, "{body}");
+    let scrape = || async {
+        let resp = app.http.get(app.url("/metrics")).send().await.expect("get");
+        resp.text().await.expect("text")
+    };
+    let before = scrape().await;
+    assert_eq!(metric(&before, "tollgate_jobs{status=\"done\"}"), 3);
+    assert_eq!(metric(&before, "tollgate_jobs{status=\"queued\"}"), 0);
+    let generated = metric(&before, "tollgate_generated_tokens_total");
+    let stored: i64 = app
+        .jobs_of(&key)
+        .await
+        .iter()
+        .map(|j| i64::from(j.generated_tokens))
+        .sum();
+    assert!(generated > 0);
+    assert_eq!(generated, stored, "totals equal the jobs' own counts");
+
+    // Finished jobs purged (retention): the totals are counters, so they stay.
+    app.ctx
+        .db
+        .execute_unprepared("DELETE FROM jobs")
+        .await
+        .expect("purge");
+    let after = scrape().await;
+    assert_eq!(metric(&after, "tollgate_jobs{status=\"done\"}"), 3);
+    assert_eq!(metric(&after, "tollgate_generated_tokens_total"), generated);
+}
+
+#[tokio::test]
+async fn retention_erases_old_job_texts_and_keeps_counts_and_usage() {
+    use sea_orm::{ActiveModelTrait, ActiveValue::Set, EntityTrait};
+    use tollgate::models::{jobs, usage_records};
+
+    let app = TestApp::spawn_scripted(|s| s["retention"]["job_text_days"] = json!(30)).await;
+    let key = app.key_with_calls(None).await;
+    for text in ["an old secret", "a recent question"] {
+        let (status, body) = app.post_api(&key, json!({"text": text})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let all = app.jobs_of(&key).await;
+    let old = all
+        .iter()
+        .find(|j| j.request.contains("an old secret"))
+        .expect("old job")
+        .clone();
+    let long_ago = old.finished_at.expect("finished") - Duration::days(31);
+    jobs::ActiveModel {
+        id: Set(old.id.clone()),
+        finished_at: Set(Some(long_ago)),
+        ..Default::default()
+    }
+    .update(&app.ctx.db)
+    .await
+    .expect("age the job");
+    let usage_before = usage_records::Entity::find()
+        .all(&app.ctx.db)
+        .await
+        .expect("usage")
+        .len();
+
+    let erased = tollgate::retention::purge(&app.ctx.db, 30)
+        .await
+        .expect("purge");
+    assert_eq!(erased, 1);
+    assert_eq!(
+        tollgate::retention::purge(&app.ctx.db, 30)
+            .await
+            .expect("again"),
+        0
+    );
+    let after = app.jobs_of(&key).await;
+    let purged = after.iter().find(|j| j.id == old.id).expect("row kept");
+    assert_eq!(purged.request, jobs::PURGED);
+    assert_eq!(
+        (purged.result.as_deref(), purged.error.as_deref()),
+        (None, None)
+    );
+    assert_eq!(purged.generated_tokens, old.generated_tokens, "counts stay");
+    let recent = after.iter().find(|j| j.id != old.id).expect("recent job");
+    assert!(recent.request.contains("a recent question") && recent.result.is_some());
+    assert_eq!(
+        usage_records::Entity::find()
+            .all(&app.ctx.db)
+            .await
+            .expect("usage")
+            .len(),
+        usage_before,
+        "usage records stay"
+    );
+    assert_eq!(app.calls_used(&key).await, 2);
+}
+
+#[tokio::test]
+async fn no_max_tokens_means_until_the_context_is_full_never_a_refusal() {
+    let app = TestApp::spawn_scripted(|s| {
+        s["engine"]["context_size"] = json!(96);
+        s["api"]["default_max_tokens"] = json!(2048);
+    })
+    .await;
+    let key = app.key_with_calls(None).await;
+    let chat =
+        json!({"model": "smollm2", "messages": [{"role": "user", "content": "Tell me a story."}]});
+    let (status, body) = app.post(Some(&key), "/v1/chat/completions", chat).await;
+    assert_eq!(status, 200, "{body}");
+    let job = app.jobs_of(&key).await.pop().expect("job");
+    // The prompt as admission counted it (the scripted engine reports its own count).
+    let prompt = job.reserved_prompt_tokens;
+    assert!(prompt > 0);
+    assert_eq!(
+        job.reserved_gen_tokens,
+        96 - prompt,
+        "cut to the room the prompt leaves, not the 2,048 ceiling"
+    );
+}

@@ -41,7 +41,11 @@ fn class_of(method: &Method, uri: &str) -> Option<Class> {
     use Class::*;
     let m = method.as_str();
     Some(match (m, uri) {
-        (_, "/_ping" | "/_health" | "/_readiness" | "/ping" | "/metrics" | "/token") => Public,
+        (
+            _,
+            "/_ping" | "/_health" | "/_readiness" | "/ping" | "/metrics" | "/token"
+            | "/openapi.json",
+        ) => Public,
         (
             "GET",
             "/api"

@@ -94,6 +94,49 @@ async fn jobs_decoded_together_answer_as_they_do_alone() {
 }
 
 #[tokio::test]
+async fn a_seeded_request_gives_the_same_text_alone_and_batched() {
+    let app = app(4, 4).await;
+    let key = app.key_with_calls(None).await;
+    // Sampled, not greedy: the seed alone decides the draws.
+    let seeded = json!({"temperature": 0.9, "top_p": 0.95, "seed": 1234});
+    let first = ask(&app, &key, PROMPTS[2], seeded.clone()).await;
+    let again = ask(&app, &key, PROMPTS[2], seeded.clone()).await;
+    assert_eq!(text(&first), text(&again), "same seed, same text");
+    let other_seed = ask(
+        &app,
+        &key,
+        PROMPTS[2],
+        json!({"temperature": 0.9, "top_p": 0.95, "seed": 99}),
+    )
+    .await;
+    assert_ne!(
+        text(&first),
+        text(&other_seed),
+        "the seed decides the draws"
+    );
+
+    let batched = together(
+        &app,
+        &key,
+        &[
+            (PROMPTS[0], json!({"temperature": 0.9, "seed": 1})),
+            (PROMPTS[2], seeded),
+            (PROMPTS[1], json!({"temperature": 1.2})),
+            (PROMPTS[3], json!({})),
+        ],
+    )
+    .await;
+    let status = engine(&app).await;
+    assert!(
+        status["batched_steps"].as_u64().unwrap_or_default() > 0,
+        "decoded together: {status}"
+    );
+    // Each job has its own seeded draw, and its logits do not depend on its batch-mates.
+    assert_eq!(text(&batched[1]), text(&first), "alone vs batched");
+    assert_eq!(batched[1]["usage"], first["usage"]);
+}
+
+#[tokio::test]
 async fn one_jobs_stop_string_or_token_limit_never_cuts_another() {
     let app = app(4, 4).await;
     let key = app.key_with_calls(None).await;

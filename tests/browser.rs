@@ -30,6 +30,8 @@ async fn an_admin_goes_from_empty_database_to_working_key_in_chromium() {
         "key-created.png",
         "key-detail.png",
         "keys-narrow.png",
+        "users.png",
+        "models.png",
     ] {
         let path = std::path::Path::new("artifacts/screenshots").join(shot);
         assert!(

@@ -565,6 +565,8 @@ async fn every_page_needs_a_session_and_every_form_its_csrf_token() {
         "/admin/jobs".into(),
         "/admin/jobs/00000000-0000-0000-0000-000000000000".into(),
         "/admin/adapters".into(),
+        "/admin/users".into(),
+        "/admin/models".into(),
     ];
     let posts = [
         "/admin/logout".to_string(),
@@ -575,6 +577,11 @@ async fn every_page_needs_a_session_and_every_form_its_csrf_token() {
         format!("/admin/keys/{prefix}/reactivate"),
         "/admin/adapters".into(),
         "/admin/adapters/x/remove".into(),
+        "/admin/users".into(),
+        "/admin/users/x/disable".into(),
+        "/admin/users/x/delete".into(),
+        "/admin/models/x/load".into(),
+        "/admin/models/x/unload".into(),
     ];
     for path in gets.iter().chain(posts.iter()) {
         let resp = if gets.contains(path) {
@@ -628,4 +635,102 @@ async fn every_page_needs_a_session_and_every_form_its_csrf_token() {
         StatusCode::OK,
         "logout without csrf did not end the session"
     );
+}
+
+#[tokio::test]
+async fn admins_manage_users_and_models_in_the_dashboard() {
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let mut b = Browser::new(&app);
+    b.sign_in_as_new_admin().await;
+    let (status, body) = b.page("/admin/users").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("No users yet."), "{body}");
+    let csrf = csrf_of(&body);
+
+    // A bad limit: 422 with the message at its field; nothing stored.
+    let user = |limit| {
+        [
+            ("csrf", csrf.clone()),
+            ("username", "dora".to_string()),
+            ("password", "long-enough-pw".to_string()),
+            ("role", "user".to_string()),
+            ("prompt_token_limit", limit),
+            ("gen_token_limit", String::new()),
+        ]
+    };
+    let fields = user("-3".into());
+    let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let resp = b.form("/admin/users", &pairs).await;
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body = resp.text().await.expect("body");
+    assert!(body.contains(r#"id="prompt_token_limit-error">A whole number"#), "{body}");
+    assert!(body.contains("No users yet."), "{body}");
+
+    let fields = user("1000".into());
+    let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let resp = b.form("/admin/users", &pairs).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let login = || {
+        app.post(
+            None,
+            "/token",
+            json!({"username": "dora", "password": "long-enough-pw"}),
+        )
+    };
+    let (status, body) = login().await;
+    assert_eq!(status, 200, "{body}");
+    let token = common::key_of(&app, body["access_token"].as_str().expect("token")).await;
+    let (_, body) = b.page("/admin/users").await;
+    assert!(body.contains(r#"<tr id="user-dora">"#) && body.contains("0 / 1000"), "{body}");
+
+    // Disable: the user's existing token stops at once, and so do new logins.
+    let resp = b.form("/admin/users/dora/disable", &[("csrf", &csrf)]).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let (status, _) = app.post_api(&token, json!({"text": "hi"})).await;
+    assert_eq!(status, 403);
+    let (status, _) = login().await;
+    assert_eq!(status, 403);
+    let resp = b.form("/admin/users/dora/enable", &[("csrf", &csrf)]).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let (status, body) = app.post_api(&token, json!({"text": "hi"})).await;
+    assert_eq!(status, 200, "{body}");
+    let resp = b.form("/admin/users/dora/reset", &[("csrf", &csrf)]).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let (_, body) = b.page("/admin/users").await;
+    assert!(body.contains("0 / 1000"), "counters reset: {body}");
+    let resp = b.form("/admin/users/nobody/disable", &[("csrf", &csrf)]).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let resp = b.form("/admin/users/dora/delete", &[("csrf", &csrf)]).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let (status, _) = app.post_api(&token, json!({"text": "hi"})).await;
+    assert_eq!(status, 401, "a deleted user's token is revoked");
+
+    // Models: the default one is served and ready; a stored configuration loads and unloads.
+    let (status, body) = b.page("/admin/models").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains(r#"<tr id="model-smollm2">"#) && body.contains("ready"), "{body}");
+    let admin = app.admin_key().await;
+    let config = json!({"model_id": "second", "model_name": "smollm2",
+                        "model_type": "llama_cpp", "model_kwargs": {}});
+    let (status, body) = app.post(Some(&admin), "/llm/configure_model/", config).await;
+    assert_eq!(status, 200, "{body}");
+    let config_id = body["config_id"].as_str().expect("config id").to_string();
+    let (_, body) = b.page("/admin/models").await;
+    let load = format!("/admin/models/{config_id}/load");
+    assert!(body.contains(&format!(r#"action="{load}""#)), "{body}");
+    let resp = b.form(&load, &[("csrf", &csrf)]).await;
+    let status = resp.status();
+    let body = resp.text().await.expect("body");
+    assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
+    let (_, body) = b.page("/admin/models").await;
+    assert!(body.contains(r#"<tr id="model-second">"#), "{body}");
+    let resp = b.form("/admin/models/second/unload", &[("csrf", &csrf)]).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let (_, body) = b.page("/admin/models").await;
+    assert!(!body.contains(r#"<tr id="model-second">"#), "{body}");
+    // The default model cannot be unloaded: the page says why.
+    let resp = b.form("/admin/models/smollm2/unload", &[("csrf", &csrf)]).await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    let body = resp.text().await.expect("body");
+    assert!(body.contains(r#"id="problem""#) && body.contains("default model"), "{body}");
 }

@@ -161,9 +161,14 @@ async fn invalid_openai_requests_spend_nothing() {
             "unsupported_schema",
         ),
         (
-            json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true}),
-            400,
-            "unsupported_parameter",
+            json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21}),
+            422,
+            "invalid_sampling",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}),
+            422,
+            "invalid_sampling",
         ),
         (
             json!({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 5}),
@@ -191,6 +196,106 @@ async fn invalid_openai_requests_spend_nothing() {
     }
     assert_eq!(app.calls_used(&key).await, 0);
     assert_eq!(app.job_count().await, 0);
+}
+
+#[tokio::test]
+async fn logprobs_come_per_generated_token_finite_in_openai_shape_streamed_or_not() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(None).await;
+    let request = json!({
+        "messages": [{"role": "user", "content": "Name three colors."}],
+        "max_tokens": 8, "temperature": 0, "logprobs": true, "top_logprobs": 3
+    });
+    let (status, plain) = app
+        .post(Some(&key), "/v1/chat/completions", request.clone())
+        .await;
+    assert_eq!(status, 200, "{plain}");
+    let content = plain["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap_or_else(|| panic!("logprobs.content: {plain}"));
+    assert_eq!(
+        content.len() as i64,
+        plain["usage"]["completion_tokens"].as_i64().unwrap_or(-1),
+        "one entry per generated token: {plain}"
+    );
+    let mut bytes = Vec::new();
+    for entry in content {
+        let logprob = entry["logprob"].as_f64().expect("logprob");
+        assert!(logprob.is_finite() && logprob <= 0.0, "{entry}");
+        let top = entry["top_logprobs"].as_array().expect("top_logprobs");
+        assert_eq!(top.len(), 3, "{entry}");
+        let values: Vec<f64> = top.iter().filter_map(|t| t["logprob"].as_f64()).collect();
+        assert!(
+            values.windows(2).all(|w| w[0] >= w[1]),
+            "most likely first: {entry}"
+        );
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0]["token"], entry["token"], "{entry}");
+        assert!((values[0] - logprob).abs() < 1e-6, "{entry}");
+        bytes.extend(
+            entry["bytes"]
+                .as_array()
+                .expect("bytes")
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(|b| b as u8),
+        );
+    }
+    assert_eq!(
+        String::from_utf8(bytes).expect("utf-8"),
+        plain["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default(),
+        "the tokens spell the answer"
+    );
+
+    let mut streamed = request;
+    streamed["stream"] = json!(true);
+    let (status, _, body) = post_stream(&app, &key, "/v1/chat/completions", streamed).await;
+    assert_eq!(status, 200, "{body}");
+    let streamed_content: Vec<Value> = sse_data(&body)
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(
+        &streamed_content, content,
+        "the stream carries the same entries"
+    );
+
+    let (status, text) = app
+        .post(
+            Some(&key),
+            "/v1/completions",
+            json!({"prompt": "One, two, three,", "max_tokens": 4, "temperature": 0, "logprobs": 2}),
+        )
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let logprobs = &text["choices"][0]["logprobs"];
+    let tokens = logprobs["tokens"].as_array().expect("tokens");
+    assert_eq!(tokens.len(), 4, "{text}");
+    assert_eq!(logprobs["token_logprobs"].as_array().map(Vec::len), Some(4));
+    assert!(logprobs["token_logprobs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|v| v.as_f64().is_some_and(|x| x.is_finite() && x <= 0.0)));
+    assert!(logprobs["top_logprobs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|m| m.as_object().is_some_and(|m| (1..=2).contains(&m.len()))));
+    assert_eq!(logprobs["text_offset"][0], 0);
+    // Not asked: null, as OpenAI answers.
+    let (_, plain) = app
+        .post(
+            Some(&key),
+            "/v1/completions",
+            json!({"prompt": "Hi", "max_tokens": 2, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(plain["choices"][0]["logprobs"], Value::Null);
 }
 
 /// The `data:` payloads of a server-sent event stream, in order.

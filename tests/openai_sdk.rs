@@ -13,8 +13,8 @@ async fn the_official_openai_python_sdk_works_against_tollgate() {
     let script = "tests/python/openai_sdk.py";
     let args = [script, &app.base, &good.secret, &exhausted.secret];
     common::run_checks(python, &args, "SDK checks", "openai sdk checks passed").await;
-    // chat + streamed chat + structured chat + completion + two embedding requests spent six
-    // calls; the rejected ones spent nothing.
-    assert_eq!(app.calls_used(&good).await, 6);
+    // chat + streamed chat + structured chat + two seeded chats + a chat with logprobs +
+    // completion + two embedding requests spent nine calls; the rejected ones spent nothing.
+    assert_eq!(app.calls_used(&good).await, 9);
     assert_eq!(app.calls_used(&exhausted).await, 0);
 }

@@ -909,3 +909,108 @@ async fn each_worker_serves_only_the_models_it_holds() {
         "names what is available: {body}"
     );
 }
+
+#[tokio::test]
+async fn load_model_in_production_has_a_worker_load_it_and_unload_model_stops_it() {
+    let mut c = Cluster::new(Redis::shared()).await;
+    let api = c.start_api(free_port()).await;
+    // `d` serves the default model only; `l` also takes models asked for at run time.
+    c.start_worker("d").await;
+    c.start_worker_with("l", &["accept_loads=true"]).await;
+    let admin = issue_key(&c.db, admin_params()).await;
+    let key = c.key(None).await;
+
+    // Seed 004's own flow: store a configuration, load it, use it, unload it.
+    let config = json!({"model_id": "placed", "model_type": "llama_cpp",
+                        "model_name": "SmolLM2-135M-Instruct.Q4_1.gguf", "model_kwargs": {}});
+    let (status, body) = c.post(api, &admin, "/llm/configure_model/", config).await;
+    assert_eq!(status, 200, "{body}");
+    let config_id = body["config_id"].as_str().expect("config id").to_string();
+    let (status, body) = c
+        .post(
+            api,
+            &admin,
+            &format!("/llm/load_model/{config_id}"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["message"], "Model loaded successfully", "{body}");
+    let (_, loaded) = c.get(api, Some(&key.secret), "/llm/loaded_models").await;
+    assert!(
+        loaded
+            .as_array()
+            .is_some_and(|l| l.contains(&json!("placed"))),
+        "{loaded}"
+    );
+    let chat = json!({"model": "placed", "max_tokens": 4,
+                      "messages": [{"role": "user", "content": "Say hi."}]});
+    let (status, body) = c
+        .post(api, &key, "/v1/chat/completions", chat.clone())
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let jobs = c.jobs_of(&key).await;
+    assert!(
+        jobs[0]
+            .worker
+            .as_deref()
+            .is_some_and(|w| w.ends_with("-placed")),
+        "served by the model loaded on worker l: {jobs:?}"
+    );
+    // Loading it again is a no-op; its configuration cannot be deleted while it is wanted.
+    let (status, body) = c
+        .post(
+            api,
+            &admin,
+            &format!("/llm/load_model/{config_id}"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["message"].clone()),
+        (200, json!("Model already loaded"))
+    );
+    let resp = c
+        .http
+        .delete(c.url(api, &format!("/llm/configuration/{config_id}")))
+        .bearer_auth(&admin.secret)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(resp.status().as_u16(), 409);
+
+    let (status, body) = c
+        .post(api, &admin, "/llm/unload_model/placed", json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, loaded) = c.get(api, Some(&key.secret), "/llm/loaded_models").await;
+    assert!(
+        loaded
+            .as_array()
+            .is_some_and(|l| !l.contains(&json!("placed"))),
+        "{loaded}"
+    );
+    let (status, body) = c.post(api, &key, "/v1/chat/completions", chat).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = c
+        .post(api, &admin, "/llm/unload_model/placed", json!({}))
+        .await;
+    assert_eq!(status, 404, "{body}");
+
+    // A file no worker can load: the worker's reason comes back, nothing is left wanted.
+    let bad = json!({"model_id": "broken", "model_type": "llama_cpp",
+                     "model_name": "missing.gguf", "model_kwargs": {}});
+    let (status, body) = c.post(api, &admin, "/llm/configure_model/", bad).await;
+    assert_eq!(status, 200, "{body}");
+    let bad_id = body["config_id"].as_str().expect("config id").to_string();
+    let (status, body) = c
+        .post(api, &admin, &format!("/llm/load_model/{bad_id}"), json!({}))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("missing.gguf")),
+        "{body}"
+    );
+}

@@ -77,6 +77,22 @@ async fn a_job_streams_its_tokens_then_its_result_and_a_reconnect_gets_the_resul
     assert_eq!(status, 404);
 }
 
+/// Resident memory of this process (the test server runs in it), in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Growth allowed over 2,000 reads of a settled job's events: 8 MiB, about 4 KiB a read. A
+/// read used to leave a 1,024-slot channel behind, about 50 KiB each (~100 MiB in all).
+const EVENTS_RSS_BOUND_KIB: u64 = 8 * 1024;
+
 #[tokio::test]
 async fn reading_a_finished_jobs_events_again_and_again_leaves_nothing_behind() {
     let app = TestApp::spawn_scripted(|_| {}).await;
@@ -84,10 +100,23 @@ async fn reading_a_finished_jobs_events_again_and_again_leaves_nothing_behind() 
     let (status, body) = app.post_api(&key, json!({"text": "Hello there"})).await;
     assert_eq!(status, 200, "{body}");
     let job_id = body["job_id"].as_str().expect("job id").to_string();
+    // Warm-up: connection pools, allocator arenas and caches reach their working size.
     for _ in 0..200 {
         let events = read_events(&app, &key, &job_id).await;
         assert_eq!(events.last().map(|e| e.0.as_str()), Some("done"));
     }
+    let before = rss_kib();
+    for _ in 0..2000 {
+        let events = read_events(&app, &key, &job_id).await;
+        assert_eq!(events.last().map(|e| e.0.as_str()), Some("done"));
+    }
+    let grown = rss_kib().saturating_sub(before);
+    println!("RSS grew {grown} KiB over 2,000 reads of a settled job's events");
+    assert!(before > 0, "VmRSS must be readable");
+    assert!(
+        grown < EVENTS_RSS_BOUND_KIB,
+        "RSS grew {grown} KiB over 2,000 reads (bound {EVENTS_RSS_BOUND_KIB} KiB)"
+    );
     let services = tollgate::services::Services::from_ctx(&app.ctx).expect("services");
     assert_eq!(
         (services.events.streaming(), services.events.waiting()),

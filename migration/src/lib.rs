@@ -13,6 +13,9 @@ mod m20261123_000008_workers;
 mod m20261123_000009_key_priority;
 mod m20261130_000010_job_status_index;
 mod m20261130_000011_usage_input_words;
+mod m20261130_000012_job_totals;
+mod m20261130_000013_model_placements;
+mod m20261130_000014_job_logprobs;
 
 pub struct Migrator;
 
@@ -31,6 +34,9 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000009_key_priority::Migration),
             Box::new(m20261130_000010_job_status_index::Migration),
             Box::new(m20261130_000011_usage_input_words::Migration),
+            Box::new(m20261130_000012_job_totals::Migration),
+            Box::new(m20261130_000013_model_placements::Migration),
+            Box::new(m20261130_000014_job_logprobs::Migration),
         ]
     }
 }

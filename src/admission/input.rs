@@ -168,7 +168,7 @@ impl ModelChoice {
 
 /// The model and LoRA head fields a generation request may carry (`model` may be
 /// `base:adapter`; `lora`, alias `head`, names the adapter on its own).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 pub struct HeadInput {
     pub model: Option<String>,
     #[serde(alias = "head")]
@@ -188,7 +188,7 @@ impl From<HeadInput> for ModelChoice {
 }
 
 /// `stop` as clients send it: one string or a list.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum StopWords {
     One(String),
@@ -206,7 +206,7 @@ impl StopWords {
 }
 
 /// Optional sampling fields shared by every generation route, as sent.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 pub struct SamplingInput {
     pub max_tokens: Option<i64>,
     pub temperature: Option<f64>,
@@ -231,6 +231,10 @@ pub struct SamplingInput {
     /// anything is charged. Only the OpenAI routes set it.
     #[serde(skip)]
     pub response_format: Option<ResponseFormat>,
+    /// Log-probabilities per generated token with this many alternatives (OpenAI's `logprobs`
+    /// and `top_logprobs`, bounded by the route). Only the OpenAI routes set it.
+    #[serde(skip)]
+    pub logprobs: Option<u8>,
 }
 
 /// `value` of `field` within `range`, as f32, or 422 `code` naming both.
@@ -274,6 +278,7 @@ impl SamplingInput {
             logit_bias: self.logit_bias.or(fallback.logit_bias),
             clamp_max_tokens: self.clamp_max_tokens,
             response_format: self.response_format.or(fallback.response_format),
+            logprobs: self.logprobs.or(fallback.logprobs),
         }
     }
 
@@ -401,6 +406,7 @@ impl SamplingInput {
                 .map(output_constraint)
                 .transpose()?
                 .map(Box::new),
+            logprobs: self.logprobs.map(|n| n.min(crate::engine::MAX_TOP_LOGPROBS)),
         };
         if controls.logit_bias.len() > 1024 {
             return Err(ApiError::new(
@@ -459,14 +465,14 @@ pub fn prompt_text(field: &str, text: &str) -> Result<(), ApiError> {
 
 /// Message content as clients send it: a string, or OpenAI's list of content parts (text
 /// parts only).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
@@ -474,8 +480,9 @@ pub struct ContentPart {
 }
 
 /// One chat message as any route receives it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct WireMessage {
+    #[schema(schema_with = crate::openapi::schemas::chat_role)]
     pub role: String,
     pub content: Option<Content>,
 }

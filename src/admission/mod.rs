@@ -236,7 +236,9 @@ impl Admission {
         match input {
             Input::Generate(g) => {
                 let g = *g;
-                let clamp = g.sampling.clamp_max_tokens;
+                // No `max_tokens`: until the model stops or the context is full (bounded by
+                // `default_max_tokens`), so it is cut to the room like an oversized one.
+                let clamp = g.sampling.clamp_max_tokens || g.sampling.max_tokens.is_none();
                 let resolved = resolve::resolve(
                     &self.db,
                     &self.models,
@@ -258,11 +260,15 @@ impl Admission {
                 let tokenizer = self.models.tokenizer_for(&resolved.model);
                 // A remote model's ids are its upstream's, checked there.
                 let local = !self.models.is_remote(&resolved.model);
-                if !local && params.controls.output.is_some() {
-                    // The remote engine does not forward it yet: refused, not ignored.
+                let unforwarded = [
+                    ("response_format", params.controls.output.is_some()),
+                    ("logprobs", params.controls.logprobs.is_some()),
+                ];
+                if let Some((field, _)) = unforwarded.iter().find(|(_, asked)| !local && *asked) {
+                    // The remote engine does not forward these yet: refused, not ignored.
                     return Err(ApiError::new(
                         ErrorCode::UnsupportedParameter,
-                        "response_format is not supported for remote models yet; leave it out",
+                        format!("{field} is not supported for remote models yet; leave it out"),
                     ));
                 }
                 if let Some((token, _)) = params
@@ -340,8 +346,15 @@ impl Admission {
     }
 
     /// 503 before anything is charged when the model's queue cannot take a job now (Redis
-    /// down): clients get a fast, free answer they can retry.
+    /// down) or this process's engine for it is down (restarting): clients get a fast, free
+    /// answer they can retry.
     async fn queue_for(&self, model: &str) -> Result<JobQueue, ApiError> {
+        if let Some(reason) = self.models.engine_down(model) {
+            return Err(ApiError::new(
+                ErrorCode::ModelUnavailable,
+                format!("model {model:?} is not ready: {reason}; nothing was charged"),
+            ));
+        }
         let queue = self.models.queue_of(model).await.ok_or_else(|| {
             ApiError::new(
                 ErrorCode::ModelUnavailable,

@@ -7,5 +7,6 @@ pub mod compat;
 pub mod dashboard;
 pub mod native;
 pub mod openai;
+pub mod openapi;
 pub mod ping;
 pub mod respond;

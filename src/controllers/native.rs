@@ -27,8 +27,8 @@ use crate::{
     services::Services,
 };
 
-#[derive(Debug, Deserialize)]
-struct ApiRequest {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct ApiRequest {
     text: String,
     /// Optional `model` (`base` or `base:adapter`), `lora`/`head` and `scale`.
     #[serde(flatten)]
@@ -169,9 +169,13 @@ const MAX_DAYS: i64 = 366;
 /// Longest range of seed 003's `/usage/` (whose default is the key's whole life).
 const SEED_MAX_DAYS: i64 = 3660;
 
-#[derive(Debug, Deserialize)]
-struct UsageQuery {
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub(crate) struct UsageQuery {
+    /// First day, `YYYY-MM-DD`.
+    #[param(format = Date)]
     from: Option<String>,
+    /// Last day, `YYYY-MM-DD` (default: today).
+    #[param(format = Date)]
     to: Option<String>,
 }
 

@@ -32,7 +32,7 @@ use crate::{
         Admitted, EmbeddingInput, Follow, GenerationInput, ModelChoice, SamplingInput, StopWords,
         Ticket,
     },
-    engine::{grammar::ResponseFormat, Prompt},
+    engine::{grammar::ResponseFormat, Prompt, TokenLogprob, MAX_TOP_LOGPROBS},
     errors::{ApiError, ApiResult, ErrorCode},
     extractors::{Caller, JsonBody, MeteredCaller},
     models::{api_keys, jobs},
@@ -41,7 +41,8 @@ use crate::{
 };
 
 /// Fields shared by both completion routes.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = CompletionOptions)]
 struct Common {
     model: Option<String>,
     max_tokens: Option<i64>,
@@ -68,6 +69,7 @@ struct Common {
     /// Every other field: accepted only where OpenAI documents it as advisory (or it asks for
     /// what happens anyway); anything else is refused by name ([`check_rest`]).
     #[serde(flatten)]
+    #[schema(ignore)]
     rest: serde_json::Map<String, Value>,
 }
 
@@ -86,10 +88,10 @@ const ADVISORY: [&str; 8] = [
 
 /// Refuses, by name, every field this server would otherwise silently ignore: the client
 /// believes a tool or a schema was honoured when it was not. Fields at the value that changes
-/// nothing (`logprobs: false`, empty `tools`, `modalities: ["text"]`) are accepted.
+/// nothing (`echo: false`, empty `tools`, `modalities: ["text"]`) are accepted.
 fn check_rest(rest: &serde_json::Map<String, Value>) -> ApiResult<()> {
     let inert = |name: &str, v: &Value| match name {
-        "logprobs" | "echo" => v.is_null() || v == &Value::Bool(false) || v.as_i64() == Some(0),
+        "echo" => v.is_null() || v == &Value::Bool(false),
         "tools" | "functions" => {
             v.is_null()
                 || v.as_object().is_some_and(serde_json::Map::is_empty)
@@ -98,7 +100,7 @@ fn check_rest(rest: &serde_json::Map<String, Value>) -> ApiResult<()> {
         "tool_choice" | "function_call" => v.is_null() || v == "none",
         "modalities" => v.as_array().is_some_and(|m| m.iter().all(|x| x == "text")),
         "best_of" => v.is_null() || v.as_i64() == Some(1),
-        "suffix" | "top_logprobs" => v.is_null(),
+        "suffix" => v.is_null(),
         _ => ADVISORY.contains(&name),
     };
     let mut refused: Vec<&str> = rest
@@ -129,7 +131,7 @@ fn check_rest(rest: &serde_json::Map<String, Value>) -> ApiResult<()> {
 /// against a schema. Both JSON kinds constrain decoding with a grammar
 /// ([`crate::engine::grammar`]), so the answer parses (unless `max_tokens` cuts it short,
 /// reported as `finish_reason: "length"`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum ResponseFormatWire {
     Text,
@@ -138,13 +140,14 @@ enum ResponseFormatWire {
 }
 
 /// `response_format.json_schema`, as OpenAI defines it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct JsonSchemaWire {
     /// `a-z`, `A-Z`, `0-9`, `_` and `-`, at most 64 characters.
     name: String,
     /// For the model in OpenAI's API; a grammar has no use for it.
     description: Option<String>,
     /// A JSON Schema; absent means any JSON object.
+    #[schema(value_type = Option<Object>)]
     schema: Option<Value>,
     /// Accepted either way: the grammar enforces the schema exactly as strict mode would.
     strict: Option<bool>,
@@ -185,7 +188,7 @@ impl ResponseFormatWire {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 struct StreamOptions {
     /// Adds a last chunk with `usage` and no choices, as OpenAI does.
     #[serde(default)]
@@ -218,18 +221,42 @@ impl Common {
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct ChatRequest {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct ChatRequest {
+    #[schema(min_items = 1)]
     messages: Vec<WireMessage>,
+    /// Log-probabilities of the answer's tokens (`choices[].logprobs.content`).
+    logprobs: Option<bool>,
+    /// With `logprobs: true`, this many most likely alternatives per token (0 to 20).
+    top_logprobs: Option<i64>,
     #[serde(flatten)]
     common: Common,
 }
 
-#[derive(Debug, Deserialize)]
-struct CompletionRequest {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct CompletionRequest {
     prompt: String,
+    /// Log-probabilities of the answer's tokens with this many most likely alternatives per
+    /// token (0 to 20; `choices[].logprobs`).
+    logprobs: Option<i64>,
     #[serde(flatten)]
     common: Common,
+}
+
+/// A number of alternatives per token, 0 to [`MAX_TOP_LOGPROBS`].
+///
+/// # Errors
+/// 422 `invalid_sampling` naming `field`.
+fn top_logprobs(field: &str, n: i64) -> ApiResult<u8> {
+    u8::try_from(n)
+        .ok()
+        .filter(|n| *n <= MAX_TOP_LOGPROBS)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidSampling,
+                format!("{field} must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
+            )
+        })
 }
 
 impl Common {
@@ -237,7 +264,7 @@ impl Common {
     ///
     /// # Errors
     /// 400 for `n` other than 1.
-    fn into_input(self, prompt: Prompt) -> ApiResult<GenerationInput> {
+    fn into_input(self, prompt: Prompt, logprobs: Option<u8>) -> ApiResult<GenerationInput> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::new(
                 ErrorCode::InvalidN,
@@ -269,6 +296,7 @@ impl Common {
                 // common default): cut to what fits, reported as `finish_reason: "length"`.
                 clamp_max_tokens: true,
                 response_format,
+                logprobs,
             },
             model: ModelChoice::named(self.model),
             memory: None,
@@ -281,7 +309,17 @@ impl TryFrom<ChatRequest> for GenerationInput {
 
     fn try_from(body: ChatRequest) -> Result<Self, ApiError> {
         let messages = chat_messages(body.messages)?;
-        body.common.into_input(Prompt::Chat { messages })
+        let logprobs = match (body.logprobs, body.top_logprobs) {
+            (Some(true), top) => Some(top_logprobs("top_logprobs", top.unwrap_or(0))?),
+            (_, None) => None,
+            (_, Some(_)) => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidSampling,
+                    "top_logprobs needs logprobs: true",
+                ))
+            }
+        };
+        body.common.into_input(Prompt::Chat { messages }, logprobs)
     }
 }
 
@@ -290,7 +328,12 @@ impl TryFrom<CompletionRequest> for GenerationInput {
 
     fn try_from(body: CompletionRequest) -> Result<Self, ApiError> {
         prompt_text("prompt", &body.prompt)?;
-        body.common.into_input(Prompt::Raw { text: body.prompt })
+        let logprobs = body
+            .logprobs
+            .map(|n| top_logprobs("logprobs", n))
+            .transpose()?;
+        body.common
+            .into_input(Prompt::Raw { text: body.prompt }, logprobs)
     }
 }
 
@@ -336,7 +379,7 @@ async fn chat_completions(
                 "index": 0,
                 "message": {"role": "assistant", "content": job.result.clone().unwrap_or_default()},
                 "finish_reason": job.finish_reason,
-                "logprobs": null,
+                "logprobs": logprobs_json(job, Shape::Chat),
             }],
             "usage": usage_json(job),
         })
@@ -370,13 +413,68 @@ async fn completions(
                     "index": 0,
                     "text": job.result.clone().unwrap_or_default(),
                     "finish_reason": job.finish_reason,
-                    "logprobs": null,
+                    "logprobs": logprobs_json(job, Shape::Text),
                 }],
                 "usage": usage_json(job),
             })
         },
     )
     .await
+}
+
+/// The job's per-token log-probabilities in OpenAI's shape for `shape` (chat:
+/// `{"content": [{token, logprob, bytes, top_logprobs}]}`; completions: `{tokens,
+/// token_logprobs, top_logprobs, text_offset}`), or null when it did not ask for them.
+fn logprobs_json(job: &jobs::Model, shape: Shape) -> Value {
+    let Some(tokens) = job
+        .logprobs
+        .as_deref()
+        .and_then(|l| serde_json::from_str::<Vec<TokenLogprob>>(l).ok())
+    else {
+        return Value::Null;
+    };
+    let token = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    match shape {
+        Shape::Chat => {
+            let content: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    let top: Vec<Value> = t
+                        .top
+                        .iter()
+                        .map(|a| json!({"token": token(&a.bytes), "logprob": a.logprob, "bytes": a.bytes}))
+                        .collect();
+                    json!({"token": token(&t.bytes), "logprob": t.logprob, "bytes": t.bytes, "top_logprobs": top})
+                })
+                .collect();
+            json!({"content": content, "refusal": null})
+        }
+        Shape::Text => {
+            let mut offset = 0usize;
+            let mut text_offset = Vec::with_capacity(tokens.len());
+            for t in &tokens {
+                text_offset.push(offset);
+                offset += token(&t.bytes).chars().count();
+            }
+            let top: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    let alternatives: serde_json::Map<String, Value> = t
+                        .top
+                        .iter()
+                        .map(|a| (token(&a.bytes), json!(a.logprob)))
+                        .collect();
+                    Value::Object(alternatives)
+                })
+                .collect();
+            json!({
+                "tokens": tokens.iter().map(|t| token(&t.bytes)).collect::<Vec<_>>(),
+                "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                "top_logprobs": top,
+                "text_offset": text_offset,
+            })
+        }
+    }
 }
 
 /// One `data:` chunk of a streamed answer.
@@ -395,6 +493,17 @@ impl Chunks {
         finish: Option<&str>,
         usage: Option<Value>,
     ) -> Event {
+        Event::default().data(self.event_json(text, role, finish, usage).to_string())
+    }
+
+    /// The chunk [`Self::event`] sends, as JSON.
+    fn event_json(
+        &self,
+        text: Option<&str>,
+        role: bool,
+        finish: Option<&str>,
+        usage: Option<Value>,
+    ) -> Value {
         let choice = match self.shape {
             Shape::Chat => {
                 let mut delta = serde_json::Map::new();
@@ -415,7 +524,7 @@ impl Chunks {
         if let Some(u) = usage {
             chunk["usage"] = u;
         }
-        Event::default().data(chunk.to_string())
+        chunk
     }
 
     /// OpenAI's `include_usage` chunk: usage, no choices.
@@ -466,7 +575,14 @@ fn closing_events(
             Shape::Chat => None,
             Shape::Text => Some(""),
         };
-        events.push(chunks.event(tail, false, Some(finish), Some(usage_json(job))));
+        let mut last = chunks.event_json(tail, false, Some(finish), Some(usage_json(job)));
+        // The answer's log-probabilities travel with the finish chunk, all at once (clients
+        // append every chunk's list).
+        let logprobs = logprobs_json(job, chunks.shape);
+        if !logprobs.is_null() {
+            last["choices"][0]["logprobs"] = logprobs;
+        }
+        events.push(Event::default().data(last.to_string()));
         if include_usage {
             events.push(chunks.usage(usage_json(job)));
         }
@@ -504,30 +620,39 @@ fn stream(js: crate::admission::JobStream, shape: Shape, streaming: Streaming) -
         .map(Some)
         .chain(futures::stream::once(async { None }));
     let body = updates
-        .scan((String::new(), false), move |(sent, closed), update| {
-            let events = match update {
-                Some(JobUpdate::Delta(text)) => {
-                    sent.push_str(&text);
-                    vec![chunks.event(Some(&text), false, None, None)]
-                }
-                Some(JobUpdate::Skipped(_)) => Vec::new(),
-                Some(JobUpdate::Done(job)) => {
-                    *closed = true;
-                    closing_events(&chunks, sent, &job, include_usage)
-                }
-                None if *closed => Vec::new(),
-                None => vec![
-                    error_event(
-                        "stream_interrupted",
-                        &format!(
+        .scan(
+            (String::new(), false, false),
+            move |(sent, closed, lagged), update| {
+                let events = match update {
+                    // After a gap, deltas would not continue what the client has: the rest of the
+                    // text comes in one piece with the closing events.
+                    Some(JobUpdate::Delta(_)) if *lagged => Vec::new(),
+                    Some(JobUpdate::Delta(text)) => {
+                        sent.push_str(&text);
+                        vec![chunks.event(Some(&text), false, None, None)]
+                    }
+                    Some(JobUpdate::Skipped(_)) => {
+                        *lagged = true;
+                        Vec::new()
+                    }
+                    Some(JobUpdate::Done(job)) => {
+                        *closed = true;
+                        closing_events(&chunks, sent, &job, include_usage)
+                    }
+                    None if *closed => Vec::new(),
+                    None => vec![
+                        error_event(
+                            "stream_interrupted",
+                            &format!(
                             "the stream ended early; the result will be at GET /api/jobs/{job_id}"
                         ),
-                    ),
-                    Event::default().data("[DONE]"),
-                ],
-            };
-            futures::future::ready(Some(futures::stream::iter(events)))
-        })
+                        ),
+                        Event::default().data("[DONE]"),
+                    ],
+                };
+                futures::future::ready(Some(futures::stream::iter(events)))
+            },
+        )
         .flatten();
     let all = futures::stream::iter(opening)
         .chain(body)
@@ -590,8 +715,9 @@ async fn model(
     Ok(Json(entry).into_response())
 }
 
-#[derive(Debug, Deserialize)]
-struct EmbeddingsRequest {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct EmbeddingsRequest {
+    #[schema(value_type = crate::openapi::schemas::EmbeddingInputs)]
     input: Value,
     model: Option<String>,
     encoding_format: Option<String>,

@@ -4,10 +4,14 @@
 //! models served. An admin key (`Authorization: Bearer …`) adds what operators need and
 //! strangers should not see: the engine (model path, adapters loaded, device), the worker
 //! processes and the queue depth.
+//!
+//! While this process's engine is down (its thread died and is restarting, or gave up), the
+//! answer is 503 with `ready: false` and the `reason`.
 
 use axum::{
     extract::{Request, State},
-    response::IntoResponse,
+    http::StatusCode,
+    response::{IntoResponse, Response},
     Json,
 };
 use loco_rs::{app::AppContext, controller::Routes};
@@ -16,9 +20,9 @@ use serde_json::{json, Value};
 use crate::{extractors::caller::admin_if_any, services::Services};
 
 /// Seed 000's health check: `{"status": "ok"}` with the worker's readiness added.
-async fn ping(State(ctx): State<AppContext>, request: Request) -> impl IntoResponse {
+async fn ping(State(ctx): State<AppContext>, request: Request) -> Response {
     let Ok(services) = Services::from_ctx(&ctx) else {
-        return Json(json!({"status": "starting", "ready": false}));
+        return Json(json!({"status": "starting", "ready": false})).into_response();
     };
     let (parts, _) = request.into_parts();
     let models = &services.models;
@@ -33,6 +37,14 @@ async fn ping(State(ctx): State<AppContext>, request: Request) -> impl IntoRespo
     let mut names = models.served_here();
     names.extend(models.models_of(&remote));
     let mut answer = json!({"status": "ok", "ready": ready, "models": names});
+    let down = engine.as_ref().filter(|e| !e.ready).map(|e| {
+        e.reason
+            .clone()
+            .unwrap_or_else(|| "the engine is not ready".into())
+    });
+    if let Some(reason) = &down {
+        answer["reason"] = json!(reason);
+    }
     if admin_if_any(&parts, &ctx).await.is_some() {
         let workers: Vec<Value> = remote
             .iter()
@@ -45,7 +57,12 @@ async fn ping(State(ctx): State<AppContext>, request: Request) -> impl IntoRespo
         answer["workers"] = json!(workers);
         answer["queue"] = json!({"depth": models.default_queue().depth().await.ok()});
     }
-    Json(answer)
+    let status = if down.is_some() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(answer)).into_response()
 }
 
 pub fn routes() -> Routes {

@@ -755,6 +755,8 @@ impl RemoteEngine {
                 _ => FinishReason::Stop,
             },
             text: reply.text,
+            // Not asked of the upstream: admission refuses `logprobs` for remote models.
+            logprobs: None,
         })
     }
 }

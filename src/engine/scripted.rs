@@ -16,13 +16,18 @@
 //! `length`), a stop string cuts the text before it (finish reason `stop`, through the same
 //! [`OutputDecoder`] the real engine uses), and deltas are sent word by word. A job with a
 //! `response_format` answers a small JSON value that format accepts ([`super::grammar::example`]),
-//! so tests of structured output around the model can parse it. Embeddings are
+//! so tests of structured output around the model can parse it. Asked for log-probabilities,
+//! every word is certain (0, itself the only alternative). Embeddings are
 //! hashed bags of words of the real model's width, L2-normalised.
+//!
+//! The script is read on an engine thread run by the same [`supervisor`] as the model's, and a
+//! prompt containing [`PANIC_TRIGGER`] makes that thread panic outside any per-job wrapper: the
+//! fault the tests inject to watch the engine go down, say why, and come back.
 
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
-        Mutex,
+        mpsc, Arc, Mutex, PoisonError,
     },
     time::Duration,
 };
@@ -30,11 +35,22 @@ use std::{
 use async_trait::async_trait;
 
 use super::{
+    supervisor::{self, Health, Reply, RestartPolicy},
     text::{count_words, OutputDecoder},
     Algorithm, EmbeddingRequest, Embeddings, EngineError, EngineStatus, FinishReason, Generation,
     GenerationRequest, Lane, Prompt, TokenSink,
 };
 use crate::settings::EngineSettings;
+
+/// A prompt containing this makes the scripted engine's thread panic, outside any per-job
+/// wrapper, with the job in flight. Only the scripted backend (a test stand-in) honours it.
+pub const PANIC_TRIGGER: &str = "__tollgate_scripted_engine_panic__";
+
+/// A job's script, asked of the engine thread.
+struct ScriptCall {
+    request: GenerationRequest,
+    reply: Reply<Vec<String>>,
+}
 
 /// Width of the scripted vectors: the shipped model's `n_embd`, so dimension checks in the API
 /// agree with the real engine.
@@ -47,22 +63,76 @@ pub struct ScriptedEngine {
     served: AtomicU64,
     /// Heads seen, most recently used first (bounded like the real adapter cache).
     adapters: Mutex<Vec<String>>,
-    loaded_at: String,
+    /// When its thread last started, and how many times it did.
+    loaded_at: Arc<Mutex<String>>,
+    loads: Arc<AtomicU64>,
     /// Pause after each generated word (zero unless a test asks for slow jobs).
     token_delay: Duration,
+    /// The engine thread, under the supervisor.
+    tx: mpsc::Sender<ScriptCall>,
+    health: Arc<Health>,
 }
 
 impl ScriptedEngine {
-    /// A ready engine; loads nothing.
-    #[must_use]
-    pub fn new(settings: EngineSettings) -> Self {
-        Self {
+    /// A ready engine; loads nothing, but starts its (supervised) engine thread.
+    ///
+    /// # Errors
+    /// When the thread cannot be spawned.
+    pub fn start(settings: EngineSettings) -> Result<Self, EngineError> {
+        let health = Arc::new(Health::default());
+        let loaded_at = Arc::new(Mutex::new(String::new()));
+        let loads = Arc::new(AtomicU64::new(0));
+        let (thread_loaded_at, thread_loads) = (loaded_at.clone(), loads.clone());
+        let tx = supervisor::spawn(
+            format!("scripted-{}", settings.model_name),
+            RestartPolicy::from(&settings.restart),
+            health.clone(),
+            |call: ScriptCall, e| call.reply.send(Err(e)),
+            move |rx: &mpsc::Receiver<ScriptCall>, serving| {
+                *thread_loaded_at
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = chrono::Utc::now().to_rfc3339();
+                thread_loads.fetch_add(1, Ordering::AcqRel);
+                serving.ready();
+                while let Ok(call) = rx.recv() {
+                    if call
+                        .request
+                        .prompt
+                        .texts()
+                        .any(|t| t.contains(PANIC_TRIGGER))
+                    {
+                        panic!("scripted fault: the prompt asked the engine thread to panic");
+                    }
+                    let words = Self::script(&call.request);
+                    call.reply.send(Ok(words));
+                }
+                Ok(())
+            },
+        )?;
+        Ok(Self {
             settings,
             served: AtomicU64::new(0),
             adapters: Mutex::new(Vec::new()),
-            loaded_at: chrono::Utc::now().to_rfc3339(),
+            loaded_at,
+            loads,
             token_delay: Duration::ZERO,
-        }
+            tx,
+            health,
+        })
+    }
+
+    /// The job's words, from the engine thread.
+    async fn script_of(&self, request: &GenerationRequest) -> Result<Vec<String>, EngineError> {
+        self.health.check()?;
+        let (reply, rx) = Reply::new();
+        self.tx
+            .send(ScriptCall {
+                request: request.clone(),
+                reply,
+            })
+            .map_err(|_| EngineError::Unavailable("engine thread has stopped".into()))?;
+        rx.await
+            .map_err(|_| EngineError::Unavailable("engine thread dropped the request".into()))?
     }
 
     /// Makes every generated word take `delay` (for tests of jobs that overlap or stream).
@@ -120,6 +190,7 @@ impl ScriptedEngine {
                 context_size: self.settings.context_size,
             });
         }
+        let script = self.script_of(request).await?;
         self.use_head(request);
         let room = u32::try_from(context - prompt_tokens).unwrap_or(u32::MAX);
         let limit = request.params.max_tokens.max(1).min(room);
@@ -129,12 +200,18 @@ impl ScriptedEngine {
             _ => {}
         };
         let mut generated = 0u32;
+        let top = request.params.controls.logprobs;
+        let mut logprobs = Vec::new();
         // Running out of words is the end-of-generation token.
         let mut finish_reason = FinishReason::Stop;
-        for (i, word) in Self::script(request).iter().enumerate() {
+        for (i, word) in script.iter().enumerate() {
             let space = if i == 0 { "" } else { " " };
             generated += 1;
-            let stopped = out.push(format!("{space}{word}").as_bytes());
+            let piece = format!("{space}{word}");
+            if let Some(top) = top {
+                logprobs.push(super::logprobs::certain(piece.as_bytes(), top));
+            }
+            let stopped = out.push(piece.as_bytes());
             send(out.take_delta());
             if stopped {
                 break;
@@ -148,8 +225,10 @@ impl ScriptedEngine {
             }
         }
         send(out.take_rest());
+        let text = out.into_text();
         Ok(Generation {
-            text: out.into_text(),
+            logprobs: top.map(|_| super::logprobs::fit_to_text(logprobs, text.len())),
+            text,
             prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
             generated_tokens: generated,
             finish_reason,
@@ -222,24 +301,31 @@ impl Algorithm for ScriptedEngine {
     }
 
     async fn embed(&self, request: EmbeddingRequest) -> Result<Embeddings, EngineError> {
-        let result = self.vectors(&request);
+        let result = self.health.check().and_then(|()| self.vectors(&request));
         self.served.fetch_add(1, Ordering::AcqRel);
         result
     }
 
     fn status(&self) -> EngineStatus {
         EngineStatus {
-            ready: true,
+            ready: self.health.ready(),
+            reason: self.health.reason(),
+            restarts: self.health.restarts(),
             model: self.settings.model_name.clone(),
             model_path: self.settings.model_path.display().to_string(),
-            loads: 1,
+            loads: self.loads.load(Ordering::Acquire),
             jobs_served: self.served.load(Ordering::Acquire),
             context_size: self.settings.context_size,
             device: "scripted".into(),
             adapters: self.adapters.lock().map(|l| l.clone()).unwrap_or_default(),
             embeddings: self.settings.embeddings.enabled,
             quantized: false,
-            loaded_at: Some(self.loaded_at.clone()),
+            loaded_at: Some(
+                self.loaded_at
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone(),
+            ),
             parallel: u64::from(self.settings.parallel.max(1)),
             batched_steps: 0,
             max_batch: 0,
@@ -292,7 +378,7 @@ mod tests {
     use crate::engine::AdapterChoice;
 
     fn engine() -> ScriptedEngine {
-        ScriptedEngine::new(EngineSettings::default())
+        ScriptedEngine::start(EngineSettings::default()).unwrap()
     }
 
     fn chat(text: &str, max_tokens: u32, stop: &[&str]) -> GenerationRequest {
@@ -374,10 +460,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_prompt_that_fills_the_context_is_refused() {
-        let e = ScriptedEngine::new(EngineSettings {
+        let e = ScriptedEngine::start(EngineSettings {
             context_size: 4,
             ..EngineSettings::default()
-        });
+        })
+        .unwrap();
         let err = e.run(chat("a b c", 16, &[])).await.unwrap_err();
         assert!(matches!(err, EngineError::PromptTooLong { .. }), "{err}");
         assert_eq!(e.status().jobs_served, 1);
@@ -394,6 +481,34 @@ mod tests {
         assert!(status.ready);
         assert_eq!(status.device, "scripted");
         assert_eq!(status.loads, 1);
+    }
+
+    #[tokio::test]
+    async fn the_panic_trigger_takes_the_thread_down_and_the_supervisor_brings_it_back() {
+        let mut settings = EngineSettings::default();
+        settings.restart.backoff_ms = 500;
+        let e = ScriptedEngine::start(settings).unwrap();
+        let err = e
+            .run(chat(&format!("x {PANIC_TRIGGER}"), 16, &[]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, EngineError::Unavailable(_)), "{err}");
+        assert!(err.to_string().contains("panicked"), "{err}");
+        let status = e.status();
+        assert!(!status.ready);
+        assert!(status.reason.is_some_and(|r| r.contains("panicked")));
+        let refused = e.run(chat("hi", 16, &[])).await.unwrap_err();
+        assert!(matches!(refused, EngineError::Unavailable(_)), "{refused}");
+        for _ in 0..500 {
+            if e.status().ready {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let status = e.status();
+        assert!(status.ready, "{:?}", status.reason);
+        assert_eq!((status.restarts, status.loads), (1, 2));
+        assert_eq!(e.run(chat("hi", 16, &[])).await.unwrap().text, "echo: hi");
     }
 
     #[tokio::test]

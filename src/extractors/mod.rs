@@ -1,8 +1,11 @@
 //! Request extractors whose rejections are [`crate::errors::ApiError`]s: who calls
-//! ([`Caller`] and its admin and metered forms) and the JSON body ([`JsonBody`]).
+//! ([`Caller`] and its admin and metered forms), from where ([`ClientAddress`]) and the JSON body
+//! ([`JsonBody`]).
 
 pub mod caller;
+pub mod client_address;
 pub mod json;
 
 pub use caller::{AdminCaller, Caller, MeteredCaller};
+pub use client_address::ClientAddress;
 pub use json::JsonBody;

@@ -14,6 +14,11 @@ use crate::engine::ChatMessage;
 
 impl ActiveModelBehavior for ActiveModel {}
 
+/// Messages one conversation keeps; appending beyond this drops its oldest ones. A request only
+/// ever sends what fits the context (a few hundred turns at most for any model served here),
+/// so older turns would never be read again and only grow the table.
+pub const KEPT_MESSAGES: u64 = 512;
+
 /// Whose memory a conversation is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Owner {
@@ -28,10 +33,10 @@ impl Owner {
         key.user_id.map_or(Self::Key(key.id), Self::User)
     }
 
-    fn scope(self, select: Select<Entity>) -> Select<Entity> {
+    fn scope<Q: QueryFilter>(self, query: Q) -> Q {
         match self {
-            Self::User(id) => select.filter(Column::UserId.eq(id)),
-            Self::Key(id) => select
+            Self::User(id) => query.filter(Column::UserId.eq(id)),
+            Self::Key(id) => query
                 .filter(Column::ApiKeyId.eq(id))
                 .filter(Column::UserId.is_null()),
         }
@@ -116,6 +121,21 @@ pub async fn append(
         }
         .insert(&txn)
         .await?;
+    }
+    // The oldest message still kept; everything older in this conversation goes.
+    let oldest_kept = owner
+        .scope(Entity::find().filter(Column::ConversationNumber.eq(number)))
+        .order_by_desc(Column::Id)
+        .offset(KEPT_MESSAGES - 1)
+        .one(&txn)
+        .await?;
+    if let Some(oldest_kept) = oldest_kept {
+        owner
+            .scope(Entity::delete_many())
+            .filter(Column::ConversationNumber.eq(number))
+            .filter(Column::Id.lt(oldest_kept.id))
+            .exec(&txn)
+            .await?;
     }
     txn.commit().await?;
     Ok(())

@@ -41,6 +41,8 @@ pub struct JobOutput {
     pub words: usize,
     /// Words of the request's input text (seed 003's `/usage/` counts these).
     pub input_words: usize,
+    /// The generation's per-token log-probabilities as JSON, when asked for.
+    pub logprobs: Option<String>,
 }
 
 impl From<&Generation> for JobOutput {
@@ -52,6 +54,11 @@ impl From<&Generation> for JobOutput {
             finish_reason: Some(g.finish_reason.as_str()),
             words: count_words(&g.text),
             input_words: 0,
+            // Finite numbers and bytes only: serialising cannot fail.
+            logprobs: g
+                .logprobs
+                .as_ref()
+                .and_then(|l| serde_json::to_string(l).ok()),
         }
     }
 }
@@ -67,6 +74,7 @@ impl JobOutput {
             finish_reason: None,
             words: 0,
             input_words: 0,
+            logprobs: None,
         })
     }
 }
@@ -292,6 +300,7 @@ impl ActiveModel {
             user_id: Set(job.reservation.user_id),
             reserved_prompt_tokens: Set(job.reservation.prompt_tokens),
             reserved_gen_tokens: Set(job.reservation.gen_tokens),
+            logprobs: Set(None),
             created_at: Set(ts),
             updated_at: Set(ts),
         }
@@ -376,6 +385,7 @@ pub async fn complete(
             Column::FinishReason,
             Expr::value(output.finish_reason.map(str::to_string)),
         )
+        .col_expr(Column::Logprobs, Expr::value(output.logprobs.clone()))
         .col_expr(Column::FinishedAt, Expr::value(ts))
         .col_expr(Column::UpdatedAt, Expr::value(ts))
         .filter(Column::Id.eq(id))
@@ -401,6 +411,7 @@ pub async fn complete(
     .insert(&txn)
     .await?;
     budgets::settle(&txn, &job).await?;
+    count_outcome(&txn, DONE, &job).await?;
     txn.commit().await?;
     Ok(Some(job))
 }
@@ -433,6 +444,109 @@ pub async fn fail(
     };
     api_keys::refund(&txn, job.api_key_id).await?;
     budgets::release(&txn, job.api_key_id, &budgets::of_job(&job)).await?;
+    count_outcome(&txn, FAILED, &job).await?;
     txn.commit().await?;
     Ok(Some(job))
+}
+
+/// Erases the texts (request, result, error) of jobs that finished before `before`; returns
+/// how many it erased. Counts, timings and usage records stay. One statement, so a purge
+/// running on several API instances at once erases each job once.
+///
+/// # Errors
+/// On database errors.
+pub async fn purge_texts<C: ConnectionTrait>(
+    db: &C,
+    before: DateTimeWithTimeZone,
+) -> Result<u64, ModelError> {
+    let res = Entity::update_many()
+        .col_expr(Column::Request, Expr::value(PURGED))
+        .col_expr(Column::Result, Expr::value(Option::<String>::None))
+        .col_expr(Column::Error, Expr::value(Option::<String>::None))
+        .filter(Column::Status.is_in([DONE, FAILED]))
+        .filter(Column::FinishedAt.lt(before))
+        .filter(Column::Request.ne(PURGED))
+        .exec(db)
+        .await?;
+    Ok(res.rows_affected)
+}
+
+/// What a purged job's request reads.
+pub const PURGED: &str = "{\"purged\":true}";
+
+/// Adds a job that just settled to the running totals `/metrics` reports (migration 000012), in
+/// the settling transaction so each job is counted exactly once.
+async fn count_outcome<C: ConnectionTrait>(
+    txn: &C,
+    outcome: &'static str,
+    job: &Model,
+) -> Result<(), ModelError> {
+    // Only constants and integers read from the row go into the text: nothing from a client.
+    let sql = format!(
+        "INSERT INTO job_totals (outcome, jobs, prompt_tokens, generated_tokens) \
+         VALUES ('{outcome}', 1, {}, {}) ON CONFLICT (outcome) DO UPDATE SET \
+         jobs = job_totals.jobs + 1, \
+         prompt_tokens = job_totals.prompt_tokens + excluded.prompt_tokens, \
+         generated_tokens = job_totals.generated_tokens + excluded.generated_tokens",
+        i64::from(Ord::max(job.prompt_tokens, 0)),
+        i64::from(Ord::max(job.generated_tokens, 0)),
+    );
+    txn.execute_unprepared(&sql).await?;
+    Ok(())
+}
+
+/// Jobs by status for `/metrics`: unfinished ones counted through the status index, finished
+/// ones read from the running totals, so a scrape costs the same with a million finished jobs.
+///
+/// # Errors
+/// On database errors.
+pub async fn status_counts<C: ConnectionTrait>(db: &C) -> Result<StatusCounts, ModelError> {
+    let backend = db.get_database_backend();
+    let mut counts = StatusCounts::default();
+    for status in [QUEUED, RUNNING] {
+        let rows = db
+            .query_all_raw(sea_orm::Statement::from_string(
+                backend,
+                format!("SELECT COUNT(*) AS n FROM jobs WHERE status = '{status}'"),
+            ))
+            .await?;
+        let n: i64 = rows
+            .first()
+            .and_then(|r| r.try_get("", "n").ok())
+            .unwrap_or_default();
+        counts.by_status.push((status, n));
+    }
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            backend,
+            "SELECT outcome, jobs, prompt_tokens, generated_tokens FROM job_totals".to_string(),
+        ))
+        .await?;
+    for status in [DONE, FAILED] {
+        let row = rows.iter().find(|r| {
+            r.try_get::<String>("", "outcome")
+                .is_ok_and(|o| o == status)
+        });
+        let get = |col: &str| -> i64 {
+            row.and_then(|r| r.try_get::<i64>("", col).ok())
+                .unwrap_or_default()
+        };
+        counts.by_status.push((status, get("jobs")));
+        if status == DONE {
+            counts.prompt_tokens = get("prompt_tokens");
+            counts.generated_tokens = get("generated_tokens");
+        }
+    }
+    Ok(counts)
+}
+
+/// What [`status_counts`] reads.
+#[derive(Debug, Default)]
+pub struct StatusCounts {
+    /// `(status, jobs)` for queued, running, done and failed.
+    pub by_status: Vec<(&'static str, i64)>,
+    /// Prompt tokens of finished (`done`) jobs.
+    pub prompt_tokens: i64,
+    /// Tokens generated by finished (`done`) jobs.
+    pub generated_tokens: i64,
 }

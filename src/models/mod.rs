@@ -9,6 +9,7 @@ pub mod budgets;
 pub mod conversations;
 pub mod jobs;
 pub mod model_configs;
+pub mod model_placements;
 pub mod usage_records;
 pub mod users;
 pub mod workers;

@@ -7,6 +7,7 @@
 //! table). Every route that names a model asks it, so each answers the same way.
 
 pub mod load;
+pub mod placements;
 pub mod remote;
 
 use std::{
@@ -178,6 +179,22 @@ impl ModelRegistry {
     #[must_use]
     pub fn engine_status(&self) -> Option<EngineStatus> {
         self.engine.as_ref().map(|e| e.status())
+    }
+
+    /// Why the engine in this process that serves `model` takes no jobs now (its thread died
+    /// and is restarting, or gave up); `None` when it does, or when workers elsewhere serve it.
+    #[must_use]
+    pub fn engine_down(&self, model: &str) -> Option<String> {
+        let status = if model == self.default_name() {
+            self.engine_status()?
+        } else {
+            self.get(model)?.status()
+        };
+        (!status.ready).then(|| {
+            status
+                .reason
+                .unwrap_or_else(|| "the engine is not ready".into())
+        })
     }
 
     /// The embedded worker's id, when this process runs one.

@@ -1,10 +1,14 @@
-//! `cargo loco task worker gpu=0 layers=99 name=gpu0 [model=<name> path=<gguf>]`: a worker
-//! process (production).
+//! `cargo loco task worker gpu=0 layers=99 name=gpu0 [model=<name> path=<gguf>]
+//! [accept_loads=true]`: a worker process (production).
 //!
 //! It loads the configured model once on one device, serves only that model's queue, one job
 //! at a time, heartbeats into the `workers` table, publishes job events through Redis so the
 //! API instance a client waits on hears them, and on SIGTERM/Ctrl-C finishes the jobs it took,
 //! stops taking new ones and exits. Run one per GPU (`CUDA_VISIBLE_DEVICES=<n>` + `gpu=0`).
+//!
+//! With `accept_loads=true` it also takes models that `load_model` (seed 004) or
+//! `/vllm_request/start` (seed 002) ask for at run time, one worker per model
+//! ([`crate::serving::placements`]), and unloads them when asked.
 
 use loco_rs::{
     app::AppContext,
@@ -26,7 +30,7 @@ impl Task for Worker {
     fn task(&self) -> TaskInfo {
         TaskInfo {
             name: "worker".into(),
-            detail: "serve a model's queue: worker gpu=<n> layers=<n> threads=<n> name=<id> [model=<name> path=<gguf>]"
+            detail: "serve a model's queue: worker gpu=<n> layers=<n> threads=<n> name=<id> [model=<name> path=<gguf>] [accept_loads=true]"
                 .into(),
         }
     }
@@ -89,9 +93,20 @@ impl Task for Worker {
             .await
             .map_err(msg)?
             .map_err(msg)?;
-        let (worker, beat) =
-            crate::workers::serve_queue(&ctx.db, llama.clone(), events, &id, &settings, &queue)
-                .await;
+        let (worker, beat) = crate::workers::serve_queue(
+            &ctx.db,
+            llama.clone(),
+            events.clone(),
+            &id,
+            &settings,
+            &queue,
+        )
+        .await;
+        let placements = if opt_arg(vars, "accept_loads") == Some("true") {
+            Some(accept_loads(ctx, &settings, &id, llama.clone(), events, queue.clone()).await?)
+        } else {
+            None
+        };
         tracing::info!(
             worker = %id,
             queue = %queue.name(),
@@ -101,9 +116,59 @@ impl Task for Worker {
         );
         loco_rs::boot::shutdown_signal().await;
         tracing::info!(worker = %id, "stopping: finishing the jobs taken, taking no new ones");
+        if let Some((registry, follower)) = placements {
+            follower.abort();
+            registry.shutdown().await;
+        }
         worker.shutdown().await;
         beat.stop().await;
         tracing::info!(worker = %id, "worker stopped");
         Ok(())
     }
+}
+
+/// Starts following model placements: a registry of this process's models (the worker's own
+/// as the default, loaded ones beside it) and the loop that loads and unloads them.
+async fn accept_loads(
+    ctx: &AppContext,
+    settings: &Settings,
+    id: &str,
+    engine: std::sync::Arc<dyn crate::engine::Algorithm>,
+    events: JobEvents,
+    queue: JobQueue,
+) -> Result<(
+    std::sync::Arc<crate::serving::ModelRegistry>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let engine_settings = settings.engine.clone();
+    let tokenizer = tokio::task::spawn_blocking(move || {
+        crate::engine::tokenizer::PromptTokenizer::load(&engine_settings)
+    })
+    .await
+    .map_err(msg)?
+    .map_err(msg)?;
+    // This process is a worker: models load here.
+    let mut here = settings.clone();
+    here.queue.embedded_worker = true;
+    let registry = std::sync::Arc::new(crate::serving::ModelRegistry::new(
+        here,
+        ctx.db.clone(),
+        events,
+        crate::serving::DefaultModel {
+            queue,
+            tokenizer: std::sync::Arc::new(tokenizer),
+            engine: Some(engine),
+            worker_name: Some(id.to_string()),
+            worker: None,
+        },
+    ));
+    let every = std::time::Duration::from_secs(settings.queue.heartbeat_seconds.max(1));
+    let follower = tokio::spawn(crate::serving::placements::follow(
+        registry.clone(),
+        ctx.db.clone(),
+        id.to_string(),
+        every,
+    ));
+    tracing::info!(worker = %id, "accepting model loads");
+    Ok((registry, follower))
 }

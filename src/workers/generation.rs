@@ -155,14 +155,17 @@ impl GenerationWorker {
         self.stats.started(&job.job_id);
         let started = std::time::Instant::now();
         let input_words = job.work.input_words();
+        let lane = crate::engine::Lane::new(i64::from(job.api_key_id), job.priority);
         let result = match job.work {
-            Work::Generate(request) => {
-                let lane = crate::engine::Lane::new(i64::from(job.api_key_id), job.priority);
-                self.generate(&job.job_id, request, lane).await
+            Work::Generate(request) => self.generate(&job.job_id, request, lane).await,
+            Work::Embed(request) => {
+                self.algorithm
+                    .embed_in_lane(request, lane)
+                    .await
+                    .and_then(|e| {
+                        JobOutput::embeddings(&e).map_err(|e| EngineError::Embedding(e.to_string()))
+                    })
             }
-            Work::Embed(request) => self.algorithm.embed(request).await.and_then(|e| {
-                JobOutput::embeddings(&e).map_err(|e| EngineError::Embedding(e.to_string()))
-            }),
         }
         .map(|output| JobOutput {
             input_words,

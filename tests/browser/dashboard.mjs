@@ -1,6 +1,6 @@
 // The dashboard in real headless Chromium (Debian's /usr/bin/chromium), as an admin uses it:
 // first-run setup, create a key, copy its secret, call the API with it, watch the usage bar
-// move, revoke it (the next call is 401), sign out. Screenshots go to OUTDIR.
+// move, revoke it (the next call is 401), add and disable a user, see the models, sign out. Screenshots go to OUTDIR.
 //
 // Usage: node dashboard.mjs BASE_URL SETUP_TOKEN OUTDIR
 import { chromium } from "playwright-core";
@@ -76,6 +76,35 @@ try {
   await page.getByRole("link", { name: "Overview" }).click();
   assert.match(await page.content(), /Jobs finished/);
   await page.screenshot({ path: `${outdir}/overview.png`, fullPage: true });
+  await page.goto(`${base}/admin/keys`);
+
+  // Users: add one; its login works; disabled, the login is refused; then deleted.
+  await page.getByRole("link", { name: "Users" }).click();
+  await page.getByLabel("Username").fill("dora");
+  await page.getByLabel("Password", { exact: true }).fill("long-enough-pw");
+  await page.getByLabel("Prompt token limit", { exact: false }).fill("1000");
+  await page.getByRole("button", { name: "Add user" }).click();
+  await page.waitForURL(`${base}/admin/users`);
+  const login = () => fetch(`${base}/token`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ username: "dora", password: "long-enough-pw" }),
+  });
+  assert.equal((await login()).status, 200);
+  assert.match(await page.locator("#user-dora").innerText(), /enabled/);
+  await page.locator("#user-dora").getByRole("button", { name: "Disable" }).click();
+  await page.waitForURL(`${base}/admin/users`);
+  assert.match(await page.locator("#user-dora").innerText(), /disabled/);
+  assert.equal((await login()).status, 403);
+  await page.screenshot({ path: `${outdir}/users.png`, fullPage: true });
+  await page.locator("#user-dora").getByRole("button", { name: "Delete" }).click();
+  await page.waitForURL(`${base}/admin/users`);
+  assert.equal(await page.locator("#user-dora").count(), 0);
+
+  // Models: the default model is served and ready.
+  await page.getByRole("link", { name: "Models" }).click();
+  assert.match(await page.locator("#model-smollm2").innerText(), /ready/);
+  await page.screenshot({ path: `${outdir}/models.png`, fullPage: true });
   await page.goto(`${base}/admin/keys`);
 
   // A narrow screen still shows every key's data.

@@ -4,6 +4,7 @@ Usage: openai_sdk.py BASE_URL GOOD_KEY EXHAUSTED_KEY
 Exits non-zero (with the reason) when any check fails.
 """
 import json
+import math
 import sys
 
 import jsonschema
@@ -79,6 +80,32 @@ try:
     raise SystemExit("a schema the grammar cannot enforce was accepted")
 except openai.BadRequestError as e:
     assert e.status_code == 400 and e.code == "unsupported_schema" and "email" in str(e), e
+
+# A seed makes a sampled answer repeatable.
+seeded = [
+    client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Write one sentence about the sea."}],
+        max_tokens=16,
+        temperature=1.0,
+        seed=5,
+    ).choices[0].message.content
+    for _ in range(2)
+]
+assert seeded[0] and seeded[0] == seeded[1], seeded
+
+# Log-probabilities: one finite entry per generated token, with the alternatives asked for.
+scored = client.chat.completions.create(
+    model="smollm2",
+    messages=[{"role": "user", "content": "Name a color."}],
+    max_tokens=6,
+    temperature=0,
+    logprobs=True,
+    top_logprobs=2,
+)
+entries = scored.choices[0].logprobs.content
+assert len(entries) == scored.usage.completion_tokens, scored
+assert all(math.isfinite(e.logprob) and e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries), entries
 
 done = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=5, temperature=0)
 assert done.choices[0].text, done

@@ -20,7 +20,7 @@ use crate::{
     services::Services,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct AttachRequest {
     name: String,
     /// Relative to the adapters folder.

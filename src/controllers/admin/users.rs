@@ -64,15 +64,17 @@ fn sent<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Erro
     Value::deserialize(d).map(Some)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ChangeRequest {
+pub(crate) struct ChangeRequest {
     enabled: Option<bool>,
     role: Option<String>,
     password: Option<String>,
     #[serde(default, deserialize_with = "sent")]
+    #[schema(value_type = Option<i64>)]
     prompt_token_limit: Option<Value>,
     #[serde(default, deserialize_with = "sent")]
+    #[schema(value_type = Option<i64>)]
     gen_token_limit: Option<Value>,
 }
 

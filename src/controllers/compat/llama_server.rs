@@ -23,9 +23,9 @@ const MAX_CONTENT_BYTES: usize = 1 << 20;
 /// Most ids `/detokenize` takes.
 const MAX_TOKENS: usize = 1 << 17;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TokenizeRequest {
+pub(crate) struct TokenizeRequest {
     content: String,
     #[serde(default)]
     add_special: bool,
@@ -40,9 +40,9 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct DetokenizeRequest {
+pub(crate) struct DetokenizeRequest {
     tokens: Vec<i64>,
     model: Option<String>,
 }

@@ -23,8 +23,9 @@ use crate::{
     extractors::{JsonBody, MeteredCaller},
 };
 
-#[derive(Debug, Deserialize)]
-struct EmbeddingRequest {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct EmbeddingRequest {
+    /// Also accepted as `input` or `content`.
     #[serde(alias = "input", alias = "content")]
     text: String,
     model: Option<String>,

@@ -31,7 +31,8 @@ const DEFAULT_TEMPERATURE: f64 = 0.2;
 const DEFAULT_TOKENS_LIMIT: i64 = 8096;
 const MAX_JOB_ID_LEN: usize = 128;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[schema(as = Seed001Meta)]
 struct Meta {
     temperature: Option<f64>,
     tokens_limit: Option<i64>,
@@ -43,7 +44,7 @@ struct Meta {
 }
 
 /// A LoRA head given at the top level of the body (seed 000) rather than in `meta`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 struct TopHead {
     #[serde(alias = "head")]
     lora: Option<String>,
@@ -51,15 +52,15 @@ struct TopHead {
 }
 
 /// `job_id` as clients send it (the seed documents a string; numbers are common too).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 enum JobId {
     Text(String),
     Number(i64),
 }
 
-#[derive(Debug, Deserialize)]
-struct GenerateRequest {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct GenerateRequest {
     job_id: Option<JobId>,
     #[serde(default)]
     meta: Meta,
@@ -69,11 +70,13 @@ struct GenerateRequest {
     head: TopHead,
 }
 
-#[derive(Debug, Deserialize)]
-struct ChatRequest {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = Seed001ChatRequest)]
+pub(crate) struct ChatRequest {
     job_id: Option<JobId>,
     #[serde(default)]
     meta: Meta,
+    #[schema(min_items = 1)]
     messages: Vec<WireMessage>,
     #[serde(flatten)]
     head: TopHead,

@@ -24,19 +24,20 @@ use crate::{
     admission::{GenerationInput, Memory, ModelChoice, SamplingInput, Ticket},
     controllers::respond::{answer, usage_json},
     errors::{ApiError, ApiResult, ErrorCode},
-    extractors::{AdminCaller, Caller, JsonBody, MeteredCaller},
+    extractors::{AdminCaller, Caller, ClientAddress, JsonBody, MeteredCaller},
     models::{
         api_keys,
         conversations::Owner,
         model_configs::{self, NewConfig},
+        model_placements,
         users::{self, Login, NewUser, Role},
         ModelError,
     },
     services::Services,
 };
 
-#[derive(Debug, Deserialize)]
-struct Credentials {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct Credentials {
     username: Option<String>,
     password: Option<String>,
     /// OAuth2 password-flow clients (FastAPI's `OAuth2PasswordRequestForm`) send
@@ -96,6 +97,11 @@ async fn read_credentials(req: Request<Body>, limit: usize) -> ApiResult<Credent
 #[tracing::instrument(skip_all)]
 async fn token(State(ctx): State<AppContext>, req: Request<Body>) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
+    let ClientAddress(address) = ClientAddress::of(
+        req.headers(),
+        req.extensions(),
+        services.settings.auth.trust_forwarded_for,
+    );
     let creds = read_credentials(req, services.settings.api.max_body_bytes).await?;
     if creds
         .grant_type
@@ -121,11 +127,11 @@ async fn token(State(ctx): State<AppContext>, req: Request<Body>) -> ApiResult<R
             "`username` and `password` must not be empty",
         ));
     }
-    if let Err(wait) = services.logins.begin(&username) {
+    if let Err(wait) = services.logins.begin(&address, &username) {
         return Err(ApiError::new(
             ErrorCode::TooManyLoginAttempts,
             format!(
-                "too many failed logins for this username; try again in {} s",
+                "too many failed logins for this username or from this address; try again in {} s",
                 wait.as_secs().max(1)
             ),
         )
@@ -137,7 +143,7 @@ async fn token(State(ctx): State<AppContext>, req: Request<Body>) -> ApiResult<R
     let user = match login? {
         Login::Ok(user) => user,
         Login::Disabled(_) => {
-            services.logins.succeeded(&username);
+            services.logins.succeeded(&address, &username);
             return Err(ApiError::new(
                 ErrorCode::UserDisabled,
                 "this user is disabled",
@@ -151,7 +157,7 @@ async fn token(State(ctx): State<AppContext>, req: Request<Body>) -> ApiResult<R
             ));
         }
     };
-    services.logins.succeeded(&username);
+    services.logins.succeeded(&address, &username);
     let ttl = chrono::Duration::minutes(i64::from(services.settings.auth.token_ttl_minutes));
     let issued = users::issue_token(&ctx.db, &user, ttl).await?;
     tracing::info!(user_id = user.id, key = %issued.key.prefix, "login token issued");
@@ -165,8 +171,8 @@ async fn token(State(ctx): State<AppContext>, req: Request<Body>) -> ApiResult<R
     .into_response())
 }
 
-#[derive(Debug, Deserialize)]
-struct AddUser {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct AddUser {
     username: String,
     password: String,
     /// Tokens already spent (users migrated from seed 002 keep their counters).
@@ -226,8 +232,8 @@ async fn add_user(
     .into_response())
 }
 
-#[derive(Debug, Deserialize)]
-struct LlmRequest {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct LlmRequest {
     model: String,
     // `inference_endpoint` (seed 002: the vLLM server to call) is accepted and ignored, like
     // any other unknown field: Tollgate serves the model itself.
@@ -363,9 +369,9 @@ async fn active_models(
 
 /// Seed 002's engine start request. The Hugging Face token is accepted for compatibility and
 /// dropped at once: models come from the local models directory, never from a hub.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[allow(non_snake_case)]
-struct StartRequest {
+pub(crate) struct StartRequest {
     Model: String,
     MAX_MODEL_LEN: Option<u32>,
     SEED: Option<i64>,
@@ -373,8 +379,8 @@ struct StartRequest {
     TENSOR_PARALLEL_SIZE: Option<i64>,
 }
 
-#[derive(Debug, Deserialize)]
-struct TerminateRequest {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct TerminateRequest {
     container_id: String,
 }
 
@@ -417,6 +423,7 @@ async fn vllm_start(
     } else {
         model_id_for_file(&file)
     };
+    let mut status = "healthy";
     let message = if model_id == default {
         "the default model is always running".to_string()
     } else {
@@ -437,9 +444,13 @@ async fn vllm_start(
             },
         )
         .await?;
-        match services.models.load(&config).await {
-            Ok((_, true)) => format!("engine {model_id} started"),
-            Ok((_, false)) => {
+        match services.models.load_or_place(&config).await {
+            Ok(placed) if placed.pending => {
+                status = "starting";
+                format!("engine {model_id} is starting on a worker")
+            }
+            Ok(placed) if placed.newly => format!("engine {model_id} started"),
+            Ok(_) => {
                 model_configs::delete(&ctx.db, &config.config_id).await?;
                 format!("engine {model_id} was already running")
             }
@@ -455,7 +466,7 @@ async fn vllm_start(
         "engine_name": model_id,
         "container_id": model_id,
         "user_info": {"key": key.prefix, "name": key.name},
-        "status": "healthy",
+        "status": status,
     }))
     .into_response())
 }
@@ -469,8 +480,13 @@ async fn vllm_terminate(
     let services = Services::from_ctx(&ctx)?;
     let JsonBody(body) = body?;
     let model_id = body.container_id.trim().to_string();
-    let config_id = services.models.get(&model_id).map(|m| m.config_id.clone());
-    services.models.unload(&model_id).await?;
+    let config_id = match services.models.get(&model_id) {
+        Some(m) => Some(m.config_id.clone()),
+        None => model_placements::find(&ctx.db, &model_id)
+            .await?
+            .map(|p| p.config_id),
+    };
+    services.models.unload_or_unplace(&model_id).await?;
     // Engines started through /vllm_request own their configuration.
     if let Some(config_id) = config_id {
         if let Some(config) = model_configs::Model::find_by_config_id(&ctx.db, &config_id).await? {

@@ -10,6 +10,7 @@
 
 use axum::{
     extract::{Path, State},
+    http::StatusCode,
     response::{IntoResponse, Response},
     Json,
 };
@@ -22,21 +23,25 @@ use crate::{
     controllers::respond::{admit, answer},
     errors::{ApiError, ApiResult, ErrorCode},
     extractors::{AdminCaller, Caller, JsonBody, MeteredCaller},
-    models::model_configs::{self, NewConfig},
+    models::{
+        model_configs::{self, NewConfig},
+        model_placements,
+    },
     services::Services,
 };
 
-#[derive(Debug, Deserialize)]
-struct ConfigureRequest {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct ConfigureRequest {
     model_id: String,
     model_name: String,
     model_type: String,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     model_kwargs: Option<Map<String, Value>>,
 }
 
 /// `inference_kwargs`: the sampling options Tollgate knows; others are ignored.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 struct InferenceKwargs {
     max_tokens: Option<i64>,
     max_new_tokens: Option<i64>,
@@ -46,8 +51,8 @@ struct InferenceKwargs {
     stop: Option<StopWords>,
 }
 
-#[derive(Debug, Deserialize)]
-struct InferenceRequest {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct InferenceRequest {
     model_id: String,
     prompt: String,
     #[serde(default)]
@@ -110,18 +115,23 @@ async fn load(
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
     let config = stored(&ctx, &config_id).await?;
-    let (model, newly) = services.models.load(&config).await?;
-    let message = if newly {
-        "Model loaded successfully"
+    let placed = services.models.load_or_place(&config).await?;
+    let (status, message) = if placed.pending {
+        (StatusCode::ACCEPTED, "Model loading on a worker")
+    } else if placed.newly {
+        (StatusCode::OK, "Model loaded successfully")
     } else {
-        "Model already loaded"
+        (StatusCode::OK, "Model already loaded")
     };
-    Ok(Json(json!({
-        "message": message,
-        "model_id": model.model_id,
-        "config_id": model.config_id,
-    }))
-    .into_response())
+    Ok((
+        status,
+        Json(json!({
+            "message": message,
+            "model_id": placed.model_id,
+            "config_id": placed.config_id,
+        })),
+    )
+        .into_response())
 }
 
 #[tracing::instrument(skip_all, fields(api_key))]
@@ -131,7 +141,7 @@ async fn unload(
     Path(model_id): Path<String>,
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
-    services.models.unload(&model_id).await?;
+    services.models.unload_or_unplace(&model_id).await?;
     Ok(Json(json!({"message": "Model unloaded successfully"})).into_response())
 }
 
@@ -172,7 +182,10 @@ async fn delete_configuration(
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
     let config = stored(&ctx, &config_id).await?;
-    if services.models.is_loaded_from(&config) {
+    let placed = model_placements::find(&ctx.db, &config.model_id)
+        .await?
+        .is_some_and(|p| p.config_id == config_id && p.desired == model_placements::LOADED);
+    if placed || services.models.is_loaded_from(&config) {
         return Err(ApiError::new(
             ErrorCode::ConfigInUse,
             format!(

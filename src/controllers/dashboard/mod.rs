@@ -8,19 +8,23 @@
 //!
 //! Rooms: this module holds the routes and what every page shares (the `SignedIn` and
 //! `AdminForm` extractors, rendering, error pages); `session` signs admins in and out and serves
-//! the first-run setup link; `keys`, `jobs`, `overview` and `adapters` hold the pages of the same
-//! names, and `key_form` turns a key into its form and a posted form into key parameters.
+//! the first-run setup link; `keys`, `jobs`, `overview`, `adapters`, `users` and `models` hold
+//! the pages of the same names, `key_form` turns a key into its form and a posted form into key parameters, and
+//! `api_docs` shows the OpenAPI document as a page.
 
 // Handlers fail with the page to show (a `Response`); it is built once per request, so its
 // size does not matter.
 #![allow(clippy::result_large_err)]
 
 mod adapters;
+mod api_docs;
 mod jobs;
 mod key_form;
 mod keys;
+mod models;
 mod overview;
 mod session;
+mod users;
 
 use std::collections::HashMap;
 
@@ -224,6 +228,12 @@ pub fn routes() -> Routes {
         .add("/overview", get(overview::page))
         .add("/adapters", get(adapters::page).post(adapters::register))
         .add("/adapters/{name}/remove", post(adapters::remove))
+        .add("/users", get(users::page).post(users::create))
+        .add("/users/{username}/{action}", post(users::act))
+        .add("/models", get(models::page))
+        .add("/models/{id}/load", post(models::load))
+        .add("/models/{id}/unload", post(models::unload))
+        .add("/api", get(api_docs::page))
         .add("/keys/{prefix}", get(keys::detail).post(keys::edit))
         .add("/keys/{prefix}/rotate", post(keys::rotate))
         .add("/keys/{prefix}/revoke", post(keys::revoke))

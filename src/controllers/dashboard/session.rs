@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::{cookie, internal, render, see_other, AdminForm, Fields, PageResult, COOKIE};
 use crate::{
+    extractors::ClientAddress,
     models::{admin_sessions, admins, api_keys::constant_time_eq},
     services::Services,
 };
@@ -69,6 +70,7 @@ pub(super) async fn login_page(ViewEngine(v): ViewEngine<TeraView>) -> PageResul
 pub(super) async fn login(
     State(ctx): State<AppContext>,
     ViewEngine(v): ViewEngine<TeraView>,
+    ClientAddress(address): ClientAddress,
     headers: HeaderMap,
     Form(fields): Form<Fields>,
 ) -> PageResult {
@@ -88,7 +90,7 @@ pub(super) async fn login(
         .unwrap_or_default();
     let password = fields.get("password").cloned().unwrap_or_default();
     let throttle_key = format!("admin:{email}");
-    if let Err(wait) = services.logins.begin(&throttle_key) {
+    if let Err(wait) = services.logins.begin(&address, &throttle_key) {
         return login_form(
             &v,
             StatusCode::TOO_MANY_REQUESTS,
@@ -118,7 +120,7 @@ pub(super) async fn login(
     drop(permit);
     match admin {
         Some(admin) if verified => {
-            services.logins.succeeded(&throttle_key);
+            services.logins.succeeded(&address, &throttle_key);
             start_session(&ctx, &services, admin.id).await
         }
         _ => login_form(

@@ -16,8 +16,8 @@ use llama_cpp_2::{
 
 use super::{pos_i32, GenJob, Shared, PROMPT_BATCH};
 use crate::engine::{
-    text::OutputDecoder, tokenizer::prompt_tokens, EngineError, FinishReason, Generation,
-    SamplingParams,
+    logprobs, text::OutputDecoder, tokenizer::prompt_tokens, EngineError, FinishReason, Generation,
+    SamplingParams, TokenLogprob, TopLogprob,
 };
 
 /// A generation running on one sequence of the shared context.
@@ -29,6 +29,8 @@ pub(super) struct Slot {
     /// [`sample_constrained`].
     grammar: Option<LlamaSampler>,
     out: OutputDecoder,
+    /// Per generated token, when the job asked for log-probabilities.
+    logprobs: Vec<TokenLogprob>,
     prompt_tokens: usize,
     /// Positions of this sequence in the KV cache.
     n_past: usize,
@@ -101,7 +103,7 @@ pub(super) fn start(
         Ok(p) => p,
         Err(e) => {
             shared.served.fetch_add(1, Ordering::AcqRel);
-            let _ = job.reply.send(Err(e));
+            job.reply.send(Err(e));
             return Started::Done;
         }
     };
@@ -109,6 +111,7 @@ pub(super) fn start(
         seq,
         sampler,
         grammar,
+        logprobs: Vec::new(),
         out: OutputDecoder::new(&job.request.params.stop),
         job,
         prompt_tokens,
@@ -144,7 +147,12 @@ fn take_token(
         return Some(FinishReason::Stop);
     }
     slot.generated += 1;
-    let stopped = slot.out.push(&vocab.token_to_piece(tok, false, None));
+    let piece = vocab.token_to_piece(tok, false, None);
+    if let Some(top) = slot.job.request.params.controls.logprobs {
+        let entry = token_logprob(&vocab, ctx.get_logits_ith(idx), tok, &piece, top);
+        slot.logprobs.push(entry);
+    }
+    let stopped = slot.out.push(&piece);
     if let Some(sink) = &slot.job.sink {
         let delta = slot.out.take_delta();
         if !delta.is_empty() {
@@ -196,24 +204,59 @@ pub(super) fn decode_step(
 /// It counts as served before its waiter hears of it.
 pub(super) fn finish(mut slot: Slot, result: Result<FinishReason, EngineError>, shared: &Shared) {
     shared.served.fetch_add(1, Ordering::AcqRel);
-    let reply = match result {
-        Ok(finish_reason) => {
-            if let Some(sink) = &slot.job.sink {
-                let rest = slot.out.take_rest();
-                if !rest.is_empty() {
-                    let _ = sink.send(rest);
+    let reply =
+        match result {
+            Ok(finish_reason) => {
+                if let Some(sink) = &slot.job.sink {
+                    let rest = slot.out.take_rest();
+                    if !rest.is_empty() {
+                        let _ = sink.send(rest);
+                    }
                 }
+                let text = slot.out.into_text();
+                let logprobs =
+                    slot.job.request.params.controls.logprobs.map(|_| {
+                        logprobs::fit_to_text(std::mem::take(&mut slot.logprobs), text.len())
+                    });
+                Ok(Generation {
+                    text,
+                    prompt_tokens: u32::try_from(slot.prompt_tokens).unwrap_or(u32::MAX),
+                    generated_tokens: slot.generated,
+                    finish_reason,
+                    logprobs,
+                })
             }
-            Ok(Generation {
-                text: slot.out.into_text(),
-                prompt_tokens: u32::try_from(slot.prompt_tokens).unwrap_or(u32::MAX),
-                generated_tokens: slot.generated,
-                finish_reason,
+            Err(e) => Err(e),
+        };
+    slot.job.reply.send(reply);
+}
+
+/// The chosen token's log-probability under the model at this step and the `top` most likely
+/// tokens' ([`logprobs::at_step`]: from the raw logits, before the sampler chain).
+fn token_logprob(
+    vocab: &llama_cpp_2::vocab::LlamaVocab<'_>,
+    logits: &[f32],
+    tok: LlamaToken,
+    piece: &[u8],
+    top: u8,
+) -> TokenLogprob {
+    let chosen = usize::try_from(tok.0).unwrap_or(usize::MAX);
+    let (logprob, best) = logprobs::at_step(logits, chosen, usize::from(top));
+    TokenLogprob {
+        bytes: piece.to_vec(),
+        logprob,
+        top: best
+            .into_iter()
+            .map(|(id, logprob)| TopLogprob {
+                bytes: vocab.token_to_piece(
+                    LlamaToken(i32::try_from(id).unwrap_or_default()),
+                    false,
+                    None,
+                ),
+                logprob,
             })
-        }
-        Err(e) => Err(e),
-    };
-    let _ = slot.job.reply.send(reply);
+            .collect(),
+    }
 }
 
 /// The job's sampler chain, in llama.cpp server's order: logit biases, penalties, then greedy

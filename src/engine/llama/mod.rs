@@ -19,7 +19,12 @@
 //! contexts), loads, and starts a new epoch with fresh contexts.
 //!
 //! Embeddings: a second context on the same model, in embedding mode with the configured
-//! pooling, created on the first embedding job of an epoch.
+//! pooling, created on the first embedding job of an epoch. An embedding job waits in its key's
+//! lane like a generation and, once taken, is computed a few inputs per turn of the loop,
+//! between decode steps, so a large call cannot stall the running streams.
+//!
+//! The thread runs under [`super::supervisor`]: if its loop dies (a panic anywhere), the engine
+//! reports itself down with the reason, the jobs it held fail, and it loads the model again.
 //!
 //! Rooms: `thread` runs the loop (epochs, contexts, admission), `batch` runs jobs in sequences
 //! (prompt, decode steps, sampling, answers), `heads` swaps LoRA heads and `embed` computes
@@ -30,40 +35,37 @@ mod embed;
 mod heads;
 mod thread;
 
-use std::{
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc, Arc, Mutex,
-    },
-    thread as os_thread,
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    mpsc, Arc, Mutex, PoisonError,
 };
 
 use async_trait::async_trait;
 use llama_cpp_2::model::LlamaModel;
-use tokio::sync::oneshot;
 
 use super::{
-    lanes::Laned, tokenizer::backend, Algorithm, EmbeddingRequest, Embeddings, EngineError,
-    EngineStatus, Generation, GenerationRequest, Lane, TokenSink,
+    lanes::Laned,
+    supervisor::{self, Health, Reply, RestartPolicy},
+    tokenizer::backend,
+    Algorithm, EmbeddingRequest, Embeddings, EngineError, EngineStatus, Generation,
+    GenerationRequest, Lane, TokenSink,
 };
 use crate::settings::EngineSettings;
 
 /// Tokens fed to one `decode` call while reading a prompt.
 const PROMPT_BATCH: u32 = 512;
 
+/// A job for the engine thread; both kinds wait in their key's lane until taken.
 enum Command {
     Generate(Box<GenJob>),
-    Embed {
-        request: EmbeddingRequest,
-        reply: oneshot::Sender<Result<Embeddings, EngineError>>,
-    },
+    Embed(Box<embed::EmbedJob>),
 }
 
 /// A generation waiting for, or running on, a sequence.
 struct GenJob {
     request: GenerationRequest,
     sink: Option<TokenSink>,
-    reply: oneshot::Sender<Result<Generation, EngineError>>,
+    reply: Reply<Generation>,
     /// Fairness lane (the API key and its weight): waiting jobs are taken by weighted
     /// round-robin across lanes.
     lane: Lane,
@@ -85,33 +87,45 @@ impl Laned for GenJob {
     }
 }
 
-impl Command {
-    fn fail(self, e: EngineError) {
+impl Laned for Command {
+    fn lane(&self) -> Lane {
         match self {
-            Self::Generate(job) => {
-                let _ = job.reply.send(Err(e));
-            }
-            Self::Embed { reply, .. } => {
-                let _ = reply.send(Err(e));
-            }
+            Self::Generate(job) => job.lane,
+            Self::Embed(job) => job.lane,
         }
     }
 }
 
-/// What the engine thread tells the handles (for [`Algorithm::status`]).
+impl Command {
+    fn fail(self, e: EngineError) {
+        match self {
+            Self::Generate(job) => job.reply.send(Err(e)),
+            Self::Embed(job) => job.reply.send(Err(e)),
+        }
+    }
+
+    /// Whether this is a generation that needs another head than `head` (embeddings use their
+    /// own context, which no head touches).
+    fn wants_other_head(&self, head: &Option<(String, u32)>) -> bool {
+        matches!(self, Self::Generate(job) if job.head() != *head)
+    }
+}
+
+/// What the engine thread tells the handles (for [`Algorithm::status`]); readiness is in
+/// [`Health`], kept by the supervisor.
 #[derive(Default)]
 struct Shared {
-    ready: AtomicBool,
     loads: AtomicU64,
     served: AtomicU64,
     batched_steps: AtomicU64,
     max_batch: AtomicU64,
     /// Names of the loaded LoRA adapters, most recently used first.
     adapters: Mutex<Vec<String>>,
-    /// Facts about the loaded weights, set once the model is loaded.
-    loaded: std::sync::OnceLock<Loaded>,
+    /// Facts about the loaded weights, set each time the model is loaded.
+    loaded: Mutex<Option<Loaded>>,
 }
 
+#[derive(Clone, Copy)]
 struct Loaded {
     at: chrono::DateTime<chrono::Utc>,
     quantized: bool,
@@ -135,10 +149,24 @@ fn is_quantized(model: &LlamaModel) -> bool {
 }
 
 impl Shared {
+    /// Poisoning is ignored: a panic the supervisor caught must not blank the status for good.
     fn set_adapters(&self, names: Vec<String>) {
-        if let Ok(mut list) = self.adapters.lock() {
-            *list = names;
-        }
+        *self.adapters.lock().unwrap_or_else(PoisonError::into_inner) = names;
+    }
+
+    fn adapters(&self) -> Vec<String> {
+        self.adapters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_loaded(&self, loaded: Loaded) {
+        *self.loaded.lock().unwrap_or_else(PoisonError::into_inner) = Some(loaded);
+    }
+
+    fn loaded(&self) -> Option<Loaded> {
+        *self.loaded.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -147,6 +175,7 @@ impl Shared {
 pub struct LlamaEngine {
     tx: mpsc::Sender<Command>,
     shared: Arc<Shared>,
+    health: Arc<Health>,
     settings: EngineSettings,
     device: String,
 }
@@ -160,27 +189,25 @@ impl std::fmt::Debug for LlamaEngine {
 }
 
 impl LlamaEngine {
-    /// Starts the engine thread and waits until the model is loaded (or failed to load).
+    /// Starts the engine thread (under the supervisor) and waits until the model is loaded
+    /// (or failed to load).
     ///
     /// Blocking: call from `spawn_blocking` in async code.
     ///
     /// # Errors
     /// When the model cannot be loaded or the context cannot be created.
     pub fn start(settings: EngineSettings) -> Result<Self, EngineError> {
-        let (tx, rx) = mpsc::channel();
-        let (ready_tx, ready_rx) = mpsc::channel();
         let shared = Arc::new(Shared::default());
+        let health = Arc::new(Health::default());
         let thread_shared = shared.clone();
         let thread_settings = settings.clone();
-        os_thread::Builder::new()
-            .name(format!("llama-{}", settings.model_name))
-            .spawn(move || {
-                thread::engine_thread(&thread_settings, &rx, &ready_tx, &thread_shared);
-            })
-            .map_err(|e| EngineError::Load(format!("cannot spawn engine thread: {e}")))?;
-        ready_rx
-            .recv()
-            .map_err(|_| EngineError::Load("engine thread exited during load".into()))??;
+        let tx = supervisor::spawn(
+            format!("llama-{}", settings.model_name),
+            RestartPolicy::from(&settings.restart),
+            health.clone(),
+            Command::fail,
+            move |rx, serving| thread::engine_thread(&thread_settings, rx, serving, &thread_shared),
+        )?;
         let device = if settings.n_gpu_layers > 0 && backend()?.supports_gpu_offload() {
             format!(
                 "gpu:{} ({} layers)",
@@ -192,6 +219,7 @@ impl LlamaEngine {
         Ok(Self {
             tx,
             shared,
+            health,
             settings,
             device,
         })
@@ -226,9 +254,20 @@ impl Algorithm for LlamaEngine {
     }
 
     async fn embed(&self, request: EmbeddingRequest) -> Result<Embeddings, EngineError> {
-        let (reply, rx) = oneshot::channel();
+        self.embed_in_lane(request, Lane::new(0, 0)).await
+    }
+
+    async fn embed_in_lane(
+        &self,
+        request: EmbeddingRequest,
+        lane: Lane,
+    ) -> Result<Embeddings, EngineError> {
+        self.health.check()?;
+        let (reply, rx) = Reply::new();
         self.tx
-            .send(Command::Embed { request, reply })
+            .send(Command::Embed(Box::new(embed::EmbedJob::new(
+                request, reply, lane,
+            ))))
             .map_err(|_| EngineError::Unavailable("engine thread has stopped".into()))?;
         rx.await
             .map_err(|_| EngineError::Unavailable("engine thread dropped the request".into()))?
@@ -246,7 +285,8 @@ impl LlamaEngine {
         sink: Option<TokenSink>,
         lane: Lane,
     ) -> Result<Generation, EngineError> {
-        let (reply, rx) = oneshot::channel();
+        self.health.check()?;
+        let (reply, rx) = Reply::new();
         self.tx
             .send(Command::Generate(Box::new(GenJob {
                 request,
@@ -260,23 +300,21 @@ impl LlamaEngine {
     }
 
     fn snapshot(&self) -> EngineStatus {
+        let loaded = self.shared.loaded();
         EngineStatus {
-            ready: self.shared.ready.load(Ordering::Acquire),
+            ready: self.health.ready(),
+            reason: self.health.reason(),
+            restarts: self.health.restarts(),
             model: self.settings.model_name.clone(),
             model_path: self.settings.model_path.display().to_string(),
             loads: self.shared.loads.load(Ordering::Acquire),
             jobs_served: self.shared.served.load(Ordering::Acquire),
             context_size: self.settings.context_size,
             device: self.device.clone(),
-            adapters: self
-                .shared
-                .adapters
-                .lock()
-                .map(|l| l.clone())
-                .unwrap_or_default(),
+            adapters: self.shared.adapters(),
             embeddings: self.settings.embeddings.enabled,
-            quantized: self.shared.loaded.get().is_some_and(|l| l.quantized),
-            loaded_at: self.shared.loaded.get().map(|l| l.at.to_rfc3339()),
+            quantized: loaded.is_some_and(|l| l.quantized),
+            loaded_at: loaded.map(|l| l.at.to_rfc3339()),
             parallel: u64::from(self.settings.parallel.max(1)),
             batched_steps: self.shared.batched_steps.load(Ordering::Acquire),
             max_batch: self.shared.max_batch.load(Ordering::Acquire),

@@ -3,6 +3,11 @@
 //! An epoch is one set of contexts on the model. It ends when a job needs a LoRA adapter that
 //! is not loaded (loading needs the model mutably, so no context may be alive), when a head
 //! cannot be taken off the context, or when the channel closes.
+//!
+//! One turn of the loop: take what arrived into the lanes, admit waiting jobs (generations
+//! into free sequences, one embedding call into the embedding slot) by weighted round-robin
+//! across keys, one decode step for the running generations, then one turn of the running
+//! embedding. No single job holds the loop for more than one prompt or one embedding input.
 
 use std::{
     num::NonZeroU32,
@@ -18,14 +23,15 @@ use llama_cpp_2::{
 
 use super::{
     batch::{self, decode_step, finish, free_seq, Ended, Slot, Started},
-    embed::embed,
+    embed::EmbedJob,
     heads::{apply_head, remove_head, Applied},
-    is_quantized, Command, GenJob, Loaded, Shared, PROMPT_BATCH,
+    is_quantized, Command, Loaded, Shared, PROMPT_BATCH,
 };
 use crate::{
     engine::{
         lanes::Lanes,
         lora::{AdapterCache, AdapterKey},
+        supervisor::{contain, Serving},
         tokenizer::backend,
         EngineError,
     },
@@ -56,7 +62,7 @@ fn load_model(settings: &EngineSettings, shared: &Shared) -> Result<LlamaModel, 
     let model = LlamaModel::load_from_file(backend, &settings.model_path, &params)
         .map_err(|e| EngineError::Load(format!("{}: {e}", settings.model_path.display())))?;
     shared.loads.fetch_add(1, Ordering::AcqRel);
-    let _ = shared.loaded.set(Loaded {
+    shared.set_loaded(Loaded {
         at: chrono::Utc::now(),
         quantized: is_quantized(&model),
     });
@@ -115,29 +121,30 @@ struct Thread<'a> {
     shared: &'a Shared,
     rx: &'a mpsc::Receiver<Command>,
     cache: AdapterCache,
-    /// Generation jobs waiting for a sequence.
-    lanes: Lanes<GenJob>,
+    /// Jobs waiting for a place: generations for a sequence, embeddings for the embedding slot.
+    lanes: Lanes<Command>,
+    /// The embedding call being computed, a turn at a time between decode steps.
+    embedding: Option<EmbedJob>,
 }
 
+/// The supervised body: loads the model, says it is ready, then serves until the channel
+/// closes (`Ok`). A load or first context that fails returns the error.
 pub(super) fn engine_thread(
     settings: &EngineSettings,
     rx: &mpsc::Receiver<Command>,
-    ready: &mpsc::Sender<Result<(), EngineError>>,
+    serving: &Serving<'_>,
     shared: &Shared,
-) {
-    let mut model = match load_model(settings, shared) {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
+) -> Result<(), EngineError> {
+    // A restart begins with nothing loaded: the adapters come back as jobs ask for them.
+    shared.set_adapters(Vec::new());
+    let mut model = load_model(settings, shared)?;
     let mut state = Thread {
         settings,
         shared,
         rx,
         cache: AdapterCache::new(&settings.adapters_dir, settings.adapter_cache_size),
         lanes: Lanes::default(),
+        embedding: None,
     };
     let mut pending: Option<Command> = None;
     let mut started = false;
@@ -145,10 +152,7 @@ pub(super) fn engine_thread(
         let next = {
             let generate = match generation_context(&model, settings) {
                 Ok(c) => c,
-                Err(e) if !started => {
-                    let _ = ready.send(Err(e));
-                    return;
-                }
+                Err(e) if !started => return Err(e),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot create a context");
                     if let Some(cmd) = pending.take() {
@@ -166,8 +170,7 @@ pub(super) fn engine_thread(
             };
             if !started {
                 started = true;
-                shared.ready.store(true, Ordering::Release);
-                let _ = ready.send(Ok(()));
+                serving.ready();
             }
             let mut contexts = Contexts {
                 generate,
@@ -193,8 +196,8 @@ pub(super) fn engine_thread(
             }
         }
     }
-    shared.ready.store(false, Ordering::Release);
     tracing::info!(model = %settings.model_name, "engine thread stopped");
+    Ok(())
 }
 
 impl Thread<'_> {
@@ -218,25 +221,22 @@ impl Thread<'_> {
         let mut step = LlamaBatch::new(parallel, 1);
         let mut closed = false;
         if let Some(cmd) = pending {
-            match cmd {
-                Command::Generate(job) => self.lanes.push_first(*job),
-                other => other.fail(EngineError::Unavailable("unexpected command".into())),
-            }
+            self.lanes.push_first(cmd);
         }
         loop {
             // Take what has arrived; block only when there is nothing else to do.
-            if slots.is_empty() && self.lanes.is_empty() {
+            if slots.is_empty() && self.lanes.is_empty() && self.embedding.is_none() {
                 if closed {
                     return Next::Stop;
                 }
                 match self.rx.recv() {
-                    Ok(cmd) => self.intake(cmd, model, contexts),
+                    Ok(cmd) => self.lanes.push(cmd),
                     Err(_) => return Next::Stop,
                 }
             }
             loop {
                 match self.rx.try_recv() {
-                    Ok(cmd) => self.intake(cmd, model, contexts),
+                    Ok(cmd) => self.lanes.push(cmd),
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
                         closed = true;
@@ -245,18 +245,35 @@ impl Thread<'_> {
                 }
             }
 
-            // Admit waiting jobs into free sequences: the same head as the running ones only,
-            // and none at all while a job for another head waits (it goes next, once these
-            // finish).
-            while let Some(&seq) = free.last() {
-                if !slots.is_empty() && self.lanes.any_head(|j| j.head() != head) {
+            // Admit waiting jobs, by turns across keys: an embedding into the embedding slot
+            // when it is free; a generation into a free sequence, with the same head as the
+            // running ones only, and none at all while a generation for another head waits
+            // (it goes next, once these finish).
+            loop {
+                let seq = free.last().copied();
+                let gen_open = seq.is_some()
+                    && (slots.is_empty() || !self.lanes.any_head(|c| c.wants_other_head(&head)));
+                let embed_open = self.embedding.is_none();
+                if !gen_open && !embed_open {
                     break;
                 }
-                let Some(job) = self
-                    .lanes
-                    .take_next(|j| slots.is_empty() || j.head() == head)
-                else {
+                let Some(cmd) = self.lanes.take_next(|c| match c {
+                    Command::Generate(job) => gen_open && (slots.is_empty() || job.head() == head),
+                    Command::Embed(_) => embed_open,
+                }) else {
                     break;
+                };
+                let (job, seq) = match (cmd, seq) {
+                    (Command::Embed(job), _) => {
+                        self.embedding = Some(*job);
+                        continue;
+                    }
+                    (Command::Generate(job), Some(seq)) => (*job, seq),
+                    // Not taken without a free sequence; put it back should that change.
+                    (cmd @ Command::Generate(_), None) => {
+                        self.lanes.push_first(cmd);
+                        break;
+                    }
                 };
                 if job.head() != head {
                     // Nothing runs now (only then may a job with another head be taken): swap
@@ -266,7 +283,7 @@ impl Thread<'_> {
                             tracing::error!(
                                 "LoRA adapter could not be removed; rebuilding contexts"
                             );
-                            self.lanes.push_first(job);
+                            self.lanes.push_first(Command::Generate(Box::new(job)));
                             return Next::Rebuild;
                         }
                     }
@@ -278,7 +295,7 @@ impl Thread<'_> {
                         }
                         Applied::Failed(e) => {
                             shared.served.fetch_add(1, Ordering::AcqRel);
-                            let _ = job.reply.send(Err(e));
+                            job.reply.send(Err(e));
                             continue;
                         }
                         Applied::NotLoaded(key) => {
@@ -287,7 +304,7 @@ impl Thread<'_> {
                     }
                 }
                 free.pop();
-                let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let started = contain(|| {
                     batch::start(
                         model,
                         &mut contexts.generate,
@@ -297,94 +314,107 @@ impl Thread<'_> {
                         timeout,
                         shared,
                     )
-                }));
+                });
                 match started {
                     Ok(Started::Running(slot)) => slots.push(*slot),
                     Ok(Started::Done) => free_seq(&mut contexts.generate, &mut free, seq),
                     Err(_) => {
-                        // The job's reply was dropped with it: its waiter sees the engine error.
+                        // The job's reply was dropped with it: its waiter hears the engine
+                        // failed on it.
                         shared.served.fetch_add(1, Ordering::AcqRel);
                         free_seq(&mut contexts.generate, &mut free, seq);
                     }
                 }
             }
-            if slots.is_empty() {
-                continue;
-            }
 
-            // Jobs past their deadline, or whose waiter has gone, end here and free their
-            // sequence.
-            let now = std::time::Instant::now();
-            let mut i = 0;
-            while i < slots.len() {
-                let expired = slots[i].deadline <= now;
-                if expired || slots[i].job.reply.is_closed() {
-                    let slot = slots.swap_remove(i);
-                    let seq = slot.seq;
-                    tracing::warn!(seq, expired, "generation stopped before its end");
-                    finish(
-                        slot,
-                        Err(EngineError::TimedOut(
-                            u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-                        )),
-                        shared,
-                    );
-                    free_seq(&mut contexts.generate, &mut free, seq);
-                } else {
-                    i += 1;
-                }
+            if !slots.is_empty() {
+                self.generation_turn(model, contexts, &mut step, &mut slots, &mut free, timeout);
             }
-            if slots.is_empty() {
-                continue;
-            }
-
-            // One decode step: one token of every running job.
-            let width = slots.len() as u64;
-            if width > 1 {
-                shared.batched_steps.fetch_add(1, Ordering::AcqRel);
-            }
-            shared.max_batch.fetch_max(width, Ordering::AcqRel);
-            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                decode_step(
-                    model,
-                    &mut contexts.generate,
-                    &mut step,
-                    &mut slots,
-                    n_ctx_seq,
-                )
-            }));
-            let finished: Vec<Ended> = match stepped {
-                Ok(Ok(finished)) => finished,
-                Ok(Err(e)) => (0..slots.len()).map(|i| (i, Err(e.clone()))).collect(),
-                Err(_) => (0..slots.len())
-                    .map(|i| (i, Err(EngineError::Decode("engine panicked".into()))))
-                    .collect(),
-            };
-            // Highest index first, so removals do not shift the ones still to remove.
-            for (i, result) in finished.into_iter().rev() {
-                let slot = slots.swap_remove(i);
-                let seq = slot.seq;
-                finish(slot, result, shared);
-                free_seq(&mut contexts.generate, &mut free, seq);
-            }
+            self.embedding_turn(model, contexts);
         }
     }
 
-    /// A new command: embeddings run at once (their own context); generations wait in their
-    /// lane.
-    fn intake<'m>(&mut self, cmd: Command, model: &'m LlamaModel, contexts: &mut Contexts<'m>) {
-        match cmd {
-            Command::Generate(job) => self.lanes.push(*job),
-            Command::Embed { request, reply } => {
-                let span = tracing::info_span!("embed", inputs = request.inputs.len());
-                let _guard = span.enter();
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    embed(model, &mut contexts.embed, self.settings, &request)
-                }))
-                .unwrap_or_else(|_| Err(EngineError::Embedding("engine panicked".into())));
-                self.shared.served.fetch_add(1, Ordering::AcqRel);
-                let _ = reply.send(result);
+    /// Ends the generations past their deadline or whose waiter has gone, then one decode
+    /// step: one token of every running job.
+    fn generation_turn<'m>(
+        &self,
+        model: &'m LlamaModel,
+        contexts: &mut Contexts<'m>,
+        step: &mut LlamaBatch,
+        slots: &mut Vec<Slot>,
+        free: &mut Vec<i32>,
+        timeout: std::time::Duration,
+    ) {
+        let shared = self.shared;
+        let n_ctx_seq = self.settings.context_size as usize;
+        let now = std::time::Instant::now();
+        let mut i = 0;
+        while i < slots.len() {
+            let expired = slots[i].deadline <= now;
+            if expired || slots[i].job.reply.is_closed() {
+                let slot = slots.swap_remove(i);
+                let seq = slot.seq;
+                tracing::warn!(seq, expired, "generation stopped before its end");
+                finish(
+                    slot,
+                    Err(EngineError::TimedOut(
+                        u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                    )),
+                    shared,
+                );
+                free_seq(&mut contexts.generate, free, seq);
+            } else {
+                i += 1;
             }
+        }
+        if slots.is_empty() {
+            return;
+        }
+        let width = slots.len() as u64;
+        if width > 1 {
+            shared.batched_steps.fetch_add(1, Ordering::AcqRel);
+        }
+        shared.max_batch.fetch_max(width, Ordering::AcqRel);
+        let stepped =
+            contain(|| decode_step(model, &mut contexts.generate, step, slots, n_ctx_seq));
+        let finished: Vec<Ended> = match stepped {
+            Ok(Ok(finished)) => finished,
+            Ok(Err(e)) => (0..slots.len()).map(|i| (i, Err(e.clone()))).collect(),
+            Err(_) => (0..slots.len())
+                .map(|i| (i, Err(EngineError::Decode("engine panicked".into()))))
+                .collect(),
+        };
+        // Highest index first, so removals do not shift the ones still to remove.
+        for (i, result) in finished.into_iter().rev() {
+            let slot = slots.swap_remove(i);
+            let seq = slot.seq;
+            finish(slot, result, shared);
+            free_seq(&mut contexts.generate, free, seq);
+        }
+    }
+
+    /// One turn of the running embedding call (a few inputs); answers it once it is done,
+    /// failed, or its waiter has gone.
+    fn embedding_turn<'m>(&mut self, model: &'m LlamaModel, contexts: &mut Contexts<'m>) {
+        let Some(job) = self.embedding.as_mut() else {
+            return;
+        };
+        let result = if job.reply.is_closed() {
+            Err(EngineError::Embedding("the caller has gone".into()))
+        } else {
+            let span = tracing::debug_span!("embed_turn");
+            let _guard = span.enter();
+            contain(|| job.step(model, &mut contexts.embed, self.settings))
+                .unwrap_or_else(|_| Err(EngineError::Embedding("engine panicked".into())))
+        };
+        let ended = match result {
+            Ok(false) => return,
+            Ok(true) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Some(job) = self.embedding.take() {
+            self.shared.served.fetch_add(1, Ordering::AcqRel);
+            job.finish(ended);
         }
     }
 }

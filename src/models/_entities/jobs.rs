@@ -34,6 +34,9 @@ pub struct Model {
     pub user_id: Option<i32>,
     pub reserved_prompt_tokens: i64,
     pub reserved_gen_tokens: i64,
+    /// Per-token log-probabilities (JSON), for generations that asked for them.
+    #[sea_orm(column_type = "Text", nullable)]
+    pub logprobs: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -9,6 +9,7 @@ pub mod api_keys;
 pub mod conversation_messages;
 pub mod jobs;
 pub mod model_configs;
+pub mod model_placements;
 pub mod usage_records;
 pub mod users;
 pub mod workers;

@@ -7,6 +7,7 @@ pub use super::api_keys::Entity as ApiKeys;
 pub use super::conversation_messages::Entity as ConversationMessages;
 pub use super::jobs::Entity as Jobs;
 pub use super::model_configs::Entity as ModelConfigs;
+pub use super::model_placements::Entity as ModelPlacements;
 pub use super::usage_records::Entity as UsageRecords;
 pub use super::users::Entity as Users;
 pub use super::workers::Entity as Workers;

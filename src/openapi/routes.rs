@@ -1,0 +1,430 @@
+//! Every route of the router, once, by family: method, path as the router has it, who may call
+//! it, the handler's wire types and what it answers. `tests/openapi.rs` compares this list with
+//! the router's own.
+
+use super::{
+    schemas::{
+        ActiveModel, Adapter, AdapterDeleted, AdapterForm, AdapterList, ApiAnswer, ChatCompletion,
+        ConfigCreated, CsrfForm, Deleted, Detokenized, EmbeddingList, EngineStarted,
+        InferenceAnswer, Job, KeyForm, LlmAnswer, LocoHealth, LoginForm, LoginToken, Message,
+        ModelConfig, ModelEntry, ModelIds, ModelList, ModelLoaded, Ping, Seed000Embedding,
+        Seed001Answer, SetupForm, StatusMessage, Terminated, TextCompletion, Tokens, UsageReport,
+        UsePost, User, UserDeleted, UserForm, UserList, WordsPerDay, WorkerList,
+    },
+    Access::{Admin, Keyed, Metered, Public, Session, SessionPublic},
+    Op,
+};
+use crate::controllers::{admin, compat, native, openai};
+
+/// A family of routes: its tag, what it is, its operations.
+pub(super) type Family = (&'static str, &'static str, Vec<Op>);
+
+pub(super) fn families() -> Vec<Family> {
+    vec![
+        health(),
+        native(),
+        openai(),
+        seed000(),
+        seed001(),
+        seed002(),
+        seed004(),
+        llama_server(),
+        admin(),
+        dashboard(),
+    ]
+}
+
+fn health() -> Family {
+    (
+        "health",
+        "Liveness, readiness, metrics and this document.",
+        vec![
+            Op::get("/ping", Public, "Status, readiness and the models served")
+                .describe("Seed 000's health check. An admin key adds the engine, the worker processes and the queue depth.")
+                .ok::<Ping>("Status and readiness."),
+            Op::get("/_ping", Public, "Loco's liveness check").ok::<LocoHealth>("Alive."),
+            Op::get("/_health", Public, "Loco's health check").ok::<LocoHealth>("Healthy."),
+            Op::get("/_readiness", Public, "Loco's readiness check (database)")
+                .ok::<LocoHealth>("Ready."),
+            Op::get("/metrics", Public, "Prometheus metrics")
+                .describe("Needs `Authorization: Bearer <settings.api.metrics_token>` when one is configured.")
+                .text(200, "text/plain; version=0.0.4; charset=utf-8", "Prometheus text format."),
+            Op::get("/openapi.json", Public, "This document (OpenAPI 3.1)")
+                .text(200, "application/json", "The OpenAPI document."),
+        ],
+    )
+}
+
+fn native() -> Family {
+    (
+        "native",
+        "Tollgate's own API, which is seed 003's (djangollmapi): generate, queue jobs, follow them, read usage.",
+        vec![
+            Op::get("/api", Keyed, "Seed 003's answer to a GET").ok::<UsePost>("`Use a post request.`"),
+            Op::post("/api", Metered, "Generate from a text (seed 003)")
+                .describe("`text` is one user turn of the model's chat template. Waits for the job up to `wait_timeout_ms`.")
+                .body::<native::ApiRequest>()
+                .ok::<ApiAnswer>("The generated text.")
+                .accepted(),
+            Op::post("/analyze", Metered, "Alias of `POST /api/`")
+                .body::<native::ApiRequest>()
+                .ok::<ApiAnswer>("The generated text.")
+                .accepted(),
+            Op::post("/api/jobs", Metered, "Queue a job and answer at once")
+                .body::<native::ApiRequest>()
+                .accepted(),
+            Op::get("/api/jobs/{id}", Keyed, "A job of this key")
+                .ok::<Job>("The job: status, result, token counts, timings."),
+            Op::get("/api/jobs/{id}/events", Keyed, "A job's progress as server-sent events")
+                .events("`token` events (`{\"text\"}`) as the worker generates, then one `done` or `failed` event with the job."),
+            Op::get("/usage", Keyed, "Words sent per day (seed 003)")
+                .query::<native::UsageQuery>()
+                .ok_list::<WordsPerDay>("One entry per day with requests, oldest first."),
+            Op::get("/api/usage", Keyed, "Usage per day, counters and budgets")
+                .query::<native::UsageQuery>()
+                .ok::<UsageReport>("The key's usage."),
+        ],
+    )
+}
+
+fn openai() -> Family {
+    (
+        "openai",
+        "OpenAI-compatible routes; `stream: true` answers with server-sent chunks ending in `data: [DONE]`.",
+        vec![
+            Op::get("/v1/models", Keyed, "Models this key may use").ok::<ModelList>("The list."),
+            Op::get("/v1/models/{*id}", Keyed, "One model")
+                .ok::<ModelEntry>("The model; an unknown id is 404 `model_not_found`."),
+            Op::post("/v1/chat/completions", Metered, "Chat completion")
+                .body::<openai::ChatRequest>()
+                .ok::<ChatCompletion>("The completion.")
+                .events("With `stream: true`: `chat.completion.chunk` events, then `data: [DONE]`.")
+                .accepted(),
+            Op::post("/v1/completions", Metered, "Text completion")
+                .body::<openai::CompletionRequest>()
+                .ok::<TextCompletion>("The completion.")
+                .events("With `stream: true`: `text_completion` events, then `data: [DONE]`.")
+                .accepted(),
+            Op::post("/v1/embeddings", Metered, "Embeddings (one call per request)")
+                .body::<openai::EmbeddingsRequest>()
+                .ok::<EmbeddingList>("One vector per input, in input order.")
+                .accepted(),
+        ],
+    )
+}
+
+fn seed000() -> Family {
+    (
+        "seed000",
+        "The UNCC LoRA-head API's routes (its `POST /generate` is seed 001's).",
+        vec![
+            Op::post("/generate-embedding", Metered, "One text, one vector")
+                .body::<compat::seed000::EmbeddingRequest>()
+                .ok::<Seed000Embedding>("The vector.")
+                .accepted(),
+            Op::post("/attach-head", Admin, "Register a LoRA head")
+                .body::<admin::adapters::AttachRequest>()
+                .answer::<Adapter>(201, "Registered; 409 for a taken name, 422 for a bad file."),
+        ],
+    )
+}
+
+fn seed001() -> Family {
+    (
+        "seed001",
+        "The queue-based API: a client `job_id` makes retries idempotent per route and body.",
+        vec![
+            Op::post(
+                "/generate",
+                Metered,
+                "Generate from `content` (or `prompt`)",
+            )
+            .body::<compat::seed001::GenerateRequest>()
+            .ok::<Seed001Answer>("The generated text.")
+            .accepted(),
+            Op::post("/chat_completion", Metered, "Generate from `messages`")
+                .body::<compat::seed001::ChatRequest>()
+                .ok::<Seed001Answer>("The generated text.")
+                .accepted(),
+        ],
+    )
+}
+
+fn seed002() -> Family {
+    (
+        "seed002",
+        "The vLLM engine manager's routes: logins, users, requests with memory, engines.",
+        vec![
+            Op::post(
+                "/token",
+                Public,
+                "Log in: username and password to a bearer token",
+            )
+            .json_or_form::<compat::seed002::Credentials>()
+            .ok::<LoginToken>("A token (an API key of the user)."),
+            Op::post("/db_request/add_user", Admin, "Add a user")
+                .body::<compat::seed002::AddUser>()
+                .ok::<StatusMessage>("Added; 409 `user_exists` for a taken name."),
+            Op::post(
+                "/llm_request",
+                Metered,
+                "Generate, optionally with server-side memory",
+            )
+            .body::<compat::seed002::LlmRequest>()
+            .ok::<LlmAnswer>("The generated text.")
+            .accepted(),
+            Op::get("/active_models", Keyed, "The engines loaded now")
+                .ok_list::<ActiveModel>("One entry per ready engine this key may use."),
+            Op::post("/vllm_request/start", Admin, "Load a GGUF as an engine")
+                .body::<compat::seed002::StartRequest>()
+                .ok::<EngineStarted>("Loaded (or already running)."),
+            Op::post("/vllm_request/terminate", Admin, "Unload an engine")
+                .body::<compat::seed002::TerminateRequest>()
+                .ok::<Terminated>("Unloaded."),
+        ],
+    )
+}
+
+fn seed004() -> Family {
+    (
+        "seed004",
+        "The model-configuration manager under `/llm/`.",
+        vec![
+            Op::post("/llm/configure_model", Admin, "Store a model configuration")
+                .body::<compat::seed004::ConfigureRequest>()
+                .ok::<ConfigCreated>("Stored."),
+            Op::post(
+                "/llm/load_model/{config_id}",
+                Admin,
+                "Load a stored configuration",
+            )
+            .ok::<ModelLoaded>("Loaded (or already loaded)."),
+            Op::post("/llm/unload_model/{model_id}", Admin, "Unload a model")
+                .ok::<Message>("Unloaded; the default model is 409 `model_pinned`."),
+            Op::post("/llm/inference", Metered, "Generate on a loaded model")
+                .body::<compat::seed004::InferenceRequest>()
+                .ok::<InferenceAnswer>("The generated text.")
+                .accepted(),
+            Op::get("/llm/configurations", Keyed, "Stored configurations")
+                .ok_list::<ModelConfig>("Those this key may see."),
+            Op::get("/llm/configuration/{config_id}", Keyed, "One configuration")
+                .ok::<ModelConfig>("The configuration."),
+            Op::delete(
+                "/llm/configuration/{config_id}",
+                Admin,
+                "Delete a configuration",
+            )
+            .ok::<Deleted>("Deleted; a loaded one is 409 `config_in_use`."),
+            Op::get("/llm/loaded_models", Keyed, "Models loaded now")
+                .ok::<ModelIds>("Their ids, default model first."),
+        ],
+    )
+}
+
+fn llama_server() -> Family {
+    (
+        "llama_server",
+        "llama.cpp server's token routes, with the served model's tokenizer; nothing is charged.",
+        vec![
+            Op::post("/tokenize", Keyed, "Text to token ids")
+                .body::<compat::llama_server::TokenizeRequest>()
+                .ok::<Tokens>("The ids (with `with_pieces`: ids and texts)."),
+            Op::post("/detokenize", Keyed, "Token ids to text")
+                .body::<compat::llama_server::DetokenizeRequest>()
+                .ok::<Detokenized>("The text; ids outside the vocabulary are 422 `invalid_input`."),
+        ],
+    )
+}
+
+fn admin() -> Family {
+    (
+        "admin",
+        "Management with an `admin`-scope key: LoRA heads, workers, seed 002's users.",
+        vec![
+            Op::get("/api/adapters", Admin, "Registered LoRA heads")
+                .ok::<AdapterList>("Every head and the workers holding it."),
+            Op::post("/api/adapters", Admin, "Register a LoRA head")
+                .body::<admin::adapters::AttachRequest>()
+                .answer::<Adapter>(201, "Registered; 409 for a taken name, 422 for a bad file."),
+            Op::get("/api/adapters/{name}", Admin, "One LoRA head").ok::<Adapter>("The head."),
+            Op::delete(
+                "/api/adapters/{name}",
+                Admin,
+                "Unregister a LoRA head (the file stays)",
+            )
+            .ok::<AdapterDeleted>("Removed."),
+            Op::get("/api/workers", Admin, "Workers that have heartbeated")
+                .ok::<WorkerList>("Every worker with its state."),
+            Op::get("/api/users", Admin, "Seed 002's users").ok::<UserList>("Every user."),
+            Op::get("/api/users/{username}", Admin, "One user").ok::<User>("The user."),
+            Op::patch("/api/users/{username}", Admin, "Change a user")
+                .describe("A disabled user's tokens stop at once; `null` removes a limit.")
+                .body::<admin::users::ChangeRequest>()
+                .ok::<User>("The user as changed."),
+            Op::delete(
+                "/api/users/{username}",
+                Admin,
+                "Delete a user (its tokens revoked)",
+            )
+            .ok::<UserDeleted>("Deleted."),
+            Op::post(
+                "/api/users/{username}/reset",
+                Admin,
+                "Zero a user's token counters",
+            )
+            .ok::<User>("The user."),
+        ],
+    )
+}
+
+fn dashboard() -> Family {
+    const PAGE: &str = "The page.";
+    const FORM_ERRORS: &str = "The page again with the form's errors.";
+    (
+        "dashboard",
+        "The admin dashboard: server-rendered HTML pages and forms behind a session cookie.",
+        vec![
+            Op::get("/admin", Session, "To the overview").redirect("To `/admin/overview`."),
+            Op::get(
+                "/admin/static/dashboard.css",
+                SessionPublic,
+                "The stylesheet",
+            )
+            .text(200, "text/css; charset=utf-8", "CSS."),
+            Op::get("/admin/login", SessionPublic, "Sign-in page")
+                .html(200, "The form (sets the CSRF cookie it checks)."),
+            Op::post("/admin/login", SessionPublic, "Sign in")
+                .form::<LoginForm>()
+                .redirect("Signed in: to the key list, with the session cookie.")
+                .html(401, "Wrong email or password.")
+                .html(403, "The form's CSRF token is missing or stale.")
+                .html(429, "Too many failed sign-ins."),
+            Op::post("/admin/logout", Session, "Sign out")
+                .form::<CsrfForm>()
+                .redirect("To the sign-in page."),
+            Op::get("/admin/setup", SessionPublic, "First-run setup page")
+                .query_text("token", "The single-use token of the setup link.")
+                .html(200, PAGE)
+                .html(404, "The link is used up, expired or unknown."),
+            Op::post("/admin/setup", SessionPublic, "Create the first admin")
+                .form::<SetupForm>()
+                .redirect("Created and signed in.")
+                .html(404, "The link is used up, expired or unknown.")
+                .html(422, FORM_ERRORS),
+            Op::get(
+                "/admin/overview",
+                Session,
+                "Jobs, latency, queues and workers",
+            )
+            .html(200, PAGE),
+            Op::get("/admin/keys", Session, "Keys")
+                .query_text("q", "Search by name, email or prefix.")
+                .html(200, PAGE),
+            Op::post("/admin/keys", Session, "Create a key")
+                .form::<KeyForm>()
+                .html(201, "The new key's secret, shown once.")
+                .html(422, FORM_ERRORS),
+            Op::get("/admin/keys/new", Session, "The new-key form").html(200, PAGE),
+            Op::get(
+                "/admin/keys/{prefix}",
+                Session,
+                "One key: usage charts, recent jobs, edit form",
+            )
+            .html(200, PAGE)
+            .html(404, "No such key."),
+            Op::post(
+                "/admin/keys/{prefix}",
+                Session,
+                "Edit a key's limits and window",
+            )
+            .form::<KeyForm>()
+            .redirect("Saved: to the key's page.")
+            .html(404, "No such key.")
+            .html(422, FORM_ERRORS),
+            Op::post(
+                "/admin/keys/{prefix}/rotate",
+                Session,
+                "A new secret for the key",
+            )
+            .form::<CsrfForm>()
+            .html(200, "The new secret, shown once.")
+            .html(404, "No such key."),
+            Op::post("/admin/keys/{prefix}/revoke", Session, "Revoke a key")
+                .form::<CsrfForm>()
+                .redirect("To the key list.")
+                .html(404, "No such key."),
+            Op::post(
+                "/admin/keys/{prefix}/reactivate",
+                Session,
+                "Reactivate a key",
+            )
+            .form::<CsrfForm>()
+            .redirect("To the key list.")
+            .html(404, "No such key."),
+            Op::get("/admin/jobs", Session, "Recent jobs")
+                .query_text("status", "queued, running, done or failed.")
+                .query_text("key", "A key's prefix.")
+                .query_text("model", "A model id.")
+                .html(200, PAGE),
+            Op::get(
+                "/admin/jobs/{id}",
+                Session,
+                "One job: timings, worker, request, result",
+            )
+            .html(200, PAGE)
+            .html(404, "No such job."),
+            Op::get("/admin/adapters", Session, "LoRA heads").html(200, PAGE),
+            Op::post("/admin/adapters", Session, "Register a LoRA head")
+                .form::<AdapterForm>()
+                .redirect("Registered: to the list.")
+                .html(422, FORM_ERRORS),
+            Op::post(
+                "/admin/adapters/{name}/remove",
+                Session,
+                "Remove a LoRA head",
+            )
+            .form::<CsrfForm>()
+            .redirect("Removed: to the list.")
+            .html(404, "No such LoRA head."),
+            Op::get(
+                "/admin/users",
+                Session,
+                "Seed 002's users and their token budgets",
+            )
+            .html(200, PAGE),
+            Op::post("/admin/users", Session, "Add a user")
+                .form::<UserForm>()
+                .redirect("Added: to the list.")
+                .html(422, FORM_ERRORS),
+            Op::post(
+                "/admin/users/{username}/{action}",
+                Session,
+                "Enable, disable, reset or delete a user",
+            )
+            .describe(
+                "`action` is `enable`, `disable`, `reset` (token counters to zero) or `delete`.",
+            )
+            .form::<CsrfForm>()
+            .redirect("Done: to the list.")
+            .html(404, "No such user or action."),
+            Op::get(
+                "/admin/models",
+                Session,
+                "Model configurations and the engines loaded",
+            )
+            .html(200, PAGE),
+            Op::post(
+                "/admin/models/{id}/load",
+                Session,
+                "Load a stored configuration",
+            )
+            .form::<CsrfForm>()
+            .redirect("Loaded: to the list.")
+            .html(404, "No such configuration."),
+            Op::post("/admin/models/{id}/unload", Session, "Unload a model")
+                .form::<CsrfForm>()
+                .redirect("Unloaded: to the list."),
+            Op::get("/admin/api", Session, "This API, as a page").html(200, PAGE),
+        ],
+    )
+}

@@ -51,9 +51,29 @@ async fn configure_load_infer_unload_delete() {
         .await;
     assert_eq!(status, 200, "{body}");
     let remote = body["config_id"].as_str().expect("config_id").to_string();
-    // ...but only local GGUF files load: a clear 422 naming what is available.
+    // ...and loads as an upstream (OpenAI's API, key from OPENAI_API_KEY when a request is
+    // forwarded; tests/remote_models.rs exercises forwarding against a real upstream).
     let (status, body) = app
         .post_empty(Some(&admin), &format!("/llm/load_model/{remote}"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["message"], "Model loaded successfully", "{body}");
+    let (status, body) = app
+        .post_empty(Some(&admin), "/llm/unload_model/example_model")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // A local type naming a file that is not there: a clear 422 naming what is available.
+    let (status, body) = app
+        .post(
+            Some(&admin),
+            "/llm/configure_model/",
+            json!({"model_id": "nofile", "model_name": "missing.gguf", "model_type": "llama.cpp"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let missing = body["config_id"].as_str().expect("config_id").to_string();
+    let (status, body) = app
+        .post_empty(Some(&admin), &format!("/llm/load_model/{missing}"))
         .await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(code(&body), "model_not_loadable");
@@ -64,6 +84,16 @@ async fn configure_load_infer_unload_delete() {
             .contains(MODEL_FILE),
         "{body}"
     );
+    let resp = app
+        .request(
+            reqwest::Method::DELETE,
+            Some(&admin),
+            &format!("/llm/configuration/{missing}"),
+        )
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(resp.status().as_u16(), 200);
 
     let (status, body) = app
         .post(

@@ -28,13 +28,14 @@ use crate::{
 /// What a job asks the worker to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Work {
-    Generate(GenerationRequest),
+    /// Boxed: a generation request is several times larger than an embedding's.
+    Generate(Box<GenerationRequest>),
     Embed(EmbeddingRequest),
 }
 
 impl From<GenerationRequest> for Work {
     fn from(r: GenerationRequest) -> Self {
-        Self::Generate(r)
+        Self::Generate(Box::new(r))
     }
 }
 
@@ -692,7 +693,7 @@ mod tests {
         let generate = GenerationJob {
             job_id: "g".into(),
             api_key_id: 1,
-            work: Work::Generate(GenerationRequest {
+            work: Work::from(GenerationRequest {
                 model: "m".into(),
                 prompt: Prompt::Raw { text: "x".into() },
                 params: SamplingParams {

@@ -307,7 +307,7 @@ impl Admission {
                     (_, prompt) => prompt,
                 };
                 Ok((
-                    Work::Generate(resolved.request(prompt, params)),
+                    Work::from(resolved.request(prompt, params)),
                     g.memory,
                     clamp,
                 ))

@@ -157,7 +157,7 @@ impl GenerationWorker {
         let input_words = job.work.input_words();
         let lane = crate::engine::Lane::new(i64::from(job.api_key_id), job.priority);
         let result = match job.work {
-            Work::Generate(request) => self.generate(&job.job_id, request, lane).await,
+            Work::Generate(request) => self.generate(&job.job_id, *request, lane).await,
             Work::Embed(request) => {
                 self.algorithm
                     .embed_in_lane(request, lane)

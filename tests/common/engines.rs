@@ -72,7 +72,7 @@ pub async fn queued_job(
     GenerationJob {
         job_id: id,
         api_key_id,
-        work: Work::Generate(request),
+        work: Work::from(request),
         request_id: None,
         priority: 0,
     }

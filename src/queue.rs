@@ -68,11 +68,15 @@ impl Work {
         }
     }
 
-    /// Tokens the job may generate (reserved against generation budgets); embeddings none.
+    /// Tokens the job may generate (reserved against generation budgets): `max_tokens` for
+    /// each of its `n` choices; embeddings none.
     #[must_use]
     pub fn max_new_tokens(&self) -> u32 {
         match self {
-            Self::Generate(r) => r.params.max_tokens,
+            Self::Generate(r) => r
+                .params
+                .max_tokens
+                .saturating_mul(u32::from(r.params.controls.n.unwrap_or(1).max(1))),
             Self::Embed(_) => 0,
         }
     }

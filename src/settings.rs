@@ -381,6 +381,10 @@ pub struct ApiSettings {
     /// `authorization` block sends); unset, it is open (keep it off the public side).
     #[serde(default)]
     pub metrics_token: Option<String>,
+    /// Most choices one OpenAI request may ask for (`n`); each is generated on its own
+    /// sequence and reserves its own `max_tokens`.
+    #[serde(default = "default_max_n")]
+    pub max_n: u32,
 }
 
 /// Requests per minute and burst. `per_minute: 0` means no default limit.
@@ -453,6 +457,9 @@ fn default_max_body_bytes() -> usize {
 fn default_max_tokens() -> u32 {
     2048
 }
+fn default_max_n() -> u32 {
+    4
+}
 fn default_max_tokens_limit() -> u32 {
     2048
 }
@@ -518,6 +525,7 @@ impl Default for ApiSettings {
             default_temperature: default_temperature(),
             rate_limit: RateLimitSettings::default(),
             metrics_token: None,
+            max_n: default_max_n(),
         }
     }
 }

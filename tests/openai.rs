@@ -136,9 +136,14 @@ async fn invalid_openai_requests_spend_nothing() {
             "unsupported_content",
         ),
         (
-            json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}),
+            json!({"messages": [{"role": "user", "content": "hi"}], "n": 5}),
             400,
             "invalid_n",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": true}),
+            400,
+            "unsupported_parameter",
         ),
         (
             json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 9}),
@@ -296,6 +301,64 @@ async fn logprobs_come_per_generated_token_finite_in_openai_shape_streamed_or_no
         )
         .await;
     assert_eq!(plain["choices"][0]["logprobs"], Value::Null);
+}
+
+#[tokio::test]
+async fn n_choices_come_from_one_call_and_one_job_and_a_seed_repeats_them() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(None).await;
+    let request = json!({
+        "messages": [{"role": "user", "content": "Write one sentence about the sea."}],
+        "max_tokens": 8, "temperature": 1.0, "seed": 3, "n": 2
+    });
+    let (status, first) = app
+        .post(Some(&key), "/v1/chat/completions", request.clone())
+        .await;
+    assert_eq!(status, 200, "{first}");
+    let choices = first["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 2, "{first}");
+    let texts: Vec<&str> = choices
+        .iter()
+        .map(|c| c["message"]["content"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(choices[1]["index"], 1);
+    assert_ne!(
+        texts[0], texts[1],
+        "each choice draws from its own seed: {first}"
+    );
+    let completion = first["usage"]["completion_tokens"].as_i64().unwrap_or(0);
+    assert!(
+        (2..=16).contains(&completion),
+        "both choices counted: {first}"
+    );
+    assert_eq!(app.calls_used(&key).await, 1, "one call");
+    assert_eq!(app.job_count().await, 1, "one job");
+
+    let (_, again) = app.post(Some(&key), "/v1/chat/completions", request).await;
+    assert_eq!(
+        again["choices"], first["choices"],
+        "same seed, same choices"
+    );
+
+    let (status, text) = app
+        .post(
+            Some(&key),
+            "/v1/completions",
+            json!({"prompt": "One, two,", "max_tokens": 3, "temperature": 0, "n": 3}),
+        )
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let texts: Vec<&Value> = text["choices"]
+        .as_array()
+        .expect("choices")
+        .iter()
+        .map(|c| &c["text"])
+        .collect();
+    assert_eq!(texts.len(), 3);
+    assert!(
+        texts.iter().all(|t| *t == texts[0]),
+        "greedy choices agree: {text}"
+    );
 }
 
 /// The `data:` payloads of a server-sent event stream, in order.

@@ -16,6 +16,7 @@ mod m20261130_000011_usage_input_words;
 mod m20261130_000012_job_totals;
 mod m20261130_000013_model_placements;
 mod m20261130_000014_job_logprobs;
+mod m20261130_000015_job_choices;
 
 pub struct Migrator;
 
@@ -37,6 +38,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261130_000012_job_totals::Migration),
             Box::new(m20261130_000013_model_placements::Migration),
             Box::new(m20261130_000014_job_logprobs::Migration),
+            Box::new(m20261130_000015_job_choices::Migration),
         ]
     }
 }

@@ -235,6 +235,10 @@ pub struct SamplingInput {
     /// and `top_logprobs`, bounded by the route). Only the OpenAI routes set it.
     #[serde(skip)]
     pub logprobs: Option<u8>,
+    /// Choices to generate (OpenAI's `n`), 1 to `settings.api.max_n`. Only the OpenAI routes
+    /// set it.
+    #[serde(skip)]
+    pub n: Option<i64>,
 }
 
 /// `value` of `field` within `range`, as f32, or 422 `code` naming both.
@@ -279,6 +283,7 @@ impl SamplingInput {
             clamp_max_tokens: self.clamp_max_tokens,
             response_format: self.response_format.or(fallback.response_format),
             logprobs: self.logprobs.or(fallback.logprobs),
+            n: self.n.or(fallback.n),
         }
     }
 
@@ -407,6 +412,16 @@ impl SamplingInput {
                 .transpose()?
                 .map(Box::new),
             logprobs: self.logprobs.map(|n| n.min(crate::engine::MAX_TOP_LOGPROBS)),
+            n: match self.n {
+                None | Some(1) => None,
+                Some(n) if (1..=i64::from(api.max_n)).contains(&n) => u8::try_from(n).ok(),
+                Some(n) => {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidN,
+                        format!("n must be between 1 and {}, got {n}", api.max_n),
+                    ))
+                }
+            },
         };
         if controls.logit_bias.len() > 1024 {
             return Err(ApiError::new(

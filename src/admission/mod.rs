@@ -263,6 +263,7 @@ impl Admission {
                 let unforwarded = [
                     ("response_format", params.controls.output.is_some()),
                     ("logprobs", params.controls.logprobs.is_some()),
+                    ("n", params.controls.n.is_some()),
                 ];
                 if let Some((field, _)) = unforwarded.iter().find(|(_, asked)| !local && *asked) {
                     // The remote engine does not forward these yet: refused, not ignored.

@@ -32,7 +32,7 @@ use crate::{
         Admitted, EmbeddingInput, Follow, GenerationInput, ModelChoice, SamplingInput, StopWords,
         Ticket,
     },
-    engine::{grammar::ResponseFormat, Prompt, TokenLogprob, MAX_TOP_LOGPROBS},
+    engine::{grammar::ResponseFormat, Choice, Prompt, TokenLogprob, MAX_TOP_LOGPROBS},
     errors::{ApiError, ApiResult, ErrorCode},
     extractors::{Caller, JsonBody, MeteredCaller},
     models::{api_keys, jobs},
@@ -263,12 +263,12 @@ impl Common {
     /// The request as admission takes it.
     ///
     /// # Errors
-    /// 400 for `n` other than 1.
+    /// 400 for `stream` with `n` > 1 (the choices would need interleaved deltas; not yet).
     fn into_input(self, prompt: Prompt, logprobs: Option<u8>) -> ApiResult<GenerationInput> {
-        if self.n.is_some_and(|n| n != 1) {
+        if self.stream && self.n.is_some_and(|n| n > 1) {
             return Err(ApiError::new(
-                ErrorCode::InvalidN,
-                "only n = 1 is supported",
+                ErrorCode::UnsupportedParameter,
+                "this server does not stream several choices: send stream: false with n > 1",
             ));
         }
         check_rest(&self.rest)?;
@@ -297,6 +297,7 @@ impl Common {
                 clamp_max_tokens: true,
                 response_format,
                 logprobs,
+                n: self.n,
             },
             model: ModelChoice::named(self.model),
             memory: None,
@@ -369,21 +370,24 @@ async fn chat_completions(
     let JsonBody(body) = body?;
     let streaming = body.common.streaming();
     let input = GenerationInput::try_from(body)?;
-    complete(&ctx, &key, "/v1/chat/completions", input, streaming, Shape::Chat, |job| {
-        json!({
-            "id": format!("chatcmpl-{}", job.id),
-            "object": "chat.completion",
-            "created": job.queued_at.timestamp(),
-            "model": job.model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": job.result.clone().unwrap_or_default()},
-                "finish_reason": job.finish_reason,
-                "logprobs": logprobs_json(job, Shape::Chat),
-            }],
-            "usage": usage_json(job),
-        })
-    })
+    complete(
+        &ctx,
+        &key,
+        "/v1/chat/completions",
+        input,
+        streaming,
+        Shape::Chat,
+        |job| {
+            json!({
+                "id": format!("chatcmpl-{}", job.id),
+                "object": "chat.completion",
+                "created": job.queued_at.timestamp(),
+                "model": job.model,
+                "choices": choices_json(job, Shape::Chat),
+                "usage": usage_json(job),
+            })
+        },
+    )
     .await
 }
 
@@ -409,12 +413,7 @@ async fn completions(
                 "object": "text_completion",
                 "created": job.queued_at.timestamp(),
                 "model": job.model,
-                "choices": [{
-                    "index": 0,
-                    "text": job.result.clone().unwrap_or_default(),
-                    "finish_reason": job.finish_reason,
-                    "logprobs": logprobs_json(job, Shape::Text),
-                }],
+                "choices": choices_json(job, Shape::Text),
                 "usage": usage_json(job),
             })
         },
@@ -426,11 +425,56 @@ async fn completions(
 /// `{"content": [{token, logprob, bytes, top_logprobs}]}`; completions: `{tokens,
 /// token_logprobs, top_logprobs, text_offset}`), or null when it did not ask for them.
 fn logprobs_json(job: &jobs::Model, shape: Shape) -> Value {
-    let Some(tokens) = job
-        .logprobs
+    logprobs_value(
+        job.logprobs
+            .as_deref()
+            .and_then(|l| serde_json::from_str::<Vec<TokenLogprob>>(l).ok()),
+        shape,
+    )
+}
+
+/// A done job's choices in OpenAI's shape: the first from the record's own fields, the others
+/// (`n` > 1) from `choices`.
+fn choices_json(job: &jobs::Model, shape: Shape) -> Vec<Value> {
+    let one = |index: usize, text: &str, finish: Option<&str>, logprobs: Value| match shape {
+        Shape::Chat => json!({
+            "index": index,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish,
+            "logprobs": logprobs,
+        }),
+        Shape::Text => json!({
+            "index": index,
+            "text": text,
+            "finish_reason": finish,
+            "logprobs": logprobs,
+        }),
+    };
+    let more: Vec<Choice> = job
+        .choices
         .as_deref()
-        .and_then(|l| serde_json::from_str::<Vec<TokenLogprob>>(l).ok())
-    else {
+        .and_then(|c| serde_json::from_str(c).ok())
+        .unwrap_or_default();
+    std::iter::once(one(
+        0,
+        job.result.as_deref().unwrap_or_default(),
+        job.finish_reason.as_deref(),
+        logprobs_json(job, shape),
+    ))
+    .chain(more.into_iter().enumerate().map(|(i, c)| {
+        one(
+            i + 1,
+            &c.text,
+            Some(c.finish_reason.as_str()),
+            logprobs_value(c.logprobs, shape),
+        )
+    }))
+    .collect()
+}
+
+/// Per-token log-probabilities in OpenAI's shape for `shape`, or null.
+fn logprobs_value(tokens: Option<Vec<TokenLogprob>>, shape: Shape) -> Value {
+    let Some(tokens) = tokens else {
         return Value::Null;
     };
     let token = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();

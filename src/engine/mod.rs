@@ -117,6 +117,9 @@ pub struct SamplerControls {
     /// only; at most [`MAX_TOP_LOGPROBS`]); `None` computes none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<u8>,
+    /// Choices to generate (OpenAI's `n`), each on its own sequence; `None` is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u8>,
 }
 
 impl SamplerControls {
@@ -203,6 +206,62 @@ pub struct Generation {
     /// Per generated token (those in `text`), when the request asked for log-probabilities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<TokenLogprob>>,
+    /// The other choices of a request for `n` > 1 (the first is the fields above); their
+    /// tokens are counted in `generated_tokens`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more: Vec<Choice>,
+}
+
+/// One more answer to a request for several (`n`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Choice {
+    pub text: String,
+    pub generated_tokens: u32,
+    pub finish_reason: FinishReason,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
+}
+
+impl GenerationRequest {
+    /// A request for `n` choices as `n` requests for one: choice `i` draws from `seed + i`
+    /// when a seed is given (so the choices differ and the same request repeats them), else
+    /// from its own random seed. One request (`n` unset or 1) stays as it is.
+    #[must_use]
+    pub fn fan_out(self) -> Vec<Self> {
+        let n = self.params.controls.n.unwrap_or(1).max(1);
+        if n == 1 {
+            return vec![self];
+        }
+        (0..n)
+            .map(|i| {
+                let mut one = self.clone();
+                one.params.controls.n = None;
+                one.params.seed = self.params.seed.map(|s| s.wrapping_add(u32::from(i)));
+                one
+            })
+            .collect()
+    }
+}
+
+impl Generation {
+    /// The answers to a request's fanned-out parts as one generation: the first choice, the
+    /// others in `more`, generated tokens summed (the prompt was read once per choice, but is
+    /// counted once, as OpenAI does).
+    #[must_use]
+    pub fn merge(parts: Vec<Self>) -> Option<Self> {
+        let mut parts = parts.into_iter();
+        let mut first = parts.next()?;
+        for p in parts {
+            first.generated_tokens = first.generated_tokens.saturating_add(p.generated_tokens);
+            first.more.push(Choice {
+                text: p.text,
+                generated_tokens: p.generated_tokens,
+                finish_reason: p.finish_reason,
+                logprobs: p.logprobs,
+            });
+        }
+        Some(first)
+    }
 }
 
 /// One generated token's log-probability under the model, and the most likely tokens at that

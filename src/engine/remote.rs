@@ -757,6 +757,7 @@ impl RemoteEngine {
             text: reply.text,
             // Not asked of the upstream: admission refuses `logprobs` for remote models.
             logprobs: None,
+            more: Vec::new(),
         })
     }
 }

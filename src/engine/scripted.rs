@@ -232,6 +232,7 @@ impl ScriptedEngine {
             prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
             generated_tokens: generated,
             finish_reason,
+            more: Vec::new(),
         })
     }
 
@@ -241,9 +242,14 @@ impl ScriptedEngine {
         request: &GenerationRequest,
         sink: Option<&TokenSink>,
     ) -> Result<Generation, EngineError> {
-        let result = self.generate(request, sink).await;
+        // `n` choices: the script is the same for each (only the first streams).
+        let mut parts = Vec::new();
+        for (i, part) in request.clone().fan_out().iter().enumerate() {
+            parts.push(self.generate(part, sink.filter(|_| i == 0)).await);
+        }
         self.served.fetch_add(1, Ordering::AcqRel);
-        result
+        Generation::merge(parts.into_iter().collect::<Result<Vec<_>, _>>()?)
+            .ok_or_else(|| EngineError::Decode("no choice was generated".into()))
     }
 
     fn vectors(&self, request: &EmbeddingRequest) -> Result<Embeddings, EngineError> {

@@ -43,6 +43,8 @@ pub struct JobOutput {
     pub input_words: usize,
     /// The generation's per-token log-probabilities as JSON, when asked for.
     pub logprobs: Option<String>,
+    /// The other choices (`n` > 1) as JSON.
+    pub choices: Option<String>,
 }
 
 impl From<&Generation> for JobOutput {
@@ -59,6 +61,9 @@ impl From<&Generation> for JobOutput {
                 .logprobs
                 .as_ref()
                 .and_then(|l| serde_json::to_string(l).ok()),
+            choices: Some(&g.more)
+                .filter(|m| !m.is_empty())
+                .and_then(|m| serde_json::to_string(m).ok()),
         }
     }
 }
@@ -75,6 +80,7 @@ impl JobOutput {
             words: 0,
             input_words: 0,
             logprobs: None,
+            choices: None,
         })
     }
 }
@@ -301,6 +307,7 @@ impl ActiveModel {
             reserved_prompt_tokens: Set(job.reservation.prompt_tokens),
             reserved_gen_tokens: Set(job.reservation.gen_tokens),
             logprobs: Set(None),
+            choices: Set(None),
             created_at: Set(ts),
             updated_at: Set(ts),
         }
@@ -386,6 +393,7 @@ pub async fn complete(
             Expr::value(output.finish_reason.map(str::to_string)),
         )
         .col_expr(Column::Logprobs, Expr::value(output.logprobs.clone()))
+        .col_expr(Column::Choices, Expr::value(output.choices.clone()))
         .col_expr(Column::FinishedAt, Expr::value(ts))
         .col_expr(Column::UpdatedAt, Expr::value(ts))
         .filter(Column::Id.eq(id))

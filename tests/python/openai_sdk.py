@@ -107,6 +107,18 @@ entries = scored.choices[0].logprobs.content
 assert len(entries) == scored.usage.completion_tokens, scored
 assert all(math.isfinite(e.logprob) and e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries), entries
 
+# n choices from one request.
+several = client.chat.completions.create(
+    model="smollm2",
+    messages=[{"role": "user", "content": "Name a color."}],
+    max_tokens=4,
+    temperature=1.0,
+    seed=2,
+    n=2,
+)
+assert [c.index for c in several.choices] == [0, 1], several
+assert all(c.message.content for c in several.choices), several
+
 done = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=5, temperature=0)
 assert done.choices[0].text, done
 assert done.usage.completion_tokens == 5, done.usage

@@ -224,6 +224,7 @@ pub(super) fn finish(mut slot: Slot, result: Result<FinishReason, EngineError>, 
                     generated_tokens: slot.generated,
                     finish_reason,
                     logprobs,
+                    more: Vec::new(),
                 })
             }
             Err(e) => Err(e),

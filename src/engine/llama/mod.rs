@@ -279,7 +279,35 @@ impl Algorithm for LlamaEngine {
 }
 
 impl LlamaEngine {
+    /// Runs a request; one for `n` choices runs as `n` jobs in the same lane, on their own
+    /// sequences (decoded in the same batch when sequences are free), and is answered once all
+    /// are done. Only the first choice streams (the API refuses streaming with `n` > 1).
     async fn submit(
+        &self,
+        request: GenerationRequest,
+        sink: Option<TokenSink>,
+        lane: Lane,
+    ) -> Result<Generation, EngineError> {
+        let mut parts = request.fan_out();
+        if parts.len() > 1 {
+            let runs = parts
+                .drain(..)
+                .enumerate()
+                .map(|(i, part)| self.submit_one(part, sink.clone().filter(|_| i == 0), lane));
+            let done = futures::future::join_all(runs)
+                .await
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()?;
+            return Generation::merge(done)
+                .ok_or_else(|| EngineError::Decode("no choice was generated".into()));
+        }
+        let Some(one) = parts.pop() else {
+            return Err(EngineError::Decode("no choice was generated".into()));
+        };
+        self.submit_one(one, sink, lane).await
+    }
+
+    async fn submit_one(
         &self,
         request: GenerationRequest,
         sink: Option<TokenSink>,

@@ -37,6 +37,9 @@ pub struct Model {
     /// Per-token log-probabilities (JSON), for generations that asked for them.
     #[sea_orm(column_type = "Text", nullable)]
     pub logprobs: Option<String>,
+    /// The other choices of a generation asked for several (`n`), as JSON.
+    #[sea_orm(column_type = "Text", nullable)]
+    pub choices: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

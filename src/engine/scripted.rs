@@ -417,6 +417,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn n_choices_and_logprobs_come_back_merged() {
+        let mut request = chat("one two", 16, &[]);
+        request.params.controls.n = Some(3);
+        request.params.controls.logprobs = Some(1);
+        let g = engine().run(request).await.unwrap();
+        assert_eq!(g.more.len(), 2);
+        assert!(g.more.iter().all(|c| c.text == g.text));
+        assert_eq!(g.generated_tokens, 9, "three choices of three words");
+        let logprobs = g.logprobs.expect("asked");
+        assert_eq!(logprobs.len(), 3);
+        assert!(logprobs
+            .iter()
+            .all(|t| t.logprob == 0.0 && t.top.len() == 1));
+    }
+
+    #[tokio::test]
     async fn max_tokens_cuts_at_a_word_with_length() {
         let g = reply("one two three four", 3, &[]).await;
         assert_eq!(g.text, "echo: one two");

@@ -663,7 +663,10 @@ async fn admins_manage_users_and_models_in_the_dashboard() {
     let resp = b.form("/admin/users", &pairs).await;
     assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let body = resp.text().await.expect("body");
-    assert!(body.contains(r#"id="prompt_token_limit-error">A whole number"#), "{body}");
+    assert!(
+        body.contains(r#"id="prompt_token_limit-error">A whole number"#),
+        "{body}"
+    );
     assert!(body.contains("No users yet."), "{body}");
 
     let fields = user("1000".into());
@@ -681,10 +684,15 @@ async fn admins_manage_users_and_models_in_the_dashboard() {
     assert_eq!(status, 200, "{body}");
     let token = common::key_of(&app, body["access_token"].as_str().expect("token")).await;
     let (_, body) = b.page("/admin/users").await;
-    assert!(body.contains(r#"<tr id="user-dora">"#) && body.contains("0 / 1000"), "{body}");
+    assert!(
+        body.contains(r#"<tr id="user-dora">"#) && body.contains("0 / 1000"),
+        "{body}"
+    );
 
     // Disable: the user's existing token stops at once, and so do new logins.
-    let resp = b.form("/admin/users/dora/disable", &[("csrf", &csrf)]).await;
+    let resp = b
+        .form("/admin/users/dora/disable", &[("csrf", &csrf)])
+        .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     let (status, _) = app.post_api(&token, json!({"text": "hi"})).await;
     assert_eq!(status, 403);
@@ -698,7 +706,9 @@ async fn admins_manage_users_and_models_in_the_dashboard() {
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     let (_, body) = b.page("/admin/users").await;
     assert!(body.contains("0 / 1000"), "counters reset: {body}");
-    let resp = b.form("/admin/users/nobody/disable", &[("csrf", &csrf)]).await;
+    let resp = b
+        .form("/admin/users/nobody/disable", &[("csrf", &csrf)])
+        .await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     let resp = b.form("/admin/users/dora/delete", &[("csrf", &csrf)]).await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
@@ -708,11 +718,16 @@ async fn admins_manage_users_and_models_in_the_dashboard() {
     // Models: the default one is served and ready; a stored configuration loads and unloads.
     let (status, body) = b.page("/admin/models").await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert!(body.contains(r#"<tr id="model-smollm2">"#) && body.contains("ready"), "{body}");
+    assert!(
+        body.contains(r#"<tr id="model-smollm2">"#) && body.contains("ready"),
+        "{body}"
+    );
     let admin = app.admin_key().await;
     let config = json!({"model_id": "second", "model_name": "smollm2",
                         "model_type": "llama_cpp", "model_kwargs": {}});
-    let (status, body) = app.post(Some(&admin), "/llm/configure_model/", config).await;
+    let (status, body) = app
+        .post(Some(&admin), "/llm/configure_model/", config)
+        .await;
     assert_eq!(status, 200, "{body}");
     let config_id = body["config_id"].as_str().expect("config id").to_string();
     let (_, body) = b.page("/admin/models").await;
@@ -724,13 +739,20 @@ async fn admins_manage_users_and_models_in_the_dashboard() {
     assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
     let (_, body) = b.page("/admin/models").await;
     assert!(body.contains(r#"<tr id="model-second">"#), "{body}");
-    let resp = b.form("/admin/models/second/unload", &[("csrf", &csrf)]).await;
+    let resp = b
+        .form("/admin/models/second/unload", &[("csrf", &csrf)])
+        .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     let (_, body) = b.page("/admin/models").await;
     assert!(!body.contains(r#"<tr id="model-second">"#), "{body}");
     // The default model cannot be unloaded: the page says why.
-    let resp = b.form("/admin/models/smollm2/unload", &[("csrf", &csrf)]).await;
+    let resp = b
+        .form("/admin/models/smollm2/unload", &[("csrf", &csrf)])
+        .await;
     assert_eq!(resp.status(), StatusCode::CONFLICT);
     let body = resp.text().await.expect("body");
-    assert!(body.contains(r#"id="problem""#) && body.contains("default model"), "{body}");
+    assert!(
+        body.contains(r#"id="problem""#) && body.contains("default model"),
+        "{body}"
+    );
 }

@@ -18,12 +18,12 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{free_port, issue_key, key_row, scratch_dir, TestKey};
+use common::{issue_key, key_row, scratch_dir, ServerProcess, TestKey};
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
 use serde_json::Value;
 use tollgate::models::{
@@ -32,7 +32,6 @@ use tollgate::models::{
     jobs,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate-cli");
 const SCHEMATHESIS: &str = ".venv/bin/schemathesis";
 /// At least this many requests, over every operation of the document.
 const MIN_REQUESTS: usize = 2000;
@@ -41,32 +40,10 @@ const DEAD_PROXY: &str = "http://127.0.0.1:9";
 /// Seed 001's routes: a retried `job_id` with the same body replays the first job, uncharged.
 const IDEMPOTENT: [&str; 2] = ["/generate", "/chat_completion"];
 
-/// `tollgate-cli start`, stopped (and its log kept in the scratch folder) when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Server {
-    fn start(dir: &Path) -> Self {
-        let port = free_port();
-        let log = std::fs::File::create(dir.join("server.log")).expect("log file");
-        let child = Command::new(BIN)
-            .arg("start")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("LOCO_ENV", "development")
-            .env(
-                "DATABASE_URL",
-                format!("sqlite://{}/tollgate.sqlite?mode=rwc", dir.display()),
-            )
-            .env(
-                "TOLLGATE_QUEUE_URL",
-                format!("sqlite://{}/queue.sqlite?mode=rwc", dir.display()),
-            )
-            .env("TOLLGATE_PORT", port.to_string())
-            .env("TOLLGATE_BINDING", "127.0.0.1")
-            .env("TOLLGATE_LOG_LEVEL", "info")
+/// `tollgate-cli start` on the embedded default, set up for the fuzz run.
+fn start_server(dir: &Path) -> ServerProcess {
+    ServerProcess::start(dir, "development", |cmd| {
+        cmd.env("TOLLGATE_LOG_LEVEL", "info")
             // Generations stay short, so thousands of requests fit the time budget: 4 tokens by
             // default, 8 at most (larger asks are refused or cut, as each route does),
             .env("TOLLGATE_DEFAULT_MAX_TOKENS", "4")
@@ -89,61 +66,8 @@ impl Server {
             .env("https_proxy", DEAD_PROXY)
             .env("all_proxy", DEAD_PROXY)
             .env_remove("NO_PROXY")
-            .env_remove("no_proxy")
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start tollgate-cli");
-        Self {
-            child,
-            port,
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
-    }
-
-    /// `GET /ping` says ready (bounded: a cold model load takes seconds, not minutes).
-    async fn wait_ready(&mut self, http: &reqwest::Client) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the server exited ({status}):\n{}", self.log());
-            }
-            if let Ok(resp) = http.get(self.url("/ping")).send().await {
-                if let Ok(body) = resp.json::<Value>().await {
-                    if body["ready"] == true {
-                        return;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        panic!("the server was not ready in 120 s:\n{}", self.log());
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-s", "TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            .env_remove("no_proxy");
+    })
 }
 
 /// One documented operation: its method, path template and who may call it.
@@ -268,7 +192,12 @@ async fn admin_session(db: &DatabaseConnection) -> String {
 }
 
 /// Runs Schemathesis against the server; whether it found nothing, and what it printed.
-fn run_schemathesis(server: &Server, key: &TestKey, session: &str, har: &Path) -> (bool, String) {
+fn run_schemathesis(
+    server: &ServerProcess,
+    key: &TestKey,
+    session: &str,
+    har: &Path,
+) -> (bool, String) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     // Run from the scratch folder: Schemathesis keeps its caches in the working directory.
     let out = Command::new(root.join(SCHEMATHESIS))
@@ -320,7 +249,7 @@ async fn fuzzing_every_route_finds_no_server_error_or_panic_and_charges_only_ans
         .timeout(Duration::from_secs(60))
         .build()
         .expect("client");
-    let mut server = Server::start(&dir);
+    let mut server = start_server(&dir);
     server.wait_ready(&http).await;
     let db = sea_orm::Database::connect(format!(
         "sqlite://{}/tollgate.sqlite?mode=rwc",

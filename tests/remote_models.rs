@@ -8,13 +8,9 @@
 
 mod common;
 
-use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command},
-    time::{Duration, Instant},
-};
+use std::path::{Path, PathBuf};
 
-use common::{code, free_port, issue_key, merge, scratch_dir, TestApp, TestKey};
+use common::{code, free_port, issue_key, merge, scratch_dir, ServerProcess, TestApp, TestKey};
 use reqwest::Method;
 use sea_orm::{Database, EntityTrait};
 use serde_json::{json, Value};
@@ -477,95 +473,23 @@ async fn a_seed_004_configuration_loads_an_upstream_named_by_a_secret_file_only(
     assert_eq!(status, 404, "{answer}");
 }
 
-/// `tollgate-cli start` with trace logs into a file, stopped when dropped.
-struct FrontProcess {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl FrontProcess {
-    fn start(dir: &Path, upstream_key: &str) -> Self {
-        let port = free_port();
-        let log = std::fs::File::create(dir.join("server.log")).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_tollgate-cli"))
-            .arg("start")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("LOCO_ENV", "test")
-            .env(
-                "DATABASE_URL",
-                format!("sqlite://{}/tollgate.sqlite?mode=rwc", dir.display()),
-            )
-            .env(
-                "TOLLGATE_QUEUE_URL",
-                format!("sqlite://{}/queue.sqlite?mode=rwc", dir.display()),
-            )
-            .env("TOLLGATE_PORT", port.to_string())
-            .env("TOLLGATE_BINDING", "127.0.0.1")
+/// `tollgate-cli start` (test config) with trace logs into a file and `upstream_key` in
+/// `OPENAI_API_KEY`.
+fn start_front(dir: &Path, upstream_key: &str) -> ServerProcess {
+    ServerProcess::start(dir, "test", |cmd| {
+        cmd
             // As much as can be logged: not even trace logs may carry the key.
             .env("TOLLGATE_LOG_LEVEL", "trace")
             .env("RUST_LOG", "trace")
-            .env("OPENAI_API_KEY", upstream_key)
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start tollgate-cli");
-        Self {
-            child,
-            port,
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
-    }
-
-    async fn wait_ready(&mut self, http: &reqwest::Client) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the server exited ({status}):\n{}", self.log());
-            }
-            if let Ok(resp) = http.get(self.url("/ping")).send().await {
-                if let Ok(body) = resp.json::<Value>().await {
-                    if body["ready"] == true {
-                        return;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        panic!("the server was not ready in 120 s:\n{}", self.log());
-    }
-}
-
-impl Drop for FrontProcess {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-s", "TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            .env("OPENAI_API_KEY", upstream_key);
+    })
 }
 
 #[tokio::test]
 async fn the_upstream_key_from_an_environment_variable_never_reaches_the_database_or_the_log() {
     let upstream = Upstream::start().await;
     let dir = scratch_dir("remote-front");
-    let mut front = FrontProcess::start(&dir, &upstream.key.secret);
+    let mut front = start_front(&dir, &upstream.key.secret);
     let http = reqwest::Client::new();
     front.wait_ready(&http).await;
     let db = Database::connect(format!("sqlite://{}/tollgate.sqlite", dir.display()))

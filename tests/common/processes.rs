@@ -1,7 +1,13 @@
-//! Other processes a test needs: a free port, the test virtualenv's Python and the checks
-//! scripts run with it, and the demo LoRA adapter written by scripts/make-lora.py.
+//! Other processes a test needs: a free port, a real `tollgate-cli start` process, the test
+//! virtualenv's Python and the checks scripts run with it, and the demo LoRA adapter written by
+//! scripts/make-lora.py.
 
-use std::{ffi::OsStr, path::Path};
+use std::{
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
 
 /// A loopback TCP port that is free now (for a process the test starts).
 pub fn free_port() -> u16 {
@@ -9,6 +15,91 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// `tollgate-cli start` in its own folder (SQLite database and queue there, a free port, its
+/// log in `server.log` there), stopped with SIGTERM (then killed) when dropped.
+pub struct ServerProcess {
+    child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts the server in `env` (`LOCO_ENV`) with `configure` adding its own variables.
+    pub fn start(dir: &Path, env: &str, configure: impl FnOnce(&mut Command)) -> Self {
+        let port = free_port();
+        let log = std::fs::File::create(dir.join("server.log")).expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate-cli"));
+        cmd.arg("start")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("LOCO_ENV", env)
+            .env(
+                "DATABASE_URL",
+                format!("sqlite://{}/tollgate.sqlite?mode=rwc", dir.display()),
+            )
+            .env(
+                "TOLLGATE_QUEUE_URL",
+                format!("sqlite://{}/queue.sqlite?mode=rwc", dir.display()),
+            )
+            .env("TOLLGATE_PORT", port.to_string())
+            .env("TOLLGATE_BINDING", "127.0.0.1");
+        configure(&mut cmd);
+        let child = cmd
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start tollgate-cli");
+        Self {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// Waits until `GET /ping` says ready (bounded: a cold model load takes seconds).
+    pub async fn wait_ready(&mut self, http: &reqwest::Client) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the server exited ({status}):\n{}", self.log());
+            }
+            if let Ok(resp) = http.get(self.url("/ping")).send().await {
+                if let Ok(body) = resp.json::<serde_json::Value>().await {
+                    if body["ready"] == true {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("the server was not ready in 120 s:\n{}", self.log());
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-s", "TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The test virtualenv's Python (gguf, numpy and the openai SDK installed).

@@ -205,12 +205,17 @@ impl Cluster {
     }
 
     async fn start_worker_with(&mut self, name: &str, extra: &[&str]) {
+        self.start_worker_env(name, extra, &[]).await;
+    }
+
+    async fn start_worker_env(&mut self, name: &str, extra: &[&str], env: &[(&str, &str)]) {
         let log = self.log(&format!("worker-{name}-{}", self.workers.len()));
         let name_arg = format!("name={name}");
         let mut args = vec!["task", "worker", name_arg.as_str()];
         args.extend_from_slice(extra);
-        let child = self
-            .command(&args)
+        let mut cmd = self.command(&args);
+        cmd.envs(env.iter().copied());
+        let child = cmd
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -1012,5 +1017,58 @@ async fn load_model_in_production_has_a_worker_load_it_and_unload_model_stops_it
             .as_str()
             .is_some_and(|m| m.contains("missing.gguf")),
         "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_whose_engine_died_is_reported_and_its_model_refused_with_503() {
+    let mut c = Cluster::new(Redis::shared()).await;
+    let api = c.start_api(free_port()).await;
+    // A worker on the scripted engine (no weights), whose restart waits long enough to look.
+    let env = [
+        ("TOLLGATE_ENGINE_BACKEND", "scripted"),
+        ("TOLLGATE_ENGINE_RESTART_BACKOFF_MS", "600000"),
+    ];
+    c.start_worker_env("s", &[], &env).await;
+    let key = c.key(None).await;
+    let (status, body) = c.post(api, &key, "/api/", json!({"text": "hello"})).await;
+    assert_eq!(status, 200, "{body}");
+
+    // A prompt the scripted engine panics on, outside any job's own guard: its thread dies.
+    let panic = json!({"text": tollgate::engine::scripted::PANIC_TRIGGER});
+    let (status, body) = c.post(api, &key, "/api/", panic).await;
+    assert!(status >= 500, "{status} {body}");
+    // The worker's next heartbeat says its engine is down: the API's /ping says so (503).
+    let mut ping = (0, Value::Null);
+    for _ in 0..100 {
+        ping = c.get(api, None, "/ping").await;
+        if ping.0 == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ping.0, 503, "{}", ping.1);
+    assert_eq!(ping.1["ready"], false, "{}", ping.1);
+    assert!(
+        ping.1["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("panicked")),
+        "{}",
+        ping.1
+    );
+    // Requests for its model are refused, with the reason, and spend nothing (admission reads
+    // the worker registry at most once a second: past that, at once).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = c.calls_used(&key).await;
+    let (status, body) = c
+        .post(api, &key, "/api/", json!({"text": "hello again"}))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(code(&body), "model_unavailable", "{body}");
+    assert_eq!(c.calls_used(&key).await, before);
+    let metrics = c.metrics(api).await;
+    assert!(
+        metrics.contains("tollgate_worker_engine_ready{worker=\"s\"} 0"),
+        "{metrics}"
     );
 }

@@ -350,7 +350,13 @@ impl Admission {
     /// down) or this process's engine for it is down (restarting): clients get a fast, free
     /// answer they can retry.
     async fn queue_for(&self, model: &str) -> Result<JobQueue, ApiError> {
-        if let Some(reason) = self.models.engine_down(model) {
+        // This process's engine, or else (production) the worker processes holding the model.
+        let down = match self.models.engine_down(model) {
+            Some(reason) => Some(reason),
+            None if !self.models.has_engine_for(model) => self.models.workers_down(model).await,
+            None => None,
+        };
+        if let Some(reason) = down {
             return Err(ApiError::new(
                 ErrorCode::ModelUnavailable,
                 format!("model {model:?} is not ready: {reason}; nothing was charged"),

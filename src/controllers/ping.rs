@@ -5,8 +5,9 @@
 //! strangers should not see: the engine (model path, adapters loaded, device), the worker
 //! processes and the queue depth.
 //!
-//! While this process's engine is down (its thread died and is restarting, or gave up), the
-//! answer is 503 with `ready: false` and the `reason`.
+//! While this process's engine is down (its thread died and is restarting, or gave up), or, on
+//! an API process without an engine, while every worker holding the default model reports its
+//! engine down, the answer is 503 with `ready: false` and the `reason`.
 
 use axum::{
     extract::{Request, State},
@@ -37,12 +38,17 @@ async fn ping(State(ctx): State<AppContext>, request: Request) -> Response {
     let mut names = models.served_here();
     names.extend(models.models_of(&remote));
     let mut answer = json!({"status": "ok", "ready": ready, "models": names});
-    let down = engine.as_ref().filter(|e| !e.ready).map(|e| {
-        e.reason
-            .clone()
-            .unwrap_or_else(|| "the engine is not ready".into())
-    });
+    // This process's engine, or (API-only processes) the workers holding the default model.
+    let down = match engine.as_ref() {
+        Some(e) => (!e.ready).then(|| {
+            e.reason
+                .clone()
+                .unwrap_or_else(|| "the engine is not ready".into())
+        }),
+        None => crate::serving::down_in(&remote, &default),
+    };
     if let Some(reason) = &down {
+        answer["ready"] = json!(false);
         answer["reason"] = json!(reason);
     }
     if admin_if_any(&parts, &ctx).await.is_some() {

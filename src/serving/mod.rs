@@ -124,6 +124,9 @@ pub struct ModelRegistry {
     changes: Mutex<()>,
     /// Queues of models held only by worker processes elsewhere, opened on first use.
     remote_queues: Mutex<HashMap<String, JobQueue>>,
+    /// The live workers elsewhere as last read, and when: admission asks on every request
+    /// whether they can take a model's jobs, and reads the registry at most once a second.
+    workers_seen: Mutex<Option<(std::time::Instant, Vec<workers::Model>)>>,
 }
 
 impl std::fmt::Debug for ModelRegistry {
@@ -155,6 +158,7 @@ impl ModelRegistry {
             loaded: RwLock::default(),
             changes: Mutex::default(),
             remote_queues: Mutex::default(),
+            workers_seen: Mutex::default(),
         }
     }
 
@@ -325,6 +329,31 @@ impl ModelRegistry {
         }
     }
 
+    /// Whether this process runs an engine for `model` (else worker processes serve it).
+    #[must_use]
+    pub fn has_engine_for(&self, model: &str) -> bool {
+        if model == self.default_name() {
+            self.engine.is_some()
+        } else {
+            self.get(model).is_some()
+        }
+    }
+
+    /// Why the worker processes holding `model` take no jobs for it now: every live one that
+    /// holds it reports its engine down (their heartbeat carries the engine's status); the
+    /// first one's reason. `None` when one of them is ready, or none holds it (the reaper then
+    /// bounds how long a job may wait). Reads the registry at most once a second.
+    pub async fn workers_down(&self, model: &str) -> Option<String> {
+        let mut seen = self.workers_seen.lock().await;
+        let fresh = seen
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < std::time::Duration::from_secs(1));
+        if !fresh {
+            *seen = Some((std::time::Instant::now(), self.remote_workers().await));
+        }
+        seen.as_ref().and_then(|(_, remote)| down_in(remote, model))
+    }
+
     /// Models held by live workers elsewhere that this process does not hold itself.
     pub async fn remote_models(&self) -> Vec<String> {
         self.models_of(&self.remote_workers().await)
@@ -397,4 +426,29 @@ impl ModelRegistry {
             beat.stop().await;
         }
     }
+}
+
+/// Why none of `remote` (live workers) can serve `model`: each that holds it reports its engine
+/// down; the first one's reason. `None` when one is ready or none holds it.
+#[must_use]
+pub fn down_in(remote: &[workers::Model], model: &str) -> Option<String> {
+    let mut holders = remote
+        .iter()
+        .filter(|w| w.model_list().iter().any(|m| m == model))
+        .peekable();
+    holders.peek()?;
+    let mut first_reason = None;
+    for w in holders {
+        // A worker whose status cannot be read is taken as ready (older workers).
+        let status = w.engine_status()?;
+        if status.ready {
+            return None;
+        }
+        first_reason.get_or_insert(status.reason);
+    }
+    Some(
+        first_reason
+            .flatten()
+            .unwrap_or_else(|| "the engine is not ready".into()),
+    )
 }

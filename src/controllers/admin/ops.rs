@@ -149,6 +149,21 @@ async fn metrics_text(
         );
     }
     out.push_str(
+        "# HELP tollgate_worker_engine_ready 1 while a worker's engine serves, 0 while it is down \
+         (restarting or given up), as of its last heartbeat.\n",
+    );
+    out.push_str("# TYPE tollgate_worker_engine_ready gauge\n");
+    for w in &workers {
+        if let Some(status) = w.engine_status() {
+            let _ = writeln!(
+                out,
+                "tollgate_worker_engine_ready{{worker=\"{}\"}} {}",
+                label(&w.id),
+                u8::from(status.ready)
+            );
+        }
+    }
+    out.push_str(
         "# HELP tollgate_worker_heartbeat_age_seconds Time since the worker's last heartbeat.\n",
     );
     out.push_str("# TYPE tollgate_worker_heartbeat_age_seconds gauge\n");

@@ -48,6 +48,10 @@ fn kw_f64(kwargs: &Map<String, Value>, name: &str) -> Result<Option<f64>, ApiErr
         .transpose()
 }
 
+/// Models this process serves besides the default one, at most (GGUFs and upstreams alike):
+/// each has a queue, a worker and a vocabulary in memory.
+const MAX_LOADED: usize = 64;
+
 impl ModelRegistry {
     /// Loads the model a configuration describes: a GGUF under the models directory (or the
     /// default model's own name), with `model_kwargs` `context_size`/`n_ctx`/`max_model_len`,
@@ -72,6 +76,9 @@ impl ModelRegistry {
         }
         if let Some(existing) = self.get(&model_id) {
             return Ok((existing, false));
+        }
+        if let Some(full) = self.full() {
+            return Err(full);
         }
         if crate::engine::remote::is_remote_type(&config.model_type) {
             // Forwarding needs no GPU: served from this process in every mode.
@@ -129,19 +136,9 @@ impl ModelRegistry {
         .await
         .map_err(ApiError::internal)?
         .map_err(|e| ApiError::new(ErrorCode::ModelNotLoadable, e.to_string()))?;
-        let queue = JobQueue::connect(&settings.queue, &model_id)
-            .await
-            .map_err(|e| ApiError::new(ErrorCode::QueueUnavailable, e.to_string()))?;
-        let name = format!("embedded-{}-{model_id}", std::process::id());
-        let worker = crate::workers::serve_queue(
-            &self.db,
-            engine.clone(),
-            self.events.clone(),
-            &name,
-            &settings,
-            &queue,
-        )
-        .await;
+        let (queue, worker) = self
+            .serve(&settings, &model_id, &engine, "embedded")
+            .await?;
         let loaded = Arc::new(LoadedModel {
             model_id: model_id.clone(),
             config_id: config.config_id.clone(),
@@ -153,11 +150,51 @@ impl ModelRegistry {
             remote: None,
             worker: Mutex::new(Some(worker)),
         });
-        if let Ok(mut m) = self.loaded.write() {
-            m.insert(model_id.clone(), loaded.clone());
-        }
+        self.register(&loaded);
         tracing::info!(model_id = %model_id, config_id = %config.config_id, "model loaded");
         Ok((loaded, true))
+    }
+
+    /// Opens `model_id`'s queue and starts its worker (heartbeat named `<prefix>-<pid>-<id>`):
+    /// the same for a GGUF and an upstream.
+    pub(super) async fn serve(
+        &self,
+        settings: &crate::settings::Settings,
+        model_id: &str,
+        engine: &Arc<dyn crate::engine::Algorithm>,
+        prefix: &str,
+    ) -> Result<(JobQueue, super::Worker), ApiError> {
+        let queue = JobQueue::connect(&settings.queue, model_id)
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::QueueUnavailable, e.to_string()))?;
+        let name = format!("{prefix}-{}-{model_id}", std::process::id());
+        let worker = crate::workers::serve_queue(
+            &self.db,
+            engine.clone(),
+            self.events.clone(),
+            &name,
+            settings,
+            &queue,
+        )
+        .await;
+        Ok((queue, worker))
+    }
+
+    /// Adds a started model to the registry.
+    pub(super) fn register(&self, loaded: &Arc<LoadedModel>) {
+        if let Ok(mut m) = self.loaded.write() {
+            m.insert(loaded.model_id.clone(), loaded.clone());
+        }
+    }
+
+    /// Whether this process already serves as many run-time models as it may.
+    pub(super) fn full(&self) -> Option<ApiError> {
+        (self.loaded.read().map_or(0, |m| m.len()) >= MAX_LOADED).then(|| {
+            ApiError::new(
+                ErrorCode::ModelNotLoadable,
+                format!("this process serves {MAX_LOADED} models already; unload one first"),
+            )
+        })
     }
 
     /// Unloads a model: its worker finishes the current job and stops, its engine thread

@@ -28,12 +28,7 @@ use crate::{
     errors::{ApiError, ErrorCode},
     models::model_configs,
     paths::contained_file,
-    queue::JobQueue,
 };
-
-/// Models this process serves besides the default one, at most: each has a queue, a worker
-/// and a vocabulary in memory.
-const MAX_LOADED: usize = 64;
 
 /// The `config_id` recorded for upstreams declared in `settings.remote_models`.
 pub const FROM_SETTINGS: &str = "settings.remote_models";
@@ -210,10 +205,8 @@ impl ModelRegistry {
         config_id: String,
         defaults: InferenceDefaults,
     ) -> Result<Arc<LoadedModel>, ApiError> {
-        if self.loaded.read().map_or(0, |m| m.len()) >= MAX_LOADED {
-            return Err(not_loadable(format!(
-                "this process serves {MAX_LOADED} models already; unload one first"
-            )));
+        if let Some(full) = self.full() {
+            return Err(full);
         }
         // The credential is read again at each request; a missing one is a load error now.
         spec.credential.resolve().map_err(not_loadable)?;
@@ -230,19 +223,9 @@ impl ModelRegistry {
             .await
             .map_err(ApiError::internal)?
             .map_err(ApiError::internal)?;
-        let queue = JobQueue::connect(&settings.queue, &spec.model_id)
-            .await
-            .map_err(|e| ApiError::new(ErrorCode::QueueUnavailable, e.to_string()))?;
-        let name = format!("remote-{}-{}", std::process::id(), spec.model_id);
-        let worker = crate::workers::serve_queue(
-            &self.db,
-            engine.clone(),
-            self.events.clone(),
-            &name,
-            &settings,
-            &queue,
-        )
-        .await;
+        let (queue, worker) = self
+            .serve(&settings, &spec.model_id, &engine, "remote")
+            .await?;
         tracing::info!(
             model_id = %spec.model_id,
             upstream = %spec.base_url,
@@ -262,9 +245,7 @@ impl ModelRegistry {
             remote: Some(spec),
             worker: Mutex::new(Some(worker)),
         });
-        if let Ok(mut m) = self.loaded.write() {
-            m.insert(loaded.model_id.clone(), loaded.clone());
-        }
+        self.register(&loaded);
         Ok(loaded)
     }
 }

@@ -719,7 +719,7 @@ async fn admins_manage_users_and_models_in_the_dashboard() {
     let (status, body) = b.page("/admin/models").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(
-        body.contains(r#"<tr id="model-smollm2">"#) && body.contains("ready"),
+        body.contains(r#"<tr id="model-smollm2">"#) && body.contains("<td>ready</td>"),
         "{body}"
     );
     let admin = app.admin_key().await;

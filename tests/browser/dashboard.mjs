@@ -103,7 +103,9 @@ try {
 
   // Models: the default model is served and ready.
   await page.getByRole("link", { name: "Models" }).click();
-  assert.match(await page.locator("#model-smollm2").innerText(), /ready/);
+  const modelRow = await page.locator("#model-smollm2").innerText();
+  assert.match(modelRow, /\bready\b/);
+  assert.doesNotMatch(modelRow, /not ready/);
   await page.screenshot({ path: `${outdir}/models.png`, fullPage: true });
   await page.goto(`${base}/admin/keys`);
 

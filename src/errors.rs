@@ -63,6 +63,9 @@ error_codes! {
     UnsupportedSchema = "unsupported_schema" => BAD_REQUEST,
     /// `response_format` is not usable (a schema that is not one, a `$ref` to nowhere).
     InvalidResponseFormat = "invalid_response_format" => BAD_REQUEST,
+    /// `tools`, `tool_choice` or a message's `tool_calls` are not usable (a bad name, a
+    /// `tool_choice` naming no tool, a tool of another type than `function`).
+    InvalidTools = "invalid_tools" => BAD_REQUEST,
     // 401: no key, an unknown key, a revoked key, wrong credentials.
     MissingApiKey = "missing_api_key" => UNAUTHORIZED,
     InvalidAuthorization = "invalid_authorization" => UNAUTHORIZED,

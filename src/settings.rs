@@ -214,6 +214,12 @@ pub struct EngineSettings {
     /// goes to the next job.
     #[serde(default = "default_job_timeout_ms")]
     pub job_timeout_ms: u64,
+    /// Keep each sequence's KV cache after its job and read only the part of a new prompt that
+    /// it does not already hold (llama.cpp server's `cache_prompt`): a conversation's next turn
+    /// then skips its whole history. Off: every prompt is read in full (as before; for
+    /// benchmarks).
+    #[serde(default = "default_true")]
+    pub prefix_reuse: bool,
     /// Layers offloaded to the GPU (0 = CPU only; needs a `cuda` build to matter).
     #[serde(default)]
     pub n_gpu_layers: u32,
@@ -477,6 +483,7 @@ impl Default for EngineSettings {
             parallel: default_parallel(),
             lookahead: default_lookahead(),
             job_timeout_ms: default_job_timeout_ms(),
+            prefix_reuse: true,
             n_gpu_layers: 0,
             main_gpu: 0,
             adapters_dir: default_adapters_dir(),
@@ -551,6 +558,10 @@ impl Settings {
     ///
     /// # Errors
     /// When the block does not match the expected shape.
+    #[allow(
+        clippy::result_large_err,
+        reason = "loco_rs::Error is what Loco's hooks take; its size is not ours to change"
+    )]
     pub fn from_config(config: &loco_rs::config::Config) -> loco_rs::Result<Self> {
         let value = config
             .settings

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{code, TestApp, TestKey};
+use common::{code, post_stream, sse_data, TestApp};
 use serde_json::{json, Value};
 
 #[tokio::test]
@@ -141,11 +141,6 @@ async fn invalid_openai_requests_spend_nothing() {
             "invalid_n",
         ),
         (
-            json!({"messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": true}),
-            400,
-            "unsupported_parameter",
-        ),
-        (
             json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 9}),
             422,
             "invalid_temperature",
@@ -154,7 +149,7 @@ async fn invalid_openai_requests_spend_nothing() {
         // What would be silently ignored is refused by name.
         (
             json!({"messages": [{"role": "user", "content": "hi"}],
-                   "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
+                   "functions": [{"name": "f", "parameters": {}}]}),
             400,
             "unsupported_parameter",
         ),
@@ -334,10 +329,36 @@ async fn n_choices_come_from_one_call_and_one_job_and_a_seed_repeats_them() {
     assert_eq!(app.calls_used(&key).await, 1, "one call");
     assert_eq!(app.job_count().await, 1, "one job");
 
-    let (_, again) = app.post(Some(&key), "/v1/chat/completions", request).await;
+    let (_, again) = app
+        .post(Some(&key), "/v1/chat/completions", request.clone())
+        .await;
     assert_eq!(
         again["choices"], first["choices"],
         "same seed, same choices"
+    );
+
+    // Streamed: each choice under its own index, adding up to the same texts.
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let (status, _, body) = post_stream(&app, &key, "/v1/chat/completions", streamed).await;
+    assert_eq!(status, 200, "{body}");
+    let events = sse_data(&body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let mut got = [String::new(), String::new()];
+    let mut finished = [false, false];
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let chunk: Value = serde_json::from_str(e).expect("JSON");
+        for c in chunk["choices"].as_array().into_iter().flatten() {
+            let i = c["index"].as_u64().expect("index") as usize;
+            got[i].push_str(c["delta"]["content"].as_str().unwrap_or_default());
+            finished[i] |= c["finish_reason"].is_string();
+        }
+    }
+    assert_eq!(finished, [true, true], "{events:?}");
+    assert_eq!(
+        [got[0].as_str(), got[1].as_str()],
+        [texts[0], texts[1]],
+        "{events:?}"
     );
 
     let (status, text) = app
@@ -359,31 +380,6 @@ async fn n_choices_come_from_one_call_and_one_job_and_a_seed_repeats_them() {
         texts.iter().all(|t| *t == texts[0]),
         "greedy choices agree: {text}"
     );
-}
-
-/// The `data:` payloads of a server-sent event stream, in order.
-fn sse_data(body: &str) -> Vec<String> {
-    body.lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(|d| d.trim_start().to_string())
-        .collect()
-}
-
-async fn post_stream(
-    app: &TestApp,
-    key: &TestKey,
-    path: &str,
-    body: Value,
-) -> (u16, String, String) {
-    let resp = app
-        .request(reqwest::Method::POST, Some(key), path)
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
-    let status = resp.status().as_u16();
-    let content_type = common::header(&resp, "content-type").unwrap_or_default();
-    (status, content_type, resp.text().await.expect("body"))
 }
 
 #[tokio::test]
@@ -447,7 +443,18 @@ async fn streamed_chat_adds_up_to_the_plain_answer_and_ends_with_done() {
     // include_usage: the last chunk has usage and no choices.
     let last = chunks.last().expect("chunks");
     assert_eq!(last["choices"], json!([]));
-    assert_eq!(last["usage"], plain["usage"]);
+    for field in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(last["usage"][field], plain["usage"][field], "{field}");
+    }
+    // The same prompt again: its sequence's KV cache held it (prefix reuse), and the usage
+    // chunk says so as OpenAI does.
+    assert_eq!(plain["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert!(
+        last["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{last}"
+    );
     assert_eq!(app.calls_used(&key).await, 2);
 }
 

@@ -189,6 +189,18 @@ async fn invalid_seed001_requests_spend_nothing() {
             422,
             "invalid_messages",
         ),
+        (
+            "/generate",
+            json!({"content": "hi", "meta": {"top_p": 0}}),
+            422,
+            "invalid_top_p",
+        ),
+        (
+            "/generate",
+            json!({"content": "hi", "meta": {"mirostat": 2}}),
+            400,
+            "unsupported_parameter",
+        ),
     ];
     for (path, body, status, expected) in cases {
         let (got, resp) = app.post(Some(&key), path, &body).await;
@@ -197,4 +209,46 @@ async fn invalid_seed001_requests_spend_nothing() {
     }
     assert_eq!(app.calls_used(&key).await, 0);
     assert_eq!(app.job_count().await, 0);
+}
+
+#[tokio::test]
+async fn meta_carries_the_sampling_controls_and_a_seed_repeats_a_sampled_answer() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(None).await;
+    let ask = |seed: i64| {
+        json!({"content": "Write one sentence about the sea.",
+               "meta": {"temperature": 1.0, "tokens_limit": 16, "seed": seed, "top_k": 50,
+                        "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.1,
+                        "presence_penalty": 0.5, "frequency_penalty": 0.5}})
+    };
+    let mut texts = Vec::new();
+    for seed in [7, 7, 8] {
+        let (status, body) = app.post(Some(&key), "/generate", &ask(seed)).await;
+        assert_eq!(status, 200, "{body}");
+        texts.push(body["content"].as_str().unwrap_or_default().to_string());
+    }
+    assert!(!texts[0].is_empty());
+    assert_eq!(texts[0], texts[1], "the same seed gives the same text");
+    assert_ne!(texts[0], texts[2], "another seed, another draw");
+    // A bias that forbids the first answer's tokens changes the answer.
+    let (status, tokens) = app
+        .post(
+            Some(&key),
+            "/tokenize",
+            &json!({"content": texts[0], "add_special": false}),
+        )
+        .await;
+    assert_eq!(status, 200, "{tokens}");
+    let forbidden: serde_json::Map<String, serde_json::Value> = tokens["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|t| (t.to_string(), json!(-100)))
+        .collect();
+    assert!(!forbidden.is_empty(), "{tokens}");
+    let mut biased = ask(7);
+    biased["meta"]["logit_bias"] = serde_json::Value::Object(forbidden);
+    let (status, body) = app.post(Some(&key), "/generate", &biased).await;
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(body["content"].as_str(), Some(texts[0].as_str()), "{body}");
 }

@@ -192,6 +192,87 @@ async fn a_remote_model_answers_every_generation_route_with_the_upstreams_text_a
 }
 
 #[tokio::test]
+async fn tools_and_response_formats_are_forwarded_and_the_upstreams_calls_come_back() {
+    let upstream = Upstream::start().await;
+    let front = front_for(&upstream.base_url(), &upstream.key_file(), json!({})).await;
+    let key = front.key_with_calls(None).await;
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]);
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    let ask = merge(
+        chat("weather in Paris?"),
+        &json!({"tools": tools, "tool_choice": named}),
+    );
+
+    // The upstream (scripted: a value the grammar accepts) calls the tool; the front shapes
+    // the call as its own, whole and streamed.
+    let (status, answer) = front.post(Some(&key), "/v1/chat/completions", &ask).await;
+    assert_eq!(status, 200, "{answer}");
+    let direct = upstream.direct("/v1/chat/completions", &ask).await;
+    assert_eq!(
+        direct["choices"][0]["finish_reason"], "tool_calls",
+        "{direct}"
+    );
+    let choice = &answer["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{answer}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather", "{answer}");
+    let direct_call = &direct["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(
+        serde_json::from_str::<Value>(call["function"]["arguments"].as_str().unwrap_or("?"))
+            .expect("JSON"),
+        serde_json::from_str::<Value>(direct_call["function"]["arguments"].as_str().unwrap_or("?"))
+            .expect("JSON"),
+    );
+    let (status, events) = stream(
+        &front,
+        &key,
+        "/v1/chat/completions",
+        &merge(ask.clone(), &json!({"stream": true})),
+    )
+    .await;
+    assert_eq!(status, 200, "{events:?}");
+    let streamed_name: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["tool_calls"][0]["function"]["name"].as_str())
+        .collect();
+    assert_eq!(streamed_name, "get_weather", "{events:?}");
+
+    // The result goes back through the front to the upstream with the call it answers.
+    let follow = merge(
+        chat("weather in Paris?"),
+        &json!({"tools": tools, "messages": [
+            {"role": "user", "content": "weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}]}),
+    );
+    let (status, answer) = front
+        .post(Some(&key), "/v1/chat/completions", &follow)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+
+    // response_format is the upstream's to enforce: forwarded, its JSON answer comes back.
+    let schema =
+        json!({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]});
+    let structured = merge(
+        chat("a number"),
+        &json!({"response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "num", "schema": schema}}}),
+    );
+    let (status, answer) = front
+        .post(Some(&key), "/v1/chat/completions", &structured)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let content = answer["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    let value: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    assert!(value["n"].is_i64(), "{answer}");
+    assert_eq!(front.calls_used(&key).await, 4);
+}
+
+#[tokio::test]
 async fn an_api_process_without_a_worker_serves_a_remote_model_over_the_redis_queue() {
     // Production's shape: no engine in the API process, jobs and events through Redis.
     let redis =

@@ -18,12 +18,7 @@ use tollgate::{
 fn request() -> GenerationRequest {
     GenerationRequest {
         model: "smollm2".into(),
-        prompt: Prompt::Chat {
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: "Name a colour.".into(),
-            }],
-        },
+        prompt: Prompt::chat(vec![ChatMessage::new("user", "Name a colour.")]),
         params: common::greedy(4),
         adapter: None,
     }

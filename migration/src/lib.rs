@@ -17,6 +17,7 @@ mod m20261130_000012_job_totals;
 mod m20261130_000013_model_placements;
 mod m20261130_000014_job_logprobs;
 mod m20261130_000015_job_choices;
+mod m20261130_000016_job_cached_tokens;
 
 pub struct Migrator;
 
@@ -39,6 +40,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261130_000013_model_placements::Migration),
             Box::new(m20261130_000014_job_logprobs::Migration),
             Box::new(m20261130_000015_job_choices::Migration),
+            Box::new(m20261130_000016_job_cached_tokens::Migration),
         ]
     }
 }

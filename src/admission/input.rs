@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::{
     engine::{
         grammar::{self, FormatError, OutputConstraint, ResponseFormat},
+        tools::{Tool, ToolCall, ToolChoice},
         ChatMessage, Prompt, SamplerControls, SamplingParams,
     },
     errors::{ApiError, ErrorCode},
@@ -37,6 +38,17 @@ pub struct GenerationInput {
     /// Seed 002's server-side memory: the stored turns of this conversation are put before
     /// the prompt, and the exchange is stored once the job is done.
     pub memory: Option<Memory>,
+    /// Tools offered to the model (OpenAI's `tools` with a `tool_choice` other than `none`);
+    /// admission renders them for the resolved model and builds the grammar of its calls.
+    pub tools: Option<ToolsInput>,
+}
+
+/// Tools as a route received them, their shapes checked.
+#[derive(Debug, Clone)]
+pub struct ToolsInput {
+    pub tools: Vec<Tool>,
+    pub choice: ToolChoice,
+    pub parallel: bool,
 }
 
 impl GenerationInput {
@@ -55,6 +67,7 @@ impl GenerationInput {
             sampling,
             model,
             memory: None,
+            tools: None,
         })
     }
 }
@@ -65,12 +78,7 @@ impl GenerationInput {
 /// 422 when `text` is blank or holds NUL characters.
 pub fn user_prompt(field: &str, text: String) -> Result<Prompt, ApiError> {
     prompt_text(field, &text)?;
-    Ok(Prompt::Chat {
-        messages: vec![ChatMessage {
-            role: "user".into(),
-            content: text,
-        }],
-    })
+    Ok(Prompt::chat(vec![ChatMessage::new("user", text)]))
 }
 
 /// Which stored conversation a request continues.
@@ -500,6 +508,33 @@ pub struct WireMessage {
     #[schema(schema_with = crate::openapi::schemas::chat_role)]
     pub role: String,
     pub content: Option<Content>,
+    /// Calls an assistant turn made (sent back with the tools' results).
+    #[serde(default)]
+    pub tool_calls: Option<Vec<WireToolCall>>,
+    /// A `tool` turn: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// The tool's (or participant's) name.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// An earlier call in OpenAI's shape.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+pub struct WireToolCall {
+    pub id: Option<String>,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: WireFunctionCall,
+}
+
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+pub struct WireFunctionCall {
+    pub name: String,
+    /// The arguments as a JSON text (an object is accepted too).
+    #[schema(value_type = String)]
+    pub arguments: Option<serde_json::Value>,
 }
 
 /// The one rule set for chat messages on every route: at least one message, roles from
@@ -554,12 +589,62 @@ pub fn chat_messages(wire: Vec<WireMessage>) -> Result<Vec<ChatMessage>, ApiErro
                     format!("messages[{i}].content must not contain NUL characters"),
                 ));
             }
+            let tool_calls = match m.tool_calls {
+                Some(calls) if !calls.is_empty() && role != "assistant" => {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidMessages,
+                        format!("messages[{i}]: only assistant messages carry tool_calls"),
+                    ))
+                }
+                Some(calls) => calls
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, c)| history_call(i, j, c))
+                    .collect::<Result<Vec<_>, _>>()?,
+                None => Vec::new(),
+            };
             Ok(ChatMessage {
                 role: role.to_string(),
                 content,
+                tool_calls,
+                tool_call_id: m.tool_call_id.filter(|_| role == "tool"),
+                name: m.name.filter(|n| !n.is_empty() && role == "tool"),
             })
         })
         .collect()
+}
+
+/// One call of an assistant turn in the history, its arguments as JSON text.
+fn history_call(i: usize, j: usize, c: WireToolCall) -> Result<ToolCall, ApiError> {
+    let at = format!("messages[{i}].tool_calls[{j}]");
+    if c.kind.as_deref().is_some_and(|k| k != "function") {
+        return Err(ApiError::new(
+            ErrorCode::InvalidMessages,
+            format!("{at}.type must be \"function\""),
+        ));
+    }
+    let arguments = match c.function.arguments {
+        None | Some(serde_json::Value::Null) => "{}".to_string(),
+        Some(serde_json::Value::String(s)) => s,
+        Some(v @ serde_json::Value::Object(_)) => v.to_string(),
+        Some(_) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidMessages,
+                format!("{at}.function.arguments must be a JSON text"),
+            ))
+        }
+    };
+    if c.function.name.contains('\0') || arguments.contains('\0') {
+        return Err(ApiError::new(
+            ErrorCode::InvalidPrompt,
+            format!("{at} must not contain NUL characters"),
+        ));
+    }
+    Ok(ToolCall {
+        id: c.id.unwrap_or_default(),
+        name: c.function.name,
+        arguments,
+    })
 }
 
 #[cfg(test)]
@@ -609,6 +694,9 @@ mod tests {
         WireMessage {
             role: role.into(),
             content: Some(Content::Text(content.into())),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
 

@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 pub use self::input::{
     EmbeddingInput, GenerationInput, HeadInput, Input, Memory, ModelChoice, SamplingInput,
-    StopWords,
+    StopWords, ToolsInput,
 };
 use crate::{
     engine::{EmbeddingRequest, Prompt},
@@ -261,7 +261,6 @@ impl Admission {
                 // A remote model's ids are its upstream's, checked there.
                 let local = !self.models.is_remote(&resolved.model);
                 let unforwarded = [
-                    ("response_format", params.controls.output.is_some()),
                     ("logprobs", params.controls.logprobs.is_some()),
                     ("n", params.controls.n.is_some()),
                 ];
@@ -284,7 +283,7 @@ impl Admission {
                     ));
                 }
                 let prompt = match (g.memory, g.prompt) {
-                    (Some(m), Prompt::Chat { mut messages }) if !messages.is_empty() => {
+                    (Some(m), Prompt::Chat { mut messages, .. }) if !messages.is_empty() => {
                         let last = messages.remove(messages.len() - 1);
                         let tokenizer = self.models.tokenizer_for(&resolved.model);
                         let context = tokenizer.context_size();
@@ -293,9 +292,7 @@ impl Admission {
                                 .await?;
                         let budget = context.saturating_sub(params.max_tokens) as usize;
                         let fitted = conversations::fit(history, last, budget, |chat| {
-                            tokenizer.count(&Prompt::Chat {
-                                messages: chat.to_vec(),
-                            })
+                            tokenizer.count(&Prompt::chat(chat.to_vec()))
                         })
                         .map_err(|e| {
                             ApiError::new(
@@ -303,10 +300,18 @@ impl Admission {
                                 format!("prompt cannot be rendered: {e}"),
                             )
                         })?;
-                        Prompt::Chat { messages: fitted }
+                        Prompt::chat(fitted)
                     }
                     (_, prompt) => prompt,
                 };
+                // An upstream is offered tools in OpenAI's shape; its calls come back as the
+                // generic format (the local model's template does not apply).
+                let format = if local {
+                    tokenizer.tool_format()
+                } else {
+                    crate::engine::tools::ToolFormat::Generic
+                };
+                let (prompt, params) = offer_tools(prompt, params, g.tools, format)?;
                 Ok((
                     Work::from(resolved.request(prompt, params)),
                     g.memory,
@@ -455,6 +460,58 @@ impl Admission {
     }
 }
 
+/// The prompt with the tools offered as the resolved model understands them, and the grammar
+/// its calls are decoded with.
+///
+/// # Errors
+/// 400 `unsupported_schema` naming each keyword of a tool's parameters the grammar cannot
+/// enforce; 400 `invalid_tools` for parameters that are no schema, a `tool_choice` naming no
+/// tool, tools on a completion prompt, or tools together with `response_format`.
+fn offer_tools(
+    prompt: Prompt,
+    mut params: crate::engine::SamplingParams,
+    tools: Option<input::ToolsInput>,
+    format: crate::engine::tools::ToolFormat,
+) -> Result<(Prompt, crate::engine::SamplingParams), ApiError> {
+    use crate::engine::{grammar::FormatError, tools};
+    let Some(t) = tools else {
+        return Ok((prompt, params));
+    };
+    let Prompt::Chat { messages, .. } = prompt else {
+        return Err(ApiError::new(
+            ErrorCode::InvalidTools,
+            "tools need a chat (messages), not a completion prompt",
+        ));
+    };
+    if params.controls.output.is_some() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidTools,
+            "tools cannot be combined with response_format: send one or the other",
+        ));
+    }
+    let offer = tools::ToolUse {
+        tools: t.tools,
+        choice: t.choice,
+        parallel: t.parallel,
+        format,
+    };
+    let constraint = tools::constrain(&offer).map_err(|e| match e {
+        FormatError::Unsupported(_) => ApiError::new(
+            ErrorCode::UnsupportedSchema,
+            format!("{e}; remove or rewrite those keywords"),
+        ),
+        FormatError::Invalid(why) => ApiError::new(ErrorCode::InvalidTools, why),
+    })?;
+    params.controls.output = Some(Box::new(constraint));
+    Ok((
+        Prompt::Chat {
+            messages,
+            tools: Some(Box::new(offer)),
+        },
+        params,
+    ))
+}
+
 fn queue_unavailable() -> ApiError {
     ApiError::new(
         ErrorCode::QueueUnavailable,
@@ -466,7 +523,7 @@ fn queue_unavailable() -> ApiError {
 fn last_user_text(work: &Work) -> String {
     match work {
         Work::Generate(r) => match &r.prompt {
-            Prompt::Chat { messages } => messages
+            Prompt::Chat { messages, .. } => messages
                 .last()
                 .map(|m| m.content.clone())
                 .unwrap_or_default(),

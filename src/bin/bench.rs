@@ -17,7 +17,9 @@
 //!    through Redis (a fresh database and key prefix, removed afterwards);
 //! 4. key-check throughput: the production `Caller` extractor + `api_keys::charge` behind a
 //!    small router of this binary, then an exact-count check of `calls_used`;
-//! 5. optionally the load of 2 against any OpenAI-compatible URL.
+//! 5. optionally the load of 2 against any OpenAI-compatible URL;
+//! 6. on its own (`--only prefix`): time to first token of a conversation's second turn after a
+//!    ~1,500-token history, through the server's engine thread with prefix reuse off and on.
 //!
 //! Figures are reported, never asserted — except the exact count of part 4, which is a
 //! correctness property.
@@ -88,6 +90,9 @@ Run from the repository root:  cargo run --release --bin tollgate-bench -- [flag
   --only engine|external run only part 1 (engine only, 1 and --concurrency sequences) or only
                          part 5 (--external-url) and print one JSON object: what
                          scripts/gpu-smoke.sh reads
+  --only prefix          run only part 6: time to first token of a second turn after a
+                         ~1,500-token history, prefix reuse off vs on (--reps turns each), and
+                         print one JSON object
   -h, --help             this text
 ";
 
@@ -113,6 +118,7 @@ struct Args {
 enum Only {
     Engine,
     External,
+    Prefix,
 }
 
 impl Default for Args {
@@ -173,7 +179,8 @@ fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
                 out.only = Some(match value.as_str() {
                     "engine" => Only::Engine,
                     "external" => Only::External,
-                    other => bail!("--only takes engine or external, got {other:?}"),
+                    "prefix" => Only::Prefix,
+                    other => bail!("--only takes engine, external or prefix, got {other:?}"),
                 });
             }
             other => bail!("unknown flag {other:?} (see --help)"),
@@ -279,12 +286,7 @@ impl EngineRuns {
 }
 
 fn chat_prompt() -> Prompt {
-    Prompt::Chat {
-        messages: vec![ChatMessage {
-            role: "user".into(),
-            content: PROMPT.into(),
-        }],
-    }
+    Prompt::chat(vec![ChatMessage::new("user", PROMPT)])
 }
 
 /// The engine's `generate` without the server around it: render, tokenize, read the prompt,
@@ -1196,6 +1198,156 @@ fn only_external(
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// Part 6: prefix reuse
+
+/// Notes of a long first message (~1,450 tokens with the chat template; with its answer a
+/// history of ~1,500): distinct sentences, so nothing but the real history is shared between
+/// turns.
+fn long_history() -> String {
+    const PLACES: [&str; 6] = [
+        "the harbour",
+        "the cliff",
+        "the island",
+        "the bay",
+        "the pier",
+        "the point",
+    ];
+    const COLOURS: [&str; 5] = ["red", "white", "blue", "green", "yellow"];
+    (1..=72)
+        .map(|i| {
+            format!(
+                "Note {i}: the lighthouse at {} was painted {} in {}.",
+                PLACES[i % PLACES.len()],
+                COLOURS[i % COLOURS.len()],
+                1800 + i * 3
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A greedy request for `messages`.
+fn greedy_chat(
+    settings: &EngineSettings,
+    messages: Vec<ChatMessage>,
+    max_tokens: u32,
+) -> GenerationRequest {
+    GenerationRequest {
+        model: settings.model_name.clone(),
+        prompt: Prompt::chat(messages),
+        params: SamplingParams {
+            max_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: None,
+            stop: Vec::new(),
+            controls: Default::default(),
+        },
+        adapter: None,
+    }
+}
+
+/// Runs `request` streaming; returns the time until its first text arrived, and its answer.
+async fn first_token(
+    engine: &LlamaEngine,
+    request: GenerationRequest,
+) -> anyhow::Result<(Duration, tollgate::engine::Generation)> {
+    let (sink, mut deltas) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let start = Instant::now();
+    let first = tokio::spawn(async move { deltas.recv().await.map(|_| start.elapsed()) });
+    let generation = engine
+        .run_streaming(request, sink)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let ttft = first.await?.unwrap_or_else(|| start.elapsed());
+    Ok((ttft, generation))
+}
+
+/// What [`second_turns`] measured: the second turns' times to first token (ms), and the last
+/// pair's token counts.
+struct Turns {
+    times: Vec<f64>,
+    first_prompt: u32,
+    first_answer: u32,
+    prompt: u32,
+    cached: u32,
+}
+
+/// One engine with `prefix_reuse` as given: `--reps` times, the first turn (untimed, it leaves
+/// the history in a sequence's cache), then the second turn, timed to its first token.
+async fn second_turns(
+    settings: &EngineSettings,
+    args: &Args,
+    reuse: bool,
+) -> anyhow::Result<Turns> {
+    let s = EngineSettings {
+        prefix_reuse: reuse,
+        ..settings.clone()
+    };
+    let engine = tokio::task::spawn_blocking(move || LlamaEngine::start(s))
+        .await?
+        .map_err(|e| anyhow!("{e}"))?;
+    let history = vec![ChatMessage::new("user", long_history())];
+    let mut turns = Turns {
+        times: Vec::with_capacity(args.reps),
+        first_prompt: 0,
+        first_answer: 0,
+        prompt: 0,
+        cached: 0,
+    };
+    for rep in 0..args.reps {
+        let one = engine
+            .run(greedy_chat(settings, history.clone(), 32))
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let mut turn = history.clone();
+        turn.push(ChatMessage::new("assistant", one.text.clone()));
+        turn.push(ChatMessage::new(
+            "user",
+            format!("What colour was the lighthouse in note {}?", rep + 1),
+        ));
+        let (ttft, two) = first_token(&engine, greedy_chat(settings, turn, 8)).await?;
+        turns.times.push(ms(ttft));
+        (turns.first_prompt, turns.first_answer) = (one.prompt_tokens, one.generated_tokens);
+        (turns.prompt, turns.cached) = (two.prompt_tokens, two.cached_tokens);
+    }
+    Ok(turns)
+}
+
+/// Part 6 alone: prefix reuse off, then on; prints one JSON object.
+async fn only_prefix(args: &Args, settings: &EngineSettings) -> anyhow::Result<()> {
+    eprintln!(
+        "6. second turn after a long history, prefix reuse off ({} reps) …",
+        args.reps
+    );
+    let off = second_turns(settings, args, false).await?;
+    eprintln!("   prefix reuse on …");
+    let on = second_turns(settings, args, true).await?;
+    let (prompt, cached_on) = (off.prompt, on.cached);
+    let (p50_off, p50_on) = (percentile(&off.times, 50.0), percentile(&on.times, 50.0));
+    let ratio = p50_off / p50_on.max(f64::EPSILON);
+    eprintln!(
+        "   time to first token p50: off {p50_off:.1} ms, on {p50_on:.1} ms ({ratio:.1}× faster; \
+         second-turn prompt {prompt} tokens, {cached_on} cached): target ≥ 5× {}",
+        verdict(ratio >= 5.0, format!("{ratio:.1}×"))
+    );
+    println!(
+        "{}",
+        json!({
+            "part": "prefix_reuse",
+            "first_turn_prompt_tokens": on.first_prompt,
+            "first_turn_answer_tokens": on.first_answer,
+            "second_turn_prompt_tokens": prompt,
+            "cached_tokens": {"off": off.cached, "on": cached_on},
+            "ttft_ms": {"off": off.times, "on": on.times},
+            "ttft_p50_ms": {"off": p50_off, "on": p50_on},
+            "speedup": ratio,
+        })
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let Some(args) = parse_args(&argv)? else {
@@ -1224,6 +1376,9 @@ fn main() -> anyhow::Result<()> {
 
     if args.only == Some(Only::External) {
         return only_external(&runtime, &args, &settings);
+    }
+    if args.only == Some(Only::Prefix) {
+        return runtime.block_on(only_prefix(&args, &settings));
     }
     eprintln!("1. engine only ({} reps) …", args.reps);
     // Before the server starts, so nothing else competes for the cores; on a thread of its own
@@ -1268,7 +1423,7 @@ fn main() -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        Some(Only::External) | None => {}
+        Some(Only::External | Only::Prefix) | None => {}
     }
     let outcome = runtime.block_on(async {
         eprintln!(
@@ -1443,5 +1598,9 @@ mod tests {
         assert!(parse_args(&strings(&["--reps", "0"])).is_err());
         assert!(parse_args(&strings(&["--reps", "x"])).is_err());
         assert!(parse_args(&strings(&["--bogus", "1"])).is_err());
+        let prefix = parse_args(&strings(&["--only", "prefix"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(prefix.only, Some(Only::Prefix));
     }
 }

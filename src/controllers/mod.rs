@@ -10,3 +10,4 @@ pub mod openai;
 pub mod openapi;
 pub mod ping;
 pub mod respond;
+pub mod tool_calls;

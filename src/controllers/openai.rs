@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 use super::{
     compat::llama_server::{token_ids, tokenizer_of},
     respond::{answer, try_answer, usage_json},
+    tool_calls::{self, tools_input, ToolWire},
 };
 use crate::{
     admission::{
@@ -32,7 +33,9 @@ use crate::{
         Admitted, EmbeddingInput, Follow, GenerationInput, ModelChoice, SamplingInput, StopWords,
         Ticket,
     },
-    engine::{grammar::ResponseFormat, Choice, Prompt, TokenLogprob, MAX_TOP_LOGPROBS},
+    engine::{
+        grammar::ResponseFormat, tools::ToolFormat, Choice, Prompt, TokenLogprob, MAX_TOP_LOGPROBS,
+    },
     errors::{ApiError, ApiResult, ErrorCode},
     extractors::{Caller, JsonBody, MeteredCaller},
     models::{api_keys, jobs},
@@ -229,6 +232,14 @@ pub(crate) struct ChatRequest {
     logprobs: Option<bool>,
     /// With `logprobs: true`, this many most likely alternatives per token (0 to 20).
     top_logprobs: Option<i64>,
+    /// Functions the model may call; its calls come back as `message.tool_calls`.
+    tools: Option<Vec<ToolWire>>,
+    /// `none`, `auto` (the default with tools), `required`, or
+    /// `{"type": "function", "function": {"name": …}}`.
+    #[schema(value_type = Option<Object>)]
+    tool_choice: Option<Value>,
+    /// Several calls in one answer (default true).
+    parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     common: Common,
 }
@@ -263,14 +274,8 @@ impl Common {
     /// The request as admission takes it.
     ///
     /// # Errors
-    /// 400 for `stream` with `n` > 1 (the choices would need interleaved deltas; not yet).
+    /// 400 for fields this server would otherwise ignore, or an unusable `response_format`.
     fn into_input(self, prompt: Prompt, logprobs: Option<u8>) -> ApiResult<GenerationInput> {
-        if self.stream && self.n.is_some_and(|n| n > 1) {
-            return Err(ApiError::new(
-                ErrorCode::UnsupportedParameter,
-                "this server does not stream several choices: send stream: false with n > 1",
-            ));
-        }
         check_rest(&self.rest)?;
         let response_format = match self.response_format {
             Some(f) => f.into_format()?,
@@ -301,6 +306,7 @@ impl Common {
             },
             model: ModelChoice::named(self.model),
             memory: None,
+            tools: None,
         })
     }
 }
@@ -320,7 +326,14 @@ impl TryFrom<ChatRequest> for GenerationInput {
                 ))
             }
         };
-        body.common.into_input(Prompt::Chat { messages }, logprobs)
+        let tools = tools_input(
+            body.tools,
+            body.tool_choice.as_ref(),
+            body.parallel_tool_calls,
+        )?;
+        let mut input = body.common.into_input(Prompt::chat(messages), logprobs)?;
+        input.tools = tools;
+        Ok(input)
     }
 }
 
@@ -436,13 +449,17 @@ fn logprobs_json(job: &jobs::Model, shape: Shape) -> Value {
 /// A done job's choices in OpenAI's shape: the first from the record's own fields, the others
 /// (`n` > 1) from `choices`.
 fn choices_json(job: &jobs::Model, shape: Shape) -> Vec<Value> {
+    let tools = tool_calls::format_of(job);
     let one = |index: usize, text: &str, finish: Option<&str>, logprobs: Value| match shape {
-        Shape::Chat => json!({
-            "index": index,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish,
-            "logprobs": logprobs,
-        }),
+        Shape::Chat => {
+            let (message, finish) = tool_calls::message(&job.id, index, text, finish, tools);
+            json!({
+                "index": index,
+                "message": message,
+                "finish_reason": finish,
+                "logprobs": logprobs,
+            })
+        }
         Shape::Text => json!({
             "index": index,
             "text": text,
@@ -571,6 +588,48 @@ impl Chunks {
         chunk
     }
 
+    /// A chunk of choice `index` (several choices, `n` > 1): for chat `body` is its delta,
+    /// for completions its text.
+    fn choice(
+        &self,
+        index: usize,
+        body: Value,
+        finish: Option<&str>,
+        usage: Option<Value>,
+    ) -> Event {
+        Event::default().data(self.choice_json(index, body, finish, usage).to_string())
+    }
+
+    fn choice_json(
+        &self,
+        index: usize,
+        body: Value,
+        finish: Option<&str>,
+        usage: Option<Value>,
+    ) -> Value {
+        let choice = match self.shape {
+            Shape::Chat => {
+                json!({"index": index, "delta": body, "logprobs": null, "finish_reason": finish})
+            }
+            Shape::Text => json!({"index": index, "text": body.as_str().unwrap_or_default(),
+                                  "logprobs": null, "finish_reason": finish}),
+        };
+        let mut chunk = self.base();
+        chunk["choices"] = json!([choice]);
+        if let Some(u) = usage {
+            chunk["usage"] = u;
+        }
+        chunk
+    }
+
+    /// A chat chunk with this `delta` (tool-call deltas).
+    fn delta(&self, delta: Value) -> Event {
+        let mut chunk = self.base();
+        chunk["choices"] =
+            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]);
+        Event::default().data(chunk.to_string())
+    }
+
     /// OpenAI's `include_usage` chunk: usage, no choices.
     fn usage(&self, usage: Value) -> Event {
         let mut chunk = self.base();
@@ -601,20 +660,71 @@ fn error_event(code: &str, message: &str) -> Event {
 
 /// The events that end a streamed answer once the job settled: any text the client missed
 /// (it lagged behind), the finish chunk with usage, OpenAI's usage chunk if asked, `[DONE]`.
+/// A chat that offered tools streams nothing until the job is done (the model's text may be a
+/// call), then its text and calls as deltas.
 fn closing_events(
     chunks: &Chunks,
     sent: &str,
     job: &jobs::Model,
     include_usage: bool,
+    tools: Option<ToolFormat>,
 ) -> Vec<Event> {
     let mut events = Vec::new();
     if job.status == jobs::DONE {
         let result = job.result.as_deref().unwrap_or_default();
-        let missed = result.strip_prefix(sent).unwrap_or_default();
-        if !missed.is_empty() {
-            events.push(chunks.event(Some(missed), false, None, None));
+        let mut finish = job.finish_reason.as_deref().unwrap_or("stop").to_string();
+        let more: Vec<Choice> = job
+            .choices
+            .as_deref()
+            .and_then(|c| serde_json::from_str(c).ok())
+            .unwrap_or_default();
+        if !more.is_empty() {
+            let first = (result, finish.as_str(), logprobs_json(job, chunks.shape));
+            let others = more.iter().map(|c| {
+                (
+                    c.text.as_str(),
+                    c.finish_reason.as_str(),
+                    logprobs_value(c.logprobs.clone(), chunks.shape),
+                )
+            });
+            let all: Vec<_> = std::iter::once(first).chain(others).collect();
+            let last = all.len() - 1;
+            for (i, (text, finish, logprobs)) in all.into_iter().enumerate() {
+                let (bodies, finish) = match (chunks.shape, tools) {
+                    (Shape::Chat, Some(format)) => {
+                        tool_calls::deltas(&job.id, i, text, finish, format)
+                    }
+                    (Shape::Chat, None) => (vec![json!({"content": text})], finish.to_string()),
+                    (Shape::Text, _) => (vec![json!(text)], finish.to_string()),
+                };
+                if i > 0 && matches!(chunks.shape, Shape::Chat) {
+                    events.push(chunks.choice(i, json!({"role": "assistant"}), None, None));
+                }
+                for body in bodies {
+                    events.push(chunks.choice(i, body, None, None));
+                }
+                let usage = (i == last).then(|| usage_json(job));
+                let mut closing = chunks.choice_json(i, json!({}), Some(&finish), usage);
+                closing["choices"][0]["logprobs"] = logprobs;
+                events.push(Event::default().data(closing.to_string()));
+            }
+            if include_usage {
+                events.push(chunks.usage(usage_json(job)));
+            }
+            events.push(Event::default().data("[DONE]"));
+            return events;
         }
-        let finish = job.finish_reason.as_deref().unwrap_or("stop");
+        if let Some(format) = tools {
+            let (deltas, tool_finish) = tool_calls::deltas(&job.id, 0, result, &finish, format);
+            events.extend(deltas.into_iter().map(|d| chunks.delta(d)));
+            finish = tool_finish;
+        } else {
+            let missed = result.strip_prefix(sent).unwrap_or_default();
+            if !missed.is_empty() {
+                events.push(chunks.event(Some(missed), false, None, None));
+            }
+        }
+        let finish = finish.as_str();
         let tail = match chunks.shape {
             Shape::Chat => None,
             Shape::Text => Some(""),
@@ -660,12 +770,20 @@ fn stream(js: crate::admission::JobStream, shape: Shape, streaming: Streaming) -
         Shape::Text => Vec::new(),
     };
     let include_usage = streaming.include_usage;
+    let tools = match shape {
+        Shape::Chat => tool_calls::format_of(&js.job),
+        Shape::Text => None,
+    };
+    // Several choices are sent whole, each with its index, once all are done (their tokens
+    // arrive interleaved); so are answers that may be tool calls.
+    let several = serde_json::from_str::<crate::engine::GenerationRequest>(&js.job.request)
+        .is_ok_and(|r| r.params.controls.n.is_some_and(|n| n > 1));
     let updates = job_updates(js.deltas, js.done)
         .map(Some)
         .chain(futures::stream::once(async { None }));
     let body = updates
         .scan(
-            (String::new(), false, false),
+            (String::new(), false, tools.is_some() || several),
             move |(sent, closed, lagged), update| {
                 let events = match update {
                     // After a gap, deltas would not continue what the client has: the rest of the
@@ -681,7 +799,7 @@ fn stream(js: crate::admission::JobStream, shape: Shape, streaming: Streaming) -
                     }
                     Some(JobUpdate::Done(job)) => {
                         *closed = true;
-                        closing_events(&chunks, sent, &job, include_usage)
+                        closing_events(&chunks, sent, &job, include_usage, tools)
                     }
                     None if *closed => Vec::new(),
                     None => vec![
@@ -733,7 +851,7 @@ fn model_entry(services: &Services, id: &str, remote: &[crate::models::workers::
         "owned_by": "tollgate",
         "context_length": context,
         "max_model_len": context,
-        "capabilities": {"chat": true, "completion": true, "embeddings": embeddings, "tools": false},
+        "capabilities": {"chat": true, "completion": true, "embeddings": embeddings, "tools": !models.is_remote(base)},
     })
 }
 

@@ -40,13 +40,15 @@ where
         .await
 }
 
-/// `usage` in OpenAI's names, used by every route that reports tokens.
+/// `usage` in OpenAI's names, used by every route that reports tokens; prompt tokens found in
+/// the engine's KV cache (prefix reuse) are in `prompt_tokens_details.cached_tokens`.
 #[must_use]
 pub fn usage_json(job: &jobs::Model) -> Value {
     json!({
         "prompt_tokens": job.prompt_tokens,
         "completion_tokens": job.generated_tokens,
         "total_tokens": job.prompt_tokens + job.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": job.cached_tokens},
     })
 }
 

@@ -48,6 +48,11 @@ pub struct OutputConstraint {
     pub format: ResponseFormat,
     /// GBNF, root rule `root`.
     pub grammar: String,
+    /// Lazy grammar: decoding is free until the model writes one of these, then only what the
+    /// grammar allows from that word on (tool calls with `tool_choice: "auto"`). Empty: the
+    /// grammar holds from the first token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<String>,
 }
 
 /// Why a response format cannot be enforced.
@@ -196,7 +201,11 @@ pub fn constrain(format: ResponseFormat) -> Result<OutputConstraint, FormatError
         }
     };
     let grammar = convert(&schema)?;
-    Ok(OutputConstraint { format, grammar })
+    Ok(OutputConstraint {
+        format,
+        grammar,
+        triggers: Vec::new(),
+    })
 }
 
 /// llama.cpp's converter; its own messages stay inside it (the shim returns a status only).

@@ -21,8 +21,10 @@ pub mod lora;
 pub mod remote;
 pub mod scripted;
 pub mod supervisor;
+pub mod template;
 pub mod text;
 pub mod tokenizer;
+pub mod tools;
 
 use std::sync::Arc;
 
@@ -51,10 +53,30 @@ pub fn start(settings: &EngineSettings) -> Result<Arc<dyn Algorithm>, EngineErro
 }
 
 /// One message of a chat conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// Calls an assistant turn made (OpenAI's `tool_calls`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<tools::ToolCall>,
+    /// A `tool` turn: the call it answers and the tool's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    /// A plain turn: a role and its text.
+    #[must_use]
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            ..Self::default()
+        }
+    }
 }
 
 /// What the model is asked to continue.
@@ -62,20 +84,52 @@ pub struct ChatMessage {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Prompt {
     /// Rendered with the model's chat template, ending in an open assistant turn.
-    Chat { messages: Vec<ChatMessage> },
+    Chat {
+        messages: Vec<ChatMessage>,
+        /// Tools offered to the model, rendered into the prompt (absent: none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tools: Option<Box<tools::ToolUse>>,
+    },
     /// Continued as-is (completion-style).
     Raw { text: String },
 }
 
 impl Prompt {
-    /// Every piece of client text in the prompt (for content checks).
+    /// A conversation without tools.
+    #[must_use]
+    pub fn chat(messages: Vec<ChatMessage>) -> Self {
+        Self::Chat {
+            messages,
+            tools: None,
+        }
+    }
+
+    /// The tools offered, if any.
+    #[must_use]
+    pub fn tools(&self) -> Option<&tools::ToolUse> {
+        match self {
+            Self::Chat { tools, .. } => tools.as_deref(),
+            Self::Raw { .. } => None,
+        }
+    }
+
+    /// Every piece of client text in the prompt (for content checks): messages, the
+    /// arguments of earlier calls, and the tools' descriptions.
     pub fn texts(&self) -> impl Iterator<Item = &str> {
-        let (one, many): (Option<&str>, &[ChatMessage]) = match self {
-            Self::Raw { text } => (Some(text.as_str()), &[]),
-            Self::Chat { messages } => (None, messages.as_slice()),
+        let (one, many, tools): (Option<&str>, &[ChatMessage], &[tools::Tool]) = match self {
+            Self::Raw { text } => (Some(text.as_str()), &[], &[]),
+            Self::Chat { messages, tools } => (
+                None,
+                messages.as_slice(),
+                tools.as_deref().map_or(&[][..], |t| t.tools.as_slice()),
+            ),
         };
         one.into_iter()
-            .chain(many.iter().map(|m| m.content.as_str()))
+            .chain(many.iter().flat_map(|m| {
+                std::iter::once(m.content.as_str())
+                    .chain(m.tool_calls.iter().map(|c| c.arguments.as_str()))
+            }))
+            .chain(tools.iter().filter_map(|t| t.description.as_deref()))
     }
 }
 
@@ -201,6 +255,10 @@ impl FinishReason {
 pub struct Generation {
     pub text: String,
     pub prompt_tokens: u32,
+    /// Prompt tokens found already in the KV cache and not read again (prefix reuse; OpenAI's
+    /// `prompt_tokens_details.cached_tokens`); 0 in jobs stored before it existed.
+    #[serde(default)]
+    pub cached_tokens: u32,
     pub generated_tokens: u32,
     pub finish_reason: FinishReason,
     /// Per generated token (those in `text`), when the request asked for log-probabilities.
@@ -246,13 +304,15 @@ impl GenerationRequest {
 impl Generation {
     /// The answers to a request's fanned-out parts as one generation: the first choice, the
     /// others in `more`, generated tokens summed (the prompt was read once per choice, but is
-    /// counted once, as OpenAI does).
+    /// counted once, as OpenAI does). Cached tokens are those every choice found cached, so
+    /// they never exceed the prompt counted once.
     #[must_use]
     pub fn merge(parts: Vec<Self>) -> Option<Self> {
         let mut parts = parts.into_iter();
         let mut first = parts.next()?;
         for p in parts {
             first.generated_tokens = first.generated_tokens.saturating_add(p.generated_tokens);
+            first.cached_tokens = first.cached_tokens.min(p.cached_tokens);
             first.more.push(Choice {
                 text: p.text,
                 generated_tokens: p.generated_tokens,

@@ -26,6 +26,8 @@ use async_trait::async_trait;
 use serde_json::{json, Map, Value};
 
 use super::{
+    grammar::ResponseFormat,
+    tools::{self, ToolChoice, ToolUse},
     Algorithm, ChatMessage, EmbeddingRequest, Embeddings, EngineError, EngineStatus, FinishReason,
     Generation, GenerationRequest, Prompt, TokenSink,
 };
@@ -70,12 +72,24 @@ pub fn is_remote_type(model_type: &str) -> bool {
 pub fn reserve_estimate(prompt: &Prompt) -> usize {
     match prompt {
         Prompt::Raw { text } => text.len() + 2,
-        Prompt::Chat { messages } => {
+        Prompt::Chat { messages, tools } => {
             PER_PROMPT_OVERHEAD
                 + messages
                     .iter()
-                    .map(|m| m.role.len() + m.content.len() + PER_MESSAGE_OVERHEAD)
+                    .map(|m| {
+                        m.role.len()
+                            + m.content.len()
+                            + m.tool_calls
+                                .iter()
+                                .map(|c| c.name.len() + c.arguments.len() + c.id.len())
+                                .sum::<usize>()
+                            + PER_MESSAGE_OVERHEAD
+                    })
                     .sum::<usize>()
+                // Tools are rendered into the upstream's prompt too.
+                + tools.as_deref().map_or(0, |t| {
+                    serde_json::to_string(&t.tools).map_or(0, |j| j.len())
+                })
         }
     }
 }
@@ -458,9 +472,16 @@ struct Reply {
     finish: Option<String>,
     prompt_tokens: Option<u32>,
     completion_tokens: Option<u32>,
+    /// Prompt tokens the upstream found in its own cache (`prompt_tokens_details`).
+    cached_tokens: Option<u32>,
     /// Non-empty text pieces received (the token count when the upstream reports no usage).
     pieces: u32,
+    /// Tool calls (name, arguments text), assembled from the upstream's deltas by index.
+    calls: Vec<(String, String)>,
 }
+
+/// Most tool calls taken from one upstream answer.
+const MAX_UPSTREAM_CALLS: usize = 64;
 
 impl Reply {
     /// Takes one answer object (a stream chunk or a whole completion); `Err` for an error
@@ -487,6 +508,33 @@ impl Reply {
             if let Some(f) = choice.get("finish_reason").and_then(Value::as_str) {
                 self.finish = Some(f.to_string());
             }
+            let calls = choice
+                .pointer("/delta/tool_calls")
+                .or_else(|| choice.pointer("/message/tool_calls"))
+                .and_then(Value::as_array);
+            for (pos, call) in calls.into_iter().flatten().enumerate() {
+                let i = call
+                    .get("index")
+                    .and_then(Value::as_u64)
+                    .and_then(|i| usize::try_from(i).ok())
+                    .unwrap_or(pos);
+                if i >= MAX_UPSTREAM_CALLS {
+                    return Err(format!(
+                        "the upstream sent more than {MAX_UPSTREAM_CALLS} tool calls"
+                    ));
+                }
+                if self.calls.len() <= i {
+                    self.calls.resize(i + 1, (String::new(), String::new()));
+                }
+                if let Some(name) = call.pointer("/function/name").and_then(Value::as_str) {
+                    self.calls[i].0.push_str(name);
+                }
+                match call.pointer("/function/arguments") {
+                    Some(Value::String(piece)) => self.calls[i].1.push_str(piece),
+                    Some(v @ Value::Object(_)) => self.calls[i].1.push_str(&v.to_string()),
+                    _ => {}
+                }
+            }
         }
         if let Some(usage) = v.get("usage").filter(|u| u.is_object()) {
             let n = |k: &str| {
@@ -497,6 +545,11 @@ impl Reply {
             };
             self.prompt_tokens = n("prompt_tokens").or(self.prompt_tokens);
             self.completion_tokens = n("completion_tokens").or(self.completion_tokens);
+            self.cached_tokens = usage
+                .pointer("/prompt_tokens_details/cached_tokens")
+                .and_then(Value::as_u64)
+                .and_then(|n| u32::try_from(n).ok())
+                .or(self.cached_tokens);
         }
         Ok(())
     }
@@ -638,15 +691,11 @@ impl RemoteEngine {
             "stream_options": {"include_usage": true},
         });
         let path = match &request.prompt {
-            Prompt::Chat { messages } => {
-                body["messages"] = Value::Array(
-                    messages
-                        .iter()
-                        .map(|ChatMessage { role, content }| {
-                            json!({"role": role, "content": content})
-                        })
-                        .collect(),
-                );
+            Prompt::Chat { messages, tools } => {
+                body["messages"] = messages.iter().map(upstream_message).collect();
+                if let Some(t) = tools {
+                    offer_upstream(&mut body, t);
+                }
                 "/chat/completions"
             }
             Prompt::Raw { text } => {
@@ -677,6 +726,19 @@ impl RemoteEngine {
             if let Some(v) = value {
                 body[name] = json!(v);
             }
+        }
+        // The upstream enforces the format itself (a tool offer's grammar is not sent: the
+        // upstream gets the tools).
+        if let (Some(output), None) = (&c.output, request.prompt.tools()) {
+            body["response_format"] = match &output.format {
+                ResponseFormat::JsonObject => json!({"type": "json_object"}),
+                ResponseFormat::JsonSchema {
+                    name,
+                    schema,
+                    strict,
+                } => json!({"type": "json_schema",
+                            "json_schema": {"name": name, "schema": schema, "strict": strict}}),
+            };
         }
         if !c.logit_bias.is_empty() {
             let bias: Map<String, Value> = c
@@ -749,16 +811,69 @@ impl RemoteEngine {
         });
         Ok(Generation {
             generated_tokens: reply.completion_tokens.unwrap_or(reply.pieces),
+            cached_tokens: reply.cached_tokens.unwrap_or(0).min(prompt_tokens),
             prompt_tokens,
             finish_reason: match reply.finish.as_deref() {
                 Some("length") => FinishReason::Length,
                 _ => FinishReason::Stop,
             },
-            text: reply.text,
+            text: if reply.calls.is_empty() {
+                reply.text
+            } else {
+                tools::generic_answer(&reply.calls, &reply.text)
+            },
             // Not asked of the upstream: admission refuses `logprobs` for remote models.
             logprobs: None,
             more: Vec::new(),
         })
+    }
+}
+
+/// A message in OpenAI's shape, with its calls or the call it answers.
+fn upstream_message(m: &ChatMessage) -> Value {
+    let mut v = json!({"role": m.role, "content": m.content});
+    if !m.tool_calls.is_empty() {
+        if m.content.is_empty() {
+            v["content"] = Value::Null;
+        }
+        v["tool_calls"] = m
+            .tool_calls
+            .iter()
+            .map(|c| {
+                json!({"id": c.id, "type": "function",
+                       "function": {"name": c.name, "arguments": c.arguments}})
+            })
+            .collect();
+    }
+    if let Some(id) = &m.tool_call_id {
+        v["tool_call_id"] = json!(id);
+    }
+    if let Some(name) = &m.name {
+        v["name"] = json!(name);
+    }
+    v
+}
+
+/// The tools as OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`.
+fn offer_upstream(body: &mut Value, t: &ToolUse) {
+    body["tools"] = t
+        .tools
+        .iter()
+        .map(|tool| {
+            let mut f = json!({"name": tool.name, "parameters": tool.parameters});
+            if let Some(d) = &tool.description {
+                f["description"] = json!(d);
+            }
+            json!({"type": "function", "function": f})
+        })
+        .collect();
+    body["tool_choice"] = match &t.choice {
+        ToolChoice::Auto => json!("auto"),
+        ToolChoice::Required => json!("required"),
+        ToolChoice::Function(name) => json!({"type": "function", "function": {"name": name}}),
+    };
+    if !t.parallel {
+        body["parallel_tool_calls"] = json!(false);
     }
 }
 
@@ -991,12 +1106,7 @@ mod tests {
 
     #[test]
     fn the_reservation_bounds_any_byte_level_tokenizer() {
-        let chat = Prompt::Chat {
-            messages: vec![ChatMessage {
-                role: "user".into(),
-                content: "héllo wörld".into(),
-            }],
-        };
+        let chat = Prompt::chat(vec![ChatMessage::new("user", "héllo wörld")]);
         let bytes = "héllo wörld".len();
         assert!(reserve_estimate(&chat) >= bytes + PER_MESSAGE_OVERHEAD);
         let raw = Prompt::Raw { text: "abc".into() };
@@ -1012,7 +1122,7 @@ mod tests {
             ": keep-alive",
             "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\r",
             "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"},\"finish_reason\":\"length\"}]}",
-            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9}}",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9,\"prompt_tokens_details\":{\"cached_tokens\":5}}}",
             "",
         ];
         for line in lines {
@@ -1024,6 +1134,11 @@ mod tests {
         assert_eq!(
             (reply.prompt_tokens, reply.completion_tokens),
             (Some(7), Some(2))
+        );
+        assert_eq!(
+            reply.cached_tokens,
+            Some(5),
+            "the upstream's own cache hits"
         );
         assert_eq!(rx.try_recv().ok().as_deref(), Some("Hel"));
         assert_eq!(rx.try_recv().ok().as_deref(), Some("lo"));

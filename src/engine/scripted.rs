@@ -151,7 +151,7 @@ impl ScriptedEngine {
         }
         let source = match &request.prompt {
             Prompt::Raw { text } => text.as_str(),
-            Prompt::Chat { messages } => messages
+            Prompt::Chat { messages, .. } => messages
                 .iter()
                 .rev()
                 .find(|m| m.role == "user")
@@ -230,6 +230,8 @@ impl ScriptedEngine {
             logprobs: top.map(|_| super::logprobs::fit_to_text(logprobs, text.len())),
             text,
             prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
+            // No KV cache here, so nothing is reused (the real engine's reuse is tested with it).
+            cached_tokens: 0,
             generated_tokens: generated,
             finish_reason,
             more: Vec::new(),

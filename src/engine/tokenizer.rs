@@ -8,11 +8,11 @@ use std::sync::OnceLock;
 
 use llama_cpp_2::{
     llama_backend::LlamaBackend,
-    model::{params::LlamaModelParams, LlamaChatMessage, LlamaChatTemplate, LlamaModel},
+    model::{params::LlamaModelParams, LlamaModel},
     token::LlamaToken,
 };
 
-use super::{EngineError, Prompt};
+use super::{template, tools::ToolFormat, ChatMessage, EngineError, Prompt};
 use crate::settings::EngineSettings;
 
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
@@ -32,26 +32,18 @@ pub fn backend() -> Result<&'static LlamaBackend, EngineError> {
         .map_err(|e| EngineError::Load(e.clone()))
 }
 
-/// Renders a prompt to the exact text the model will see.
+/// Renders a prompt to the exact text the model will see: a chat through the model's own
+/// template ([`template`]), tools included.
 ///
 /// # Errors
-/// When the chat template cannot be applied (e.g. a NUL byte in a message).
+/// When the chat template cannot be applied (or refuses the conversation).
 pub fn render_prompt(model: &LlamaModel, prompt: &Prompt) -> Result<String, EngineError> {
     match prompt {
         Prompt::Raw { text } => Ok(text.clone()),
-        Prompt::Chat { messages } => {
-            let template = model.chat_template(None).or_else(|_| {
-                // Models without an embedded template get ChatML, llama.cpp's common default.
-                LlamaChatTemplate::new("chatml").map_err(|e| EngineError::Template(e.to_string()))
-            })?;
-            let chat = messages
-                .iter()
-                .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| EngineError::Template(e.to_string()))?;
-            model
-                .apply_chat_template(&template, &chat, true)
-                .map_err(|e| EngineError::Template(e.to_string()))
+        Prompt::Chat { messages, tools } => {
+            let format = template::tool_format(model);
+            let prepared = template::prepare(messages, tools.as_deref(), format);
+            template::render(model, &prepared, tools.as_deref())
         }
     }
 }
@@ -75,23 +67,28 @@ pub fn tokenize(model: &LlamaModel, text: &str) -> Vec<LlamaToken> {
 /// # Errors
 /// When the chat template cannot be applied.
 pub fn prompt_tokens(model: &LlamaModel, prompt: &Prompt) -> Result<Vec<LlamaToken>, EngineError> {
-    let Prompt::Chat { messages } = prompt else {
+    let Prompt::Chat { messages, tools } = prompt else {
         return Ok(tokenize(model, &render_prompt(model, prompt)?));
     };
+    let messages = template::prepare(messages, tools.as_deref(), template::tool_format(model));
     let nonce = format!("{:016x}", rand::random::<u64>());
     let open = |i: usize| format!("\u{F8FF}{nonce}<{i}\u{F8FF}");
     let close = |i: usize| format!("\u{F8FF}{nonce}>{i}\u{F8FF}");
-    let marked = Prompt::Chat {
-        messages: messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| super::ChatMessage {
-                role: m.role.clone(),
-                content: format!("{}{}{}", open(i), m.content, close(i)),
-            })
-            .collect(),
-    };
-    let rendered = render_prompt(model, &marked)?;
+    // Empty contents stay empty: templates test them (`if message.content`), and there is no
+    // client text in them to protect.
+    let marked: Vec<ChatMessage> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| ChatMessage {
+            content: if m.content.is_empty() {
+                String::new()
+            } else {
+                format!("{}{}{}", open(i), m.content, close(i))
+            },
+            ..m.clone()
+        })
+        .collect();
+    let rendered = template::render(model, &marked, tools.as_deref())?;
     let vocab = model.vocab();
     let mut tokens = Vec::new();
     let mut rest = rendered.as_str();
@@ -250,6 +247,12 @@ impl PromptTokenizer {
     #[must_use]
     pub fn architecture(&self) -> Option<String> {
         self.model.meta_val_str("general.architecture").ok()
+    }
+
+    /// How this model writes tool calls (from its chat template).
+    #[must_use]
+    pub fn tool_format(&self) -> ToolFormat {
+        template::tool_format(&self.model)
     }
 
     #[must_use]

@@ -69,10 +69,7 @@ pub async fn recent<C: ConnectionTrait>(
     rows.reverse();
     Ok(rows
         .into_iter()
-        .map(|m| ChatMessage {
-            role: m.role,
-            content: m.content,
-        })
+        .map(|m| ChatMessage::new(m.role, m.content))
         .collect())
 }
 
@@ -178,10 +175,7 @@ mod tests {
     use super::{fit, ChatMessage};
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage::new(role, content)
     }
 
     /// One "token" per character plus 2 per message of template overhead.

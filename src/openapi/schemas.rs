@@ -55,6 +55,16 @@ pub struct Usage {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub total_tokens: i64,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// What became of the prompt's tokens.
+#[derive(ToSchema)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens found already in the engine's KV cache (prefix reuse: the start of an
+    /// earlier prompt and its answer, such as a conversation's history) and not read again;
+    /// counted in `prompt_tokens` all the same.
+    pub cached_tokens: i64,
 }
 
 /// Tokens an embedding job read.
@@ -275,13 +285,15 @@ pub struct ChatCompletion {
     pub usage: Usage,
 }
 
-/// The one choice of a chat completion.
+/// One choice of a chat completion (`n` of them).
 #[derive(ToSchema)]
 pub struct ChatChoice {
     pub index: i64,
     pub message: AssistantMessage,
+    /// `stop`, `length`, or `tool_calls` when the model called tools.
     pub finish_reason: Option<String>,
-    /// Always null: log probabilities are not computed.
+    /// `{"content": [{token, logprob, bytes, top_logprobs}]}` when asked (`logprobs: true`),
+    /// else null.
     #[schema(value_type = Option<Object>)]
     pub logprobs: Option<serde_json::Value>,
 }
@@ -290,7 +302,29 @@ pub struct ChatChoice {
 #[derive(ToSchema)]
 pub struct AssistantMessage {
     pub role: String,
-    pub content: String,
+    /// Null when the turn is only tool calls.
+    pub content: Option<String>,
+    /// The calls the model made, when the request offered `tools`.
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// One call the model made.
+#[derive(ToSchema)]
+pub struct ToolCallOut {
+    /// Send it back as the `tool` message's `tool_call_id`.
+    pub id: String,
+    /// `function`.
+    #[schema(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCallOut,
+}
+
+/// The function called and its arguments.
+#[derive(ToSchema)]
+pub struct FunctionCallOut {
+    pub name: String,
+    /// A JSON text that validates against the tool's `parameters`.
+    pub arguments: String,
 }
 
 /// `POST /v1/completions` without `stream` (`text_completion`).

@@ -163,3 +163,29 @@ pub async fn poll_job(app: &TestApp, key: &TestKey, job_id: &str) -> Value {
     }
     panic!("job {job_id} did not settle in 180 s");
 }
+
+/// The `data:` payloads of a server-sent event stream, in order.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.trim_start().to_string())
+        .collect()
+}
+
+/// POSTs `body` and reads the answer whole: status, content type and text (a stream's events).
+pub async fn post_stream(
+    app: &TestApp,
+    key: &TestKey,
+    path: &str,
+    body: Value,
+) -> (u16, String, String) {
+    let resp = app
+        .request(reqwest::Method::POST, Some(key), path)
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    let content_type = header(&resp, "content-type").unwrap_or_default();
+    (status, content_type, resp.text().await.expect("body"))
+}

@@ -29,7 +29,9 @@ use serde_json::{json, Value};
 use tollgate::app::{into_service, App};
 
 pub use engines::{greedy, queued_job, worker_on, FailingEngine};
-pub use http::{code, concurrent_calls, header, ids, merge, poll_job, read, retry_after};
+pub use http::{
+    code, concurrent_calls, header, ids, merge, poll_job, post_stream, read, retry_after, sse_data,
+};
 pub use keys::{admin_params, issue_key, jobs_of, key_of, key_row, TestKey};
 pub use postgres::{create_database, drop_database, pg_server};
 pub use processes::{free_port, make_adapter, python, run_checks, ServerProcess};

@@ -7,6 +7,8 @@ Exits non-zero (with the reason) when any check fails.
 import math
 import sys
 
+from langchain_core.messages import HumanMessage, ToolMessage
+from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI, OpenAIEmbeddings
 from pydantic import BaseModel, Field
 
@@ -35,6 +37,24 @@ person = structured.with_structured_output(Person, method="json_schema", strict=
     "Invent a person with a name and an age."
 )
 assert isinstance(person, Person), person
+
+
+
+@tool
+def get_weather(city: str) -> str:
+    """Current weather in a city."""
+    return f"18 degrees in {city}"
+
+
+caller = ChatOpenAI(base_url=f"{base}/v1", api_key=key, model="smollm2", temperature=0,
+                    max_tokens=64, max_retries=0).bind_tools([get_weather], tool_choice="get_weather")
+asked = caller.invoke("What is the weather in Paris?")
+assert asked.tool_calls and asked.tool_calls[0]["name"] == "get_weather", asked
+assert isinstance(asked.tool_calls[0]["args"].get("city"), str), asked.tool_calls
+answer = get_weather.invoke(asked.tool_calls[0])
+assert isinstance(answer, ToolMessage) and answer.tool_call_id == asked.tool_calls[0]["id"], answer
+final = llm.invoke([HumanMessage("What is the weather in Paris?"), asked, answer])
+assert final.content.strip(), final
 
 # LangChain counts tokens with tiktoken (OpenAI's vocabulary) unless told not to; for servers
 # with their own models its docs say to turn that off, and then plain strings are sent.

@@ -119,6 +119,60 @@ several = client.chat.completions.create(
 assert [c.index for c in several.choices] == [0, 1], several
 assert all(c.message.content for c in several.choices), several
 
+# Tool calling: a named tool_choice gives a call whose arguments validate against the tool's
+# parameters; streamed, the deltas reassemble to the same call; its result goes back in a
+# `tool` message.
+weather = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "minLength": 1, "maxLength": 24},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+tools = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city", "parameters": weather}},
+    {"type": "function", "function": {"name": "get_time", "description": "Current time in a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}}, "required": ["city"]}}},
+]
+ask = dict(
+    model="smollm2",
+    messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+    tools=tools,
+    tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    max_tokens=64,
+    temperature=0,
+)
+called = client.chat.completions.create(**ask)
+assert called.choices[0].finish_reason == "tool_calls", called
+call = called.choices[0].message.tool_calls[0]
+assert call.type == "function" and call.function.name == "get_weather", call
+jsonschema.validate(json.loads(call.function.arguments), weather)
+streamed_calls, finish = {}, None
+for chunk in client.chat.completions.create(stream=True, **ask):
+    for choice in chunk.choices:
+        for d in choice.delta.tool_calls or []:
+            c = streamed_calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+            c["id"] = d.id or c["id"]
+            if d.function:
+                c["name"] += d.function.name or ""
+                c["arguments"] += d.function.arguments or ""
+        finish = choice.finish_reason or finish
+assert finish == "tool_calls", finish
+assert list(streamed_calls) == [0] and streamed_calls[0]["id"].startswith("call_"), streamed_calls
+assert (streamed_calls[0]["name"], streamed_calls[0]["arguments"]) == ("get_weather", call.function.arguments), (streamed_calls, call)
+after = client.chat.completions.create(
+    model="smollm2",
+    messages=[ask["messages"][0], called.choices[0].message,
+              {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"}],
+    tools=tools,
+    max_tokens=64,
+    temperature=0,
+)
+assert after.choices[0].finish_reason in ("stop", "length", "tool_calls"), after
+assert after.choices[0].message.content or after.choices[0].message.tool_calls, after
+
 done = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=5, temperature=0)
 assert done.choices[0].text, done
 assert done.usage.completion_tokens == 5, done.usage

@@ -128,6 +128,16 @@ async fn metrics_text(
     out.push_str("# HELP tollgate_prompt_tokens_total Prompt tokens of finished jobs.\n");
     out.push_str("# TYPE tollgate_prompt_tokens_total counter\n");
     let _ = writeln!(out, "tollgate_prompt_tokens_total {}", counts.prompt_tokens);
+    out.push_str(
+        "# HELP tollgate_cached_prompt_tokens_total Prompt tokens of finished jobs found in the \
+         engine's KV cache and not read again (prefix reuse).\n",
+    );
+    out.push_str("# TYPE tollgate_cached_prompt_tokens_total counter\n");
+    let _ = writeln!(
+        out,
+        "tollgate_cached_prompt_tokens_total {}",
+        counts.cached_tokens
+    );
 
     let gone_after = services.settings.queue.orphan_after();
     out.push_str(

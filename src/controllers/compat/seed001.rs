@@ -41,6 +41,22 @@ struct Meta {
     #[serde(alias = "head")]
     lora: Option<String>,
     scale: Option<f64>,
+    /// The rest of the sampling controls the OpenAI routes take, under the same names and
+    /// bounds (the seed's `meta` is where its clients put generation settings).
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    min_p: Option<f64>,
+    typical_p: Option<f64>,
+    repeat_penalty: Option<f64>,
+    repeat_last_n: Option<i64>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    seed: Option<i64>,
+    logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// Anything else is refused by name rather than ignored.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    rest: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A LoRA head given at the top level of the body (seed 000) rather than in `meta`.
@@ -120,6 +136,12 @@ impl Meta {
         // The seed's default `tokens_limit` (8096) exceeds most contexts: a limit above this
         // server's maximum, or above the room the prompt leaves in the context, is cut by
         // admission rather than refused, so unchanged clients keep working.
+        if let Some(name) = self.rest.keys().next() {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedParameter,
+                format!("meta.{name} is not a setting this server knows; leave it out"),
+            ));
+        }
         if let Some(n) = self.tokens_limit.filter(|n| *n < 1) {
             return Err(ApiError::new(
                 ErrorCode::InvalidTokensLimit,
@@ -132,9 +154,17 @@ impl Meta {
                 // Absent: the seed's documented default, cut to what the context has room for.
                 max_tokens: Some(self.tokens_limit.unwrap_or(DEFAULT_TOKENS_LIMIT)),
                 temperature: Some(self.temperature.unwrap_or(DEFAULT_TEMPERATURE)),
-                top_p: None,
-                seed: None,
+                top_p: self.top_p,
+                seed: self.seed,
                 stop: self.stop_words,
+                top_k: self.top_k,
+                min_p: self.min_p,
+                typical_p: self.typical_p,
+                repeat_penalty: self.repeat_penalty,
+                repeat_last_n: self.repeat_last_n,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
+                logit_bias: self.logit_bias,
                 clamp_max_tokens: true,
                 ..SamplingInput::default()
             },
@@ -147,6 +177,7 @@ impl Meta {
                 lenient_base: true,
             },
             memory: None,
+            tools: None,
         })
     }
 }
@@ -165,7 +196,7 @@ impl TryFrom<ChatRequest> for GenerationInput {
 
     fn try_from(body: ChatRequest) -> Result<Self, ApiError> {
         let messages = chat_messages(body.messages)?;
-        body.meta.into_input(body.head, Prompt::Chat { messages })
+        body.meta.into_input(body.head, Prompt::chat(messages))
     }
 }
 

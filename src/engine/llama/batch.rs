@@ -14,7 +14,11 @@ use llama_cpp_2::{
     },
 };
 
-use super::{pos_i32, GenJob, Shared, PROMPT_BATCH};
+use super::{
+    pos_i32,
+    prefix::{Head, Placement, Sequences},
+    GenJob, Shared, PROMPT_BATCH,
+};
 use crate::engine::{
     logprobs, text::OutputDecoder, tokenizer::prompt_tokens, EngineError, FinishReason, Generation,
     SamplingParams, TokenLogprob, TopLogprob,
@@ -32,6 +36,11 @@ pub(super) struct Slot {
     /// Per generated token, when the job asked for log-probabilities.
     logprobs: Vec<TokenLogprob>,
     prompt_tokens: usize,
+    /// Prompt tokens that were already in the sequence's cache (not read again).
+    cached: usize,
+    /// The tokens in the sequence's KV cache, in position order: the prompt, then each token
+    /// fed since (kept for the next job when it ends, see [`super::prefix`]).
+    tokens: Vec<LlamaToken>,
     /// Positions of this sequence in the KV cache.
     n_past: usize,
     generated: u32,
@@ -46,50 +55,104 @@ pub(super) struct Slot {
 pub(super) enum Started {
     /// Prompt read, first token taken; decode steps follow.
     Running(Box<Slot>),
-    /// Already answered (an error, or finished on its first token).
-    Done,
+    /// Already answered (an error, or finished on its first token); what its sequence's cache
+    /// holds now, `None` when unknown (an error).
+    Done(Option<Kept>),
 }
 
-/// Clears sequence `seq` and hands it back to the free list.
-pub(super) fn free_seq(ctx: &mut LlamaContext<'_>, free: &mut Vec<i32>, seq: i32) {
-    let _ = ctx.clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
-    free.push(seq);
+/// What a sequence's KV cache holds once its job ended: its tokens and their head.
+pub(super) type Kept = (Vec<LlamaToken>, Head);
+
+/// Hands sequence `seq` back: its cache stays for prefix reuse when what it holds is known and
+/// reuse is on; else it is cleared.
+pub(super) fn free_seq(
+    ctx: &mut LlamaContext<'_>,
+    seqs: &mut Sequences,
+    seq: i32,
+    kept: Option<Kept>,
+) {
+    match kept {
+        Some((tokens, head)) if seqs.reuse() => seqs.release(seq, tokens, head),
+        _ => {
+            if let Ok(id) = u32::try_from(seq) {
+                let _ = ctx.clear_kv_cache_seq(Some(id), None, None);
+            }
+            seqs.clear(seq);
+        }
+    }
 }
 
-/// Reads a job's prompt into sequence `seq` and takes its first token.
+/// A job's prompt as tokens, refused when it is empty or leaves no room in a sequence.
+pub(super) fn prompt_of(
+    model: &LlamaModel,
+    job: &GenJob,
+    n_ctx_seq: usize,
+) -> Result<Vec<LlamaToken>, EngineError> {
+    let tokens = prompt_tokens(model, &job.request.prompt)?;
+    if tokens.is_empty() || tokens.len() >= n_ctx_seq {
+        return Err(EngineError::PromptTooLong {
+            prompt_tokens: tokens.len(),
+            context_size: u32::try_from(n_ctx_seq).unwrap_or(u32::MAX),
+        });
+    }
+    Ok(tokens)
+}
+
+/// Cuts sequence `seq`'s cache to its first `keep` positions and returns how many it holds
+/// then: `keep`, or 0 (cleared) when the cut failed or the cache does not hold positions
+/// `0..keep` (a model whose cache cannot be cut, or one that dropped old positions), so that a
+/// prompt is never read on top of a cache other than the one it was matched against.
+fn cut_cache(ctx: &mut LlamaContext<'_>, seq: i32, keep: usize) -> Result<usize, EngineError> {
+    let id = u32::try_from(seq).map_err(|_| EngineError::Decode("sequence id".into()))?;
+    let cut = ctx
+        .clear_kv_cache_seq(Some(id), u32::try_from(keep).ok(), None)
+        .unwrap_or(false);
+    let intact = keep == 0
+        || (cut
+            && ctx.kv_cache_seq_pos_min(seq) == 0
+            && ctx.kv_cache_seq_pos_max(seq) == pos_i32(keep - 1)?);
+    if intact {
+        return Ok(keep);
+    }
+    let _ = ctx.clear_kv_cache_seq(Some(id), None, None);
+    Ok(0)
+}
+
+/// Reads a job's prompt `tokens` into the sequence it was placed on — only those past the
+/// start its cache already holds — and takes its first token.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn start(
     model: &LlamaModel,
     ctx: &mut LlamaContext<'_>,
     job: GenJob,
-    seq: i32,
+    tokens: Vec<LlamaToken>,
+    at: Placement,
     n_ctx_seq: usize,
     timeout: std::time::Duration,
     shared: &Shared,
 ) -> Started {
+    let seq = at.seq;
     let prepared = (|| {
         let sampler = sampler(&job.request.params, model.n_vocab());
         let grammar = match &job.request.params.controls.output {
-            Some(output) => Some(
+            Some(output) if output.triggers.is_empty() => Some(
                 LlamaSampler::grammar(model, &output.grammar, "root")
+                    .map_err(|e| EngineError::Decode(format!("output grammar: {e}")))?,
+            ),
+            // Free text until a trigger word (a tool call's marker), then the grammar.
+            Some(output) => Some(
+                LlamaSampler::grammar_lazy(model, &output.grammar, "root", &output.triggers, &[])
                     .map_err(|e| EngineError::Decode(format!("output grammar: {e}")))?,
             ),
             None => None,
         };
-        let tokens = prompt_tokens(model, &job.request.prompt)?;
-        let prompt_tokens = tokens.len();
-        if prompt_tokens == 0 || prompt_tokens >= n_ctx_seq {
-            return Err(EngineError::PromptTooLong {
-                prompt_tokens,
-                context_size: u32::try_from(n_ctx_seq).unwrap_or(u32::MAX),
-            });
-        }
-        let _ = ctx.clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
+        let keep = cut_cache(ctx, seq, at.keep.min(tokens.len().saturating_sub(1)))?;
         let mut batch = LlamaBatch::new(PROMPT_BATCH as usize, 1);
-        let last = prompt_tokens - 1;
-        for (chunk_index, chunk) in tokens.chunks(PROMPT_BATCH as usize).enumerate() {
+        let last = tokens.len() - 1;
+        for (chunk_index, chunk) in tokens[keep..].chunks(PROMPT_BATCH as usize).enumerate() {
             batch.clear();
             for (i, tok) in chunk.iter().enumerate() {
-                let pos = chunk_index * PROMPT_BATCH as usize + i;
+                let pos = keep + chunk_index * PROMPT_BATCH as usize + i;
                 batch
                     .add(*tok, pos_i32(pos)?, &[seq], pos == last)
                     .map_err(|e| EngineError::Decode(e.to_string()))?;
@@ -97,16 +160,17 @@ pub(super) fn start(
             ctx.decode(&mut batch)
                 .map_err(|e| EngineError::Decode(e.to_string()))?;
         }
-        Ok((prompt_tokens, batch.n_tokens() - 1, sampler, grammar))
+        Ok((keep, batch.n_tokens() - 1, sampler, grammar))
     })();
-    let (prompt_tokens, logits_at, sampler, grammar) = match prepared {
+    let (cached, logits_at, sampler, grammar) = match prepared {
         Ok(p) => p,
         Err(e) => {
             shared.served.fetch_add(1, Ordering::AcqRel);
             job.reply.send(Err(e));
-            return Started::Done;
+            return Started::Done(None);
         }
     };
+    let prompt_tokens = tokens.len();
     let mut slot = Slot {
         seq,
         sampler,
@@ -115,6 +179,8 @@ pub(super) fn start(
         out: OutputDecoder::new(&job.request.params.stop),
         job,
         prompt_tokens,
+        cached,
+        tokens,
         n_past: prompt_tokens,
         generated: 0,
         next: llama_cpp_2::token::LlamaToken(0),
@@ -122,10 +188,7 @@ pub(super) fn start(
     };
     match take_token(model, ctx, &mut slot, logits_at, n_ctx_seq) {
         None => Started::Running(Box::new(slot)),
-        Some(finish_reason) => {
-            finish(slot, Ok(finish_reason), shared);
-            Started::Done
-        }
+        Some(finish_reason) => Started::Done(finish(slot, Ok(finish_reason), shared)),
     }
 }
 
@@ -192,6 +255,7 @@ pub(super) fn decode_step(
     let mut finished = Vec::new();
     for (i, slot) in slots.iter_mut().enumerate() {
         slot.n_past += 1;
+        slot.tokens.push(slot.next);
         let idx = i32::try_from(i).map_err(|_| EngineError::Decode("batch index".into()))?;
         if let Some(reason) = take_token(model, ctx, slot, idx, n_ctx_seq) {
             finished.push((i, Ok(reason)));
@@ -201,9 +265,17 @@ pub(super) fn decode_step(
 }
 
 /// Answers a job: its text (the rest held back for stop strings is final now) or its error.
-/// It counts as served before its waiter hears of it.
-pub(super) fn finish(mut slot: Slot, result: Result<FinishReason, EngineError>, shared: &Shared) {
+/// It counts as served before its waiter hears of it. Returns what its sequence's cache holds
+/// when the job ended well (`None` after an error: the cache is then cleared).
+pub(super) fn finish(
+    mut slot: Slot,
+    result: Result<FinishReason, EngineError>,
+    shared: &Shared,
+) -> Option<Kept> {
     shared.served.fetch_add(1, Ordering::AcqRel);
+    let kept = result
+        .is_ok()
+        .then(|| (std::mem::take(&mut slot.tokens), slot.job.head()));
     let reply =
         match result {
             Ok(finish_reason) => {
@@ -221,6 +293,7 @@ pub(super) fn finish(mut slot: Slot, result: Result<FinishReason, EngineError>, 
                 Ok(Generation {
                     text,
                     prompt_tokens: u32::try_from(slot.prompt_tokens).unwrap_or(u32::MAX),
+                    cached_tokens: u32::try_from(slot.cached).unwrap_or(u32::MAX),
                     generated_tokens: slot.generated,
                     finish_reason,
                     logprobs,
@@ -230,6 +303,7 @@ pub(super) fn finish(mut slot: Slot, result: Result<FinishReason, EngineError>, 
             Err(e) => Err(e),
         };
     slot.job.reply.send(reply);
+    kept
 }
 
 /// The chosen token's log-probability under the model at this step and the `top` most likely

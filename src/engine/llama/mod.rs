@@ -6,9 +6,12 @@
 //!
 //! Continuous batching: the context holds `settings.parallel` sequences. Every decode step feeds
 //! one token of each running job in one batch; a job joins as soon as a sequence is free (its
-//! prompt is read into its own sequence) and leaves when it ends, its sequence cleared for the
-//! next. Jobs waiting for a sequence sit in one FIFO lane per API key, served by weighted
-//! round-robin ([`super::lanes`]), so one key's backlog cannot starve another key's job.
+//! prompt is read into its own sequence) and leaves when it ends. Prefix reuse
+//! (`settings.prefix_reuse`, `prefix.rs`): a sequence keeps its KV cache after its job, and a new
+//! job goes to the free sequence whose cache shares the longest start with its prompt and reads
+//! only the rest — a conversation's next turn does not read its history again. Jobs waiting
+//! for a sequence sit in one FIFO lane per API key, served by weighted round-robin
+//! ([`super::lanes`]), so one key's backlog cannot starve another key's job.
 //!
 //! LoRA heads: a job may name an adapter; the thread applies it with the job's scale to the
 //! generation context. An adapter applies to the whole context, so only jobs with the same head
@@ -27,12 +30,13 @@
 //! reports itself down with the reason, the jobs it held fail, and it loads the model again.
 //!
 //! Rooms: `thread` runs the loop (epochs, contexts, admission), `batch` runs jobs in sequences
-//! (prompt, decode steps, sampling, answers), `heads` swaps LoRA heads and `embed` computes
-//! vectors.
+//! (prompt, decode steps, sampling, answers), `prefix` places jobs on sequences by what their
+//! caches hold, `heads` swaps LoRA heads and `embed` computes vectors.
 
 mod batch;
 mod embed;
 mod heads;
+mod prefix;
 mod thread;
 
 use std::sync::{

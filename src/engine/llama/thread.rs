@@ -25,7 +25,9 @@ use super::{
     batch::{self, decode_step, finish, free_seq, Ended, Slot, Started},
     embed::EmbedJob,
     heads::{apply_head, remove_head, Applied},
-    is_quantized, Command, Loaded, Shared, PROMPT_BATCH,
+    is_quantized,
+    prefix::Sequences,
+    Command, Loaded, Shared, PROMPT_BATCH,
 };
 use crate::{
     engine::{
@@ -82,7 +84,9 @@ fn generation_context<'m>(
 ) -> Result<LlamaContext<'m>, EngineError> {
     let n_threads = threads(settings);
     let parallel = settings.parallel.max(1);
-    // One KV cache split evenly: every sequence gets the configured context.
+    // One KV cache split evenly: every sequence gets the configured context, in a stream of
+    // its own (not unified), so the cache a finished job leaves for prefix reuse never takes
+    // room another sequence needs.
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(
             settings.context_size.saturating_mul(parallel),
@@ -214,7 +218,8 @@ impl Thread<'_> {
         let n_ctx_seq = settings.context_size as usize;
         let timeout = std::time::Duration::from_millis(settings.job_timeout_ms.max(1));
         let mut slots: Vec<Slot> = Vec::with_capacity(parallel);
-        let mut free: Vec<i32> = (0..i32::try_from(parallel).unwrap_or(1)).rev().collect();
+        // Fresh contexts: every sequence free, its cache empty.
+        let mut seqs = Sequences::new(parallel, settings.prefix_reuse);
         // The head applied to the generation context now, and its loaded adapter.
         let mut head: Option<(String, u32)> = None;
         let mut applied: Option<AdapterKey> = None;
@@ -250,8 +255,7 @@ impl Thread<'_> {
             // running ones only, and none at all while a generation for another head waits
             // (it goes next, once these finish).
             loop {
-                let seq = free.last().copied();
-                let gen_open = seq.is_some()
+                let gen_open = seqs.has_free()
                     && (slots.is_empty() || !self.lanes.any_head(|c| c.wants_other_head(&head)));
                 let embed_open = self.embedding.is_none();
                 if !gen_open && !embed_open {
@@ -263,17 +267,12 @@ impl Thread<'_> {
                 }) else {
                     break;
                 };
-                let (job, seq) = match (cmd, seq) {
-                    (Command::Embed(job), _) => {
+                let job = match cmd {
+                    Command::Embed(job) => {
                         self.embedding = Some(*job);
                         continue;
                     }
-                    (Command::Generate(job), Some(seq)) => (*job, seq),
-                    // Not taken without a free sequence; put it back should that change.
-                    (cmd @ Command::Generate(_), None) => {
-                        self.lanes.push_first(cmd);
-                        break;
-                    }
+                    Command::Generate(job) => *job,
                 };
                 if job.head() != head {
                     // Nothing runs now (only then may a job with another head be taken): swap
@@ -303,13 +302,33 @@ impl Thread<'_> {
                         }
                     }
                 }
-                free.pop();
+                // Tokens first: they decide the sequence (the one whose cache holds most of them).
+                let tokens = match contain(|| batch::prompt_of(model, &job, n_ctx_seq)) {
+                    Ok(Ok(tokens)) => tokens,
+                    Ok(Err(e)) => {
+                        shared.served.fetch_add(1, Ordering::AcqRel);
+                        job.reply.send(Err(e));
+                        continue;
+                    }
+                    Err(_) => {
+                        // Dropping the job drops its reply: its waiter hears the engine failed.
+                        shared.served.fetch_add(1, Ordering::AcqRel);
+                        continue;
+                    }
+                };
+                let Some(at) = seqs.place(&tokens, &head) else {
+                    // Not reached (a generation is taken only with a sequence free); put it
+                    // back should that change.
+                    self.lanes.push_first(Command::Generate(Box::new(job)));
+                    break;
+                };
                 let started = contain(|| {
                     batch::start(
                         model,
                         &mut contexts.generate,
                         job,
-                        seq,
+                        tokens,
+                        at,
                         n_ctx_seq,
                         timeout,
                         shared,
@@ -317,18 +336,20 @@ impl Thread<'_> {
                 });
                 match started {
                     Ok(Started::Running(slot)) => slots.push(*slot),
-                    Ok(Started::Done) => free_seq(&mut contexts.generate, &mut free, seq),
+                    Ok(Started::Done(kept)) => {
+                        free_seq(&mut contexts.generate, &mut seqs, at.seq, kept);
+                    }
                     Err(_) => {
                         // The job's reply was dropped with it: its waiter hears the engine
                         // failed on it.
                         shared.served.fetch_add(1, Ordering::AcqRel);
-                        free_seq(&mut contexts.generate, &mut free, seq);
+                        free_seq(&mut contexts.generate, &mut seqs, at.seq, None);
                     }
                 }
             }
 
             if !slots.is_empty() {
-                self.generation_turn(model, contexts, &mut step, &mut slots, &mut free, timeout);
+                self.generation_turn(model, contexts, &mut step, &mut slots, &mut seqs, timeout);
             }
             self.embedding_turn(model, contexts);
         }
@@ -342,7 +363,7 @@ impl Thread<'_> {
         contexts: &mut Contexts<'m>,
         step: &mut LlamaBatch,
         slots: &mut Vec<Slot>,
-        free: &mut Vec<i32>,
+        seqs: &mut Sequences,
         timeout: std::time::Duration,
     ) {
         let shared = self.shared;
@@ -355,14 +376,14 @@ impl Thread<'_> {
                 let slot = slots.swap_remove(i);
                 let seq = slot.seq;
                 tracing::warn!(seq, expired, "generation stopped before its end");
-                finish(
+                let kept = finish(
                     slot,
                     Err(EngineError::TimedOut(
                         u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                     )),
                     shared,
                 );
-                free_seq(&mut contexts.generate, free, seq);
+                free_seq(&mut contexts.generate, seqs, seq, kept);
             } else {
                 i += 1;
             }
@@ -388,8 +409,8 @@ impl Thread<'_> {
         for (i, result) in finished.into_iter().rev() {
             let slot = slots.swap_remove(i);
             let seq = slot.seq;
-            finish(slot, result, shared);
-            free_seq(&mut contexts.generate, free, seq);
+            let kept = finish(slot, result, shared);
+            free_seq(&mut contexts.generate, seqs, seq, kept);
         }
     }
 

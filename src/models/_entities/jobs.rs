@@ -40,6 +40,8 @@ pub struct Model {
     /// The other choices of a generation asked for several (`n`), as JSON.
     #[sea_orm(column_type = "Text", nullable)]
     pub choices: Option<String>,
+    /// Prompt tokens found in the engine's KV cache and not read again (prefix reuse).
+    pub cached_tokens: i32,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

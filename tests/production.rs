@@ -453,8 +453,12 @@ async fn two_apis_and_two_workers_serve_everything_and_count_quota_exactly() {
     let mut c = Cluster::new(Redis::shared()).await;
     c.start_api(free_port()).await;
     c.start_api(free_port()).await;
-    c.start_worker("w1").await;
-    c.start_worker("w2").await;
+    // Four sequences and no jobs held in waiting: eight requests at once are more than one
+    // worker takes, so both must serve (holding 8 + 8, an idle worker may take a whole round
+    // before the other polls).
+    let four = [("TOLLGATE_PARALLEL", "4"), ("TOLLGATE_LOOKAHEAD", "0")];
+    c.start_worker_env("w1", &[], &four).await;
+    c.start_worker_env("w2", &[], &four).await;
 
     // 40 requests spread over both APIs, 8 at a time: every one answered.
     let key = c.key(None).await;

@@ -23,7 +23,7 @@ pub mod resolve;
 
 use std::{sync::Arc, time::Duration};
 
-use sea_orm::DatabaseConnection;
+use sea_orm::{DatabaseConnection, TransactionTrait};
 use tracing::Instrument;
 
 pub use self::input::{
@@ -562,7 +562,9 @@ enum Committed {
 }
 
 impl Commit {
-    /// Charge → reserve → record → subscribe → push, each failure undoing what came before.
+    /// Charge → reserve → record in one transaction (a refusal or an error at any step,
+    /// including a busy database, leaves no charge and no reservation behind), then subscribe
+    /// → push (a failed push fails and refunds the recorded job).
     async fn run(self) -> Committed {
         match self.steps().await {
             Ok(c) => c,
@@ -573,32 +575,27 @@ impl Commit {
     async fn steps(self) -> Result<Committed, ApiError> {
         let db = &self.db;
         let key_id = self.key.id;
-        let charged = match api_keys::charge(db, key_id).await? {
+        // Dropped without commit on every early return: rolled back.
+        let txn = db.begin().await?;
+        let charged = match api_keys::charge(&txn, key_id).await? {
             Ok(charged) => charged,
             Err(refusal) => return Err(refusal_error(refusal, Some(&self.key))),
         };
         let reservation = match budgets::reserve(
-            db,
+            &txn,
             &charged,
             i64::try_from(self.prompt_tokens).unwrap_or(i64::MAX),
             i64::from(self.work.max_new_tokens()),
         )
-        .await
+        .await?
         {
-            Ok(Ok(reservation)) => reservation,
-            Ok(Err(refusal)) => {
-                api_keys::refund(db, key_id).await.ok();
-                return Err(budget_error(&refusal));
-            }
-            Err(e) => {
-                api_keys::refund(db, key_id).await.ok();
-                return Err(e.into());
-            }
+            Ok(reservation) => reservation,
+            Err(refusal) => return Err(budget_error(&refusal)),
         };
         let job_id = uuid::Uuid::new_v4().to_string();
         let request_json = self.work.to_json().map_err(ApiError::internal)?;
         let created = jobs::ActiveModel::create_queued(
-            db,
+            &txn,
             jobs::NewJob {
                 id: job_id.clone(),
                 api_key_id: key_id,
@@ -614,8 +611,7 @@ impl Commit {
         let record = match created {
             Ok(r) => r,
             Err(e) => {
-                api_keys::refund(db, key_id).await.ok();
-                budgets::release(db, key_id, &reservation).await.ok();
+                txn.rollback().await.ok();
                 if let Some(r) = &self.client_ref {
                     if let Some(existing) = jobs::Model::find_by_client_ref(db, key_id, r).await? {
                         return Ok(Committed::Existing(existing));
@@ -624,6 +620,7 @@ impl Commit {
                 return Err(e.into());
             }
         };
+        txn.commit().await?;
         let span = tracing::info_span!("job", job_id = %job_id);
         self.push(record).instrument(span).await
     }

@@ -95,9 +95,15 @@ pub fn render(
         "bos_token": bos,
         "eos_token": eos,
     });
-    template
+    let rendered = template
         .render(JinjaValue::from_serialize(&ctx))
-        .map_err(|e| EngineError::Template(template_error(&e)))
+        .map_err(|e| EngineError::Template(template_error(&e)))?;
+    // Templates that write `{{ bos_token }}` would get a second one from the tokenizer, which
+    // adds it itself for models that want one (as llama.cpp's server strips it too).
+    Ok(match rendered.strip_prefix(&bos) {
+        Some(rest) if !bos.is_empty() && model.vocab().should_add_bos() => rest.to_string(),
+        _ => rendered,
+    })
 }
 
 /// A template error's message, without minijinja's source excerpt.

@@ -152,7 +152,7 @@ async fn configure_load_infer_unload_delete() {
 
     // Inference on the loaded model (greedy from its kwargs) matches the same weights served as
     // the default model.
-    let client = app.key_with_calls(Some(5)).await;
+    let client = app.key_with_calls(Some(6)).await;
     let prompt = "What is the capital of France?";
     let (status, body) = app
         .post(
@@ -171,6 +171,23 @@ async fn configure_load_infer_unload_delete() {
     assert_eq!(base["response"], json!(response));
     assert_eq!(app.calls_used(&client).await, 2);
 
+    // inference_kwargs take the OpenAI routes' controls (bounds included) and nothing unknown.
+    let request = json!({"model_id": "ex1", "prompt": prompt,
+                         "inference_kwargs": {"max_tokens": 8, "top_k": 1, "repeat_penalty": 1.0}});
+    let (status, same) = app.post(Some(&client), "/llm/inference/", request).await;
+    assert_eq!(status, 200, "{same}");
+    assert_eq!(same["response"], json!(response), "top_k 1 is greedy");
+    for (kwargs, expected) in [
+        (json!({"do_sample": true}), "unsupported_parameter"),
+        (json!({"top_k": -3}), "invalid_sampling"),
+    ] {
+        let request = json!({"model_id": "ex1", "prompt": prompt, "inference_kwargs": kwargs});
+        let (status, body) = app.post(Some(&client), "/llm/inference/", request).await;
+        assert!(status == 400 || status == 422, "{kwargs}: {body}");
+        assert_eq!(code(&body), expected, "{body}");
+    }
+    assert_eq!(app.calls_used(&client).await, 3, "refusals spend nothing");
+
     // The OpenAI routes serve it too.
     let (_, models) = app.get(Some(&client), "/v1/models").await;
     assert!(common::ids(&models["data"]).contains(&"ex1"), "{models}");
@@ -182,7 +199,7 @@ async fn configure_load_infer_unload_delete() {
     assert_eq!(status, 200, "{chat}");
     assert_eq!(chat["model"], "ex1");
     assert_eq!(chat["choices"][0]["message"]["content"], json!(response));
-    assert_eq!(app.calls_used(&client).await, 3);
+    assert_eq!(app.calls_used(&client).await, 4);
 
     // A loaded configuration cannot be deleted; unload first.
     let (status, body) = app
@@ -212,7 +229,7 @@ async fn configure_load_infer_unload_delete() {
         .await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(code(&body), "model_not_found");
-    assert_eq!(app.calls_used(&client).await, 3);
+    assert_eq!(app.calls_used(&client).await, 4);
     assert_eq!(app.job_count().await, jobs_before);
 
     let (status, body) = app

@@ -40,7 +40,8 @@ pub(crate) struct ConfigureRequest {
     model_kwargs: Option<Map<String, Value>>,
 }
 
-/// `inference_kwargs`: the sampling options Tollgate knows; others are ignored.
+/// `inference_kwargs`: the sampling options the OpenAI routes take, under the same names and
+/// bounds; any other key is refused by name (never silently dropped).
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 struct InferenceKwargs {
     max_tokens: Option<i64>,
@@ -49,6 +50,17 @@ struct InferenceKwargs {
     top_p: Option<f64>,
     seed: Option<i64>,
     stop: Option<StopWords>,
+    top_k: Option<i64>,
+    min_p: Option<f64>,
+    typical_p: Option<f64>,
+    repeat_penalty: Option<f64>,
+    repeat_last_n: Option<i64>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    #[serde(flatten)]
+    #[schema(ignore)]
+    rest: Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -233,12 +245,26 @@ impl TryFrom<InferenceRequest> for GenerationInput {
     /// configuration's `model_kwargs` defaults in admission.
     fn try_from(body: InferenceRequest) -> Result<Self, ApiError> {
         let kw = body.inference_kwargs.unwrap_or_default();
+        if let Some(name) = kw.rest.keys().next() {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedParameter,
+                format!("inference_kwargs.{name} is not a setting this server knows; leave it out"),
+            ));
+        }
         let sampling = SamplingInput {
             max_tokens: kw.max_tokens.or(kw.max_new_tokens),
             temperature: kw.temperature,
             top_p: kw.top_p,
             seed: kw.seed,
             stop: kw.stop,
+            top_k: kw.top_k,
+            min_p: kw.min_p,
+            typical_p: kw.typical_p,
+            repeat_penalty: kw.repeat_penalty,
+            repeat_last_n: kw.repeat_last_n,
+            presence_penalty: kw.presence_penalty,
+            frequency_penalty: kw.frequency_penalty,
+            logit_bias: kw.logit_bias,
             ..SamplingInput::default()
         };
         let model = ModelChoice::named(Some(body.model_id.trim().to_string()));

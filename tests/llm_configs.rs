@@ -459,3 +459,70 @@ async fn hugging_face_names_reach_the_models_their_aliases_name() {
     assert_eq!(status, 404, "{body}");
     assert_eq!(code(&body), "model_not_found");
 }
+
+#[tokio::test]
+async fn model_kwargs_set_any_sampling_default_and_a_bad_one_is_refused_at_load() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin_key().await;
+    let configure = |id: &str, kwargs: serde_json::Value| {
+        json!({"model_id": id, "model_name": MODEL_FILE, "model_type": "llama.cpp",
+               "model_kwargs": kwargs})
+    };
+    let (status, body) = app
+        .post(
+            Some(&admin),
+            "/llm/configure_model/",
+            configure("bad1", json!({"top_k": -1})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let bad = body["config_id"].as_str().expect("config_id").to_string();
+    let (status, body) = app
+        .post_empty(Some(&admin), &format!("/llm/load_model/{bad}"))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(code(&body), "invalid_model_kwargs", "{body}");
+    assert!(body.to_string().contains("top_k"), "{body}");
+    assert!(
+        !engine_threads().iter().any(|n| n == "llama-bad1"),
+        "no engine for a refused configuration"
+    );
+
+    // top_k 1 at temperature 1 is greedy: the default reaches the sampler.
+    let (status, body) = app
+        .post(
+            Some(&admin),
+            "/llm/configure_model/",
+            configure(
+                "topk1",
+                json!({"top_k": 1, "temperature": 1.0, "max_tokens": 8, "context_size": 1024}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let config_id = body["config_id"].as_str().expect("config_id").to_string();
+    let (status, body) = app
+        .post_empty(Some(&admin), &format!("/llm/load_model/{config_id}"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let client = app.key_with_calls(None).await;
+    let prompt = "What is the capital of France?";
+    let ask = |model: &str, kwargs: serde_json::Value| json!({"model_id": model, "prompt": prompt, "inference_kwargs": kwargs});
+    let (status, sampled) = app
+        .post(Some(&client), "/llm/inference/", ask("topk1", json!({})))
+        .await;
+    assert_eq!(status, 200, "{sampled}");
+    let (status, greedy) = app
+        .post(
+            Some(&client),
+            "/llm/inference/",
+            ask("smollm2", json!({"max_tokens": 8, "temperature": 0})),
+        )
+        .await;
+    assert_eq!(status, 200, "{greedy}");
+    assert_eq!(sampled["response"], greedy["response"]);
+    let (_, body) = app
+        .post_empty(Some(&admin), "/llm/unload_model/topk1")
+        .await;
+    assert_eq!(body["message"], "Model unloaded successfully", "{body}");
+}

@@ -248,15 +248,7 @@ impl Admission {
                 )
                 .await?;
                 let d = self.models.defaults_for(&resolved.model);
-                let params = g
-                    .sampling
-                    .or(SamplingInput {
-                        max_tokens: d.max_tokens,
-                        temperature: d.temperature,
-                        top_p: d.top_p,
-                        ..SamplingInput::default()
-                    })
-                    .into_params(&self.settings.api)?;
+                let params = g.sampling.or(d.sampling).into_params(&self.settings.api)?;
                 let tokenizer = self.models.tokenizer_for(&resolved.model);
                 // A remote model's ids are its upstream's, checked there.
                 let local = !self.models.is_remote(&resolved.model);

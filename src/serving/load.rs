@@ -34,20 +34,6 @@ fn kw_u32(kwargs: &Map<String, Value>, names: &[&str]) -> Result<Option<u32>, Ap
     Ok(None)
 }
 
-fn kw_f64(kwargs: &Map<String, Value>, name: &str) -> Result<Option<f64>, ApiError> {
-    kwargs
-        .get(name)
-        .map(|v| {
-            v.as_f64().ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::InvalidModelKwargs,
-                    format!("model_kwargs.{name} must be a number"),
-                )
-            })
-        })
-        .transpose()
-}
-
 /// Models this process serves besides the default one, at most (GGUFs and upstreams alike):
 /// each has a queue, a worker and a vocabulary in memory.
 const MAX_LOADED: usize = 64;
@@ -121,11 +107,7 @@ impl ModelRegistry {
         if let Some(n) = kw_u32(&kwargs, &["threads", "n_threads"])? {
             settings.engine.threads = n;
         }
-        let defaults = InferenceDefaults {
-            temperature: kw_f64(&kwargs, "temperature")?,
-            max_tokens: kw_u32(&kwargs, &["max_tokens"])?.map(i64::from),
-            top_p: kw_f64(&kwargs, "top_p")?,
-        };
+        let defaults = InferenceDefaults::from_kwargs(&kwargs, &self.settings.api)?;
 
         let for_engine = settings.engine.clone();
         let (engine, tokenizer) = tokio::task::spawn_blocking(move || {

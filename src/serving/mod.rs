@@ -20,6 +20,7 @@ use tokio::sync::Mutex;
 
 use crate::{
     engine::{tokenizer::PromptTokenizer, Algorithm, EngineStatus},
+    errors::{ApiError, ErrorCode},
     models::workers,
     notify::JobEvents,
     queue::{JobQueue, WorkerHandle},
@@ -48,12 +49,57 @@ pub fn model_id_for_file(file: &str) -> String {
         .collect()
 }
 
-/// Sampling defaults a configuration's `model_kwargs` may set for its model.
+/// Sampling defaults a configuration's `model_kwargs` may set for its model: the request
+/// fields under their own names (`max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, …),
+/// used where a request leaves them out.
 #[derive(Debug, Clone, Default)]
 pub struct InferenceDefaults {
-    pub temperature: Option<f64>,
-    pub max_tokens: Option<i64>,
-    pub top_p: Option<f64>,
+    pub sampling: crate::admission::SamplingInput,
+}
+
+/// The `model_kwargs` keys that are sampling defaults (the rest are load options).
+const SAMPLING_KWARGS: [&str; 13] = [
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "repeat_penalty",
+    "repeat_last_n",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+];
+
+impl InferenceDefaults {
+    /// The sampling defaults in `kwargs`, read as a request's fields and held to the same
+    /// bounds now, so a bad default is refused when the model loads rather than on every
+    /// request.
+    ///
+    /// # Errors
+    /// 422 `invalid_model_kwargs` naming the field.
+    pub fn from_kwargs(
+        kwargs: &serde_json::Map<String, serde_json::Value>,
+        api: &crate::settings::ApiSettings,
+    ) -> Result<Self, ApiError> {
+        let picked: serde_json::Map<String, serde_json::Value> = kwargs
+            .iter()
+            .filter(|(k, _)| SAMPLING_KWARGS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let invalid = |why: String| ApiError::new(ErrorCode::InvalidModelKwargs, why);
+        let sampling: crate::admission::SamplingInput =
+            serde_json::from_value(serde_json::Value::Object(picked))
+                .map_err(|e| invalid(format!("model_kwargs: {e}")))?;
+        sampling
+            .clone()
+            .into_params(api)
+            .map_err(|e| invalid(format!("model_kwargs: {}", e.message)))?;
+        Ok(Self { sampling })
+    }
 }
 
 /// A queue consumer and its heartbeat, stopped together.

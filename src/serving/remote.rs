@@ -15,7 +15,6 @@
 
 use std::sync::Arc;
 
-use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
 use super::{InferenceDefaults, LoadedModel, ModelRegistry};
@@ -84,16 +83,6 @@ pub fn check_new_config(new: &model_configs::NewConfig) -> Result<(), ApiError> 
     Ok(())
 }
 
-fn kw_f64(kwargs: &Map<String, Value>, name: &str) -> Result<Option<f64>, ApiError> {
-    kwargs
-        .get(name)
-        .map(|v| {
-            v.as_f64()
-                .ok_or_else(|| invalid_kwargs(format!("model_kwargs.{name} must be a number")))
-        })
-        .transpose()
-}
-
 /// Model ids: they become queue names and `model` fields (as `model_configs` requires).
 fn valid_model_id(id: &str) -> bool {
     !id.is_empty()
@@ -153,20 +142,7 @@ impl ModelRegistry {
         config: &model_configs::Model,
     ) -> Result<(Arc<LoadedModel>, bool), ApiError> {
         let spec = self.spec_of(config)?;
-        let kwargs = config.kwargs();
-        let max_tokens = kwargs
-            .get("max_tokens")
-            .map(|v| {
-                v.as_i64()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| invalid_kwargs("model_kwargs.max_tokens must be a whole number"))
-            })
-            .transpose()?;
-        let defaults = InferenceDefaults {
-            temperature: kw_f64(&kwargs, "temperature")?,
-            max_tokens,
-            top_p: kw_f64(&kwargs, "top_p")?,
-        };
+        let defaults = InferenceDefaults::from_kwargs(&config.kwargs(), &self.settings.api)?;
         let loaded = self
             .start_remote(spec, config.config_id.clone(), defaults)
             .await?;

@@ -6,7 +6,7 @@ mod common;
 use common::TestApp;
 use reqwest::{header, redirect::Policy, Client, RequestBuilder, Response, StatusCode};
 use serde_json::json;
-use tollgate::services::Services;
+use tollgate::{models::api_keys::KeyParams, services::Services};
 
 /// A browser without cookie storage on one test server: the test carries the session cookie
 /// itself (none until it signs in).
@@ -391,6 +391,160 @@ async fn from_an_empty_database_to_a_working_key_in_the_browser() {
         .expect("css");
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(resp.text().await.expect("css").contains(".bar"));
+}
+
+/// Rows of the keys table on a list page.
+fn key_rows(page: &str) -> usize {
+    page.matches(r#"<tr id="key-"#).count()
+}
+
+#[tokio::test]
+async fn the_keys_list_comes_in_pages_of_a_hundred_newest_first_and_searches_every_key() {
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let mut b = Browser::new(&app);
+    b.sign_in_as_new_admin().await;
+    let mut keys = Vec::new();
+    for i in 0..150 {
+        let params = KeyParams {
+            name: format!("client {i:03}"),
+            email: format!("c{i:03}@example.com"),
+            ..Default::default()
+        };
+        keys.push(common::issue_key(&app.ctx.db, params).await);
+    }
+
+    let (status, page1) = b.page("/admin/keys").await;
+    assert_eq!(status, StatusCode::OK, "{page1}");
+    assert_eq!(key_rows(&page1), 100, "{page1}");
+    assert!(
+        page1.contains("client 149") && page1.contains("client 050"),
+        "{page1}"
+    );
+    assert!(!page1.contains("client 049"), "{page1}");
+    assert!(page1.contains("Keys 1–100 of 150"), "{page1}");
+    assert!(
+        page1.contains(r#"<a rel="next" href="/admin/keys?page=2">"#),
+        "{page1}"
+    );
+    assert!(!page1.contains(r#"rel="prev""#), "{page1}");
+
+    let (_, page2) = b.page("/admin/keys?page=2").await;
+    assert_eq!(key_rows(&page2), 50, "{page2}");
+    assert!(
+        page2.contains("client 049") && page2.contains("client 000"),
+        "{page2}"
+    );
+    assert!(!page2.contains("client 050"), "{page2}");
+    assert!(page2.contains("Keys 101–150 of 150"), "{page2}");
+    assert!(
+        page2.contains(r#"<a rel="prev" href="/admin/keys?page=1">"#),
+        "{page2}"
+    );
+    assert!(!page2.contains(r#"rel="next""#), "{page2}");
+
+    let (status, page3) = b.page("/admin/keys?page=3").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(key_rows(&page3), 0, "{page3}");
+    assert!(page3.contains("No keys on page 3."), "{page3}");
+    for bad in ["0", "-1", "x", "99999999999999999999"] {
+        let (status, page) = b.page(&format!("/admin/keys?page={bad}")).await;
+        assert_eq!(status, StatusCode::OK, "page={bad}");
+        assert_eq!(key_rows(&page), 100, "page={bad} is the first page");
+    }
+
+    // Search covers every key, not only the page shown: by name (any case), email and prefix.
+    let (_, found) = b.page("/admin/keys?q=CLIENT%20007").await;
+    assert_eq!(key_rows(&found), 1, "{found}");
+    assert!(found.contains("client 007"), "{found}");
+    let (_, found) = b.page("/admin/keys?q=c012%40example").await;
+    assert_eq!(key_rows(&found), 1, "{found}");
+    assert!(found.contains("client 012"), "{found}");
+    let (_, found) = b.page(&format!("/admin/keys?q={}", keys[3].prefix)).await;
+    assert!(
+        found.contains(&format!("tg_{}_…", keys[3].prefix)),
+        "{found}"
+    );
+    // Searching pages too, and the links keep the search.
+    let (_, found) = b.page("/admin/keys?q=client").await;
+    assert_eq!(key_rows(&found), 100, "{found}");
+    assert!(
+        found.contains(r#"href="/admin/keys?page=2&amp;q=client""#),
+        "{found}"
+    );
+    let (_, found) = b.page("/admin/keys?q=client%201").await;
+    assert_eq!(key_rows(&found), 50, "client 100 to 149: {found}");
+    assert!(found.contains("Keys 1–50 of 50"), "{found}");
+    // `%` and `_` are characters to find, not wildcards.
+    for wildcard in ["%25", "client_0"] {
+        let (_, none) = b.page(&format!("/admin/keys?q={wildcard}")).await;
+        assert_eq!(key_rows(&none), 0, "q={wildcard}: {none}");
+        assert!(none.contains("No keys match"), "{none}");
+    }
+}
+
+#[tokio::test]
+async fn the_jobs_list_names_each_jobs_key_and_filters_by_its_prefix() {
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let mut b = Browser::new(&app);
+    b.sign_in_as_new_admin().await;
+    // Keys that ran nothing around the two that did.
+    let mut keys = Vec::new();
+    for i in 0..5 {
+        let params = KeyParams {
+            name: format!("k{i}"),
+            email: format!("k{i}@example.com"),
+            ..Default::default()
+        };
+        keys.push(common::issue_key(&app.ctx.db, params).await);
+    }
+    let (a, c) = (&keys[1], &keys[3]);
+    for _ in 0..2 {
+        assert_eq!(call_api(&app, &a.secret).await, StatusCode::OK);
+    }
+    assert_eq!(call_api(&app, &c.secret).await, StatusCode::OK);
+    let label = |k: &common::TestKey| format!("<code>{}</code>", k.prefix);
+
+    let (status, all) = b.page("/admin/jobs").await;
+    assert_eq!(status, StatusCode::OK, "{all}");
+    assert_eq!(all.matches(&label(a)).count(), 2, "{all}");
+    assert_eq!(all.matches(&label(c)).count(), 1, "{all}");
+    for idle in [&keys[0], &keys[2], &keys[4]] {
+        assert!(!all.contains(&idle.prefix), "{all}");
+    }
+
+    let (_, only_a) = b.page(&format!("/admin/jobs?key={}", a.prefix)).await;
+    assert_eq!(only_a.matches(&label(a)).count(), 2, "{only_a}");
+    assert_eq!(only_a.matches(&label(c)).count(), 0, "{only_a}");
+    let (_, only_c) = b.page(&format!("/admin/jobs?key=%20{}%20", c.prefix)).await;
+    assert_eq!(only_c.matches(&label(c)).count(), 1, "{only_c}");
+    assert_eq!(only_c.matches(&label(a)).count(), 0, "{only_c}");
+    // With the other filters too (the key's index leads; the rest still filter).
+    let (_, a_done) = b
+        .page(&format!(
+            "/admin/jobs?key={}&status=done&model=smollm2",
+            a.prefix
+        ))
+        .await;
+    assert_eq!(a_done.matches(&label(a)).count(), 2, "{a_done}");
+    assert_eq!(a_done.matches(&label(c)).count(), 0, "{a_done}");
+    let (_, a_failed) = b
+        .page(&format!("/admin/jobs?key={}&status=failed", a.prefix))
+        .await;
+    assert!(a_failed.contains("No jobs match."), "{a_failed}");
+    let (_, a_other_model) = b
+        .page(&format!("/admin/jobs?key={}&model=other", a.prefix))
+        .await;
+    assert!(a_other_model.contains("No jobs match."), "{a_other_model}");
+    let (_, none) = b.page(&format!("/admin/jobs?key={}", keys[0].prefix)).await;
+    assert!(none.contains("No jobs match."), "{none}");
+    let (_, none) = b.page("/admin/jobs?key=nosuchkey").await;
+    assert!(none.contains("No jobs match."), "{none}");
+
+    // A job's page names its key too.
+    let id = capture(r#"/admin/jobs/([0-9a-f-]{36})"#, &only_c, "a job link");
+    let (status, job) = b.page(&format!("/admin/jobs/{id}")).await;
+    assert_eq!(status, StatusCode::OK, "{job}");
+    assert!(job.contains(&label(c)), "{job}");
 }
 
 #[tokio::test]

@@ -18,6 +18,7 @@ mod m20261130_000013_model_placements;
 mod m20261130_000014_job_logprobs;
 mod m20261130_000015_job_choices;
 mod m20261130_000016_job_cached_tokens;
+mod m20261130_000017_scale_indexes;
 
 pub struct Migrator;
 
@@ -41,6 +42,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261130_000014_job_logprobs::Migration),
             Box::new(m20261130_000015_job_choices::Migration),
             Box::new(m20261130_000016_job_cached_tokens::Migration),
+            Box::new(m20261130_000017_scale_indexes::Migration),
         ]
     }
 }

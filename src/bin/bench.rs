@@ -17,9 +17,15 @@
 //!    through Redis (a fresh database and key prefix, removed afterwards);
 //! 4. key-check throughput: the production `Caller` extractor + `api_keys::charge` behind a
 //!    small router of this binary, then an exact-count check of `calls_used`;
-//! 5. optionally the load of 2 against any OpenAI-compatible URL;
+//! 5. optionally the load of 2 against any OpenAI-compatible URL — or, with
+//!    `--compare-llama-server`, against llama.cpp's own `llama-server` (built by
+//!    `scripts/build-llama-server.sh`), started here with the same model, threads, sequences and
+//!    per-sequence context, with the ratios Tollgate ÷ llama-server;
 //! 6. on its own (`--only prefix`): time to first token of a conversation's second turn after a
-//!    ~1,500-token history, through the server's engine thread with prefix reuse off and on.
+//!    ~1,500-token history, through the server's engine thread with prefix reuse off and on;
+//! 7. on its own (`--only scale`, `scale.rs`): admission, `/metrics`, the dashboard's pages and
+//!    `/usage/` on an empty database and after filling it with a million jobs and 100,000 keys,
+//!    on SQLite and on Postgres.
 //!
 //! Figures are reported, never asserted — except the exact count of part 4, which is a
 //! correctness property.
@@ -63,6 +69,9 @@ use tollgate::{
     settings::{EngineSettings, Settings},
 };
 
+#[path = "bench/scale.rs"]
+mod scale;
+
 /// The one prompt every part uses, so engine-only and end-to-end figures describe the same work.
 const PROMPT: &str =
     "Write a long story about a lighthouse keeper who finds a message in a bottle.";
@@ -78,7 +87,7 @@ Run from the repository root:  cargo run --release --bin tollgate-bench -- [flag
   --reps N               engine-only repetitions (default 5)
   --max-tokens N         tokens per generation in parts 1, 2 and 5 (default 64)
   --requests N           requests per route and concurrency level (default 16)
-  --concurrency LIST     comma-separated concurrency levels (default 1,4,8)
+  --concurrency LIST     comma-separated concurrency levels (default 1,4,8,32)
   --overhead-requests N  1-token requests (and engine 1-token runs) for part 3 (default 30)
   --keycheck-requests N  requests in part 4 (default 5000)
   --keycheck-clients N   concurrent clients in part 4 (default 8)
@@ -87,12 +96,21 @@ Run from the repository root:  cargo run --release --bin tollgate-bench -- [flag
   --external-url URL     also load an OpenAI-compatible server (base URL without /v1)
   --external-key KEY     bearer key for --external-url (optional)
   --external-model NAME  model name for --external-url (default: the local model name)
+  --compare-llama-server start llama.cpp's llama-server (same model, threads, sequences and
+                         per-sequence context) and load it as part 5, with the ratios
+  --llama-server PATH    the llama-server binary for --compare-llama-server (default: what
+                         scripts/build-llama-server.sh builds or has built)
   --only engine|external run only part 1 (engine only, 1 and --concurrency sequences) or only
                          part 5 (--external-url) and print one JSON object: what
                          scripts/gpu-smoke.sh reads
   --only prefix          run only part 6: time to first token of a second turn after a
                          ~1,500-token history, prefix reuse off vs on (--reps turns each), and
                          print one JSON object
+  --only scale           run only part 7: admission, /metrics, the dashboard's pages and
+                         /usage/ before and after filling SQLite and Postgres with history
+                         (scripted engine; minutes, so never part of the default run)
+  --scale-jobs N         finished jobs part 7 fills in (default 1000000)
+  --scale-keys N         keys part 7 fills in (default 100000)
   -h, --help             this text
 ";
 
@@ -108,9 +126,15 @@ struct Args {
     external_url: Option<String>,
     external_key: Option<String>,
     external_model: Option<String>,
+    /// Start llama.cpp's own server and make it part 5's external server.
+    compare_llama_server: bool,
+    llama_server: Option<PathBuf>,
     postgres: String,
     redis: String,
     only: Option<Only>,
+    /// Part 7's fill.
+    scale_jobs: u64,
+    scale_keys: u64,
 }
 
 /// A single part, reported as JSON.
@@ -119,6 +143,7 @@ enum Only {
     Engine,
     External,
     Prefix,
+    Scale,
 }
 
 impl Default for Args {
@@ -127,16 +152,20 @@ impl Default for Args {
             reps: 5,
             max_tokens: 64,
             requests: 16,
-            concurrency: vec![1, 4, 8],
+            concurrency: vec![1, 4, 8, 32],
             overhead_requests: 30,
             keycheck_requests: 5000,
             keycheck_clients: 8,
             external_url: None,
             external_key: None,
             external_model: None,
+            compare_llama_server: false,
+            llama_server: None,
             postgres: "postgres://postgres@127.0.0.1:5432".into(),
             redis: "redis://127.0.0.1:6379".into(),
             only: None,
+            scale_jobs: 1_000_000,
+            scale_keys: 100_000,
         }
     }
 }
@@ -153,6 +182,10 @@ fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
     while let Some(flag) = it.next() {
         if flag == "-h" || flag == "--help" {
             return Ok(None);
+        }
+        if flag == "--compare-llama-server" {
+            out.compare_llama_server = true;
+            continue;
         }
         let value = it
             .next()
@@ -173,14 +206,20 @@ fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
             "--external-url" => out.external_url = Some(value.trim_end_matches('/').to_string()),
             "--external-key" => out.external_key = Some(value.clone()),
             "--external-model" => out.external_model = Some(value.clone()),
+            "--llama-server" => out.llama_server = Some(PathBuf::from(value)),
             "--postgres" => out.postgres = value.trim_end_matches('/').to_string(),
             "--redis" => out.redis.clone_from(value),
+            "--scale-jobs" => out.scale_jobs = num(flag, value)?,
+            "--scale-keys" => out.scale_keys = num(flag, value)?,
             "--only" => {
                 out.only = Some(match value.as_str() {
                     "engine" => Only::Engine,
                     "external" => Only::External,
                     "prefix" => Only::Prefix,
-                    other => bail!("--only takes engine, external or prefix, got {other:?}"),
+                    "scale" => Only::Scale,
+                    other => {
+                        bail!("--only takes engine, external, prefix or scale, got {other:?}")
+                    }
                 });
             }
             other => bail!("unknown flag {other:?} (see --help)"),
@@ -192,13 +231,18 @@ fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
         || out.overhead_requests == 0
         || out.keycheck_requests == 0
         || out.keycheck_clients == 0
+        || out.scale_jobs == 0
+        || out.scale_keys == 0
         || out.concurrency.is_empty()
         || out.concurrency.contains(&0)
     {
         bail!("every count must be at least 1 (see --help)");
     }
-    if out.only == Some(Only::External) && out.external_url.is_none() {
-        bail!("--only external needs --external-url");
+    if out.compare_llama_server && out.external_url.is_some() {
+        bail!("--compare-llama-server is part 5's external server: leave --external-url out");
+    }
+    if out.only == Some(Only::External) && out.external_url.is_none() && !out.compare_llama_server {
+        bail!("--only external needs --external-url or --compare-llama-server");
     }
     Ok(Some(out))
 }
@@ -1090,6 +1134,26 @@ fn report(
     if let Some((url, ext)) = external {
         let _ = writeln!(s, "\n## 5. External OpenAI-compatible server: {url}\n");
         table(&mut s, ext);
+        let _ = writeln!(
+            s,
+            "\n| concurrency | Tollgate /v1/chat/completions tokens/s | external tokens/s | Tollgate ÷ external |"
+        );
+        let _ = writeln!(s, "|---:|---:|---:|---:|");
+        for e in ext {
+            if let Some(own) = loads
+                .iter()
+                .find(|l| l.route == Route::Chat && l.concurrency == e.concurrency)
+            {
+                let _ = writeln!(
+                    s,
+                    "| {} | {:.1} | {:.1} | {:.2} × |",
+                    e.concurrency,
+                    own.tokens_per_s(),
+                    e.tokens_per_s(),
+                    own.tokens_per_s() / e.tokens_per_s().max(f64::EPSILON)
+                );
+            }
+        }
     }
 
     let single = loads
@@ -1348,9 +1412,95 @@ async fn only_prefix(args: &Args, settings: &EngineSettings) -> anyhow::Result<(
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// llama.cpp's own server, for part 5
+
+/// A `llama-server` this run started; stopped when dropped.
+struct LlamaServer {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl LlamaServer {
+    /// Starts `llama-server` as Tollgate's engine runs: the same model file, threads,
+    /// sequences (`-np`) and context per sequence (`-c` is shared by the sequences), and waits
+    /// until `/health` answers 200.
+    async fn start(binary: Option<&std::path::Path>, e: &EngineSettings) -> anyhow::Result<Self> {
+        let binary = match binary {
+            Some(b) => b.to_path_buf(),
+            None => {
+                eprintln!("building (or finding) llama-server: scripts/build-llama-server.sh …");
+                let out = std::process::Command::new("bash")
+                    .arg("scripts/build-llama-server.sh")
+                    .stderr(std::process::Stdio::inherit())
+                    .output()
+                    .context("running scripts/build-llama-server.sh")?;
+                if !out.status.success() {
+                    bail!("scripts/build-llama-server.sh failed ({})", out.status);
+                }
+                let path = String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string();
+                PathBuf::from(path)
+            }
+        };
+        let threads = if e.threads == 0 {
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        } else {
+            e.threads as usize
+        };
+        let parallel = e.parallel.max(1);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = std::process::Command::new(&binary)
+            .args(["-m", &e.model_path.display().to_string()])
+            .args(["-t", &threads.to_string(), "-tb", &threads.to_string()])
+            .args(["-np", &parallel.to_string()])
+            .args(["-c", &(e.context_size * parallel).to_string()])
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let server = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        eprintln!(
+            "llama-server {} -t {threads} -np {parallel} -c {} on {}",
+            binary.display(),
+            e.context_size * parallel,
+            server.url
+        );
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let health = http.get(format!("{}/health", server.url)).send().await;
+            if health.is_ok_and(|r| r.status().is_success()) {
+                return Ok(server);
+            }
+            if Instant::now() > deadline {
+                bail!("llama-server did not become healthy in 300 s");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    let Some(args) = parse_args(&argv)? else {
+    let Some(mut args) = parse_args(&argv)? else {
         print!("{USAGE}");
         return Ok(());
     };
@@ -1374,11 +1524,24 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok(Settings::from_config(&config)?.engine)
     })?;
 
+    // Kept alive (and stopped) for the whole run.
+    let _llama_server = if args.compare_llama_server {
+        let server =
+            runtime.block_on(LlamaServer::start(args.llama_server.as_deref(), &settings))?;
+        args.external_url = Some(server.url.clone());
+        args.external_model = Some(settings.model_name.clone());
+        Some(server)
+    } else {
+        None
+    };
     if args.only == Some(Only::External) {
         return only_external(&runtime, &args, &settings);
     }
     if args.only == Some(Only::Prefix) {
         return runtime.block_on(only_prefix(&args, &settings));
+    }
+    if args.only == Some(Only::Scale) {
+        return runtime.block_on(scale::only_scale(&args));
     }
     eprintln!("1. engine only ({} reps) …", args.reps);
     // Before the server starts, so nothing else competes for the cores; on a thread of its own
@@ -1423,7 +1586,7 @@ fn main() -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        Some(Only::External | Only::Prefix) | None => {}
+        Some(Only::External | Only::Prefix | Only::Scale) | None => {}
     }
     let outcome = runtime.block_on(async {
         eprintln!(
@@ -1602,5 +1765,26 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(prefix.only, Some(Only::Prefix));
+        let scale = parse_args(&strings(&["--only", "scale", "--scale-jobs", "2000"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(scale.only, Some(Only::Scale));
+        assert_eq!((scale.scale_jobs, scale.scale_keys), (2000, 100_000));
+        assert_eq!(Args::default().scale_jobs, 1_000_000);
+        assert!(parse_args(&strings(&["--scale-keys", "0"])).is_err());
+        assert!(parse_args(&strings(&["--scale-jobs", "many"])).is_err());
+        assert!(parse_args(&strings(&["--only", "everything"])).is_err());
+        let compare = parse_args(&strings(&["--compare-llama-server", "--reps", "3"]))
+            .unwrap()
+            .unwrap();
+        assert!(compare.compare_llama_server);
+        assert_eq!(compare.reps, 3);
+        assert!(parse_args(&strings(&[
+            "--compare-llama-server",
+            "--external-url",
+            "http://x"
+        ]))
+        .is_err());
+        assert_eq!(Args::default().concurrency, vec![1, 4, 8, 32]);
     }
 }

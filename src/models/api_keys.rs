@@ -17,6 +17,13 @@ use super::{now, ModelError};
 
 impl ActiveModelBehavior for ActiveModel {}
 
+/// One page of [`Model::page`]: its keys and how many match in all.
+#[derive(Debug)]
+pub struct KeyPage {
+    pub keys: Vec<Model>,
+    pub total: u64,
+}
+
 /// Highest scheduling priority an admin may give a key.
 pub const MAX_PRIORITY: i32 = 10;
 
@@ -246,6 +253,78 @@ impl Model {
             .order_by_desc(Column::Id)
             .all(db)
             .await?)
+    }
+
+    /// One page of the keys admins issued (seed 002's per-login tokens are keys too, but not
+    /// theirs to list), newest first, only those whose name, email or prefix contains `search`
+    /// (case-insensitive) when it is not empty. Filtered, counted and cut in SQL, so a page
+    /// costs about the same with 100,000 keys as with ten.
+    ///
+    /// # Errors
+    /// On database errors.
+    pub async fn page<C: ConnectionTrait>(
+        db: &C,
+        search: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<KeyPage, ModelError> {
+        use sea_orm::{
+            sea_query::{Func, LikeExpr},
+            QuerySelect,
+        };
+        let mut q = Entity::find().filter(Column::UserId.is_null());
+        let search = search.trim().to_lowercase();
+        if !search.is_empty() {
+            // `%` and `_` in the search are literal characters, not wildcards.
+            let escaped = search
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            let pattern = || LikeExpr::new(format!("%{escaped}%")).escape('\\');
+            let lower = |c: Column| Expr::from(Func::lower(Expr::col(c)));
+            q = q.filter(
+                Condition::any()
+                    .add(lower(Column::Name).like(pattern()))
+                    .add(lower(Column::Email).like(pattern()))
+                    .add(Expr::col(Column::Prefix).like(pattern())),
+            );
+        }
+        let total = q.clone().count(db).await?;
+        // Ids grow with creation, so the primary key gives "newest first" without a sort.
+        let keys = q
+            .order_by_desc(Column::Id)
+            .offset(offset)
+            .limit(limit)
+            .all(db)
+            .await?;
+        Ok(KeyPage { keys, total })
+    }
+
+    /// The prefixes of the keys `ids` (those that exist), in one query: what a list of jobs
+    /// needs to name their keys, without reading every key.
+    ///
+    /// # Errors
+    /// On database errors.
+    pub async fn prefixes_of<C: ConnectionTrait>(
+        db: &C,
+        ids: impl IntoIterator<Item = i32>,
+    ) -> Result<std::collections::HashMap<i32, String>, ModelError> {
+        use sea_orm::QuerySelect;
+        let mut ids: Vec<i32> = ids.into_iter().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.is_empty() {
+            return Ok(std::collections::HashMap::new());
+        }
+        let rows: Vec<(i32, String)> = Entity::find()
+            .select_only()
+            .column(Column::Id)
+            .column(Column::Prefix)
+            .filter(Column::Id.is_in(ids))
+            .into_tuple()
+            .all(db)
+            .await?;
+        Ok(rows.into_iter().collect())
     }
 
     /// Why this key may not make a call at `at`, judged from this (possibly stale) row.

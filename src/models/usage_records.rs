@@ -28,7 +28,7 @@ pub async fn daily<C: ConnectionTrait>(
     from: Date,
     to: Date,
 ) -> Result<Vec<DailyUsage>, ModelError> {
-    use sea_orm::sea_query::{Expr, ExprTrait, Func};
+    use sea_orm::sea_query::{Expr, Func};
     // SUM is BIGINT on Postgres and INTEGER on SQLite; the cast makes both decode as i64.
     let sum = |c: Column| -> sea_orm::sea_query::Expr {
         Func::cast_as(
@@ -40,7 +40,9 @@ pub async fn daily<C: ConnectionTrait>(
     Ok(Entity::find()
         .select_only()
         .column(Column::Day)
-        .column_as(Expr::col(Column::Id).count(), "requests")
+        // COUNT(*), not COUNT(id): the key-and-day index (migration 000017) covers every
+        // column this reads, and `id` is not among them on Postgres.
+        .column_as(Expr::cust("COUNT(*)"), "requests")
         .column_as(sum(Column::PromptTokens), "prompt_tokens")
         .column_as(sum(Column::GeneratedTokens), "generated_tokens")
         .column_as(sum(Column::Words), "words")

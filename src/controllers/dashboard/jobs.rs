@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use axum::{
     extract::{Path, Query, State},
     http::StatusCode,
-    response::Response,
 };
 use loco_rs::{
     app::AppContext,
@@ -46,15 +45,6 @@ pub(super) fn job_row(j: &jobs::Model, prefixes: &HashMap<i32, String>) -> Value
     })
 }
 
-async fn key_prefixes(ctx: &AppContext) -> Result<HashMap<i32, String>, Response> {
-    Ok(api_keys::Model::list(&ctx.db)
-        .await
-        .map_err(internal)?
-        .into_iter()
-        .map(|k| (k.id, k.prefix))
-        .collect())
-}
-
 pub(super) async fn list(
     State(ctx): State<AppContext>,
     admin: SignedIn,
@@ -62,20 +52,24 @@ pub(super) async fn list(
     Query(q): Query<Fields>,
 ) -> PageResult {
     let pick = |name: &str| q.get(name).map(|s| s.trim()).filter(|s| !s.is_empty());
-    let prefixes = key_prefixes(&ctx).await?;
     // An unknown prefix matches no job (id -1).
-    let key_id = pick("key").map(|p| {
-        prefixes
-            .iter()
-            .find(|(_, v)| *v == p)
-            .map_or(-1, |(id, _)| *id)
-    });
-    let rows: Vec<Value> = jobs::Model::recent(&ctx.db, pick("status"), key_id, pick("model"), 100)
+    let key_id = match pick("key") {
+        Some(prefix) => Some(
+            api_keys::Model::find_by_prefix(&ctx.db, prefix)
+                .await
+                .map_err(internal)?
+                .map_or(-1, |k| k.id),
+        ),
+        None => None,
+    };
+    let found = jobs::Model::recent(&ctx.db, pick("status"), key_id, pick("model"), 100)
         .await
-        .map_err(internal)?
-        .iter()
-        .map(|j| job_row(j, &prefixes))
-        .collect();
+        .map_err(internal)?;
+    // Only the keys of the jobs shown are named: one query whatever the number of keys.
+    let prefixes = api_keys::Model::prefixes_of(&ctx.db, found.iter().map(|j| j.api_key_id))
+        .await
+        .map_err(internal)?;
+    let rows: Vec<Value> = found.iter().map(|j| job_row(j, &prefixes)).collect();
     render(
         &v,
         StatusCode::OK,
@@ -104,7 +98,9 @@ pub(super) async fn detail(
     else {
         return Err(not_found_page("No such job."));
     };
-    let prefixes = key_prefixes(&ctx).await?;
+    let prefixes = api_keys::Model::prefixes_of(&ctx.db, [job.api_key_id])
+        .await
+        .map_err(internal)?;
     let mut row = job_row(&job, &prefixes);
     row["request"] = json!(job.request);
     row["result"] = json!(job

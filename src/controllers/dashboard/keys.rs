@@ -28,6 +28,9 @@ use crate::{
 /// Days shown in a key's charts.
 const CHART_DAYS: i64 = 30;
 
+/// Keys on one page of the list.
+const KEYS_PER_PAGE: u64 = 100;
+
 /// One key as the list shows it.
 fn key_row(k: &api_keys::Model) -> Value {
     let at = now();
@@ -94,24 +97,41 @@ pub(super) async fn list(
         .get("q")
         .map(|s| s.trim().to_lowercase())
         .unwrap_or_default();
-    let all = api_keys::Model::list(&ctx.db).await.map_err(internal)?;
-    let rows: Vec<Value> = all
-        .iter()
-        // Seed 002's per-login tokens are keys too; the list shows the keys admins issue.
-        .filter(|k| k.user_id.is_none())
-        .filter(|k| {
-            search.is_empty()
-                || k.name.to_lowercase().contains(&search)
-                || k.email.contains(&search)
-                || k.prefix.contains(&search)
-        })
-        .map(key_row)
-        .collect();
+    // Anything but a whole number from 1 up is the first page.
+    let page = q
+        .get("page")
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .filter(|p| *p >= 1)
+        .map_or(1, u64::from);
+    let offset = (page - 1) * KEYS_PER_PAGE;
+    let found = api_keys::Model::page(&ctx.db, &search, offset, KEYS_PER_PAGE)
+        .await
+        .map_err(internal)?;
+    let rows: Vec<Value> = found.keys.iter().map(key_row).collect();
+    let shown = rows.len() as u64;
+    // The search, carried by the page links (`&q=…`, encoded; the template escapes the `&`).
+    let q_query = if search.is_empty() {
+        String::new()
+    } else {
+        serde_urlencoded::to_string([("q", search.as_str())])
+            .map(|q| format!("&{q}"))
+            .unwrap_or_default()
+    };
     render(
         &v,
         StatusCode::OK,
         "dashboard/keys.html",
-        &admin.page(json!({"keys": rows, "q": search})),
+        &admin.page(json!({
+            "keys": rows,
+            "q": search,
+            "q_query": q_query,
+            "page": page,
+            "total": found.total,
+            "first": offset + 1,
+            "last": offset + shown,
+            "prev_page": (page > 1).then_some(page - 1),
+            "next_page": (offset + shown < found.total).then_some(page + 1),
+        })),
     )
 }
 

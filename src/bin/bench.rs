@@ -1504,6 +1504,12 @@ fn main() -> anyhow::Result<()> {
         print!("{USAGE}");
         return Ok(());
     };
+    // Every part repeats one prompt: with prefix reuse the servers would read it once and
+    // the end-to-end and overhead parts would not measure the work engine-only does (part 6
+    // sets reuse itself). TOLLGATE_PREFIX_REUSE=true keeps it on.
+    if std::env::var_os("TOLLGATE_PREFIX_REUSE").is_none() {
+        std::env::set_var("TOLLGATE_PREFIX_REUSE", "false");
+    }
     let m = machine();
     eprintln!(
         "tollgate-bench on {} ({} cores), load {:.2}",

@@ -213,6 +213,41 @@ impl StopWords {
     }
 }
 
+/// The sampler controls beyond `temperature`, `top_p`, `seed` and `stop`, under the names
+/// every route takes them by (OpenAI's penalties and `logit_bias`, llama.cpp server's and
+/// vLLM's `top_k`, `min_p`, `typical_p`, `repeat_penalty`, `repeat_last_n`): one list,
+/// flattened into each wire body that has a place for them.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+pub struct SamplerFields {
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub typical_p: Option<f64>,
+    pub repeat_penalty: Option<f64>,
+    pub repeat_last_n: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    /// OpenAI's shape: token id (as a string) → bias from -100 to 100.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+}
+
+impl SamplerFields {
+    /// `base` with these controls set.
+    #[must_use]
+    pub fn onto(self, base: SamplingInput) -> SamplingInput {
+        SamplingInput {
+            top_k: self.top_k,
+            min_p: self.min_p,
+            typical_p: self.typical_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias,
+            ..base
+        }
+    }
+}
+
 /// Optional sampling fields shared by every generation route, as sent.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 pub struct SamplingInput {

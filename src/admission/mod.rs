@@ -27,8 +27,8 @@ use sea_orm::{DatabaseConnection, TransactionTrait};
 use tracing::Instrument;
 
 pub use self::input::{
-    EmbeddingInput, GenerationInput, HeadInput, Input, Memory, ModelChoice, SamplingInput,
-    StopWords, ToolsInput,
+    EmbeddingInput, GenerationInput, HeadInput, Input, Memory, ModelChoice, SamplerFields,
+    SamplingInput, StopWords, ToolsInput,
 };
 use crate::{
     engine::{EmbeddingRequest, Prompt},

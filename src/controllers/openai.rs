@@ -30,8 +30,8 @@ use crate::{
     admission::{
         input::{chat_messages, prompt_text, WireMessage},
         resolve::available_models,
-        Admitted, EmbeddingInput, Follow, GenerationInput, ModelChoice, SamplingInput, StopWords,
-        Ticket,
+        Admitted, EmbeddingInput, Follow, GenerationInput, ModelChoice, SamplerFields,
+        SamplingInput, StopWords, Ticket,
     },
     engine::{
         grammar::ResponseFormat, tools::ToolFormat, Choice, Prompt, TokenLogprob, MAX_TOP_LOGPROBS,
@@ -54,15 +54,9 @@ struct Common {
     top_p: Option<f64>,
     seed: Option<i64>,
     stop: Option<StopWords>,
-    presence_penalty: Option<f64>,
-    frequency_penalty: Option<f64>,
-    logit_bias: Option<std::collections::BTreeMap<String, f64>>,
-    /// llama.cpp server's and vLLM's own sampling fields.
-    top_k: Option<i64>,
-    min_p: Option<f64>,
-    typical_p: Option<f64>,
-    repeat_penalty: Option<f64>,
-    repeat_last_n: Option<i64>,
+    /// OpenAI's penalties and `logit_bias`; llama.cpp server's and vLLM's own controls.
+    #[serde(flatten)]
+    controls: SamplerFields,
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
@@ -283,27 +277,20 @@ impl Common {
         };
         Ok(GenerationInput {
             prompt,
-            sampling: SamplingInput {
+            sampling: self.controls.onto(SamplingInput {
                 max_tokens: self.max_completion_tokens.or(self.max_tokens),
                 temperature: self.temperature,
                 top_p: self.top_p,
                 seed: self.seed,
                 stop: self.stop,
-                top_k: self.top_k,
-                min_p: self.min_p,
-                typical_p: self.typical_p,
-                repeat_penalty: self.repeat_penalty,
-                repeat_last_n: self.repeat_last_n,
-                presence_penalty: self.presence_penalty,
-                frequency_penalty: self.frequency_penalty,
-                logit_bias: self.logit_bias,
                 // Clients often ask for more than a small model's context holds (4096 is a
                 // common default): cut to what fits, reported as `finish_reason: "length"`.
                 clamp_max_tokens: true,
                 response_format,
                 logprobs,
                 n: self.n,
-            },
+                ..SamplingInput::default()
+            }),
             model: ModelChoice::named(self.model),
             memory: None,
             tools: None,

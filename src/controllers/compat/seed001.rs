@@ -17,7 +17,7 @@ use serde_json::json;
 use crate::{
     admission::{
         input::{chat_messages, user_prompt, WireMessage},
-        GenerationInput, ModelChoice, SamplingInput, StopWords, Ticket,
+        GenerationInput, ModelChoice, SamplerFields, SamplingInput, StopWords, Ticket,
     },
     controllers::respond::answer,
     engine::Prompt,
@@ -44,15 +44,9 @@ struct Meta {
     /// The rest of the sampling controls the OpenAI routes take, under the same names and
     /// bounds (the seed's `meta` is where its clients put generation settings).
     top_p: Option<f64>,
-    top_k: Option<i64>,
-    min_p: Option<f64>,
-    typical_p: Option<f64>,
-    repeat_penalty: Option<f64>,
-    repeat_last_n: Option<i64>,
-    presence_penalty: Option<f64>,
-    frequency_penalty: Option<f64>,
     seed: Option<i64>,
-    logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    #[serde(flatten)]
+    controls: SamplerFields,
     /// Anything else is refused by name rather than ignored.
     #[serde(flatten)]
     #[schema(ignore)]
@@ -150,24 +144,16 @@ impl Meta {
         }
         Ok(GenerationInput {
             prompt,
-            sampling: SamplingInput {
+            sampling: self.controls.onto(SamplingInput {
                 // Absent: the seed's documented default, cut to what the context has room for.
                 max_tokens: Some(self.tokens_limit.unwrap_or(DEFAULT_TOKENS_LIMIT)),
                 temperature: Some(self.temperature.unwrap_or(DEFAULT_TEMPERATURE)),
                 top_p: self.top_p,
                 seed: self.seed,
                 stop: self.stop_words,
-                top_k: self.top_k,
-                min_p: self.min_p,
-                typical_p: self.typical_p,
-                repeat_penalty: self.repeat_penalty,
-                repeat_last_n: self.repeat_last_n,
-                presence_penalty: self.presence_penalty,
-                frequency_penalty: self.frequency_penalty,
-                logit_bias: self.logit_bias,
                 clamp_max_tokens: true,
                 ..SamplingInput::default()
-            },
+            }),
             model: ModelChoice {
                 model: self.model,
                 adapter: one_of("lora", head.lora, self.lora)?,

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::{
-    admission::{GenerationInput, ModelChoice, SamplingInput, StopWords, Ticket},
+    admission::{GenerationInput, ModelChoice, SamplerFields, SamplingInput, StopWords, Ticket},
     controllers::respond::{admit, answer},
     errors::{ApiError, ApiResult, ErrorCode},
     extractors::{AdminCaller, Caller, JsonBody, MeteredCaller},
@@ -50,14 +50,8 @@ struct InferenceKwargs {
     top_p: Option<f64>,
     seed: Option<i64>,
     stop: Option<StopWords>,
-    top_k: Option<i64>,
-    min_p: Option<f64>,
-    typical_p: Option<f64>,
-    repeat_penalty: Option<f64>,
-    repeat_last_n: Option<i64>,
-    presence_penalty: Option<f64>,
-    frequency_penalty: Option<f64>,
-    logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    #[serde(flatten)]
+    controls: SamplerFields,
     #[serde(flatten)]
     #[schema(ignore)]
     rest: Map<String, Value>,
@@ -251,22 +245,14 @@ impl TryFrom<InferenceRequest> for GenerationInput {
                 format!("inference_kwargs.{name} is not a setting this server knows; leave it out"),
             ));
         }
-        let sampling = SamplingInput {
+        let sampling = kw.controls.onto(SamplingInput {
             max_tokens: kw.max_tokens.or(kw.max_new_tokens),
             temperature: kw.temperature,
             top_p: kw.top_p,
             seed: kw.seed,
             stop: kw.stop,
-            top_k: kw.top_k,
-            min_p: kw.min_p,
-            typical_p: kw.typical_p,
-            repeat_penalty: kw.repeat_penalty,
-            repeat_last_n: kw.repeat_last_n,
-            presence_penalty: kw.presence_penalty,
-            frequency_penalty: kw.frequency_penalty,
-            logit_bias: kw.logit_bias,
             ..SamplingInput::default()
-        };
+        });
         let model = ModelChoice::named(Some(body.model_id.trim().to_string()));
         Self::user_turn("prompt", body.prompt, sampling, model)
     }

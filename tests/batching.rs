@@ -215,9 +215,27 @@ async fn jobs_with_different_lora_heads_never_share_a_batch() {
         ],
     )
     .await;
+    // Base jobs give exactly their alone answer (the quantized base kernels do not depend on
+    // the batch's shape), so no head touched them. Head jobs are held to the head's own answer
+    // only where it starts: the adapter's F32 matrices go through kernels whose sums depend on
+    // how many sequences share the step, and a 135M model's greedy text can drift a few words
+    // in (seen once in CI). A head job decoded without its head would give the base answer.
+    let opening = |t: &str| t.chars().take(8).collect::<String>();
+    assert_ne!(
+        opening(text(&base_alone)),
+        opening(text(&head_alone)),
+        "the test needs a head whose answer starts differently"
+    );
     for (i, answer) in mixed.iter().enumerate() {
-        let expected = if i % 2 == 0 { &base_alone } else { &head_alone };
-        assert_eq!(text(answer), text(expected), "job {i}: {mixed:?}");
+        if i % 2 == 0 {
+            assert_eq!(text(answer), text(&base_alone), "job {i}: {mixed:?}");
+        } else {
+            assert_eq!(
+                opening(text(answer)),
+                opening(text(&head_alone)),
+                "job {i}: {mixed:?}"
+            );
+        }
     }
     let _ = std::fs::remove_file(adapters.join(&file));
 }

@@ -231,19 +231,18 @@ pub struct SamplerFields {
 }
 
 impl SamplerFields {
-    /// `base` with these controls set.
+    /// Fills fields left out from `fallback`.
     #[must_use]
-    pub fn onto(self, base: SamplingInput) -> SamplingInput {
-        SamplingInput {
-            top_k: self.top_k,
-            min_p: self.min_p,
-            typical_p: self.typical_p,
-            repeat_penalty: self.repeat_penalty,
-            repeat_last_n: self.repeat_last_n,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            logit_bias: self.logit_bias,
-            ..base
+    fn or(self, fallback: Self) -> Self {
+        Self {
+            top_k: self.top_k.or(fallback.top_k),
+            min_p: self.min_p.or(fallback.min_p),
+            typical_p: self.typical_p.or(fallback.typical_p),
+            repeat_penalty: self.repeat_penalty.or(fallback.repeat_penalty),
+            repeat_last_n: self.repeat_last_n.or(fallback.repeat_last_n),
+            presence_penalty: self.presence_penalty.or(fallback.presence_penalty),
+            frequency_penalty: self.frequency_penalty.or(fallback.frequency_penalty),
+            logit_bias: self.logit_bias.or(fallback.logit_bias),
         }
     }
 }
@@ -256,15 +255,8 @@ pub struct SamplingInput {
     pub top_p: Option<f64>,
     pub seed: Option<i64>,
     pub stop: Option<StopWords>,
-    pub top_k: Option<i64>,
-    pub min_p: Option<f64>,
-    pub typical_p: Option<f64>,
-    pub repeat_penalty: Option<f64>,
-    pub repeat_last_n: Option<i64>,
-    pub presence_penalty: Option<f64>,
-    pub frequency_penalty: Option<f64>,
-    /// OpenAI's shape: token id (as a string) → bias from -100 to 100.
-    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    #[serde(flatten)]
+    pub controls: SamplerFields,
     /// A `max_tokens` above the server's limit is cut to it instead of refused (seed 001's
     /// documented default of 8096 is larger than most contexts).
     #[serde(skip)]
@@ -315,14 +307,7 @@ impl SamplingInput {
             top_p: self.top_p.or(fallback.top_p),
             seed: self.seed.or(fallback.seed),
             stop: self.stop.or(fallback.stop),
-            top_k: self.top_k.or(fallback.top_k),
-            min_p: self.min_p.or(fallback.min_p),
-            typical_p: self.typical_p.or(fallback.typical_p),
-            repeat_penalty: self.repeat_penalty.or(fallback.repeat_penalty),
-            repeat_last_n: self.repeat_last_n.or(fallback.repeat_last_n),
-            presence_penalty: self.presence_penalty.or(fallback.presence_penalty),
-            frequency_penalty: self.frequency_penalty.or(fallback.frequency_penalty),
-            logit_bias: self.logit_bias.or(fallback.logit_bias),
+            controls: self.controls.or(fallback.controls),
             clamp_max_tokens: self.clamp_max_tokens,
             response_format: self.response_format.or(fallback.response_format),
             logprobs: self.logprobs.or(fallback.logprobs),
@@ -391,7 +376,7 @@ impl SamplingInput {
             ));
         }
         let controls = SamplerControls {
-            top_k: match self.top_k {
+            top_k: match self.controls.top_k {
                 None => None,
                 Some(k) if (0..=100_000).contains(&k) => i32::try_from(k).ok(),
                 Some(k) => {
@@ -401,16 +386,16 @@ impl SamplingInput {
                     ))
                 }
             },
-            min_p: bounded("min_p", self.min_p, 0.0..=1.0, ErrorCode::InvalidSampling)?,
-            typical_p: bounded("typical_p", self.typical_p, 0.0..=1.0, ErrorCode::InvalidSampling)?,
+            min_p: bounded("min_p", self.controls.min_p, 0.0..=1.0, ErrorCode::InvalidSampling)?,
+            typical_p: bounded("typical_p", self.controls.typical_p, 0.0..=1.0, ErrorCode::InvalidSampling)?,
             repeat_penalty: bounded(
                 "repeat_penalty",
-                self.repeat_penalty,
+                self.controls.repeat_penalty,
                 0.0..=10.0,
                 ErrorCode::InvalidSampling,
             )?
             .filter(|p| *p > 0.0),
-            repeat_last_n: match self.repeat_last_n {
+            repeat_last_n: match self.controls.repeat_last_n {
                 None => None,
                 Some(n) if (0..=65_536).contains(&n) => i32::try_from(n).ok(),
                 Some(n) => {
@@ -422,17 +407,18 @@ impl SamplingInput {
             },
             presence_penalty: bounded(
                 "presence_penalty",
-                self.presence_penalty,
+                self.controls.presence_penalty,
                 -2.0..=2.0,
                 ErrorCode::InvalidSampling,
             )?,
             frequency_penalty: bounded(
                 "frequency_penalty",
-                self.frequency_penalty,
+                self.controls.frequency_penalty,
                 -2.0..=2.0,
                 ErrorCode::InvalidSampling,
             )?,
             logit_bias: self
+                .controls
                 .logit_bias
                 .unwrap_or_default()
                 .into_iter()

@@ -277,7 +277,7 @@ impl Common {
         };
         Ok(GenerationInput {
             prompt,
-            sampling: self.controls.onto(SamplingInput {
+            sampling: SamplingInput {
                 max_tokens: self.max_completion_tokens.or(self.max_tokens),
                 temperature: self.temperature,
                 top_p: self.top_p,
@@ -289,8 +289,8 @@ impl Common {
                 response_format,
                 logprobs,
                 n: self.n,
-                ..SamplingInput::default()
-            }),
+                controls: self.controls,
+            },
             model: ModelChoice::named(self.model),
             memory: None,
             tools: None,
@@ -436,7 +436,11 @@ fn logprobs_json(job: &jobs::Model, shape: Shape) -> Value {
 /// A done job's choices in OpenAI's shape: the first from the record's own fields, the others
 /// (`n` > 1) from `choices`.
 fn choices_json(job: &jobs::Model, shape: Shape) -> Vec<Value> {
-    let tools = tool_calls::format_of(job);
+    // Only a chat can offer tools (and reading the request costs a parse of its JSON).
+    let tools = match shape {
+        Shape::Chat => tool_calls::format_of(job),
+        Shape::Text => None,
+    };
     let one = |index: usize, text: &str, finish: Option<&str>, logprobs: Value| match shape {
         Shape::Chat => {
             let (message, finish) = tool_calls::message(&job.id, index, text, finish, tools);
@@ -757,14 +761,14 @@ fn stream(js: crate::admission::JobStream, shape: Shape, streaming: Streaming) -
         Shape::Text => Vec::new(),
     };
     let include_usage = streaming.include_usage;
+    // Several choices are sent whole, each with its index, once all are done (their tokens
+    // arrive interleaved); so are answers that may be tool calls. One parse of the request.
+    let asked = serde_json::from_str::<crate::engine::GenerationRequest>(&js.job.request).ok();
     let tools = match shape {
-        Shape::Chat => tool_calls::format_of(&js.job),
+        Shape::Chat => asked.as_ref().and_then(tool_calls::format_in),
         Shape::Text => None,
     };
-    // Several choices are sent whole, each with its index, once all are done (their tokens
-    // arrive interleaved); so are answers that may be tool calls.
-    let several = serde_json::from_str::<crate::engine::GenerationRequest>(&js.job.request)
-        .is_ok_and(|r| r.params.controls.n.is_some_and(|n| n > 1));
+    let several = asked.is_some_and(|r| r.params.controls.n.is_some_and(|n| n > 1));
     let updates = job_updates(js.deltas, js.done)
         .map(Some)
         .chain(futures::stream::once(async { None }));

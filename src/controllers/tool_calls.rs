@@ -143,11 +143,13 @@ pub fn tools_input(
 /// How a job's calls are written, when it offered tools.
 #[must_use]
 pub fn format_of(job: &jobs::Model) -> Option<ToolFormat> {
-    serde_json::from_str::<GenerationRequest>(&job.request)
-        .ok()?
-        .prompt
-        .tools()
-        .map(|t| t.format)
+    format_in(&serde_json::from_str::<GenerationRequest>(&job.request).ok()?)
+}
+
+/// How calls are written for `request`, when it offered tools.
+#[must_use]
+pub fn format_in(request: &GenerationRequest) -> Option<ToolFormat> {
+    request.prompt.tools().map(|t| t.format)
 }
 
 /// A chat choice's `message` and `finish_reason`: the text as it is, or, for a job that

@@ -57,23 +57,6 @@ pub struct InferenceDefaults {
     pub sampling: crate::admission::SamplingInput,
 }
 
-/// The `model_kwargs` keys that are sampling defaults (the rest are load options).
-const SAMPLING_KWARGS: [&str; 13] = [
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "seed",
-    "stop",
-    "top_k",
-    "min_p",
-    "typical_p",
-    "repeat_penalty",
-    "repeat_last_n",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-];
-
 impl InferenceDefaults {
     /// The sampling defaults in `kwargs`, read as a request's fields and held to the same
     /// bounds now, so a bad default is refused when the model loads rather than on every
@@ -85,14 +68,10 @@ impl InferenceDefaults {
         kwargs: &serde_json::Map<String, serde_json::Value>,
         api: &crate::settings::ApiSettings,
     ) -> Result<Self, ApiError> {
-        let picked: serde_json::Map<String, serde_json::Value> = kwargs
-            .iter()
-            .filter(|(k, _)| SAMPLING_KWARGS.contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
         let invalid = |why: String| ApiError::new(ErrorCode::InvalidModelKwargs, why);
+        // Read as a request body is: the sampling fields by name, the load options left.
         let sampling: crate::admission::SamplingInput =
-            serde_json::from_value(serde_json::Value::Object(picked))
+            serde_json::from_value(serde_json::Value::Object(kwargs.clone()))
                 .map_err(|e| invalid(format!("model_kwargs: {e}")))?;
         sampling
             .clone()

@@ -144,16 +144,17 @@ impl Meta {
         }
         Ok(GenerationInput {
             prompt,
-            sampling: self.controls.onto(SamplingInput {
+            sampling: SamplingInput {
                 // Absent: the seed's documented default, cut to what the context has room for.
                 max_tokens: Some(self.tokens_limit.unwrap_or(DEFAULT_TOKENS_LIMIT)),
                 temperature: Some(self.temperature.unwrap_or(DEFAULT_TEMPERATURE)),
                 top_p: self.top_p,
                 seed: self.seed,
                 stop: self.stop_words,
+                controls: self.controls,
                 clamp_max_tokens: true,
                 ..SamplingInput::default()
-            }),
+            },
             model: ModelChoice {
                 model: self.model,
                 adapter: one_of("lora", head.lora, self.lora)?,

@@ -245,14 +245,15 @@ impl TryFrom<InferenceRequest> for GenerationInput {
                 format!("inference_kwargs.{name} is not a setting this server knows; leave it out"),
             ));
         }
-        let sampling = kw.controls.onto(SamplingInput {
+        let sampling = SamplingInput {
             max_tokens: kw.max_tokens.or(kw.max_new_tokens),
             temperature: kw.temperature,
             top_p: kw.top_p,
             seed: kw.seed,
             stop: kw.stop,
+            controls: kw.controls,
             ..SamplingInput::default()
-        });
+        };
         let model = ModelChoice::named(Some(body.model_id.trim().to_string()));
         Self::user_turn("prompt", body.prompt, sampling, model)
     }

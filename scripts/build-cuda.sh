@@ -47,7 +47,9 @@ export PATH="$cu/bin:$PATH" LIBRARY_PATH="$cu/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
 export LD_LIBRARY_PATH="$cu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LLAMA_BUILD_SHARED_LIBS=1
 export RUSTFLAGS='-C link-arg=-Wl,-rpath,$ORIGIN'
-env -u DATABASE_URL nice -n 10 cargo build --release --features cuda-no-vmm \
+# Without the default `cpu-variants`: the GPU does the work, and this archive's layout (llama.cpp's
+# libraries beside the binaries, CUDA linked into them) is the one proven by gpu-smoke.sh.
+env -u DATABASE_URL nice -n 10 cargo build --release --no-default-features --features cuda-no-vmm \
   --bin tollgate-cli --bin tollgate-bench
 
 # 3. Pack: the binaries, llama.cpp's shared libraries, the config, a demo LoRA head and a

@@ -149,6 +149,17 @@ impl Hooks for App {
         Ok(())
     }
 
+    /// The embedded database gets its SQLite settings on every pooled connection
+    /// ([`crate::sqlite`]), not only on the one Loco happened to configure.
+    async fn after_context(mut ctx: AppContext) -> Result<AppContext> {
+        if ctx.db.get_database_backend() == sea_orm::DatabaseBackend::Sqlite {
+            let pool = crate::sqlite::connect(&ctx.config.database).await?;
+            let loco_pool = std::mem::replace(&mut ctx.db, pool);
+            loco_pool.close().await.ok();
+        }
+        Ok(ctx)
+    }
+
     async fn load_config(env: &Environment) -> Result<Config> {
         let config = env.load()?;
         ensure_sqlite_dir(&config.database.uri);

@@ -20,6 +20,7 @@ pub mod services;
 pub mod serving;
 pub mod settings;
 pub mod setup_link;
+pub mod sqlite;
 pub mod tasks;
 pub mod throttle;
 pub mod views;

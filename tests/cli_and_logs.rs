@@ -304,3 +304,121 @@ async fn djangollmapi_keys_are_imported_by_hash_and_keep_working() {
     assert_eq!(call().await, 200);
     assert_eq!(call().await, 429, "7 used + 1 = the 8 allowed");
 }
+
+/// HOWTO's install: `scripts/install.sh` puts the binary, llama.cpp's libraries and the CPU
+/// variants in one folder, and the binary started from there (no build tree on its library
+/// path) loads its own copies and the best variant for this CPU.
+#[tokio::test]
+async fn an_installed_binary_runs_from_its_folder_on_the_best_cpu_variant() {
+    use std::os::unix::process::CommandExt;
+
+    let dir = common::scratch_dir("install");
+    let dest = dir.join("bin");
+    let out = Command::new("bash")
+        .arg("scripts/install.sh")
+        .args(["--bin", BIN])
+        .arg(&dest)
+        .output()
+        .expect("run install.sh");
+    assert!(
+        out.status.success(),
+        "install.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let variants: Vec<String> = std::fs::read_dir(dest.join("backends"))
+        .expect("backends/ installed")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("libggml-cpu-"))
+        .collect();
+    assert!(
+        variants.len() > 1,
+        "one binary, several CPU variants: {variants:?}"
+    );
+
+    let port = common::free_port();
+    let log_path = dir.join("server.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    // No LD_LIBRARY_PATH: what the test runner sets for the build tree must not help.
+    let child = Command::new(dest.join("tollgate-cli"))
+        .arg("start")
+        .env_clear()
+        .envs(
+            ["PATH", "HOME", "TMPDIR"]
+                .iter()
+                .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
+        )
+        .envs(envs(&dir, port))
+        .env("TOLLGATE_LOG_LEVEL", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .expect("start the installed binary");
+    let pid = child.id();
+    let server = Server(child);
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut ready = false;
+    while Instant::now() < deadline && !ready {
+        if let Ok(resp) = http
+            .get(format!("http://127.0.0.1:{port}/ping"))
+            .send()
+            .await
+        {
+            ready = resp
+                .json::<serde_json::Value>()
+                .await
+                .is_ok_and(|p| p["ready"] == true);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        ready,
+        "installed binary did not come up:\n{}",
+        tail(&log_path, 40)
+    );
+    // Its llama.cpp libraries and CPU module are the installed copies.
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let mapped = |name: &str| {
+        maps.lines()
+            .filter(|l| l.contains(name))
+            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+    };
+    for lib in ["libllama.so", "libggml-base.so", "libggml-cpu-"] {
+        let paths = mapped(lib);
+        assert!(
+            !paths.is_empty()
+                && paths
+                    .iter()
+                    .all(|p| p.starts_with(&*dest.to_string_lossy())),
+            "{lib} should come from {}: {paths:?}",
+            dest.display()
+        );
+    }
+    drop(server);
+    let logs = std::fs::read_to_string(&log_path).expect("read log");
+    let chosen = logs
+        .lines()
+        .find(|l| l.contains("llama.cpp CPU backend chosen"))
+        .unwrap_or_else(|| panic!("no CPU backend line in the log:\n{}", tail(&log_path, 40)));
+    assert!(
+        chosen.contains("libggml-cpu-")
+            && chosen.contains(&*dest.join("backends").to_string_lossy()),
+        "{chosen}"
+    );
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        assert!(
+            chosen.contains("AVX512"),
+            "AVX-512 CPU, variant without it: {chosen}"
+        );
+    } else if std::arch::is_x86_feature_detected!("avx2") {
+        assert!(
+            chosen.contains("AVX2"),
+            "AVX2 CPU, variant without it: {chosen}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -33,7 +33,7 @@
 use std::{
     fmt::Write as _,
     num::NonZeroU32,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -109,6 +109,8 @@ Run from the repository root:  cargo run --release --bin tollgate-bench -- [flag
   --only scale           run only part 7: admission, /metrics, the dashboard's pages and
                          /usage/ before and after filling SQLite and Postgres with history
                          (scripted engine; minutes, so never part of the default run)
+  --only keycheck        run only part 4 (key check + charge, bare router and the server's
+                         stack, SQLite and Postgres) and print one JSON object
   --scale-jobs N         finished jobs part 7 fills in (default 1000000)
   --scale-keys N         keys part 7 fills in (default 100000)
   -h, --help             this text
@@ -144,6 +146,7 @@ enum Only {
     External,
     Prefix,
     Scale,
+    KeyCheck,
 }
 
 impl Default for Args {
@@ -217,8 +220,9 @@ fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
                     "external" => Only::External,
                     "prefix" => Only::Prefix,
                     "scale" => Only::Scale,
+                    "keycheck" => Only::KeyCheck,
                     other => {
-                        bail!("--only takes engine, external, prefix or scale, got {other:?}")
+                        bail!("--only takes engine, external, prefix, scale or keycheck, got {other:?}")
                     }
                 });
             }
@@ -847,36 +851,100 @@ enum Production {
 struct KeyCheck {
     clients: usize,
     requests: usize,
+    /// Behind a bare router: the extractor and the charge only.
+    bare: Hammered,
+    /// The same handler behind the server's own stack: Loco's middlewares as configured, the
+    /// request-id and metrics layers, trailing-slash trimming and the key-in-path rewrite.
+    stacked: Hammered,
+}
+
+/// One key's worth of key-check requests and what the database counted for it.
+struct Hammered {
     ok: usize,
     other: usize,
     calls_used: i64,
     wall: Duration,
 }
 
+impl Hammered {
+    fn per_s(&self, requests: usize) -> f64 {
+        requests as f64 / self.wall.as_secs_f64().max(f64::EPSILON)
+    }
+
+    fn exact(&self) -> bool {
+        self.calls_used == self.ok as i64
+    }
+}
+
+impl KeyCheck {
+    fn exact(&self) -> bool {
+        self.bare.exact() && self.stacked.exact()
+    }
+
+    /// What the middleware stack adds to one request, in µs of the run's wall time per
+    /// request (the difference of the two rates' reciprocals).
+    fn stack_us(&self) -> f64 {
+        let per = |h: &Hammered| 1e6 / h.per_s(self.requests).max(f64::EPSILON);
+        per(&self.stacked) - per(&self.bare)
+    }
+}
+
 async fn key_check(ctx: &AppContext, args: &Args) -> anyhow::Result<KeyCheck> {
-    let router = axum::Router::new()
+    let bare = axum::Router::new()
         .route("/charge", axum::routing::post(charge_only))
         .with_state(ctx.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/charge", listener.local_addr()?);
+    let bare_url = format!("http://{}/charge", listener.local_addr()?);
     tokio::spawn(async move {
-        axum::serve(listener, router).await.ok();
+        axum::serve(listener, bare).await.ok();
     });
-    let (key, secret) = issue_key_secret(ctx, Some(1_000_000_000), Scope::Client).await?;
+    // As `App::routes` + Loco's `AppRoutes::to_router` + `App::after_routes` + `into_service`
+    // assemble the server.
+    let mut stacked = axum::Router::new()
+        .route("/charge", axum::routing::post(charge_only))
+        .route_layer(axum::middleware::from_fn(tollgate::request_id::scope))
+        .route_layer(axum::middleware::from_fn(tollgate::metrics::track));
+    for layer in App::middlewares(ctx) {
+        stacked = layer.apply(stacked)?;
+    }
+    let stacked = stacked.with_state(ctx.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let stacked_url = format!("http://{}/charge", listener.local_addr()?);
+    tokio::spawn(async move {
+        axum::serve(listener, into_service(stacked)).await.ok();
+    });
     let http = reqwest::Client::new();
+    Ok(KeyCheck {
+        clients: args.keycheck_clients,
+        requests: args.keycheck_requests,
+        bare: hammer(ctx, &http, &bare_url, args).await?,
+        stacked: hammer(ctx, &http, &stacked_url, args).await?,
+    })
+}
+
+/// `--keycheck-requests` charges from `--keycheck-clients` clients with a fresh key, and the
+/// key's `calls_used` afterwards.
+async fn hammer(
+    ctx: &AppContext,
+    http: &reqwest::Client,
+    url: &str,
+    args: &Args,
+) -> anyhow::Result<Hammered> {
+    let (key, secret) = issue_key_secret(ctx, Some(1_000_000_000), Scope::Client).await?;
     // Warm-up with a separate key, so the counted key sees only the measured requests.
     let warm = issue_key_secret(ctx, Some(1_000_000_000), Scope::Client)
         .await?
         .1;
     for _ in 0..20 {
-        http.post(&url).bearer_auth(&warm).send().await?;
+        http.post(url).bearer_auth(&warm).send().await?;
     }
     let next = Arc::new(AtomicUsize::new(0));
     let requests = args.keycheck_requests;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.keycheck_clients {
-        let (http, url, secret, next) = (http.clone(), url.clone(), secret.clone(), next.clone());
+        let (http, url, secret, next) =
+            (http.clone(), url.to_string(), secret.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let (mut ok, mut other) = (0usize, 0usize);
             while next.fetch_add(1, Ordering::Relaxed) < requests {
@@ -903,9 +971,7 @@ async fn key_check(ctx: &AppContext, args: &Args) -> anyhow::Result<KeyCheck> {
         .one(&ctx.db)
         .await?
         .ok_or_else(|| anyhow!("bench key vanished"))?;
-    Ok(KeyCheck {
-        clients: args.keycheck_clients,
-        requests,
+    Ok(Hammered {
         ok,
         other,
         calls_used: row.calls_used,
@@ -938,6 +1004,7 @@ fn report(
     production: &Production,
     keycheck: &KeyCheck,
     external: Option<(&str, &[Load])>,
+    llama_bench_tps: Option<f64>,
 ) -> String {
     let mut s = String::new();
     let engine_tps = engine.tokens_per_s();
@@ -954,6 +1021,18 @@ fn report(
             m.load[0]
         );
     }
+    let _ = writeln!(
+        s,
+        "\nllama.cpp CPU backend chosen at start-up: {}",
+        tollgate::engine::cpu::chosen().map_or_else(
+            || "none reported".to_string(),
+            |b| format!(
+                "{} ({})",
+                b.variant.as_deref().unwrap_or("built in"),
+                b.features.join(" ")
+            )
+        )
+    );
     let _ = writeln!(
         s,
         "\nModel {} ({}), {} threads, context {}, prompt {} tokens, max_tokens {}, greedy.",
@@ -1098,8 +1177,9 @@ fn report(
         "\n(overhead = end-to-end percentile − engine p50 for the same 1-token work)"
     );
 
-    let rps = keycheck.requests as f64 / keycheck.wall.as_secs_f64().max(f64::EPSILON);
-    let exact = keycheck.calls_used == keycheck.ok as i64;
+    // What a client meets is the server's stack: the target is judged on that figure.
+    let rps = keycheck.stacked.per_s(keycheck.requests);
+    let exact = keycheck.exact();
     let mut checks = vec![("embedded (SQLite)", keycheck)];
     if let Production::Measured { keycheck, .. } = production {
         checks.push(("production (Postgres)", keycheck));
@@ -1110,24 +1190,35 @@ fn report(
     );
     let _ = writeln!(
         s,
-        "| database | clients | requests | 200 answers | other | calls_used after | exact | requests/s |"
+        "Bare: the handler alone on an axum router. Stack: the same handler behind the server's \
+         middleware stack (Loco's configured middlewares, request id, metrics, path rewriting).\n"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---|---:|");
+    let _ = writeln!(
+        s,
+        "| database | router | clients | requests | 200 answers | other | calls_used after | exact | requests/s |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---|---:|");
+    for (db, k) in &checks {
+        for (router, h) in [("bare", &k.bare), ("stack", &k.stacked)] {
+            let _ = writeln!(
+                s,
+                "| {db} | {router} | {} | {} | {} | {} | {} | {} | {:.0} |",
+                k.clients,
+                k.requests,
+                h.ok,
+                h.other,
+                h.calls_used,
+                if h.exact() { "yes" } else { "NO" },
+                h.per_s(k.requests)
+            );
+        }
+    }
     for (db, k) in &checks {
         let _ = writeln!(
             s,
-            "| {db} | {} | {} | {} | {} | {} | {} | {:.0} |",
-            k.clients,
-            k.requests,
-            k.ok,
-            k.other,
-            k.calls_used,
-            if k.calls_used == k.ok as i64 {
-                "yes"
-            } else {
-                "NO"
-            },
-            k.requests as f64 / k.wall.as_secs_f64().max(f64::EPSILON)
+            "\nMiddleware stack, {db}: {:+.0} µs of wall time per request at {} clients.",
+            k.stack_us(),
+            k.clients
         );
     }
 
@@ -1154,6 +1245,17 @@ fn report(
                 );
             }
         }
+    }
+
+    if let Some(reference) = llama_bench_tps {
+        let ratio = engine_tps / reference.max(f64::EPSILON);
+        let _ = writeln!(
+            s,
+            "\n`llama-bench` tg{} with {} threads (same llama.cpp as llama-server): {reference:.1} tokens/s; \
+             engine-only ÷ llama-bench = {ratio:.2} ×.",
+            args.max_tokens,
+            engine_threads(settings)
+        );
     }
 
     let single = loads
@@ -1201,6 +1303,18 @@ fn report(
             s,
             "| overhead p50 ≤ 3 ms with Postgres + Redis | {prod:.2} ms | {} |",
             verdict(prod <= 3.0, format!("{:.2} ms over", (prod - 3.0).max(0.0)))
+        );
+    }
+    if let Some(reference) = llama_bench_tps {
+        let ratio = engine_tps / reference.max(f64::EPSILON);
+        let _ = writeln!(
+            s,
+            "| engine-only ≥ 0.95 × llama-bench tg{} | {ratio:.2} × | {} |",
+            args.max_tokens,
+            verdict(
+                ratio >= 0.95,
+                format!("{:+.1} % vs target", (ratio / 0.95 - 1.0) * 100.0)
+            )
         );
     }
     let _ = writeln!(
@@ -1419,6 +1533,7 @@ async fn only_prefix(args: &Args, settings: &EngineSettings) -> anyhow::Result<(
 struct LlamaServer {
     child: std::process::Child,
     url: String,
+    binary: PathBuf,
 }
 
 impl Drop for LlamaServer {
@@ -1473,16 +1588,16 @@ impl LlamaServer {
             .stderr(std::process::Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
+        eprintln!(
+            "llama-server {} -t {threads} -np {parallel} -c {} on 127.0.0.1:{port}",
+            binary.display(),
+            e.context_size * parallel,
+        );
         let server = Self {
             child,
             url: format!("http://127.0.0.1:{port}"),
+            binary,
         };
-        eprintln!(
-            "llama-server {} -t {threads} -np {parallel} -c {} on {}",
-            binary.display(),
-            e.context_size * parallel,
-            server.url
-        );
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
@@ -1496,6 +1611,64 @@ impl LlamaServer {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
+}
+
+/// Part 4 alone, as JSON: key checks on the embedded server's SQLite, then on Postgres.
+async fn only_keycheck(args: &Args) -> anyhow::Result<()> {
+    let summary = |k: &KeyCheck| {
+        let one = |h: &Hammered| {
+            json!({"requests_per_s": h.per_s(k.requests), "ok": h.ok, "other": h.other,
+                   "calls_used": h.calls_used, "exact": h.exact()})
+        };
+        json!({"clients": k.clients, "requests": k.requests, "bare": one(&k.bare),
+               "stack": one(&k.stacked), "stack_us_per_request": k.stack_us()})
+    };
+    let (server, _) = start_server().await?;
+    let embedded = key_check(&server.ctx, args).await?;
+    drop(server);
+    let production = match start_production_server(args).await {
+        Ok((prod, database, prefix)) => {
+            let measured = key_check(&prod.ctx, args).await;
+            clean_production(args, &database, &prefix).await;
+            Some(measured?)
+        }
+        Err(e) => {
+            eprintln!("production mode unavailable: {e}");
+            None
+        }
+    };
+    println!(
+        "{}",
+        json!({"part": "keycheck", "sqlite": summary(&embedded),
+               "postgres": production.as_ref().map(summary)})
+    );
+    if !embedded.exact() || production.as_ref().is_some_and(|p| !p.exact()) {
+        bail!("key-check count is not exact");
+    }
+    Ok(())
+}
+
+/// llama.cpp's own raw decode rate on this machine: `llama-bench` (built beside llama-server)
+/// generating `--max-tokens` tokens with no prompt, the engine's threads, `--reps` repetitions;
+/// its mean tokens/s.
+fn llama_bench(server: &Path, e: &EngineSettings, args: &Args) -> anyhow::Result<f64> {
+    let binary = server.with_file_name("llama-bench");
+    let threads = engine_threads(e).to_string();
+    let out = std::process::Command::new(&binary)
+        .args(["-m", &e.model_path.display().to_string()])
+        .args(["-t", &threads, "-p", "0"])
+        .args(["-n", &args.max_tokens.to_string()])
+        .args(["-r", &args.reps.to_string(), "-o", "json"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", binary.display()))?;
+    if !out.status.success() {
+        bail!("{} failed ({})", binary.display(), out.status);
+    }
+    let runs: Value = serde_json::from_slice(&out.stdout).context("llama-bench's JSON")?;
+    runs.get(0)
+        .and_then(|run| run["avg_ts"].as_f64())
+        .ok_or_else(|| anyhow!("llama-bench printed no avg_ts"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -1531,7 +1704,7 @@ fn main() -> anyhow::Result<()> {
     })?;
 
     // Kept alive (and stopped) for the whole run.
-    let _llama_server = if args.compare_llama_server {
+    let llama_server = if args.compare_llama_server {
         let server =
             runtime.block_on(LlamaServer::start(args.llama_server.as_deref(), &settings))?;
         args.external_url = Some(server.url.clone());
@@ -1548,6 +1721,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.only == Some(Only::Scale) {
         return runtime.block_on(scale::only_scale(&args));
+    }
+    if args.only == Some(Only::KeyCheck) {
+        return runtime.block_on(only_keycheck(&args));
     }
     eprintln!("1. engine only ({} reps) …", args.reps);
     // Before the server starts, so nothing else competes for the cores; on a thread of its own
@@ -1580,6 +1756,16 @@ fn main() -> anyhow::Result<()> {
         );
         batched.push((n, d, t));
     }
+    // llama.cpp's own figure for the same work, right after ours, on the same idle machine.
+    let llama_bench_tps = match &llama_server {
+        Some(server) => {
+            eprintln!("1c. llama-bench tg{} …", args.max_tokens);
+            let tps = llama_bench(&server.binary, &settings, &args)?;
+            eprintln!("    llama-bench: {tps:.1} tokens/s");
+            Some(tps)
+        }
+        None => None,
+    };
     match args.only {
         Some(Only::Engine) => {
             let mut levels = vec![json!({"sequences": 1, "tokens_per_s": engine.tokens_per_s()})];
@@ -1592,7 +1778,7 @@ fn main() -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        Some(Only::External | Only::Prefix | Only::Scale) | None => {}
+        Some(Only::External | Only::Prefix | Only::Scale | Only::KeyCheck) | None => {}
     }
     let outcome = runtime.block_on(async {
         eprintln!(
@@ -1715,13 +1901,16 @@ fn main() -> anyhow::Result<()> {
             &production,
             &keycheck,
             args.external_url.as_deref().zip(external.as_deref()),
+            llama_bench_tps,
         )
     );
-    if keycheck.calls_used != keycheck.ok as i64 {
+    if !keycheck.exact() {
         bail!(
-            "key-check count is not exact: {} answers 200 but calls_used = {}",
-            keycheck.ok,
-            keycheck.calls_used
+            "key-check count is not exact: {} / {} answers 200 but calls_used = {} / {} (bare / stack)",
+            keycheck.bare.ok,
+            keycheck.stacked.ok,
+            keycheck.bare.calls_used,
+            keycheck.stacked.calls_used
         );
     }
     Ok(())

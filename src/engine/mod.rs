@@ -12,6 +12,7 @@
 //! Waiting jobs are taken fairly across API keys by [`lanes::Lanes`]; an engine whose thread
 //! dies is reported down and restarted by [`supervisor`].
 
+pub mod cpu;
 pub mod gguf;
 pub mod grammar;
 pub mod lanes;

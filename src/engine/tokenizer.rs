@@ -26,6 +26,7 @@ pub fn backend() -> Result<&'static LlamaBackend, EngineError> {
         .get_or_init(|| {
             // llama.cpp logs through tracing (target `llama-cpp-2`), filtered like any module.
             llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            super::cpu::load_backends()?;
             LlamaBackend::init().map_err(|e| e.to_string())
         })
         .as_ref()

@@ -8,8 +8,9 @@
 # building llama-server gets), no curl, only the server target. The build is cached under
 # ${TOLLGATE_CACHE:-~/.cache/tollgate}; a second run only prints the path.
 #
-# The last line printed is the path of the `llama-server` binary; `llama-bench` (the same build's
-# raw decode benchmark) is built beside it.
+# The last line printed is the path of the `llama-server` binary; `llama-bench` and
+# `llama-batched-bench` (the same build's raw decode benchmarks, one and N sequences) are built
+# beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +19,7 @@ SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 CACHE=${TOLLGATE_CACHE:-$HOME/.cache/tollgate}/llama-server-$VERSION
 BIN=$CACHE/build/bin/llama-server
 
-if [ -x "$BIN" ] && [ -x "$(dirname "$BIN")/llama-bench" ]; then
+if [ -x "$BIN" ] && [ -x "$(dirname "$BIN")/llama-bench" ] && [ -x "$(dirname "$BIN")/llama-batched-bench" ]; then
   echo "$BIN"
   exit 0
 fi
@@ -54,8 +55,8 @@ fi
 echo "tollgate: building llama-server (Release, $(nproc) jobs; minutes on a small machine)" >&2
 cmake -S "$SRC" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
   -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
-cmake --build "$CACHE/build" --target llama-server llama-bench -j "$(nproc)" >&2
-for made in "$BIN" "$(dirname "$BIN")/llama-bench"; do
+cmake --build "$CACHE/build" --target llama-server llama-bench llama-batched-bench -j "$(nproc)" >&2
+for made in "$BIN" "$(dirname "$BIN")/llama-bench" "$(dirname "$BIN")/llama-batched-bench"; do
   test -x "$made" || { echo "tollgate: the build made no $made" >&2; exit 1; }
 done
 echo "$BIN"

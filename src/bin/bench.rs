@@ -321,11 +321,20 @@ struct EngineRuns {
     prompt_tokens: usize,
     /// (wall time, generated tokens) per `max_tokens` run.
     full: Vec<(Duration, u32)>,
+    /// (time after the prompt was read, single-token decodes) per run: the decode loop alone,
+    /// what `llama-bench` tg measures.
+    decode: Vec<(Duration, u32)>,
     /// Wall time per 1-token run.
     one: Vec<Duration>,
 }
 
 impl EngineRuns {
+    fn decode_tokens_per_s(&self) -> f64 {
+        let tokens: u32 = self.decode.iter().map(|r| r.1).sum();
+        let secs: f64 = self.decode.iter().map(|r| r.0.as_secs_f64()).sum();
+        f64::from(tokens) / secs.max(f64::EPSILON)
+    }
+
     fn tokens_per_s(&self) -> f64 {
         let tokens: u32 = self.full.iter().map(|r| r.1).sum();
         let secs: f64 = self.full.iter().map(|r| r.0.as_secs_f64()).sum();
@@ -358,7 +367,8 @@ fn engine_only(settings: &EngineSettings, args: &Args) -> anyhow::Result<EngineR
     let prompt_tokens = tokenizer::prompt_tokens(&model, &prompt)
         .map_err(|e| anyhow!("{e}"))?
         .len();
-    let mut run = |max_tokens: u32| -> anyhow::Result<(Duration, u32)> {
+    // (wall time, generated tokens, time after the prompt, single-token decodes in it).
+    let mut run = |max_tokens: u32| -> anyhow::Result<(Duration, u32, Duration, u32)> {
         let start = Instant::now();
         let tokens = tokenizer::prompt_tokens(&model, &prompt).map_err(|e| anyhow!("{e}"))?;
         ctx.clear_kv_cache();
@@ -372,6 +382,8 @@ fn engine_only(settings: &EngineSettings, args: &Args) -> anyhow::Result<EngineR
             }
             ctx.decode(&mut batch)?;
         }
+        let prompt_read = Instant::now();
+        let mut decodes = 0u32;
         let vocab = model.vocab();
         let mut sampler = LlamaSampler::greedy();
         let mut n_past = tokens.len();
@@ -391,20 +403,24 @@ fn engine_only(settings: &EngineSettings, args: &Args) -> anyhow::Result<EngineR
             batch.add(tok, i32::try_from(n_past)?, &[0], true)?;
             n_past += 1;
             ctx.decode(&mut batch)?;
+            decodes += 1;
         }
-        Ok((start.elapsed(), generated))
+        Ok((start.elapsed(), generated, prompt_read.elapsed(), decodes))
     };
     // Warm-up: first-touch page faults and llama.cpp's lazy allocations are not the figure.
     run(args.max_tokens)?;
-    let full = (0..args.reps)
+    let runs = (0..args.reps)
         .map(|_| run(args.max_tokens))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let full = runs.iter().map(|r| (r.0, r.1)).collect();
+    let decode = runs.iter().map(|r| (r.2, r.3)).collect();
     let one = (0..args.overhead_requests)
         .map(|_| run(1).map(|r| r.0))
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(EngineRuns {
         prompt_tokens,
         full,
+        decode,
         one,
     })
 }
@@ -415,7 +431,7 @@ fn engine_only_batched(
     settings: &EngineSettings,
     args: &Args,
     n: usize,
-) -> anyhow::Result<(Duration, u32)> {
+) -> anyhow::Result<(Duration, u32, f64)> {
     let backend = backend().map_err(|e| anyhow!("{e}"))?;
     let params = LlamaModelParams::default()
         .with_n_gpu_layers(settings.n_gpu_layers)
@@ -433,7 +449,8 @@ fn engine_only_batched(
         .with_n_threads_batch(threads);
     let mut ctx = model.new_context(backend, ctx_params)?;
     let prompt = chat_prompt();
-    let mut run = || -> anyhow::Result<(Duration, u32)> {
+    // (wall time, generated tokens, time of the decode steps after the prompts, tokens decoded in them).
+    let mut run = || -> anyhow::Result<(Duration, u32, Duration, u32)> {
         let start = Instant::now();
         ctx.clear_kv_cache();
         let vocab = model.vocab();
@@ -454,6 +471,8 @@ fn engine_only_batched(
         let mut step = LlamaBatch::new(n, 1);
         let mut n_past = tokens.len();
         let mut generated = 0u32;
+        let steps_start = Instant::now();
+        let mut decoded = 0u32;
         for _ in 0..args.max_tokens {
             step.clear();
             let mut live = Vec::new();
@@ -472,22 +491,27 @@ fn engine_only_batched(
                 break;
             }
             ctx.decode(&mut step)?;
+            decoded += u32::try_from(live.len())?;
             n_past += 1;
             next.fill(None);
             for (i, seq) in live.into_iter().enumerate() {
                 next[seq] = Some(samplers[seq].sample(&ctx, i32::try_from(i)?));
             }
         }
-        Ok((start.elapsed(), generated))
+        Ok((start.elapsed(), generated, steps_start.elapsed(), decoded))
     };
     run()?;
     let mut total = (Duration::ZERO, 0u32);
+    let mut steps = (Duration::ZERO, 0u32);
     for _ in 0..args.reps {
-        let (d, t) = run()?;
+        let (d, t, sd, st) = run()?;
         total.0 += d;
         total.1 += t;
+        steps.0 += sd;
+        steps.1 += st;
     }
-    Ok(total)
+    let decode_tps = f64::from(steps.1) / steps.0.as_secs_f64().max(f64::EPSILON);
+    Ok((total.0, total.1, decode_tps))
 }
 
 /// The same work through the server's own engine thread (`LlamaEngine::run`): the engine's
@@ -700,6 +724,18 @@ struct Target {
     base: String,
     key: Option<String>,
     model: String,
+    /// Fields added to every chat request: to llama-server, `cache_prompt` as Tollgate's prefix
+    /// reuse is set in this run, so both servers do the same work ([`llama_server_fields`]).
+    extra: Option<Value>,
+}
+
+/// What llama-server is sent beside the chat: its prompt cache (on by default there) follows
+/// Tollgate's prefix reuse in this run (off unless `TOLLGATE_PREFIX_REUSE=true`): every request
+/// repeats one prompt, and a cache skips its prefill on one side only otherwise.
+fn llama_server_fields(args: &Args) -> Option<Value> {
+    let reuse = std::env::var("TOLLGATE_PREFIX_REUSE").is_ok_and(|v| v == "true");
+    args.compare_llama_server
+        .then(|| json!({"cache_prompt": reuse}))
 }
 
 /// One greedy request; its latency and the generated tokens the server reports.
@@ -724,6 +760,13 @@ async fn one_request(
             json!({"text": PROMPT, "max_tokens": max_tokens, "temperature": 0}),
         ),
     };
+    let mut body = body;
+    if let (Some(extra), Some(fields)) = (
+        target.extra.as_ref().and_then(Value::as_object),
+        body.as_object_mut(),
+    ) {
+        fields.extend(extra.clone());
+    }
     let mut req = http.post(format!("{}{path}", target.base)).json(&body);
     if let Some(key) = &target.key {
         req = req.bearer_auth(key);
@@ -904,7 +947,7 @@ async fn key_check(ctx: &AppContext, args: &Args) -> anyhow::Result<KeyCheck> {
         .route("/charge", axum::routing::post(charge_only))
         .route_layer(axum::middleware::from_fn(tollgate::request_id::scope))
         .route_layer(axum::middleware::from_fn(tollgate::metrics::track));
-    for layer in App::middlewares(ctx) {
+    for layer in App::middlewares(ctx).into_iter().filter(|m| m.is_enabled()) {
         stacked = layer.apply(stacked)?;
     }
     let stacked = stacked.with_state(ctx.clone());
@@ -1059,6 +1102,12 @@ fn report(
         gen.iter().min().copied().unwrap_or(0)..=gen.iter().max().copied().unwrap_or(0),
         engine_tps,
         percentile(&lat, 50.0)
+    );
+    let _ = writeln!(
+        s,
+        "\nThe decode loop alone (after the {}-token prompt is read): {:.1} tokens/s.",
+        engine.prompt_tokens,
+        engine.decode_tokens_per_s()
     );
 
     if !batched.is_empty() {
@@ -1248,13 +1297,14 @@ fn report(
     }
 
     if let Some(reference) = llama_bench_tps {
-        let ratio = engine_tps / reference.max(f64::EPSILON);
+        let ratio = engine.decode_tokens_per_s() / reference.max(f64::EPSILON);
         let _ = writeln!(
             s,
             "\n`llama-bench` tg{} with {} threads (same llama.cpp as llama-server): {reference:.1} tokens/s; \
-             engine-only ÷ llama-bench = {ratio:.2} ×.",
+             engine-only decode loop (after the prompt) {:.1} tokens/s = {ratio:.2} × llama-bench.",
             args.max_tokens,
-            engine_threads(settings)
+            engine_threads(settings),
+            engine.decode_tokens_per_s()
         );
     }
 
@@ -1306,10 +1356,10 @@ fn report(
         );
     }
     if let Some(reference) = llama_bench_tps {
-        let ratio = engine_tps / reference.max(f64::EPSILON);
+        let ratio = engine.decode_tokens_per_s() / reference.max(f64::EPSILON);
         let _ = writeln!(
             s,
-            "| engine-only ≥ 0.95 × llama-bench tg{} | {ratio:.2} × | {} |",
+            "| engine-only decode ≥ 0.95 × llama-bench tg{} | {ratio:.2} × | {} |",
             args.max_tokens,
             verdict(
                 ratio >= 0.95,
@@ -1349,6 +1399,7 @@ fn only_external(
             .external_model
             .clone()
             .unwrap_or_else(|| settings.model_name.clone()),
+        extra: llama_server_fields(args),
     };
     let loads = runtime.block_on(load_all(
         &reqwest::Client::new(),
@@ -1738,23 +1789,26 @@ fn main() -> anyhow::Result<()> {
     };
 
     eprintln!(
-        "    raw loop: {:.1} tokens/s; 1-token p50 {:.2} ms",
+        "    raw loop: {:.1} tokens/s (decode alone {:.1}); 1-token p50 {:.2} ms",
         engine.tokens_per_s(),
+        engine.decode_tokens_per_s(),
         percentile(&engine.one.iter().map(|d| ms(*d)).collect::<Vec<_>>(), 50.0)
     );
     let mut batched = Vec::new();
+    let mut batched_decode = Vec::new();
     for n in args.concurrency.iter().copied().filter(|n| *n > 1) {
         let (settings, args) = (settings.clone(), args.clone());
-        let (d, t) = std::thread::Builder::new()
+        let (d, t, decode_tps) = std::thread::Builder::new()
             .name("bench-engine".into())
             .spawn(move || engine_only_batched(&settings, &args, n))?
             .join()
             .map_err(|_| anyhow!("engine-only thread panicked"))??;
         eprintln!(
-            "    {n} sequences together: {:.1} tokens/s",
+            "    {n} sequences together: {:.1} tokens/s (decode steps alone {decode_tps:.1})",
             f64::from(t) / d.as_secs_f64().max(f64::EPSILON)
         );
         batched.push((n, d, t));
+        batched_decode.push((n, decode_tps));
     }
     // llama.cpp's own figure for the same work, right after ours, on the same idle machine.
     let llama_bench_tps = match &llama_server {
@@ -1768,9 +1822,11 @@ fn main() -> anyhow::Result<()> {
     };
     match args.only {
         Some(Only::Engine) => {
-            let mut levels = vec![json!({"sequences": 1, "tokens_per_s": engine.tokens_per_s()})];
-            levels.extend(batched.iter().map(|(n, d, t)| {
-                json!({"sequences": n, "tokens_per_s": f64::from(*t) / d.as_secs_f64().max(f64::EPSILON)})
+            let mut levels = vec![
+                json!({"sequences": 1, "tokens_per_s": engine.tokens_per_s(), "decode_tokens_per_s": engine.decode_tokens_per_s()}),
+            ];
+            levels.extend(batched.iter().zip(&batched_decode).map(|((n, d, t), (_, decode))| {
+                json!({"sequences": n, "tokens_per_s": f64::from(*t) / d.as_secs_f64().max(f64::EPSILON), "decode_tokens_per_s": decode})
             }));
             println!(
                 "{}",
@@ -1794,6 +1850,7 @@ fn main() -> anyhow::Result<()> {
             base: server.base.clone(),
             key: Some(secret),
             model: server.model.clone(),
+            extra: None,
         };
         eprintln!("2. end to end …");
         let loads = load_all(&http, &target, &[Route::Chat, Route::Api], &args).await?;
@@ -1835,6 +1892,7 @@ fn main() -> anyhow::Result<()> {
                         base: prod.base.clone(),
                         key: Some(secret),
                         model: prod.model.clone(),
+                        extra: None,
                     };
                     let latencies =
                         one_token_latencies(&http, &target, args.overhead_requests).await?;
@@ -1862,6 +1920,7 @@ fn main() -> anyhow::Result<()> {
                         .external_model
                         .clone()
                         .unwrap_or_else(|| server.model.clone()),
+                    extra: llama_server_fields(&args),
                 };
                 Some(load_all(&http, &target, &[Route::Chat], &args).await?)
             }

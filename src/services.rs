@@ -27,6 +27,8 @@ pub struct Services {
     pub admission: Admission,
     pub events: JobEvents,
     pub rate_limits: RateLimits,
+    /// Identities of keys recently seen by the routes that spend a call.
+    pub known_keys: crate::extractors::KnownKeys,
     /// Failed-login throttle of `POST /token`.
     pub logins: Logins,
     /// Bounds the password checks (argon2) running at once, so a flood of sign-ins cannot eat
@@ -149,12 +151,15 @@ impl Services {
         let setup = SetupLinks::new(Duration::from_secs(
             u64::from(settings.auth.setup_link_minutes) * 60,
         ));
+        let known_keys =
+            crate::extractors::KnownKeys::new(Duration::from_millis(settings.api.key_cache_ms));
         Ok(Arc::new(Self {
             settings,
             models,
             admission,
             events,
             rate_limits,
+            known_keys,
             logins,
             password_checks,
             setup,

@@ -383,6 +383,11 @@ pub struct ApiSettings {
     /// Default per-key request rate; a key's own limit overrides it.
     #[serde(default)]
     pub rate_limit: RateLimitSettings,
+    /// How long the routes that spend a call may use a key's identity read by an earlier
+    /// request ([`crate::extractors::KnownKeys`]) instead of reading it again; 0 = every
+    /// request reads its key. The charge checks secret, revocation, window and quota itself.
+    #[serde(default = "default_key_cache_ms")]
+    pub key_cache_ms: u64,
     /// When set, `GET /metrics` answers only `Authorization: Bearer <this>` (what Prometheus'
     /// `authorization` block sends); unset, it is open (keep it off the public side).
     #[serde(default)]
@@ -401,6 +406,10 @@ pub struct RateLimitSettings {
     /// How many requests may arrive at once; defaults to a second's worth.
     #[serde(default)]
     pub burst: Option<u32>,
+}
+
+fn default_key_cache_ms() -> u64 {
+    1000
 }
 
 fn default_model_name() -> String {
@@ -531,6 +540,7 @@ impl Default for ApiSettings {
             max_tokens_limit: default_max_tokens_limit(),
             default_temperature: default_temperature(),
             rate_limit: RateLimitSettings::default(),
+            key_cache_ms: default_key_cache_ms(),
             metrics_token: None,
             max_n: default_max_n(),
         }

@@ -102,7 +102,7 @@ async fn the_reaper_fails_and_refunds_a_stuck_job_exactly_once() {
     let app = TestApp::spawn_scripted(|_| {}).await;
     let key = app.key_with_calls(Some(5)).await;
     // A job charged and recorded but never pushed: what a process dying between the two leaves.
-    api_keys::charge(&app.ctx.db, key.id)
+    api_keys::charge(&app.ctx.db, key.id, &api_keys::hash_secret(&key.secret))
         .await
         .expect("db")
         .expect("charged");

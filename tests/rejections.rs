@@ -279,3 +279,44 @@ async fn key_problems_are_reported_before_body_problems() {
         .await;
     assert_body_rejected(&app, &expired, json!({}), 403, "key_expired").await;
 }
+
+/// The routes that spend a call may reuse a key's identity read moments ago
+/// (`settings.api.key_cache_ms`). A change made by another process (here: written straight to
+/// the table, bypassing this process's edit count) must still stop the key at once: the charge
+/// checks the secret's hash and the standing again, and nothing is spent.
+#[tokio::test]
+async fn a_key_changed_elsewhere_while_its_identity_is_cached_is_refused_and_charged_nothing() {
+    use sea_orm::{sea_query::Expr, ColumnTrait, EntityTrait, QueryFilter};
+    use tollgate::models::api_keys::{Column, Entity};
+
+    let app = TestApp::spawn_scripted(|s| {
+        s["api"]["key_cache_ms"] = json!(60_000);
+    })
+    .await;
+    let body = json!({"text": "hi"});
+    let (revoked, rotated) = (
+        app.key_with_calls(Some(5)).await,
+        app.key_with_calls(Some(5)).await,
+    );
+    for key in [&revoked, &rotated] {
+        let (status, answer) =
+            common::read(post(&app, key).json(&body).send().await.expect("request")).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    Entity::update_many()
+        .col_expr(Column::RevokedAt, Expr::value(Utc::now().fixed_offset()))
+        .filter(Column::Id.eq(revoked.id))
+        .exec(&app.ctx.db)
+        .await
+        .expect("revoke elsewhere");
+    Entity::update_many()
+        .col_expr(Column::SecretHash, Expr::value("0".repeat(64)))
+        .filter(Column::Id.eq(rotated.id))
+        .exec(&app.ctx.db)
+        .await
+        .expect("rotate elsewhere");
+    assert_body_rejected(&app, &revoked, body.clone(), 401, "key_revoked").await;
+    assert_body_rejected(&app, &rotated, body, 401, "invalid_api_key").await;
+    assert_eq!(app.calls_used(&revoked).await, 1);
+    assert_eq!(app.calls_used(&rotated).await, 1);
+}

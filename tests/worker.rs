@@ -26,7 +26,7 @@ fn request() -> GenerationRequest {
 
 /// Charges the key and records a queued job, as the API does before pushing.
 async fn queued_job(app: &TestApp, key: &TestKey) -> GenerationJob {
-    api_keys::charge(&app.ctx.db, key.id)
+    api_keys::charge(&app.ctx.db, key.id, &api_keys::hash_secret(&key.secret))
         .await
         .expect("db")
         .expect("charged");

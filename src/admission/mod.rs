@@ -569,7 +569,7 @@ impl Commit {
         let key_id = self.key.id;
         // Dropped without commit on every early return: rolled back.
         let txn = db.begin().await?;
-        let charged = match api_keys::charge(&txn, key_id).await? {
+        let charged = match api_keys::charge(&txn, key_id, &self.key.secret_hash).await? {
             Ok(charged) => charged,
             Err(refusal) => return Err(refusal_error(refusal, Some(&self.key))),
         };

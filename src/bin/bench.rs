@@ -15,7 +15,7 @@
 //! 3. overhead: end-to-end latency of 1-token requests minus the engine's own time for them, on
 //!    the embedded server and on one whose state is in Postgres and whose queue and job events go
 //!    through Redis (a fresh database and key prefix, removed afterwards);
-//! 4. key-check throughput: the production `Caller` extractor + `api_keys::charge` behind a
+//! 4. key-check throughput: the production `MeteredCaller` extractor + `api_keys::charge` behind a
 //!    small router of this binary, then an exact-count check of `calls_used`;
 //! 5. optionally the load of 2 against any OpenAI-compatible URL — or, with
 //!    `--compare-llama-server`, against llama.cpp's own `llama-server` (built by
@@ -64,7 +64,7 @@ use tollgate::{
         Algorithm, ChatMessage, GenerationRequest, Prompt, SamplingParams,
     },
     errors::ApiError,
-    extractors::Caller,
+    extractors::MeteredCaller,
     models::api_keys::{self, ActiveModel as KeyActive, KeyParams, Scope},
     settings::{EngineSettings, Settings},
 };
@@ -874,9 +874,9 @@ async fn load_all(
 /// statement; no generation.
 async fn charge_only(
     State(ctx): State<AppContext>,
-    Caller(key): Caller,
+    MeteredCaller(key): MeteredCaller,
 ) -> Result<Json<Value>, ApiError> {
-    match api_keys::charge(&ctx.db, key.id).await? {
+    match api_keys::charge(&ctx.db, key.id, &key.secret_hash).await? {
         Ok(row) => Ok(Json(json!({ "calls_used": row.calls_used }))),
         Err(_) => Err(ApiError::quota_exhausted(key.max_calls.unwrap_or_default())),
     }
@@ -1235,7 +1235,7 @@ fn report(
     }
     let _ = writeln!(
         s,
-        "\n## 4. Key check + charge (Caller extractor + api_keys::charge, no generation)\n"
+        "\n## 4. Key check + charge (MeteredCaller extractor + api_keys::charge, no generation)\n"
     );
     let _ = writeln!(
         s,

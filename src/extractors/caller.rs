@@ -8,6 +8,9 @@
 //! calls were used up as last read (429) and one over its request rate (429 with
 //! `Retry-After`); the atomic charge in admission still decides the quota. Header extractors
 //! run before the body is read, so key problems are reported before body problems.
+//! [`MeteredCaller`] may take the key's row from [`KnownKeys`] (read by a request moments ago):
+//! its charge checks secret, revocation, window and quota again in the same statement, so a
+//! key revoked meanwhile is still refused, only after its body was read.
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 use loco_rs::app::AppContext;
@@ -15,6 +18,7 @@ use loco_rs::app::AppContext;
 use crate::{
     admission::refusal_error,
     errors::{ApiError, ErrorCode},
+    extractors::KnownKeys,
     models::{
         api_keys::{self, Refusal},
         users,
@@ -41,24 +45,60 @@ fn bearer(value: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// The key's standing at this instant: revoked, outside its window, or its user disabled.
-/// Quota is not standing: it is decided by the charge (or, for [`MeteredCaller`], as read).
-async fn identify(parts: &Parts, ctx: &AppContext) -> Result<api_keys::Model, ApiError> {
+/// The secret of the request's `Authorization: Bearer` header.
+fn presented_secret(parts: &Parts) -> Result<&str, ApiError> {
     let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
         return Err(ApiError::new(
             ErrorCode::MissingApiKey,
             "send your API key as `Authorization: Bearer <key>`",
         ));
     };
-    let Some(secret) = header.to_str().ok().and_then(bearer) else {
-        return Err(ApiError::new(
+    header.to_str().ok().and_then(bearer).ok_or_else(|| {
+        ApiError::new(
             ErrorCode::InvalidAuthorization,
             "the Authorization header must be `Bearer <key>`",
-        ));
-    };
+        )
+    })
+}
+
+/// The key's standing at this instant: revoked, outside its window, or its user disabled.
+/// Quota is not standing: it is decided by the charge (or, for [`MeteredCaller`], as read).
+async fn identify(parts: &Parts, ctx: &AppContext) -> Result<api_keys::Model, ApiError> {
+    let secret = presented_secret(parts)?;
     let Some(key) = api_keys::Model::find_by_secret(&ctx.db, secret).await? else {
         return Err(ApiError::new(ErrorCode::InvalidApiKey, "unknown API key"));
     };
+    standing(ctx, key).await
+}
+
+/// [`identify`] for the routes that spend a call: the identity may come from [`KnownKeys`]
+/// (read by an earlier request moments ago), since their charge checks the secret's hash,
+/// revocation, window and quota again in one statement, and the budget reservation the user.
+async fn identify_spender(
+    parts: &Parts,
+    ctx: &AppContext,
+    known: &KnownKeys,
+) -> Result<api_keys::Model, ApiError> {
+    let hash = api_keys::hash_secret(presented_secret(parts)?);
+    if let Some(key) = known.get(&hash) {
+        tracing::Span::current().record("api_key", key.prefix.as_str());
+        // The window may have closed since it was read.
+        match key.refusal_at(crate::models::now()) {
+            None | Some(Refusal::QuotaExhausted { .. }) => return Ok(key),
+            Some(refusal) => return Err(refusal_error(refusal, Some(&key))),
+        }
+    }
+    let edits = api_keys::edits();
+    let Some(key) = api_keys::Model::find_by_hash(&ctx.db, &hash).await? else {
+        return Err(ApiError::new(ErrorCode::InvalidApiKey, "unknown API key"));
+    };
+    let key = standing(ctx, key).await?;
+    known.put(hash, key.clone(), edits);
+    Ok(key)
+}
+
+/// Refuses a key that is revoked, outside its window or whose user is disabled.
+async fn standing(ctx: &AppContext, key: api_keys::Model) -> Result<api_keys::Model, ApiError> {
     tracing::Span::current().record("api_key", key.prefix.as_str());
     match key.refusal_at(crate::models::now()) {
         None | Some(Refusal::QuotaExhausted { .. }) => {}
@@ -124,12 +164,23 @@ caller!(AdminCaller, |key, _ctx| {
     }
 });
 
-caller!(MeteredCaller, |key, ctx| {
-    if let Some(refusal @ Refusal::QuotaExhausted { .. }) = key.refusal_at(crate::models::now()) {
-        return Err(refusal_error(refusal, Some(&key)));
+impl FromRequestParts<AppContext> for MeteredCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        ctx: &AppContext,
+    ) -> Result<Self, Self::Rejection> {
+        let services = Services::from_ctx(ctx)?;
+        let key = identify_spender(parts, ctx, &services.known_keys).await?;
+        if let Some(refusal @ Refusal::QuotaExhausted { .. }) = key.refusal_at(crate::models::now())
+        {
+            return Err(refusal_error(refusal, Some(&key)));
+        }
+        services.rate_limits.check(&key).await?;
+        Ok(Self(key))
     }
-    Services::from_ctx(ctx)?.rate_limits.check(&key).await?;
-});
+}
 
 #[cfg(test)]
 mod tests {

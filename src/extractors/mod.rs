@@ -5,7 +5,9 @@
 pub mod caller;
 pub mod client_address;
 pub mod json;
+pub mod known_keys;
 
 pub use caller::{AdminCaller, Caller, MeteredCaller};
 pub use client_address::ClientAddress;
 pub use json::JsonBody;
+pub use known_keys::KnownKeys;

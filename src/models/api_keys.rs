@@ -154,6 +154,21 @@ impl KeyState {
     }
 }
 
+/// Changes made in this process to keys' standing, limits or secrets (and to their users):
+/// identities cached by [`crate::extractors::KnownKeys`] before the latest one are not used.
+static EDITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many key edits this process has made; see [`EDITS`].
+#[must_use]
+pub fn edits() -> u64 {
+    EDITS.load(std::sync::atomic::Ordering::Acquire)
+}
+
+/// Records a key edit (after it is written), so cached identities are read again.
+pub(crate) fn edited() {
+    EDITS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+}
+
 /// SHA-256 of the whole secret, hex-encoded: the only form in which a secret is stored.
 #[must_use]
 pub fn hash_secret(secret: &str) -> String {
@@ -225,8 +240,19 @@ impl Model {
         db: &C,
         secret: &str,
     ) -> Result<Option<Self>, ModelError> {
+        Self::find_by_hash(db, &hash_secret(secret)).await
+    }
+
+    /// The key whose secret hashes to `hash` ([`hash_secret`]).
+    ///
+    /// # Errors
+    /// On database errors.
+    pub async fn find_by_hash<C: ConnectionTrait>(
+        db: &C,
+        hash: &str,
+    ) -> Result<Option<Self>, ModelError> {
         Ok(Entity::find()
-            .filter(Column::SecretHash.eq(hash_secret(secret)))
+            .filter(Column::SecretHash.eq(hash))
             .one(db)
             .await?)
     }
@@ -365,12 +391,16 @@ impl Model {
 pub async fn charge<C: ConnectionTrait>(
     db: &C,
     key_id: i32,
+    secret_hash: &str,
 ) -> Result<Result<Model, Refusal>, ModelError> {
     let at = now();
     let updated = Entity::update_many()
         .col_expr(Column::CallsUsed, Expr::col(Column::CallsUsed).add(1))
         .col_expr(Column::LastUsedAt, Expr::value(at))
         .filter(Column::Id.eq(key_id))
+        // The secret as well as the row: a key rotated since the caller was identified (from
+        // [`crate::extractors::KnownKeys`], possibly in another process) is not charged.
+        .filter(Column::SecretHash.eq(secret_hash))
         .filter(Column::RevokedAt.is_null())
         .filter(
             Condition::any()
@@ -395,6 +425,7 @@ pub async fn charge<C: ConnectionTrait>(
     // Refused: read the row only to say why.
     let refusal = match Entity::find_by_id(key_id).one(db).await? {
         None => Refusal::Unknown,
+        Some(key) if key.secret_hash != secret_hash => Refusal::Unknown,
         Some(key) => key.refusal_at(at).unwrap_or(Refusal::QuotaExhausted {
             max_calls: key.max_calls.unwrap_or_default(),
         }),
@@ -547,7 +578,9 @@ impl ActiveModel {
         let mut am: Self = key.into();
         am.revoked_at = Set(Some(ts));
         am.updated_at = Set(ts);
-        Ok(am.update(db).await?)
+        let key = am.update(db).await?;
+        edited();
+        Ok(key)
     }
 }
 
@@ -566,10 +599,9 @@ impl ActiveModel {
         am.prefix = Set(new_prefix);
         am.secret_hash = Set(hash_secret(&secret));
         am.updated_at = Set(now());
-        Ok(IssuedKey {
-            key: am.update(db).await?,
-            secret,
-        })
+        let key = am.update(db).await?;
+        edited();
+        Ok(IssuedKey { key, secret })
     }
 
     /// Changes a key's label, owner, limits and window (the dashboard's edit form); counters
@@ -606,7 +638,9 @@ impl ActiveModel {
         am.valid_until = Set(params.valid_until);
         am.priority = Set(checked_priority(params.priority)?);
         am.updated_at = Set(now());
-        Ok(am.update(db).await?)
+        let key = am.update(db).await?;
+        edited();
+        Ok(key)
     }
 
     /// Takes back a revocation (the dashboard's "reactivate").
@@ -620,7 +654,9 @@ impl ActiveModel {
         let mut am: Self = key.into();
         am.revoked_at = Set(None);
         am.updated_at = Set(now());
-        Ok(am.update(db).await?)
+        let key = am.update(db).await?;
+        edited();
+        Ok(key)
     }
 }
 

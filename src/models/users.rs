@@ -264,7 +264,9 @@ impl ActiveModel {
         let mut am: Self = user.into();
         am.enabled = Set(enabled);
         am.updated_at = Set(now());
-        Ok(am.update(db).await?)
+        let user = am.update(db).await?;
+        super::api_keys::edited();
+        Ok(user)
     }
 }
 
@@ -283,7 +285,8 @@ pub struct UserChanges {
 
 impl ActiveModel {
     /// Applies `changes` to a user. Disabling one stops every token it holds at once (the
-    /// caller extractor checks `enabled` on every request).
+    /// caller extractor checks `enabled` whenever it reads a key, and a change here makes it read
+    /// again; generations are also refused by the budget reservation).
     ///
     /// # Errors
     /// `NotFound` for an unknown username, `Invalid` for a negative limit or a bad password,
@@ -341,7 +344,9 @@ impl ActiveModel {
             am.gen_tokens_used = Set(0);
         }
         am.updated_at = Set(now());
-        Ok(am.update(db).await?)
+        let user = am.update(db).await?;
+        super::api_keys::edited();
+        Ok(user)
     }
 
     /// Deletes a user: every token issued to it is revoked first (its jobs and usage stay, as
@@ -369,6 +374,7 @@ impl ActiveModel {
             .exec(db)
             .await?;
         Entity::delete_by_id(user.id).exec(db).await?;
+        super::api_keys::edited();
         Ok(user)
     }
 }

@@ -223,33 +223,10 @@ mod tests {
     use super::*;
 
     fn key(id: i32, rpm: Option<i32>, burst: Option<i32>) -> api_keys::Model {
-        let ts = crate::models::now();
         api_keys::Model {
-            created_at: ts,
-            updated_at: ts,
-            id,
-            name: "k".into(),
-            email: "k@example.com".into(),
-            organization: None,
-            prefix: format!("{id:08x}"),
-            secret_hash: String::new(),
-            max_calls: None,
-            calls_used: 0,
-            valid_from: None,
-            valid_until: None,
-            revoked_at: None,
-            last_used_at: None,
-            scope: "client".into(),
             rate_limit_per_minute: rpm,
             rate_limit_burst: burst,
-            allowed_models: None,
-            allowed_adapters: None,
-            user_id: None,
-            prompt_token_limit: None,
-            gen_token_limit: None,
-            prompt_tokens_used: 0,
-            gen_tokens_used: 0,
-            priority: 0,
+            ..api_keys::test_key(id)
         }
     }
 

@@ -101,34 +101,7 @@ mod tests {
     static SERIAL: Mutex<()> = Mutex::new(());
 
     fn key(id: i32) -> api_keys::Model {
-        let at = crate::models::now();
-        api_keys::Model {
-            created_at: at,
-            updated_at: at,
-            id,
-            name: format!("k{id}"),
-            email: "a@b.c".into(),
-            organization: None,
-            prefix: format!("p{id}"),
-            secret_hash: format!("h{id}"),
-            max_calls: None,
-            calls_used: 0,
-            valid_from: None,
-            valid_until: None,
-            revoked_at: None,
-            last_used_at: None,
-            scope: "client".into(),
-            rate_limit_per_minute: None,
-            rate_limit_burst: None,
-            allowed_models: None,
-            allowed_adapters: None,
-            user_id: None,
-            prompt_token_limit: None,
-            gen_token_limit: None,
-            prompt_tokens_used: 0,
-            gen_tokens_used: 0,
-            priority: 0,
-        }
+        api_keys::test_key(id)
     }
 
     #[test]

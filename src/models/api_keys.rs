@@ -700,3 +700,36 @@ pub fn parse_bound(value: &str, end_of_day: bool) -> Result<DateTimeWithTimeZone
     .unwrap_or_default();
     Ok(day.and_time(time).and_utc().fixed_offset())
 }
+
+/// A key row for unit tests of code that reads keys (no database).
+#[cfg(test)]
+pub(crate) fn test_key(id: i32) -> Model {
+    let ts = now();
+    Model {
+        created_at: ts,
+        updated_at: ts,
+        id,
+        name: "k".into(),
+        email: "k@example.com".into(),
+        organization: None,
+        prefix: format!("{id:08x}"),
+        secret_hash: format!("hash{id}"),
+        max_calls: None,
+        calls_used: 0,
+        valid_from: None,
+        valid_until: None,
+        revoked_at: None,
+        last_used_at: None,
+        scope: "client".into(),
+        rate_limit_per_minute: None,
+        rate_limit_burst: None,
+        allowed_models: None,
+        allowed_adapters: None,
+        user_id: None,
+        prompt_token_limit: None,
+        gen_token_limit: None,
+        prompt_tokens_used: 0,
+        gen_tokens_used: 0,
+        priority: 0,
+    }
+}

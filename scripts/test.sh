@@ -23,7 +23,8 @@ fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-cargo clippy --workspace --all-targets -- -D warnings
+# The test profile: clippy then shares the tests' build-script runs (llama.cpp is built once).
+cargo clippy --workspace --all-targets --profile test -- -D warnings
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast

@@ -328,17 +328,20 @@ struct EngineRuns {
     one: Vec<Duration>,
 }
 
+/// Tokens per second over (time, tokens) runs.
+fn rate(runs: &[(Duration, u32)]) -> f64 {
+    let tokens: u32 = runs.iter().map(|r| r.1).sum();
+    let secs: f64 = runs.iter().map(|r| r.0.as_secs_f64()).sum();
+    f64::from(tokens) / secs.max(f64::EPSILON)
+}
+
 impl EngineRuns {
     fn decode_tokens_per_s(&self) -> f64 {
-        let tokens: u32 = self.decode.iter().map(|r| r.1).sum();
-        let secs: f64 = self.decode.iter().map(|r| r.0.as_secs_f64()).sum();
-        f64::from(tokens) / secs.max(f64::EPSILON)
+        rate(&self.decode)
     }
 
     fn tokens_per_s(&self) -> f64 {
-        let tokens: u32 = self.full.iter().map(|r| r.1).sum();
-        let secs: f64 = self.full.iter().map(|r| r.0.as_secs_f64()).sum();
-        f64::from(tokens) / secs.max(f64::EPSILON)
+        rate(&self.full)
     }
 }
 
@@ -525,19 +528,7 @@ async fn engine_thread_runs(
     let engine = tokio::task::spawn_blocking(move || LlamaEngine::start(s))
         .await?
         .map_err(|e| anyhow!("{e}"))?;
-    let request = GenerationRequest {
-        model: settings.model_name.clone(),
-        prompt: chat_prompt(),
-        params: SamplingParams {
-            max_tokens: args.max_tokens,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: None,
-            stop: Vec::new(),
-            controls: Default::default(),
-        },
-        adapter: None,
-    };
+    let request = greedy(settings, chat_prompt(), args.max_tokens);
     engine
         .run(request.clone())
         .await
@@ -575,7 +566,7 @@ async fn start_server() -> anyhow::Result<(Server, EngineSettings)> {
     let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", uuid::Uuid::new_v4()));
     let queue = format!("sqlite://{}/queue.sqlite?mode=rwc", dir.display());
     let db = format!("sqlite://{}/db.sqlite?mode=rwc", dir.display());
-    serve_in_process(dir, db, json!({"url": queue})).await
+    serve_in_process(dir, db, json!({"url": queue}), false).await
 }
 
 /// The same server with its state in a fresh Postgres database and its queue and job events in
@@ -598,18 +589,21 @@ async fn start_production_server(args: &Args) -> anyhow::Result<(Server, String,
         dir,
         format!("{}/{database}", args.postgres),
         json!({"url": args.redis, "prefix": prefix}),
+        false,
     )
     .await?;
     Ok((server, database, prefix))
 }
 
 /// The development config on database `db` with the given queue settings and an embedded
-/// worker, served on a free port the way `tests/common/mod.rs` does it. The per-key rate limit
-/// is switched off: the bench sends far more than a client's default 600/minute.
+/// worker (on the scripted engine when `scripted`), served on a free port the way
+/// `tests/common/mod.rs` does it. The per-key rate limit is switched off: the bench sends far
+/// more than a client's default 600/minute.
 async fn serve_in_process(
     dir: PathBuf,
     db: String,
     queue: Value,
+    scripted: bool,
 ) -> anyhow::Result<(Server, EngineSettings)> {
     let env = Environment::Development;
     let mut config = App::load_config(&env).await?;
@@ -623,6 +617,9 @@ async fn serve_in_process(
     }
     settings["queue"]["embedded_worker"] = json!(true);
     settings["api"]["rate_limit"]["per_minute"] = json!(0);
+    if scripted {
+        settings["engine"]["backend"] = json!("scripted");
+    }
     config.settings = Some(settings);
     let typed = Settings::from_config(&config)?;
     let boot = App::boot(StartMode::ServerOnly, &env, config).await?;
@@ -1131,9 +1128,7 @@ fn report(
         }
     }
 
-    let thread_tokens: u32 = engine_thread.iter().map(|r| r.1).sum();
-    let thread_secs: f64 = engine_thread.iter().map(|r| r.0.as_secs_f64()).sum();
-    let thread_tps = f64::from(thread_tokens) / thread_secs.max(f64::EPSILON);
+    let thread_tps = rate(engine_thread);
     let thread_lat: Vec<f64> = engine_thread.iter().map(|r| ms(r.0)).collect();
     let _ = writeln!(
         s,
@@ -1456,15 +1451,11 @@ fn long_history() -> String {
         .join(" ")
 }
 
-/// A greedy request for `messages`.
-fn greedy_chat(
-    settings: &EngineSettings,
-    messages: Vec<ChatMessage>,
-    max_tokens: u32,
-) -> GenerationRequest {
+/// A greedy request for `prompt` on the configured model.
+fn greedy(settings: &EngineSettings, prompt: Prompt, max_tokens: u32) -> GenerationRequest {
     GenerationRequest {
         model: settings.model_name.clone(),
-        prompt: Prompt::chat(messages),
+        prompt,
         params: SamplingParams {
             max_tokens,
             temperature: 0.0,
@@ -1527,7 +1518,7 @@ async fn second_turns(
     };
     for rep in 0..args.reps {
         let one = engine
-            .run(greedy_chat(settings, history.clone(), 32))
+            .run(greedy(settings, Prompt::chat(history.clone()), 32))
             .await
             .map_err(|e| anyhow!("{e}"))?;
         let mut turn = history.clone();
@@ -1536,7 +1527,7 @@ async fn second_turns(
             "user",
             format!("What colour was the lighthouse in note {}?", rep + 1),
         ));
-        let (ttft, two) = first_token(&engine, greedy_chat(settings, turn, 8)).await?;
+        let (ttft, two) = first_token(&engine, greedy(settings, Prompt::chat(turn), 8)).await?;
         turns.times.push(ms(ttft));
         (turns.first_prompt, turns.first_answer) = (one.prompt_tokens, one.generated_tokens);
         (turns.prompt, turns.cached) = (two.prompt_tokens, two.cached_tokens);

@@ -842,7 +842,7 @@ fn model_entry(services: &Services, id: &str, remote: &[crate::models::workers::
         "owned_by": "tollgate",
         "context_length": context,
         "max_model_len": context,
-        "capabilities": {"chat": true, "completion": true, "embeddings": embeddings, "tools": !models.is_remote(base)},
+        "capabilities": {"chat": true, "completion": true, "embeddings": embeddings, "tools": true},
     })
 }
 

@@ -71,6 +71,12 @@ pub fn prompt_tokens(model: &LlamaModel, prompt: &Prompt) -> Result<Vec<LlamaTok
     let Prompt::Chat { messages, tools } = prompt else {
         return Ok(tokenize(model, &render_prompt(model, prompt)?));
     };
+    // Checked as the client sent them, whatever the model's tool format makes of them.
+    refuse_control_text(
+        model,
+        messages,
+        tools.as_deref().map(|t| t.tools.as_slice()),
+    )?;
     let messages = template::prepare(messages, tools.as_deref(), template::tool_format(model));
     let nonce = format!("{:016x}", rand::random::<u64>());
     let open = |i: usize| format!("\u{F8FF}{nonce}<{i}\u{F8FF}");
@@ -109,6 +115,62 @@ pub fn prompt_tokens(model: &LlamaModel, prompt: &Prompt) -> Result<Vec<LlamaTok
     }
     tokens.extend(vocab.tokenize(rest.as_bytes(), first, true));
     Ok(tokens)
+}
+
+/// Refuses client text that a template may put outside the messages' contents (tools, their
+/// descriptions and schemas, earlier calls' ids, names and arguments) when it spells one of the
+/// model's control tokens: there it is read with special tokens parsed, so `<|im_start|>system`
+/// in a tool's description could open a forged turn under a template that renders tools itself.
+/// Contents are protected by markers instead.
+fn refuse_control_text(
+    model: &LlamaModel,
+    messages: &[ChatMessage],
+    tools: Option<&[super::tools::Tool]>,
+) -> Result<(), EngineError> {
+    let vocab = model.vocab();
+    let spells_control = |text: &str| {
+        !text.is_empty()
+            && vocab.tokenize(text.as_bytes(), false, true)
+                != vocab.tokenize(text.as_bytes(), false, false)
+    };
+    let mut outside: Vec<(&str, std::borrow::Cow<'_, str>)> = Vec::new();
+    for tool in tools.unwrap_or_default() {
+        outside.push(("tools[].function.name", tool.name.as_str().into()));
+        if let Some(d) = &tool.description {
+            outside.push(("tools[].function.description", d.as_str().into()));
+        }
+        outside.push((
+            "tools[].function.parameters",
+            tool.parameters.to_string().into(),
+        ));
+    }
+    for m in messages {
+        for call in &m.tool_calls {
+            outside.push(("messages[].tool_calls[].id", call.id.as_str().into()));
+            outside.push((
+                "messages[].tool_calls[].function.name",
+                call.name.as_str().into(),
+            ));
+            outside.push((
+                "messages[].tool_calls[].function.arguments",
+                call.arguments.as_str().into(),
+            ));
+        }
+        for (field, value) in [
+            ("messages[].tool_call_id", &m.tool_call_id),
+            ("messages[].name", &m.name),
+        ] {
+            if let Some(v) = value {
+                outside.push((field, v.as_str().into()));
+            }
+        }
+    }
+    match outside.iter().find(|(_, text)| spells_control(text)) {
+        Some((field, _)) => Err(EngineError::Template(format!(
+            "{field} contains the text of one of the model's control tokens"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Tokens of a text to embed: the model's own special prefix (BOS where it uses one), and the

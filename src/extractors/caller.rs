@@ -81,12 +81,8 @@ async fn identify_spender(
 ) -> Result<api_keys::Model, ApiError> {
     let hash = api_keys::hash_secret(presented_secret(parts)?);
     if let Some(key) = known.get(&hash) {
-        tracing::Span::current().record("api_key", key.prefix.as_str());
         // The window may have closed since it was read.
-        match key.refusal_at(crate::models::now()) {
-            None | Some(Refusal::QuotaExhausted { .. }) => return Ok(key),
-            Some(refusal) => return Err(refusal_error(refusal, Some(&key))),
-        }
+        return in_standing(key);
     }
     let edits = api_keys::edits();
     let Some(key) = api_keys::Model::find_by_hash(&ctx.db, &hash).await? else {
@@ -97,13 +93,19 @@ async fn identify_spender(
     Ok(key)
 }
 
-/// Refuses a key that is revoked, outside its window or whose user is disabled.
-async fn standing(ctx: &AppContext, key: api_keys::Model) -> Result<api_keys::Model, ApiError> {
+/// Refuses a key that is revoked or outside its window, as this row says (and names it in the
+/// request's log lines).
+fn in_standing(key: api_keys::Model) -> Result<api_keys::Model, ApiError> {
     tracing::Span::current().record("api_key", key.prefix.as_str());
     match key.refusal_at(crate::models::now()) {
-        None | Some(Refusal::QuotaExhausted { .. }) => {}
-        Some(refusal) => return Err(refusal_error(refusal, Some(&key))),
+        None | Some(Refusal::QuotaExhausted { .. }) => Ok(key),
+        Some(refusal) => Err(refusal_error(refusal, Some(&key))),
     }
+}
+
+/// [`in_standing`], and refuses a key whose user is disabled.
+async fn standing(ctx: &AppContext, key: api_keys::Model) -> Result<api_keys::Model, ApiError> {
+    let key = in_standing(key)?;
     // A login token stops working the moment its user is disabled (generations are also
     // refused by the budget reservation, which checks `enabled` atomically).
     if let Some(user_id) = key.user_id {

@@ -109,11 +109,11 @@ mod tests {
         let _serial = SERIAL
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let cache = KnownKeys::new(Duration::from_millis(200));
+        let cache = KnownKeys::new(Duration::from_millis(1000));
         cache.put("h1".into(), key(1), api_keys::edits());
         assert_eq!(cache.get("h1").map(|k| k.id), Some(1));
         assert!(cache.get("h2").is_none());
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(1100));
         assert!(cache.get("h1").is_none(), "expired entry served");
         assert_eq!(cache.len(), 0, "an expired entry is dropped when met");
     }

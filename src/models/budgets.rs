@@ -196,7 +196,8 @@ async fn reserve_user<C: ConnectionTrait>(
 }
 
 /// Reserves `prompt` + `gen` tokens on the key's budget and, when the key acts for a user, on
-/// the user's. All or nothing: when the user refuses, the key's reservation is given back.
+/// the user's. Run inside the caller's transaction (admission's charge + reservation + job):
+/// when the user's budget refuses, the key's reservation goes with the transaction's rollback.
 ///
 /// # Errors
 /// `Ok(Err(refusal))` when a budget cannot take the request; `Err` on database errors.
@@ -210,16 +211,8 @@ pub async fn reserve<C: ConnectionTrait>(
         return Ok(Err(refusal));
     }
     if let Some(user_id) = key.user_id {
-        match reserve_user(db, user_id, prompt, gen).await {
-            Ok(Ok(())) => {}
-            Ok(Err(refusal)) => {
-                give_back_key(db, key.id, prompt, gen).await?;
-                return Ok(Err(refusal));
-            }
-            Err(e) => {
-                give_back_key(db, key.id, prompt, gen).await.ok();
-                return Err(e);
-            }
+        if let Err(refusal) = reserve_user(db, user_id, prompt, gen).await? {
+            return Ok(Err(refusal));
         }
     }
     Ok(Ok(Reservation {

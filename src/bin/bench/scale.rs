@@ -22,18 +22,11 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context as _};
-use loco_rs::{
-    app::{AppContext, Hooks},
-    boot::StartMode,
-    environment::Environment,
-};
+use loco_rs::app::AppContext;
 use reqwest::header;
 use sea_orm::{ConnectionTrait, DatabaseBackend, Statement};
 use serde_json::{json, Value};
-use tollgate::{
-    app::{into_service, App},
-    models::api_keys::Scope,
-};
+use tollgate::models::api_keys::Scope;
 
 use super::{issue_key_secret, machine, ms, percentile, Args, Server};
 
@@ -235,29 +228,8 @@ async fn measure_probes(client: &Client, probes: &[Probe]) -> anyhow::Result<Vec
 /// The development config on database `db`, on the scripted engine, with its queue in `dir`
 /// and no per-key rate limit, served on a free port.
 async fn serve(dir: PathBuf, db: String) -> anyhow::Result<Server> {
-    let env = Environment::Development;
-    let mut config = App::load_config(&env).await?;
-    std::fs::create_dir_all(&dir)?;
-    config.database.uri = db;
-    let mut settings = config.settings.clone().unwrap_or_else(|| json!({}));
-    settings["engine"]["backend"] = json!("scripted");
-    settings["queue"]["url"] = json!(format!("sqlite://{}/queue.sqlite?mode=rwc", dir.display()));
-    settings["queue"]["embedded_worker"] = json!(true);
-    settings["api"]["rate_limit"]["per_minute"] = json!(0);
-    config.settings = Some(settings);
-    let boot = App::boot(StartMode::ServerOnly, &env, config).await?;
-    let router = boot.router.ok_or_else(|| anyhow!("boot gave no router"))?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        axum::serve(listener, into_service(router)).await.ok();
-    });
-    Ok(Server {
-        base: format!("http://{addr}"),
-        ctx: boot.app_context,
-        dir,
-        model: String::new(),
-    })
+    let queue = json!({"url": format!("sqlite://{}/queue.sqlite?mode=rwc", dir.display())});
+    Ok(super::serve_in_process(dir, db, queue, true).await?.0)
 }
 
 /// The first `name=value` of a response's `Set-Cookie`.

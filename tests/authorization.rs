@@ -60,7 +60,7 @@ fn class_of(method: &Method, uri: &str) -> Option<Class> {
             | "/active_models"
             | "/v1/models/{*id}",
         )
-        | ("POST", "/tokenize" | "/detokenize") => Keyed,
+        | ("POST", "/tokenize" | "/detokenize" | "/apply-template") => Keyed,
         (
             "POST",
             "/api"

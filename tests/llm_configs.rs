@@ -521,6 +521,34 @@ async fn model_kwargs_set_any_sampling_default_and_a_bad_one_is_refused_at_load(
         .await;
     assert_eq!(status, 200, "{greedy}");
     assert_eq!(sampled["response"], greedy["response"]);
+    // Not greedy by accident: the same configuration's temperature 1, with the request's wider
+    // `top_k`, samples away from the greedy answer under some seed, and the configured `top_k`
+    // brings that very seed back to it.
+    let mut leaves_greedy = None;
+    for seed in 1..=8 {
+        let (status, body) = app
+            .post(
+                Some(&client),
+                "/llm/inference/",
+                ask("topk1", json!({"top_k": 40, "seed": seed})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        if body["response"] != greedy["response"] {
+            leaves_greedy = Some(seed);
+            break;
+        }
+    }
+    let seed = leaves_greedy.expect("temperature 1 with top_k 40 samples under some seed");
+    let (status, body) = app
+        .post(
+            Some(&client),
+            "/llm/inference/",
+            ask("topk1", json!({"seed": seed})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["response"], greedy["response"], "seed {seed}, top_k 1");
     let (_, body) = app
         .post_empty(Some(&admin), "/llm/unload_model/topk1")
         .await;

@@ -584,6 +584,32 @@ async fn models_tokens_and_token_embeddings_as_llama_server_and_vllm_clients_rea
         .await;
     assert_eq!((status, code(&bad)), (422, "invalid_input"), "{bad}");
 
+    // /apply-template: the text the model reads for a chat, refused as the chat route refuses.
+    let chat = json!({"messages": [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "Hi"}]});
+    let (status, t) = app.post(Some(&key), "/apply-template", &chat).await;
+    assert_eq!(status, 200, "{t}");
+    assert_eq!(
+        t["prompt"],
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    for wrong in [
+        json!({"messages": []}),
+        json!({"messages": [{"role": "narrator", "content": "x"}]}),
+        json!({"messages": [{"role": "user", "content": "x"}], "temperature": 9}),
+    ] {
+        let (status, bad) = app.post(Some(&key), "/apply-template", &wrong).await;
+        let (chat_status, chat_bad) = app.post(Some(&key), "/v1/chat/completions", &wrong).await;
+        assert!((400..500).contains(&status), "{wrong}: {bad}");
+        assert_eq!(
+            (status, code(&bad)),
+            (chat_status, code(&chat_bad)),
+            "{wrong}"
+        );
+    }
+    let (status, _) = app.post(None, "/apply-template", &chat).await;
+    assert_eq!(status, 401);
+
     // Embeddings from token ids (one list, or a list of lists) equal those of the text.
     let by_text = app
         .post(

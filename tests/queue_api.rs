@@ -251,4 +251,32 @@ async fn meta_carries_the_sampling_controls_and_a_seed_repeats_a_sampled_answer(
     let (status, body) = app.post(Some(&key), "/generate", &biased).await;
     assert_eq!(status, 200, "{body}");
     assert_ne!(body["content"].as_str(), Some(texts[0].as_str()), "{body}");
+    // `top_k` reaches the sampler: 1 makes a sampled draw the greedy answer, whichever seed.
+    let plain = |meta: serde_json::Value| json!({"content": "Write one sentence about the sea.", "meta": meta});
+    let (status, greedy) = app
+        .post(
+            Some(&key),
+            "/generate",
+            &plain(json!({"temperature": 0, "tokens_limit": 16})),
+        )
+        .await;
+    assert_eq!(status, 200, "{greedy}");
+    let mut drew = Vec::new();
+    for seed in [7, 8] {
+        let meta = json!({"temperature": 1.0, "tokens_limit": 16, "seed": seed});
+        let (status, free) = app
+            .post(Some(&key), "/generate", &plain(meta.clone()))
+            .await;
+        assert_eq!(status, 200, "{free}");
+        drew.push(free["content"].clone());
+        let mut top1 = meta;
+        top1["top_k"] = json!(1);
+        let (status, body) = app.post(Some(&key), "/generate", &plain(top1)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["content"], greedy["content"], "seed {seed}, top_k 1");
+    }
+    assert!(
+        drew.iter().any(|d| *d != greedy["content"]),
+        "temperature 1 samples away from greedy under seed 7 or 8: {drew:?}"
+    );
 }

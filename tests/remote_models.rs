@@ -251,6 +251,27 @@ async fn tools_and_response_formats_are_forwarded_and_the_upstreams_calls_come_b
         .post(Some(&key), "/v1/chat/completions", &follow)
         .await;
     assert_eq!(status, 200, "{answer}");
+    // What reached the upstream: the assistant's call (same id, name, arguments) and the
+    // tool's result answering that id.
+    let received = upstream.app.jobs_of(&upstream.key).await;
+    let last = received
+        .iter()
+        .find(|j| j.request.contains("tool_call_id"))
+        .expect("a request with the tool's result reached the upstream");
+    let request: Value = serde_json::from_str(&last.request).expect("stored request");
+    let messages = request["prompt"]["messages"].as_array().expect("a chat");
+    assert_eq!(messages.len(), 3, "{request}");
+    let sent_call = &messages[1]["tool_calls"][0];
+    assert_eq!(sent_call["id"], call["id"], "{request}");
+    assert_eq!(sent_call["name"], "get_weather", "{request}");
+    assert_eq!(
+        serde_json::from_str::<Value>(sent_call["arguments"].as_str().unwrap_or("?")).ok(),
+        serde_json::from_str::<Value>(call["function"]["arguments"].as_str().unwrap_or("?")).ok(),
+        "{request}"
+    );
+    assert_eq!(messages[2]["role"], "tool", "{request}");
+    assert_eq!(messages[2]["tool_call_id"], call["id"], "{request}");
+    assert_eq!(messages[2]["content"], "sunny", "{request}");
 
     // response_format is the upstream's to enforce: forwarded, its JSON answer comes back.
     let schema =

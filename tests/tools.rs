@@ -209,22 +209,33 @@ async fn results_sent_back_are_rendered_into_the_next_turn() {
         !message["content"].as_str().unwrap_or_default().is_empty(),
         "{answered}"
     );
-    // The call and its result are in the prompt the model read.
-    let (status, bare) = app
+    // The call and its result are in the prompt the model read (llama.cpp server's
+    // `/apply-template` shows it; it charges nothing).
+    let used = app.calls_used(&key).await;
+    let (status, templated) = app
         .post(
             Some(&key),
-            "/v1/chat/completions",
-            json!({"messages": question(), "max_tokens": 16, "temperature": 0}),
+            "/apply-template",
+            json!({"messages": with_result, "tools": tools(), "tool_choice": "none"}),
         )
         .await;
-    assert_eq!(status, 200, "{bare}");
-    let tokens = |b: &Value| b["usage"]["prompt_tokens"].as_i64().unwrap_or_default();
+    assert_eq!(status, 200, "{templated}");
+    let prompt = templated["prompt"].as_str().expect("prompt");
+    for part in [
+        "What is the weather in Paris right now?",
+        "get_weather",
+        "Paris",
+        "celsius",
+        "18 degrees and sunny",
+    ] {
+        assert!(prompt.contains(part), "{part:?} missing from {prompt}");
+    }
     assert!(
-        tokens(&answered) > tokens(&bare) + 20,
-        "{} vs {}",
-        tokens(&answered),
-        tokens(&bare)
+        prompt.find("celsius") < prompt.find("18 degrees and sunny"),
+        "the call comes before its result: {prompt}"
     );
+    assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt}");
+    assert_eq!(app.calls_used(&key).await, used, "nothing charged");
 
     // With `auto`, the answer is either text or calls to offered tools.
     let (status, auto) = app

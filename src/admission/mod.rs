@@ -225,6 +225,46 @@ impl Admission {
         Ok(admitted)
     }
 
+    /// The text the model would read for `input`, and the model's name: the same resolution,
+    /// checks and tool rendering as [`Self::admit`], with nothing charged or queued (llama.cpp
+    /// server's `/apply-template`, which tools use to inspect or cache prompts).
+    ///
+    /// # Errors
+    /// The refusals of [`Self::admit`] before its charge; 400 `unsupported_parameter` for a
+    /// remote model (its template is its upstream's).
+    pub async fn rendered(
+        &self,
+        key: &api_keys::Model,
+        input: GenerationInput,
+    ) -> Result<(String, String), ApiError> {
+        let (work, _, _) = self.work(key, input.into()).await?;
+        let Work::Generate(request) = &work else {
+            return Err(ApiError::internal("a chat became another kind of work"));
+        };
+        if self.models.is_remote(&request.model) {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedParameter,
+                format!(
+                    "model {} is served by a remote upstream, whose template is its own",
+                    request.model
+                ),
+            ));
+        }
+        self.policy
+            .admit_input(&work, &self.models, &self.settings.engine)?;
+        let text = self
+            .models
+            .tokenizer_for(&request.model)
+            .render(&request.prompt)
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::InvalidPrompt,
+                    format!("prompt cannot be rendered: {e}"),
+                )
+            })?;
+        Ok((request.display_model(), text))
+    }
+
     /// The engine work for `input` (model resolved, numbers bounded, history put before a
     /// memory request's prompt), its memory, and whether `max_tokens` is cut to the room the
     /// prompt leaves rather than kept as asked.

@@ -12,8 +12,8 @@
 //! 2. end to end: the same prompt through `/v1/chat/completions` and `/api/` of a real server
 //!    started in-process (SQLite files in a scratch dir, embedded worker), at several concurrency
 //!    levels;
-//! 3. overhead: end-to-end latency of 1-token requests minus the engine's own time for them, on
-//!    the embedded server and on one whose state is in Postgres and whose queue and job events go
+//! 3. overhead: end-to-end latency of 1-token requests minus each one's own run time in the
+//!    worker (from its job record, so the pair is measured together), on the embedded server and on one whose state is in Postgres and whose queue and job events go
 //!    through Redis (a fresh database and key prefix, removed afterwards);
 //! 4. key-check throughput: the production `MeteredCaller` extractor + `api_keys::charge` behind a
 //!    small router of this binary, then an exact-count check of `calls_used`;
@@ -666,15 +666,35 @@ async fn clean_production(args: &Args, database: &str, prefix: &str) {
 }
 
 /// `n` sequential 1-token `/api/` requests after one warm-up: their latencies in ms.
+/// `n` sequential 1-token `/api/` requests: each one's end-to-end time and the part of it
+/// spent outside its job's own run (the worker's `started_at` → `finished_at`, read from the
+/// job record), both in ms. The second is paired per request, so it does not move with the
+/// machine's load between this part and part 1 as "end to end − engine p50" does.
 async fn one_token_latencies(
     http: &reqwest::Client,
     target: &Target,
+    db: &sea_orm::DatabaseConnection,
     n: usize,
-) -> anyhow::Result<Vec<f64>> {
+) -> anyhow::Result<Vec<(f64, f64)>> {
+    use sea_orm::QueryOrder;
+    use tollgate::models::_entities::jobs;
     one_request(http, target, Route::Api, 1).await?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        out.push(ms(one_request(http, target, Route::Api, 1).await?.0));
+        let e2e = ms(one_request(http, target, Route::Api, 1).await?.0);
+        // Requests are sequential: the newest job is this one.
+        let job = jobs::Entity::find()
+            .order_by_desc(jobs::Column::QueuedAt)
+            .one(db)
+            .await?
+            .ok_or_else(|| anyhow!("no job recorded for a 1-token request"))?;
+        let (Some(started), Some(finished)) = (job.started_at, job.finished_at) else {
+            bail!("job {} has no run window", job.id);
+        };
+        let run = (finished - started)
+            .num_microseconds()
+            .map_or(0.0, |us| us as f64 / 1000.0);
+        out.push((e2e, e2e - run));
     }
     Ok(out)
 }
@@ -882,7 +902,8 @@ async fn charge_only(
 /// Part 3 (and 4) on Postgres + Redis, or why it could not run.
 enum Production {
     Measured {
-        latencies: Vec<f64>,
+        /// Per 1-token request: end to end, and outside its job's run (ms).
+        latencies: Vec<(f64, f64)>,
         keycheck: KeyCheck,
     },
     Unavailable(String),
@@ -1040,7 +1061,7 @@ fn report(
     engine_thread: &[(Duration, u32)],
     loads: &[Load],
     batching: &str,
-    overhead: &[f64],
+    overhead: &[(f64, f64)],
     production: &Production,
     keycheck: &KeyCheck,
     external: Option<(&str, &[Load])>,
@@ -1168,45 +1189,36 @@ fn report(
     let _ = writeln!(s, "\n({batching})");
 
     let engine_one: Vec<f64> = engine.one.iter().map(|d| ms(*d)).collect();
-    let e2e50 = percentile(overhead, 50.0);
-    let e2e99 = percentile(overhead, 99.0);
     let eng50 = percentile(&engine_one, 50.0);
-    let (ov50, ov99) = (e2e50 - eng50, e2e99 - eng50);
     let _ = writeln!(
         s,
         "\n## 3. Overhead of key check + queue + delivery (1-token `/api/`, sequential)\n"
     );
     let _ = writeln!(
         s,
-        "| mode | requests | end-to-end p50 / p99 ms | engine p50 / p99 ms | overhead p50 / p99 ms |"
+        "| mode | requests | end-to-end p50 / p99 ms | end to end − engine p50 (part 1) | **outside the job's run, paired** p50 / p99 ms |"
     );
     let _ = writeln!(s, "|---|---:|---:|---:|---:|");
-    let _ = writeln!(
-        s,
-        "| embedded (SQLite) | {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |",
-        overhead.len(),
-        e2e50,
-        e2e99,
-        eng50,
-        percentile(&engine_one, 99.0),
-        ov50,
-        ov99
-    );
+    // One row; the paired p50 is what the targets judge.
+    let row = |s: &mut String, mode: &str, runs: &[(f64, f64)]| {
+        let e2e: Vec<f64> = runs.iter().map(|r| r.0).collect();
+        let outside: Vec<f64> = runs.iter().map(|r| r.1).collect();
+        let p50 = percentile(&outside, 50.0);
+        let _ = writeln!(
+            s,
+            "| {mode} | {} | {:.2} / {:.2} | {:.2} | {p50:.2} / {:.2} |",
+            runs.len(),
+            percentile(&e2e, 50.0),
+            percentile(&e2e, 99.0),
+            percentile(&e2e, 50.0) - eng50,
+            percentile(&outside, 99.0),
+        );
+        p50
+    };
+    let ov50 = row(&mut s, "embedded (SQLite)", overhead);
     let prod_overhead = match production {
         Production::Measured { latencies, .. } => {
-            let (p50, p99) = (percentile(latencies, 50.0), percentile(latencies, 99.0));
-            let _ = writeln!(
-                s,
-                "| production (Postgres + Redis) | {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |",
-                latencies.len(),
-                p50,
-                p99,
-                eng50,
-                percentile(&engine_one, 99.0),
-                p50 - eng50,
-                p99 - eng50
-            );
-            Some(p50 - eng50)
+            Some(row(&mut s, "production (Postgres + Redis)", latencies))
         }
         Production::Unavailable(why) => {
             let _ = writeln!(
@@ -1218,7 +1230,9 @@ fn report(
     };
     let _ = writeln!(
         s,
-        "\n(overhead = end-to-end percentile − engine p50 for the same 1-token work)"
+        "\n(outside the job's run = a request's end-to-end time − its job's own `started_at` → \
+         `finished_at` as the worker recorded it: HTTP, key check, admission, queue hand-over, \
+         the worker's pick-up, settling and the answer; engine 1-token p50 in part 1: {eng50:.2} ms)"
     );
 
     // What a client meets is the server's stack: the target is judged on that figure.
@@ -1866,7 +1880,8 @@ fn main() -> anyhow::Result<()> {
             "3. overhead ({} 1-token requests) …",
             args.overhead_requests
         );
-        let overhead = one_token_latencies(&http, &target, args.overhead_requests).await?;
+        let overhead =
+            one_token_latencies(&http, &target, &server.ctx.db, args.overhead_requests).await?;
 
         eprintln!("4. key check ({} requests) …", args.keycheck_requests);
         let keycheck = key_check(&server.ctx, &args).await?;
@@ -1886,7 +1901,8 @@ fn main() -> anyhow::Result<()> {
                         extra: None,
                     };
                     let latencies =
-                        one_token_latencies(&http, &target, args.overhead_requests).await?;
+                        one_token_latencies(&http, &target, &prod.ctx.db, args.overhead_requests)
+                            .await?;
                     let keycheck = key_check(&prod.ctx, &args).await?;
                     anyhow::Ok(Production::Measured {
                         latencies,

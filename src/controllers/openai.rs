@@ -161,13 +161,7 @@ impl ResponseFormatWire {
             Self::JsonObject => return Ok(Some(ResponseFormat::JsonObject)),
             Self::JsonSchema { json_schema } => json_schema,
         };
-        let name_ok = !spec.name.is_empty()
-            && spec.name.len() <= 64
-            && spec
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !name_ok {
+        if !super::tool_calls::is_openai_name(&spec.name) {
             return Err(ApiError::new(
                 ErrorCode::InvalidResponseFormat,
                 "response_format.json_schema.name must be 1 to 64 of a-z, A-Z, 0-9, _ and -",

@@ -20,6 +20,17 @@ use crate::{
 pub const MAX_TOOLS: usize = 128;
 
 /// One entry of `tools`.
+/// Whether `name` is a name OpenAI accepts for a function or a response schema: 1 to 64 of
+/// `a-z`, `A-Z`, `0-9`, `_` and `-` (clients validated by OpenAI never send others, so a
+/// different one is a mistake worth naming).
+pub fn is_openai_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ToolWire {
     /// Only `function`.
@@ -68,12 +79,7 @@ pub fn tools_input(
                 "tools[{i}]: only tools of type \"function\" with a `function` object are supported"
             )));
         };
-        let name_ok = !f.name.is_empty()
-            && f.name.len() <= 64
-            && f.name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !name_ok {
+        if !is_openai_name(&f.name) {
             return Err(invalid(format!(
                 "tools[{i}].function.name must be 1 to 64 of a-z, A-Z, 0-9, _ and -"
             )));
@@ -143,7 +149,27 @@ pub fn tools_input(
 /// How a job's calls are written, when it offered tools.
 #[must_use]
 pub fn format_of(job: &jobs::Model) -> Option<ToolFormat> {
-    format_in(&serde_json::from_str::<GenerationRequest>(&job.request).ok()?)
+    stored_format(&job.request)
+}
+
+/// [`format_in`] of a stored request (its JSON), reading nothing else of it.
+fn stored_format(request: &str) -> Option<ToolFormat> {
+    /// The one field wanted from the stored request: serde skips the rest (messages, tool
+    /// schemas) without building them, so a poll of a long conversation stays cheap.
+    #[derive(Deserialize)]
+    struct Stored {
+        prompt: StoredPrompt,
+    }
+    #[derive(Deserialize)]
+    struct StoredPrompt {
+        tools: Option<StoredTools>,
+    }
+    #[derive(Deserialize)]
+    struct StoredTools {
+        format: ToolFormat,
+    }
+    let stored: Stored = serde_json::from_str(request).ok()?;
+    stored.prompt.tools.map(|t| t.format)
 }
 
 /// How calls are written for `request`, when it offered tools.
@@ -239,6 +265,56 @@ mod tests {
                 strict: None,
             }),
         }
+    }
+
+    #[test]
+    fn a_stored_requests_tool_format_is_read_as_the_whole_request_would_give_it() {
+        use crate::engine::{ChatMessage, Prompt, SamplingParams};
+        let request = |tools: Option<Box<tools::ToolUse>>| GenerationRequest {
+            model: "m".into(),
+            prompt: Prompt::Chat {
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: "hi".into(),
+                    ..Default::default()
+                }],
+                tools,
+            },
+            params: SamplingParams {
+                max_tokens: 1,
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: None,
+                stop: vec![],
+                controls: Default::default(),
+            },
+            adapter: None,
+        };
+        for format in [ToolFormat::Hermes, ToolFormat::Generic] {
+            let offered = tools_input(Some(vec![wire("a")]), None, None)
+                .expect("valid")
+                .map(|t| {
+                    Box::new(tools::ToolUse {
+                        tools: t.tools,
+                        choice: t.choice,
+                        parallel: t.parallel,
+                        format,
+                    })
+                });
+            let with = request(offered);
+            let json = serde_json::to_string(&with).expect("serializes");
+            assert_eq!(stored_format(&json), Some(format));
+            assert_eq!(stored_format(&json), format_in(&with));
+        }
+        let without = serde_json::to_string(&request(None)).expect("serializes");
+        assert_eq!(stored_format(&without), None);
+        let raw = serde_json::to_string(&GenerationRequest {
+            prompt: Prompt::Raw { text: "x".into() },
+            ..request(None)
+        })
+        .expect("serializes");
+        assert_eq!(stored_format(&raw), None);
+        assert_eq!(stored_format("not json"), None);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use serde_json::{json, Map, Value};
 
 use super::{
     grammar::ResponseFormat,
-    tools::{self, ToolChoice, ToolUse},
+    tools::{self, Tool, ToolChoice, ToolUse},
     Algorithm, ChatMessage, EmbeddingRequest, Embeddings, EngineError, EngineStatus, FinishReason,
     Generation, GenerationRequest, Prompt, TokenSink,
 };
@@ -856,17 +856,7 @@ fn upstream_message(m: &ChatMessage) -> Value {
 
 /// The tools as OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`.
 fn offer_upstream(body: &mut Value, t: &ToolUse) {
-    body["tools"] = t
-        .tools
-        .iter()
-        .map(|tool| {
-            let mut f = json!({"name": tool.name, "parameters": tool.parameters});
-            if let Some(d) = &tool.description {
-                f["description"] = json!(d);
-            }
-            json!({"type": "function", "function": f})
-        })
-        .collect();
+    body["tools"] = t.tools.iter().map(Tool::openai).collect();
     body["tool_choice"] = match &t.choice {
         ToolChoice::Auto => json!("auto"),
         ToolChoice::Required => json!("required"),

@@ -76,18 +76,9 @@ pub fn render(
     let template = env
         .get_template(NAME)
         .map_err(|e| EngineError::Template(e.to_string()))?;
-    let native_tools = tools.filter(|t| t.format == ToolFormat::Hermes).map(|t| {
-        t.tools
-            .iter()
-            .map(|tool| {
-                let mut f = json!({"name": tool.name, "parameters": tool.parameters});
-                if let Some(d) = &tool.description {
-                    f["description"] = json!(d);
-                }
-                json!({"type": "function", "function": f})
-            })
-            .collect::<Vec<_>>()
-    });
+    let native_tools = tools
+        .filter(|t| t.format == ToolFormat::Hermes)
+        .map(|t| t.tools.iter().map(tools::Tool::openai).collect::<Vec<_>>());
     let ctx = json!({
         "messages": messages.iter().map(message_value).collect::<Vec<_>>(),
         "tools": native_tools,

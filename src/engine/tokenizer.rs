@@ -312,6 +312,14 @@ impl PromptTokenizer {
         self.model.meta_val_str("general.architecture").ok()
     }
 
+    /// The text the model reads for `prompt` (a chat through its template, tools included).
+    ///
+    /// # Errors
+    /// When the chat template cannot be applied.
+    pub fn render(&self, prompt: &Prompt) -> Result<String, EngineError> {
+        render_prompt(&self.model, prompt)
+    }
+
     /// How this model writes tool calls (from its chat template).
     #[must_use]
     pub fn tool_format(&self) -> ToolFormat {

@@ -33,6 +33,21 @@ pub struct Tool {
     pub parameters: Value,
 }
 
+impl Tool {
+    /// The tool as OpenAI's `tools` entry, `{"type": "function", "function": {name,
+    /// description, parameters}}`: what upstream servers and chat templates expect.
+    #[must_use]
+    pub fn openai(&self) -> Value {
+        let mut f = Map::new();
+        f.insert("name".into(), self.name.clone().into());
+        if let Some(d) = &self.description {
+            f.insert("description".into(), d.clone().into());
+        }
+        f.insert("parameters".into(), self.parameters.clone());
+        json!({"type": "function", "function": f})
+    }
+}
+
 /// OpenAI's `tool_choice` once `none` is taken out (with `none` the tools are not offered).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "name", rename_all = "snake_case")]
@@ -280,18 +295,7 @@ pub fn constrain(tools: &ToolUse) -> Result<OutputConstraint, FormatError> {
 /// llama.cpp's server words it for such models).
 #[must_use]
 pub fn generic_instructions(tools: &ToolUse) -> String {
-    let list: Vec<Value> = offered(tools)
-        .iter()
-        .map(|(_, t)| {
-            let mut f = Map::new();
-            f.insert("name".into(), t.name.clone().into());
-            if let Some(d) = &t.description {
-                f.insert("description".into(), d.clone().into());
-            }
-            f.insert("parameters".into(), t.parameters.clone());
-            json!({"type": "function", "function": f})
-        })
-        .collect();
+    let list: Vec<Value> = offered(tools).iter().map(|(_, t)| t.openai()).collect();
     let example_call = json!({"name": "tool_name", "arguments": {"arg1": "some_value"}});
     let example = if tools.parallel {
         json!({"tool_calls": [example_call]})

@@ -8,8 +8,8 @@ use super::{
         ConfigCreated, CsrfForm, Deleted, Detokenized, EmbeddingList, EngineStarted,
         InferenceAnswer, Job, KeyForm, LlmAnswer, LocoHealth, LoginForm, LoginToken, Message,
         ModelConfig, ModelEntry, ModelIds, ModelList, ModelLoaded, Ping, Seed000Embedding,
-        Seed001Answer, SetupForm, StatusMessage, Terminated, TextCompletion, Tokens, UsageReport,
-        UsePost, User, UserDeleted, UserForm, UserList, WordsPerDay, WorkerList,
+        Seed001Answer, SetupForm, StatusMessage, Templated, Terminated, TextCompletion, Tokens,
+        UsageReport, UsePost, User, UserDeleted, UserForm, UserList, WordsPerDay, WorkerList,
     },
     Access::{Admin, Keyed, Metered, Public, Session, SessionPublic},
     Op,
@@ -224,7 +224,8 @@ fn seed004() -> Family {
 fn llama_server() -> Family {
     (
         "llama_server",
-        "llama.cpp server's token routes, with the served model's tokenizer; nothing is charged.",
+        "llama.cpp server's token and template routes, with the served model's tokenizer and \
+         chat template; nothing is charged.",
         vec![
             Op::post("/tokenize", Keyed, "Text to token ids")
                 .body::<compat::llama_server::TokenizeRequest>()
@@ -232,6 +233,17 @@ fn llama_server() -> Family {
             Op::post("/detokenize", Keyed, "Token ids to text")
                 .body::<compat::llama_server::DetokenizeRequest>()
                 .ok::<Detokenized>("The text; ids outside the vocabulary are 422 `invalid_input`."),
+            Op::post(
+                "/apply-template",
+                Keyed,
+                "The prompt a chat would make, not generated",
+            )
+            .body::<openai::ChatRequest>()
+            .ok::<Templated>(
+                "The text the model would read: its chat template applied, tools rendered, \
+                     ending in an open assistant turn. Refused as `/v1/chat/completions` would \
+                     refuse it; remote models: 400 `unsupported_parameter`.",
+            ),
         ],
     )
 }

@@ -552,6 +552,12 @@ pub struct Detokenized {
     pub content: String,
 }
 
+/// `POST /apply-template`.
+#[derive(ToSchema)]
+pub struct Templated {
+    pub prompt: String,
+}
+
 /// A registered LoRA head.
 #[derive(ToSchema)]
 pub struct Adapter {

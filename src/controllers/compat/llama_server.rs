@@ -1,6 +1,8 @@
 //! llama.cpp server's token routes, for the tools built on it: `POST /tokenize`
-//! (`{"content", "add_special"?, "parse_special"?, "with_pieces"?}` → `{"tokens"}`) and
-//! `POST /detokenize` (`{"tokens"}` → `{"content"}`), with the served model's own tokenizer.
+//! (`{"content", "add_special"?, "parse_special"?, "with_pieces"?}` → `{"tokens"}`),
+//! `POST /detokenize` (`{"tokens"}` → `{"content"}`), with the served model's own tokenizer,
+//! and `POST /apply-template` (a chat completion's body → `{"prompt"}`: the text the model
+//! would read, through admission's own checks and tool rendering).
 //! Any key in good standing; nothing is charged (no generation runs).
 
 use axum::{
@@ -13,6 +15,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::{
+    admission::GenerationInput,
+    controllers::openai::ChatRequest,
     errors::{ApiError, ApiResult, ErrorCode},
     extractors::{Caller, JsonBody},
     services::Services,
@@ -95,6 +99,19 @@ async fn detokenize(
     Ok(Json(json!({"content": content})).into_response())
 }
 
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn apply_template(
+    State(ctx): State<AppContext>,
+    Caller(key): Caller,
+    body: Result<JsonBody<ChatRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let JsonBody(body) = body?;
+    let input = GenerationInput::try_from(body)?;
+    let (_, prompt) = services.admission.rendered(&key, input).await?;
+    Ok(Json(json!({"prompt": prompt})).into_response())
+}
+
 /// The tokenizer of the model a request names (through `settings.aliases`; none: the default).
 #[must_use]
 pub fn tokenizer_of(
@@ -137,4 +154,5 @@ pub fn routes() -> Routes {
     Routes::new()
         .add("/tokenize", axum::routing::post(tokenize))
         .add("/detokenize", axum::routing::post(detokenize))
+        .add("/apply-template", axum::routing::post(apply_template))
 }

@@ -91,6 +91,8 @@ Run from the repository root:  cargo run --release --bin tollgate-bench -- [flag
   --overhead-requests N  1-token requests (and engine 1-token runs) for part 3 (default 30)
   --keycheck-requests N  requests in part 4 (default 5000)
   --keycheck-clients N   concurrent clients in part 4 (default 8)
+  --keycheck-keys N      keys those clients share, client i on key i mod N (default 1: every
+                         charge updates one row, so on Postgres they queue on its row lock)
   --postgres URL         server for part 3's production mode (default postgres://postgres@127.0.0.1:5432)
   --redis URL            Redis for part 3's production mode (default redis://127.0.0.1:6379)
   --external-url URL     also load an OpenAI-compatible server (base URL without /v1)
@@ -125,6 +127,7 @@ struct Args {
     overhead_requests: usize,
     keycheck_requests: usize,
     keycheck_clients: usize,
+    keycheck_keys: usize,
     external_url: Option<String>,
     external_key: Option<String>,
     external_model: Option<String>,
@@ -159,6 +162,7 @@ impl Default for Args {
             overhead_requests: 30,
             keycheck_requests: 5000,
             keycheck_clients: 8,
+            keycheck_keys: 1,
             external_url: None,
             external_key: None,
             external_model: None,
@@ -206,6 +210,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
             "--overhead-requests" => out.overhead_requests = num(flag, value)?,
             "--keycheck-requests" => out.keycheck_requests = num(flag, value)?,
             "--keycheck-clients" => out.keycheck_clients = num(flag, value)?,
+            "--keycheck-keys" => out.keycheck_keys = num(flag, value)?,
             "--external-url" => out.external_url = Some(value.trim_end_matches('/').to_string()),
             "--external-key" => out.external_key = Some(value.clone()),
             "--external-model" => out.external_model = Some(value.clone()),
@@ -235,6 +240,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
         || out.overhead_requests == 0
         || out.keycheck_requests == 0
         || out.keycheck_clients == 0
+        || out.keycheck_keys == 0
         || out.scale_jobs == 0
         || out.scale_keys == 0
         || out.concurrency.is_empty()
@@ -911,6 +917,8 @@ enum Production {
 
 struct KeyCheck {
     clients: usize,
+    /// Keys the clients share (1: one row takes every charge).
+    keys: usize,
     requests: usize,
     /// Behind a bare router: the extractor and the charge only.
     bare: Hammered,
@@ -977,22 +985,26 @@ async fn key_check(ctx: &AppContext, args: &Args) -> anyhow::Result<KeyCheck> {
     let http = reqwest::Client::new();
     Ok(KeyCheck {
         clients: args.keycheck_clients,
+        keys: args.keycheck_keys,
         requests: args.keycheck_requests,
         bare: hammer(ctx, &http, &bare_url, args).await?,
         stacked: hammer(ctx, &http, &stacked_url, args).await?,
     })
 }
 
-/// `--keycheck-requests` charges from `--keycheck-clients` clients with a fresh key, and the
-/// key's `calls_used` afterwards.
+/// `--keycheck-requests` charges from `--keycheck-clients` clients on `--keycheck-keys` fresh
+/// keys (client i on key i mod N), and the keys' `calls_used` summed afterwards.
 async fn hammer(
     ctx: &AppContext,
     http: &reqwest::Client,
     url: &str,
     args: &Args,
 ) -> anyhow::Result<Hammered> {
-    let (key, secret) = issue_key_secret(ctx, Some(1_000_000_000), Scope::Client).await?;
-    // Warm-up with a separate key, so the counted key sees only the measured requests.
+    let mut keys = Vec::with_capacity(args.keycheck_keys);
+    for _ in 0..args.keycheck_keys {
+        keys.push(issue_key_secret(ctx, Some(1_000_000_000), Scope::Client).await?);
+    }
+    // Warm-up with a separate key, so the counted keys see only the measured requests.
     let warm = issue_key_secret(ctx, Some(1_000_000_000), Scope::Client)
         .await?
         .1;
@@ -1003,9 +1015,9 @@ async fn hammer(
     let requests = args.keycheck_requests;
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..args.keycheck_clients {
-        let (http, url, secret, next) =
-            (http.clone(), url.to_string(), secret.clone(), next.clone());
+    for client in 0..args.keycheck_clients {
+        let secret = keys[client % keys.len()].1.clone();
+        let (http, url, next) = (http.clone(), url.to_string(), next.clone());
         tasks.push(tokio::spawn(async move {
             let (mut ok, mut other) = (0usize, 0usize);
             while next.fetch_add(1, Ordering::Relaxed) < requests {
@@ -1028,14 +1040,18 @@ async fn hammer(
         other += x;
     }
     let wall = start.elapsed();
-    let row = api_keys::Entity::find_by_id(key.id)
-        .one(&ctx.db)
-        .await?
-        .ok_or_else(|| anyhow!("bench key vanished"))?;
+    let mut calls_used = 0;
+    for (key, _) in &keys {
+        calls_used += api_keys::Entity::find_by_id(key.id)
+            .one(&ctx.db)
+            .await?
+            .ok_or_else(|| anyhow!("bench key vanished"))?
+            .calls_used;
+    }
     Ok(Hammered {
         ok,
         other,
-        calls_used: row.calls_used,
+        calls_used,
         wall,
     })
 }
@@ -1253,15 +1269,16 @@ fn report(
     );
     let _ = writeln!(
         s,
-        "| database | router | clients | requests | 200 answers | other | calls_used after | exact | requests/s |"
+        "| database | router | clients | keys | requests | 200 answers | other | calls_used after | exact | requests/s |"
     );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---|---:|");
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---|---:|");
     for (db, k) in &checks {
         for (router, h) in [("bare", &k.bare), ("stack", &k.stacked)] {
             let _ = writeln!(
                 s,
-                "| {db} | {router} | {} | {} | {} | {} | {} | {} | {:.0} |",
+                "| {db} | {router} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
                 k.clients,
+                k.keys,
                 k.requests,
                 h.ok,
                 h.other,
@@ -1676,7 +1693,7 @@ async fn only_keycheck(args: &Args) -> anyhow::Result<()> {
             json!({"requests_per_s": h.per_s(k.requests), "ok": h.ok, "other": h.other,
                    "calls_used": h.calls_used, "exact": h.exact()})
         };
-        json!({"clients": k.clients, "requests": k.requests, "bare": one(&k.bare),
+        json!({"clients": k.clients, "keys": k.keys, "requests": k.requests, "bare": one(&k.bare),
                "stack": one(&k.stacked), "stack_us_per_request": k.stack_us()})
     };
     let (server, _) = start_server().await?;

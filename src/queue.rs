@@ -267,6 +267,12 @@ pub async fn redis_connect(
     Ok((client, conn))
 }
 
+/// How long a write to the embedded (SQLite) queue may wait for the file: the embedded
+/// database's `busy_timeout` ([`crate::sqlite`]). Under a burst of admissions on a slow disk a
+/// push can wait past Redis's one-second budget without anything being wrong; refusing it
+/// (503, job failed, call refunded) would turn a busy moment into lost requests.
+const SQLITE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl JobQueue {
     /// Opens (and, for SQLite, migrates) the queue storage for `model`.
     ///
@@ -277,7 +283,14 @@ impl JobQueue {
         let name = queue_name(settings, model);
         let heartbeat = Duration::from_secs(settings.heartbeat_seconds.max(1));
         let missed = settings.missed_heartbeats.max(1) as usize;
-        let timeout = Duration::from_millis(settings.redis_timeout_ms.max(50));
+        let redis_timeout = Duration::from_millis(settings.redis_timeout_ms.max(50));
+        // Redis down must fail fast; the embedded queue is a local file, busy under a burst
+        // of writes rather than down, and is waited for as long as the embedded database is.
+        let timeout = if settings.is_redis() {
+            redis_timeout
+        } else {
+            SQLITE_WRITE_TIMEOUT
+        };
         let store = if settings.is_redis() {
             let (client, conn) = redis_connect(url, timeout).await?;
             let config = apalis_redis::Config::default()
@@ -690,6 +703,65 @@ mod tests {
         };
         assert_eq!(request.adapter, None);
         assert_eq!(request.prompt, Prompt::Raw { text: "Hi".into() });
+    }
+
+    /// A write lock held on the embedded queue's file longer than Redis's budget delays a push;
+    /// it does not fail it (it did when SQLite pushes had `redis_timeout_ms` as their bound).
+    #[tokio::test]
+    async fn a_busy_embedded_queue_is_waited_for_not_reported_down() {
+        use sqlx::Connection as _;
+        let dir = std::env::temp_dir().join(format!("tollgate-queue-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let url = format!("sqlite://{}/q.sqlite?mode=rwc", dir.display());
+        let settings = QueueSettings {
+            url: url.clone(),
+            redis_timeout_ms: 50,
+            ..QueueSettings::default()
+        };
+        let queue = JobQueue::connect(&settings, "m").await.expect("queue");
+        let mut holder = sqlx::SqliteConnection::connect(&url)
+            .await
+            .expect("connect");
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut holder)
+            .await
+            .expect("write lock");
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            sqlx::query("COMMIT")
+                .execute(&mut holder)
+                .await
+                .expect("commit");
+        });
+        let job = GenerationJob {
+            job_id: "busy".into(),
+            api_key_id: 1,
+            work: Work::from(GenerationRequest {
+                model: "m".into(),
+                prompt: Prompt::Raw { text: "x".into() },
+                params: SamplingParams {
+                    max_tokens: 1,
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    seed: None,
+                    stop: vec![],
+                    controls: Default::default(),
+                },
+                adapter: None,
+            }),
+            request_id: None,
+            priority: 0,
+        };
+        let started = std::time::Instant::now();
+        queue.push(job).await.expect("the push waits for the lock");
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "the push did wait: {:?}",
+            started.elapsed()
+        );
+        release.await.expect("released");
+        assert_eq!(queue.depth().await.expect("depth"), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -124,16 +124,18 @@ impl ModelRegistry {
         tracing::info!(model_id = %model_id, "unload requested from the workers");
         let deadline = tokio::time::Instant::now()
             + Duration::from_secs(self.settings.queue.model_change_wait_seconds);
-        while self.remote_models().await.iter().any(|m| m == model_id)
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(POLL).await;
+        let mut served = true;
+        while served && tokio::time::Instant::now() < deadline {
+            served = self.remote_models().await.iter().any(|m| m == model_id);
+            if served {
+                tokio::time::sleep(POLL).await;
+            }
         }
-        // Nobody held it (or the holder is gone): nobody else will delete the row.
-        if model_placements::find(&self.db, model_id)
-            .await?
-            .is_some_and(|p| p.holder.is_none())
-        {
+        // Once no live worker serves it, the request has done its work: the row goes now, so
+        // an unload answered 200 is followed by 404s, whether its holder has deleted the row
+        // yet (it does so after reporting the model gone), is gone, or nobody held it. Only a
+        // row still wanted unloaded is deleted: a load asked for meanwhile stays.
+        if !served {
             model_placements::remove(&self.db, model_id).await?;
         }
         Ok(())

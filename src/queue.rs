@@ -739,14 +739,7 @@ mod tests {
             work: Work::from(GenerationRequest {
                 model: "m".into(),
                 prompt: Prompt::Raw { text: "x".into() },
-                params: SamplingParams {
-                    max_tokens: 1,
-                    temperature: 0.0,
-                    top_p: 1.0,
-                    seed: None,
-                    stop: vec![],
-                    controls: Default::default(),
-                },
+                params: SamplingParams::greedy(1),
                 adapter: None,
             }),
             request_id: None,
@@ -772,14 +765,7 @@ mod tests {
             work: Work::from(GenerationRequest {
                 model: "m".into(),
                 prompt: Prompt::Raw { text: "x".into() },
-                params: SamplingParams {
-                    max_tokens: 1,
-                    temperature: 0.0,
-                    top_p: 1.0,
-                    seed: None,
-                    stop: vec![],
-                    controls: Default::default(),
-                },
+                params: SamplingParams::greedy(1),
                 adapter: Some(crate::engine::AdapterChoice {
                     name: "a".into(),
                     path: "/x/a.gguf".into(),

@@ -280,14 +280,7 @@ mod tests {
                 }],
                 tools,
             },
-            params: SamplingParams {
-                max_tokens: 1,
-                temperature: 0.0,
-                top_p: 1.0,
-                seed: None,
-                stop: vec![],
-                controls: Default::default(),
-            },
+            params: SamplingParams::greedy(1),
             adapter: None,
         };
         for format in [ToolFormat::Hermes, ToolFormat::Generic] {

@@ -149,6 +149,21 @@ pub struct SamplingParams {
     pub controls: SamplerControls,
 }
 
+#[cfg(test)]
+impl SamplingParams {
+    /// Greedy, no stops or controls: the unit tests' plain request.
+    pub(crate) fn greedy(max_tokens: u32) -> Self {
+        Self {
+            max_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: None,
+            stop: vec![],
+            controls: Default::default(),
+        }
+    }
+}
+
 /// Sampling controls beyond temperature and top-p, validated by the API: `None` (or an empty
 /// bias list) leaves llama.cpp's usual chain as it was.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -11,6 +11,8 @@ command -v clang >/dev/null 2>&1 || need_pkgs+=(clang)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || need_pkgs+=(libclang-dev)
 command -v c++ >/dev/null 2>&1 || need_pkgs+=(g++)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3 python3-pip)
+# llama.cpp is compiled through ccache (scripts/compiler-launcher): a second build of it is cache hits.
+command -v ccache >/dev/null 2>&1 || need_pkgs+=(ccache)
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "tollgate: installing system packages: ${need_pkgs[*]}" >&2

@@ -1744,6 +1744,11 @@ fn llama_bench(server: &Path, e: &EngineSettings, args: &Args) -> anyhow::Result
         .ok_or_else(|| anyhow!("llama-bench printed no avg_ts"))
 }
 
+/// mimalloc instead of glibc's malloc: fewer cycles per request on the allocation-heavy request
+/// path (BENCHMARKS.md, key check).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let Some(mut args) = parse_args(&argv)? else {

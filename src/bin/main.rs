@@ -25,6 +25,11 @@ fn rewrite_task_args(args: &[String]) -> Option<Vec<String>> {
     changed.then_some(rewritten)
 }
 
+/// mimalloc instead of glibc's malloc: fewer cycles per request on the allocation-heavy request
+/// path (BENCHMARKS.md, key check).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 #[allow(
     clippy::result_large_err,

@@ -23,7 +23,8 @@ fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-# The test profile: clippy then shares the tests' build-script runs (llama.cpp is built once).
+# The test profile, as the tests build. llama.cpp's build script still runs twice on a cold machine
+# (its host dependencies hash differently), and the second compile is ccache hits.
 cargo clippy --workspace --all-targets --profile test -- -D warnings
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then

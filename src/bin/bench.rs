@@ -113,6 +113,11 @@ Run from the repository root:  cargo run --release --bin tollgate-bench -- [flag
                          (scripted engine; minutes, so never part of the default run)
   --only keycheck        run only part 4 (key check + charge, bare router and the server's
                          stack, SQLite and Postgres) and print one JSON object
+  --only paired          run only part 5's comparison, paired: Tollgate (in-process server) and
+                         --external-url / --compare-llama-server loaded in alternating rounds at
+                         each --concurrency level (A B, B A, …), so a busy neighbour on a shared
+                         machine slows both alike; prints the per-round ratios and one JSON object
+  --rounds N             rounds per level for --only paired (default 4)
   --scale-jobs N         finished jobs part 7 fills in (default 1000000)
   --scale-keys N         keys part 7 fills in (default 100000)
   -h, --help             this text
@@ -140,6 +145,8 @@ struct Args {
     /// Part 7's fill.
     scale_jobs: u64,
     scale_keys: u64,
+    /// `--only paired`: alternating rounds per concurrency level.
+    rounds: usize,
 }
 
 /// A single part, reported as JSON.
@@ -150,6 +157,7 @@ enum Only {
     Prefix,
     Scale,
     KeyCheck,
+    Paired,
 }
 
 impl Default for Args {
@@ -173,6 +181,7 @@ impl Default for Args {
             only: None,
             scale_jobs: 1_000_000,
             scale_keys: 100_000,
+            rounds: 4,
         }
     }
 }
@@ -219,6 +228,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
             "--redis" => out.redis.clone_from(value),
             "--scale-jobs" => out.scale_jobs = num(flag, value)?,
             "--scale-keys" => out.scale_keys = num(flag, value)?,
+            "--rounds" => out.rounds = num(flag, value)?,
             "--only" => {
                 out.only = Some(match value.as_str() {
                     "engine" => Only::Engine,
@@ -226,8 +236,9 @@ fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
                     "prefix" => Only::Prefix,
                     "scale" => Only::Scale,
                     "keycheck" => Only::KeyCheck,
+                    "paired" => Only::Paired,
                     other => {
-                        bail!("--only takes engine, external, prefix, scale or keycheck, got {other:?}")
+                        bail!("--only takes engine, external, prefix, scale, keycheck or paired, got {other:?}")
                     }
                 });
             }
@@ -243,6 +254,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
         || out.keycheck_keys == 0
         || out.scale_jobs == 0
         || out.scale_keys == 0
+        || out.rounds == 0
         || out.concurrency.is_empty()
         || out.concurrency.contains(&0)
     {
@@ -1721,6 +1733,162 @@ async fn only_keycheck(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// Part 5, paired
+
+/// Round `r` of a level loads Tollgate first when even, the other server first when odd
+/// (A B, B A, …), so drift in the machine's speed during a level falls on both alike.
+fn tollgate_first(round: usize) -> bool {
+    round.is_multiple_of(2)
+}
+
+/// One paired round: Tollgate's generated tokens and wall time, then the other server's.
+type Round = (u64, Duration, u64, Duration);
+
+/// One concurrency level's paired rounds, reduced.
+#[derive(Debug)]
+struct PairedSummary {
+    /// Tokens over wall time, all rounds pooled.
+    tollgate_tps: f64,
+    external_tps: f64,
+    /// Tollgate ÷ the other server, round by round.
+    median_ratio: f64,
+    min_ratio: f64,
+    max_ratio: f64,
+}
+
+impl PairedSummary {
+    /// `rounds`: (Tollgate's tokens, its wall time, the other's tokens, its wall time).
+    fn of(rounds: &[Round]) -> Self {
+        let rate =
+            |tokens: u64, wall: Duration| tokens as f64 / wall.as_secs_f64().max(f64::EPSILON);
+        let mut ratios: Vec<f64> = rounds
+            .iter()
+            .map(|&(t, tw, e, ew)| rate(t, tw) / rate(e, ew).max(f64::EPSILON))
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let pooled = |pick: fn(&Round) -> (u64, Duration)| {
+            let (tokens, wall) = rounds
+                .iter()
+                .map(pick)
+                .fold((0, Duration::ZERO), |(n, w), (t, d)| (n + t, w + d));
+            rate(tokens, wall)
+        };
+        Self {
+            tollgate_tps: pooled(|r| (r.0, r.1)),
+            external_tps: pooled(|r| (r.2, r.3)),
+            median_ratio: median(&ratios),
+            min_ratio: ratios.first().copied().unwrap_or(0.0),
+            max_ratio: ratios.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// The middle of sorted `values` (the mean of the two middle ones for an even count).
+fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        n if n.is_multiple_of(2) => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+        n => sorted[n / 2],
+    }
+}
+
+/// `--only paired`: the in-process server and the external one (llama-server with
+/// `--compare-llama-server`) under the same load in alternating rounds at each level.
+async fn only_paired(args: &Args, settings: &EngineSettings) -> anyhow::Result<()> {
+    let url = args
+        .external_url
+        .clone()
+        .ok_or_else(|| anyhow!("--only paired needs --compare-llama-server or --external-url"))?;
+    let m = machine();
+    let external = Target {
+        base: url,
+        key: args.external_key.clone(),
+        model: args
+            .external_model
+            .clone()
+            .unwrap_or_else(|| settings.model_name.clone()),
+        extra: llama_server_fields(args),
+    };
+    let (server, _) = start_server().await?;
+    let (_, secret) = issue_key_secret(&server.ctx, None, Scope::Client).await?;
+    let own = Target {
+        base: server.base.clone(),
+        key: Some(secret),
+        model: server.model.clone(),
+        extra: None,
+    };
+    let http = reqwest::Client::new();
+    for target in [&own, &external] {
+        one_request(&http, target, Route::Chat, args.max_tokens).await?;
+    }
+    let mut out = String::from(
+        "| concurrency | round | first | Tollgate tokens/s | other tokens/s | Tollgate ÷ other |\n|---:|---:|---|---:|---:|---:|\n",
+    );
+    let mut levels = Vec::new();
+    for &c in &args.concurrency {
+        let mut rounds = Vec::new();
+        for round in 0..args.rounds {
+            let order = if tollgate_first(round) {
+                [&own, &external]
+            } else {
+                [&external, &own]
+            };
+            let mut done = Vec::new();
+            for target in order {
+                done.push(
+                    load(
+                        &http,
+                        target,
+                        Route::Chat,
+                        c,
+                        args.requests,
+                        args.max_tokens,
+                    )
+                    .await?,
+                );
+            }
+            if !tollgate_first(round) {
+                done.reverse();
+            }
+            let (t, e) = (&done[0], &done[1]);
+            let ratio = t.tokens_per_s() / e.tokens_per_s().max(f64::EPSILON);
+            eprintln!(
+                "  concurrency {c} round {}: Tollgate {:.1} tokens/s, other {:.1} ({ratio:.2} ×)",
+                round + 1,
+                t.tokens_per_s(),
+                e.tokens_per_s()
+            );
+            let _ = writeln!(
+                out,
+                "| {c} | {} | {} | {:.1} | {:.1} | {ratio:.2} × |",
+                round + 1,
+                if tollgate_first(round) {
+                    "Tollgate"
+                } else {
+                    "other"
+                },
+                t.tokens_per_s(),
+                e.tokens_per_s()
+            );
+            rounds.push((t.tokens, t.wall, e.tokens, e.wall));
+        }
+        let s = PairedSummary::of(&rounds);
+        levels.push(
+            json!({"concurrency": c, "rounds": args.rounds, "requests_per_round": args.requests,
+            "tollgate_tokens_per_s": s.tollgate_tps, "other_tokens_per_s": s.external_tps,
+            "median_ratio": s.median_ratio, "min_ratio": s.min_ratio, "max_ratio": s.max_ratio}),
+        );
+    }
+    eprintln!("{out}");
+    println!(
+        "{}",
+        json!({"part": "paired", "cpu": m.cpu, "cores": m.cores, "load_at_start": m.load[0],
+               "max_tokens": args.max_tokens, "other": external.base, "levels": levels})
+    );
+    Ok(())
+}
+
 /// llama.cpp's own raw decode rate on this machine: `llama-bench` (built beside llama-server)
 /// generating `--max-tokens` tokens with no prompt, the engine's threads, `--reps` repetitions;
 /// its mean tokens/s.
@@ -1803,6 +1971,9 @@ fn main() -> anyhow::Result<()> {
     if args.only == Some(Only::KeyCheck) {
         return runtime.block_on(only_keycheck(&args));
     }
+    if args.only == Some(Only::Paired) {
+        return runtime.block_on(only_paired(&args, &settings));
+    }
     eprintln!("1. engine only ({} reps) …", args.reps);
     // Before the server starts, so nothing else competes for the cores; on a thread of its own
     // like the server's engine (llama.cpp's OpenMP team then belongs to that thread, as there).
@@ -1861,7 +2032,8 @@ fn main() -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        Some(Only::External | Only::Prefix | Only::Scale | Only::KeyCheck) | None => {}
+        Some(Only::External | Only::Prefix | Only::Scale | Only::KeyCheck | Only::Paired)
+        | None => {}
     }
     let outcome = runtime.block_on(async {
         eprintln!(
@@ -2069,5 +2241,45 @@ mod tests {
         ]))
         .is_err());
         assert_eq!(Args::default().concurrency, vec![1, 4, 8, 32]);
+        let paired = parse_args(&strings(&["--only", "paired", "--rounds", "6"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!((paired.only, paired.rounds), (Some(Only::Paired), 6));
+        assert_eq!(Args::default().rounds, 4);
+        assert!(parse_args(&strings(&["--rounds", "0"])).is_err());
+    }
+
+    #[test]
+    fn paired_rounds_alternate_who_goes_first() {
+        assert_eq!(
+            (0..4).map(tollgate_first).collect::<Vec<_>>(),
+            vec![true, false, true, false]
+        );
+    }
+
+    #[test]
+    fn a_paired_summary_is_the_median_round_and_the_pooled_rate() {
+        // Rounds (tokens, seconds) for Tollgate and the other server.
+        let rounds = [
+            ((100, 1.0), (50, 1.0)),
+            ((100, 2.0), (100, 1.0)),
+            ((300, 1.0), (100, 1.0)),
+        ];
+        let s = PairedSummary::of(&rounds.map(|((t, ts), (e, es))| {
+            (
+                t,
+                Duration::from_secs_f64(ts),
+                e,
+                Duration::from_secs_f64(es),
+            )
+        }));
+        // Per-round ratios 2.0, 0.5, 3.0: median 2.0, range 0.5..3.0.
+        assert_eq!(s.median_ratio, 2.0);
+        assert_eq!((s.min_ratio, s.max_ratio), (0.5, 3.0));
+        // Pooled: 500 tokens in 4 s against 250 in 3 s.
+        assert!((s.tollgate_tps - 125.0).abs() < 1e-9);
+        assert!((s.external_tps - 250.0 / 3.0).abs() < 1e-9);
+        assert_eq!(median(&[0.5, 1.0, 2.0, 3.0]), 1.5);
+        assert_eq!(median(&[]), 0.0);
     }
 }

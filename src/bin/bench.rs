@@ -764,6 +764,22 @@ struct Target {
     extra: Option<Value>,
 }
 
+impl Target {
+    /// The server at `--external-url` (or the llama-server this run started), with its key,
+    /// `--external-model` or else `default_model`, and llama-server's prompt-cache field.
+    fn external(base: String, args: &Args, default_model: &str) -> Self {
+        Self {
+            base,
+            key: args.external_key.clone(),
+            model: args
+                .external_model
+                .clone()
+                .unwrap_or_else(|| default_model.to_string()),
+            extra: llama_server_fields(args),
+        }
+    }
+}
+
 /// What llama-server is sent beside the chat: its prompt cache (on by default there) follows
 /// Tollgate's prefix reuse in this run (off unless `TOLLGATE_PREFIX_REUSE=true`): every request
 /// repeats one prompt, and a cache skips its prefill on one side only otherwise.
@@ -1430,15 +1446,7 @@ fn only_external(
         .external_url
         .clone()
         .ok_or_else(|| anyhow!("--only external needs --external-url"))?;
-    let target = Target {
-        base: url,
-        key: args.external_key.clone(),
-        model: args
-            .external_model
-            .clone()
-            .unwrap_or_else(|| settings.model_name.clone()),
-        extra: llama_server_fields(args),
-    };
+    let target = Target::external(url, args, &settings.model_name);
     let loads = runtime.block_on(load_all(
         &reqwest::Client::new(),
         &target,
@@ -1801,15 +1809,7 @@ async fn only_paired(args: &Args, settings: &EngineSettings) -> anyhow::Result<(
         .clone()
         .ok_or_else(|| anyhow!("--only paired needs --compare-llama-server or --external-url"))?;
     let m = machine();
-    let external = Target {
-        base: url,
-        key: args.external_key.clone(),
-        model: args
-            .external_model
-            .clone()
-            .unwrap_or_else(|| settings.model_name.clone()),
-        extra: llama_server_fields(args),
-    };
+    let external = Target::external(url, args, &settings.model_name);
     let (server, _) = start_server().await?;
     let (_, secret) = issue_key_secret(&server.ctx, None, Scope::Client).await?;
     let own = Target {
@@ -2114,15 +2114,7 @@ fn main() -> anyhow::Result<()> {
         let external = match &args.external_url {
             Some(url) => {
                 eprintln!("5. external server {url} …");
-                let target = Target {
-                    base: url.clone(),
-                    key: args.external_key.clone(),
-                    model: args
-                        .external_model
-                        .clone()
-                        .unwrap_or_else(|| server.model.clone()),
-                    extra: llama_server_fields(&args),
-                };
+                let target = Target::external(url.clone(), &args, &server.model);
                 Some(load_all(&http, &target, &[Route::Chat], &args).await?)
             }
             None => None,

@@ -1,4 +1,6 @@
-//! The official `openai` Python SDK against a real server (tests/python/openai_sdk.py).
+//! The official `openai` Python SDK against a real server: Chat Completions, Completions and
+//! Embeddings (tests/python/openai_sdk.py), and the Responses API with LangChain and the OpenAI
+//! Agents SDK on it too (tests/python/responses_api.py).
 
 mod common;
 
@@ -17,5 +19,28 @@ async fn the_official_openai_python_sdk_works_against_tollgate() {
     // with n = 2 + a tool call, streamed again, and the turn after its result + completion + two
     // embedding requests spent thirteen calls; the rejected ones spent nothing.
     assert_eq!(app.calls_used(&good).await, 13);
+    assert_eq!(app.calls_used(&exhausted).await, 0);
+}
+
+#[tokio::test]
+async fn the_responses_api_works_for_the_openai_sdk_and_langchain() {
+    let python = common::python();
+    let app = TestApp::spawn().await;
+    let good = app.key_with_calls(Some(20)).await;
+    let exhausted = app.key_with_calls(Some(0)).await;
+    let script = "tests/python/responses_api.py";
+    let args = [script, &app.base, &good.secret, &exhausted.secret];
+    common::run_checks(
+        python,
+        &args,
+        "Responses API checks",
+        "responses api checks passed",
+    )
+    .await;
+    // Two chats to compare with, a response, one with instructions, a streamed one, two
+    // structured ones, a call, the turn after its result, the call streamed, one in the
+    // background, two LangChain turns, three Agents SDK runs of one model call each: sixteen
+    // calls; the refused ones spent nothing.
+    assert_eq!(app.calls_used(&good).await, 16);
     assert_eq!(app.calls_used(&exhausted).await, 0);
 }

@@ -1,6 +1,6 @@
 //! OpenAI-compatible routes: `GET /v1/models`, `POST /v1/chat/completions`,
 //! `POST /v1/completions` (with or without `stream: true`: server-sent events ending in
-//! `data: [DONE]`) and `POST /v1/embeddings`. Spec: <https://platform.openai.com/docs/api-reference>.
+//! `data: [DONE]`), `POST /v1/embeddings`, and the Responses API ([`responses`]). Spec: <https://platform.openai.com/docs/api-reference>.
 //! Each body becomes the one admission input; same keys, quota, queue and worker as every
 //! other route.
 //!
@@ -26,6 +26,9 @@ use super::{
     respond::{answer, try_answer, usage_json},
     tool_calls::{self, tools_input, ToolWire},
 };
+mod responses;
+pub(crate) use responses::ResponsesRequest;
+
 use crate::{
     admission::{
         input::{chat_messages, prompt_text, WireMessage},
@@ -1005,4 +1008,6 @@ pub fn routes() -> Routes {
         .add("/chat/completions", axum::routing::post(chat_completions))
         .add("/completions", axum::routing::post(completions))
         .add("/embeddings", axum::routing::post(embeddings))
+        .add("/responses", axum::routing::post(responses::create))
+        .add("/responses/{id}", axum::routing::get(responses::retrieve))
 }

@@ -52,6 +52,27 @@ pub struct FunctionWire {
     strict: Option<bool>,
 }
 
+impl ToolWire {
+    /// A function tool from its parts (the Responses API's flat `tools` entries).
+    #[must_use]
+    pub fn function(
+        name: String,
+        description: Option<String>,
+        parameters: Option<Value>,
+        strict: Option<bool>,
+    ) -> Self {
+        Self {
+            kind: "function".into(),
+            function: Some(FunctionWire {
+                name,
+                description,
+                parameters,
+                strict,
+            }),
+        }
+    }
+}
+
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::InvalidTools, message)
 }

@@ -7,9 +7,10 @@ use super::{
         ActiveModel, Adapter, AdapterDeleted, AdapterForm, AdapterList, ApiAnswer, ChatCompletion,
         ConfigCreated, CsrfForm, Deleted, Detokenized, EmbeddingList, EngineStarted,
         InferenceAnswer, Job, KeyForm, LlmAnswer, LocoHealth, LoginForm, LoginToken, Message,
-        ModelConfig, ModelEntry, ModelIds, ModelList, ModelLoaded, Ping, Seed000Embedding,
-        Seed001Answer, SetupForm, StatusMessage, Templated, Terminated, TextCompletion, Tokens,
-        UsageReport, UsePost, User, UserDeleted, UserForm, UserList, WordsPerDay, WorkerList,
+        ModelConfig, ModelEntry, ModelIds, ModelList, ModelLoaded, Ping, ResponseObject,
+        Seed000Embedding, Seed001Answer, SetupForm, StatusMessage, Templated, Terminated,
+        TextCompletion, Tokens, UsageReport, UsePost, User, UserDeleted, UserForm, UserList,
+        WordsPerDay, WorkerList,
     },
     Access::{Admin, Keyed, Metered, Public, Session, SessionPublic},
     Op,
@@ -109,6 +110,14 @@ fn openai() -> Family {
                 .body::<openai::EmbeddingsRequest>()
                 .ok::<EmbeddingList>("One vector per input, in input order.")
                 .accepted(),
+            Op::post("/v1/responses", Metered, "Response (OpenAI's Responses API)")
+                .describe("Stateless: send the whole conversation in `input` (`previous_response_id` is refused). `background: true` answers 202 at once; read the response at `GET /v1/responses/{id}`.")
+                .body::<openai::ResponsesRequest>()
+                .ok::<ResponseObject>("The response, `completed`, or `incomplete` when cut at `max_output_tokens`.")
+                .events("With `stream: true`: typed events (`response.created`, `response.output_text.delta`, …) ending in `response.completed`, `response.incomplete` or `response.failed`.")
+                .answer::<ResponseObject>(202, "Queued or still running (`background: true`, or the wait ended): the response as it stands; `Location` says where to read it."),
+            Op::get("/v1/responses/{id}", Keyed, "One response this key made")
+                .ok::<ResponseObject>("The response as it stands; an unknown id is 404 `job_not_found`."),
         ],
     )
 }

@@ -327,6 +327,64 @@ pub struct FunctionCallOut {
     pub arguments: String,
 }
 
+/// `POST /v1/responses` and `GET /v1/responses/{id}`: a `response` object.
+#[derive(ToSchema)]
+pub struct ResponseObject {
+    /// `resp_` and the job's id.
+    pub id: String,
+    /// `response`.
+    pub object: String,
+    pub created_at: i64,
+    /// `queued`, `in_progress`, `completed`, `incomplete` (cut at `max_output_tokens`) or
+    /// `failed`.
+    pub status: String,
+    /// `{code, message}` of a failed response.
+    #[schema(value_type = Option<Object>)]
+    pub error: Option<serde_json::Value>,
+    /// `{"reason": "max_output_tokens"}` of an incomplete response.
+    #[schema(value_type = Option<Object>)]
+    pub incomplete_details: Option<serde_json::Value>,
+    pub instructions: Option<String>,
+    pub max_output_tokens: Option<i64>,
+    pub model: String,
+    /// `message` items (`output_text` parts) and `function_call` items, once done.
+    #[schema(value_type = Vec<Object>)]
+    pub output: Vec<serde_json::Value>,
+    pub parallel_tool_calls: bool,
+    pub previous_response_id: Option<String>,
+    #[schema(value_type = Object)]
+    pub reasoning: serde_json::Value,
+    pub store: bool,
+    pub temperature: Option<f64>,
+    /// `{"format": {"type": "text" | "json_object" | "json_schema", …}}`.
+    #[schema(value_type = Object)]
+    pub text: serde_json::Value,
+    /// `auto`, `required`, or `{"type": "function", "name": …}`.
+    pub tool_choice: serde_json::Value,
+    #[schema(value_type = Vec<Object>)]
+    pub tools: Vec<serde_json::Value>,
+    pub top_p: Option<f64>,
+    /// `disabled`.
+    pub truncation: String,
+    /// Null until the response settles.
+    pub usage: Option<ResponseUsage>,
+    pub user: Option<String>,
+    #[schema(value_type = Object)]
+    pub metadata: serde_json::Value,
+}
+
+/// A response's tokens, in the Responses API's names.
+#[derive(ToSchema)]
+pub struct ResponseUsage {
+    pub input_tokens: i64,
+    #[schema(value_type = Object)]
+    pub input_tokens_details: serde_json::Value,
+    pub output_tokens: i64,
+    #[schema(value_type = Object)]
+    pub output_tokens_details: serde_json::Value,
+    pub total_tokens: i64,
+}
+
 /// `POST /v1/completions` without `stream` (`text_completion`).
 #[derive(ToSchema)]
 pub struct TextCompletion {

@@ -1,0 +1,1099 @@
+//! OpenAI's Responses API: `POST /v1/responses` (answered whole, or streamed as its typed
+//! events with `stream: true`) and `GET /v1/responses/{id}`. It is what the `openai` SDKs'
+//! `client.responses` send and what agent frameworks built on them (the OpenAI Agents SDK's
+//! default model, LangChain's `use_responses_api`) call; vLLM, Ollama and LiteLLM serve it.
+//!
+//! A thin adapter: the body becomes the chat request of `/v1/chat/completions` (`instructions`
+//! a system turn, `input` items messages, `function_call`/`function_call_output` items the
+//! assistant's calls and the tools' results, flat `tools` OpenAI's chat tools, `text.format`
+//! the `response_format`), so the one admission path charges, validates and queues it, and the
+//! job becomes a `response` object. Stateless like vLLM's and Ollama's: each turn sends the
+//! conversation, and `previous_response_id`/`conversation` are refused by name. A request
+//! with `background: true`, or one still running when the wait ends, is answered 202 with the
+//! `response` as it stands; `GET /v1/responses/{id}` reads it until its job record is purged.
+
+use axum::{
+    extract::{Path, State},
+    http::{header, StatusCode},
+    response::{
+        sse::{Event, KeepAlive, Sse},
+        IntoResponse, Response,
+    },
+    Json,
+};
+use futures::StreamExt;
+use loco_rs::app::AppContext;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::{ChatRequest, Common, JsonSchemaWire, ResponseFormatWire, ADVISORY};
+use crate::{
+    admission::{
+        input::{Content, WireFunctionCall, WireMessage, WireToolCall},
+        Admitted, Follow, GenerationInput, JobStream, SamplerFields, Ticket,
+    },
+    controllers::{respond::settled, tool_calls::ToolWire},
+    engine::{
+        grammar::ResponseFormat,
+        tools::{self, ToolChoice, ToolFormat},
+        GenerationRequest,
+    },
+    errors::{ApiError, ApiResult, ErrorCode},
+    extractors::{Caller, JsonBody, MeteredCaller},
+    models::jobs,
+    notify::{job_updates, JobUpdate},
+    services::Services,
+};
+
+/// The endpoint recorded with each job (and the only one `GET /v1/responses/{id}` reads).
+const ENDPOINT: &str = "/v1/responses";
+
+/// `POST /v1/responses`, as OpenAI defines it
+/// (<https://platform.openai.com/docs/api-reference/responses/create>).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct ResponsesRequest {
+    model: Option<String>,
+    /// A text (one user turn) or a list of items: messages (`role` and `content`, a text or
+    /// `input_text`/`output_text` parts), `function_call` and `function_call_output`.
+    input: Value,
+    /// A system turn before `input`.
+    instructions: Option<String>,
+    max_output_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    #[serde(default)]
+    stream: bool,
+    /// Answer 202 at once with the queued `response`; read it at `GET /v1/responses/{id}`.
+    background: Option<bool>,
+    /// Function tools, `{"type": "function", "name", "description", "parameters", "strict"}`.
+    #[schema(value_type = Option<Vec<Object>>)]
+    tools: Option<Vec<Value>>,
+    /// `none`, `auto`, `required`, or `{"type": "function", "name": …}`.
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
+    /// `{"format": {"type": "text" | "json_object" | "json_schema", …}}`.
+    #[schema(value_type = Option<Object>)]
+    text: Option<Value>,
+    /// Echoed in the answer.
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<Value>,
+    /// Every other field: accepted only where it is advisory or asks for what happens anyway.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    rest: Map<String, Value>,
+}
+
+/// What the answer repeats of the request that the job does not keep.
+#[derive(Debug, Clone, Default)]
+struct Echo {
+    instructions: Option<String>,
+    metadata: Option<Value>,
+}
+
+fn invalid_input(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::InvalidInput, message)
+}
+
+fn unsupported(field: &str, why: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::UnsupportedParameter,
+        format!("this server does not support {field}: {why}; leave it out"),
+    )
+}
+
+/// Refuses by name every other field this server would otherwise ignore.
+fn check_rest(rest: &Map<String, Value>) -> ApiResult<()> {
+    for (name, v) in rest {
+        let inert = match name.as_str() {
+            "include" => v.is_null() || v.as_array().is_some_and(Vec::is_empty),
+            "truncation" => v.is_null() || v == "disabled",
+            "reasoning" => {
+                v.is_null()
+                    || v.as_object()
+                        .is_some_and(|o| o.values().all(Value::is_null))
+            }
+            "stream_options" => v.is_null() || v.is_object(),
+            "previous_response_id" | "conversation" | "prompt" | "max_tool_calls" => v.is_null(),
+            "top_logprobs" => v.is_null() || v.as_i64() == Some(0),
+            other => ADVISORY.contains(&other),
+        };
+        if !inert {
+            let why = match name.as_str() {
+                "previous_response_id" | "conversation" => {
+                    "responses are stateless here; send the whole conversation in `input`"
+                }
+                "include" => "no extra output is available",
+                "reasoning" => "the model has no reasoning mode",
+                "truncation" => "a conversation that does not fit is refused, not truncated",
+                _ => "it would be ignored",
+            };
+            return Err(unsupported(name, why));
+        }
+    }
+    Ok(())
+}
+
+/// The text of a message's `content`: a string, or `input_text`/`output_text`/`text` (and
+/// `refusal`) parts joined.
+fn content_text(at: &str, content: &Value) -> ApiResult<String> {
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => {
+            let mut text = String::new();
+            for (j, part) in parts.iter().enumerate() {
+                let kind = part.get("type").and_then(Value::as_str).unwrap_or_default();
+                let field = match kind {
+                    "input_text" | "output_text" | "text" => "text",
+                    "refusal" => "refusal",
+                    _ => {
+                        return Err(ApiError::new(
+                            ErrorCode::UnsupportedContent,
+                            format!(
+                                "{at}.content[{j}]: content parts of type {kind:?} are not supported (text only)"
+                            ),
+                        ))
+                    }
+                };
+                let Some(t) = part.get(field).and_then(Value::as_str) else {
+                    return Err(invalid_input(format!(
+                        "{at}.content[{j}].{field} must be a string"
+                    )));
+                };
+                text.push_str(t);
+            }
+            Ok(text)
+        }
+        _ => Err(invalid_input(format!(
+            "{at}.content must be a string or a list of content parts"
+        ))),
+    }
+}
+
+fn string_field<'a>(item: &'a Value, at: &str, field: &str) -> ApiResult<&'a str> {
+    item.get(field)
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid_input(format!("{at}.{field} must be a string")))
+}
+
+fn message(role: &str, content: String) -> WireMessage {
+    WireMessage {
+        role: role.to_string(),
+        content: Some(Content::Text(content)),
+        tool_calls: None,
+        tool_call_id: None,
+        name: None,
+    }
+}
+
+/// `instructions` and `input` as chat messages.
+///
+/// # Errors
+/// 422 `invalid_input` naming the item at fault, 422 `unsupported_content` for a part or an
+/// item that is not text, a call or a call's output.
+fn messages(instructions: Option<String>, input: Value) -> ApiResult<Vec<WireMessage>> {
+    let mut out: Vec<WireMessage> = Vec::new();
+    if let Some(i) = instructions.filter(|i| !i.is_empty()) {
+        out.push(message("system", i));
+    }
+    let items = match input {
+        Value::String(text) => return Ok([out, vec![message("user", text)]].concat()),
+        Value::Array(items) => items,
+        _ => {
+            return Err(invalid_input(
+                "input must be a string or a list of input items",
+            ))
+        }
+    };
+    if items.is_empty() {
+        return Err(invalid_input("input must hold at least one item"));
+    }
+    for (i, item) in items.into_iter().enumerate() {
+        let at = format!("input[{i}]");
+        if !item.is_object() {
+            return Err(invalid_input(format!("{at} must be an object")));
+        }
+        match item.get("type").and_then(Value::as_str) {
+            None | Some("message") => {
+                let role = string_field(&item, &at, "role")?;
+                let content = item.get("content").unwrap_or(&Value::Null);
+                let text = content_text(&at, content)?;
+                out.push(message(role, text));
+            }
+            Some("function_call") => {
+                let call = WireToolCall {
+                    id: Some(string_field(&item, &at, "call_id")?.to_string()),
+                    kind: Some("function".into()),
+                    function: WireFunctionCall {
+                        name: string_field(&item, &at, "name")?.to_string(),
+                        arguments: Some(Value::String(
+                            string_field(&item, &at, "arguments")?.to_string(),
+                        )),
+                    },
+                };
+                // Calls right after an assistant turn (or after each other) are that turn's.
+                match out.last_mut() {
+                    Some(last) if last.role == "assistant" => {
+                        last.tool_calls.get_or_insert_with(Vec::new).push(call);
+                    }
+                    _ => out.push(WireMessage {
+                        role: "assistant".into(),
+                        content: None,
+                        tool_calls: Some(vec![call]),
+                        tool_call_id: None,
+                        name: None,
+                    }),
+                }
+            }
+            Some("function_call_output") => {
+                let call_id = string_field(&item, &at, "call_id")?.to_string();
+                let output = match item.get("output") {
+                    Some(o @ (Value::String(_) | Value::Array(_))) => content_text(&at, o)?,
+                    _ => {
+                        return Err(invalid_input(format!(
+                            "{at}.output must be a string or a list of content parts"
+                        )))
+                    }
+                };
+                // The tool's name, from the call it answers (templates show it).
+                let name = out
+                    .iter()
+                    .flat_map(|m| m.tool_calls.iter().flatten())
+                    .find(|c| c.id.as_deref() == Some(call_id.as_str()))
+                    .map(|c| c.function.name.clone());
+                out.push(WireMessage {
+                    role: "tool".into(),
+                    content: Some(Content::Text(output)),
+                    tool_calls: None,
+                    tool_call_id: Some(call_id),
+                    name,
+                });
+            }
+            Some(other) => {
+                return Err(ApiError::new(
+                    ErrorCode::UnsupportedContent,
+                    format!(
+                        "{at}: items of type {other:?} are not supported (messages, function_call and function_call_output are)"
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Flat function tools as chat tools.
+///
+/// # Errors
+/// 400 `invalid_tools` for a tool that is not a function or has no name.
+fn chat_tools(tools: Option<Vec<Value>>) -> ApiResult<Option<Vec<ToolWire>>> {
+    let Some(tools) = tools else {
+        return Ok(None);
+    };
+    let invalid = |m: String| ApiError::new(ErrorCode::InvalidTools, m);
+    tools
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let kind = t.get("type").and_then(Value::as_str).unwrap_or_default();
+            if kind != "function" {
+                return Err(invalid(format!(
+                    "tools[{i}]: only tools of type \"function\" are supported, got {kind:?}"
+                )));
+            }
+            let name = t.get("name").and_then(Value::as_str).ok_or_else(|| {
+                invalid(format!(
+                    "tools[{i}].name must be 1 to 64 of a-z, A-Z, 0-9, _ and -"
+                ))
+            })?;
+            let description = match t.get("description") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(d)) => Some(d.clone()),
+                Some(_) => return Err(invalid(format!("tools[{i}].description must be a string"))),
+            };
+            let parameters = t.get("parameters").filter(|p| !p.is_null()).cloned();
+            let strict = t.get("strict").and_then(Value::as_bool);
+            Ok(ToolWire::function(
+                name.to_string(),
+                description,
+                parameters,
+                strict,
+            ))
+        })
+        .collect::<ApiResult<Vec<_>>>()
+        .map(Some)
+}
+
+/// `tool_choice` in the chat form (`{"type": "function", "function": {"name"}}`).
+///
+/// # Errors
+/// 400 `invalid_tools` for another form.
+fn chat_tool_choice(choice: Option<Value>) -> ApiResult<Option<Value>> {
+    match choice {
+        None | Some(Value::Null) => Ok(None),
+        Some(s @ Value::String(_)) => Ok(Some(s)),
+        Some(v) => match (
+            v.get("type").and_then(Value::as_str),
+            v.get("name").and_then(Value::as_str),
+        ) {
+            (Some("function"), Some(name)) => {
+                Ok(Some(json!({"type": "function", "function": {"name": name}})))
+            }
+            _ => Err(ApiError::new(
+                ErrorCode::InvalidTools,
+                "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"name\": …}",
+            )),
+        },
+    }
+}
+
+/// `text` as the chat request's `response_format`.
+///
+/// # Errors
+/// 400 `invalid_response_format` for a format this API does not define; 400
+/// `unsupported_parameter` for `text.verbosity` or another field.
+fn response_format(text: Option<Value>) -> ApiResult<Option<ResponseFormatWire>> {
+    let Some(text) = text.filter(|t| !t.is_null()) else {
+        return Ok(None);
+    };
+    let Value::Object(text) = text else {
+        return Err(ApiError::new(
+            ErrorCode::InvalidResponseFormat,
+            "text must be an object, {\"format\": {…}}",
+        ));
+    };
+    let mut format = None;
+    for (k, v) in text {
+        match k.as_str() {
+            "format" => format = Some(v),
+            "verbosity" if v.is_null() => {}
+            other => {
+                return Err(unsupported(
+                    &format!("text.{other}"),
+                    "the answer's length follows max_output_tokens",
+                ))
+            }
+        }
+    }
+    let Some(format) = format.filter(|f| !f.is_null()) else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::new(
+            ErrorCode::InvalidResponseFormat,
+            "text.format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", \"name\": …, \"schema\": {…}}",
+        )
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(Some(ResponseFormatWire::Text)),
+        Some("json_object") => Ok(Some(ResponseFormatWire::JsonObject)),
+        Some("json_schema") => {
+            let name = format.get("name").and_then(Value::as_str).ok_or_else(bad)?;
+            let description = format
+                .get("description")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            let schema = format.get("schema").filter(|s| !s.is_null()).cloned();
+            Ok(Some(ResponseFormatWire::JsonSchema {
+                json_schema: JsonSchemaWire {
+                    name: name.to_string(),
+                    description,
+                    schema,
+                    strict: format.get("strict").and_then(Value::as_bool),
+                },
+            }))
+        }
+        _ => Err(bad()),
+    }
+}
+
+impl ResponsesRequest {
+    /// The request as `/v1/chat/completions` takes it, and what its answer repeats.
+    fn into_chat(self) -> ApiResult<(ChatRequest, Echo)> {
+        check_rest(&self.rest)?;
+        let echo = Echo {
+            instructions: self.instructions.clone(),
+            metadata: self.metadata,
+        };
+        let chat = ChatRequest {
+            messages: messages(self.instructions, self.input)?,
+            logprobs: None,
+            top_logprobs: None,
+            tools: chat_tools(self.tools)?,
+            tool_choice: chat_tool_choice(self.tool_choice)?,
+            parallel_tool_calls: self.parallel_tool_calls,
+            common: Common {
+                model: self.model,
+                max_tokens: None,
+                max_completion_tokens: self.max_output_tokens,
+                temperature: self.temperature,
+                top_p: self.top_p,
+                seed: None,
+                stop: None,
+                controls: SamplerFields::default(),
+                stream: self.stream,
+                stream_options: None,
+                n: None,
+                response_format: response_format(self.text)?,
+                rest: Map::new(),
+            },
+        };
+        Ok((chat, echo))
+    }
+}
+
+/// The answer's id for a job (`resp_` and the job's id).
+fn response_id(job_id: &str) -> String {
+    format!("resp_{job_id}")
+}
+
+fn message_id(job_id: &str) -> String {
+    format!("msg_{}", job_id.replace('-', ""))
+}
+
+/// The `usage` of a `response`.
+fn usage(job: &jobs::Model) -> Value {
+    json!({
+        "input_tokens": job.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": job.cached_tokens},
+        "output_tokens": job.generated_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": job.prompt_tokens + job.generated_tokens,
+    })
+}
+
+/// Whether the job stopped at `max_output_tokens`.
+fn cut_short(job: &jobs::Model) -> bool {
+    job.finish_reason.as_deref() == Some("length")
+}
+
+fn message_item(job: &jobs::Model, text: &str, status: &str) -> Value {
+    json!({
+        "type": "message",
+        "id": message_id(&job.id),
+        "status": status,
+        "role": "assistant",
+        "content": [text_part(text)],
+    })
+}
+
+fn text_part(text: &str) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+}
+
+/// A done job's `output`: its text as one assistant message, and, when it offered tools, each
+/// call the model made as a `function_call` item (the text only when there is some).
+fn output_items(job: &jobs::Model, format: Option<ToolFormat>) -> Vec<Value> {
+    let text = job.result.as_deref().unwrap_or_default();
+    let (content, calls) = match format {
+        Some(f) => {
+            let parsed = tools::parse(f, text);
+            (parsed.content.unwrap_or_default(), parsed.calls)
+        }
+        None => (text.to_string(), Vec::new()),
+    };
+    let status = if cut_short(job) {
+        "incomplete"
+    } else {
+        "completed"
+    };
+    let mut items = Vec::new();
+    if calls.is_empty() || !content.is_empty() {
+        items.push(message_item(job, &content, status));
+    }
+    for (i, c) in calls.iter().enumerate() {
+        let call_id = tools::call_id(&job.id, 0, i);
+        items.push(json!({
+            "type": "function_call",
+            "id": format!("fc_{}", call_id.trim_start_matches("call_")),
+            "call_id": call_id,
+            "name": c.name,
+            "arguments": c.arguments,
+            "status": "completed",
+        }));
+    }
+    items
+}
+
+/// The job as a `response` object: its status, output once done, and the settings it ran with.
+fn response_json(job: &jobs::Model, asked: Option<&GenerationRequest>, echo: &Echo) -> Value {
+    let tool_use = asked.and_then(|r| r.prompt.tools());
+    let format = tool_use.map(|t| t.format);
+    let (status, output, error, incomplete) = match job.status.as_str() {
+        jobs::QUEUED => ("queued", Vec::new(), Value::Null, Value::Null),
+        jobs::RUNNING => ("in_progress", Vec::new(), Value::Null, Value::Null),
+        jobs::DONE if cut_short(job) => (
+            "incomplete",
+            output_items(job, format),
+            Value::Null,
+            json!({"reason": "max_output_tokens"}),
+        ),
+        jobs::DONE => (
+            "completed",
+            output_items(job, format),
+            Value::Null,
+            Value::Null,
+        ),
+        _ => {
+            let reason = job.error.as_deref().unwrap_or_default();
+            (
+                "failed",
+                Vec::new(),
+                json!({
+                    "code": ErrorCode::of_job_failure(reason).as_str(),
+                    "message": format!("job {} failed: {reason} (the call was refunded)", job.id),
+                }),
+                Value::Null,
+            )
+        }
+    };
+    let tools: Vec<Value> = tool_use
+        .map(|t| {
+            t.tools
+                .iter()
+                .map(|tool| {
+                    json!({
+                        "type": "function",
+                        "name": tool.name,
+                        "description": tool.description,
+                        "parameters": tool.parameters,
+                        "strict": false,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let tool_choice = match tool_use.map(|t| &t.choice) {
+        None | Some(ToolChoice::Auto) => json!("auto"),
+        Some(ToolChoice::Required) => json!("required"),
+        Some(ToolChoice::Function(name)) => json!({"type": "function", "name": name}),
+    };
+    let text_format = match asked
+        .filter(|_| tool_use.is_none())
+        .and_then(|r| r.params.controls.output.as_deref())
+        .map(|o| &o.format)
+    {
+        Some(ResponseFormat::JsonObject) => json!({"type": "json_object"}),
+        Some(ResponseFormat::JsonSchema {
+            name,
+            schema,
+            strict,
+        }) => json!({"type": "json_schema", "name": name, "schema": schema, "strict": strict}),
+        None => json!({"type": "text"}),
+    };
+    let settled = matches!(job.status.as_str(), jobs::DONE | jobs::FAILED);
+    json!({
+        "id": response_id(&job.id),
+        "object": "response",
+        "created_at": job.queued_at.timestamp(),
+        "status": status,
+        "error": error,
+        "incomplete_details": incomplete,
+        "instructions": echo.instructions,
+        "max_output_tokens": asked.map(|r| r.params.max_tokens),
+        "model": job.model,
+        "output": output,
+        "parallel_tool_calls": tool_use.is_none_or(|t| t.parallel),
+        "previous_response_id": null,
+        "reasoning": {"effort": null, "summary": null},
+        "store": true,
+        "temperature": asked.map(|r| r.params.temperature),
+        "text": {"format": text_format},
+        "tool_choice": tool_choice,
+        "tools": tools,
+        "top_p": asked.map(|r| r.params.top_p),
+        "truncation": "disabled",
+        "usage": if settled { usage(job) } else { Value::Null },
+        "user": null,
+        "metadata": echo.metadata.clone().unwrap_or_else(|| json!({})),
+    })
+}
+
+fn asked_of(job: &jobs::Model) -> Option<GenerationRequest> {
+    serde_json::from_str(&job.request).ok()
+}
+
+/// 202 with the `response` as it stands and where to read it.
+fn pending(job: &jobs::Model, echo: &Echo) -> Response {
+    let location = format!("{ENDPOINT}/{}", response_id(&job.id));
+    (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(response_json(job, asked_of(job).as_ref(), echo)),
+    )
+        .into_response()
+}
+
+#[tracing::instrument(skip_all, fields(api_key))]
+pub(super) async fn create(
+    State(ctx): State<AppContext>,
+    MeteredCaller(key): MeteredCaller,
+    body: Result<JsonBody<ResponsesRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let JsonBody(body) = body?;
+    let streaming = body.stream;
+    let background = body.background.unwrap_or(false);
+    if streaming && background {
+        return Err(unsupported(
+            "background with stream",
+            "stream the job, or run it in the background and read it at GET /v1/responses/{id}",
+        ));
+    }
+    let (chat, echo) = body.into_chat()?;
+    let input = GenerationInput::try_from(chat)?;
+    let services = Services::from_ctx(&ctx)?;
+    let follow = match (streaming, background) {
+        (true, _) => Follow::Updates,
+        (false, true) => Follow::Nothing,
+        (false, false) => Follow::Result,
+    };
+    let ticket = Ticket::wait(ENDPOINT).follow(follow);
+    match services.admission.admit(&key, input, ticket).await? {
+        Admitted::Streaming(js) => Ok(stream(js, echo)),
+        Admitted::Finished(job) => {
+            let job = settled(job)?;
+            Ok(Json(response_json(&job, asked_of(&job).as_ref(), &echo)).into_response())
+        }
+        Admitted::Pending(job) => Ok(pending(&job, &echo)),
+    }
+}
+
+/// `GET /v1/responses/{id}`: a response this key made, as it stands.
+#[tracing::instrument(skip_all, fields(api_key))]
+pub(super) async fn retrieve(
+    State(ctx): State<AppContext>,
+    Caller(key): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let job_id = id.strip_prefix("resp_").unwrap_or(&id);
+    let job = jobs::Model::find_for_key(&ctx.db, job_id, key.id)
+        .await?
+        .filter(|j| j.endpoint == ENDPOINT)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::JobNotFound,
+                format!("no response {id} for this key"),
+            )
+        })?;
+    Ok(Json(response_json(
+        &job,
+        asked_of(&job).as_ref(),
+        &Echo::default(),
+    ))
+    .into_response())
+}
+
+/// One event of a streamed response: its `type` and fields (its `sequence_number` is added as
+/// it is sent).
+fn event(kind: &str, mut fields: Value) -> Value {
+    fields["type"] = json!(kind);
+    fields
+}
+
+/// The events of an output item that arrives whole (a call, or the text of an answer that
+/// offered tools): added, its content, done.
+fn whole_item(item: &Value, output_index: usize) -> Vec<Value> {
+    let mut opened = item.clone();
+    opened["status"] = json!("in_progress");
+    let mut out = Vec::new();
+    let id = item["id"].clone();
+    if item["type"] == "function_call" {
+        opened["arguments"] = json!("");
+        out.push(event(
+            "response.output_item.added",
+            json!({"output_index": output_index, "item": opened}),
+        ));
+        out.push(event(
+            "response.function_call_arguments.delta",
+            json!({"item_id": id, "output_index": output_index, "delta": item["arguments"]}),
+        ));
+        out.push(event(
+            "response.function_call_arguments.done",
+            json!({"item_id": id, "output_index": output_index, "name": item["name"],
+                   "arguments": item["arguments"]}),
+        ));
+    } else {
+        opened["content"] = json!([]);
+        let text = item["content"][0]["text"].as_str().unwrap_or_default();
+        out.push(event(
+            "response.output_item.added",
+            json!({"output_index": output_index, "item": opened}),
+        ));
+        out.extend(text_events(&id, output_index, "", text));
+    }
+    out.push(event(
+        "response.output_item.done",
+        json!({"output_index": output_index, "item": item}),
+    ));
+    out
+}
+
+/// A text part opened, `delta` (when not empty), and the part closed with all of `text`.
+fn text_events(item_id: &Value, output_index: usize, sent: &str, text: &str) -> Vec<Value> {
+    let at = json!({"item_id": item_id, "output_index": output_index, "content_index": 0});
+    let with = |extra: Value| {
+        let mut v = at.clone();
+        if let (Some(v), Value::Object(extra)) = (v.as_object_mut(), extra) {
+            v.extend(extra);
+        }
+        v
+    };
+    let mut out = Vec::new();
+    if sent.is_empty() {
+        out.push(event(
+            "response.content_part.added",
+            with(json!({"part": text_part("")})),
+        ));
+    }
+    let delta = text.strip_prefix(sent).unwrap_or_default();
+    if !delta.is_empty() {
+        out.push(event(
+            "response.output_text.delta",
+            with(json!({"delta": delta, "logprobs": []})),
+        ));
+    }
+    out.push(event(
+        "response.output_text.done",
+        with(json!({"text": text, "logprobs": []})),
+    ));
+    out.push(event(
+        "response.content_part.done",
+        with(json!({"part": text_part(text)})),
+    ));
+    out
+}
+
+/// The events that end a streamed response once its job settled.
+fn closing_events(
+    job: &jobs::Model,
+    asked: Option<&GenerationRequest>,
+    echo: &Echo,
+    live: bool,
+    sent: &str,
+) -> Vec<Value> {
+    let response = response_json(job, asked, echo);
+    let mut out = Vec::new();
+    if job.status == jobs::DONE {
+        let items = response["output"].as_array().cloned().unwrap_or_default();
+        for (i, item) in items.iter().enumerate() {
+            if live && i == 0 {
+                // The text streamed as it came: the rest of it, then the item closed.
+                let text = item["content"][0]["text"].as_str().unwrap_or_default();
+                let mut rest = text_events(&item["id"], 0, sent, text);
+                if !sent.is_empty() {
+                    // The part was opened with the first delta.
+                    rest.retain(|e| e["type"] != "response.content_part.added");
+                }
+                out.extend(rest);
+                out.push(event(
+                    "response.output_item.done",
+                    json!({"output_index": 0, "item": item}),
+                ));
+            } else {
+                out.extend(whole_item(item, i));
+            }
+        }
+    }
+    let kind = match response["status"].as_str() {
+        Some("completed") => "response.completed",
+        Some("incomplete") => "response.incomplete",
+        _ => "response.failed",
+    };
+    out.push(event(kind, json!({"response": response})));
+    out
+}
+
+/// Streams an admitted job as the Responses API's events. An answer that may hold tool calls
+/// is sent once the job is done (the model's text may be a call); any other streams its text
+/// as it is generated. A client that disconnects leaves the job to finish (it was charged).
+fn stream(js: JobStream, echo: Echo) -> Response {
+    let asked = asked_of(&js.job);
+    // Text streams live unless the answer may be calls.
+    let live = asked.as_ref().is_none_or(|r| r.prompt.tools().is_none());
+    let mut created = response_json(&js.job, asked.as_ref(), &echo);
+    created["status"] = json!("in_progress");
+    let item_id = json!(message_id(&js.job.id));
+    let mut opening = vec![
+        event("response.created", json!({"response": created.clone()})),
+        event("response.in_progress", json!({"response": created})),
+    ];
+    if live {
+        let mut item = message_item(&js.job, "", "in_progress");
+        item["content"] = json!([]);
+        opening.push(event(
+            "response.output_item.added",
+            json!({"output_index": 0, "item": item}),
+        ));
+    }
+    let job_id = js.job.id.clone();
+    let updates = job_updates(js.deltas, js.done)
+        .map(Some)
+        .chain(futures::stream::once(async { None }));
+    let body = updates
+        .scan(
+            (String::new(), false, false),
+            move |(sent, closed, lagged), update| {
+                let events = match update {
+                    Some(JobUpdate::Delta(_)) if *lagged || !live => Vec::new(),
+                    Some(JobUpdate::Delta(text)) => {
+                        let mut out = Vec::new();
+                        if sent.is_empty() {
+                            out.push(event(
+                                "response.content_part.added",
+                                json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                                       "part": text_part("")}),
+                            ));
+                        }
+                        sent.push_str(&text);
+                        out.push(event(
+                            "response.output_text.delta",
+                            json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                                   "delta": text, "logprobs": []}),
+                        ));
+                        out
+                    }
+                    Some(JobUpdate::Skipped(_)) => {
+                        *lagged = true;
+                        Vec::new()
+                    }
+                    Some(JobUpdate::Done(job)) => {
+                        *closed = true;
+                        closing_events(&job, asked.as_ref(), &echo, live, sent)
+                    }
+                    None if *closed => Vec::new(),
+                    None => vec![event(
+                        "error",
+                        json!({
+                            "code": "stream_interrupted",
+                            "message": format!("the stream ended early; the response will be at GET {ENDPOINT}/{}", response_id(&job_id)),
+                            "param": null,
+                        }),
+                    )],
+                };
+                futures::future::ready(Some(futures::stream::iter(events)))
+            },
+        )
+        .flatten();
+    let numbered = futures::stream::iter(opening)
+        .chain(body)
+        .enumerate()
+        .map(|(n, mut v)| {
+            v["sequence_number"] = json!(n);
+            let kind = v["type"].as_str().unwrap_or("message").to_string();
+            Ok::<Event, std::convert::Infallible>(Event::default().event(kind).data(v.to_string()))
+        });
+    Sse::new(numbered)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(body: Value) -> ResponsesRequest {
+        serde_json::from_value(body).expect("a request body")
+    }
+
+    #[test]
+    fn items_become_chat_turns_with_calls_merged_into_the_assistant_turn() {
+        let (chat, echo) = request(json!({
+            "model": "m",
+            "instructions": "be brief",
+            "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": "weather "}, {"type": "input_text", "text": "in Paris?"}]},
+                {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+                {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": "{\"city\":\"Paris\"}"},
+                {"type": "function_call", "call_id": "c2", "name": "time", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+                {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "noon"}]},
+            ],
+            "max_output_tokens": 7,
+            "metadata": {"a": "b"},
+            "store": false,
+            "include": [],
+        }))
+        .into_chat()
+        .expect("converts");
+        let m = &chat.messages;
+        assert_eq!(m.len(), 5, "{m:?}");
+        assert_eq!(m[0].role, "system");
+        assert!(matches!(&m[1].content, Some(Content::Text(t)) if t == "weather in Paris?"));
+        assert_eq!(m[2].role, "assistant");
+        let calls = m[2].tool_calls.as_ref().expect("calls merged");
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1].function.name, "time");
+        assert_eq!(m[3].tool_call_id.as_deref(), Some("c1"));
+        assert_eq!(m[3].name.as_deref(), Some("weather"));
+        assert!(matches!(&m[4].content, Some(Content::Text(t)) if t == "noon"));
+        assert_eq!(chat.common.max_completion_tokens, Some(7));
+        assert_eq!(echo.instructions.as_deref(), Some("be brief"));
+        assert_eq!(echo.metadata, Some(json!({"a": "b"})));
+    }
+
+    #[test]
+    fn flat_tools_and_named_choice_become_the_chat_forms() {
+        let (chat, _) = request(json!({
+            "input": "hi",
+            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+            "tool_choice": {"type": "function", "name": "f"},
+            "text": {"format": {"type": "json_schema", "name": "out", "schema": {"type": "object"}}},
+        }))
+        .into_chat()
+        .expect("converts");
+        assert_eq!(chat.tools.as_ref().map(Vec::len), Some(1));
+        assert_eq!(
+            chat.tool_choice,
+            Some(json!({"type": "function", "function": {"name": "f"}}))
+        );
+        assert!(matches!(
+            chat.common.response_format,
+            Some(ResponseFormatWire::JsonSchema { .. })
+        ));
+    }
+
+    #[test]
+    fn fields_it_cannot_honour_are_refused_by_name() {
+        for (field, value, code) in [
+            (
+                "previous_response_id",
+                json!("resp_1"),
+                "unsupported_parameter",
+            ),
+            (
+                "include",
+                json!(["message.output_text.logprobs"]),
+                "unsupported_parameter",
+            ),
+            ("truncation", json!("auto"), "unsupported_parameter"),
+            (
+                "reasoning",
+                json!({"effort": "high"}),
+                "unsupported_parameter",
+            ),
+            ("seed", json!(1), "unsupported_parameter"),
+            ("tools", json!([{"type": "web_search"}]), "invalid_tools"),
+            (
+                "text",
+                json!({"format": {"type": "xml"}}),
+                "invalid_response_format",
+            ),
+            ("text", json!({"verbosity": "low"}), "unsupported_parameter"),
+            (
+                "input",
+                json!([{"type": "reasoning", "summary": []}]),
+                "unsupported_content",
+            ),
+            (
+                "input",
+                json!([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
+                "unsupported_content",
+            ),
+            ("input", json!([]), "invalid_input"),
+            ("input", json!(3), "invalid_input"),
+            (
+                "input",
+                json!([{"type": "function_call", "name": "f"}]),
+                "invalid_input",
+            ),
+        ] {
+            let mut body = json!({"input": "hi"});
+            body[field] = value.clone();
+            let err = request(body).into_chat().expect_err("refused");
+            assert_eq!(err.code.as_str(), code, "{field}: {value}");
+            if code == "unsupported_parameter" {
+                assert!(err.message.contains(field), "{}", err.message);
+            }
+        }
+    }
+
+    fn job(status: &str, result: &str, finish: &str, request: &GenerationRequest) -> jobs::Model {
+        let at = chrono::Utc::now().fixed_offset();
+        jobs::Model {
+            created_at: at,
+            updated_at: at,
+            id: "0000-aaaa".into(),
+            api_key_id: 1,
+            status: status.into(),
+            endpoint: ENDPOINT.into(),
+            model: "m".into(),
+            request: serde_json::to_string(request).expect("serializes"),
+            result: Some(result.into()),
+            error: None,
+            prompt_tokens: 5,
+            generated_tokens: 3,
+            finish_reason: Some(finish.into()),
+            attempts: 1,
+            refunded: false,
+            worker: None,
+            queued_at: at,
+            started_at: None,
+            finished_at: None,
+            client_ref: None,
+            user_id: None,
+            reserved_prompt_tokens: 0,
+            reserved_gen_tokens: 0,
+            logprobs: None,
+            choices: None,
+            cached_tokens: 0,
+        }
+    }
+
+    #[test]
+    fn a_done_job_is_a_completed_response_and_a_cut_one_is_incomplete() {
+        use crate::engine::{Prompt, SamplingParams};
+        let asked = GenerationRequest {
+            model: "m".into(),
+            prompt: Prompt::chat(vec![]),
+            params: SamplingParams::greedy(3),
+            adapter: None,
+        };
+        let done = response_json(
+            &job(jobs::DONE, "hello", "stop", &asked),
+            Some(&asked),
+            &Echo::default(),
+        );
+        assert_eq!(done["status"], "completed");
+        assert_eq!(done["output"][0]["content"][0]["text"], "hello");
+        assert_eq!(done["usage"]["total_tokens"], 8);
+        assert_eq!(done["tool_choice"], "auto");
+        let cut = response_json(
+            &job(jobs::DONE, "hel", "length", &asked),
+            Some(&asked),
+            &Echo::default(),
+        );
+        assert_eq!(cut["status"], "incomplete");
+        assert_eq!(cut["incomplete_details"]["reason"], "max_output_tokens");
+        let queued = response_json(
+            &job(jobs::QUEUED, "", "", &asked),
+            Some(&asked),
+            &Echo::default(),
+        );
+        assert_eq!(queued["status"], "queued");
+        assert_eq!(queued["output"], json!([]));
+        assert_eq!(queued["usage"], Value::Null);
+        // Streamed: the live text's rest, the item closed, the terminal event with the response.
+        let events = closing_events(
+            &job(jobs::DONE, "hello", "stop", &asked),
+            Some(&asked),
+            &Echo::default(),
+            true,
+            "he",
+        );
+        let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.completed"
+            ]
+        );
+        assert_eq!(events[0]["delta"], "llo");
+        assert_eq!(
+            events[4]["response"]["output"][0]["content"][0]["text"],
+            "hello"
+        );
+    }
+}

@@ -723,3 +723,57 @@ async fn sampling_controls_reach_the_sampler_and_bad_values_are_refused() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_response_is_read_back_only_by_its_key_and_only_as_a_response() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(Some(3)).await;
+    let other = app.key_with_calls(Some(3)).await;
+    let (status, made) = app
+        .post(
+            Some(&key),
+            "/v1/responses",
+            json!({"model": "smollm2", "input": "Hi!", "max_output_tokens": 4, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{made}");
+    assert_eq!(made["object"], "response");
+    let id = made["id"].as_str().expect("an id");
+    let (status, read) = app.get(Some(&key), &format!("/v1/responses/{id}")).await;
+    assert_eq!(status, 200, "{read}");
+    assert_eq!(read["output"], made["output"]);
+    assert_eq!(read["usage"], made["usage"]);
+    // Another key's response, and a chat completion's job, are not this key's responses.
+    let (status, body) = app.get(Some(&other), &format!("/v1/responses/{id}")).await;
+    assert_eq!((status, code(&body)), (404, "job_not_found"), "{body}");
+    let (_, chat) = app
+        .post(
+            Some(&key),
+            "/v1/chat/completions",
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 2}),
+        )
+        .await;
+    let job = chat["id"]
+        .as_str()
+        .and_then(|i| i.strip_prefix("chatcmpl-"))
+        .expect("a chat id");
+    let (status, body) = app
+        .get(Some(&key), &format!("/v1/responses/resp_{job}"))
+        .await;
+    assert_eq!((status, code(&body)), (404, "job_not_found"), "{body}");
+    // Reading spends nothing; a refused request neither.
+    let (status, body) = app
+        .post(
+            Some(&key),
+            "/v1/responses",
+            json!({"input": "Hi!", "stream": true, "background": true}),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (400, "unsupported_parameter"),
+        "{body}"
+    );
+    assert_eq!(app.calls_used(&key).await, 2);
+    assert_eq!(app.calls_used(&other).await, 0);
+}

@@ -58,7 +58,8 @@ fn class_of(method: &Method, uri: &str) -> Option<Class> {
             | "/llm/configuration/{config_id}"
             | "/llm/loaded_models"
             | "/active_models"
-            | "/v1/models/{*id}",
+            | "/v1/models/{*id}"
+            | "/v1/responses/{id}",
         )
         | ("POST", "/tokenize" | "/detokenize" | "/apply-template") => Keyed,
         (
@@ -71,6 +72,7 @@ fn class_of(method: &Method, uri: &str) -> Option<Class> {
             | "/v1/chat/completions"
             | "/v1/completions"
             | "/v1/embeddings"
+            | "/v1/responses"
             | "/generate-embedding"
             | "/llm/inference"
             | "/llm_request",

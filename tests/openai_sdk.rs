@@ -37,10 +37,10 @@ async fn the_responses_api_works_for_the_openai_sdk_and_langchain() {
         "responses api checks passed",
     )
     .await;
-    // Two chats to compare with, a response, one with instructions, a streamed one, two
-    // structured ones, a call, the turn after its result, the call streamed, one in the
-    // background, two LangChain turns, three Agents SDK runs of one model call each: sixteen
-    // calls; the refused ones spent nothing.
-    assert_eq!(app.calls_used(&good).await, 16);
+    // Two chats to compare with, a response, two with log-probabilities (one streamed), one
+    // with instructions, a streamed one, two structured ones, a call, the turn after its result,
+    // the call streamed, one in the background, two LangChain turns, three Agents SDK runs of
+    // one model call each: eighteen calls; the refused ones spent nothing.
+    assert_eq!(app.calls_used(&good).await, 18);
     assert_eq!(app.calls_used(&exhausted).await, 0);
 }

@@ -39,6 +39,21 @@ assert (r.status == "incomplete") == (chat.choices[0].finish_reason == "length")
 if r.status == "incomplete":
     assert r.incomplete_details.reason == "max_output_tokens", r.incomplete_details
 
+# Log-probabilities, asked for with `include`: one finite entry per output token, with the
+# alternatives asked for; the same on the streamed answer's final response.
+scored = client.responses.create(model="smollm2", input=question, max_output_tokens=48, temperature=0,
+                                 include=["message.output_text.logprobs"], top_logprobs=2)
+entries = scored.output[0].content[0].logprobs
+assert scored.output_text == expected and len(entries) == scored.usage.output_tokens, scored
+assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries), entries
+assert "".join(e.token for e in entries) == expected, entries
+with client.responses.stream(model="smollm2", input=question, max_output_tokens=48, temperature=0,
+                             include=["message.output_text.logprobs"], top_logprobs=2) as s:
+    done_logprobs = [e.logprobs for e in s if e.type == "response.output_text.done"]
+    streamed_scores = s.get_final_response().output[0].content[0].logprobs
+assert [e.token for e in streamed_scores] == [e.token for e in entries], (streamed_scores, entries)
+assert [e.token for e in done_logprobs[0]] == [e.token for e in entries], done_logprobs
+
 # `instructions` is a system turn: the same as sending one in `input`.
 with_instructions = client.responses.create(
     model="smollm2", instructions="Answer in one word.", input=question, max_output_tokens=8, temperature=0
@@ -214,7 +229,8 @@ assert "".join(pieces) == expected and final_output == expected, (pieces, final_
 # Refusals: each with its code, and none of them spends a call.
 for kwargs, error, code in [
     (dict(previous_response_id=r.id), openai.BadRequestError, "unsupported_parameter"),
-    (dict(include=["message.output_text.logprobs"]), openai.BadRequestError, "unsupported_parameter"),
+    (dict(include=["file_search_call.results"]), openai.BadRequestError, "unsupported_parameter"),
+    (dict(include=["message.output_text.logprobs"], top_logprobs=21), openai.UnprocessableEntityError, "invalid_sampling"),
     (dict(tools=[{"type": "web_search"}]), openai.BadRequestError, "invalid_tools"),
     (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "https://example.com/a.png"}]}]),
      openai.UnprocessableEntityError, "unsupported_content"),

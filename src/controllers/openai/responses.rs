@@ -6,7 +6,8 @@
 //! A thin adapter: the body becomes the chat request of `/v1/chat/completions` (`instructions`
 //! a system turn, `input` items messages, `function_call`/`function_call_output` items the
 //! assistant's calls and the tools' results, flat `tools` OpenAI's chat tools, `text.format`
-//! the `response_format`), so the one admission path charges, validates and queues it, and the
+//! the `response_format`, `include: ["message.output_text.logprobs"]` and `top_logprobs` the
+//! chat's `logprobs`), so the one admission path charges, validates and queues it, and the
 //! job becomes a `response` object. Stateless like vLLM's and Ollama's: each turn sends the
 //! conversation, and `previous_response_id`/`conversation` are refused by name. A request
 //! with `background: true`, or one still running when the wait ends, is answered 202 with the
@@ -26,7 +27,9 @@ use loco_rs::app::AppContext;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::{ChatRequest, Common, JsonSchemaWire, ResponseFormatWire, ADVISORY};
+use super::{
+    logprobs_json, ChatRequest, Common, JsonSchemaWire, ResponseFormatWire, Shape, ADVISORY,
+};
 use crate::{
     admission::{
         input::{Content, WireFunctionCall, WireMessage, WireToolCall},
@@ -77,6 +80,11 @@ pub(crate) struct ResponsesRequest {
     /// Echoed in the answer.
     #[schema(value_type = Option<Object>)]
     metadata: Option<Value>,
+    /// `message.output_text.logprobs` adds each output token's log-probability to the text
+    /// (`reasoning.encrypted_content` is accepted: there are no reasoning items to encrypt).
+    include: Option<Vec<String>>,
+    /// With logprobs, this many most likely alternatives per token (0 to 20); asks for them.
+    top_logprobs: Option<i64>,
     /// Every other field: accepted only where it is advisory or asks for what happens anyway.
     #[serde(flatten)]
     #[schema(ignore)]
@@ -105,7 +113,6 @@ fn unsupported(field: &str, why: &str) -> ApiError {
 fn check_rest(rest: &Map<String, Value>) -> ApiResult<()> {
     for (name, v) in rest {
         let inert = match name.as_str() {
-            "include" => v.is_null() || v.as_array().is_some_and(Vec::is_empty),
             "truncation" => v.is_null() || v == "disabled",
             "reasoning" => {
                 v.is_null()
@@ -114,7 +121,6 @@ fn check_rest(rest: &Map<String, Value>) -> ApiResult<()> {
             }
             "stream_options" => v.is_null() || v.is_object(),
             "previous_response_id" | "conversation" | "prompt" | "max_tool_calls" => v.is_null(),
-            "top_logprobs" => v.is_null() || v.as_i64() == Some(0),
             other => ADVISORY.contains(&other),
         };
         if !inert {
@@ -122,7 +128,6 @@ fn check_rest(rest: &Map<String, Value>) -> ApiResult<()> {
                 "previous_response_id" | "conversation" => {
                     "responses are stateless here; send the whole conversation in `input`"
                 }
-                "include" => "no extra output is available",
                 "reasoning" => "the model has no reasoning mode",
                 "truncation" => "a conversation that does not fit is refused, not truncated",
                 _ => "it would be ignored",
@@ -406,18 +411,41 @@ fn response_format(text: Option<Value>) -> ApiResult<Option<ResponseFormatWire>>
     }
 }
 
+/// What `include` may ask for: log-probabilities, and the encrypted reasoning of reasoning items
+/// (none are made here, so there is nothing to leave out).
+const INCLUDABLE: [&str; 2] = [
+    "message.output_text.logprobs",
+    "reasoning.encrypted_content",
+];
+
 impl ResponsesRequest {
+    /// Whether the answer's tokens carry log-probabilities (`include` or `top_logprobs`).
+    ///
+    /// # Errors
+    /// 400 `unsupported_parameter` naming an `include` value this server cannot add.
+    fn logprobs(&self) -> ApiResult<bool> {
+        let include = self.include.as_deref().unwrap_or_default();
+        if let Some(other) = include.iter().find(|i| !INCLUDABLE.contains(&i.as_str())) {
+            return Err(unsupported(
+                &format!("include {other:?}"),
+                "only message.output_text.logprobs can be added",
+            ));
+        }
+        Ok(self.top_logprobs.is_some() || include.iter().any(|i| i == INCLUDABLE[0]))
+    }
+
     /// The request as `/v1/chat/completions` takes it, and what its answer repeats.
     fn into_chat(self) -> ApiResult<(ChatRequest, Echo)> {
         check_rest(&self.rest)?;
+        let logprobs = self.logprobs()?;
         let echo = Echo {
             instructions: self.instructions.clone(),
             metadata: self.metadata,
         };
         let chat = ChatRequest {
             messages: messages(self.instructions, self.input)?,
-            logprobs: None,
-            top_logprobs: None,
+            logprobs: logprobs.then_some(true),
+            top_logprobs: logprobs.then(|| self.top_logprobs.unwrap_or(0)),
             tools: chat_tools(self.tools)?,
             tool_choice: chat_tool_choice(self.tool_choice)?,
             parallel_tool_calls: self.parallel_tool_calls,
@@ -472,12 +500,25 @@ fn message_item(job: &jobs::Model, text: &str, status: &str) -> Value {
         "id": message_id(&job.id),
         "status": status,
         "role": "assistant",
-        "content": [text_part(text)],
+        "content": [text_part(text, token_logprobs(job))],
     })
 }
 
-fn text_part(text: &str) -> Value {
-    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+/// An `output_text` part; `logprobs` is the list of its tokens' (empty unless asked for).
+fn text_part(text: &str, logprobs: Value) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs})
+}
+
+/// The job's per-token log-probabilities as the Responses API lists them (`token`, `logprob`,
+/// `bytes`, `top_logprobs`), or an empty list.
+fn token_logprobs(job: &jobs::Model) -> Value {
+    match logprobs_json(job, Shape::Chat)
+        .get_mut("content")
+        .map(Value::take)
+    {
+        Some(list @ Value::Array(_)) => list,
+        _ => json!([]),
+    }
 }
 
 /// A done job's `output`: its text as one assistant message, and, when it offered tools, each
@@ -713,12 +754,11 @@ fn whole_item(item: &Value, output_index: usize) -> Vec<Value> {
         ));
     } else {
         opened["content"] = json!([]);
-        let text = item["content"][0]["text"].as_str().unwrap_or_default();
         out.push(event(
             "response.output_item.added",
             json!({"output_index": output_index, "item": opened}),
         ));
-        out.extend(text_events(&id, output_index, "", text));
+        out.extend(text_events(&id, output_index, "", &item["content"][0]));
     }
     out.push(event(
         "response.output_item.done",
@@ -727,8 +767,10 @@ fn whole_item(item: &Value, output_index: usize) -> Vec<Value> {
     out
 }
 
-/// A text part opened, `delta` (when not empty), and the part closed with all of `text`.
-fn text_events(item_id: &Value, output_index: usize, sent: &str, text: &str) -> Vec<Value> {
+/// The `output_text` part `part` opened (unless text was `sent` already, which opened it), the
+/// text not sent yet as a delta, and the part closed whole (its log-probabilities included).
+fn text_events(item_id: &Value, output_index: usize, sent: &str, part: &Value) -> Vec<Value> {
+    let text = part["text"].as_str().unwrap_or_default();
     let at = json!({"item_id": item_id, "output_index": output_index, "content_index": 0});
     let with = |extra: Value| {
         let mut v = at.clone();
@@ -741,7 +783,7 @@ fn text_events(item_id: &Value, output_index: usize, sent: &str, text: &str) -> 
     if sent.is_empty() {
         out.push(event(
             "response.content_part.added",
-            with(json!({"part": text_part("")})),
+            with(json!({"part": text_part("", json!([]))})),
         ));
     }
     let delta = text.strip_prefix(sent).unwrap_or_default();
@@ -753,11 +795,11 @@ fn text_events(item_id: &Value, output_index: usize, sent: &str, text: &str) -> 
     }
     out.push(event(
         "response.output_text.done",
-        with(json!({"text": text, "logprobs": []})),
+        with(json!({"text": text, "logprobs": part["logprobs"]})),
     ));
     out.push(event(
         "response.content_part.done",
-        with(json!({"part": text_part(text)})),
+        with(json!({"part": part})),
     ));
     out
 }
@@ -777,13 +819,7 @@ fn closing_events(
         for (i, item) in items.iter().enumerate() {
             if live && i == 0 {
                 // The text streamed as it came: the rest of it, then the item closed.
-                let text = item["content"][0]["text"].as_str().unwrap_or_default();
-                let mut rest = text_events(&item["id"], 0, sent, text);
-                if !sent.is_empty() {
-                    // The part was opened with the first delta.
-                    rest.retain(|e| e["type"] != "response.content_part.added");
-                }
-                out.extend(rest);
+                out.extend(text_events(&item["id"], 0, sent, &item["content"][0]));
                 out.push(event(
                     "response.output_item.done",
                     json!({"output_index": 0, "item": item}),
@@ -840,7 +876,7 @@ fn stream(js: JobStream, echo: Echo) -> Response {
                             out.push(event(
                                 "response.content_part.added",
                                 json!({"item_id": item_id, "output_index": 0, "content_index": 0,
-                                       "part": text_part("")}),
+                                       "part": text_part("", json!([]))}),
                             ));
                         }
                         sent.push_str(&text);
@@ -961,7 +997,7 @@ mod tests {
             ),
             (
                 "include",
-                json!(["message.output_text.logprobs"]),
+                json!(["file_search_call.results"]),
                 "unsupported_parameter",
             ),
             ("truncation", json!("auto"), "unsupported_parameter"),

@@ -60,6 +60,11 @@ async fn one_loaded_model_serves_consecutive_requests() {
         json!({"status": "ok", "ready": true, "models": ["smollm2"]}),
         "the public answer says no more"
     );
+    // The probe llama.cpp's server and vLLM serve, for load balancers and client libraries.
+    assert_eq!(
+        app.get(None, "/health").await,
+        (200, json!({"status": "ok"}))
+    );
     let admin = app.admin_key().await;
     let (status, ping) = app.get(Some(&admin), "/ping").await;
     assert_eq!(status, 200);

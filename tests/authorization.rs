@@ -43,7 +43,7 @@ fn class_of(method: &Method, uri: &str) -> Option<Class> {
     Some(match (m, uri) {
         (
             _,
-            "/_ping" | "/_health" | "/_readiness" | "/ping" | "/metrics" | "/token"
+            "/_ping" | "/_health" | "/_readiness" | "/ping" | "/health" | "/metrics" | "/token"
             | "/openapi.json",
         ) => Public,
         (

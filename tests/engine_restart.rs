@@ -67,6 +67,19 @@ async fn a_panicking_engine_thread_is_reported_refused_with_503_and_restarted() 
         reason.contains("panicked") && reason.contains("restarting"),
         "{ping}"
     );
+    // llama.cpp server's (and vLLM's) probe says the same.
+    let (status, health) = app.get(None, "/health").await;
+    assert_eq!(
+        (status, code(&health)),
+        (503, "model_unavailable"),
+        "{health}"
+    );
+    assert!(
+        health["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("panicked")),
+        "{health}"
+    );
     let (status, details) = app.get(Some(&admin), "/ping").await;
     assert_eq!(status, 503, "{details}");
     assert_eq!(details["worker"]["engine"]["ready"], false, "{details}");
@@ -99,6 +112,10 @@ async fn a_panicking_engine_thread_is_reported_refused_with_503_and_restarted() 
     // The supervisor restarts it: ready again, the restart counted, and it serves.
     let ping = wait_until_ready(&app).await;
     assert!(ping.get("reason").is_none(), "{ping}");
+    assert_eq!(
+        app.get(None, "/health").await,
+        (200, json!({"status": "ok"}))
+    );
     let (_, details) = app.get(Some(&admin), "/ping").await;
     let engine = &details["worker"]["engine"];
     assert_eq!(engine["restarts"], 1, "{details}");

@@ -5,9 +5,9 @@
 use super::{
     schemas::{
         ActiveModel, Adapter, AdapterDeleted, AdapterForm, AdapterList, ApiAnswer, ChatCompletion,
-        ConfigCreated, CsrfForm, Deleted, Detokenized, EmbeddingList, EngineStarted,
-        InferenceAnswer, Job, KeyForm, LlmAnswer, LocoHealth, LoginForm, LoginToken, Message,
-        ModelConfig, ModelEntry, ModelIds, ModelList, ModelLoaded, Ping, ResponseObject,
+        ConfigCreated, CsrfForm, Deleted, Detokenized, EmbeddingList, EngineStarted, ErrorBody,
+        HealthStatus, InferenceAnswer, Job, KeyForm, LlmAnswer, LocoHealth, LoginForm, LoginToken,
+        Message, ModelConfig, ModelEntry, ModelIds, ModelList, ModelLoaded, Ping, ResponseObject,
         Seed000Embedding, Seed001Answer, SetupForm, StatusMessage, Templated, Terminated,
         TextCompletion, Tokens, UsageReport, UsePost, User, UserDeleted, UserForm, UserList,
         WordsPerDay, WorkerList,
@@ -43,6 +43,9 @@ fn health() -> Family {
             Op::get("/ping", Public, "Status, readiness and the models served")
                 .describe("Seed 000's health check. An admin key adds the engine, the worker processes and the queue depth.")
                 .ok::<Ping>("Status and readiness."),
+            Op::get("/health", Public, "Whether the default model can serve (llama.cpp server's, vLLM's and TGI's probe)")
+                .ok::<HealthStatus>("It can.")
+                .answer::<ErrorBody>(503, "It cannot yet (`model_unavailable` with the reason, or `starting`)."),
             Op::get("/_ping", Public, "Loco's liveness check").ok::<LocoHealth>("Alive."),
             Op::get("/_health", Public, "Loco's health check").ok::<LocoHealth>("Healthy."),
             Op::get("/_readiness", Public, "Loco's readiness check (database)")

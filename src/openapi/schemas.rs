@@ -237,6 +237,13 @@ pub struct QueueDepth {
     pub depth: Option<i64>,
 }
 
+/// `GET /health` (llama.cpp's server's, vLLM's and TGI's probe) when the default model can serve.
+#[derive(ToSchema)]
+pub struct HealthStatus {
+    /// `ok`.
+    pub status: String,
+}
+
 /// Loco's own health checks (`/_ping`, `/_health`, `/_readiness`).
 #[derive(ToSchema)]
 pub struct LocoHealth {

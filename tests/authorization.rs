@@ -73,6 +73,8 @@ fn class_of(method: &Method, uri: &str) -> Option<Class> {
             | "/v1/completions"
             | "/v1/embeddings"
             | "/v1/responses"
+            | "/completion"
+            | "/completions"
             | "/generate-embedding"
             | "/llm/inference"
             | "/llm_request",

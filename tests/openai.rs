@@ -777,3 +777,99 @@ async fn a_response_is_read_back_only_by_its_key_and_only_as_a_response() {
     assert_eq!(app.calls_used(&key).await, 2);
     assert_eq!(app.calls_used(&other).await, 0);
 }
+
+#[tokio::test]
+async fn llama_servers_completion_route_answers_as_llama_server_does() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(Some(6)).await;
+    let prompt = "One, two, three,";
+    // The same greedy continuation as /v1/completions, with llama-server's totals.
+    let (_, openai) = app
+        .post(
+            Some(&key),
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 8, "temperature": 0}),
+        )
+        .await;
+    let expected = openai["choices"][0]["text"].as_str().expect("text");
+    let (status, body) = app
+        .post(
+            Some(&key),
+            "/completion",
+            json!({"prompt": prompt, "n_predict": 8, "temperature": 0, "cache_prompt": true, "top_k": 40}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["content"], expected, "{body}");
+    assert_eq!(body["stop"], true);
+    assert_eq!(body["tokens_predicted"], 8);
+    assert_eq!(body["stop_type"], "limit");
+    assert_eq!(
+        body["tokens_evaluated"], openai["usage"]["prompt_tokens"],
+        "{body}"
+    );
+    assert_eq!(body["prompt"], prompt);
+    // Streamed: content chunks with `stop: false`, then the final object; they add up.
+    let (status, content_type, text) = post_stream(
+        &app,
+        &key,
+        "/completions",
+        json!({"prompt": prompt, "n_predict": 8, "temperature": 0, "stream": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+    let chunks: Vec<Value> = sse_data(&text)
+        .iter()
+        .map(|d| serde_json::from_str(d).expect("JSON chunks, no [DONE]"))
+        .collect();
+    let last = chunks.last().expect("a final object");
+    assert_eq!(last["stop"], true, "{text}");
+    assert_eq!(last["tokens_predicted"], 8, "{text}");
+    assert!(chunks[..chunks.len() - 1]
+        .iter()
+        .all(|c| c["stop"] == false));
+    assert!(chunks.len() > 2, "{text}");
+    let joined: String = chunks
+        .iter()
+        .filter_map(|c| c["content"].as_str())
+        .collect();
+    assert_eq!(joined, expected);
+    // n_predict -1 runs to the model's own end (cut at the server's limit), json_schema holds.
+    let (status, body) = app
+        .post(
+            Some(&key),
+            "/completion",
+            json!({"prompt": "A JSON object with a name:", "n_predict": -1, "temperature": 0,
+                   "json_schema": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10}},
+                                   "required": ["name"], "additionalProperties": false}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let parsed: Value =
+        serde_json::from_str(body["content"].as_str().unwrap_or_default()).expect("JSON content");
+    assert!(parsed["name"].is_string(), "{parsed}");
+    assert_eq!(body["stop_type"], "eos", "{body}");
+    // What it cannot honour is refused by name, and spends nothing.
+    let (status, body) = app
+        .post(
+            Some(&key),
+            "/completion",
+            json!({"prompt": prompt, "grammar": "root ::= \"a\"", "n_probs": 2}),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (400, "unsupported_parameter"),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("grammar") && message.contains("n_probs"),
+        "{body}"
+    );
+    assert_eq!(app.calls_used(&key).await, 4);
+}

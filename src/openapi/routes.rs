@@ -6,11 +6,11 @@ use super::{
     schemas::{
         ActiveModel, Adapter, AdapterDeleted, AdapterForm, AdapterList, ApiAnswer, ChatCompletion,
         ConfigCreated, CsrfForm, Deleted, Detokenized, EmbeddingList, EngineStarted, ErrorBody,
-        HealthStatus, InferenceAnswer, Job, KeyForm, LlmAnswer, LocoHealth, LoginForm, LoginToken,
-        Message, ModelConfig, ModelEntry, ModelIds, ModelList, ModelLoaded, Ping, ResponseObject,
-        Seed000Embedding, Seed001Answer, SetupForm, StatusMessage, Templated, Terminated,
-        TextCompletion, Tokens, UsageReport, UsePost, User, UserDeleted, UserForm, UserList,
-        WordsPerDay, WorkerList,
+        HealthStatus, InferenceAnswer, Job, KeyForm, LlamaCompletion, LlmAnswer, LocoHealth,
+        LoginForm, LoginToken, Message, ModelConfig, ModelEntry, ModelIds, ModelList, ModelLoaded,
+        Ping, ResponseObject, Seed000Embedding, Seed001Answer, SetupForm, StatusMessage, Templated,
+        Terminated, TextCompletion, Tokens, UsageReport, UsePost, User, UserDeleted, UserForm,
+        UserList, WordsPerDay, WorkerList,
     },
     Access::{Admin, Keyed, Metered, Public, Session, SessionPublic},
     Op,
@@ -236,9 +236,20 @@ fn seed004() -> Family {
 fn llama_server() -> Family {
     (
         "llama_server",
-        "llama.cpp server's token and template routes, with the served model's tokenizer and \
-         chat template; nothing is charged.",
+        "llama.cpp server's own routes: tokens and templates with the served model's tokenizer \
+         and chat template (nothing is charged), and its completion route (charged).",
         vec![
+            Op::post("/completion", Metered, "Completion in llama.cpp server's shape")
+                .describe("`prompt`, `n_predict` (-1: as many as allowed), llama.cpp's sampler fields, `json_schema`; `stream: true` sends `data:` chunks `{\"content\", \"stop\": false}` and a last one with `\"stop\": true` and the totals.")
+                .body::<compat::llama_server::CompletionRequest>()
+                .ok::<LlamaCompletion>("The text and llama-server's totals.")
+                .events("With `stream: true`: `{\"content\", \"stop\": false}` chunks, then the final object.")
+                .accepted(),
+            Op::post("/completions", Metered, "The same as `/completion` (llama-server's alias)")
+                .body::<compat::llama_server::CompletionRequest>()
+                .ok::<LlamaCompletion>("The text and llama-server's totals.")
+                .events("With `stream: true`: `{\"content\", \"stop\": false}` chunks, then the final object.")
+                .accepted(),
             Op::post("/tokenize", Keyed, "Text to token ids")
                 .body::<compat::llama_server::TokenizeRequest>()
                 .ok::<Tokens>("The ids (with `with_pieces`: ids and texts)."),

@@ -334,6 +334,33 @@ pub struct FunctionCallOut {
     pub arguments: String,
 }
 
+/// `POST /completion` (llama.cpp server's shape): the text and its totals.
+#[derive(ToSchema)]
+pub struct LlamaCompletion {
+    pub index: i64,
+    pub content: String,
+    #[schema(value_type = Vec<i64>)]
+    pub tokens: Vec<i64>,
+    pub id_slot: i64,
+    /// Always true on the final object (and on a whole answer).
+    pub stop: bool,
+    pub model: String,
+    pub tokens_predicted: i64,
+    pub tokens_evaluated: i64,
+    pub tokens_cached: i64,
+    pub prompt: String,
+    pub has_new_line: bool,
+    pub truncated: bool,
+    /// `limit` (cut at `n_predict` or the context) or `eos` (the model stopped, or a stop word).
+    pub stop_type: String,
+    pub stopping_word: String,
+    #[schema(value_type = Option<Object>)]
+    pub generation_settings: Option<serde_json::Value>,
+    /// `prompt_n`, `predicted_n`, `predicted_ms`, `predicted_per_second`.
+    #[schema(value_type = Object)]
+    pub timings: serde_json::Value,
+}
+
 /// `POST /v1/responses` and `GET /v1/responses/{id}`: a `response` object.
 #[derive(ToSchema)]
 pub struct ResponseObject {

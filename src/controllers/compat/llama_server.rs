@@ -3,7 +3,11 @@
 //! `POST /detokenize` (`{"tokens"}` → `{"content"}`), with the served model's own tokenizer,
 //! and `POST /apply-template` (a chat completion's body → `{"prompt"}`: the text the model
 //! would read, through admission's own checks and tool rendering).
-//! Any key in good standing; nothing is charged (no generation runs).
+//! Any key in good standing; nothing is charged (no generation runs). Its completion route,
+//! charged like every generation, is [`completion`].
+
+mod completion;
+pub(crate) use completion::CompletionRequest;
 
 use axum::{
     extract::State,
@@ -155,4 +159,6 @@ pub fn routes() -> Routes {
         .add("/tokenize", axum::routing::post(tokenize))
         .add("/detokenize", axum::routing::post(detokenize))
         .add("/apply-template", axum::routing::post(apply_template))
+        .add("/completion", axum::routing::post(completion::completion))
+        .add("/completions", axum::routing::post(completion::completion))
 }

@@ -59,7 +59,8 @@ fn class_of(method: &Method, uri: &str) -> Option<Class> {
             | "/llm/loaded_models"
             | "/active_models"
             | "/v1/models/{*id}"
-            | "/v1/responses/{id}",
+            | "/v1/responses/{id}"
+            | "/props",
         )
         | ("POST", "/tokenize" | "/detokenize" | "/apply-template") => Keyed,
         (

@@ -872,4 +872,29 @@ async fn llama_servers_completion_route_answers_as_llama_server_does() {
         "{body}"
     );
     assert_eq!(app.calls_used(&key).await, 4);
+    // What its clients size requests by, free.
+    let (status, props) = app.get(Some(&key), "/props").await;
+    assert_eq!(status, 200, "{props}");
+    assert_eq!(
+        props["default_generation_settings"]["n_ctx"],
+        openai_context(&app, &key).await
+    );
+    assert!(
+        props["total_slots"].as_i64().is_some_and(|n| n >= 1),
+        "{props}"
+    );
+    assert_eq!(props["model_alias"], "smollm2");
+    assert!(
+        props["chat_template"]
+            .as_str()
+            .is_some_and(|t| t.contains("im_start")),
+        "{props}"
+    );
+    assert_eq!(app.calls_used(&key).await, 4);
+}
+
+/// The served model's context length as `/v1/models` reports it.
+async fn openai_context(app: &TestApp, key: &common::TestKey) -> Value {
+    let (_, models) = app.get(Some(key), "/v1/models").await;
+    models["data"][0]["context_length"].clone()
 }

@@ -320,6 +320,12 @@ impl PromptTokenizer {
         render_prompt(&self.model, prompt)
     }
 
+    /// The model's own chat template (the Jinja text in its GGUF), if it has one.
+    #[must_use]
+    pub fn chat_template(&self) -> Option<String> {
+        template::source(&self.model)
+    }
+
     /// How this model writes tool calls (from its chat template).
     #[must_use]
     pub fn tool_format(&self) -> ToolFormat {

@@ -6,11 +6,11 @@ use super::{
     schemas::{
         ActiveModel, Adapter, AdapterDeleted, AdapterForm, AdapterList, ApiAnswer, ChatCompletion,
         ConfigCreated, CsrfForm, Deleted, Detokenized, EmbeddingList, EngineStarted, ErrorBody,
-        HealthStatus, InferenceAnswer, Job, KeyForm, LlamaCompletion, LlmAnswer, LocoHealth,
-        LoginForm, LoginToken, Message, ModelConfig, ModelEntry, ModelIds, ModelList, ModelLoaded,
-        Ping, ResponseObject, Seed000Embedding, Seed001Answer, SetupForm, StatusMessage, Templated,
-        Terminated, TextCompletion, Tokens, UsageReport, UsePost, User, UserDeleted, UserForm,
-        UserList, WordsPerDay, WorkerList,
+        HealthStatus, InferenceAnswer, Job, KeyForm, LlamaCompletion, LlamaProps, LlmAnswer,
+        LocoHealth, LoginForm, LoginToken, Message, ModelConfig, ModelEntry, ModelIds, ModelList,
+        ModelLoaded, Ping, ResponseObject, Seed000Embedding, Seed001Answer, SetupForm,
+        StatusMessage, Templated, Terminated, TextCompletion, Tokens, UsageReport, UsePost, User,
+        UserDeleted, UserForm, UserList, WordsPerDay, WorkerList,
     },
     Access::{Admin, Keyed, Metered, Public, Session, SessionPublic},
     Op,
@@ -250,6 +250,8 @@ fn llama_server() -> Family {
                 .ok::<LlamaCompletion>("The text and llama-server's totals.")
                 .events("With `stream: true`: `{\"content\", \"stop\": false}` chunks, then the final object.")
                 .accepted(),
+            Op::get("/props", Keyed, "The served model's context, slots and chat template")
+                .ok::<LlamaProps>("What llama-server's clients size requests by."),
             Op::post("/tokenize", Keyed, "Text to token ids")
                 .body::<compat::llama_server::TokenizeRequest>()
                 .ok::<Tokens>("The ids (with `with_pieces`: ids and texts)."),

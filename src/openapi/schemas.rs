@@ -334,6 +334,24 @@ pub struct FunctionCallOut {
     pub arguments: String,
 }
 
+/// `GET /props` (llama.cpp server's shape).
+#[derive(ToSchema)]
+pub struct LlamaProps {
+    /// `n_ctx` (tokens per sequence) and `params.n_predict` (the default answer length).
+    #[schema(value_type = Object)]
+    pub default_generation_settings: serde_json::Value,
+    /// Sequences decoded together.
+    pub total_slots: i64,
+    pub model_alias: String,
+    /// The GGUF's file name.
+    pub model_path: String,
+    /// The model's Jinja chat template (empty when it has none).
+    pub chat_template: String,
+    #[schema(value_type = Object)]
+    pub modalities: serde_json::Value,
+    pub build_info: String,
+}
+
 /// `POST /completion` (llama.cpp server's shape): the text and its totals.
 #[derive(ToSchema)]
 pub struct LlamaCompletion {

@@ -2,7 +2,8 @@
 //! (`{"content", "add_special"?, "parse_special"?, "with_pieces"?}` → `{"tokens"}`),
 //! `POST /detokenize` (`{"tokens"}` → `{"content"}`), with the served model's own tokenizer,
 //! and `POST /apply-template` (a chat completion's body → `{"prompt"}`: the text the model
-//! would read, through admission's own checks and tool rendering).
+//! would read, through admission's own checks and tool rendering), and `GET /props` (the
+//! context, slots and chat template its clients size requests by).
 //! Any key in good standing; nothing is charged (no generation runs). Its completion route,
 //! charged like every generation, is [`completion`].
 
@@ -116,6 +117,36 @@ async fn apply_template(
     Ok(Json(json!({"prompt": prompt})).into_response())
 }
 
+/// `GET /props`: what llama-server's clients read before they call: the context each sequence
+/// has (`default_generation_settings.n_ctx`), how many are decoded together (`total_slots`),
+/// the chat template, the model. Read-only (llama-server's `POST /props` is not served).
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn props(State(ctx): State<AppContext>, Caller(_key): Caller) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let models = &services.models;
+    let remote = models.remote_workers().await;
+    let name = models.default_name().to_string();
+    let engine = &services.settings.engine;
+    let file = engine
+        .model_path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(Json(json!({
+        "default_generation_settings": {
+            "n_ctx": models.context_size_of(&name, &remote),
+            "params": {"n_predict": services.settings.api.default_max_tokens},
+        },
+        "total_slots": engine.parallel,
+        "model_alias": name,
+        "model_path": file,
+        "chat_template": models.tokenizer_for(&name).chat_template().unwrap_or_default(),
+        "modalities": {"vision": false, "audio": false},
+        "build_info": format!("tollgate {}", env!("CARGO_PKG_VERSION")),
+    }))
+    .into_response())
+}
+
 /// The tokenizer of the model a request names (through `settings.aliases`; none: the default).
 #[must_use]
 pub fn tokenizer_of(
@@ -159,6 +190,7 @@ pub fn routes() -> Routes {
         .add("/tokenize", axum::routing::post(tokenize))
         .add("/detokenize", axum::routing::post(detokenize))
         .add("/apply-template", axum::routing::post(apply_template))
+        .add("/props", axum::routing::get(props))
         .add("/completion", axum::routing::post(completion::completion))
         .add("/completions", axum::routing::post(completion::completion))
 }

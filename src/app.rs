@@ -180,6 +180,7 @@ impl Hooks for App {
             .add_route(controllers::compat::seed002::routes())
             .add_route(controllers::compat::seed004::routes())
             .add_route(controllers::compat::llama_server::routes())
+            .add_route(controllers::compat::ollama::routes())
             .add_route(controllers::admin::adapters::routes())
             .add_route(controllers::admin::ops::routes())
             .add_route(controllers::admin::users::routes())

@@ -60,7 +60,8 @@ fn class_of(method: &Method, uri: &str) -> Option<Class> {
             | "/active_models"
             | "/v1/models/{*id}"
             | "/v1/responses/{id}"
-            | "/props",
+            | "/props"
+            | "/api/tags",
         )
         | ("POST", "/tokenize" | "/detokenize" | "/apply-template") => Keyed,
         (
@@ -76,6 +77,8 @@ fn class_of(method: &Method, uri: &str) -> Option<Class> {
             | "/v1/responses"
             | "/completion"
             | "/completions"
+            | "/api/chat"
+            | "/api/generate"
             | "/generate-embedding"
             | "/llm/inference"
             | "/llm_request",

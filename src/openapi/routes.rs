@@ -8,9 +8,10 @@ use super::{
         ConfigCreated, CsrfForm, Deleted, Detokenized, EmbeddingList, EngineStarted, ErrorBody,
         HealthStatus, InferenceAnswer, Job, KeyForm, LlamaCompletion, LlamaProps, LlmAnswer,
         LocoHealth, LoginForm, LoginToken, Message, ModelConfig, ModelEntry, ModelIds, ModelList,
-        ModelLoaded, Ping, ResponseObject, Seed000Embedding, Seed001Answer, SetupForm,
-        StatusMessage, Templated, Terminated, TextCompletion, Tokens, UsageReport, UsePost, User,
-        UserDeleted, UserForm, UserList, WordsPerDay, WorkerList,
+        ModelLoaded, OllamaChat, OllamaGenerate, OllamaTags, Ping, ResponseObject,
+        Seed000Embedding, Seed001Answer, SetupForm, StatusMessage, Templated, Terminated,
+        TextCompletion, Tokens, UsageReport, UsePost, User, UserDeleted, UserForm, UserList,
+        WordsPerDay, WorkerList,
     },
     Access::{Admin, Keyed, Metered, Public, Session, SessionPublic},
     Op,
@@ -30,6 +31,7 @@ pub(super) fn families() -> Vec<Family> {
         seed002(),
         seed004(),
         llama_server(),
+        ollama(),
         admin(),
         dashboard(),
     ]
@@ -269,6 +271,30 @@ fn llama_server() -> Family {
                      ending in an open assistant turn. Refused as `/v1/chat/completions` would \
                      refuse it; remote models: 400 `unsupported_parameter`.",
             ),
+        ],
+    )
+}
+
+fn ollama() -> Family {
+    let stream = "Streamed (Ollama's default, `stream` absent or true): one JSON object per line, \
+                  `\"done\": false` with each piece of text, then the closing one with \
+                  `\"done\": true`; a failed job ends with `{\"error\"}`.";
+    (
+        "ollama",
+        "Ollama's own API, for the tools built on it; keys as everywhere (`Authorization: Bearer`).",
+        vec![
+            Op::post("/api/chat", Metered, "Chat in Ollama's shape")
+                .body::<compat::ollama::ChatRequest>()
+                .ok::<OllamaChat>("With `stream: false`: the answer and its counts.")
+                .text(200, "application/x-ndjson", stream)
+                .accepted(),
+            Op::post("/api/generate", Metered, "Completion in Ollama's shape")
+                .body::<compat::ollama::GenerateRequest>()
+                .ok::<OllamaGenerate>("With `stream: false`: the answer and its counts.")
+                .text(200, "application/x-ndjson", stream)
+                .accepted(),
+            Op::get("/api/tags", Keyed, "Models this key may use, as Ollama lists them")
+                .ok::<OllamaTags>("The list."),
         ],
     )
 }

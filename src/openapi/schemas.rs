@@ -334,6 +334,47 @@ pub struct FunctionCallOut {
     pub arguments: String,
 }
 
+/// `POST /api/chat` with `stream: false` (Ollama's shape).
+#[derive(ToSchema)]
+pub struct OllamaChat {
+    pub model: String,
+    pub created_at: String,
+    /// `{"role": "assistant", "content"}`.
+    #[schema(value_type = Object)]
+    pub message: serde_json::Value,
+    pub done: bool,
+    /// `stop` or `length`.
+    pub done_reason: String,
+    pub total_duration: i64,
+    pub load_duration: i64,
+    pub prompt_eval_count: i64,
+    pub eval_count: i64,
+    pub eval_duration: i64,
+}
+
+/// `POST /api/generate` with `stream: false` (Ollama's shape).
+#[derive(ToSchema)]
+pub struct OllamaGenerate {
+    pub model: String,
+    pub created_at: String,
+    pub response: String,
+    pub done: bool,
+    pub done_reason: String,
+    pub total_duration: i64,
+    pub load_duration: i64,
+    pub prompt_eval_count: i64,
+    pub eval_count: i64,
+    pub eval_duration: i64,
+}
+
+/// `GET /api/tags` (Ollama's shape).
+#[derive(ToSchema)]
+pub struct OllamaTags {
+    /// `{"name", "model", "modified_at", "size", "digest", "details"}` each.
+    #[schema(value_type = Vec<Object>)]
+    pub models: Vec<serde_json::Value>,
+}
+
 /// `GET /props` (llama.cpp server's shape).
 #[derive(ToSchema)]
 pub struct LlamaProps {

@@ -4,6 +4,7 @@
 //! system did. Seed 003's routes are Tollgate's own ([`super::native`]).
 
 pub mod llama_server;
+pub mod ollama;
 pub mod seed000;
 pub mod seed001;
 pub mod seed002;

@@ -1,0 +1,26 @@
+//! Ollama's own routes (`/api/chat`, `/api/generate`, `/api/tags`) driven by the official
+//! `ollama` Python client (pinned in tests/python/requirements.txt) against the real model:
+//! the same greedy text as the OpenAI routes, streamed and not, raw prompts, a JSON Schema
+//! `format`, refusals by name (tests/python/ollama_client.py).
+
+mod common;
+
+use common::TestApp;
+
+#[tokio::test]
+async fn the_ollama_python_client_works_against_tollgate() {
+    let python = common::python();
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(Some(20)).await;
+    let args = ["tests/python/ollama_client.py", &app.base, &key.secret];
+    common::run_checks(
+        python,
+        &args,
+        "Ollama checks",
+        "ollama client checks passed",
+    )
+    .await;
+    // A chat and a completion to compare with, a chat, a streamed one, two generations, one
+    // with a schema: seven calls; the refused ones spent nothing.
+    assert_eq!(app.calls_used(&key).await, 7);
+}

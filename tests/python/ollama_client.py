@@ -1,0 +1,70 @@
+"""Drives Tollgate's Ollama routes with the official `ollama` Python client, as a user of a local
+Ollama would, with the key in the client's headers.
+
+Usage: ollama_client.py BASE_URL KEY
+Exits non-zero (with the reason) when any check fails.
+"""
+import json
+import sys
+
+import ollama
+import openai
+
+base, key = sys.argv[1], sys.argv[2]
+client = ollama.Client(host=base, headers={"Authorization": f"Bearer {key}"})
+oai = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+question = "What is 2 + 2?"  # greedy, SmolLM2 answers it in 11 tokens and stops
+greedy = {"temperature": 0, "num_predict": 48}
+
+# The same greedy turn through Chat Completions, to compare with.
+chat = oai.chat.completions.create(
+    model="smollm2", messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0
+)
+expected = chat.choices[0].message.content
+
+tags = client.list()
+assert [m.model for m in tags.models] == ["smollm2"], tags
+
+r = client.chat(model="smollm2", messages=[{"role": "user", "content": question}], options=greedy)
+assert r.done and r.done_reason == "stop", r
+assert r.message.role == "assistant" and r.message.content == expected, (r.message, expected)
+assert r.eval_count == chat.usage.completion_tokens and r.prompt_eval_count == chat.usage.prompt_tokens, r
+
+# Streamed (the client asks with stream=True): pieces with done=False, then the closing object.
+parts = list(client.chat(model="smollm2", messages=[{"role": "user", "content": question}], options=greedy, stream=True))
+assert len(parts) > 2 and all(not p.done for p in parts[:-1]) and parts[-1].done, parts
+assert "".join(p.message.content for p in parts) == expected, parts
+assert parts[-1].eval_count == r.eval_count, parts[-1]
+
+# /api/generate reads the prompt as a user turn of the chat template, or raw.
+g = client.generate(model="smollm2", prompt=question, options=greedy)
+assert g.response == expected and g.done, g
+completion = oai.completions.create(model="smollm2", prompt="One, two, three,", max_tokens=6, temperature=0)
+raw = client.generate(model="smollm2", prompt="One, two, three,", raw=True, options={"temperature": 0, "num_predict": 6})
+assert raw.response == completion.choices[0].text and raw.done_reason == "length", (raw, completion)
+
+# format: a JSON Schema constrains the answer.
+schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+person = client.chat(model="smollm2", messages=[{"role": "user", "content": "Invent a person, as JSON."}],
+                     format=schema, options={"temperature": 0.7, "seed": 3, "num_predict": 40})
+parsed = json.loads(person.message.content)
+assert set(parsed) == {"name", "age"} and isinstance(parsed["age"], int), parsed
+
+# What it cannot honour is refused by name (nothing spent).
+for kwargs, name in [
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]), "tools"),
+    (dict(options={"mirostat": 2}), "options.mirostat"),
+]:
+    try:
+        client.chat(model="smollm2", messages=[{"role": "user", "content": "hi"}], **kwargs)
+        raise SystemExit(f"accepted: {kwargs}")
+    except ollama.ResponseError as e:
+        assert e.status_code == 400 and name in str(e), e
+try:
+    ollama.Client(host=base).chat(model="smollm2", messages=[{"role": "user", "content": "hi"}])
+    raise SystemExit("a request without a key was accepted")
+except ollama.ResponseError as e:
+    assert e.status_code == 401, e
+
+print("ollama client checks passed")

@@ -1,7 +1,7 @@
 //! Ollama's own routes (`/api/chat`, `/api/generate`, `/api/tags`) driven by the official
 //! `ollama` Python client (pinned in tests/python/requirements.txt) against the real model:
 //! the same greedy text as the OpenAI routes, streamed and not, raw prompts, a JSON Schema
-//! `format`, refusals by name (tests/python/ollama_client.py).
+//! `format`, tools, refusals by name (tests/python/ollama_client.py).
 
 mod common;
 
@@ -21,6 +21,7 @@ async fn the_ollama_python_client_works_against_tollgate() {
     )
     .await;
     // A chat and a completion to compare with, a chat, a streamed one, two generations, one
-    // with a schema: seven calls; the refused ones spent nothing.
-    assert_eq!(app.calls_used(&key).await, 7);
+    // with a schema, a chat with tools to compare with and three with tools (whole, streamed,
+    // the next turn): eleven calls; the refused ones spent nothing.
+    assert_eq!(app.calls_used(&key).await, 11);
 }

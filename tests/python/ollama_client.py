@@ -51,9 +51,28 @@ person = client.chat(model="smollm2", messages=[{"role": "user", "content": "Inv
 parsed = json.loads(person.message.content)
 assert set(parsed) == {"name", "age"} and isinstance(parsed["age"], int), parsed
 
+# Tools (OpenAI's shape, as Ollama takes them; the model decides): the same answer as the chat
+# route gives with `tool_choice: "auto"`, calls with their arguments as objects; streamed, the
+# closing object carries them; the next turn takes the calls and the tool's result back.
+weather = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}}, "required": ["city"]}}}
+ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+tools_options = {"temperature": 0, "num_predict": 64}
+c = oai.chat.completions.create(model="smollm2", messages=ask, tools=[weather], max_tokens=64, temperature=0).choices[0].message
+o = client.chat(model="smollm2", messages=ask, tools=[weather], options=tools_options)
+want = [(t.function.name, json.loads(t.function.arguments)) for t in c.tool_calls or []]
+got = [(t.function.name, dict(t.function.arguments)) for t in o.message.tool_calls or []]
+assert got == want and (o.message.content or None) == (c.content or None), (o.message, c)
+last = list(client.chat(model="smollm2", messages=ask, tools=[weather], options=tools_options, stream=True))[-1]
+assert last.done and [(t.function.name, dict(t.function.arguments)) for t in last.message.tool_calls or []] == want, last
+follow_up = ({"role": "tool", "content": "18 degrees and sunny", "tool_name": "get_weather"} if want
+             else {"role": "user", "content": "Thanks."})
+after = client.chat(model="smollm2", messages=ask + [o.message, follow_up], tools=[weather], options=tools_options)
+assert after.done and (after.message.content or after.message.tool_calls), after
+
 # What it cannot honour is refused by name (nothing spent).
 for kwargs, name in [
-    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]), "tools"),
+    (dict(tools=[{"type": "web_search"}]), "tools[0]"),
     (dict(options={"mirostat": 2}), "options.mirostat"),
 ]:
     try:

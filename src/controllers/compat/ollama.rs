@@ -9,9 +9,12 @@
 //! (`num_predict`, `temperature`, `top_p`, `top_k`, `min_p`, `typical_p`, `repeat_penalty`,
 //! `repeat_last_n`, `presence_penalty`, `frequency_penalty`, `seed`, `stop`) and `format` is
 //! `"json"` or a JSON Schema. Runner settings (`num_thread`, `num_gpu`, `keep_alive`, …) are
-//! accepted: the model stays loaded and the server sets its own runner. What would change the
-//! answer and cannot be honoured here (tools, images, `think`, `suffix`, `template`, `context`,
-//! mirostat, a `num_ctx` above the served context) is refused by name.
+//! accepted: the model stays loaded and the server sets its own runner. `tools` (OpenAI's
+//! function shape, as Ollama takes them) are offered as on `/v1/chat/completions` with
+//! `tool_choice: "auto"`; calls come back as `message.tool_calls` with their arguments as
+//! objects, and earlier calls and `tool` turns may be sent back. What would change the answer
+//! and cannot be honoured here (images, `think`, `suffix`, `template`, `context`, mirostat, a
+//! `num_ctx` above the served context) is refused by name.
 
 use axum::{
     body::Body,
@@ -27,12 +30,19 @@ use serde_json::{json, Map, Value};
 
 use crate::{
     admission::{
-        input::{chat_messages, prompt_text, Content, WireMessage},
+        input::{chat_messages, prompt_text, Content, WireMessage, WireToolCall},
         resolve::available_models,
         Admitted, Follow, GenerationInput, ModelChoice, SamplerFields, SamplingInput, Ticket,
     },
-    controllers::respond::{accepted, settled},
-    engine::{grammar::ResponseFormat, ChatMessage, Prompt},
+    controllers::{
+        respond::{accepted, settled},
+        tool_calls::{self, tools_input, ToolWire},
+    },
+    engine::{
+        grammar::ResponseFormat,
+        tools::{self, ToolFormat},
+        ChatMessage, Prompt,
+    },
     errors::{ApiError, ApiResult, ErrorCode},
     extractors::{Caller, JsonBody, MeteredCaller},
     models::jobs,
@@ -52,7 +62,9 @@ pub(crate) struct OllamaMessage {
     content: String,
     /// A `tool` turn's tool.
     tool_name: Option<String>,
-    /// Every other field (`images`, `tool_calls`, `thinking`): refused unless empty.
+    /// Calls an assistant turn made, `{"function": {"name", "arguments": {…}}}`.
+    tool_calls: Option<Vec<WireToolCall>>,
+    /// Every other field (`images`, `thinking`): refused unless empty.
     #[serde(flatten)]
     #[schema(ignore)]
     rest: Map<String, Value>,
@@ -63,6 +75,8 @@ pub(crate) struct OllamaMessage {
 pub(crate) struct ChatRequest {
     model: Option<String>,
     messages: Vec<OllamaMessage>,
+    /// Functions the model may call (OpenAI's shape); it decides whether to.
+    tools: Option<Vec<ToolWire>>,
     /// True unless given: Ollama streams by default.
     #[serde(default = "yes")]
     stream: bool,
@@ -262,7 +276,7 @@ impl ChatRequest {
             wire.push(WireMessage {
                 role: m.role,
                 content: Some(Content::Text(m.content)),
-                tool_calls: None,
+                tool_calls: m.tool_calls,
                 tool_call_id: None,
                 name: m.tool_name,
             });
@@ -272,7 +286,7 @@ impl ChatRequest {
             sampling: sampling(self.options, self.format, context)?,
             model: ModelChoice::named(self.model),
             memory: None,
-            tools: None,
+            tools: tools_input(self.tools, None, None)?,
         })
     }
 }
@@ -324,16 +338,22 @@ fn nanos(
     }
 }
 
-/// One object of an answer: `text` (the whole answer, or a piece while streaming), and, when
-/// `done`, the reason and the counts.
-fn object(shape: Shape, job: &jobs::Model, text: &str, done: bool) -> Value {
+/// One object of an answer: `text` (the whole answer, or a piece while streaming; read for
+/// calls when the chat offered tools, `format`), and, when `done`, the reason and the counts.
+fn object(
+    shape: Shape,
+    job: &jobs::Model,
+    text: &str,
+    done: bool,
+    format: Option<ToolFormat>,
+) -> Value {
     let mut v = json!({
         "model": job.model,
         "created_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
         "done": done,
     });
     match shape {
-        Shape::Chat => v["message"] = json!({"role": "assistant", "content": text}),
+        Shape::Chat => v["message"] = message(text, format),
         Shape::Generate => v["response"] = json!(text),
     }
     if done {
@@ -345,6 +365,28 @@ fn object(shape: Shape, job: &jobs::Model, text: &str, done: bool) -> Value {
         v["eval_duration"] = json!(nanos(job.started_at, job.finished_at));
     }
     v
+}
+
+/// The assistant's message: `text`, or, for a chat that offered tools, the calls the model made
+/// (arguments as objects, as Ollama gives them) and any other text.
+fn message(text: &str, format: Option<ToolFormat>) -> Value {
+    let Some(format) = format else {
+        return json!({"role": "assistant", "content": text});
+    };
+    let parsed = tools::parse(format, text);
+    let calls: Vec<Value> = parsed
+        .calls
+        .iter()
+        .map(|c| {
+            let arguments: Value = serde_json::from_str(&c.arguments).unwrap_or_else(|_| json!({}));
+            json!({"function": {"name": c.name, "arguments": arguments}})
+        })
+        .collect();
+    let mut m = json!({"role": "assistant", "content": parsed.content.unwrap_or_default()});
+    if !calls.is_empty() {
+        m["tool_calls"] = json!(calls);
+    }
+    m
 }
 
 async fn answer(
@@ -367,7 +409,8 @@ async fn answer(
         Admitted::Finished(job) => {
             let job = settled(job)?;
             let text = job.result.clone().unwrap_or_default();
-            Ok(Json(object(shape, &job, &text, true)).into_response())
+            let format = tool_calls::format_of(&job);
+            Ok(Json(object(shape, &job, &text, true, format)).into_response())
         }
         Admitted::Pending(job) => Ok(accepted(&job)),
     }
@@ -436,6 +479,9 @@ async fn tags(State(ctx): State<AppContext>, Caller(key): Caller) -> ApiResult<R
 /// job ends with `{"error": …}`, which Ollama's clients raise.
 fn ndjson(js: crate::admission::JobStream, shape: Shape) -> Response {
     let job = js.job.clone();
+    // An answer that may be calls is sent whole when done (its text may be a call).
+    let format = tool_calls::format_of(&job);
+    let whole = format.is_some();
     let updates = job_updates(js.deltas, js.done)
         .map(Some)
         .chain(futures::stream::once(async { None }));
@@ -444,10 +490,10 @@ fn ndjson(js: crate::admission::JobStream, shape: Shape) -> Response {
             (String::new(), false, false),
             move |(sent, closed, lagged), update| {
                 let out: Vec<Value> = match update {
-                    Some(JobUpdate::Delta(_)) if *lagged => Vec::new(),
+                    Some(JobUpdate::Delta(_)) if *lagged || whole => Vec::new(),
                     Some(JobUpdate::Delta(text)) => {
                         sent.push_str(&text);
-                        vec![object(shape, &job, &text, false)]
+                        vec![object(shape, &job, &text, false, None)]
                     }
                     Some(JobUpdate::Skipped(_)) => {
                         *lagged = true;
@@ -459,7 +505,7 @@ fn ndjson(js: crate::admission::JobStream, shape: Shape) -> Response {
                             Ok(done) => {
                                 let result = done.result.as_deref().unwrap_or_default();
                                 let missed = result.strip_prefix(sent.as_str()).unwrap_or_default();
-                                vec![object(shape, &done, missed, true)]
+                                vec![object(shape, &done, missed, true, format)]
                             }
                             Err(e) => vec![json!({"error": e.message})],
                         }
@@ -531,9 +577,9 @@ mod tests {
     fn what_it_cannot_honour_is_refused_by_name() {
         for (body, code, name) in [
             (
-                json!({"tools": [{"type": "function"}]}),
-                "unsupported_parameter",
-                "tools",
+                json!({"tools": [{"type": "web_search"}]}),
+                "invalid_tools",
+                "tools[0]",
             ),
             (json!({"think": true}), "unsupported_parameter", "think"),
             (

@@ -220,6 +220,24 @@ impl ApiError {
         self.code.status()
     }
 
+    /// 400 `unsupported_parameter` naming each field (sorted) a route would otherwise ignore:
+    /// a client must not believe a field was honoured when it was not.
+    #[must_use]
+    pub fn unsupported_fields<S: AsRef<str>>(names: &[S]) -> Self {
+        let mut names: Vec<&str> = names.iter().map(AsRef::as_ref).collect();
+        names.sort_unstable();
+        let one = names.len() == 1;
+        Self::new(
+            ErrorCode::UnsupportedParameter,
+            format!(
+                "this server does not support {}: {}; leave {} out",
+                if one { "the field" } else { "the fields" },
+                names.join(", "),
+                if one { "it" } else { "them" }
+            ),
+        )
+    }
+
     /// 413: body over the configured limit.
     #[must_use]
     pub fn payload_too_large(limit: usize) -> Self {

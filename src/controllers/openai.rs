@@ -103,7 +103,7 @@ fn check_rest(rest: &serde_json::Map<String, Value>) -> ApiResult<()> {
         "suffix" => v.is_null(),
         _ => ADVISORY.contains(&name),
     };
-    let mut refused: Vec<&str> = rest
+    let refused: Vec<&str> = rest
         .iter()
         .filter(|(k, v)| !inert(k, v))
         .map(|(k, _)| k.as_str())
@@ -111,20 +111,7 @@ fn check_rest(rest: &serde_json::Map<String, Value>) -> ApiResult<()> {
     if refused.is_empty() {
         return Ok(());
     }
-    refused.sort_unstable();
-    Err(ApiError::new(
-        ErrorCode::UnsupportedParameter,
-        format!(
-            "this server does not support {}: {}; leave {} out",
-            if refused.len() == 1 {
-                "the field"
-            } else {
-                "the fields"
-            },
-            refused.join(", "),
-            if refused.len() == 1 { "it" } else { "them" }
-        ),
-    ))
+    Err(ApiError::unsupported_fields(&refused))
 }
 
 /// OpenAI's `response_format`: plain text (the default), any JSON object, or JSON valid

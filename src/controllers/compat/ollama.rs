@@ -111,22 +111,6 @@ pub(crate) struct GenerateRequest {
     rest: Map<String, Value>,
 }
 
-fn unsupported(names: &[&str]) -> ApiError {
-    ApiError::new(
-        ErrorCode::UnsupportedParameter,
-        format!(
-            "this server does not support {}: {}; leave {} out",
-            if names.len() == 1 {
-                "the field"
-            } else {
-                "the fields"
-            },
-            names.join(", "),
-            if names.len() == 1 { "it" } else { "them" }
-        ),
-    )
-}
-
 /// Whether `v` asks for nothing: absent, null, false, empty.
 fn empty(v: &Value) -> bool {
     match v {
@@ -140,7 +124,7 @@ fn empty(v: &Value) -> bool {
 
 /// Refuses the body's other fields that ask for something (`keep_alive` is accepted).
 fn check_rest(rest: &Map<String, Value>, prefix: &str) -> ApiResult<()> {
-    let mut refused: Vec<String> = rest
+    let refused: Vec<String> = rest
         .iter()
         .filter(|(k, v)| k.as_str() != "keep_alive" && !empty(v))
         .map(|(k, _)| format!("{prefix}{k}"))
@@ -148,10 +132,7 @@ fn check_rest(rest: &Map<String, Value>, prefix: &str) -> ApiResult<()> {
     if refused.is_empty() {
         return Ok(());
     }
-    refused.sort_unstable();
-    Err(unsupported(
-        &refused.iter().map(String::as_str).collect::<Vec<_>>(),
-    ))
+    Err(ApiError::unsupported_fields(&refused))
 }
 
 /// Ollama's runner settings: how the model runs, not what it answers; the server sets its own.
@@ -241,10 +222,7 @@ fn sampling(
         }
     }
     if !refused.is_empty() {
-        refused.sort_unstable();
-        return Err(unsupported(
-            &refused.iter().map(String::as_str).collect::<Vec<_>>(),
-        ));
+        return Err(ApiError::unsupported_fields(&refused));
     }
     sampling.controls = serde_json::from_value::<SamplerFields>(Value::Object(controls))
         .map_err(|e| ApiError::new(ErrorCode::InvalidSampling, format!("options: {e}")))?;

@@ -72,7 +72,7 @@ pub(crate) struct CompletionRequest {
 fn check_rest(rest: &Map<String, Value>) -> ApiResult<()> {
     let zero = |v: &Value| v.is_null() || v.as_f64() == Some(0.0);
     let off = |v: &Value| v.is_null() || v == &Value::Bool(false);
-    let mut refused: Vec<&str> = rest
+    let refused: Vec<&str> = rest
         .iter()
         .filter(|(name, v)| {
             let inert = match name.as_str() {
@@ -94,20 +94,7 @@ fn check_rest(rest: &Map<String, Value>) -> ApiResult<()> {
     if refused.is_empty() {
         return Ok(());
     }
-    refused.sort_unstable();
-    Err(ApiError::new(
-        ErrorCode::UnsupportedParameter,
-        format!(
-            "this server does not support {}: {}; leave {} out",
-            if refused.len() == 1 {
-                "the field"
-            } else {
-                "the fields"
-            },
-            refused.join(", "),
-            if refused.len() == 1 { "it" } else { "them" }
-        ),
-    ))
+    Err(ApiError::unsupported_fields(&refused))
 }
 
 impl TryFrom<CompletionRequest> for GenerationInput {

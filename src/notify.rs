@@ -15,7 +15,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot};
 
@@ -299,7 +299,6 @@ async fn listen_loop(
     events: JobEvents,
     db: sea_orm::DatabaseConnection,
 ) {
-    use futures::StreamExt;
     let mut pause = std::time::Duration::from_millis(100);
     loop {
         let subscribed = async {
@@ -357,6 +356,61 @@ pub enum JobUpdate {
     /// The client fell this many deltas behind and they were dropped; `Done` has the full text.
     Skipped(u64),
     Done(Box<jobs::Model>),
+}
+
+/// A job's text as a route streams it: the pieces the client has not seen, then the settled
+/// record with the rest of the text (what a gap skipped, or all of it when held).
+#[derive(Debug)]
+pub enum TextUpdate {
+    Piece(String),
+    /// The settled record and the part of its result the pieces did not carry.
+    Settled(Box<jobs::Model>, String),
+    /// The updates ended before the job settled (its record will still have it).
+    Ended,
+}
+
+/// [`job_updates`] as text: pieces as they come (none when `hold`, for answers sent whole),
+/// nothing more after a gap, and the settled record with the text not yet sent. The one place
+/// the streaming routes keep what the client has.
+pub fn text_updates(
+    deltas: Option<broadcast::Receiver<String>>,
+    done: oneshot::Receiver<jobs::Model>,
+    hold: bool,
+) -> impl Stream<Item = TextUpdate> + Send {
+    job_updates(deltas, done)
+        .map(Some)
+        .chain(futures::stream::once(async { None }))
+        .scan(
+            (String::new(), false, hold),
+            |(sent, settled, quiet), update| {
+                let out = match update {
+                    Some(JobUpdate::Delta(_)) if *quiet => None,
+                    Some(JobUpdate::Delta(text)) => {
+                        sent.push_str(&text);
+                        Some(TextUpdate::Piece(text))
+                    }
+                    Some(JobUpdate::Skipped(_)) => {
+                        *quiet = true;
+                        None
+                    }
+                    Some(JobUpdate::Done(job)) => {
+                        *settled = true;
+                        let rest = job
+                            .result
+                            .as_deref()
+                            .unwrap_or_default()
+                            .strip_prefix(sent.as_str())
+                            .unwrap_or_default()
+                            .to_string();
+                        Some(TextUpdate::Settled(job, rest))
+                    }
+                    None if *settled => None,
+                    None => Some(TextUpdate::Ended),
+                };
+                futures::future::ready(Some(out))
+            },
+        )
+        .filter_map(futures::future::ready)
 }
 
 enum UpdateState {

@@ -58,8 +58,14 @@ weather = {"type": "function", "function": {"name": "get_weather", "description"
            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}}, "required": ["city"]}}}
 ask = [{"role": "user", "content": "What is the weather in Paris?"}]
 tools_options = {"temperature": 0, "num_predict": 64}
-c = oai.chat.completions.create(model="smollm2", messages=ask, tools=[weather], max_tokens=64, temperature=0).choices[0].message
+offered = oai.chat.completions.create(model="smollm2", messages=ask, tools=[weather], max_tokens=64, temperature=0)
+c = offered.choices[0].message
 o = client.chat(model="smollm2", messages=ask, tools=[weather], options=tools_options)
+# The tools were offered, whether or not the model then calls one: the prompt holds their
+# schema (the ollama client's own Tool model drops `maxLength`, so a few tokens fewer than the
+# chat route's).
+assert offered.usage.prompt_tokens - 20 < o.prompt_eval_count <= offered.usage.prompt_tokens, (o, offered.usage)
+assert o.prompt_eval_count > r.prompt_eval_count + 100, (o, r)
 want = [(t.function.name, json.loads(t.function.arguments)) for t in c.tool_calls or []]
 got = [(t.function.name, dict(t.function.arguments)) for t in o.message.tool_calls or []]
 assert got == want and (o.message.content or None) == (c.content or None), (o.message, c)

@@ -46,7 +46,7 @@ use crate::{
     errors::{ApiError, ApiResult, ErrorCode},
     extractors::{Caller, JsonBody, MeteredCaller},
     models::jobs,
-    notify::{job_updates, JobUpdate},
+    notify::{text_updates, TextUpdate},
     services::Services,
 };
 
@@ -394,11 +394,66 @@ async fn answer(
     }
 }
 
-/// The context each sequence of the named model has (for `options.num_ctx`).
-async fn context_of(services: &Services, model: Option<&str>) -> u32 {
-    let models = &services.models;
-    let remote = models.remote_workers().await;
-    models.context_size_of(&models.canonical(model.unwrap_or_default()), &remote)
+/// What the two generation routes' bodies share, so one handler admits both.
+trait OllamaBody {
+    fn model(&self) -> Option<&str>;
+    fn stream(&self) -> bool;
+    fn options(&self) -> Option<&Map<String, Value>>;
+    /// The body as admission takes it; `context` bounds `options.num_ctx`.
+    fn into_input(self, context: u32) -> ApiResult<GenerationInput>;
+}
+
+impl OllamaBody for ChatRequest {
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+    fn stream(&self) -> bool {
+        self.stream
+    }
+    fn options(&self) -> Option<&Map<String, Value>> {
+        self.options.as_ref()
+    }
+    fn into_input(self, context: u32) -> ApiResult<GenerationInput> {
+        Self::into_input(self, context)
+    }
+}
+
+impl OllamaBody for GenerateRequest {
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+    fn stream(&self) -> bool {
+        self.stream
+    }
+    fn options(&self) -> Option<&Map<String, Value>> {
+        self.options.as_ref()
+    }
+    fn into_input(self, context: u32) -> ApiResult<GenerationInput> {
+        Self::into_input(self, context)
+    }
+}
+
+/// Admits an Ollama body and answers it in `shape`. The served context is looked up only for
+/// a body that sets `options.num_ctx`.
+async fn admit<B: OllamaBody>(
+    ctx: &AppContext,
+    key: &crate::models::api_keys::Model,
+    body: Result<JsonBody<B>, ApiError>,
+    endpoint: &'static str,
+    shape: Shape,
+) -> ApiResult<Response> {
+    let JsonBody(body) = body?;
+    let services = Services::from_ctx(ctx)?;
+    let context = if body.options().is_some_and(|o| o.contains_key("num_ctx")) {
+        let models = &services.models;
+        let remote = models.remote_workers().await;
+        models.context_size_of(&models.canonical(body.model().unwrap_or_default()), &remote)
+    } else {
+        u32::MAX
+    };
+    let stream = body.stream();
+    let input = body.into_input(context)?;
+    answer(ctx, key, endpoint, shape, stream, input).await
 }
 
 #[tracing::instrument(skip_all, fields(api_key))]
@@ -407,12 +462,7 @@ async fn chat(
     MeteredCaller(key): MeteredCaller,
     body: Result<JsonBody<ChatRequest>, ApiError>,
 ) -> ApiResult<Response> {
-    let JsonBody(body) = body?;
-    let services = Services::from_ctx(&ctx)?;
-    let context = context_of(&services, body.model.as_deref()).await;
-    let stream = body.stream;
-    let input = body.into_input(context)?;
-    answer(&ctx, &key, "/api/chat", Shape::Chat, stream, input).await
+    admit(&ctx, &key, body, "/api/chat", Shape::Chat).await
 }
 
 #[tracing::instrument(skip_all, fields(api_key))]
@@ -421,12 +471,7 @@ async fn generate(
     MeteredCaller(key): MeteredCaller,
     body: Result<JsonBody<GenerateRequest>, ApiError>,
 ) -> ApiResult<Response> {
-    let JsonBody(body) = body?;
-    let services = Services::from_ctx(&ctx)?;
-    let context = context_of(&services, body.model.as_deref()).await;
-    let stream = body.stream;
-    let input = body.into_input(context)?;
-    answer(&ctx, &key, "/api/generate", Shape::Generate, stream, input).await
+    admit(&ctx, &key, body, "/api/generate", Shape::Generate).await
 }
 
 /// `GET /api/tags`: the models this key may use, as Ollama lists its local models.
@@ -459,49 +504,20 @@ fn ndjson(js: crate::admission::JobStream, shape: Shape) -> Response {
     let job = js.job.clone();
     // An answer that may be calls is sent whole when done (its text may be a call).
     let format = tool_calls::format_of(&job);
-    let whole = format.is_some();
-    let updates = job_updates(js.deltas, js.done)
-        .map(Some)
-        .chain(futures::stream::once(async { None }));
-    let lines = updates
-        .scan(
-            (String::new(), false, false),
-            move |(sent, closed, lagged), update| {
-                let out: Vec<Value> = match update {
-                    Some(JobUpdate::Delta(_)) if *lagged || whole => Vec::new(),
-                    Some(JobUpdate::Delta(text)) => {
-                        sent.push_str(&text);
-                        vec![object(shape, &job, &text, false, None)]
-                    }
-                    Some(JobUpdate::Skipped(_)) => {
-                        *lagged = true;
-                        Vec::new()
-                    }
-                    Some(JobUpdate::Done(done)) => {
-                        *closed = true;
-                        match settled(*done) {
-                            Ok(done) => {
-                                let result = done.result.as_deref().unwrap_or_default();
-                                let missed = result.strip_prefix(sent.as_str()).unwrap_or_default();
-                                vec![object(shape, &done, missed, true, format)]
-                            }
-                            Err(e) => vec![json!({"error": e.message})],
-                        }
-                    }
-                    None if *closed => Vec::new(),
-                    None => vec![json!({"error": format!(
-                        "the stream ended early; the result will be at GET /api/jobs/{}",
-                        job.id
-                    )})],
-                };
-                let bytes: Vec<Result<Vec<u8>, std::convert::Infallible>> = out
-                    .into_iter()
-                    .map(|v| Ok(format!("{v}\n").into_bytes()))
-                    .collect();
-                futures::future::ready(Some(futures::stream::iter(bytes)))
+    let lines = text_updates(js.deltas, js.done, format.is_some()).map(move |update| {
+        let line = match update {
+            TextUpdate::Piece(text) => object(shape, &job, &text, false, None),
+            TextUpdate::Settled(done, rest) => match settled(*done) {
+                Ok(done) => object(shape, &done, &rest, true, format),
+                Err(e) => json!({"error": e.message}),
             },
-        )
-        .flatten();
+            TextUpdate::Ended => json!({"error": format!(
+                "the stream ended early; the result will be at GET /api/jobs/{}",
+                job.id
+            )}),
+        };
+        Ok::<_, std::convert::Infallible>(format!("{line}\n").into_bytes())
+    });
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         Body::from_stream(lines),

@@ -44,7 +44,7 @@ use crate::{
     errors::{ApiError, ApiResult, ErrorCode},
     extractors::{Caller, JsonBody, MeteredCaller},
     models::jobs,
-    notify::{job_updates, JobUpdate},
+    notify::{text_updates, TextUpdate},
     services::Services,
 };
 
@@ -758,7 +758,9 @@ fn whole_item(item: &Value, output_index: usize) -> Vec<Value> {
             "response.output_item.added",
             json!({"output_index": output_index, "item": opened}),
         ));
-        out.extend(text_events(&id, output_index, "", &item["content"][0]));
+        let part = &item["content"][0];
+        let text = part["text"].as_str().unwrap_or_default();
+        out.extend(text_events(&id, output_index, false, text, part));
     }
     out.push(event(
         "response.output_item.done",
@@ -767,9 +769,15 @@ fn whole_item(item: &Value, output_index: usize) -> Vec<Value> {
     out
 }
 
-/// The `output_text` part `part` opened (unless text was `sent` already, which opened it), the
-/// text not sent yet as a delta, and the part closed whole (its log-probabilities included).
-fn text_events(item_id: &Value, output_index: usize, sent: &str, part: &Value) -> Vec<Value> {
+/// The `output_text` part `part` opened (unless a streamed piece `opened` it), `delta` (the
+/// text not sent yet), and the part closed whole (its log-probabilities included).
+fn text_events(
+    item_id: &Value,
+    output_index: usize,
+    opened: bool,
+    delta: &str,
+    part: &Value,
+) -> Vec<Value> {
     let text = part["text"].as_str().unwrap_or_default();
     let at = json!({"item_id": item_id, "output_index": output_index, "content_index": 0});
     let with = |extra: Value| {
@@ -780,13 +788,12 @@ fn text_events(item_id: &Value, output_index: usize, sent: &str, part: &Value) -
         v
     };
     let mut out = Vec::new();
-    if sent.is_empty() {
+    if !opened {
         out.push(event(
             "response.content_part.added",
             with(json!({"part": text_part("", json!([]))})),
         ));
     }
-    let delta = text.strip_prefix(sent).unwrap_or_default();
     if !delta.is_empty() {
         out.push(event(
             "response.output_text.delta",
@@ -810,7 +817,8 @@ fn closing_events(
     asked: Option<&GenerationRequest>,
     echo: &Echo,
     live: bool,
-    sent: &str,
+    opened: bool,
+    rest: &str,
 ) -> Vec<Value> {
     let response = response_json(job, asked, echo);
     let mut out = Vec::new();
@@ -819,7 +827,13 @@ fn closing_events(
         for (i, item) in items.iter().enumerate() {
             if live && i == 0 {
                 // The text streamed as it came: the rest of it, then the item closed.
-                out.extend(text_events(&item["id"], 0, sent, &item["content"][0]));
+                out.extend(text_events(
+                    &item["id"],
+                    0,
+                    opened,
+                    rest,
+                    &item["content"][0],
+                ));
                 out.push(event(
                     "response.output_item.done",
                     json!({"output_index": 0, "item": item}),
@@ -861,53 +875,44 @@ fn stream(js: JobStream, echo: Echo) -> Response {
         ));
     }
     let job_id = js.job.id.clone();
-    let updates = job_updates(js.deltas, js.done)
-        .map(Some)
-        .chain(futures::stream::once(async { None }));
-    let body = updates
-        .scan(
-            (String::new(), false, false),
-            move |(sent, closed, lagged), update| {
-                let events = match update {
-                    Some(JobUpdate::Delta(_)) if *lagged || !live => Vec::new(),
-                    Some(JobUpdate::Delta(text)) => {
-                        let mut out = Vec::new();
-                        if sent.is_empty() {
-                            out.push(event(
-                                "response.content_part.added",
-                                json!({"item_id": item_id, "output_index": 0, "content_index": 0,
-                                       "part": text_part("", json!([]))}),
-                            ));
-                        }
-                        sent.push_str(&text);
-                        out.push(event(
-                            "response.output_text.delta",
-                            json!({"item_id": item_id, "output_index": 0, "content_index": 0,
-                                   "delta": text, "logprobs": []}),
-                        ));
-                        out
-                    }
-                    Some(JobUpdate::Skipped(_)) => {
-                        *lagged = true;
-                        Vec::new()
-                    }
-                    Some(JobUpdate::Done(job)) => {
-                        *closed = true;
-                        closing_events(&job, asked.as_ref(), &echo, live, sent)
-                    }
-                    None if *closed => Vec::new(),
-                    None => vec![event(
-                        "error",
-                        json!({
-                            "code": "stream_interrupted",
-                            "message": format!("the stream ended early; the response will be at GET {ENDPOINT}/{}", response_id(&job_id)),
-                            "param": null,
-                        }),
-                    )],
-                };
-                futures::future::ready(Some(futures::stream::iter(events)))
-            },
-        )
+    // Whether a piece has opened the text part yet.
+    let mut opened = false;
+    let body = text_updates(js.deltas, js.done, !live)
+        .map(move |update| match update {
+            TextUpdate::Piece(text) => {
+                let mut out = Vec::new();
+                if !opened {
+                    opened = true;
+                    out.push(event(
+                        "response.content_part.added",
+                        json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                               "part": text_part("", json!([]))}),
+                    ));
+                }
+                out.push(event(
+                    "response.output_text.delta",
+                    json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                           "delta": text, "logprobs": []}),
+                ));
+                futures::stream::iter(out)
+            }
+            TextUpdate::Settled(job, rest) => futures::stream::iter(closing_events(
+                &job,
+                asked.as_ref(),
+                &echo,
+                live,
+                opened,
+                &rest,
+            )),
+            TextUpdate::Ended => futures::stream::iter(vec![event(
+                "error",
+                json!({
+                    "code": "stream_interrupted",
+                    "message": format!("the stream ended early; the response will be at GET {ENDPOINT}/{}", response_id(&job_id)),
+                    "param": null,
+                }),
+            )]),
+        })
         .flatten();
     let numbered = futures::stream::iter(opening)
         .chain(body)
@@ -1113,7 +1118,8 @@ mod tests {
             Some(&asked),
             &Echo::default(),
             true,
-            "he",
+            true,
+            "llo",
         );
         let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
         assert_eq!(

@@ -33,7 +33,7 @@ use crate::{
     errors::{ApiError, ApiResult, ErrorCode},
     extractors::{JsonBody, MeteredCaller},
     models::jobs,
-    notify::{job_updates, JobUpdate},
+    notify::{text_updates, TextUpdate},
     services::Services,
 };
 
@@ -242,47 +242,19 @@ fn chunk(content: &str) -> Event {
 /// (`"stop": true`, with any text the client missed). A failed job ends with an error object.
 fn stream(js: crate::admission::JobStream) -> Response {
     let job_id = js.job.id.clone();
-    let updates = job_updates(js.deltas, js.done)
-        .map(Some)
-        .chain(futures::stream::once(async { None }));
-    let body = updates
-        .scan(
-            (String::new(), false, false),
-            move |(sent, closed, lagged), update| {
-                let events = match update {
-                    Some(JobUpdate::Delta(_)) if *lagged => Vec::new(),
-                    Some(JobUpdate::Delta(text)) => {
-                        sent.push_str(&text);
-                        vec![chunk(&text)]
-                    }
-                    Some(JobUpdate::Skipped(_)) => {
-                        *lagged = true;
-                        Vec::new()
-                    }
-                    Some(JobUpdate::Done(job)) => {
-                        *closed = true;
-                        match settled(*job) {
-                            Ok(job) => {
-                                let result = job.result.as_deref().unwrap_or_default();
-                                let missed = result.strip_prefix(sent.as_str()).unwrap_or_default();
-                                vec![Event::default().data(final_json(&job, missed).to_string())]
-                            }
-                            Err(e) => vec![error_event(&e)],
-                        }
-                    }
-                    None if *closed => Vec::new(),
-                    None => vec![error_event(&ApiError::new(
-                        ErrorCode::GenerationFailed,
-                        format!(
-                            "the stream ended early; the result will be at GET /api/jobs/{job_id}"
-                        ),
-                    ))],
-                };
-                futures::future::ready(Some(futures::stream::iter(events)))
+    let body = text_updates(js.deltas, js.done, false).map(move |update| {
+        Ok::<Event, std::convert::Infallible>(match update {
+            TextUpdate::Piece(text) => chunk(&text),
+            TextUpdate::Settled(job, rest) => match settled(*job) {
+                Ok(job) => Event::default().data(final_json(&job, &rest).to_string()),
+                Err(e) => error_event(&e),
             },
-        )
-        .flatten()
-        .map(Ok::<Event, std::convert::Infallible>);
+            TextUpdate::Ended => error_event(&ApiError::new(
+                ErrorCode::GenerationFailed,
+                format!("the stream ended early; the result will be at GET /api/jobs/{job_id}"),
+            )),
+        })
+    });
     Sse::new(body)
         .keep_alive(KeepAlive::default())
         .into_response()

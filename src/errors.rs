@@ -332,12 +332,17 @@ impl From<crate::models::adapters::AdapterError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // OpenAI's shape (`param` included, as its SDKs read it), and the message again as
+        // `detail`, where the FastAPI and Django REST framework services this replaces put it
+        // and their clients read it.
         let body = json!({
             "error": {
                 "message": self.message,
                 "type": self.code.kind(),
+                "param": null,
                 "code": self.code.as_str(),
-            }
+            },
+            "detail": self.message,
         });
         let mut resp = (self.status(), Json(body)).into_response();
         if let Some(secs) = self.retry_after {

@@ -331,7 +331,7 @@ async fn add_user_needs_an_admin_key_and_rejects_duplicates_and_bad_input() {
     assert_eq!(code(&reply), "user_exists");
 
     for bad in [
-        json!({"username": "frank", "password": "short"}),
+        json!({"username": "frank", "password": ""}),
         json!({"username": "frank", "password": PASSWORD, "gen_token_limit": -1}),
         json!({"username": "", "password": PASSWORD}),
         json!({"username": "frank"}),
@@ -866,6 +866,18 @@ async fn seed_002_documented_requests_get_the_documented_shapes() {
         "{body}"
     );
 
+    // The seed sets no password rule: its admins' short passwords work (the dashboard and the
+    // CLI ask for 8 characters).
+    let (status, body) = add_user(
+        &app,
+        &admin,
+        json!({"username": "shortpass", "password": "string"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = login(&app, "shortpass", "string").await;
+    assert_eq!(status, 200, "{body}");
+
     // /token
     let (status, body) = app
         .post(
@@ -879,8 +891,33 @@ async fn seed_002_documented_requests_get_the_documented_shapes() {
     assert_eq!(body["token_type"], "bearer");
     let token = key_of(&app, body["access_token"].as_str().expect("token")).await;
 
-    // /llm_request, without and with memory
+    // /vllm_request/start with the user's token: the model already runs, so it is healthy
+    // (named as vLLM's users name it, by its Hugging Face id); a model not running would load
+    // new weights, which needs an admin key.
+    let (status, body) = app
+        .post(
+            Some(&token),
+            "/vllm_request/start",
+            json!({"HUGGING_FACE_HUB_TOKEN": "hf_xxx", "Model": "HuggingFaceTB/SmolLM2-135M-Instruct"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "healthy", "{body}");
+    assert_eq!(body["vLLM_endpoint"], format!("{}/v1", app.base));
+    let (status, body) = app
+        .post(
+            Some(&token),
+            "/vllm_request/start",
+            json!({"HUGGING_FACE_HUB_TOKEN": "hf_xxx", "Model": "other-model.gguf"}),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(code(&body), "admin_scope_required");
+
+    // /llm_request, without and with memory, the model named as the client started it
     for request in [
+        json!({"model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+               "inference_endpoint": "http://localhost:8000/v1", "prompt": "Hello!"}),
         json!({"model": "smollm2", "inference_endpoint": "http://localhost:8000/v1",
                "prompt": "Hello!"}),
         json!({"model": "smollm2", "inference_endpoint": "http://localhost:8000/v1",

@@ -169,6 +169,32 @@ async fn a_job_that_outlives_the_wait_answers_202_and_is_polled_to_its_result() 
     let (status, err) = app.get(Some(&other), &format!("/api/jobs/{job_id}")).await;
     assert_eq!(status, 404);
     assert_eq!(code(&err), "job_not_found");
+
+    // The peers' routes know no 202 (their clients would read it as the answer): they wait
+    // until the job settles, however long past `wait_timeout_ms`.
+    let (status, chat) = app
+        .post(
+            Some(&key),
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Tell me about the sea."}],
+                   "max_tokens": 48, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{chat}");
+    assert!(
+        chat["choices"][0]["message"]["content"].is_string(),
+        "{chat}"
+    );
+    let (status, ollama) = app
+        .post(
+            Some(&key),
+            "/api/generate",
+            json!({"model": "smollm2", "prompt": "Tell me about the sea.", "stream": false,
+                   "options": {"num_predict": 48, "temperature": 0}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{ollama}");
+    assert_eq!(ollama["done"], true, "{ollama}");
 }
 
 #[tokio::test]

@@ -57,9 +57,38 @@ async fn configure_load_infer_unload_delete() {
         .post_empty(Some(&admin), &format!("/llm/load_model/{remote}"))
         .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["message"], "Model loaded successfully", "{body}");
+    assert_eq!(
+        body,
+        json!({"message": "Model loaded successfully"}),
+        "the seed's body exactly"
+    );
     let (status, body) = app
         .post_empty(Some(&admin), "/llm/unload_model/example_model")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // The seed's other example type, named alone: stored (listed, read, deleted like any),
+    // and loading it says what it lacks.
+    let (status, body) = app
+        .post(
+            Some(&admin),
+            "/llm/configure_model/",
+            json!({"model_id": "vllm_model", "model_name": "facebook/opt-125m", "model_type": "vllm"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let vllm = body["config_id"].as_str().expect("config_id").to_string();
+    let (status, body) = app
+        .post_empty(Some(&admin), &format!("/llm/load_model/{vllm}"))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("base_url")),
+        "{body}"
+    );
+    let (status, body) = app
+        .delete(Some(&admin), &format!("/llm/configuration/{vllm}"))
         .await;
     assert_eq!(status, 200, "{body}");
     // A local type naming a file that is not there: a clear 422 naming what is available.

@@ -240,6 +240,16 @@ async fn registration_refuses_files_outside_the_adapters_folder_and_stores_nothi
     let (status, body) = attach(&app, &admin, "head", "alias.gguf").await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["file"], "demo.gguf");
+    // Named as seed 000's generation fields name it (`head`), with no path: `<name>.gguf`.
+    let (status, body) = app
+        .post(Some(&admin), "/attach-head", &json!({"head": "demo"}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        (body["name"].as_str(), body["file"].as_str()),
+        (Some("demo"), Some("demo.gguf")),
+        "{body}"
+    );
 }
 
 #[tokio::test]

@@ -108,6 +108,47 @@ async fn what_clients_commonly_send_is_accepted_and_large_max_tokens_are_cut_to_
         )
         .await;
     assert_eq!(status, 200, "{resp}");
+    // `null` is OpenAI's "not set", `stream: null` included (typed clients and proxies send
+    // every field); a list of one prompt is the prompt (LangChain's `OpenAI` sends a list).
+    let (status, resp) = app
+        .post(
+            Some(&key),
+            "/v1/chat/completions",
+            &json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}],
+                    "max_tokens": 2, "stream": null, "reasoning_effort": null,
+                    "modalities": null, "web_search_options": null}),
+        )
+        .await;
+    assert_eq!(status, 200, "{resp}");
+    let (status, resp) = app
+        .post(
+            Some(&key),
+            "/v1/completions",
+            &json!({"model": "smollm2", "prompt": ["Hi"], "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(status, 200, "{resp}");
+    let before = app.calls_used(&key).await;
+    let (status, resp) = app
+        .post(
+            Some(&key),
+            "/v1/completions",
+            &json!({"model": "smollm2", "prompt": ["Hi", "Ho"], "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(status, 400, "{resp}");
+    assert_eq!(resp["error"]["code"], "unsupported_parameter", "{resp}");
+    assert!(
+        resp["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("prompt")),
+        "{resp}"
+    );
+    assert_eq!(
+        app.calls_used(&key).await,
+        before,
+        "a refused batch spends nothing"
+    );
     let job = &app.jobs_of(&key).await[0];
     let request: serde_json::Value = serde_json::from_str(&job.request).expect("request");
     let max_tokens = request["params"]["max_tokens"]
@@ -440,9 +481,15 @@ async fn streamed_chat_adds_up_to_the_plain_answer_and_ends_with_done() {
         .find_map(|c| c["choices"][0]["finish_reason"].as_str())
         .expect("a finish_reason chunk");
     assert_eq!(finish, plain["choices"][0]["finish_reason"]);
-    // include_usage: the last chunk has usage and no choices.
+    // include_usage: the last chunk has usage and no choices, and it alone carries usage
+    // (LangChain adds up every chunk's usage).
     let last = chunks.last().expect("chunks");
     assert_eq!(last["choices"], json!([]));
+    assert_eq!(
+        chunks.iter().filter(|c| !c["usage"].is_null()).count(),
+        1,
+        "usage comes once: {body}"
+    );
     for field in ["prompt_tokens", "completion_tokens", "total_tokens"] {
         assert_eq!(last["usage"][field], plain["usage"][field], "{field}");
     }

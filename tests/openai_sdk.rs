@@ -16,9 +16,10 @@ async fn the_official_openai_python_sdk_works_against_tollgate() {
     let args = [script, &app.base, &good.secret, &exhausted.secret];
     common::run_checks(python, &args, "SDK checks", "openai sdk checks passed").await;
     // chat + streamed chat + structured chat + two seeded chats + a chat with logprobs + a chat
-    // with n = 2 + a tool call, streamed again, and the turn after its result + completion + two
-    // embedding requests spent thirteen calls; the rejected ones spent nothing.
-    assert_eq!(app.calls_used(&good).await, 13);
+    // with n = 2 + a tool call, streamed again, the turn after its result and tools beside a
+    // response format + completion + two embedding requests spent fourteen calls; the rejected
+    // ones spent nothing.
+    assert_eq!(app.calls_used(&good).await, 14);
     assert_eq!(app.calls_used(&exhausted).await, 0);
 }
 

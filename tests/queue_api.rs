@@ -54,6 +54,23 @@ async fn the_seeds_documented_examples_get_content() {
         let (status, answer) = app.post(Some(&key), "/generate", &body).await;
         assert_eq!(status, 200, "{body}: {answer}");
     }
+    // Seed 000 names no fields for `/generate`: `text` is the prompt too, and the usual names
+    // at the top level mean what they mean in `meta` (honoured, not ignored).
+    let before: Vec<String> = app.jobs_of(&key).await.into_iter().map(|j| j.id).collect();
+    let (status, answer) = app
+        .post(
+            Some(&key),
+            "/generate",
+            &json!({"text": "Hi", "max_tokens": 3, "temperature": 0.0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let jobs = app.jobs_of(&key).await;
+    let new: Vec<_> = jobs.iter().filter(|j| !before.contains(&j.id)).collect();
+    assert_eq!(new.len(), 1);
+    let request: serde_json::Value = serde_json::from_str(&new[0].request).expect("request json");
+    assert_eq!(request["params"]["max_tokens"], 3, "{request}");
+    assert_eq!(request["params"]["temperature"], 0.0, "{request}");
 }
 
 #[tokio::test]
@@ -200,6 +217,20 @@ async fn invalid_seed001_requests_spend_nothing() {
             json!({"content": "hi", "meta": {"mirostat": 2}}),
             400,
             "unsupported_parameter",
+        ),
+        // A top-level field the route does not know is refused, not ignored; one said twice
+        // differently is refused.
+        (
+            "/generate",
+            json!({"content": "hi", "stream_mode": "fast"}),
+            400,
+            "unsupported_parameter",
+        ),
+        (
+            "/generate",
+            json!({"content": "hi", "max_tokens": 3, "meta": {"tokens_limit": 4}}),
+            422,
+            "invalid_body",
         ),
     ];
     for (path, body, status, expected) in cases {

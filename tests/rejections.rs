@@ -87,6 +87,35 @@ async fn auth_failures_are_401() {
         "invalid_authorization",
     )
     .await;
+    // The error body in OpenAI's shape, and the message again as `detail` (where FastAPI and
+    // Django REST framework clients read it).
+    let resp = app
+        .request(Method::POST, None, "/api/")
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    let reply: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(reply["detail"], reply["error"]["message"], "{reply}");
+    assert!(
+        reply["error"]["param"].is_null() && reply["error"].get("param").is_some(),
+        "{reply}"
+    );
+    // Django REST framework's `Token` scheme (djangollmapi's clients) is a key too, and so is a
+    // real form body (`requests.post(url, data={"text": …})`): each spends one call.
+    for (scheme, form) in [("Token", false), ("Bearer", true)] {
+        let request = app
+            .request(Method::POST, None, "/api/")
+            .header("Authorization", format!("{scheme} {}", key.secret));
+        let request = if form {
+            request.form(&[("text", "hi")])
+        } else {
+            request.json(&body)
+        };
+        let resp = request.send().await.expect("send");
+        assert_eq!(resp.status().as_u16(), 200, "{scheme} form={form}");
+    }
+    assert_eq!(app.calls_used(&key).await, 2);
     KeyActive::revoke(&app.ctx.db, &key.prefix)
         .await
         .expect("revoke");

@@ -262,10 +262,52 @@ async fn results_sent_back_are_rendered_into_the_next_turn() {
 }
 
 #[tokio::test]
+async fn a_tool_schema_without_strict_is_a_hint_held_to_what_the_grammar_enforces() {
+    let app = TestApp::spawn().await;
+    let key = app.key_with_calls(Some(2)).await;
+    // As pydantic, zod and MCP servers write them: formats and number bounds the grammar
+    // cannot enforce. OpenAI enforces nothing of a schema without `strict`; here the model
+    // reads all of it and decoding holds the arguments to the rest.
+    let mail = json!([{"type": "function", "function": {"name": "send_mail",
+        "description": "Send an email",
+        "parameters": {"type": "object", "properties": {
+            "to": {"type": "string", "format": "email", "maxLength": 40},
+            "priority": {"type": "number", "minimum": 0, "maximum": 1}},
+            "required": ["to", "priority"], "additionalProperties": false}}}]);
+    let (status, body) = app
+        .post(
+            Some(&key),
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Mail bob@example.com, low priority."}],
+                   "tools": mail, "tool_choice": "required", "max_tokens": 64, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let calls = body["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .unwrap_or_else(|| panic!("calls: {body}"));
+    assert!(!calls.is_empty(), "{body}");
+    for c in calls {
+        assert_eq!(c["function"]["name"], "send_mail", "{body}");
+        let args: Value = serde_json::from_str(c["function"]["arguments"].as_str().unwrap_or("?"))
+            .unwrap_or_else(|e| panic!("{e}: {body}"));
+        // What the grammar enforces held: the keys, their types, no others.
+        assert!(
+            args["to"].is_string() && args["priority"].is_number(),
+            "{args}"
+        );
+        assert_eq!(args.as_object().map(|o| o.len()), Some(2), "{args}");
+    }
+    assert_eq!(app.calls_used(&key).await, 1);
+}
+
+#[tokio::test]
 async fn tools_that_cannot_be_honoured_are_refused_by_name_and_spend_nothing() {
     let app = TestApp::spawn().await;
     let key = app.key_with_calls(Some(5)).await;
-    let email = json!([{"type": "function", "function": {"name": "mail",
+    // `strict: true`: the schema is a contract, so a keyword the grammar cannot enforce is
+    // refused (without it, the grammar enforces the rest: below).
+    let email = json!([{"type": "function", "function": {"name": "mail", "strict": true,
         "parameters": {"type": "object", "properties": {"to": {"type": "string", "format": "email"}}}}}]);
     let cases = [
         (
@@ -277,11 +319,6 @@ async fn tools_that_cannot_be_honoured_are_refused_by_name_and_spend_nothing() {
             json!({"tools": tools(), "tool_choice": {"type": "function", "function": {"name": "book_flight"}}}),
             "invalid_tools",
             "book_flight",
-        ),
-        (
-            json!({"tools": tools(), "response_format": {"type": "json_object"}}),
-            "invalid_tools",
-            "response_format",
         ),
         (
             json!({"tools": [{"type": "retrieval"}]}),

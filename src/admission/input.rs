@@ -22,8 +22,10 @@ use crate::{
 /// Most stop strings a request may give, and their longest length.
 pub const MAX_STOP_WORDS: usize = 8;
 pub const MAX_STOP_LEN: usize = 128;
-/// Most inputs one embedding request may carry.
-pub const MAX_EMBEDDING_INPUTS: usize = 256;
+/// Most inputs one embedding request may carry: OpenAI's own limit (LangChain sends 1,000 texts
+/// a request by default). What one call may hold in tokens is bounded separately
+/// (`engine.embeddings.max_tokens_per_call`).
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 
 /// Chat roles, one closed set for every route. `developer` (OpenAI's newer name for
 /// instructions from the application) is rendered as `system`.

@@ -48,11 +48,18 @@ use crate::{
 /// conversation when its job outlived the request.
 const REMEMBER_FOR: Duration = Duration::from_secs(3600);
 
+/// How often a request that waits until its job settles re-reads the record.
+const RECHECK_EVERY: Duration = Duration::from_secs(10);
+
 /// What the caller wants once the job is admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Follow {
-    /// The result, up to `settings.api.wait_timeout_ms`.
+    /// The result, up to `settings.api.wait_timeout_ms` (then 202 and the job to poll).
     Result,
+    /// The result however long it takes: the peers' routes (OpenAI's, Ollama's,
+    /// llama-server's), whose clients know no 202 and bring their own timeout. A client that
+    /// hangs up leaves the job running.
+    Settled,
     /// Nothing: answer as soon as the job is queued.
     Nothing,
     /// Its token deltas and final record (no timeout: the client reads them as they come).
@@ -103,6 +110,12 @@ impl Ticket {
     pub fn follow(mut self, follow: Follow) -> Self {
         self.follow = follow;
         self
+    }
+
+    /// Wait for the result however long it takes ([`Follow::Settled`]).
+    #[must_use]
+    pub fn until_settled(self) -> Self {
+        self.follow(Follow::Settled)
     }
 
     #[must_use]
@@ -214,7 +227,10 @@ impl Admission {
                 deltas,
                 done,
             }),
-            (_, Some(done)) => self.await_settled(done, record).await?,
+            (follow, Some(done)) => {
+                self.await_settled(done, record, follow == Follow::Settled)
+                    .await?
+            }
             (_, None) => Admitted::Pending(record),
         };
         // A client answered with the result may send its next turn at once: the exchange is
@@ -460,34 +476,51 @@ impl Admission {
         match follow {
             Follow::Nothing => return Ok(Admitted::Pending(job)),
             Follow::Updates => return Ok(Admitted::Streaming(self.stream_of(job).await?)),
-            Follow::Result => {}
+            Follow::Result | Follow::Settled => {}
         }
         let done = self.events.subscribe(&job.id);
         match self.recheck(job).await? {
             Err(settled) => Ok(Admitted::Finished(settled)),
-            Ok(current) => self.await_settled(done, current).await,
+            Ok(current) => {
+                self.await_settled(done, current, follow == Follow::Settled)
+                    .await
+            }
         }
     }
 
-    /// Waits for the notification up to the configured timeout, then trusts the record.
+    /// Waits for the notification up to the configured timeout, then trusts the record; with
+    /// `until`, goes on waiting (re-reading the record every [`RECHECK_EVERY`] at most, in case
+    /// a notification was lost with a worker) until the job settles.
     async fn await_settled(
         &self,
-        done: tokio::sync::oneshot::Receiver<jobs::Model>,
-        record: jobs::Model,
+        mut done: tokio::sync::oneshot::Receiver<jobs::Model>,
+        mut record: jobs::Model,
+        until: bool,
     ) -> Result<Admitted, ApiError> {
         let wait = Duration::from_millis(self.settings.api.wait_timeout_ms);
-        if let Ok(Ok(job)) = tokio::time::timeout(wait, done).await {
-            return Ok(Admitted::Finished(job));
-        }
-        self.events.forget(&record.id);
-        // Timed out (or the worker went away): report what the record says now.
-        let current = jobs::Model::find_any(&self.db, &record.id)
-            .await?
-            .unwrap_or(record);
-        if current.is_finished() {
-            Ok(Admitted::Finished(current))
-        } else {
-            Ok(Admitted::Pending(current))
+        let wait = if until { wait.min(RECHECK_EVERY) } else { wait };
+        loop {
+            let closed = match tokio::time::timeout(wait, &mut done).await {
+                Ok(Ok(job)) => return Ok(Admitted::Finished(job)),
+                Ok(Err(_)) => true,
+                Err(_) => false,
+            };
+            // Timed out (or the worker went away): what does the record say now?
+            let current = jobs::Model::find_any(&self.db, &record.id)
+                .await?
+                .unwrap_or(record);
+            if current.is_finished() {
+                self.events.forget(&current.id);
+                return Ok(Admitted::Finished(current));
+            }
+            if !until {
+                self.events.forget(&current.id);
+                return Ok(Admitted::Pending(current));
+            }
+            if closed {
+                done = self.events.subscribe(&current.id);
+            }
+            record = current;
         }
     }
 }
@@ -498,7 +531,7 @@ impl Admission {
 /// # Errors
 /// 400 `unsupported_schema` naming each keyword of a tool's parameters the grammar cannot
 /// enforce; 400 `invalid_tools` for parameters that are no schema, a `tool_choice` naming no
-/// tool, tools on a completion prompt, or tools together with `response_format`.
+/// tool, or tools on a completion prompt.
 fn offer_tools(
     prompt: Prompt,
     mut params: crate::engine::SamplingParams,
@@ -515,17 +548,24 @@ fn offer_tools(
             "tools need a chat (messages), not a completion prompt",
         ));
     };
-    if params.controls.output.is_some() {
-        return Err(ApiError::new(
-            ErrorCode::InvalidTools,
-            "tools cannot be combined with response_format: send one or the other",
-        ));
-    }
+    // A response format beside tools (an agent with an output type) holds the reply that is
+    // no call: the generic format's envelope carries it as `{"response": <value>}`, whatever
+    // the model's own tool format.
+    let answer = params.controls.output.take().map(|o| match o.format {
+        crate::engine::grammar::ResponseFormat::JsonObject => serde_json::json!({"type": "object"}),
+        crate::engine::grammar::ResponseFormat::JsonSchema { schema, .. } => schema,
+    });
+    let format = if answer.is_some() {
+        tools::ToolFormat::Generic
+    } else {
+        format
+    };
     let offer = tools::ToolUse {
         tools: t.tools,
         choice: t.choice,
         parallel: t.parallel,
         format,
+        answer,
     };
     let constraint = tools::constrain(&offer).map_err(|e| match e {
         FormatError::Unsupported(_) => ApiError::new(

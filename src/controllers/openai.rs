@@ -60,7 +60,7 @@ struct Common {
     /// OpenAI's penalties and `logit_bias`; llama.cpp server's and vLLM's own controls.
     #[serde(flatten)]
     controls: SamplerFields,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     stream: bool,
     stream_options: Option<StreamOptions>,
     n: Option<i64>,
@@ -103,15 +103,21 @@ fn check_rest(rest: &serde_json::Map<String, Value>) -> ApiResult<()> {
         "suffix" => v.is_null(),
         _ => ADVISORY.contains(&name),
     };
+    // `null` is OpenAI's "not set" (typed clients and proxies send every field).
     let refused: Vec<&str> = rest
         .iter()
-        .filter(|(k, v)| !inert(k, v))
+        .filter(|(k, v)| !v.is_null() && !inert(k, v))
         .map(|(k, _)| k.as_str())
         .collect();
     if refused.is_empty() {
         return Ok(());
     }
     Err(ApiError::unsupported_fields(&refused))
+}
+
+/// `stream` with `null` read as not set (false).
+fn null_is_false<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or_default())
 }
 
 /// OpenAI's `response_format`: plain text (the default), any JSON object, or JSON valid
@@ -224,7 +230,9 @@ pub(crate) struct ChatRequest {
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub(crate) struct CompletionRequest {
-    prompt: String,
+    /// A string, or a list of one (LangChain's `OpenAI` sends its prompts as a list).
+    #[schema(value_type = Object)]
+    prompt: CompletionPrompt,
     /// Log-probabilities of the answer's tokens with this many most likely alternatives per
     /// token (0 to 20; `choices[].logprobs`).
     logprobs: Option<i64>,
@@ -308,17 +316,49 @@ impl TryFrom<ChatRequest> for GenerationInput {
     }
 }
 
+/// `/v1/completions`' `prompt`: OpenAI takes a string or a list (a batch of prompts).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum CompletionPrompt {
+    One(String),
+    Many(Vec<Value>),
+}
+
+impl CompletionPrompt {
+    /// The one prompt text. A batch of several is refused by name: one request is one job
+    /// here, and `n` asks for several answers to one prompt.
+    fn text(self) -> ApiResult<String> {
+        match self {
+            Self::One(text) => Ok(text),
+            Self::Many(items) => match <[Value; 1]>::try_from(items) {
+                Ok([Value::String(text)]) => Ok(text),
+                Ok(_) => Err(ApiError::new(
+                    ErrorCode::UnsupportedParameter,
+                    "prompt: a list must hold one string here (token ids are not taken on /v1/completions; send the text)",
+                )),
+                Err(items) => Err(ApiError::new(
+                    ErrorCode::UnsupportedParameter,
+                    format!(
+                        "prompt: one prompt per request here, got a batch of {}; send each as its own request",
+                        items.len()
+                    ),
+                )),
+            },
+        }
+    }
+}
+
 impl TryFrom<CompletionRequest> for GenerationInput {
     type Error = ApiError;
 
     fn try_from(body: CompletionRequest) -> Result<Self, ApiError> {
-        prompt_text("prompt", &body.prompt)?;
+        let text = body.prompt.text()?;
+        prompt_text("prompt", &text)?;
         let logprobs = body
             .logprobs
             .map(|n| top_logprobs("logprobs", n))
             .transpose()?;
-        body.common
-            .into_input(Prompt::Raw { text: body.prompt }, logprobs)
+        body.common.into_input(Prompt::Raw { text }, logprobs)
     }
 }
 
@@ -336,7 +376,7 @@ async fn complete(
     let follow = if streaming.on {
         Follow::Updates
     } else {
-        Follow::Result
+        Follow::Settled
     };
     let ticket = Ticket::wait(endpoint).follow(follow);
     match services.admission.admit(key, input, ticket).await? {
@@ -678,7 +718,9 @@ fn closing_events(
                 for body in bodies {
                     events.push(chunks.choice(i, body, None, None));
                 }
-                let usage = (i == last).then(|| usage_json(job));
+                // With `include_usage` the usage chunk alone carries it (clients that add
+                // every chunk's usage, LangChain's, would count it twice).
+                let usage = (i == last && !include_usage).then(|| usage_json(job));
                 let mut closing = chunks.choice_json(i, json!({}), Some(&finish), usage);
                 closing["choices"][0]["logprobs"] = logprobs;
                 events.push(Event::default().data(closing.to_string()));
@@ -704,7 +746,10 @@ fn closing_events(
             Shape::Chat => None,
             Shape::Text => Some(""),
         };
-        let mut last = chunks.event_json(tail, false, Some(finish), Some(usage_json(job)));
+        // Usage on the finish chunk (llama-server's place for it), or, with `include_usage`,
+        // only on OpenAI's usage chunk after it: never both.
+        let usage = (!include_usage).then(|| usage_json(job));
+        let mut last = chunks.event_json(tail, false, Some(finish), usage);
         // The answer's log-probabilities travel with the finish chunk, all at once (clients
         // append every chunk's list).
         let logprobs = logprobs_json(job, chunks.shape);
@@ -963,7 +1008,7 @@ async fn embeddings(
     let input = EmbeddingInput::new(embedding_inputs(body.input, &tokenizer)?, body.model)?;
     let admitted = services
         .admission
-        .admit(&key, input, Ticket::wait("/v1/embeddings"))
+        .admit(&key, input, Ticket::wait("/v1/embeddings").until_settled())
         .await?;
     try_answer(admitted, |job| {
         let data: Vec<Value> = vectors(job)?

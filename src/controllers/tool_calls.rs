@@ -48,7 +48,8 @@ pub struct FunctionWire {
     /// A JSON Schema for the arguments object; absent means no arguments.
     #[schema(value_type = Option<Object>)]
     parameters: Option<Value>,
-    /// Accepted either way: the grammar enforces the schema exactly as strict mode would.
+    /// `true`: every keyword of `parameters` must be enforced (else 400 `unsupported_schema`);
+    /// otherwise the grammar enforces what it can and the model reads the rest.
     strict: Option<bool>,
 }
 
@@ -116,13 +117,13 @@ pub fn tools_input(
                 "tools[{i}].function.description must not contain NUL characters"
             )));
         }
-        let _ = f.strict;
         offered.push(Tool {
             name: f.name,
             description: f.description.filter(|d| !d.is_empty()),
             parameters: f
                 .parameters
                 .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+            strict: f.strict == Some(true),
         });
     }
     let choice = match choice {
@@ -313,6 +314,7 @@ mod tests {
                         choice: t.choice,
                         parallel: t.parallel,
                         format,
+                        answer: None,
                     })
                 });
             let with = request(offered);

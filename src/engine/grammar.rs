@@ -187,11 +187,7 @@ pub fn constrain(format: ResponseFormat) -> Result<OutputConstraint, FormatError
     let schema = match &format {
         ResponseFormat::JsonObject => json!({"type": "object"}),
         ResponseFormat::JsonSchema { schema, .. } => {
-            let mut walker = Walker {
-                root: schema,
-                unsupported: Vec::new(),
-                seen: HashSet::new(),
-            };
+            let mut walker = Walker::new(schema);
             walker.visit(schema, "#")?;
             if !walker.unsupported.is_empty() {
                 walker.unsupported.truncate(MAX_NAMED);
@@ -217,18 +213,92 @@ fn convert(schema: &Value) -> Result<String, FormatError> {
     })
 }
 
+/// `schema` without the keywords the grammar cannot enforce, for a schema that is a hint
+/// rather than a contract (a tool offered without `strict`, as OpenAI treats one): decoding
+/// holds to the rest. What cannot be dropped keyword by keyword (a boolean schema, `oneOf`
+/// beside `anyOf`, a `$ref` out of the schema) is still refused.
+///
+/// # Errors
+/// [`FormatError::Unsupported`] naming what cannot be dropped; [`FormatError::Invalid`] as
+/// [`constrain`].
+pub fn relaxed(schema: &Value) -> Result<Value, FormatError> {
+    let mut schema = schema.clone();
+    loop {
+        let (unsupported, undroppable, drops) = {
+            let mut walker = Walker::new(&schema);
+            walker.visit(&schema, "#")?;
+            (walker.unsupported, walker.undroppable, walker.drops)
+        };
+        if unsupported.is_empty() {
+            return Ok(schema);
+        }
+        if !undroppable.is_empty() {
+            return Err(FormatError::Unsupported(
+                undroppable.into_iter().take(MAX_NAMED).collect(),
+            ));
+        }
+        // A keyword lost only beside another (`maxLength` beside `format`) may hold once that
+        // one is gone: drop the others first, then look again.
+        let first: Vec<_> = drops
+            .iter()
+            .filter(|(_, _, beside)| !beside)
+            .cloned()
+            .collect();
+        let drops = if first.is_empty() { drops } else { first };
+        let mut dropped = false;
+        for (at, key, _) in drops {
+            let pointer = at.strip_prefix('#').unwrap_or(&at);
+            if let Some(Value::Object(o)) = schema.pointer_mut(pointer) {
+                dropped |= o.remove(&key).is_some();
+            }
+        }
+        // Keywords found at no place of the schema (under a list of types): not droppable.
+        if !dropped {
+            return Err(FormatError::Unsupported(
+                unsupported.into_iter().take(MAX_NAMED).collect(),
+            ));
+        }
+    }
+}
+
 /// Walks a schema as llama.cpp's `common_chat_schema_from_json` reads it.
 struct Walker<'a> {
     root: &'a Value,
     unsupported: Vec<String>,
+    /// Where each droppable one is: the object's path, the keyword, and whether it is lost only
+    /// beside another keyword ([`relaxed`]).
+    drops: Vec<(String, String, bool)>,
+    /// The ones no keyword's removal would fix.
+    undroppable: Vec<String>,
     /// `$ref`s already followed (schemas may be recursive).
     seen: HashSet<String>,
 }
 
-impl Walker<'_> {
+impl<'a> Walker<'a> {
+    fn new(root: &'a Value) -> Self {
+        Self {
+            root,
+            unsupported: Vec::new(),
+            drops: Vec::new(),
+            undroppable: Vec::new(),
+            seen: HashSet::new(),
+        }
+    }
+
+    /// A problem no single keyword's removal fixes.
     fn refuse(&mut self, what: String) {
         if !self.unsupported.contains(&what) {
+            self.undroppable.push(what.clone());
             self.unsupported.push(what);
+        }
+    }
+
+    /// Keyword `key` of the object at `at` cannot be enforced (`what` says why).
+    fn refuse_key(&mut self, at: &str, key: &str, what: String) {
+        if !self.unsupported.contains(&what) {
+            let beside = what.contains("(ignored beside");
+            self.unsupported.push(what);
+            self.drops.push((at.to_string(), key.to_string(), beside));
         }
     }
 
@@ -237,7 +307,7 @@ impl Walker<'_> {
     fn only(&mut self, obj: &Map<String, Value>, path: &str, allowed: &[&str], what: &str) {
         for key in obj.keys() {
             if !allowed.contains(&key.as_str()) && !ANNOTATIONS.contains(&key.as_str()) {
-                self.refuse(format!("{path}/{key} (ignored beside {what})"));
+                self.refuse_key(path, key, format!("{path}/{key} (ignored beside {what})"));
             }
         }
     }
@@ -308,7 +378,7 @@ impl Walker<'_> {
                 continue;
             }
             if !is_typed(k) {
-                self.refuse(format!("{path}/{k}"));
+                self.refuse_key(path, k, format!("{path}/{k}"));
             } else if kind.owns(k) {
                 self.keyword(kind, obj, k, path)?;
             }
@@ -413,11 +483,11 @@ impl Walker<'_> {
                 }
             },
             (Kind::AllOf, "required" | "properties" | "additionalProperties") => {
-                self.refuse(format!("{here} (ignored beside allOf)"));
+                self.refuse_key(path, k, format!("{here} (ignored beside allOf)"));
             }
             (Kind::Array, "items" | "prefixItems") => {
                 if k == "prefixItems" && obj.contains_key("items") {
-                    self.refuse(format!("{here} (ignored beside items)"));
+                    self.refuse_key(path, k, format!("{here} (ignored beside items)"));
                     return Ok(());
                 }
                 match v {
@@ -427,9 +497,11 @@ impl Walker<'_> {
                         }
                         for bound in ["minItems", "maxItems"] {
                             if obj.contains_key(bound) {
-                                self.refuse(format!(
-                                    "{path}/{bound} (ignored beside a list of {k})"
-                                ));
+                                self.refuse_key(
+                                    path,
+                                    bound,
+                                    format!("{path}/{bound} (ignored beside a list of {k})"),
+                                );
                             }
                         }
                     }
@@ -447,19 +519,27 @@ impl Walker<'_> {
                 if k.ends_with("Length")
                     && (obj.contains_key("pattern") || obj.contains_key("format"))
                 {
-                    self.refuse(format!("{here} (ignored beside pattern or format)"));
+                    self.refuse_key(
+                        path,
+                        k,
+                        format!("{here} (ignored beside pattern or format)"),
+                    );
                 }
             }
             (Kind::String, "format") => match v.as_str() {
                 Some(f) if FORMATS.contains(&f) => {
                     if obj.contains_key("pattern") {
-                        self.refuse(format!("{here} (ignored beside pattern)"));
+                        self.refuse_key(path, k, format!("{here} (ignored beside pattern)"));
                     }
                 }
-                Some(f) => self.refuse(format!(
-                    "{here} {f:?} (supported formats: {})",
-                    FORMATS[..4].join(", ")
-                )),
+                Some(f) => self.refuse_key(
+                    path,
+                    k,
+                    format!(
+                        "{here} {f:?} (supported formats: {})",
+                        FORMATS[..4].join(", ")
+                    ),
+                ),
                 None => return Err(FormatError::Invalid(format!("{here} must be a string"))),
             },
             (Kind::String, "pattern") => {
@@ -472,7 +552,7 @@ impl Walker<'_> {
                 // The converter falls back to the plain `string` rule for what it cannot
                 // translate (unanchored patterns, lookarounds, some escapes).
                 if alone.lines().any(|l| l.starts_with("string ::=")) {
-                    self.refuse(format!(
+                    self.refuse_key(path, k, format!(
                         "{here} {p:?} (only patterns anchored with ^ and $, in the regex subset llama.cpp translates)"
                     ));
                 }
@@ -489,13 +569,13 @@ impl Walker<'_> {
                     ""
                 };
                 if !inclusive.is_empty() && obj.contains_key(inclusive) {
-                    self.refuse(format!("{here} (ignored beside {inclusive})"));
+                    self.refuse_key(path, k, format!("{here} (ignored beside {inclusive})"));
                 }
             }
             (Kind::Number, _) => {
-                self.refuse(format!("{here} (bounds apply to integers only)"));
+                self.refuse_key(path, k, format!("{here} (bounds apply to integers only)"));
             }
-            _ => self.refuse(here),
+            _ => self.refuse_key(path, k, here),
         }
         Ok(())
     }

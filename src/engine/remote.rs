@@ -865,6 +865,11 @@ fn offer_upstream(body: &mut Value, t: &ToolUse) {
     if !t.parallel {
         body["parallel_tool_calls"] = json!(false);
     }
+    // A response format beside the tools: the upstream enforces it on its reply.
+    if let Some(schema) = &t.answer {
+        body["response_format"] = json!({"type": "json_schema",
+            "json_schema": {"name": "response", "schema": schema, "strict": true}});
+    }
 }
 
 /// One line of a server-sent event stream; `Ok(true)` at `data: [DONE]`.

@@ -387,10 +387,12 @@ For each function call, return a json object within <tool_call></tool_call> XML 
                 name: "get_weather".into(),
                 description: None,
                 parameters: json!({"type": "object", "properties": {"city": {"type": "string"}}}),
+                strict: false,
             }],
             choice: tools::ToolChoice::Auto,
             parallel: true,
             format: ToolFormat::Hermes,
+            answer: None,
         };
         let messages = vec![
             ChatMessage::new("user", "Weather in Paris?"),
@@ -434,10 +436,12 @@ For each function call, return a json object within <tool_call></tool_call> XML 
                 name: "get_time".into(),
                 description: Some("Current time".into()),
                 parameters: json!({"type": "object", "properties": {}}),
+                strict: false,
             }],
             choice: tools::ToolChoice::Required,
             parallel: false,
             format: ToolFormat::Generic,
+            answer: None,
         };
         let messages = vec![
             ChatMessage::new("user", "What time is it?"),

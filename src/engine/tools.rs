@@ -31,6 +31,11 @@ pub struct Tool {
     pub description: Option<String>,
     /// A JSON Schema for the arguments object.
     pub parameters: Value,
+    /// OpenAI's `strict`: the schema is a contract, so a keyword the grammar cannot enforce is
+    /// refused. Without it the schema is a hint (as OpenAI treats it): the model reads it all,
+    /// and decoding holds the arguments to what the grammar can enforce.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strict: bool,
 }
 
 impl Tool {
@@ -76,6 +81,11 @@ pub struct ToolUse {
     /// Several calls in one answer (OpenAI's `parallel_tool_calls`, default true).
     pub parallel: bool,
     pub format: ToolFormat,
+    /// The JSON Schema a reply that is no call must match: the request's `response_format`
+    /// beside its tools (an agent with an output type and tools). Offered in the generic
+    /// format, whose envelope can hold it: `{"response": <that value>}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<Value>,
 }
 
 /// A call the assistant made earlier in the conversation (`messages[].tool_calls`).
@@ -193,14 +203,22 @@ fn with_defs(mut schema: Value, defs: Map<String, Value>) -> Value {
 /// `tool_choice` that names no tool.
 pub fn constrain(tools: &ToolUse) -> Result<OutputConstraint, FormatError> {
     let mut unsupported = Vec::new();
-    for (i, t) in tools.tools.iter().enumerate() {
-        let format = ResponseFormat::JsonSchema {
-            name: t.name.clone(),
-            schema: t.parameters.clone(),
-            strict: false,
+    // Each tool's parameters as decoding holds them: whole for a strict tool (checked, every
+    // keyword enforced), else without what the grammar cannot enforce.
+    let mut held = tools.tools.clone();
+    for (i, t) in held.iter_mut().enumerate() {
+        let checked = if t.strict {
+            grammar::constrain(ResponseFormat::JsonSchema {
+                name: t.name.clone(),
+                schema: t.parameters.clone(),
+                strict: false,
+            })
+            .map(|_| ())
+        } else {
+            grammar::relaxed(&t.parameters).map(|relaxed| t.parameters = relaxed)
         };
-        match grammar::constrain(format) {
-            Ok(_) => {}
+        match checked {
+            Ok(()) => {}
             Err(FormatError::Unsupported(what)) => unsupported.extend(what.into_iter().map(|w| {
                 format!(
                     "tools[{i}].function.parameters{}",
@@ -217,13 +235,37 @@ pub fn constrain(tools: &ToolUse) -> Result<OutputConstraint, FormatError> {
     if !unsupported.is_empty() {
         return Err(FormatError::Unsupported(unsupported));
     }
-    let offered = offered(tools);
+    let held = ToolUse {
+        tools: held,
+        ..tools.clone()
+    };
+    let offered = offered(&held);
     if offered.is_empty() {
         return Err(FormatError::Invalid(
             "tool_choice names a function that is not in tools".into(),
         ));
     }
-    let (call, defs) = call_schema(&offered)?;
+    let (call, mut defs) = call_schema(&offered)?;
+    // The reply's schema, its definitions moved beside the tools' (as one more "tool").
+    let reply = match &tools.answer {
+        None => json!({"type": "string"}),
+        Some(schema) => {
+            let mut schema = schema.clone();
+            let i = tools.tools.len();
+            if let Some(obj) = schema.as_object_mut() {
+                for key in ["$defs", "definitions"] {
+                    if let Some(Value::Object(own)) = obj.remove(key) {
+                        for (name, mut def) in own {
+                            retarget_refs(&mut def, i)?;
+                            defs.insert(format!("t{i}-{name}"), def);
+                        }
+                    }
+                }
+            }
+            retarget_refs(&mut schema, i)?;
+            schema
+        }
+    };
     match tools.format {
         ToolFormat::Generic => {
             let calls = if tools.parallel {
@@ -238,7 +280,7 @@ pub fn constrain(tools: &ToolUse) -> Result<OutputConstraint, FormatError> {
             let schema = if tools.choice == ToolChoice::Auto {
                 json!({"anyOf": [calls, {
                     "type": "object",
-                    "properties": {"response": {"type": "string"}},
+                    "properties": {"response": reply},
                     "required": ["response"],
                 }]})
             } else {
@@ -307,10 +349,13 @@ pub fn generic_instructions(tools: &ToolUse) -> String {
     } else {
         "`tool_call` (a request to call a tool)"
     };
-    let respond = if tools.choice == ToolChoice::Auto {
-        format!("Respond in JSON format, either with {key} or with `response` reply to the user's request")
-    } else {
-        format!("Respond in JSON format with {key}")
+    let respond = match (&tools.answer, tools.choice == ToolChoice::Auto) {
+        (Some(schema), true) => format!(
+            "Respond in JSON format, either with {key} or with `response` reply to the user's request, a JSON value matching this schema: {}",
+            pretty(schema)
+        ),
+        (None, true) => format!("Respond in JSON format, either with {key} or with `response` reply to the user's request"),
+        _ => format!("Respond in JSON format with {key}"),
     };
     format!(
         "You can call any of the following tools to satisfy the user's requests: {}\n\nExample tool call syntax:\n\n{}\n\n{respond}",
@@ -440,6 +485,8 @@ fn parse_generic(text: &str) -> Parsed {
     }
     match v.get("response") {
         Some(Value::String(s)) => Parsed::text(s),
+        // A reply held to the request's response format: its JSON is the content.
+        Some(reply @ (Value::Object(_) | Value::Array(_))) => Parsed::text(&reply.to_string()),
         _ => Parsed::text(text),
     }
 }
@@ -507,17 +554,54 @@ mod tests {
                     name: "get_weather".into(),
                     description: Some("Weather in a city".into()),
                     parameters: json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+                    strict: false,
                 },
                 Tool {
                     name: "get_time".into(),
                     description: None,
                     parameters: json!({"type": "object", "properties": {}}),
+                    strict: false,
                 },
             ],
             choice,
             parallel,
             format,
+            answer: None,
         }
+    }
+
+    #[test]
+    fn a_response_format_beside_tools_holds_the_reply_in_the_envelope() {
+        let mut tools = weather(ToolFormat::Generic, ToolChoice::Auto, true);
+        tools.answer = Some(json!({
+            "type": "object",
+            "properties": {"summary": {"$ref": "#/$defs/text"}},
+            "required": ["summary"],
+            "$defs": {"text": {"type": "string", "maxLength": 40}},
+        }));
+        let constraint = constrain(&tools).expect("a grammar");
+        let ResponseFormat::JsonSchema { schema, .. } = &constraint.format else {
+            panic!("a schema");
+        };
+        let reply = &schema["anyOf"][1]["properties"]["response"];
+        assert_eq!(reply["required"], json!(["summary"]), "{schema}");
+        // Its definitions sit beside the tools', its references pointing at them.
+        assert_eq!(
+            reply["properties"]["summary"]["$ref"], "#/$defs/t2-text",
+            "{schema}"
+        );
+        assert_eq!(schema["$defs"]["t2-text"]["maxLength"], 40, "{schema}");
+        assert!(generic_instructions(&tools).contains("\"summary\""));
+        // Without a format the reply is free text.
+        tools.answer = None;
+        let constraint = constrain(&tools).expect("a grammar");
+        let ResponseFormat::JsonSchema { schema, .. } = &constraint.format else {
+            panic!("a schema");
+        };
+        assert_eq!(
+            schema["anyOf"][1]["properties"]["response"],
+            json!({"type": "string"})
+        );
     }
 
     #[test]
@@ -542,6 +626,13 @@ mod tests {
         let reply = parse(ToolFormat::Generic, r#"{"response": "Hello"}"#);
         assert_eq!(reply.content.as_deref(), Some("Hello"));
         assert!(reply.calls.is_empty());
+        // A reply held to a response format: its JSON is the content.
+        let typed = parse(
+            ToolFormat::Generic,
+            r#"{"response": {"city": "Oslo", "n": 2}}"#,
+        );
+        assert_eq!(typed.content.as_deref(), Some(r#"{"city":"Oslo","n":2}"#));
+        assert!(typed.calls.is_empty());
         let cut = parse(ToolFormat::Generic, r#"{"tool_call": {"name": "get_we"#);
         assert_eq!(
             cut.content.as_deref(),
@@ -584,12 +675,35 @@ mod tests {
         }
         let mut bad = weather(ToolFormat::Generic, ToolChoice::Auto, true);
         bad.tools[0].parameters["properties"]["city"]["format"] = json!("email");
+        bad.tools[0].parameters["properties"]["city"]["maxLength"] = json!(30);
+        // Without `strict` the schema is a hint: decoding holds to what can be enforced (the
+        // lost keyword, and the bound beside it, out of the grammar's schema only).
+        let held = constrain(&bad).expect("a hint's unenforceable keywords are left out");
+        let ResponseFormat::JsonSchema { schema, .. } = &held.format else {
+            panic!("a schema");
+        };
+        assert!(!schema.to_string().contains("email"), "{schema}");
+        assert!(
+            schema.to_string().contains("\"maxLength\":30"),
+            "the bound holds once the format is gone: {schema}"
+        );
+        assert_eq!(
+            bad.tools[0].parameters["properties"]["city"]["format"],
+            "email"
+        );
+        // With it, a contract: refused, the keyword named.
+        bad.tools[0].strict = true;
         let err = constrain(&bad).expect_err("email format is not enforced");
         assert!(
             err.to_string()
-                .contains("tools[0].function.parameters/properties/city"),
+                .contains("tools[0].function.parameters/properties/city/format"),
             "{err}"
         );
+        // What no keyword's removal fixes is refused either way.
+        bad.tools[0].strict = false;
+        bad.tools[0].parameters["properties"]["city"] = json!(true);
+        let err = constrain(&bad).expect_err("a boolean schema");
+        assert!(err.to_string().contains("boolean schema"), "{err}");
         let missing = weather(
             ToolFormat::Generic,
             ToolChoice::Function("nope".into()),

@@ -38,11 +38,15 @@ pub struct AdminCaller(pub api_keys::Model);
 #[derive(Debug, Clone)]
 pub struct MeteredCaller(pub api_keys::Model);
 
+/// Schemes a key may come under: `Bearer`, and the `Token` / `Api-Key` words that Django REST
+/// framework clients (djangollmapi's, whose server read any scheme) send.
+const SCHEMES: [&str; 4] = ["bearer", "token", "api-key", "apikey"];
+
 /// The secret from an `Authorization` header value, if it is a bearer token.
 fn bearer(value: &str) -> Option<&str> {
     let (scheme, token) = value.trim().split_once(' ')?;
     let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+    (SCHEMES.iter().any(|s| scheme.eq_ignore_ascii_case(s)) && !token.is_empty()).then_some(token)
 }
 
 /// The secret of the request's `Authorization: Bearer` header.
@@ -193,6 +197,8 @@ mod tests {
         assert_eq!(bearer("Bearer abc"), Some("abc"));
         assert_eq!(bearer("bearer  abc "), Some("abc"));
         assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Token abc"), Some("abc"));
+        assert_eq!(bearer("Api-Key abc"), Some("abc"));
         assert_eq!(bearer("Bearer "), None);
         assert_eq!(bearer("abc"), None);
     }

@@ -3,7 +3,9 @@
 //! Differences from axum's `Json`: the size limit comes from the config and answers 413 in the
 //! API's error shape; malformed JSON is 400 and well-formed JSON of the wrong shape is 422; and
 //! a body sent without a JSON content type is still read when it *is* JSON, because
-//! `curl -d '{…}'` (seed 003's documented client) labels it `x-www-form-urlencoded`.
+//! `curl -d '{…}'` (seed 003's documented client) labels it `x-www-form-urlencoded`; and a real
+//! form body (`requests.post(url, data={"text": …})`, which djangollmapi's Django REST
+//! framework parsed) is read as an object of its string fields.
 
 use axum::{
     body::Body,
@@ -76,12 +78,22 @@ pub async fn read_json<T: DeserializeOwned>(
             "the request body is empty; send a JSON object",
         ));
     }
-    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            ErrorCode::InvalidJson,
-            format!("the body is not valid JSON: {e}"),
-        )
-    })?;
+    let is_form = content_type.as_deref().is_some_and(|v| {
+        v.split(';').next().is_some_and(|m| {
+            m.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+    });
+    let value: serde_json::Value = match serde_json::from_slice(&bytes) {
+        Ok(value) => value,
+        Err(_) if is_form && bytes.first() != Some(&b'{') => form_object(&bytes)?,
+        Err(e) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidJson,
+                format!("the body is not valid JSON: {e}"),
+            ))
+        }
+    };
     if !value.is_object() {
         return Err(ApiError::new(
             ErrorCode::InvalidBody,
@@ -90,6 +102,22 @@ pub async fn read_json<T: DeserializeOwned>(
     }
     serde_json::from_value(value)
         .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("invalid request: {e}")))
+}
+
+/// A form body's fields as a JSON object of strings (a repeated field keeps its last value).
+fn form_object(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(bytes).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidJson,
+            format!("the body is neither JSON nor a form: {e}"),
+        )
+    })?;
+    Ok(serde_json::Value::Object(
+        pairs
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect(),
+    ))
 }
 
 impl<T: DeserializeOwned + Send> FromRequest<AppContext> for JsonBody<T> {
@@ -106,7 +134,13 @@ impl<T: DeserializeOwned + Send> FromRequest<AppContext> for JsonBody<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::content_type_allows_json;
+    use super::{content_type_allows_json, form_object};
+
+    #[test]
+    fn a_form_body_is_an_object_of_strings() {
+        let v = form_object(b"text=hello+world&n=2").expect("a form");
+        assert_eq!(v, serde_json::json!({"text": "hello world", "n": "2"}));
+    }
 
     #[test]
     fn json_and_curl_default_content_types_are_read_others_are_not() {

@@ -66,6 +66,9 @@ pub struct NewUser {
     pub gen_token_limit: Option<i64>,
     pub prompt_tokens_used: i64,
     pub gen_tokens_used: i64,
+    /// Shortest password accepted: [`MIN_PASSWORD_CHARS`] from the dashboard and the CLI; 1 on
+    /// seed 002's `add_user`, whose admins chose passwords with no rule.
+    pub min_password_chars: usize,
 }
 
 /// How a login attempt ended.
@@ -200,9 +203,10 @@ impl ActiveModel {
     pub async fn create<C: ConnectionTrait>(db: &C, new: NewUser) -> Result<Model, ModelError> {
         let username = normalize_username(&new.username)?;
         let len = new.password.chars().count();
-        if !(MIN_PASSWORD_CHARS..=MAX_PASSWORD_CHARS).contains(&len) {
+        let min = new.min_password_chars.max(1);
+        if !(min..=MAX_PASSWORD_CHARS).contains(&len) {
             return Err(ModelError::Invalid(format!(
-                "password must be {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters"
+                "password must be {min} to {MAX_PASSWORD_CHARS} characters"
             )));
         }
         for (field, value) in [

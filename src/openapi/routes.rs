@@ -8,10 +8,10 @@ use super::{
         ConfigCreated, CsrfForm, Deleted, Detokenized, EmbeddingList, EngineStarted, ErrorBody,
         HealthStatus, InferenceAnswer, Job, KeyForm, LlamaCompletion, LlamaProps, LlmAnswer,
         LocoHealth, LoginForm, LoginToken, Message, ModelConfig, ModelEntry, ModelIds, ModelList,
-        ModelLoaded, OllamaChat, OllamaGenerate, OllamaTags, Ping, ResponseObject,
-        Seed000Embedding, Seed001Answer, SetupForm, StatusMessage, Templated, Terminated,
-        TextCompletion, Tokens, UsageReport, UsePost, User, UserDeleted, UserForm, UserList,
-        WordsPerDay, WorkerList,
+        ModelLoaded, OllamaChat, OllamaEmbed, OllamaEmbedding, OllamaGenerate, OllamaShow,
+        OllamaTags, OllamaVersion, Ping, ResponseObject, Seed000Embedding, Seed001Answer,
+        SetupForm, StatusMessage, Templated, Terminated, TextCompletion, Tokens, UsageReport,
+        UsePost, User, UserDeleted, UserForm, UserList, WordsPerDay, WorkerList,
     },
     Access::{Admin, Keyed, Metered, Public, Session, SessionPublic},
     Op,
@@ -189,9 +189,10 @@ fn seed002() -> Family {
             .accepted(),
             Op::get("/active_models", Keyed, "The engines loaded now")
                 .ok_list::<ActiveModel>("One entry per ready engine this key may use."),
-            Op::post("/vllm_request/start", Admin, "Load a GGUF as an engine")
+            Op::post("/vllm_request/start", Keyed, "Start an engine (any key: one already running; admin: load a GGUF)")
                 .body::<compat::seed002::StartRequest>()
-                .ok::<EngineStarted>("Loaded (or already running)."),
+                .ok::<EngineStarted>("Loaded (or already running).")
+                .answer::<ErrorBody>(403, "`admin_scope_required`: the model is not running and loading it needs an admin key."),
             Op::post("/vllm_request/terminate", Admin, "Unload an engine")
                 .body::<compat::seed002::TerminateRequest>()
                 .ok::<Terminated>("Unloaded."),
@@ -293,8 +294,25 @@ fn ollama() -> Family {
                 .ok::<OllamaGenerate>("With `stream: false`: the answer and its counts.")
                 .text(200, "application/x-ndjson", stream)
                 .accepted(),
+            Op::post("/api/embed", Metered, "Embeddings in Ollama's shape")
+                .body::<compat::ollama::EmbedRequest>()
+                .ok::<OllamaEmbed>("A vector per input; inputs over the embedding context cut to fit unless `truncate: false`.")
+                .accepted(),
+            Op::post("/api/embeddings", Metered, "One embedding in Ollama's older shape")
+                .body::<compat::ollama::EmbeddingsRequest>()
+                .ok::<OllamaEmbedding>("The vector.")
+                .accepted(),
             Op::get("/api/tags", Keyed, "Models this key may use, as Ollama lists them")
                 .ok::<OllamaTags>("The list."),
+            Op::get("/api/ps", Keyed, "Models loaded now (every served model stays resident)")
+                .ok::<OllamaTags>("The list, with `expires_at` and `size_vram`."),
+            Op::post("/api/show", Keyed, "A model's context length, template and family")
+                .body::<compat::ollama::ShowRequest>()
+                .ok::<OllamaShow>("What LlamaIndex, Continue and Open WebUI read before they call."),
+            Op::get("/api/version", Public, "The Ollama API version followed (Ollama's probe)")
+                .ok::<OllamaVersion>("The version."),
+            Op::get("/", Public, "Ollama's liveness answer")
+                .text(200, "text/plain; charset=utf-8", "`Ollama is running`."),
         ],
     )
 }

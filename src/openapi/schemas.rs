@@ -14,21 +14,39 @@ use utoipa::{
 
 use crate::errors::ErrorCode;
 
-/// Every refusal: `{"error": {"message", "type", "code"}}` (OpenAI's shape).
+/// Every refusal: `{"error": {"message", "type", "param", "code"}, "detail"}` (OpenAI's shape,
+/// and the message as `detail`, where FastAPI and Django REST framework put it); on Ollama's
+/// routes Ollama's `{"error": "<message>", "code"}`.
 #[derive(ToSchema)]
 pub struct ErrorBody {
-    pub error: ErrorDetail,
+    pub error: ErrorOrMessage,
+    /// The message again.
+    pub detail: Option<String>,
+    /// Ollama's routes: the stable code beside the message.
+    #[schema(schema_with = error_codes)]
+    pub code: Option<String>,
+}
+
+/// The refusal itself, or (Ollama's routes) its message.
+#[derive(ToSchema, Serialize)]
+#[serde(untagged)]
+pub enum ErrorOrMessage {
+    Detail(ErrorDetail),
+    Message(String),
 }
 
 /// One refusal: a message for people and a stable code for programs.
-#[derive(ToSchema)]
+#[derive(ToSchema, Serialize)]
 pub struct ErrorDetail {
     pub message: String,
     /// OpenAI's error class: `invalid_request_error`, `authentication_error`,
     /// `permission_error`, `not_found_error`, `insufficient_quota`, `rate_limit_error`,
     /// `server_error`.
     #[schema(rename = "type")]
+    #[serde(rename = "type")]
     pub kind: String,
+    /// The field at fault where one is (null otherwise), as OpenAI's SDKs read it.
+    pub param: Option<String>,
     /// The stable code; its HTTP status is fixed (README, Errors).
     #[schema(schema_with = error_codes)]
     pub code: String,
@@ -648,10 +666,8 @@ pub struct ModelConfig {
 /// `POST /llm/load_model/{config_id}`.
 #[derive(ToSchema)]
 pub struct ModelLoaded {
-    /// `Model loaded successfully` or `Model already loaded`.
+    /// `Model loaded successfully` or `Model already loaded` (seed 004's body exactly).
     pub message: String,
-    pub model_id: String,
-    pub config_id: String,
 }
 
 /// A message and nothing else.
@@ -856,4 +872,46 @@ pub struct UserForm {
     /// Empty: no limit.
     pub prompt_token_limit: Option<String>,
     pub gen_token_limit: Option<String>,
+}
+
+/// `POST /api/embed` (Ollama's shape).
+#[derive(ToSchema)]
+pub struct OllamaEmbed {
+    pub model: String,
+    /// One L2-normalised vector per input, in order.
+    pub embeddings: Vec<Vec<f32>>,
+    pub total_duration: i64,
+    pub load_duration: i64,
+    pub prompt_eval_count: i64,
+}
+
+/// `POST /api/embeddings` (Ollama's older shape).
+#[derive(ToSchema)]
+pub struct OllamaEmbedding {
+    pub embedding: Vec<f32>,
+}
+
+/// `POST /api/show` (Ollama's shape).
+#[derive(ToSchema)]
+pub struct OllamaShow {
+    pub license: String,
+    pub modelfile: String,
+    /// `num_ctx <tokens per sequence>`.
+    pub parameters: String,
+    /// The model's Jinja chat template.
+    pub template: String,
+    #[schema(value_type = Object)]
+    pub details: serde_json::Value,
+    /// `general.architecture`, `<arch>.context_length`, `<arch>.embedding_length`.
+    #[schema(value_type = Object)]
+    pub model_info: serde_json::Value,
+    pub capabilities: Vec<String>,
+    pub modified_at: String,
+}
+
+/// `GET /api/version` (Ollama's shape).
+#[derive(ToSchema)]
+pub struct OllamaVersion {
+    /// The Ollama API version followed.
+    pub version: String,
 }

@@ -49,6 +49,27 @@ pub fn model_id_for_file(file: &str) -> String {
         .collect()
 }
 
+/// Whether a client's model `name` is the GGUF file of stem `stem` or the repository it was
+/// quantized from: the stem is the name's last part, give or take the quantization suffix
+/// (`.Q4_1`), a `.gguf` extension and a `-GGUF` repository suffix; case aside.
+#[must_use]
+pub fn names_model_file(stem: &str, name: &str) -> bool {
+    let stem = stem.to_lowercase();
+    let last = name
+        .trim()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_lowercase();
+    let last = last.trim_end_matches(".gguf");
+    let last = last.strip_suffix("-gguf").unwrap_or(last);
+    !last.is_empty()
+        && (stem == last
+            || stem
+                .strip_prefix(last)
+                .is_some_and(|rest| rest.starts_with('.')))
+}
+
 /// Sampling defaults a configuration's `model_kwargs` may set for its model: the request
 /// fields under their own names (`max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, …),
 /// used where a request leaves them out.
@@ -245,14 +266,34 @@ impl ModelRegistry {
     }
 
     /// The model id a client's model name stands for: an alias from `settings.aliases`
-    /// (to a served id, or to a GGUF file, whose id is its stem), else the name itself.
+    /// (to a served id, or to a GGUF file, whose id is its stem); a GGUF file started as an
+    /// engine of its own (its stem); the default model's own file or Hugging Face name
+    /// (`SmolLM2-135M-Instruct.Q4_1.gguf`, `HuggingFaceTB/SmolLM2-135M-Instruct`, as vLLM's
+    /// clients name what it serves); another GGUF file name (the id it would be started
+    /// under); else the name itself.
     #[must_use]
     pub fn canonical(&self, name: &str) -> String {
-        match self.settings.aliases.get(name.trim()) {
+        let name = name.trim();
+        match self.settings.aliases.get(name) {
             Some(target) if target.ends_with(".gguf") => model_id_for_file(target),
             Some(target) => target.clone(),
-            None => name.trim().to_string(),
+            // A file started as its own engine (with its own settings) is that engine.
+            None if name.ends_with(".gguf") && self.get(&model_id_for_file(name)).is_some() => {
+                model_id_for_file(name)
+            }
+            None if self.names_default_file(name) => self.default_name().to_string(),
+            None if name.ends_with(".gguf") => model_id_for_file(name),
+            None => name.to_string(),
         }
+    }
+
+    /// Whether `name` is the default model's file, or the repository it was quantized from.
+    fn names_default_file(&self, name: &str) -> bool {
+        self.settings
+            .engine
+            .model_path
+            .file_stem()
+            .is_some_and(|stem| names_model_file(&stem.to_string_lossy(), name))
     }
 
     /// The alias `name` has in `settings.aliases`, if any.
@@ -476,4 +517,32 @@ pub fn down_in(remote: &[workers::Model], model: &str) -> Option<String> {
             .flatten()
             .unwrap_or_else(|| "the engine is not ready".into()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_model_file;
+
+    #[test]
+    fn a_model_is_named_by_its_file_or_its_repository() {
+        let stem = "SmolLM2-135M-Instruct.Q4_1";
+        for name in [
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "SmolLM2-135M-Instruct.Q4_1",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "smollm2-135m-instruct",
+            "bartowski/SmolLM2-135M-Instruct-GGUF",
+        ] {
+            assert!(names_model_file(stem, name), "{name}");
+        }
+        for name in [
+            "SmolLM2-135M",
+            "HuggingFaceTB/SmolLM2-360M-Instruct",
+            "",
+            "smollm2",
+            "gpt-4o",
+        ] {
+            assert!(!names_model_file(stem, name), "{name}");
+        }
+    }
 }

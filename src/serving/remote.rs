@@ -58,13 +58,18 @@ pub fn check_new_config(new: &model_configs::NewConfig) -> Result<(), ApiError> 
     if !remote::is_remote_type(&new.model_type) {
         return Ok(());
     }
-    let spec = RemoteSpec::from_config(
-        &new.model_id,
-        &new.model_type,
-        &new.model_name,
-        &new.model_kwargs,
-    )
-    .map_err(invalid_kwargs)?;
+    // A `vllm` configuration may be stored before it says where its upstream is (seed 004
+    // names the type alone); loading it without `base_url` is refused then. Everything else
+    // is checked now, as if the URL were there.
+    let mut kwargs = new.model_kwargs.clone();
+    let names_base = ["base_url", "api_base", "openai_api_base"]
+        .iter()
+        .any(|k| kwargs.contains_key(*k));
+    if !names_base && !new.model_type.trim().eq_ignore_ascii_case("openai") {
+        kwargs.insert("base_url".into(), "http://upstream.invalid/v1".into());
+    }
+    let spec = RemoteSpec::from_config(&new.model_id, &new.model_type, &new.model_name, &kwargs)
+        .map_err(invalid_kwargs)?;
     if let Credential::File(path) = &spec.credential {
         // Missing is fine (the secret may be mounted later); a path out of the folder is not.
         let inside = path.is_relative()

@@ -40,6 +40,7 @@ impl Task for UserCreate {
                 gen_token_limit: num_arg(vars, "gen_tokens")?,
                 prompt_tokens_used: 0,
                 gen_tokens_used: 0,
+                min_password_chars: users::MIN_PASSWORD_CHARS,
             },
         )
         .await

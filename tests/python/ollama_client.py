@@ -7,6 +7,7 @@ Exits non-zero (with the reason) when any check fails.
 import json
 import sys
 
+import httpx
 import ollama
 import openai
 
@@ -22,13 +23,31 @@ chat = oai.chat.completions.create(
 )
 expected = chat.choices[0].message.content
 
+# No key needed for the probes Open WebUI and the ollama CLI make first.
+version = httpx.get(f"{base}/api/version")
+assert version.status_code == 200 and all(p.isdigit() for p in version.json()["version"].split(".")), version.text
+root = httpx.get(f"{base}/")
+assert root.status_code == 200 and root.text == "Ollama is running", root.text
+
 tags = client.list()
-assert [m.model for m in tags.models] == ["smollm2"], tags
+assert [m.model for m in tags.models] == ["smollm2:latest"], tags
+ps = client.ps()
+assert [m.model for m in ps.models] == ["smollm2:latest"], ps
+shown = client.show("smollm2")
+context = [v for k, v in shown.modelinfo.items() if k.endswith(".context_length")]
+assert context and context[0] > 0 and f"num_ctx {context[0]}" == shown.parameters, shown
+# The model's own template; no `.Suffix` (Continue would take that for fill-in-the-middle).
+assert "completion" in shown.capabilities and shown.template and ".Suffix" not in shown.template, shown
 
 r = client.chat(model="smollm2", messages=[{"role": "user", "content": question}], options=greedy)
 assert r.done and r.done_reason == "stop", r
 assert r.message.role == "assistant" and r.message.content == expected, (r.message, expected)
 assert r.eval_count == chat.usage.completion_tokens and r.prompt_eval_count == chat.usage.prompt_tokens, r
+# As Open WebUI names it (`:latest`), with the `num_ctx` LlamaIndex and Continue always send
+# (room asked for; the served context is what it is): the same answer.
+latest = client.chat(model="smollm2:latest", messages=[{"role": "user", "content": question}],
+                     options={**greedy, "num_ctx": 32768})
+assert latest.message.content == expected, latest
 
 # Streamed (the client asks with stream=True): pieces with done=False, then the closing object.
 parts = list(client.chat(model="smollm2", messages=[{"role": "user", "content": question}], options=greedy, stream=True))
@@ -75,6 +94,32 @@ follow_up = ({"role": "tool", "content": "18 degrees and sunny", "tool_name": "g
              else {"role": "user", "content": "Thanks."})
 after = client.chat(model="smollm2", messages=ask + [o.message, follow_up], tools=[weather], options=tools_options)
 assert after.done and (after.message.content or after.message.tool_calls), after
+
+# Embeddings: /api/embed (a list, or one string) and the older /api/embeddings give the
+# vectors /v1/embeddings gives.
+words = ["The cat sat on the mat.", "Paris is in France."]
+want_vectors = [d.embedding for d in oai.embeddings.create(model="smollm2", input=words).data]
+embedded = client.embed(model="smollm2", input=words)
+close = lambda a, b: len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+assert len(embedded.embeddings) == 2 and all(close(a, b) for a, b in zip(embedded.embeddings, want_vectors)), embedded
+assert embedded.prompt_eval_count > 0, embedded
+one = client.embeddings(model="smollm2", prompt=words[1])
+assert close(list(one.embedding), want_vectors[1]), one
+# Longer than the embedding context: cut to fit by default (as Ollama does), refused with
+# truncate=False, Ollama's error body being the message itself.
+long_text = "word " * 2000
+cut = client.embed(model="smollm2", input=long_text)
+assert len(cut.embeddings) == 1 and len(cut.embeddings[0]) == len(want_vectors[0]), cut
+try:
+    client.embed(model="smollm2", input=long_text, truncate=False)
+    raise SystemExit("an input over the embedding context was embedded whole")
+except ollama.ResponseError as e:
+    assert e.status_code == 400 and isinstance(e.error, str) and "tokens" in e.error, e
+try:
+    client.chat(model="nope", messages=[{"role": "user", "content": "hi"}])
+    raise SystemExit("an unknown model was served")
+except ollama.ResponseError as e:
+    assert e.status_code == 404 and isinstance(e.error, str) and "nope" in e.error, e
 
 # What it cannot honour is refused by name (nothing spent).
 for kwargs, name in [

@@ -173,6 +173,27 @@ after = client.chat.completions.create(
 assert after.choices[0].finish_reason in ("stop", "length", "tool_calls"), after
 assert after.choices[0].message.content or after.choices[0].message.tool_calls, after
 
+# Tools beside a response format (what an agent with an output type and tools sends): the
+# answer is a call, or a reply that matches the schema; never free text.
+both = client.chat.completions.create(
+    model="smollm2",
+    messages=[{"role": "user", "content": "Invent a person with a name and an age."}],
+    tools=tools,
+    response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": person, "strict": True}},
+    parallel_tool_calls=False,
+    max_tokens=96,
+    temperature=0,
+)
+reply = both.choices[0].message
+if reply.tool_calls:
+    assert both.choices[0].finish_reason == "tool_calls", both
+    for c in reply.tool_calls:
+        schema = weather if c.function.name == "get_weather" else tools[1]["function"]["parameters"]
+        jsonschema.validate(json.loads(c.function.arguments), schema)
+else:
+    assert both.choices[0].finish_reason == "stop", both
+    jsonschema.validate(json.loads(reply.content), person)
+
 done = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=5, temperature=0)
 assert done.choices[0].text, done
 assert done.usage.completion_tokens == 5, done.usage

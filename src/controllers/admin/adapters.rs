@@ -22,10 +22,22 @@ use crate::{
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct AttachRequest {
+    /// Also `head`, `lora` (the names seed 000's generation fields use for it).
+    #[serde(
+        alias = "head",
+        alias = "lora",
+        alias = "head_name",
+        alias = "lora_name"
+    )]
     name: String,
-    /// Relative to the adapters folder.
-    #[serde(alias = "file")]
-    path: String,
+    /// Relative to the adapters folder; absent, `<name>.gguf` there.
+    #[serde(
+        alias = "file",
+        alias = "lora_path",
+        alias = "adapter_path",
+        alias = "head_path"
+    )]
+    path: Option<String>,
     /// Applied when a request names the head without a scale.
     scale: Option<f64>,
     /// Defaults to the served model (the only one adapters can be registered for).
@@ -118,11 +130,14 @@ pub async fn attach(
 ) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
     let JsonBody(body) = body?;
+    let path = body
+        .path
+        .unwrap_or_else(|| format!("{}.gguf", body.name.trim()));
     let record = register(
         &ctx,
         &services,
         &body.name,
-        &body.path,
+        &path,
         body.scale,
         body.base_model.as_deref(),
     )

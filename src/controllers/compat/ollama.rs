@@ -1,5 +1,9 @@
 //! Ollama's own API, for the tools built on it (the `ollama` client libraries, LangChain's
-//! `ChatOllama`, chat front ends): `POST /api/chat`, `POST /api/generate` and `GET /api/tags`.
+//! `ChatOllama` and `OllamaEmbeddings`, LlamaIndex, Open WebUI, Continue): `POST /api/chat`,
+//! `POST /api/generate`, `POST /api/embed` (and the older `/api/embeddings`), `GET /api/tags`,
+//! `POST /api/show`, `GET /api/ps`, and the unauthenticated probes `GET /api/version` and
+//! `GET /` ("Ollama is running"). Errors come as Ollama's `{"error": "<message>"}`, which its
+//! clients raise with the message.
 //! Thin adapters over the one admission path, with Tollgate's keys (`Authorization: Bearer`,
 //! which Ollama's clients send as a header, or the `/k/<key>/` path).
 //!
@@ -13,8 +17,11 @@
 //! function shape, as Ollama takes them) are offered as on `/v1/chat/completions` with
 //! `tool_choice: "auto"`; calls come back as `message.tool_calls` with their arguments as
 //! objects, and earlier calls and `tool` turns may be sent back. What would change the answer
-//! and cannot be honoured here (images, `think`, `suffix`, `template`, `context`, mirostat, a
-//! `num_ctx` above the served context) is refused by name.
+//! and cannot be honoured here (images, `think`, `suffix`, `template`, `context`, mirostat) is
+//! refused by name. `num_ctx` asks for room: the served context is fixed per sequence, so it is
+//! accepted (LlamaIndex and Continue send it on every call) and a prompt that does not fit is
+//! refused as `context_length_exceeded`, whatever `num_ctx` said. Ollama's `name:latest` is the
+//! model `name`, as in Ollama.
 
 use axum::{
     body::Body,
@@ -32,10 +39,12 @@ use crate::{
     admission::{
         input::{chat_messages, prompt_text, Content, WireMessage, WireToolCall},
         resolve::available_models,
-        Admitted, Follow, GenerationInput, ModelChoice, SamplerFields, SamplingInput, Ticket,
+        Admitted, EmbeddingInput, Follow, GenerationInput, ModelChoice, SamplerFields,
+        SamplingInput, Ticket,
     },
     controllers::{
-        respond::{accepted, settled},
+        openai::vectors,
+        respond::{accepted, settled, try_answer},
         tool_calls::{self, tools_input, ToolWire},
     },
     engine::{
@@ -85,7 +94,10 @@ pub(crate) struct ChatRequest {
     /// Ollama's sampler names (`num_predict`, `temperature`, …).
     #[schema(value_type = Option<Object>)]
     options: Option<Map<String, Value>>,
-    /// Every other field: `keep_alive` is accepted, the rest refused unless empty.
+    /// A system turn before the messages (Open WebUI sends one at the top level).
+    system: Option<String>,
+    /// Every other field: `keep_alive` is accepted, a top-level `num_predict` (Open WebUI's
+    /// task requests) is `options.num_predict`, the rest refused unless empty.
     #[serde(flatten)]
     #[schema(ignore)]
     rest: Map<String, Value>,
@@ -126,7 +138,7 @@ fn empty(v: &Value) -> bool {
 fn check_rest(rest: &Map<String, Value>, prefix: &str) -> ApiResult<()> {
     let refused: Vec<String> = rest
         .iter()
-        .filter(|(k, v)| k.as_str() != "keep_alive" && !empty(v))
+        .filter(|(k, v)| !matches!(k.as_str(), "keep_alive" | "num_predict") && !empty(v))
         .map(|(k, _)| format!("{prefix}{k}"))
         .collect();
     if refused.is_empty() {
@@ -135,9 +147,40 @@ fn check_rest(rest: &Map<String, Value>, prefix: &str) -> ApiResult<()> {
     Err(ApiError::unsupported_fields(&refused))
 }
 
+/// A top-level `num_predict` (not Ollama's schema, but what Open WebUI sends for its task
+/// requests) moved into `options`, where it means the same; `options` wins if both say.
+fn hoist_num_predict(
+    rest: &mut Map<String, Value>,
+    options: Option<Map<String, Value>>,
+) -> Option<Map<String, Value>> {
+    match rest.remove("num_predict") {
+        None | Some(Value::Null) => options,
+        Some(n) => {
+            let mut options = options.unwrap_or_default();
+            options.entry("num_predict").or_insert(n);
+            Some(options)
+        }
+    }
+}
+
+/// Ollama's `name:latest` is `name`: its clients add the tag to a bare name (Open WebUI).
+fn model_name(model: Option<String>) -> Option<String> {
+    model.map(|m| match m.strip_suffix(":latest") {
+        Some(bare) => bare.to_string(),
+        None => m,
+    })
+}
+
 /// Ollama's runner settings: how the model runs, not what it answers; the server sets its own.
-const RUNNER: [&str; 9] = [
+/// (`f16_kv`, `logits_all`, `vocab_only`, `embedding_only`, `num_gqa` are older ones that
+/// ollama-python's `Options` and Continue still declare.)
+const RUNNER: [&str; 14] = [
     "num_keep",
+    "f16_kv",
+    "logits_all",
+    "vocab_only",
+    "embedding_only",
+    "num_gqa",
     "num_batch",
     "num_gpu",
     "main_gpu",
@@ -156,7 +199,6 @@ const RUNNER: [&str; 9] = [
 fn sampling(
     options: Option<Map<String, Value>>,
     format: Option<Value>,
-    context: u32,
 ) -> ApiResult<SamplingInput> {
     let options = options.unwrap_or_default();
     let mut controls = Map::new();
@@ -205,15 +247,9 @@ fn sampling(
                 controls.insert(k, v);
             }
             "num_ctx" => {
-                // More room than asked is harmless; less is not there to give.
-                if number(&k, &v)? > f64::from(context) {
-                    return Err(ApiError::new(
-                        ErrorCode::UnsupportedParameter,
-                        format!(
-                            "options.num_ctx: the served context holds {context} tokens a sequence; ask for at most that"
-                        ),
-                    ));
-                }
+                // Room asked for: the served context is what it is; a prompt that does not
+                // fit it is refused by admission (`context_length_exceeded`).
+                number(&k, &v)?;
             }
             "mirostat" | "mirostat_eta" | "mirostat_tau" | "tfs_z" if number(&k, &v)? == 0.0 => {}
             "penalize_newline" if v == Value::Bool(false) => {}
@@ -246,9 +282,19 @@ fn sampling(
 }
 
 impl ChatRequest {
-    fn into_input(self, context: u32) -> ApiResult<GenerationInput> {
+    fn into_input(mut self) -> ApiResult<GenerationInput> {
+        let options = hoist_num_predict(&mut self.rest, self.options);
         check_rest(&self.rest, "")?;
-        let mut wire = Vec::with_capacity(self.messages.len());
+        let mut wire = Vec::with_capacity(self.messages.len() + 1);
+        if let Some(system) = self.system.filter(|s| !s.is_empty()) {
+            wire.push(WireMessage {
+                role: "system".into(),
+                content: Some(Content::Text(system)),
+                tool_calls: None,
+                tool_call_id: None,
+                name: None,
+            });
+        }
         for (i, m) in self.messages.into_iter().enumerate() {
             check_rest(&m.rest, &format!("messages[{i}]."))?;
             wire.push(WireMessage {
@@ -261,8 +307,8 @@ impl ChatRequest {
         }
         Ok(GenerationInput {
             prompt: Prompt::chat(chat_messages(wire)?),
-            sampling: sampling(self.options, self.format, context)?,
-            model: ModelChoice::named(self.model),
+            sampling: sampling(options, self.format)?,
+            model: ModelChoice::named(model_name(self.model)),
             memory: None,
             tools: tools_input(self.tools, None, None)?,
         })
@@ -270,7 +316,8 @@ impl ChatRequest {
 }
 
 impl GenerateRequest {
-    fn into_input(self, context: u32) -> ApiResult<GenerationInput> {
+    fn into_input(mut self) -> ApiResult<GenerationInput> {
+        let options = hoist_num_predict(&mut self.rest, self.options);
         check_rest(&self.rest, "")?;
         prompt_text("prompt", &self.prompt)?;
         let prompt = if self.raw {
@@ -291,8 +338,8 @@ impl GenerateRequest {
         };
         Ok(GenerationInput {
             prompt,
-            sampling: sampling(self.options, self.format, context)?,
-            model: ModelChoice::named(self.model),
+            sampling: sampling(options, self.format)?,
+            model: ModelChoice::named(model_name(self.model)),
             memory: None,
             tools: None,
         })
@@ -379,7 +426,7 @@ async fn answer(
     let follow = if stream {
         Follow::Updates
     } else {
-        Follow::Result
+        Follow::Settled
     };
     let ticket = Ticket::wait(endpoint).follow(follow);
     match services.admission.admit(key, input, ticket).await? {
@@ -396,45 +443,30 @@ async fn answer(
 
 /// What the two generation routes' bodies share, so one handler admits both.
 trait OllamaBody {
-    fn model(&self) -> Option<&str>;
     fn stream(&self) -> bool;
-    fn options(&self) -> Option<&Map<String, Value>>;
-    /// The body as admission takes it; `context` bounds `options.num_ctx`.
-    fn into_input(self, context: u32) -> ApiResult<GenerationInput>;
+    /// The body as admission takes it.
+    fn into_input(self) -> ApiResult<GenerationInput>;
 }
 
 impl OllamaBody for ChatRequest {
-    fn model(&self) -> Option<&str> {
-        self.model.as_deref()
-    }
     fn stream(&self) -> bool {
         self.stream
     }
-    fn options(&self) -> Option<&Map<String, Value>> {
-        self.options.as_ref()
-    }
-    fn into_input(self, context: u32) -> ApiResult<GenerationInput> {
-        Self::into_input(self, context)
+    fn into_input(self) -> ApiResult<GenerationInput> {
+        Self::into_input(self)
     }
 }
 
 impl OllamaBody for GenerateRequest {
-    fn model(&self) -> Option<&str> {
-        self.model.as_deref()
-    }
     fn stream(&self) -> bool {
         self.stream
     }
-    fn options(&self) -> Option<&Map<String, Value>> {
-        self.options.as_ref()
-    }
-    fn into_input(self, context: u32) -> ApiResult<GenerationInput> {
-        Self::into_input(self, context)
+    fn into_input(self) -> ApiResult<GenerationInput> {
+        Self::into_input(self)
     }
 }
 
-/// Admits an Ollama body and answers it in `shape`. The served context is looked up only for
-/// a body that sets `options.num_ctx`.
+/// Admits an Ollama body and answers it in `shape`.
 async fn admit<B: OllamaBody>(
     ctx: &AppContext,
     key: &crate::models::api_keys::Model,
@@ -443,16 +475,8 @@ async fn admit<B: OllamaBody>(
     shape: Shape,
 ) -> ApiResult<Response> {
     let JsonBody(body) = body?;
-    let services = Services::from_ctx(ctx)?;
-    let context = if body.options().is_some_and(|o| o.contains_key("num_ctx")) {
-        let models = &services.models;
-        let remote = models.remote_workers().await;
-        models.context_size_of(&models.canonical(body.model().unwrap_or_default()), &remote)
-    } else {
-        u32::MAX
-    };
     let stream = body.stream();
-    let input = body.into_input(context)?;
+    let input = body.into_input()?;
     answer(ctx, key, endpoint, shape, stream, input).await
 }
 
@@ -474,27 +498,374 @@ async fn generate(
     admit(&ctx, &key, body, "/api/generate", Shape::Generate).await
 }
 
+/// Ollama's `details` of a model: what this server can say of a GGUF without a Modelfile.
+fn details(family: &str) -> Value {
+    json!({"parent_model": "", "format": "gguf", "family": family,
+           "families": [family], "parameter_size": "", "quantization_level": ""})
+}
+
+/// A listed model's name as Ollama writes it: with a tag (`:latest` for a bare name; an
+/// adapter's `base:adapter` already has one).
+fn tagged(name: &str) -> String {
+    if name.contains(':') {
+        name.to_string()
+    } else {
+        format!("{name}:latest")
+    }
+}
+
 /// `GET /api/tags`: the models this key may use, as Ollama lists its local models.
 #[tracing::instrument(skip_all, fields(api_key))]
 async fn tags(State(ctx): State<AppContext>, Caller(key): Caller) -> ApiResult<Response> {
     let services = Services::from_ctx(&ctx)?;
     let now = chrono::Utc::now().to_rfc3339();
+    let family = services.models.base_architecture().unwrap_or_default();
     let models: Vec<Value> = available_models(&ctx.db, &services.models, &key)
         .await?
         .iter()
         .map(|name| {
             json!({
-                "name": name,
-                "model": name,
+                "name": tagged(name),
+                "model": tagged(name),
                 "modified_at": now,
                 "size": 0,
                 "digest": "",
-                "details": {"format": "gguf", "family": "", "families": null,
-                            "parameter_size": "", "quantization_level": ""},
+                "details": details(&family),
             })
         })
         .collect();
     Ok(Json(json!({"models": models})).into_response())
+}
+
+/// `GET /api/ps`: the models loaded now; every model this server serves stays resident.
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn ps(State(ctx): State<AppContext>, Caller(key): Caller) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let family = services.models.base_architecture().unwrap_or_default();
+    let models: Vec<Value> = available_models(&ctx.db, &services.models, &key)
+        .await?
+        .iter()
+        .map(|name| {
+            json!({
+                "name": tagged(name),
+                "model": tagged(name),
+                "size": 0,
+                "digest": "",
+                "details": details(&family),
+                // Resident until the server stops (Ollama's `keep_alive: -1`).
+                "expires_at": "2318-01-01T00:00:00Z",
+                "size_vram": 0,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"models": models})).into_response())
+}
+
+/// `POST /api/show`: the model's context length, chat template and family, which LlamaIndex,
+/// Continue and Open WebUI read before they call.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct ShowRequest {
+    /// `name` in older clients (Continue).
+    #[serde(alias = "name")]
+    model: String,
+    /// Accepted; the answer is the same.
+    #[serde(default)]
+    verbose: bool,
+}
+
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn show(
+    State(ctx): State<AppContext>,
+    Caller(key): Caller,
+    body: Result<JsonBody<ShowRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let JsonBody(body) = body?;
+    let _ = body.verbose;
+    let models = &services.models;
+    let asked = model_name(Some(body.model.clone())).unwrap_or_default();
+    let name = models.canonical(&asked);
+    let available = available_models(&ctx.db, models, &key).await?;
+    if !available.contains(&name) {
+        return Err(ApiError::new(
+            ErrorCode::ModelNotFound,
+            format!("model {:?} not found; available: {available:?}", body.model),
+        ));
+    }
+    // An adapter (`base:adapter`) shows its base model.
+    let base = name.split(':').next().unwrap_or(&name).to_string();
+    let remote = models.remote_workers().await;
+    let context = models.context_size_of(&base, &remote);
+    let tokenizer = models.tokenizer_for(&base);
+    let family = tokenizer.architecture().unwrap_or_default();
+    let mut info = Map::new();
+    info.insert("general.architecture".into(), json!(family));
+    info.insert(format!("{family}.context_length"), json!(context));
+    info.insert(
+        format!("{family}.embedding_length"),
+        json!(tokenizer.n_embd()),
+    );
+    let mut capabilities = vec!["completion", "tools"];
+    if services.settings.engine.embeddings.enabled {
+        capabilities.push("embedding");
+    }
+    Ok(Json(json!({
+        "license": "",
+        "modelfile": "",
+        "parameters": format!("num_ctx {context}"),
+        // The model's own (Jinja) chat template, which this server renders prompts with.
+        "template": tokenizer.chat_template().unwrap_or_default(),
+        "details": details(&family),
+        "model_info": info,
+        "capabilities": capabilities,
+        "modified_at": chrono::Utc::now().to_rfc3339(),
+    }))
+    .into_response())
+}
+
+/// The Ollama version this API follows, as its clients compare it (numbers only).
+pub const OLLAMA_VERSION: &str = "0.12.0";
+
+/// `GET /api/version`: no key needed, as in Ollama (Open WebUI checks a connection with it).
+async fn version() -> Response {
+    Json(json!({"version": OLLAMA_VERSION})).into_response()
+}
+
+/// `GET /` (and `HEAD /`): Ollama's liveness answer, which its CLI and health checks read.
+async fn running() -> &'static str {
+    "Ollama is running"
+}
+
+/// `POST /api/embed`: `input` is a string or a list of them.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct EmbedRequest {
+    model: Option<String>,
+    #[schema(value_type = Object)]
+    input: Value,
+    /// Cut an input longer than the embedding context to fit (Ollama's default), instead of
+    /// refusing it.
+    #[serde(default = "yes")]
+    truncate: bool,
+    /// Must be the model's width when given.
+    dimensions: Option<i64>,
+    #[schema(value_type = Option<Object>)]
+    options: Option<Map<String, Value>>,
+    #[serde(flatten)]
+    #[schema(ignore)]
+    rest: Map<String, Value>,
+}
+
+/// `POST /api/embeddings` (Ollama's older route): one `prompt`, one `embedding`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct EmbeddingsRequest {
+    model: Option<String>,
+    prompt: String,
+    #[schema(value_type = Option<Object>)]
+    options: Option<Map<String, Value>>,
+    #[serde(flatten)]
+    #[schema(ignore)]
+    rest: Map<String, Value>,
+}
+
+/// Embedding options: the runner's (and `num_ctx`) change nothing of a vector; the samplers
+/// have no meaning here and are accepted as Ollama accepts them.
+fn check_embed_options(options: Option<&Map<String, Value>>) -> ApiResult<()> {
+    let refused: Vec<String> = options
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| {
+            !empty(v) && !RUNNER.contains(&k.as_str()) && !SAMPLERS.contains(&k.as_str())
+        })
+        .map(|(k, _)| format!("options.{k}"))
+        .collect();
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::unsupported_fields(&refused))
+    }
+}
+
+/// Options that steer generation only; an embedding is the same whatever they say.
+const SAMPLERS: [&str; 14] = [
+    "num_ctx",
+    "num_predict",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "repeat_penalty",
+    "repeat_last_n",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "penalize_newline",
+];
+
+/// `text` cut to the embedding context's `limit` tokens (the model's special tokens
+/// included), on a token boundary.
+fn truncated(
+    tokenizer: &crate::engine::tokenizer::PromptTokenizer,
+    text: String,
+    limit: usize,
+) -> String {
+    let total = tokenizer.count_embedding(&text);
+    if total <= limit {
+        return text;
+    }
+    let ids = tokenizer.token_ids(&text, false, false);
+    let special = total.saturating_sub(ids.len());
+    let mut keep = limit.saturating_sub(special).min(ids.len());
+    // Read back, a cut text can tokenize a little longer; shorten until it fits.
+    loop {
+        let cut = tokenizer.text_of(&ids[..keep]).unwrap_or_default();
+        if keep == 0 || tokenizer.count_embedding(&cut) <= limit {
+            return cut;
+        }
+        keep -= 1;
+    }
+}
+
+/// Admits an embedding of `inputs` and answers `body(job, vectors)`.
+async fn embed_inputs(
+    ctx: &AppContext,
+    key: &crate::models::api_keys::Model,
+    model: Option<String>,
+    inputs: Vec<(String, String)>,
+    truncate: bool,
+    endpoint: &'static str,
+    body: impl FnOnce(&jobs::Model, Vec<Vec<f32>>) -> Value,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(ctx)?;
+    let model = model_name(model);
+    let inputs = if truncate {
+        let tokenizer =
+            crate::controllers::compat::llama_server::tokenizer_of(&services, model.as_deref());
+        let limit = services.settings.engine.embeddings.context_size as usize;
+        inputs
+            .into_iter()
+            .map(|(field, text)| (field, truncated(&tokenizer, text, limit)))
+            .collect()
+    } else {
+        inputs
+    };
+    let input = EmbeddingInput::new(inputs, model)?;
+    let admitted = services
+        .admission
+        .admit(key, input, Ticket::wait(endpoint).until_settled())
+        .await?;
+    try_answer(admitted, |job| Ok(body(job, vectors(job)?)))
+}
+
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn embed(
+    State(ctx): State<AppContext>,
+    MeteredCaller(key): MeteredCaller,
+    body: Result<JsonBody<EmbedRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(&ctx)?;
+    let JsonBody(body) = body?;
+    check_rest(&body.rest, "")?;
+    check_embed_options(body.options.as_ref())?;
+    let width = i64::from(services.models.n_embd());
+    if let Some(d) = body.dimensions.filter(|d| *d != width) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidDimensions,
+            format!("this model's vectors have {width} dimensions; got dimensions = {d}"),
+        ));
+    }
+    let inputs = match body.input {
+        Value::String(s) => vec![("input".to_string(), s)],
+        Value::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok((format!("input[{i}]"), s)),
+                _ => Err(ApiError::new(
+                    ErrorCode::InvalidInput,
+                    format!("input[{i}] must be a string"),
+                )),
+            })
+            .collect::<ApiResult<_>>()?,
+        _ => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidInput,
+                "input must be a string or a list of strings",
+            ))
+        }
+    };
+    embed_inputs(
+        &ctx,
+        &key,
+        body.model,
+        inputs,
+        body.truncate,
+        "/api/embed",
+        |job, vectors| {
+            json!({
+                "model": job.model,
+                "embeddings": vectors,
+                "total_duration": nanos(Some(job.queued_at), job.finished_at),
+                "load_duration": 0,
+                "prompt_eval_count": job.prompt_tokens,
+            })
+        },
+    )
+    .await
+}
+
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn embeddings(
+    State(ctx): State<AppContext>,
+    MeteredCaller(key): MeteredCaller,
+    body: Result<JsonBody<EmbeddingsRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let JsonBody(body) = body?;
+    check_rest(&body.rest, "")?;
+    check_embed_options(body.options.as_ref())?;
+    let inputs = vec![("prompt".to_string(), body.prompt)];
+    // The older route truncates as the newer one does by default.
+    embed_inputs(
+        &ctx,
+        &key,
+        body.model,
+        inputs,
+        true,
+        "/api/embeddings",
+        |_, vectors| json!({"embedding": vectors.into_iter().next().unwrap_or_default()}),
+    )
+    .await
+}
+
+/// Ollama's error body, `{"error": "<message>"}` (and this server's `code`): its clients
+/// (ollama-python, ollama-js, Continue, Open WebUI) read `error` as the message. Rewrites this
+/// server's `{"error": {"message", …}}` on the Ollama routes, refusals of the key included.
+async fn ollama_errors(response: Response) -> Response {
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if response.status().is_success() || !is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Error bodies are small; a larger one is passed on as it was read.
+    let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
+        return Response::from_parts(parts, Body::empty());
+    };
+    let error = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("error").filter(|e| e.is_object()).cloned());
+    match error {
+        Some(error) => {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            // The code beside it, for what tells refusals apart (Ollama's clients ignore it).
+            let body = json!({"error": error["message"], "code": error["code"]}).to_string();
+            Response::from_parts(parts, Body::from(body))
+        }
+        None => Response::from_parts(parts, Body::from(bytes)),
+    }
 }
 
 /// Streams the job as Ollama does: a JSON object per line, each piece of text with
@@ -529,7 +900,14 @@ pub fn routes() -> Routes {
     Routes::new()
         .add("/api/chat", axum::routing::post(chat))
         .add("/api/generate", axum::routing::post(generate))
+        .add("/api/embed", axum::routing::post(embed))
+        .add("/api/embeddings", axum::routing::post(embeddings))
         .add("/api/tags", axum::routing::get(tags))
+        .add("/api/ps", axum::routing::get(ps))
+        .add("/api/show", axum::routing::post(show))
+        .add("/api/version", axum::routing::get(version))
+        .add("/", axum::routing::get(running))
+        .layer(axum::middleware::map_response(ollama_errors))
 }
 
 #[cfg(test)]
@@ -539,7 +917,7 @@ mod tests {
     fn chat_input(body: Value) -> ApiResult<GenerationInput> {
         serde_json::from_value::<ChatRequest>(body)
             .expect("a body")
-            .into_input(2048)
+            .into_input()
     }
 
     #[test]
@@ -561,10 +939,31 @@ mod tests {
         ));
         let raw = serde_json::from_value::<GenerateRequest>(json!({"prompt": "x", "raw": true}))
             .expect("a body")
-            .into_input(2048)
+            .into_input()
             .expect("valid");
         assert!(matches!(raw.prompt, Prompt::Raw { .. }));
         assert!(raw.sampling.max_tokens.is_none());
+        // As Open WebUI and LlamaIndex send them: `name:latest`, a top-level `num_predict` and
+        // `system`, a `num_ctx` beyond the served context (room asked for, not refused).
+        let i = chat_input(json!({
+            "model": "m:latest", "messages": [{"role": "user", "content": "hi"}],
+            "num_predict": 7, "system": "Be brief.", "options": {"num_ctx": 100000, "f16_kv": true},
+        }))
+        .expect("valid");
+        assert_eq!(i.sampling.max_tokens, Some(7));
+        assert_eq!(i.model.model.as_deref(), Some("m"));
+        let Prompt::Chat { messages, .. } = &i.prompt else {
+            panic!("a chat");
+        };
+        assert_eq!(
+            (messages[0].role.as_str(), messages[0].content.as_str()),
+            ("system", "Be brief.")
+        );
+        // `options` wins over the top level.
+        let i = chat_input(json!({"messages": [{"role": "user", "content": "hi"}],
+                                  "num_predict": 7, "options": {"num_predict": 3}}))
+        .expect("valid");
+        assert_eq!(i.sampling.max_tokens, Some(3));
     }
 
     #[test]
@@ -580,11 +979,6 @@ mod tests {
                 json!({"options": {"mirostat": 2}}),
                 "unsupported_parameter",
                 "options.mirostat",
-            ),
-            (
-                json!({"options": {"num_ctx": 100000}}),
-                "unsupported_parameter",
-                "options.num_ctx",
             ),
             (
                 json!({"options": {"temperature": "hot"}}),

@@ -53,12 +53,26 @@ struct Meta {
     rest: serde_json::Map<String, serde_json::Value>,
 }
 
-/// A LoRA head given at the top level of the body (seed 000) rather than in `meta`.
+/// What seed 000's clients put at the top level of the body rather than in `meta` (its
+/// document names no fields): a LoRA head, the model, and the usual sampling names. Each means
+/// what it means in `meta`; saying it in both places differently is refused. Any other field
+/// is refused by name rather than ignored.
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 struct TopHead {
-    #[serde(alias = "head")]
+    #[serde(alias = "head", alias = "lora_head", alias = "adapter")]
     lora: Option<String>,
     scale: Option<f64>,
+    model: Option<String>,
+    /// `meta.tokens_limit`.
+    max_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    seed: Option<i64>,
+    /// `meta.stop_words`.
+    stop: Option<StopWords>,
+    #[serde(flatten)]
+    #[schema(ignore)]
+    rest: serde_json::Map<String, serde_json::Value>,
 }
 
 /// `job_id` as clients send it (the seed documents a string; numbers are common too).
@@ -74,7 +88,7 @@ pub(crate) struct GenerateRequest {
     job_id: Option<JobId>,
     #[serde(default)]
     meta: Meta,
-    #[serde(alias = "prompt")]
+    #[serde(alias = "prompt", alias = "text")]
     content: String,
     #[serde(flatten)]
     head: TopHead,
@@ -102,6 +116,23 @@ fn one_of<T: PartialEq + std::fmt::Debug>(
         (Some(a), Some(b)) if a != b => Err(ApiError::new(
             ErrorCode::ConflictingAdapter,
             format!("`{field}` is {a:?} at the top level but {b:?} in `meta`"),
+        )),
+        (Some(a), _) => Ok(Some(a)),
+        (None, b) => Ok(b),
+    }
+}
+
+/// A setting given at the top level (`top`) or in `meta` (`inner`); both only if they agree.
+fn both<T: PartialEq + std::fmt::Debug>(
+    top: &str,
+    a: Option<T>,
+    inner: &str,
+    b: Option<T>,
+) -> ApiResult<Option<T>> {
+    match (a, b) {
+        (Some(a), Some(b)) if a != b => Err(ApiError::new(
+            ErrorCode::InvalidBody,
+            format!("`{top}` is {a:?} but `{inner}` is {b:?}; give it once"),
         )),
         (Some(a), _) => Ok(Some(a)),
         (None, b) => Ok(b),
@@ -136,7 +167,29 @@ impl Meta {
                 format!("meta.{name} is not a setting this server knows; leave it out"),
             ));
         }
-        if let Some(n) = self.tokens_limit.filter(|n| *n < 1) {
+        if let Some(name) = head.rest.iter().find(|(_, v)| !v.is_null()).map(|(k, _)| k) {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedParameter,
+                format!("{name} is not a field this route knows; leave it out"),
+            ));
+        }
+        let tokens_limit = both(
+            "max_tokens",
+            head.max_tokens,
+            "meta.tokens_limit",
+            self.tokens_limit,
+        )?;
+        let temperature = both(
+            "temperature",
+            head.temperature,
+            "meta.temperature",
+            self.temperature,
+        )?;
+        let top_p = both("top_p", head.top_p, "meta.top_p", self.top_p)?;
+        let seed = both("seed", head.seed, "meta.seed", self.seed)?;
+        let stop = both("stop", head.stop, "meta.stop_words", self.stop_words)?;
+        let model = both("model", head.model, "meta.model", self.model)?;
+        if let Some(n) = tokens_limit.filter(|n| *n < 1) {
             return Err(ApiError::new(
                 ErrorCode::InvalidTokensLimit,
                 format!("meta.tokens_limit must be at least 1, got {n}"),
@@ -146,17 +199,17 @@ impl Meta {
             prompt,
             sampling: SamplingInput {
                 // Absent: the seed's documented default, cut to what the context has room for.
-                max_tokens: Some(self.tokens_limit.unwrap_or(DEFAULT_TOKENS_LIMIT)),
-                temperature: Some(self.temperature.unwrap_or(DEFAULT_TEMPERATURE)),
-                top_p: self.top_p,
-                seed: self.seed,
-                stop: self.stop_words,
+                max_tokens: Some(tokens_limit.unwrap_or(DEFAULT_TOKENS_LIMIT)),
+                temperature: Some(temperature.unwrap_or(DEFAULT_TEMPERATURE)),
+                top_p,
+                seed,
+                stop,
                 controls: self.controls,
                 clamp_max_tokens: true,
                 ..SamplingInput::default()
             },
             model: ModelChoice {
-                model: self.model,
+                model,
                 adapter: one_of("lora", head.lora, self.lora)?,
                 scale: one_of("scale", head.scale, self.scale)?,
                 // Seed 001 clients name their deployment's model (its example says

@@ -213,6 +213,7 @@ async fn add_user(
             gen_token_limit: body.gen_token_limit,
             prompt_tokens_used: body.prompt_token_number.unwrap_or(0),
             gen_tokens_used: body.gen_token_number.unwrap_or(0),
+            min_password_chars: 1,
         },
     )
     .await;
@@ -399,10 +400,13 @@ pub fn openai_base_url(headers: &HeaderMap) -> String {
     format!("{scheme}://{host}/v1")
 }
 
+/// Any key may "start" a model that already runs (the default, or one started before): the
+/// answer is that it is healthy, as seed 002's users start their engine before they call.
+/// Loading new weights takes memory every user shares, so that needs an `admin` key.
 #[tracing::instrument(skip_all, fields(api_key))]
 async fn vllm_start(
     State(ctx): State<AppContext>,
-    AdminCaller(key): AdminCaller,
+    Caller(key): Caller,
     headers: HeaderMap,
     body: Result<JsonBody<StartRequest>, ApiError>,
 ) -> ApiResult<Response> {
@@ -418,7 +422,11 @@ async fn vllm_start(
     // Seed 002 names Hugging Face models; `settings.aliases` says what each is here.
     let asked = body.Model.trim();
     let file = services.models.alias(asked).unwrap_or(asked).to_string();
-    let model_id = if services.models.canonical(asked) == default || file == default {
+    // A GGUF file named as such starts an engine of its own (with `MAX_MODEL_LEN`, `SEED`),
+    // even the default model's file; any other name of the default model is that model.
+    let model_id = if file.ends_with(".gguf") {
+        model_id_for_file(&file)
+    } else if services.models.canonical(asked) == default || file == default {
         default.clone()
     } else {
         model_id_for_file(&file)
@@ -426,6 +434,15 @@ async fn vllm_start(
     let mut status = "healthy";
     let message = if model_id == default {
         "the default model is always running".to_string()
+    } else if services.models.get(&model_id).is_some() {
+        format!("engine {model_id} was already running")
+    } else if !key.is_admin() {
+        return Err(ApiError::new(
+            ErrorCode::AdminScopeRequired,
+            format!(
+                "model {asked:?} is not running; starting a new engine loads its weights and needs a key with the `admin` scope (the default model {default:?} is always running)"
+            ),
+        ));
     } else {
         let mut kwargs = Map::new();
         if let Some(n) = body.MAX_MODEL_LEN {

@@ -120,6 +120,7 @@ pub(super) async fn create(
         gen_token_limit,
         prompt_tokens_used: 0,
         gen_tokens_used: 0,
+        min_password_chars: users::MIN_PASSWORD_CHARS,
     };
     match users::ActiveModel::create(&ctx.db, new).await {
         Ok(user) => {

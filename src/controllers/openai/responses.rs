@@ -64,7 +64,7 @@ pub(crate) struct ResponsesRequest {
     max_output_tokens: Option<i64>,
     temperature: Option<f64>,
     top_p: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::null_is_false")]
     stream: bool,
     /// Answer 202 at once with the queued `response`; read it at `GET /v1/responses/{id}`.
     background: Option<bool>,
@@ -121,7 +121,8 @@ fn check_rest(rest: &Map<String, Value>) -> ApiResult<()> {
             }
             "stream_options" => v.is_null() || v.is_object(),
             "previous_response_id" | "conversation" | "prompt" | "max_tool_calls" => v.is_null(),
-            other => ADVISORY.contains(&other),
+            // `null` is "not set" for every field.
+            other => v.is_null() || ADVISORY.contains(&other),
         };
         if !inert {
             let why = match name.as_str() {
@@ -685,7 +686,7 @@ pub(super) async fn create(
     let follow = match (streaming, background) {
         (true, _) => Follow::Updates,
         (false, true) => Follow::Nothing,
-        (false, false) => Follow::Result,
+        (false, false) => Follow::Settled,
     };
     let ticket = Ticket::wait(ENDPOINT).follow(follow);
     match services.admission.admit(&key, input, ticket).await? {

@@ -217,7 +217,7 @@ pub(super) async fn completion(
     let follow = if streaming {
         Follow::Updates
     } else {
-        Follow::Result
+        Follow::Settled
     };
     let ticket = Ticket::wait(ENDPOINT).follow(follow);
     match services.admission.admit(&key, input, ticket).await? {

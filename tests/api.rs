@@ -145,6 +145,49 @@ async fn an_unlimited_key_inside_its_window_works() {
 }
 
 #[tokio::test]
+async fn browser_clients_on_other_origins_may_call_the_api() {
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let key = app.key_with_calls(None).await;
+    // The preflight a browser sends before a JSON POST with a bearer key.
+    let preflight = app
+        .request(Method::OPTIONS, None, "/v1/chat/completions")
+        .header("Origin", "https://chat.example.com")
+        .header("Access-Control-Request-Method", "POST")
+        .header(
+            "Access-Control-Request-Headers",
+            "authorization, content-type",
+        )
+        .send()
+        .await
+        .expect("preflight");
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(
+        common::header(&preflight, "access-control-allow-origin").as_deref(),
+        Some("*")
+    );
+    let allowed = common::header(&preflight, "access-control-allow-headers").unwrap_or_default();
+    assert!(
+        allowed.contains('*') || allowed.contains("authorization"),
+        "{allowed}"
+    );
+    // The call itself, readable by the page (its Retry-After and Location too).
+    let resp = app
+        .request(Method::POST, Some(&key), "/v1/chat/completions")
+        .header("Origin", "https://chat.example.com")
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
+        .send()
+        .await
+        .expect("call");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(
+        common::header(&resp, "access-control-allow-origin").as_deref(),
+        Some("*")
+    );
+    let exposed = common::header(&resp, "access-control-expose-headers").unwrap_or_default();
+    assert!(exposed.contains("retry-after"), "{exposed}");
+}
+
+#[tokio::test]
 async fn a_job_that_outlives_the_wait_answers_202_and_is_polled_to_its_result() {
     let app = TestApp::spawn_with(|s| s["api"]["wait_timeout_ms"] = json!(1)).await;
     let key = app.key_with_calls(None).await;

@@ -377,6 +377,14 @@ async fn seed_002_engine_start_and_terminate_load_and_unload() {
     assert_eq!(endpoint, format!("{}/v1", app.base));
     let (_, loaded) = app.get(Some(&admin), "/llm/loaded_models/").await;
     assert_eq!(loaded, json!(["smollm2", engine]));
+    // `/active_models/` lists it with the seed it was started with (the default model: none).
+    let (_, active) = app.get(Some(&admin), "/active_models/").await;
+    let started = active
+        .as_array()
+        .and_then(|l| l.iter().find(|m| m["engine_name"] == engine.as_str()))
+        .unwrap_or_else(|| panic!("{active}"));
+    assert_eq!(started["seed"], 7, "{active}");
+    assert_eq!(started["max_model_length"], 1024, "{active}");
     let (_, configs) = app.get(Some(&admin), "/llm/configurations/").await;
     assert!(
         !configs.to_string().contains("hf_never_used"),

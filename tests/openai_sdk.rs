@@ -27,7 +27,7 @@ async fn the_official_openai_python_sdk_works_against_tollgate() {
 async fn the_responses_api_works_for_the_openai_sdk_and_langchain() {
     let python = common::python();
     let app = TestApp::spawn().await;
-    let good = app.key_with_calls(Some(20)).await;
+    let good = app.key_with_calls(Some(24)).await;
     let exhausted = app.key_with_calls(Some(0)).await;
     let script = "tests/python/responses_api.py";
     let args = [script, &app.base, &good.secret, &exhausted.secret];
@@ -38,10 +38,11 @@ async fn the_responses_api_works_for_the_openai_sdk_and_langchain() {
         "responses api checks passed",
     )
     .await;
-    // Two chats to compare with, a response, two with log-probabilities (one streamed), one
-    // with instructions, a streamed one, two structured ones, a call, the turn after its result,
-    // the call streamed, one in the background, two LangChain turns, three Agents SDK runs of
-    // one model call each: eighteen calls; the refused ones spent nothing.
-    assert_eq!(app.calls_used(&good).await, 18);
+    // Two chats to compare with, a response, the next turn with the earlier output as an item
+    // and by reference, two with log-probabilities (one streamed), one with instructions, a
+    // streamed one, two structured ones, a call, the turn after its result, the call streamed,
+    // one in the background, two LangChain turns, three Agents SDK runs of one model call
+    // each: twenty calls; the refused ones spent nothing.
+    assert_eq!(app.calls_used(&good).await, 20);
     assert_eq!(app.calls_used(&exhausted).await, 0);
 }

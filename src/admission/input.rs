@@ -7,6 +7,7 @@
 //! bounded — live here, once.
 
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::{
     engine::{
@@ -228,8 +229,47 @@ pub struct SamplerFields {
     pub repeat_last_n: Option<i64>,
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
-    /// OpenAI's shape: token id (as a string) → bias from -100 to 100.
+    /// OpenAI's shape: token id (as a string) → bias from -100 to 100; also llama-server's
+    /// list of `[token id, bias]` pairs (`false` for a ban, read as -100), which its clients
+    /// send.
+    #[serde(default, deserialize_with = "bias_map")]
+    #[schema(value_type = Option<Object>)]
     pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+}
+
+/// `logit_bias` as an object, or as llama-server's `[[id, bias], …]` (`[]` is no bias).
+fn bias_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::collections::BTreeMap<String, f64>>, D::Error> {
+    use serde::de::Error;
+    let bias = |v: &Value| match v {
+        Value::Bool(false) => Ok(-100.0),
+        v => v
+            .as_f64()
+            .ok_or_else(|| D::Error::custom("logit_bias: a bias must be a number (or false)")),
+    };
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(o)) => o
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), bias(v)?)))
+            .collect::<Result<_, _>>()
+            .map(Some),
+        Some(Value::Array(pairs)) => pairs
+            .iter()
+            .map(|pair| match pair.as_array().map(Vec::as_slice) {
+                Some([Value::Number(id), b]) => Ok((id.to_string(), bias(b)?)),
+                Some([Value::String(id), b]) => Ok((id.clone(), bias(b)?)),
+                _ => Err(D::Error::custom(
+                    "logit_bias: each entry of the list must be [token id, bias]",
+                )),
+            })
+            .collect::<Result<_, _>>()
+            .map(Some),
+        Some(_) => Err(D::Error::custom(
+            "logit_bias must be an object of token id to bias, or a list of [token id, bias]",
+        )),
+    }
 }
 
 impl SamplerFields {

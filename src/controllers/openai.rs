@@ -906,8 +906,9 @@ pub(crate) struct EmbeddingsRequest {
     dimensions: Option<i64>,
 }
 
-/// OpenAI's `input`: a string, a list of strings, one list of token ids, or a list of them
-/// (LangChain sends ids). Ids must be the model's own; they are read back to text.
+/// OpenAI's `input`: a string, a list of strings, one list of token ids, or a list of them.
+/// Ids are the served model's own (as vLLM and llama-server read them; LangChain's tiktoken
+/// ids are not); they are read back to text.
 fn embedding_inputs(
     input: Value,
     tokenizer: &crate::engine::tokenizer::PromptTokenizer,

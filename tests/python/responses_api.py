@@ -39,6 +39,24 @@ assert (r.status == "incomplete") == (chat.choices[0].finish_reason == "length")
 if r.status == "incomplete":
     assert r.incomplete_details.reason == "max_output_tokens", r.incomplete_details
 
+# An earlier turn sent by reference (`item_reference`, what Vercel's AI SDK sends for earlier
+# output with `store`, its default) reads as the item itself; one naming nothing of this key's
+# is refused (nothing spent).
+follow_up = "And 3 + 3?"
+by_item = client.responses.create(model="smollm2", max_output_tokens=8, temperature=0, input=[
+    {"role": "user", "content": question}, r.output[0].model_dump(exclude_none=True),
+    {"role": "user", "content": follow_up}])
+by_reference = client.responses.create(model="smollm2", max_output_tokens=8, temperature=0, input=[
+    {"role": "user", "content": question}, {"type": "item_reference", "id": r.output[0].id},
+    {"role": "user", "content": follow_up}])
+assert by_reference.usage.input_tokens == by_item.usage.input_tokens > r.usage.input_tokens, (by_reference.usage, by_item.usage)
+assert by_reference.output_text == by_item.output_text, (by_reference.output_text, by_item.output_text)
+try:
+    client.responses.create(model="smollm2", input=[{"type": "item_reference", "id": "msg_" + "0" * 32}])
+    raise SystemExit("a reference to nothing was accepted")
+except openai.UnprocessableEntityError as e:
+    assert e.code == "invalid_input" and "item_reference" in str(e), e
+
 # Log-probabilities, asked for with `include`: one finite entry per output token, with the
 # alternatives asked for; the same on the streamed answer's final response.
 scored = client.responses.create(model="smollm2", input=question, max_output_tokens=48, temperature=0,

@@ -514,51 +514,42 @@ fn tagged(name: &str) -> String {
     }
 }
 
-/// `GET /api/tags`: the models this key may use, as Ollama lists its local models.
-#[tracing::instrument(skip_all, fields(api_key))]
-async fn tags(State(ctx): State<AppContext>, Caller(key): Caller) -> ApiResult<Response> {
-    let services = Services::from_ctx(&ctx)?;
-    let now = chrono::Utc::now().to_rfc3339();
+/// The models this key may use, each as `entry(tagged name)` makes it (with `details`).
+async fn listed(
+    ctx: &AppContext,
+    key: &crate::models::api_keys::Model,
+    entry: impl Fn(String, Value) -> Value,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(ctx)?;
     let family = services.models.base_architecture().unwrap_or_default();
-    let models: Vec<Value> = available_models(&ctx.db, &services.models, &key)
+    let models: Vec<Value> = available_models(&ctx.db, &services.models, key)
         .await?
         .iter()
-        .map(|name| {
-            json!({
-                "name": tagged(name),
-                "model": tagged(name),
-                "modified_at": now,
-                "size": 0,
-                "digest": "",
-                "details": details(&family),
-            })
-        })
+        .map(|name| entry(tagged(name), details(&family)))
         .collect();
     Ok(Json(json!({"models": models})).into_response())
 }
 
-/// `GET /api/ps`: the models loaded now; every model this server serves stays resident.
+/// `GET /api/tags`: the models this key may use, as Ollama lists its local models.
+#[tracing::instrument(skip_all, fields(api_key))]
+async fn tags(State(ctx): State<AppContext>, Caller(key): Caller) -> ApiResult<Response> {
+    let now = chrono::Utc::now().to_rfc3339();
+    listed(&ctx, &key, |name, details| {
+        json!({"name": name, "model": name, "modified_at": now, "size": 0, "digest": "",
+               "details": details})
+    })
+    .await
+}
+
+/// `GET /api/ps`: the models loaded now; every model this server serves stays resident
+/// (Ollama's `keep_alive: -1`, hence the far `expires_at`).
 #[tracing::instrument(skip_all, fields(api_key))]
 async fn ps(State(ctx): State<AppContext>, Caller(key): Caller) -> ApiResult<Response> {
-    let services = Services::from_ctx(&ctx)?;
-    let family = services.models.base_architecture().unwrap_or_default();
-    let models: Vec<Value> = available_models(&ctx.db, &services.models, &key)
-        .await?
-        .iter()
-        .map(|name| {
-            json!({
-                "name": tagged(name),
-                "model": tagged(name),
-                "size": 0,
-                "digest": "",
-                "details": details(&family),
-                // Resident until the server stops (Ollama's `keep_alive: -1`).
-                "expires_at": "2318-01-01T00:00:00Z",
-                "size_vram": 0,
-            })
-        })
-        .collect();
-    Ok(Json(json!({"models": models})).into_response())
+    listed(&ctx, &key, |name, details| {
+        json!({"name": name, "model": name, "size": 0, "digest": "", "details": details,
+               "expires_at": "2318-01-01T00:00:00Z", "size_vram": 0})
+    })
+    .await
 }
 
 /// `POST /api/show`: the model's context length, chat template and family, which LlamaIndex,

@@ -318,26 +318,28 @@ async fn active_models(
     let services = Services::from_ctx(&ctx)?;
     let caller = caller_name(&ctx.db, &key).await?;
     let endpoint = openai_base_url(&headers);
-    let entry = |container: Option<String>, status: crate::engine::EngineStatus| {
-        json!({
-            "engine_name": status.model,
-            "container_id": container,
-            "model_name": status.model,
-            "quantized": status.quantized,
-            "max_model_length": status.context_size,
-            "seed": null,
-            "inference_end_point": endpoint,
-            "timestamp": status.loaded_at,
-            // Models are shared by every user; the seed listed the caller's own engines.
-            "user_id": caller,
-            "device": status.device,
-        })
-    };
+    // `seed`: the `SEED` an engine was started with (its sampling default), else null.
+    let entry =
+        |container: Option<String>, status: crate::engine::EngineStatus, seed: Option<i64>| {
+            json!({
+                "engine_name": status.model,
+                "container_id": container,
+                "model_name": status.model,
+                "quantized": status.quantized,
+                "max_model_length": status.context_size,
+                "seed": seed,
+                "inference_end_point": endpoint,
+                "timestamp": status.loaded_at,
+                // Models are shared by every user; the seed listed the caller's own engines.
+                "user_id": caller,
+                "device": status.device,
+            })
+        };
     let models = &services.models;
     let mut list: Vec<serde_json::Value> = models
         .engine_status()
         .filter(|status| status.ready)
-        .map(|status| entry(models.worker_name().map(str::to_string), status))
+        .map(|status| entry(models.worker_name().map(str::to_string), status, None))
         .into_iter()
         .collect();
     // Engines started with `/vllm_request/start` or `/llm/load_model`.
@@ -345,9 +347,9 @@ async fn active_models(
         models
             .loaded()
             .iter()
-            .map(|m| (m.model_id.clone(), m.status()))
-            .filter(|(_, status)| status.ready)
-            .map(|(id, status)| entry(Some(id), status)),
+            .map(|m| (m.model_id.clone(), m.status(), m.defaults.sampling.seed))
+            .filter(|(_, status, _)| status.ready)
+            .map(|(id, status, seed)| entry(Some(id), status, seed)),
     );
     // Worker processes elsewhere (production).
     list.extend(
@@ -357,7 +359,7 @@ async fn active_models(
             .iter()
             .filter_map(|w| w.engine_status().map(|status| (w.id.clone(), status)))
             .filter(|(_, status)| status.ready)
-            .map(|(id, status)| entry(Some(id), status)),
+            .map(|(id, status)| entry(Some(id), status, None)),
     );
     // A key limited to some models sees only those engines.
     list.retain(|e| {

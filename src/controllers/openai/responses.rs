@@ -9,7 +9,9 @@
 //! the `response_format`, `include: ["message.output_text.logprobs"]` and `top_logprobs` the
 //! chat's `logprobs`), so the one admission path charges, validates and queues it, and the
 //! job becomes a `response` object. Stateless like vLLM's and Ollama's: each turn sends the
-//! conversation, and `previous_response_id`/`conversation` are refused by name. A request
+//! conversation, and `previous_response_id`/`conversation` are refused by name; an input item
+//! `{"type": "item_reference", "id"}` naming an item of one of the key's earlier responses
+//! (what Vercel's AI SDK sends for earlier turns, `store` being its default) is that item. A request
 //! with `background: true`, or one still running when the wait ends, is answered 202 with the
 //! `response` as it stands; `GET /v1/responses/{id}` reads it until its job record is purged.
 
@@ -546,7 +548,8 @@ fn output_items(job: &jobs::Model, format: Option<ToolFormat>) -> Vec<Value> {
         let call_id = tools::call_id(&job.id, 0, i);
         items.push(json!({
             "type": "function_call",
-            "id": format!("fc_{}", call_id.trim_start_matches("call_")),
+            // The job's id in it, so an `item_reference` to it finds the job.
+            "id": format!("fc_{}_{i}", job.id.replace('-', "")),
             "call_id": call_id,
             "name": c.name,
             "arguments": c.arguments,
@@ -680,6 +683,9 @@ pub(super) async fn create(
             "stream the job, or run it in the background and read it at GET /v1/responses/{id}",
         ));
     }
+    let mut body = body;
+    // Earlier turns sent by reference (Vercel's AI SDK) become those turns.
+    resolve_references(&ctx.db, key.id, &mut body.input).await?;
     let (chat, echo) = body.into_chat()?;
     let input = GenerationInput::try_from(chat)?;
     let services = Services::from_ctx(&ctx)?;
@@ -697,6 +703,70 @@ pub(super) async fn create(
         }
         Admitted::Pending(job) => Ok(pending(&job, &echo)),
     }
+}
+
+/// The job an output item's id names: `msg_<job>` or `fc_<job>_<n>` (the job's UUID without
+/// dashes).
+fn referenced_job(id: &str) -> Option<String> {
+    let hex = match id.strip_prefix("msg_") {
+        Some(hex) => hex,
+        None => id.strip_prefix("fc_")?.split('_').next()?,
+    };
+    uuid::Uuid::try_parse(hex).ok().map(|u| u.to_string())
+}
+
+/// Replaces each `{"type": "item_reference", "id"}` of `input` with the item it names: an
+/// output item of one of this key's earlier responses, read from its job record (each job
+/// read once). Vercel's AI SDK sends earlier turns this way by default.
+///
+/// # Errors
+/// 422 `invalid_input` naming an id that is no item of this key's responses (or whose job
+/// record was purged).
+async fn resolve_references(
+    db: &sea_orm::DatabaseConnection,
+    key_id: i32,
+    input: &mut Value,
+) -> ApiResult<()> {
+    let Value::Array(items) = input else {
+        return Ok(());
+    };
+    let mut outputs: std::collections::HashMap<String, Vec<Value>> =
+        std::collections::HashMap::new();
+    for (i, item) in items.iter_mut().enumerate() {
+        if item.get("type").and_then(Value::as_str) != Some("item_reference") {
+            continue;
+        }
+        let id = item
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let unknown = || {
+            invalid_input(format!(
+                "input[{i}]: item_reference {id:?} names no item of this key's responses; send the item itself"
+            ))
+        };
+        let job_id = referenced_job(&id).ok_or_else(unknown)?;
+        if !outputs.contains_key(&job_id) {
+            let job = jobs::Model::find_for_key(db, &job_id, key_id)
+                .await?
+                .filter(|j| j.endpoint == ENDPOINT && j.status == jobs::DONE);
+            let found = job.map_or_else(Vec::new, |job| {
+                let format = asked_of(&job)
+                    .as_ref()
+                    .and_then(|r| r.prompt.tools())
+                    .map(|t| t.format);
+                output_items(&job, format)
+            });
+            outputs.insert(job_id.clone(), found);
+        }
+        *item = outputs
+            .get(&job_id)
+            .and_then(|o| o.iter().find(|o| o["id"] == id.as_str()))
+            .cloned()
+            .ok_or_else(unknown)?;
+    }
+    Ok(())
 }
 
 /// `GET /v1/responses/{id}`: a response this key made, as it stands.

@@ -5,10 +5,12 @@
 //! no `[DONE]`, as llama-server does). A thin adapter over the one admission path: charged,
 //! queued and batched like every generation.
 //!
-//! What llama-server offers and this server does not (`grammar`, `n_probs`, a sampler order,
-//! `ignore_eos`, mirostat, DRY, XTC, LoRA by id, …) is refused by name unless sent at its
-//! neutral value; `cache_prompt`, `id_slot` and `n_keep` are accepted (prefix reuse is the
-//! server's own setting; there are no slots to pick).
+//! What llama-server offers and this server does not (`grammar`, `n_probs`, another sampler
+//! order, `ignore_eos`, mirostat, DRY, XTC, LoRA by id, …) is refused by name unless sent at
+//! its neutral value (a sampler's own settings are inert while it is off, and `samplers` in
+//! llama-server's default order is this server's chain); `cache_prompt`, `id_slot` and
+//! `n_keep` are accepted (prefix reuse is the server's own setting; there are no slots to
+//! pick). `logit_bias` may be llama-server's list of `[token id, bias]` pairs.
 
 use axum::{
     extract::State,
@@ -68,21 +70,73 @@ pub(crate) struct CompletionRequest {
     rest: Map<String, Value>,
 }
 
+/// The samplers this server runs, in its chain's order, as llama-server names them.
+const CHAIN: [&str; 5] = ["top_k", "typ_p", "top_p", "min_p", "temperature"];
+
+/// Whether a `samplers` list asks for what this server's chain does: every sampler of the
+/// chain, in its order (llama-server's default order, which SillyTavern and llama.vim send),
+/// `penalties` before them, and otherwise only samplers that are off here (DRY, XTC,
+/// top-n-sigma: their gates must be at their neutral values, checked on their own).
+fn same_chain(samplers: &[Value]) -> bool {
+    let mut names = Vec::with_capacity(samplers.len());
+    for s in samplers {
+        let Some(name) = s.as_str() else { return false };
+        let name = match name {
+            "typical_p" => "typ_p",
+            "top_n_sigma" => "dry", // off here like DRY; the order of what is off is moot
+            other => other,
+        };
+        names.push(name);
+    }
+    let ours: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| CHAIN.contains(n))
+        .collect();
+    let first_of_chain = names.iter().position(|n| CHAIN.contains(n));
+    let penalties_first = names
+        .iter()
+        .position(|n| *n == "penalties")
+        .is_none_or(|p| first_of_chain.is_some_and(|f| p < f));
+    ours == CHAIN
+        && penalties_first
+        && names
+            .iter()
+            .all(|n| CHAIN.contains(n) || matches!(*n, "penalties" | "dry" | "xtc"))
+}
+
 /// Refuses, by name, every other field llama-server would honour and this server cannot.
+/// A sampler's settings are inert while the sampler is off (`dry_base` with no
+/// `dry_multiplier`, `mirostat_tau` with no `mirostat`, …), as in llama-server.
 fn check_rest(rest: &Map<String, Value>) -> ApiResult<()> {
     let zero = |v: &Value| v.is_null() || v.as_f64() == Some(0.0);
     let off = |v: &Value| v.is_null() || v == &Value::Bool(false);
+    let gate_off = |gate: &str| rest.get(gate).is_none_or(zero);
     let refused: Vec<&str> = rest
         .iter()
         .filter(|(name, v)| {
             let inert = match name.as_str() {
                 // Prefix reuse is the server's setting; there are no slots to pick or keep.
                 "cache_prompt" | "id_slot" | "n_keep" => true,
+                // llama-server reads it and does nothing with it (a to-do in its source).
+                "t_max_prompt_ms" => true,
                 "grammar" => v.is_null() || v.as_str() == Some(""),
                 "n_probs" | "mirostat" | "dynatemp_range" | "xtc_probability"
                 | "dry_multiplier" | "t_max_predict_ms" | "n_indent" | "min_keep" => zero(v),
+                "dry_base"
+                | "dry_allowed_length"
+                | "dry_penalty_last_n"
+                | "dry_sequence_breakers" => gate_off("dry_multiplier"),
+                "mirostat_tau" | "mirostat_eta" => gate_off("mirostat"),
+                "xtc_threshold" => gate_off("xtc_probability"),
+                "dynatemp_exponent" => gate_off("dynatemp_range"),
+                // -1 is llama-server's "off".
+                "top_n_sigma" => v.is_null() || v.as_f64().is_some_and(|x| x < 0.0),
                 "ignore_eos" | "return_tokens" | "post_sampling_probs" => off(v),
-                "samplers" | "lora" | "response_fields" => {
+                "samplers" => {
+                    v.is_null() || v.as_array().is_some_and(|s| s.is_empty() || same_chain(s))
+                }
+                "lora" | "response_fields" => {
                     v.is_null() || v.as_array().is_some_and(Vec::is_empty)
                 }
                 _ => false,
@@ -295,6 +349,20 @@ mod tests {
         ));
         let i = input(json!({"prompt": "x", "n_predict": 7, "seed": 3})).expect("valid");
         assert_eq!((i.sampling.max_tokens, i.sampling.seed), (Some(7), Some(3)));
+        // What SillyTavern and llama.vim send: llama-server's default sampler order, the
+        // settings of samplers that are off, `logit_bias` as llama-server's pairs.
+        let i = input(json!({
+            "prompt": "x", "t_max_prompt_ms": 500,
+            "samplers": ["penalties", "dry", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature"],
+            "dry_multiplier": 0, "dry_base": 1.75, "dry_allowed_length": 2,
+            "dry_sequence_breakers": ["\n"], "mirostat": 0, "mirostat_tau": 5, "mirostat_eta": 0.1,
+            "xtc_probability": 0, "xtc_threshold": 0.1, "dynatemp_range": 0,
+            "dynatemp_exponent": 1, "top_n_sigma": -1, "logit_bias": [[15, -2.5], [16, false]],
+        }))
+        .expect("valid");
+        let bias = i.sampling.controls.logit_bias.expect("a bias");
+        assert_eq!((bias["15"], bias["16"]), (-2.5, -100.0));
+        assert!(input(json!({"prompt": "x", "logit_bias": []})).is_ok());
     }
 
     #[test]
@@ -303,6 +371,12 @@ mod tests {
             ("grammar", json!("root ::= \"a\""), "unsupported_parameter"),
             ("n_probs", json!(3), "unsupported_parameter"),
             ("samplers", json!(["top_k"]), "unsupported_parameter"),
+            (
+                "samplers",
+                json!(["temperature", "top_k", "typ_p", "top_p", "min_p"]),
+                "unsupported_parameter",
+            ),
+            ("dry_multiplier", json!(0.8), "unsupported_parameter"),
             ("ignore_eos", json!(true), "unsupported_parameter"),
             ("mirostat", json!(2), "unsupported_parameter"),
             ("n_predict", json!(0), "invalid_max_tokens"),

@@ -400,7 +400,8 @@ impl SamplingInput {
             }
         };
         let seed = match self.seed {
-            None => None,
+            // -1 is "random" to llama-server and the front ends written for it.
+            None | Some(-1) => None,
             Some(s) => Some(u32::try_from(s).map_err(|_| {
                 ApiError::new(
                     ErrorCode::InvalidSeed,
@@ -744,7 +745,7 @@ mod tests {
                 ..Default::default()
             },
             SamplingInput {
-                seed: Some(-1),
+                seed: Some(-2),
                 ..Default::default()
             },
         ] {

@@ -29,6 +29,16 @@ assert version.status_code == 200 and all(p.isdigit() for p in version.json()["v
 root = httpx.get(f"{base}/")
 assert root.status_code == 200 and root.text == "Ollama is running", root.text
 
+# A load request (no prompt: what `ollama run` and Open WebUI send to load or unload a model)
+# generates nothing and spends nothing; the model stays resident either way.
+preload = client.generate(model="smollm2")
+assert preload.done and preload.done_reason == "load" and preload.response == "", preload
+unload = httpx.post(f"{base}/api/chat", headers={"Authorization": f"Bearer {key}"},
+                    json={"model": "smollm2:latest", "messages": [], "keep_alive": 0})
+assert unload.status_code == 200 and unload.json()["done"] is True, unload.text
+missing = httpx.post(f"{base}/api/generate", headers={"Authorization": f"Bearer {key}"}, json={"model": "nope"})
+assert missing.status_code == 404 and isinstance(missing.json()["error"], str), missing.text
+
 tags = client.list()
 assert [m.model for m in tags.models] == ["smollm2:latest"], tags
 ps = client.ps()

@@ -83,6 +83,8 @@ pub(crate) struct OllamaMessage {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub(crate) struct ChatRequest {
     model: Option<String>,
+    /// None (or none sent): a load request, answered without generating.
+    #[serde(default)]
     messages: Vec<OllamaMessage>,
     /// Functions the model may call (OpenAI's shape); it decides whether to.
     tools: Option<Vec<ToolWire>>,
@@ -107,6 +109,8 @@ pub(crate) struct ChatRequest {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub(crate) struct GenerateRequest {
     model: Option<String>,
+    /// Empty (or absent): a load request, answered without generating.
+    #[serde(default)]
     prompt: String,
     /// A system turn before the prompt (not with `raw`).
     system: Option<String>,
@@ -444,6 +448,10 @@ async fn answer(
 /// What the two generation routes' bodies share, so one handler admits both.
 trait OllamaBody {
     fn stream(&self) -> bool;
+    fn model(&self) -> Option<&str>;
+    /// Ollama's load request (no prompt, no messages: what `ollama run` and Open WebUI send
+    /// to load or unload a model): nothing to generate.
+    fn is_load(&self) -> bool;
     /// The body as admission takes it.
     fn into_input(self) -> ApiResult<GenerationInput>;
 }
@@ -451,6 +459,12 @@ trait OllamaBody {
 impl OllamaBody for ChatRequest {
     fn stream(&self) -> bool {
         self.stream
+    }
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+    fn is_load(&self) -> bool {
+        self.messages.is_empty()
     }
     fn into_input(self) -> ApiResult<GenerationInput> {
         Self::into_input(self)
@@ -460,6 +474,12 @@ impl OllamaBody for ChatRequest {
 impl OllamaBody for GenerateRequest {
     fn stream(&self) -> bool {
         self.stream
+    }
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+    fn is_load(&self) -> bool {
+        self.prompt.is_empty() && self.system.as_deref().is_none_or(str::is_empty)
     }
     fn into_input(self) -> ApiResult<GenerationInput> {
         Self::into_input(self)
@@ -475,9 +495,51 @@ async fn admit<B: OllamaBody>(
     shape: Shape,
 ) -> ApiResult<Response> {
     let JsonBody(body) = body?;
+    if body.is_load() {
+        return loaded(ctx, key, body.model(), shape).await;
+    }
     let stream = body.stream();
     let input = body.into_input()?;
     answer(ctx, key, endpoint, shape, stream, input).await
+}
+
+/// The answer to a load request: the model is there (every served model stays resident, so
+/// `keep_alive: 0`, Ollama's unload, changes nothing either), nothing generated or charged.
+///
+/// # Errors
+/// 404 `model_not_found` for a model this key may not use or this server does not serve.
+async fn loaded(
+    ctx: &AppContext,
+    key: &crate::models::api_keys::Model,
+    model: Option<&str>,
+    shape: Shape,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(ctx)?;
+    let models = &services.models;
+    let asked = model_name(model.map(str::to_string)).unwrap_or_default();
+    let name = if asked.is_empty() {
+        models.default_name().to_string()
+    } else {
+        models.canonical(&asked)
+    };
+    let available = available_models(&ctx.db, models, key).await?;
+    if !available.contains(&name) {
+        return Err(ApiError::new(
+            ErrorCode::ModelNotFound,
+            format!("model {asked:?} not found; available: {available:?}"),
+        ));
+    }
+    let mut v = json!({
+        "model": tagged(&name),
+        "created_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        "done": true,
+        "done_reason": "load",
+    });
+    match shape {
+        Shape::Chat => v["message"] = json!({"role": "assistant", "content": ""}),
+        Shape::Generate => v["response"] = json!(""),
+    }
+    Ok(Json(v).into_response())
 }
 
 #[tracing::instrument(skip_all, fields(api_key))]

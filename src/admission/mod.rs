@@ -48,8 +48,10 @@ use crate::{
 /// conversation when its job outlived the request.
 const REMEMBER_FOR: Duration = Duration::from_secs(3600);
 
-/// How often a request that waits until its job settles re-reads the record.
+/// How often a request that waits until its job settles re-reads the record, at most and at
+/// least (whatever `wait_timeout_ms` says).
 const RECHECK_EVERY: Duration = Duration::from_secs(10);
+const RECHECK_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
 
 /// What the caller wants once the job is admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -498,7 +500,11 @@ impl Admission {
         until: bool,
     ) -> Result<Admitted, ApiError> {
         let wait = Duration::from_millis(self.settings.api.wait_timeout_ms);
-        let wait = if until { wait.min(RECHECK_EVERY) } else { wait };
+        let wait = if until {
+            wait.clamp(RECHECK_AT_LEAST_EVERY, RECHECK_EVERY)
+        } else {
+            wait
+        };
         loop {
             let closed = match tokio::time::timeout(wait, &mut done).await {
                 Ok(Ok(job)) => return Ok(Admitted::Finished(job)),
@@ -518,6 +524,9 @@ impl Admission {
                 return Ok(Admitted::Pending(current));
             }
             if closed {
+                // No notification will come on this one (its sender went with a worker, or
+                // the registry was full): wait the interval out rather than spin on reads.
+                tokio::time::sleep(wait).await;
                 done = self.events.subscribe(&current.id);
             }
             record = current;

@@ -534,6 +534,12 @@ async fn loaded(
         "created_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
         "done": true,
         "done_reason": "load",
+        // Nothing was read or generated.
+        "total_duration": 0,
+        "load_duration": 0,
+        "prompt_eval_count": 0,
+        "eval_count": 0,
+        "eval_duration": 0,
     });
     match shape {
         Shape::Chat => v["message"] = json!({"role": "assistant", "content": ""}),

@@ -971,6 +971,21 @@ pub fn embedding_usage(job: &jobs::Model) -> Value {
     json!({"prompt_tokens": job.prompt_tokens, "total_tokens": job.prompt_tokens})
 }
 
+/// `dimensions` must be the served vectors' width when given (there is no shortening).
+///
+/// # Errors
+/// 422 `invalid_dimensions` naming the width.
+pub fn check_dimensions(services: &Services, dimensions: Option<i64>) -> ApiResult<()> {
+    let width = i64::from(services.models.n_embd());
+    match dimensions.filter(|d| *d != width) {
+        Some(d) => Err(ApiError::new(
+            ErrorCode::InvalidDimensions,
+            format!("this model's vectors have {width} dimensions; got dimensions = {d}"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The vectors an embedding job stored.
 ///
 /// # Errors
@@ -998,13 +1013,7 @@ async fn embeddings(
             ))
         }
     };
-    let width = i64::from(services.models.n_embd());
-    if let Some(d) = body.dimensions.filter(|d| *d != width) {
-        return Err(ApiError::new(
-            ErrorCode::InvalidDimensions,
-            format!("this model's vectors have {width} dimensions; got dimensions = {d}"),
-        ));
-    }
+    check_dimensions(&services, body.dimensions)?;
     let tokenizer = tokenizer_of(&services, body.model.as_deref());
     let input = EmbeddingInput::new(embedding_inputs(body.input, &tokenizer)?, body.model)?;
     let admitted = services

@@ -43,7 +43,7 @@ use crate::{
         SamplingInput, Ticket,
     },
     controllers::{
-        openai::vectors,
+        openai::{check_dimensions, vectors},
         respond::{accepted, settled, try_answer},
         tool_calls::{self, tools_input, ToolWire},
     },
@@ -503,18 +503,17 @@ async fn admit<B: OllamaBody>(
     answer(ctx, key, endpoint, shape, stream, input).await
 }
 
-/// The answer to a load request: the model is there (every served model stays resident, so
-/// `keep_alive: 0`, Ollama's unload, changes nothing either), nothing generated or charged.
+/// The served id a body's `model` names (`:latest` aside; none: the default model), if this
+/// key may use it.
 ///
 /// # Errors
-/// 404 `model_not_found` for a model this key may not use or this server does not serve.
-async fn loaded(
+/// 404 `model_not_found` naming what the key may use.
+async fn listed_model(
     ctx: &AppContext,
+    services: &Services,
     key: &crate::models::api_keys::Model,
     model: Option<&str>,
-    shape: Shape,
-) -> ApiResult<Response> {
-    let services = Services::from_ctx(ctx)?;
+) -> ApiResult<String> {
     let models = &services.models;
     let asked = model_name(model.map(str::to_string)).unwrap_or_default();
     let name = if asked.is_empty() {
@@ -529,6 +528,22 @@ async fn loaded(
             format!("model {asked:?} not found; available: {available:?}"),
         ));
     }
+    Ok(name)
+}
+
+/// The answer to a load request: the model is there (every served model stays resident, so
+/// `keep_alive: 0`, Ollama's unload, changes nothing either), nothing generated or charged.
+///
+/// # Errors
+/// 404 `model_not_found` for a model this key may not use or this server does not serve.
+async fn loaded(
+    ctx: &AppContext,
+    key: &crate::models::api_keys::Model,
+    model: Option<&str>,
+    shape: Shape,
+) -> ApiResult<Response> {
+    let services = Services::from_ctx(ctx)?;
+    let name = listed_model(ctx, &services, key, model).await?;
     let mut v = json!({
         "model": tagged(&name),
         "created_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
@@ -641,16 +656,8 @@ async fn show(
     let services = Services::from_ctx(&ctx)?;
     let JsonBody(body) = body?;
     let _ = body.verbose;
+    let name = listed_model(&ctx, &services, &key, Some(&body.model)).await?;
     let models = &services.models;
-    let asked = model_name(Some(body.model.clone())).unwrap_or_default();
-    let name = models.canonical(&asked);
-    let available = available_models(&ctx.db, models, &key).await?;
-    if !available.contains(&name) {
-        return Err(ApiError::new(
-            ErrorCode::ModelNotFound,
-            format!("model {:?} not found; available: {available:?}", body.model),
-        ));
-    }
     // An adapter (`base:adapter`) shows its base model.
     let base = name.split(':').next().unwrap_or(&name).to_string();
     let remote = models.remote_workers().await;
@@ -827,13 +834,7 @@ async fn embed(
     let JsonBody(body) = body?;
     check_rest(&body.rest, "")?;
     check_embed_options(body.options.as_ref())?;
-    let width = i64::from(services.models.n_embd());
-    if let Some(d) = body.dimensions.filter(|d| *d != width) {
-        return Err(ApiError::new(
-            ErrorCode::InvalidDimensions,
-            format!("this model's vectors have {width} dimensions; got dimensions = {d}"),
-        ));
-    }
+    check_dimensions(&services, body.dimensions)?;
     let inputs = match body.input {
         Value::String(s) => vec![("input".to_string(), s)],
         Value::Array(items) => items

@@ -70,11 +70,104 @@ fn is_cpu_module(file_name: &str) -> bool {
         || file_name.starts_with("ggml-cpu-") && file_name.ends_with(".dll")
 }
 
-/// Has ggml load the best backend of each kind (the CPU variant among them) from
-/// [`backends_dir`]. Called once, before llama.cpp's backend is initialised.
+/// Whether `file_name` is a backend module ggml would load from the directory (a CPU variant,
+/// or another kind's: `libggml-cuda.so`), not ggml's own base library.
+#[cfg_attr(not(feature = "cpu-variants"), allow(dead_code))]
+fn is_backend_module(file_name: &str) -> bool {
+    let kind = file_name
+        .strip_prefix("libggml-")
+        .and_then(|k| k.strip_suffix(".so"))
+        .or_else(|| {
+            file_name
+                .strip_prefix("ggml-")
+                .and_then(|k| k.strip_suffix(".dll"))
+        });
+    kind.is_some_and(|k| !k.is_empty() && k != "base")
+}
+
+/// Environment variable naming the CPU variant to run (`zen4`, `icelake`, …, or the module's file
+/// name), instead of the best-scoring one that is safe to run.
+pub const CPU_VARIANT_ENV: &str = "TOLLGATE_CPU_VARIANT";
+
+/// Variants never chosen unless [`CPU_VARIANT_ENV`] names them. `sapphirerapids` is the one
+/// with llama.cpp's AMX kernels, and those die with SIGILL on their first tile load when GCC
+/// builds them: the tile configuration they set up on the stack is optimised away
+/// (ggml-org/llama.cpp#26954), so every AMX-capable Xeon (Sapphire Rapids and later) would
+/// lose the whole server at its first prompt. The next best variant (AVX-512 with VNNI and
+/// BF16) runs there instead.
+#[cfg_attr(not(feature = "cpu-variants"), allow(dead_code))]
+const UNSAFE_VARIANTS: &[&str] = &["sapphirerapids"];
+
+/// The variant's own name in a module's file name: `zen4` in `libggml-cpu-zen4.so`.
+#[cfg_attr(not(feature = "cpu-variants"), allow(dead_code))]
+fn variant_name(file_name: &str) -> &str {
+    let stem = file_name
+        .strip_suffix(".so")
+        .or_else(|| file_name.strip_suffix(".dll"))
+        .unwrap_or(file_name);
+    stem.strip_prefix("libggml-cpu-")
+        .or_else(|| stem.strip_prefix("ggml-cpu-"))
+        .unwrap_or(stem)
+}
+
+/// Which of the scored CPU modules (file name, ggml's score for this CPU; 0: cannot run) to
+/// load: the one `wanted` names, else the best-scoring one not in [`UNSAFE_VARIANTS`].
+#[cfg_attr(not(feature = "cpu-variants"), allow(dead_code))]
+fn choose<'a>(scored: &'a [(String, i32)], wanted: Option<&str>) -> Result<&'a str, String> {
+    if let Some(wanted) = wanted {
+        let (name, score) = scored
+            .iter()
+            .find(|(name, _)| name == wanted || variant_name(name) == wanted)
+            .ok_or_else(|| {
+                let known: Vec<&str> = scored.iter().map(|(n, _)| variant_name(n)).collect();
+                format!(
+                    "{CPU_VARIANT_ENV}={wanted}: no such CPU variant (there are: {})",
+                    known.join(", ")
+                )
+            })?;
+        return if *score > 0 {
+            Ok(name)
+        } else {
+            Err(format!(
+                "{CPU_VARIANT_ENV}={wanted}: that variant cannot run on this CPU"
+            ))
+        };
+    }
+    scored
+        .iter()
+        .filter(|(name, score)| *score > 0 && !UNSAFE_VARIANTS.contains(&variant_name(name)))
+        // The first of equal scores, as ggml takes it.
+        .fold(None::<&(String, i32)>, |best, next| match best {
+            Some(b) if b.1 >= next.1 => Some(b),
+            _ => Some(next),
+        })
+        .map(|(name, _)| name.as_str())
+        .ok_or_else(|| "none of the llama.cpp CPU backends can run on this CPU".to_string())
+}
+
+#[cfg(feature = "cpu-variants")]
+/// What ggml's `ggml_backend_score` says of the module at `path` (0 when it cannot be opened
+/// or cannot run here); the module is closed again.
+fn score(path: &Path) -> i32 {
+    type Score = unsafe extern "C" fn() -> std::os::raw::c_int;
+    // SAFETY: a ggml backend module; opening it runs only its static initialisers, as ggml's
+    // own loader does when it scores the variants.
+    let Ok(lib) = (unsafe { libloading::Library::new(path) }) else {
+        return 0;
+    };
+    // SAFETY: every ggml backend module exports this entry point with this signature.
+    let f = unsafe { lib.get::<Score>(b"ggml_backend_score\0") };
+    // SAFETY: it only reads the CPU's feature flags.
+    f.map_or(0, |f| unsafe { f() })
+}
+
+/// Has ggml load the CPU variant [`choose`] picks (and any other backend module beside it, a
+/// GPU's, as ggml would) from [`backends_dir`]. Called once, before llama.cpp's backend is
+/// initialised.
 ///
 /// # Errors
-/// When no directory holds CPU modules, or none of them can run on this CPU.
+/// When no directory holds CPU modules, none of them can run on this CPU, or
+/// [`CPU_VARIANT_ENV`] names one that does not exist or cannot run.
 #[cfg(feature = "cpu-variants")]
 pub(super) fn load_backends() -> Result<(), String> {
     let dir = backends_dir()
@@ -85,20 +178,49 @@ pub(super) fn load_backends() -> Result<(), String> {
                  directory beside the binary or set {BACKENDS_DIR_ENV}"
             )
         })?;
-    let path = std::ffi::CString::new(dir.to_string_lossy().as_bytes())
-        .map_err(|_| format!("{BACKENDS_DIR_ENV} contains a NUL byte"))?;
-    // SAFETY: a valid C string; ggml only reads it.
-    unsafe { llama_cpp_sys_2::ggml_backend_load_all_from_path(path.as_ptr()) };
+    let mut modules: Vec<String> = std::fs::read_dir(&dir)
+        .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| is_backend_module(name))
+        .collect();
+    modules.sort();
+    let scored: Vec<(String, i32)> = modules
+        .iter()
+        .filter(|name| is_cpu_module(name))
+        .map(|name| (name.clone(), score(&dir.join(name))))
+        .collect();
+    let wanted = std::env::var(CPU_VARIANT_ENV)
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let cpu = choose(&scored, wanted.as_deref().map(str::trim))
+        .map_err(|e| format!("{e} (in {})", dir.display()))?;
+    let others = modules.iter().filter(|name| !is_cpu_module(name));
+    for name in std::iter::once(cpu).chain(others.map(String::as_str)) {
+        let path = std::ffi::CString::new(dir.join(name).to_string_lossy().as_bytes())
+            .map_err(|_| format!("{BACKENDS_DIR_ENV} contains a NUL byte"))?;
+        // SAFETY: a valid C string; ggml only reads it. A module that cannot run here (a GPU
+        // backend without its GPU) scores 0 and is not registered.
+        unsafe { llama_cpp_sys_2::ggml_backend_load(path.as_ptr()) };
+    }
     let chosen = inspect().ok_or_else(|| {
         format!(
-            "none of the llama.cpp CPU backends in {} can run on this CPU",
+            "the llama.cpp CPU backend {cpu} in {} did not load",
             dir.display()
         )
     })?;
+    let skipped: Vec<&str> = scored
+        .iter()
+        .filter(|(name, score)| {
+            *score > 0 && name != cpu && UNSAFE_VARIANTS.contains(&variant_name(name))
+        })
+        .map(|(name, _)| variant_name(name))
+        .collect();
     tracing::info!(
         variant = chosen.variant.as_deref().unwrap_or("built in"),
         features = %chosen.features.join(" "),
         dir = %dir.display(),
+        skipped = %skipped.join(" "),
         "llama.cpp CPU backend chosen"
     );
     let _ = CHOSEN.set(chosen);
@@ -195,6 +317,63 @@ fn loaded_module() -> Option<String> {
 mod tests {
     use super::*;
 
+    fn scored(list: &[(&str, i32)]) -> Vec<(String, i32)> {
+        list.iter().map(|(n, s)| ((*n).to_string(), *s)).collect()
+    }
+
+    /// AMX's variant would take the process down at its first prompt (SIGILL), so the best of
+    /// the others runs unless it is named; a named variant must exist and run here.
+    #[test]
+    fn the_best_safe_variant_is_chosen_and_a_named_one_must_exist_and_run() {
+        let on_a_xeon = scored(&[
+            ("libggml-cpu-haswell.so", 40),
+            ("libggml-cpu-icelake.so", 70),
+            ("libggml-cpu-sapphirerapids.so", 90),
+            ("libggml-cpu-x64.so", 1),
+            ("libggml-cpu-zen4.so", 80),
+        ]);
+        assert_eq!(choose(&on_a_xeon, None), Ok("libggml-cpu-zen4.so"));
+        assert_eq!(
+            choose(&on_a_xeon, Some("sapphirerapids")),
+            Ok("libggml-cpu-sapphirerapids.so")
+        );
+        assert_eq!(
+            choose(&on_a_xeon, Some("libggml-cpu-icelake.so")),
+            Ok("libggml-cpu-icelake.so")
+        );
+        let unknown = choose(&on_a_xeon, Some("m4")).expect_err("no such variant");
+        assert!(
+            unknown.contains("zen4") && unknown.contains(CPU_VARIANT_ENV),
+            "{unknown}"
+        );
+        let on_an_old_cpu = scored(&[
+            ("libggml-cpu-haswell.so", 40),
+            ("libggml-cpu-zen4.so", 0),
+            ("libggml-cpu-sse42.so", 10),
+        ]);
+        assert_eq!(choose(&on_an_old_cpu, None), Ok("libggml-cpu-haswell.so"));
+        assert!(choose(&on_an_old_cpu, Some("zen4"))
+            .expect_err("cannot run")
+            .contains("cannot run"));
+        let ties = scored(&[("libggml-cpu-a.so", 5), ("libggml-cpu-b.so", 5)]);
+        assert_eq!(choose(&ties, None), Ok("libggml-cpu-a.so"));
+        let only_amx = scored(&[("libggml-cpu-sapphirerapids.so", 90)]);
+        assert!(choose(&only_amx, None).is_err());
+        assert!(choose(&[], None).is_err());
+    }
+
+    #[test]
+    fn backend_modules_are_told_from_ggmls_base_library() {
+        assert!(is_backend_module("libggml-cpu-zen4.so"));
+        assert!(is_backend_module("libggml-cuda.so"));
+        assert!(is_backend_module("ggml-vulkan.dll"));
+        assert!(!is_backend_module("libggml-base.so"));
+        assert!(!is_backend_module("libggml.so"));
+        assert!(!is_backend_module("libggml-cuda.so.0"));
+        assert_eq!(variant_name("libggml-cpu-zen4.so"), "zen4");
+        assert_eq!(variant_name("ggml-cpu-haswell.dll"), "haswell");
+    }
+
     #[test]
     fn module_names_of_every_platform_are_recognised_and_nothing_else() {
         assert!(is_cpu_module("libggml-cpu-zen4.so"));
@@ -212,6 +391,11 @@ mod tests {
         let chosen = chosen().expect("a CPU backend was chosen");
         let variant = chosen.variant.as_deref().expect("loaded from a module");
         assert!(variant.starts_with("libggml-cpu-"), "{variant}");
+        assert!(
+            std::env::var_os(CPU_VARIANT_ENV).is_some()
+                || !UNSAFE_VARIANTS.contains(&variant_name(variant)),
+            "{variant} chosen without being named"
+        );
         let has = |f: &str| chosen.features.iter().any(|x| x == f);
         if std::arch::is_x86_feature_detected!("avx512f") {
             assert!(has("AVX512"), "{variant}: {:?}", chosen.features);

@@ -27,7 +27,7 @@ async fn the_official_openai_python_sdk_works_against_tollgate() {
 async fn the_responses_api_works_for_the_openai_sdk_and_langchain() {
     let python = common::python();
     let app = TestApp::spawn().await;
-    let good = app.key_with_calls(Some(24)).await;
+    let good = app.key_with_calls(Some(32)).await;
     let exhausted = app.key_with_calls(Some(0)).await;
     let script = "tests/python/responses_api.py";
     let args = [script, &app.base, &good.secret, &exhausted.secret];
@@ -39,10 +39,12 @@ async fn the_responses_api_works_for_the_openai_sdk_and_langchain() {
     )
     .await;
     // Two chats to compare with, a response, the next turn with the earlier output as an item
-    // and by reference, two with log-probabilities (one streamed), one with instructions, a
-    // streamed one, two structured ones, a call, the turn after its result, the call streamed,
-    // one in the background, two LangChain turns, three Agents SDK runs of one model call
-    // each: twenty calls; the refused ones spent nothing.
-    assert_eq!(app.calls_used(&good).await, 20);
+    // and by reference, two turns by `previous_response_id` and the third spelled out, one with
+    // instructions, its next turn with new ones and that turn spelled out, two with
+    // log-probabilities (one streamed), one with instructions, a streamed one, two structured
+    // ones, a call, the turn after its result and that turn by `previous_response_id`, the call
+    // streamed, one in the background, two LangChain turns, three Agents SDK runs of one model
+    // call each: twenty-seven calls; the refused ones spent nothing.
+    assert_eq!(app.calls_used(&good).await, 27);
     assert_eq!(app.calls_used(&exhausted).await, 0);
 }

@@ -116,7 +116,7 @@ fn openai() -> Family {
                 .ok::<EmbeddingList>("One vector per input, in input order.")
                 .accepted(),
             Op::post("/v1/responses", Metered, "Response (OpenAI's Responses API)")
-                .describe("Stateless: send the whole conversation in `input` (`previous_response_id` is refused). `background: true` answers 202 at once; read the response at `GET /v1/responses/{id}`.")
+                .describe("Send the whole conversation in `input`, or continue one of this key's responses with `previous_response_id` (its conversation and output come first; `conversation` objects are refused). `background: true` answers 202 at once; read the response at `GET /v1/responses/{id}`.")
                 .body::<openai::ResponsesRequest>()
                 .ok::<ResponseObject>("The response, `completed`, or `incomplete` when cut at `max_output_tokens`.")
                 .events("With `stream: true`: typed events (`response.created`, `response.output_text.delta`, …) ending in `response.completed`, `response.incomplete` or `response.failed`.")

@@ -57,6 +57,41 @@ try:
 except openai.UnprocessableEntityError as e:
     assert e.code == "invalid_input" and "item_reference" in str(e), e
 
+# `previous_response_id` continues a response: its conversation and output come before the new
+# input, so the turn reads exactly as sending the whole conversation (same prompt, same answer),
+# and a tool's result can answer the earlier response's call by its id alone. One naming nothing
+# of this key's is refused, nothing spent.
+continued = client.responses.create(model="smollm2", max_output_tokens=8, temperature=0,
+                                    previous_response_id=r.id, input=follow_up)
+assert continued.previous_response_id == r.id, continued
+assert continued.usage.input_tokens == by_item.usage.input_tokens, (continued.usage, by_item.usage)
+assert continued.output_text == by_item.output_text, (continued.output_text, by_item.output_text)
+third = client.responses.create(model="smollm2", max_output_tokens=8, temperature=0,
+                                previous_response_id=continued.id, input="And 4 + 4?")
+spelled_out = client.responses.create(model="smollm2", max_output_tokens=8, temperature=0, input=[
+    {"role": "user", "content": question}, r.output[0].model_dump(exclude_none=True),
+    {"role": "user", "content": follow_up}, continued.output[0].model_dump(exclude_none=True),
+    {"role": "user", "content": "And 4 + 4?"}])
+assert third.usage.input_tokens == spelled_out.usage.input_tokens > continued.usage.input_tokens, (third.usage, spelled_out.usage)
+assert third.output_text == spelled_out.output_text, (third.output_text, spelled_out.output_text)
+# New instructions replace the earlier response's (not carried over, as OpenAI has it).
+instructed = client.responses.create(model="smollm2", max_output_tokens=8, temperature=0,
+                                     instructions="Answer in one word.", input=question)
+re_instructed = client.responses.create(model="smollm2", max_output_tokens=8, temperature=0,
+                                        instructions="Be brief.", previous_response_id=instructed.id, input=follow_up)
+fresh = client.responses.create(model="smollm2", max_output_tokens=8, temperature=0,
+                                instructions="Be brief.", input=[
+    {"role": "user", "content": question}, instructed.output[0].model_dump(exclude_none=True),
+    {"role": "user", "content": follow_up}])
+assert re_instructed.usage.input_tokens == fresh.usage.input_tokens, (re_instructed.usage, fresh.usage)
+assert re_instructed.output_text == fresh.output_text, (re_instructed.output_text, fresh.output_text)
+assert re_instructed.instructions == "Be brief.", re_instructed
+try:
+    client.responses.create(model="smollm2", input=follow_up, previous_response_id="resp_" + "0" * 32)
+    raise SystemExit("a previous response that does not exist was accepted")
+except openai.NotFoundError as e:
+    assert e.code == "job_not_found" and "previous_response_id" in str(e), e
+
 # Log-probabilities, asked for with `include`: one finite entry per output token, with the
 # alternatives asked for; the same on the streamed answer's final response.
 scored = client.responses.create(model="smollm2", input=question, max_output_tokens=48, temperature=0,
@@ -172,6 +207,18 @@ after = client.responses.create(
     temperature=0,
 )
 assert after.status in ("completed", "incomplete") and after.output, after
+# The same turn by `previous_response_id`: only the tool's result is sent (as the OpenAI Agents
+# SDK does when it chains responses), and it reads exactly as the turn spelled out.
+chained = client.responses.create(
+    model="smollm2",
+    previous_response_id=called.id,
+    input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "18 degrees and sunny"}],
+    tools=tools,
+    max_output_tokens=32,
+    temperature=0,
+)
+assert chained.usage.input_tokens == after.usage.input_tokens, (chained.usage, after.usage)
+assert [o.model_dump(exclude={"id"}) for o in chained.output] == [o.model_dump(exclude={"id"}) for o in after.output], (chained.output, after.output)
 with client.responses.stream(**ask) as s:
     for _ in s:
         pass
@@ -246,7 +293,7 @@ assert "".join(pieces) == expected and final_output == expected, (pieces, final_
 
 # Refusals: each with its code, and none of them spends a call.
 for kwargs, error, code in [
-    (dict(previous_response_id=r.id), openai.BadRequestError, "unsupported_parameter"),
+    (dict(conversation="conv_1"), openai.BadRequestError, "unsupported_parameter"),
     (dict(include=["file_search_call.results"]), openai.BadRequestError, "unsupported_parameter"),
     (dict(include=["message.output_text.logprobs"], top_logprobs=21), openai.UnprocessableEntityError, "invalid_sampling"),
     (dict(tools=[{"type": "web_search"}]), openai.BadRequestError, "invalid_tools"),

@@ -8,10 +8,12 @@
 //! assistant's calls and the tools' results, flat `tools` OpenAI's chat tools, `text.format`
 //! the `response_format`, `include: ["message.output_text.logprobs"]` and `top_logprobs` the
 //! chat's `logprobs`), so the one admission path charges, validates and queues it, and the
-//! job becomes a `response` object. Stateless like vLLM's and Ollama's: each turn sends the
-//! conversation, and `previous_response_id`/`conversation` are refused by name; an input item
-//! `{"type": "item_reference", "id"}` naming an item of one of the key's earlier responses
-//! (what Vercel's AI SDK sends for earlier turns, `store` being its default) is that item. A request
+//! job becomes a `response` object. Earlier turns come from the key's own job records, as
+//! vLLM's store keeps them: `previous_response_id` puts that response's conversation and output
+//! before `input` (OpenAI's documented way to continue, and the OpenAI Agents SDK's
+//! `previous_response_id`), and an input item `{"type": "item_reference", "id"}` naming an item
+//! of one of the key's earlier responses (what Vercel's AI SDK sends for earlier turns, `store`
+//! being its default) is that item; `conversation` objects are refused by name. A request
 //! with `background: true`, or one still running when the wait ends, is answered 202 with the
 //! `response` as it stands; `GET /v1/responses/{id}` reads it until its job record is purged.
 
@@ -41,7 +43,7 @@ use crate::{
     engine::{
         grammar::ResponseFormat,
         tools::{self, ToolChoice, ToolFormat},
-        GenerationRequest,
+        ChatMessage, GenerationRequest, Prompt,
     },
     errors::{ApiError, ApiResult, ErrorCode},
     extractors::{Caller, JsonBody, MeteredCaller},
@@ -63,6 +65,8 @@ pub(crate) struct ResponsesRequest {
     input: Value,
     /// A system turn before `input`.
     instructions: Option<String>,
+    /// A response of this key to continue: its conversation and output come before `input`.
+    previous_response_id: Option<String>,
     max_output_tokens: Option<i64>,
     temperature: Option<f64>,
     top_p: Option<f64>,
@@ -98,6 +102,7 @@ pub(crate) struct ResponsesRequest {
 struct Echo {
     instructions: Option<String>,
     metadata: Option<Value>,
+    previous_response_id: Option<String>,
 }
 
 fn invalid_input(message: impl Into<String>) -> ApiError {
@@ -122,14 +127,14 @@ fn check_rest(rest: &Map<String, Value>) -> ApiResult<()> {
                         .is_some_and(|o| o.values().all(Value::is_null))
             }
             "stream_options" => v.is_null() || v.is_object(),
-            "previous_response_id" | "conversation" | "prompt" | "max_tool_calls" => v.is_null(),
+            "conversation" | "prompt" | "max_tool_calls" => v.is_null(),
             // `null` is "not set" for every field.
             other => v.is_null() || ADVISORY.contains(&other),
         };
         if !inert {
             let why = match name.as_str() {
-                "previous_response_id" | "conversation" => {
-                    "responses are stateless here; send the whole conversation in `input`"
+                "conversation" => {
+                    "there are no conversation objects here; send the whole conversation in `input`, or continue a response with `previous_response_id`"
                 }
                 "reasoning" => "the model has no reasoning mode",
                 "truncation" => "a conversation that does not fit is refused, not truncated",
@@ -444,6 +449,7 @@ impl ResponsesRequest {
         let echo = Echo {
             instructions: self.instructions.clone(),
             metadata: self.metadata,
+            previous_response_id: self.previous_response_id,
         };
         let chat = ChatRequest {
             messages: messages(self.instructions, self.input)?,
@@ -638,7 +644,7 @@ fn response_json(job: &jobs::Model, asked: Option<&GenerationRequest>, echo: &Ec
         "model": job.model,
         "output": output,
         "parallel_tool_calls": tool_use.is_none_or(|t| t.parallel),
-        "previous_response_id": null,
+        "previous_response_id": echo.previous_response_id,
         "reasoning": {"effort": null, "summary": null},
         "store": true,
         "temperature": asked.map(|r| r.params.temperature),
@@ -684,8 +690,10 @@ pub(super) async fn create(
         ));
     }
     let mut body = body;
-    // Earlier turns sent by reference (Vercel's AI SDK) become those turns.
+    // Earlier turns sent by reference (Vercel's AI SDK) become those turns, and a response
+    // continued puts its conversation first.
     resolve_references(&ctx.db, key.id, &mut body.input).await?;
+    continue_from(&ctx.db, key.id, &mut body).await?;
     let (chat, echo) = body.into_chat()?;
     let input = GenerationInput::try_from(chat)?;
     let services = Services::from_ctx(&ctx)?;
@@ -767,6 +775,89 @@ async fn resolve_references(
             .ok_or_else(unknown)?;
     }
     Ok(())
+}
+
+/// With `previous_response_id`, puts that response's conversation (its own earlier turns
+/// included, as its job recorded them) and its output before `input`, as input items, so a
+/// `function_call_output` answering one of its calls finds the call. The earlier response's
+/// leading system turns are left out when this request brings `instructions` of its own
+/// (OpenAI does not carry instructions over; the OpenAI Agents SDK sends them every turn).
+///
+/// # Errors
+/// 404 `job_not_found` for an id that is no response of this key (or whose record was
+/// purged); 422 `invalid_input` for one that has not completed, or an `input` that is neither
+/// a string nor a list.
+async fn continue_from(
+    db: &sea_orm::DatabaseConnection,
+    key_id: i32,
+    body: &mut ResponsesRequest,
+) -> ApiResult<()> {
+    let Some(id) = body.previous_response_id.as_deref() else {
+        return Ok(());
+    };
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::JobNotFound,
+            format!("previous_response_id: no response {id} of this key to continue from"),
+        )
+    };
+    let job_id = id.strip_prefix("resp_").unwrap_or(id);
+    let job = jobs::Model::find_for_key(db, job_id, key_id)
+        .await?
+        .filter(|j| j.endpoint == ENDPOINT)
+        .ok_or_else(not_found)?;
+    if job.status != jobs::DONE {
+        return Err(invalid_input(format!(
+            "previous_response_id: response {id} is {}, not completed; continue from it once it has completed",
+            job.status
+        )));
+    }
+    let asked = asked_of(&job).ok_or_else(not_found)?;
+    let Prompt::Chat { messages, tools } = &asked.prompt else {
+        return Err(not_found());
+    };
+    let own_instructions = body.instructions.as_deref().is_some_and(|i| !i.is_empty());
+    let mut items: Vec<Value> = messages
+        .iter()
+        .skip_while(|m| own_instructions && m.role == "system")
+        .flat_map(input_items)
+        .collect();
+    items.extend(output_items(&job, tools.as_ref().map(|t| t.format)));
+    match std::mem::take(&mut body.input) {
+        Value::String(text) => items.push(json!({"role": "user", "content": text})),
+        Value::Array(later) => items.extend(later),
+        _ => {
+            return Err(invalid_input(
+                "input must be a string or a list of input items",
+            ))
+        }
+    }
+    body.input = Value::Array(items);
+    Ok(())
+}
+
+/// A recorded turn as the input items that make it again.
+fn input_items(m: &ChatMessage) -> Vec<Value> {
+    if m.role == "tool" {
+        return vec![json!({
+            "type": "function_call_output",
+            "call_id": m.tool_call_id,
+            "output": m.content,
+        })];
+    }
+    let mut items = Vec::new();
+    if m.tool_calls.is_empty() || !m.content.is_empty() {
+        items.push(json!({"type": "message", "role": m.role, "content": m.content}));
+    }
+    items.extend(m.tool_calls.iter().map(|c| {
+        json!({
+            "type": "function_call",
+            "call_id": c.id,
+            "name": c.name,
+            "arguments": c.arguments,
+        })
+    }));
+    items
 }
 
 /// `GET /v1/responses/{id}`: a response this key made, as it stands.
@@ -1066,11 +1157,7 @@ mod tests {
     #[test]
     fn fields_it_cannot_honour_are_refused_by_name() {
         for (field, value, code) in [
-            (
-                "previous_response_id",
-                json!("resp_1"),
-                "unsupported_parameter",
-            ),
+            ("conversation", json!("conv_1"), "unsupported_parameter"),
             (
                 "include",
                 json!(["file_search_call.results"]),

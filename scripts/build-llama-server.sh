@@ -18,8 +18,15 @@ VERSION=0.3.36
 SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 CACHE=${TOLLGATE_CACHE:-$HOME/.cache/tollgate}/llama-server-$VERSION
 BIN=$CACHE/build/bin/llama-server
+# Without AMX: llama.cpp's AMX kernels, built by GCC, die with SIGILL at their first tile load
+# (ggml-org/llama.cpp#26954), so on an AMX-capable Xeon a GGML_NATIVE build cannot run a prompt.
+# Tollgate skips its AMX variant for the same reason; both then run AVX-512 kernels there.
+# Elsewhere these flags change nothing.
+FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+STAMP=$CACHE/build/tollgate-flags
 
-if [ -x "$BIN" ] && [ -x "$(dirname "$BIN")/llama-bench" ] && [ -x "$(dirname "$BIN")/llama-batched-bench" ]; then
+if [ -x "$BIN" ] && [ -x "$(dirname "$BIN")/llama-bench" ] && [ -x "$(dirname "$BIN")/llama-batched-bench" ] \
+  && [ "$(cat "$STAMP" 2>/dev/null)" = "$FLAGS" ]; then
   echo "$BIN"
   exit 0
 fi
@@ -54,9 +61,11 @@ fi
 
 echo "tollgate: building llama-server (Release, $(nproc) jobs; minutes on a small machine)" >&2
 cmake -S "$SRC" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-  -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
+  -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+  "-DCMAKE_C_FLAGS=$FLAGS" "-DCMAKE_CXX_FLAGS=$FLAGS" >&2
 cmake --build "$CACHE/build" --target llama-server llama-bench llama-batched-bench -j "$(nproc)" >&2
 for made in "$BIN" "$(dirname "$BIN")/llama-bench" "$(dirname "$BIN")/llama-batched-bench"; do
   test -x "$made" || { echo "tollgate: the build made no $made" >&2; exit 1; }
 done
+echo "$FLAGS" > "$STAMP"
 echo "$BIN"

@@ -196,9 +196,14 @@ pub(super) fn load_backends() -> Result<(), String> {
     let cpu = choose(&scored, wanted.as_deref().map(str::trim))
         .map_err(|e| format!("{e} (in {})", dir.display()))?;
     let others = modules.iter().filter(|name| !is_cpu_module(name));
-    for name in std::iter::once(cpu).chain(others.map(String::as_str)) {
-        let path = std::ffi::CString::new(dir.join(name).to_string_lossy().as_bytes())
-            .map_err(|_| format!("{BACKENDS_DIR_ENV} contains a NUL byte"))?;
+    let paths = std::iter::once(cpu)
+        .chain(others.map(String::as_str))
+        .map(|name| dir.join(name))
+        // An out-of-tree backend, as ggml's own loader takes it.
+        .chain(std::env::var_os("GGML_BACKEND_PATH").map(PathBuf::from));
+    for path in paths {
+        let path = std::ffi::CString::new(path.to_string_lossy().as_bytes())
+            .map_err(|_| format!("{} contains a NUL byte", path.display()))?;
         // SAFETY: a valid C string; ggml only reads it. A module that cannot run here (a GPU
         // backend without its GPU) scores 0 and is not registered.
         unsafe { llama_cpp_sys_2::ggml_backend_load(path.as_ptr()) };

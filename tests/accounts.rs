@@ -1320,3 +1320,38 @@ async fn a_conversation_keeps_its_newest_messages_only_and_others_are_untouched(
         "another owner's conversation is not trimmed"
     );
 }
+
+/// A change racing the user's deletion: the password's hash takes long enough for the delete to
+/// land between the change's lookup and its update. The change then answers 404 like any
+/// change of a user that is gone (it was a 500 the fuzz run found), and nothing comes back.
+#[tokio::test]
+async fn a_change_that_loses_the_race_with_a_delete_is_404_not_500() {
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let admin = app.admin_key().await;
+    for round in 0..3 {
+        let name = format!("racer{round}");
+        let (status, reply) = add_user(
+            &app,
+            &admin,
+            json!({"username": name, "password": PASSWORD}),
+        )
+        .await;
+        assert_eq!(status, 200, "{reply}");
+        let path = format!("/api/users/{name}");
+        let new_password = json!({"password": "a password to hash a while"});
+        let change = app.send(Method::PATCH, Some(&admin), &path, Some(&new_password));
+        let delete = async {
+            // Inside the change's hashing, after its lookup.
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            app.delete(Some(&admin), &path).await
+        };
+        let ((changed, body), (deleted, _)) = tokio::join!(change, delete);
+        assert_eq!(deleted, 200);
+        assert!(
+            changed == 200 || (changed, code(&body)) == (404, "user_not_found"),
+            "round {round}: {changed} {body}"
+        );
+        let (status, body) = app.get(Some(&admin), &path).await;
+        assert_eq!((status, code(&body)), (404, "user_not_found"), "{body}");
+    }
+}

@@ -578,7 +578,10 @@ impl ActiveModel {
         let mut am: Self = key.into();
         am.revoked_at = Set(Some(ts));
         am.updated_at = Set(ts);
-        let key = am.update(db).await?;
+        let key = am
+            .update(db)
+            .await
+            .map_err(|e| ModelError::gone_as(e, || format!("no key with prefix {prefix:?}")))?;
         edited();
         Ok(key)
     }
@@ -599,7 +602,10 @@ impl ActiveModel {
         am.prefix = Set(new_prefix);
         am.secret_hash = Set(hash_secret(&secret));
         am.updated_at = Set(now());
-        let key = am.update(db).await?;
+        let key = am
+            .update(db)
+            .await
+            .map_err(|e| ModelError::gone_as(e, || format!("no key with prefix {prefix:?}")))?;
         edited();
         Ok(IssuedKey { key, secret })
     }
@@ -638,7 +644,10 @@ impl ActiveModel {
         am.valid_until = Set(params.valid_until);
         am.priority = Set(checked_priority(params.priority)?);
         am.updated_at = Set(now());
-        let key = am.update(db).await?;
+        let key = am
+            .update(db)
+            .await
+            .map_err(|e| ModelError::gone_as(e, || format!("no key with prefix {prefix:?}")))?;
         edited();
         Ok(key)
     }
@@ -654,7 +663,10 @@ impl ActiveModel {
         let mut am: Self = key.into();
         am.revoked_at = Set(None);
         am.updated_at = Set(now());
-        let key = am.update(db).await?;
+        let key = am
+            .update(db)
+            .await
+            .map_err(|e| ModelError::gone_as(e, || format!("no key with prefix {prefix:?}")))?;
         edited();
         Ok(key)
     }

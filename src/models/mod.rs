@@ -30,9 +30,37 @@ pub enum ModelError {
     Hash(String),
 }
 
+impl ModelError {
+    /// `e` from updating a row read a moment before: when the row was gone by then (deleted by
+    /// a concurrent request), `NotFound` with `what`, as if the lookup had missed it (a 404,
+    /// not a 500); any other error as it is.
+    pub fn gone_as(e: sea_orm::DbErr, what: impl FnOnce() -> String) -> Self {
+        match e {
+            sea_orm::DbErr::RecordNotUpdated => Self::NotFound(what()),
+            other => Self::Db(other),
+        }
+    }
+}
+
 /// Current time as stored in every timestamp column: UTC with a `+00:00` offset, so that SQLite's
 /// text comparison of timestamps orders them correctly.
 #[must_use]
 pub fn now() -> sea_orm::prelude::DateTimeWithTimeZone {
     chrono::Utc::now().fixed_offset()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ModelError;
+
+    #[test]
+    fn a_row_gone_before_its_update_is_not_found_and_other_errors_stay() {
+        let gone = ModelError::gone_as(sea_orm::DbErr::RecordNotUpdated, || "no user \"a\"".into());
+        assert!(
+            matches!(gone, ModelError::NotFound(ref m) if m == "no user \"a\""),
+            "{gone:?}"
+        );
+        let other = ModelError::gone_as(sea_orm::DbErr::Custom("disk".into()), String::new);
+        assert!(matches!(other, ModelError::Db(_)), "{other:?}");
+    }
 }

@@ -268,7 +268,10 @@ impl ActiveModel {
         let mut am: Self = user.into();
         am.enabled = Set(enabled);
         am.updated_at = Set(now());
-        let user = am.update(db).await?;
+        let user = am
+            .update(db)
+            .await
+            .map_err(|e| ModelError::gone_as(e, || format!("no user {username:?}")))?;
         super::api_keys::edited();
         Ok(user)
     }
@@ -348,7 +351,10 @@ impl ActiveModel {
             am.gen_tokens_used = Set(0);
         }
         am.updated_at = Set(now());
-        let user = am.update(db).await?;
+        let user = am
+            .update(db)
+            .await
+            .map_err(|e| ModelError::gone_as(e, || format!("no user {username:?}")))?;
         super::api_keys::edited();
         Ok(user)
     }

@@ -3,7 +3,7 @@
 //! Built with the `cpu-variants` feature (the default), llama.cpp's CPU backend exists once per
 //! instruction-set variant (`libggml-cpu-haswell.so`, `-skylakex`, `-zen4`, …), as in llama.cpp's
 //! own releases. Each variant scores itself against the running CPU and the best one is loaded
-//! (but never the AMX one unless asked for: it crashes, see [`UNSAFE_VARIANTS`]), so one binary
+//! (but never the AMX one unless asked for: it crashes, see `UNSAFE_VARIANTS`), so one binary
 //! uses AVX-512 where the machine has it and still starts where it has only SSE. This module
 //! finds the variants, scores them, has ggml load the chosen one, and says which it is.
 

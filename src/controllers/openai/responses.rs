@@ -723,6 +723,19 @@ fn referenced_job(id: &str) -> Option<String> {
     uuid::Uuid::try_parse(hex).ok().map(|u| u.to_string())
 }
 
+/// The job behind one of this key's responses, named `resp_<job id>` or by the job id alone;
+/// `None` for another key's, another route's, or a purged one.
+async fn own_response(
+    db: &sea_orm::DatabaseConnection,
+    key_id: i32,
+    id: &str,
+) -> ApiResult<Option<jobs::Model>> {
+    let job_id = id.strip_prefix("resp_").unwrap_or(id);
+    Ok(jobs::Model::find_for_key(db, job_id, key_id)
+        .await?
+        .filter(|j| j.endpoint == ENDPOINT))
+}
+
 /// Replaces each `{"type": "item_reference", "id"}` of `input` with the item it names: an
 /// output item of one of this key's earlier responses, read from its job record (each job
 /// read once). Vercel's AI SDK sends earlier turns this way by default.
@@ -756,9 +769,9 @@ async fn resolve_references(
         };
         let job_id = referenced_job(&id).ok_or_else(unknown)?;
         if !outputs.contains_key(&job_id) {
-            let job = jobs::Model::find_for_key(db, &job_id, key_id)
+            let job = own_response(db, key_id, &job_id)
                 .await?
-                .filter(|j| j.endpoint == ENDPOINT && j.status == jobs::DONE);
+                .filter(|j| j.status == jobs::DONE);
             let found = job.map_or_else(Vec::new, |job| {
                 let format = asked_of(&job)
                     .as_ref()
@@ -801,11 +814,7 @@ async fn continue_from(
             format!("previous_response_id: no response {id} of this key to continue from"),
         )
     };
-    let job_id = id.strip_prefix("resp_").unwrap_or(id);
-    let job = jobs::Model::find_for_key(db, job_id, key_id)
-        .await?
-        .filter(|j| j.endpoint == ENDPOINT)
-        .ok_or_else(not_found)?;
+    let job = own_response(db, key_id, id).await?.ok_or_else(not_found)?;
     if job.status != jobs::DONE {
         return Err(invalid_input(format!(
             "previous_response_id: response {id} is {}, not completed; continue from it once it has completed",
@@ -867,16 +876,12 @@ pub(super) async fn retrieve(
     Caller(key): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let job_id = id.strip_prefix("resp_").unwrap_or(&id);
-    let job = jobs::Model::find_for_key(&ctx.db, job_id, key.id)
-        .await?
-        .filter(|j| j.endpoint == ENDPOINT)
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::JobNotFound,
-                format!("no response {id} for this key"),
-            )
-        })?;
+    let job = own_response(&ctx.db, key.id, &id).await?.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::JobNotFound,
+            format!("no response {id} for this key"),
+        )
+    })?;
     Ok(Json(response_json(
         &job,
         asked_of(&job).as_ref(),

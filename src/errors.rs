@@ -94,6 +94,12 @@ error_codes! {
     ModelIdReserved = "model_id_reserved" => CONFLICT,
     ConfigInUse = "config_in_use" => CONFLICT,
     NoLocalWorker = "no_local_worker" => CONFLICT,
+    /// A job (a stored response) that cannot be changed until it has finished.
+    JobNotFinished = "job_not_finished" => CONFLICT,
+    /// A job that has finished cannot be cancelled.
+    JobFinished = "job_finished" => CONFLICT,
+    /// The job was cancelled by its client before it finished (its call was refunded).
+    JobCancelled = "job_cancelled" => CONFLICT,
     // 413.
     PayloadTooLarge = "payload_too_large" => PAYLOAD_TOO_LARGE,
     // 422: well-formed JSON whose fields are missing, mistyped or out of range.
@@ -182,6 +188,7 @@ impl ErrorCode {
             Self::UpstreamError,
             Self::UpstreamTimeout,
             Self::ContextLengthExceeded,
+            Self::JobCancelled,
         ]
         .into_iter()
         .find(|c| {

@@ -489,9 +489,13 @@ async fn retention_erases_old_job_texts_and_keeps_counts_and_usage() {
         .expect("old job")
         .clone();
     let long_ago = old.finished_at.expect("finished") - Duration::days(31);
+    // Texts kept beside the request and result: tokens, other choices, what an answer echoes.
     jobs::ActiveModel {
         id: Set(old.id.clone()),
         finished_at: Set(Some(long_ago)),
+        logprobs: Set(Some(r#"[{"token": "an old secret"}]"#.into())),
+        choices: Set(Some(r#"[{"text": "an old secret"}]"#.into())),
+        echo: Set(Some(r#"{"instructions": "an old secret"}"#.into())),
         ..Default::default()
     }
     .update(&app.ctx.db)
@@ -519,6 +523,15 @@ async fn retention_erases_old_job_texts_and_keeps_counts_and_usage() {
     assert_eq!(
         (purged.result.as_deref(), purged.error.as_deref()),
         (None, None)
+    );
+    assert_eq!(
+        (
+            purged.logprobs.as_deref(),
+            purged.choices.as_deref(),
+            purged.echo.as_deref()
+        ),
+        (None, None, None),
+        "nothing of the old texts is left"
     );
     assert_eq!(purged.generated_tokens, old.generated_tokens, "counts stay");
     let recent = after.iter().find(|j| j.id != old.id).expect("recent job");

@@ -60,14 +60,21 @@ fn class_of(method: &Method, uri: &str) -> Option<Class> {
             | "/active_models"
             | "/v1/models/{*id}"
             | "/v1/responses/{id}"
+            | "/v1/responses/{id}/input_items"
             | "/props"
             | "/api/tags"
             | "/api/ps",
         )
         | (
             "POST",
-            "/tokenize" | "/detokenize" | "/apply-template" | "/api/show" | "/vllm_request/start",
-        ) => Keyed,
+            "/tokenize"
+            | "/detokenize"
+            | "/apply-template"
+            | "/api/show"
+            | "/vllm_request/start"
+            | "/v1/responses/{id}/cancel",
+        )
+        | ("DELETE", "/v1/responses/{id}") => Keyed,
         (
             "POST",
             "/api"

@@ -945,3 +945,254 @@ async fn openai_context(app: &TestApp, key: &common::TestKey) -> Value {
     let (_, models) = app.get(Some(key), "/v1/models").await;
     models["data"][0]["context_length"].clone()
 }
+
+/// What OpenAI's SDKs call on a stored response besides reading it: `input_items.list` and
+/// `delete`; and the fields it was created with, read back. Scripted engine: what is checked is
+/// the record and the routes, not the text.
+#[tokio::test]
+async fn a_stored_response_lists_its_input_says_what_it_was_made_with_cancels_and_deletes() {
+    use tollgate::models::{budgets::Reservation, jobs};
+
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let key = app.key_with_calls(Some(10)).await;
+    let other = app.key_with_calls(Some(10)).await;
+    let (status, first) = app
+        .post(
+            Some(&key),
+            "/v1/responses",
+            json!({
+                "model": "smollm2",
+                "instructions": "Be brief.",
+                "metadata": {"topic": "names"},
+                "input": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello"},
+                    {"role": "user", "content": [{"type": "input_text", "text": "Name?"}]}
+                ],
+                "max_output_tokens": 4
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{first}");
+    let id = first["id"].as_str().expect("an id").to_string();
+    let (status, read) = app.get(Some(&key), &format!("/v1/responses/{id}")).await;
+    assert_eq!(status, 200, "{read}");
+    assert_eq!(read["instructions"], "Be brief.");
+    assert_eq!(read["metadata"], json!({"topic": "names"}));
+    assert_eq!(read["previous_response_id"], Value::Null);
+    assert_eq!(read["output"], first["output"]);
+
+    // Newest first by default; the instructions are not an input item.
+    let items = |query: String| {
+        let app = &app;
+        let key = &key;
+        let id = id.clone();
+        async move {
+            app.get(Some(key), &format!("/v1/responses/{id}/input_items{query}"))
+                .await
+        }
+    };
+    let (status, all) = items(String::new()).await;
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(all["object"], "list");
+    let texts = |page: &Value| -> Vec<String> {
+        page["data"]
+            .as_array()
+            .map(|d| {
+                d.iter()
+                    .map(|i| i["content"][0]["text"].as_str().unwrap_or("?").to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(texts(&all), ["Name?", "Hello", "Hi"], "{all}");
+    assert_eq!(all["data"][0]["content"][0]["type"], "input_text");
+    assert_eq!(all["data"][1]["content"][0]["type"], "output_text");
+    assert_eq!(all["data"][1]["role"], "assistant");
+    assert_eq!(all["has_more"], false);
+    assert_eq!(all["first_id"], all["data"][0]["id"]);
+    assert_eq!(all["last_id"], all["data"][2]["id"]);
+    // Pages, oldest first.
+    let (_, page) = items("?order=asc&limit=2".into()).await;
+    assert_eq!(texts(&page), ["Hi", "Hello"], "{page}");
+    assert_eq!(page["has_more"], true);
+    let after = page["last_id"].as_str().expect("last id").to_string();
+    let (_, rest) = items(format!("?order=asc&limit=2&after={after}")).await;
+    assert_eq!(texts(&rest), ["Name?"], "{rest}");
+    assert_eq!(rest["has_more"], false);
+    for (query, expected) in [
+        ("?limit=0", (422, "invalid_query")),
+        ("?limit=101", (422, "invalid_query")),
+        ("?order=sideways", (422, "invalid_query")),
+        ("?after=msg_nothing", (422, "invalid_query")),
+        (
+            "?include=message.output_text.logprobs",
+            (400, "unsupported_parameter"),
+        ),
+    ] {
+        let (status, body) = items(query.into()).await;
+        assert_eq!((status, code(&body)), expected, "{query}: {body}");
+    }
+
+    // A continuation lists only its own input and says what it continued.
+    let (status, second) = app
+        .post(
+            Some(&key),
+            "/v1/responses",
+            json!({"previous_response_id": id, "input": "And yours?", "max_output_tokens": 4}),
+        )
+        .await;
+    assert_eq!(status, 200, "{second}");
+    let second_id = second["id"].as_str().expect("an id");
+    let (_, read) = app
+        .get(Some(&key), &format!("/v1/responses/{second_id}"))
+        .await;
+    assert_eq!(read["previous_response_id"], id.as_str());
+    assert_eq!(read["instructions"], Value::Null);
+    let (_, listed) = app
+        .get(
+            Some(&key),
+            &format!("/v1/responses/{second_id}/input_items"),
+        )
+        .await;
+    assert_eq!(texts(&listed), ["And yours?"], "{listed}");
+
+    // An input item's id is an item_reference to it.
+    let hi = all["data"][2]["id"]
+        .as_str()
+        .expect("an item id")
+        .to_string();
+    let (status, third) = app
+        .post(
+            Some(&key),
+            "/v1/responses",
+            json!({"input": [{"type": "item_reference", "id": hi}, {"role": "user", "content": "Again"}], "max_output_tokens": 4}),
+        )
+        .await;
+    assert_eq!(status, 200, "{third}");
+    let third_id = third["id"].as_str().expect("an id");
+    let (_, listed) = app
+        .get(
+            Some(&key),
+            &format!("/v1/responses/{third_id}/input_items?order=asc"),
+        )
+        .await;
+    assert_eq!(texts(&listed), ["Hi", "Again"], "{listed}");
+
+    // Deleting: only the key's own, once; afterwards it cannot be read, listed or continued.
+    let (status, body) = app
+        .delete(Some(&other), &format!("/v1/responses/{id}"))
+        .await;
+    assert_eq!((status, code(&body)), (404, "job_not_found"), "{body}");
+    let (status, body) = app.delete(Some(&key), &format!("/v1/responses/{id}")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"id": id, "object": "response", "deleted": true})
+    );
+    for path in [
+        format!("/v1/responses/{id}"),
+        format!("/v1/responses/{id}/input_items"),
+    ] {
+        let (status, body) = app.get(Some(&key), &path).await;
+        assert_eq!(
+            (status, code(&body)),
+            (404, "job_not_found"),
+            "{path}: {body}"
+        );
+    }
+    let (status, body) = app.delete(Some(&key), &format!("/v1/responses/{id}")).await;
+    assert_eq!((status, code(&body)), (404, "job_not_found"), "{body}");
+    let (status, body) = app
+        .post(
+            Some(&key),
+            "/v1/responses",
+            json!({"previous_response_id": id, "input": "More?"}),
+        )
+        .await;
+    assert_eq!((status, code(&body)), (404, "job_not_found"), "{body}");
+    let (status, body) = app
+        .post(
+            Some(&key),
+            "/v1/responses",
+            json!({"input": [{"type": "item_reference", "id": hi}]}),
+        )
+        .await;
+    assert_eq!((status, code(&body)), (422, "invalid_input"), "{body}");
+    let erased = jobs::Model::find_any(&app.ctx.db, id.trim_start_matches("resp_"))
+        .await
+        .expect("read")
+        .expect("the row stays, for usage");
+    assert!(erased.is_purged() && erased.result.is_none() && erased.echo.is_none());
+    assert!(erased.generated_tokens > 0, "its counts stay");
+
+    // One still queued cannot be deleted until it is cancelled; cancelling refunds its call.
+    tollgate::models::api_keys::charge(
+        &app.ctx.db,
+        key.id,
+        &tollgate::models::api_keys::hash_secret(&key.secret),
+    )
+    .await
+    .expect("db")
+    .expect("charged, as admission charges");
+    let queued = uuid::Uuid::new_v4().to_string();
+    jobs::ActiveModel::create_queued(
+        &app.ctx.db,
+        jobs::NewJob {
+            id: queued.clone(),
+            api_key_id: key.id,
+            endpoint: "/v1/responses".into(),
+            model: "smollm2".into(),
+            request_json: "{}".into(),
+            prompt_tokens: 3,
+            client_ref: None,
+            reservation: Reservation::default(),
+            echo: None,
+        },
+    )
+    .await
+    .expect("a queued response");
+    let (status, body) = app
+        .delete(Some(&key), &format!("/v1/responses/resp_{queued}"))
+        .await;
+    assert_eq!((status, code(&body)), (409, "job_not_finished"), "{body}");
+    let (status, body) = app
+        .get(Some(&key), &format!("/v1/responses/resp_{queued}"))
+        .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("queued")),
+        "{body}"
+    );
+    assert_eq!(app.calls_used(&key).await, 4);
+    let cancel = format!("/v1/responses/resp_{queued}/cancel");
+    let (status, body) = app.post_empty(Some(&other), &cancel).await;
+    assert_eq!((status, code(&body)), (404, "job_not_found"), "{body}");
+    for _ in 0..2 {
+        let (status, body) = app.post_empty(Some(&key), &cancel).await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("cancelled")),
+            "{body}"
+        );
+        assert_eq!(body["error"], Value::Null);
+    }
+    assert_eq!(app.calls_used(&key).await, 3, "refunded once");
+    let (_, body) = app
+        .get(Some(&key), &format!("/v1/responses/resp_{queued}"))
+        .await;
+    assert_eq!(body["status"], "cancelled", "{body}");
+    let (status, body) = app
+        .delete(Some(&key), &format!("/v1/responses/resp_{queued}"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // A response that finished first is not cancelled.
+    let (status, body) = app
+        .post_empty(Some(&key), &format!("/v1/responses/{second_id}/cancel"))
+        .await;
+    assert_eq!((status, code(&body)), (409, "job_finished"), "{body}");
+
+    // Three responses made; reading, listing, deleting, cancelling and refusals spent nothing.
+    assert_eq!(app.calls_used(&key).await, 3);
+    assert_eq!(app.calls_used(&other).await, 0);
+}

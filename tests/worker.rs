@@ -164,3 +164,86 @@ async fn a_job_running_on_a_live_worker_is_never_run_by_another_until_that_worke
         (2, Some("test-worker"))
     );
 }
+
+/// An engine call that never ends; it records when it is dropped (the worker gave it up).
+struct Hanging(Arc<std::sync::atomic::AtomicBool>);
+
+struct DroppedFlag(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DroppedFlag {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl tollgate::engine::Algorithm for Hanging {
+    async fn run(
+        &self,
+        _: GenerationRequest,
+    ) -> Result<tollgate::engine::Generation, tollgate::engine::EngineError> {
+        let _flag = DroppedFlag(self.0.clone());
+        std::future::pending().await
+    }
+    fn status(&self) -> tollgate::engine::EngineStatus {
+        tollgate::engine::EngineStatus::default()
+    }
+}
+
+#[tokio::test]
+async fn a_running_job_cancelled_by_its_client_is_stopped_and_refunded() {
+    use tollgate::models::{_entities::jobs as job_rows, jobs};
+
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let key = app.key_with_calls(Some(3)).await;
+    let job = queued_job(&app, &key).await;
+    let id = job.job_id.clone();
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let events = JobEvents::default();
+    let waiter = events.subscribe(&id);
+    let worker = common::worker_on(&app, Arc::new(Hanging(dropped.clone())), events.clone());
+    let run = tokio::spawn(async move { worker.run_one(job).await });
+    loop {
+        let record = job_rows::Entity::find_by_id(id.clone())
+            .one(&app.ctx.db)
+            .await
+            .expect("db")
+            .expect("recorded");
+        if record.status == "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let cancelled = jobs::cancel(&app.ctx.db, &id, key.id)
+        .await
+        .expect("db")
+        .expect("cancelled while running");
+    assert!(cancelled.is_cancelled() && cancelled.refunded);
+    assert!(
+        jobs::cancel(&app.ctx.db, &id, key.id)
+            .await
+            .expect("db")
+            .is_none(),
+        "settled once"
+    );
+    assert_eq!(app.calls_used(&key).await, 0, "refunded");
+    events.publish(&cancelled);
+    assert!(waiter.await.expect("notified").is_cancelled());
+    // The worker sees the record change and gives the engine call up (without it, never).
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(30), run)
+        .await
+        .expect("the worker stopped the cancelled job")
+        .expect("task")
+        .expect("run");
+    assert!(matches!(outcome, Outcome::AlreadySettled), "{outcome:?}");
+    assert!(
+        dropped.load(std::sync::atomic::Ordering::SeqCst),
+        "engine call dropped"
+    );
+    let record = jobs::Model::find_any(&app.ctx.db, &id)
+        .await
+        .expect("db")
+        .expect("kept");
+    assert!(record.is_cancelled(), "the cancel stands: {record:?}");
+    assert_eq!(app.calls_used(&key).await, 0);
+}

@@ -19,6 +19,7 @@ mod m20261130_000014_job_logprobs;
 mod m20261130_000015_job_choices;
 mod m20261130_000016_job_cached_tokens;
 mod m20261130_000017_scale_indexes;
+mod m20261201_000018_job_echo;
 
 pub struct Migrator;
 
@@ -43,6 +44,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261130_000015_job_choices::Migration),
             Box::new(m20261130_000016_job_cached_tokens::Migration),
             Box::new(m20261130_000017_scale_indexes::Migration),
+            Box::new(m20261201_000018_job_echo::Migration),
         ]
     }
 }

@@ -95,6 +95,9 @@ pub struct Ticket {
     /// The client's own id for the job (seed 001's `job_id`), idempotent per key.
     pub client_ref: Option<String>,
     pub follow: Follow,
+    /// What the route's answer repeats of the request and the job does not keep (JSON),
+    /// recorded with the job so the answer read back later says the same.
+    pub echo: Option<String>,
 }
 
 impl Ticket {
@@ -105,6 +108,7 @@ impl Ticket {
             endpoint,
             client_ref: None,
             follow: Follow::Result,
+            echo: None,
         }
     }
 
@@ -123,6 +127,12 @@ impl Ticket {
     #[must_use]
     pub fn client_ref(mut self, client_ref: Option<String>) -> Self {
         self.client_ref = client_ref;
+        self
+    }
+
+    #[must_use]
+    pub fn echo(mut self, echo: Option<String>) -> Self {
+        self.echo = echo;
         self
     }
 }
@@ -200,6 +210,7 @@ impl Admission {
             key: key.clone(),
             endpoint: ticket.endpoint,
             client_ref: ticket.client_ref.clone(),
+            echo: ticket.echo.clone(),
             prompt_tokens,
             work,
             subscribe: ticket.follow,
@@ -622,6 +633,7 @@ struct Commit {
     key: api_keys::Model,
     endpoint: &'static str,
     client_ref: Option<String>,
+    echo: Option<String>,
     prompt_tokens: usize,
     work: Work,
     subscribe: Follow,
@@ -686,6 +698,7 @@ impl Commit {
                 prompt_tokens: i32::try_from(self.prompt_tokens).unwrap_or(i32::MAX),
                 client_ref: self.client_ref.clone(),
                 reservation,
+                echo: self.echo.clone(),
             },
         )
         .await;

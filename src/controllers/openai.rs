@@ -1051,5 +1051,16 @@ pub fn routes() -> Routes {
         .add("/completions", axum::routing::post(completions))
         .add("/embeddings", axum::routing::post(embeddings))
         .add("/responses", axum::routing::post(responses::create))
-        .add("/responses/{id}", axum::routing::get(responses::retrieve))
+        .add(
+            "/responses/{id}",
+            axum::routing::get(responses::retrieve).delete(responses::delete),
+        )
+        .add(
+            "/responses/{id}/input_items",
+            axum::routing::get(responses::list_input_items),
+        )
+        .add(
+            "/responses/{id}/cancel",
+            axum::routing::post(responses::cancel),
+        )
 }

@@ -102,6 +102,8 @@ pub struct NewJob {
     pub client_ref: Option<String>,
     /// Tokens held against the key's (and its user's) budgets until the job settles.
     pub reservation: budgets::Reservation,
+    /// What the route's answer repeats of its request and the job does not keep (JSON).
+    pub echo: Option<String>,
 }
 
 impl Model {
@@ -325,6 +327,7 @@ impl ActiveModel {
             logprobs: Set(None),
             choices: Set(None),
             cached_tokens: Set(0),
+            echo: Set(job.echo),
             created_at: Set(ts),
             updated_at: Set(ts),
         }
@@ -454,9 +457,37 @@ pub async fn fail(
     id: &str,
     reason: &str,
 ) -> Result<Option<Model>, ModelError> {
+    fail_where(db, id, reason, None).await
+}
+
+/// What a job cancelled by its client records as its error (`job_cancelled`, so a client
+/// waiting for it is told so).
+pub const CANCELLED: &str = "job_cancelled: cancelled by its client before it finished";
+
+/// Cancels one of `api_key_id`'s jobs that has not finished: settled as [`fail`] settles (its
+/// call and reservation refunded, at most once), with [`CANCELLED`] as its error. A worker
+/// running it sees the record change and stops the generation. `None` when there is no such
+/// unfinished job (finished meanwhile, or not this key's).
+///
+/// # Errors
+/// On database errors.
+pub async fn cancel(
+    db: &DatabaseConnection,
+    id: &str,
+    api_key_id: i32,
+) -> Result<Option<Model>, ModelError> {
+    fail_where(db, id, CANCELLED, Some(api_key_id)).await
+}
+
+async fn fail_where(
+    db: &DatabaseConnection,
+    id: &str,
+    reason: &str,
+    api_key_id: Option<i32>,
+) -> Result<Option<Model>, ModelError> {
     let ts = now();
     let txn = db.begin().await?;
-    let rows = Entity::update_many()
+    let mut update = Entity::update_many()
         .col_expr(Column::Status, Expr::value(FAILED))
         .col_expr(Column::Error, Expr::value(reason))
         .col_expr(Column::Refunded, Expr::value(true))
@@ -464,9 +495,11 @@ pub async fn fail(
         .col_expr(Column::UpdatedAt, Expr::value(ts))
         .filter(Column::Id.eq(id))
         .filter(Column::Status.is_in([QUEUED, RUNNING]))
-        .filter(Column::Refunded.eq(false))
-        .exec_with_returning(&txn)
-        .await?;
+        .filter(Column::Refunded.eq(false));
+    if let Some(key) = api_key_id {
+        update = update.filter(Column::ApiKeyId.eq(key));
+    }
+    let rows = update.exec_with_returning(&txn).await?;
     let Some(job) = rows.into_iter().next() else {
         txn.rollback().await?;
         return Ok(None);
@@ -478,7 +511,8 @@ pub async fn fail(
     Ok(Some(job))
 }
 
-/// Erases the texts (request, result, error) of jobs that finished before `before`; returns
+/// Erases the texts of jobs that finished before `before` (the request, the result and its
+/// other choices and per-token log-probabilities, the error, what the answer echoed); returns
 /// how many it erased. Counts, timings and usage records stay. One statement, so a purge
 /// running on several API instances at once erases each job once.
 ///
@@ -488,16 +522,66 @@ pub async fn purge_texts<C: ConnectionTrait>(
     db: &C,
     before: DateTimeWithTimeZone,
 ) -> Result<u64, ModelError> {
-    let res = Entity::update_many()
-        .col_expr(Column::Request, Expr::value(PURGED))
-        .col_expr(Column::Result, Expr::value(Option::<String>::None))
-        .col_expr(Column::Error, Expr::value(Option::<String>::None))
+    let res = erase_texts(Entity::update_many())
         .filter(Column::Status.is_in([DONE, FAILED]))
         .filter(Column::FinishedAt.lt(before))
         .filter(Column::Request.ne(PURGED))
         .exec(db)
         .await?;
     Ok(res.rows_affected)
+}
+
+/// Erases the texts of one finished job of `api_key_id` now, as the retention purge would
+/// later (a client deleting its stored response). `false` when there is no such finished job
+/// with texts left: none of this key's, one not finished yet, or one already erased.
+///
+/// # Errors
+/// On database errors.
+pub async fn erase_finished<C: ConnectionTrait>(
+    db: &C,
+    id: &str,
+    api_key_id: i32,
+) -> Result<bool, ModelError> {
+    let res = erase_texts(Entity::update_many())
+        .filter(Column::Id.eq(id))
+        .filter(Column::ApiKeyId.eq(api_key_id))
+        .filter(Column::Status.is_in([DONE, FAILED]))
+        .filter(Column::Request.ne(PURGED))
+        .exec(db)
+        .await?;
+    Ok(res.rows_affected > 0)
+}
+
+/// Every column that holds text a client sent or the model wrote.
+fn erase_texts(update: sea_orm::UpdateMany<Entity>) -> sea_orm::UpdateMany<Entity> {
+    let none = || Expr::value(Option::<String>::None);
+    update
+        .col_expr(Column::Request, Expr::value(PURGED))
+        .col_expr(Column::Result, none())
+        .col_expr(Column::Error, none())
+        .col_expr(Column::Logprobs, none())
+        .col_expr(Column::Choices, none())
+        .col_expr(Column::Echo, none())
+}
+
+impl Model {
+    /// Whether this job's texts were erased (by the retention purge, or deleted by its key).
+    #[must_use]
+    pub fn is_purged(&self) -> bool {
+        self.request == PURGED
+    }
+
+    /// Whether its client cancelled it ([`cancel`]).
+    #[must_use]
+    pub fn is_cancelled(&self) -> bool {
+        self.status == FAILED && self.error.as_deref() == Some(CANCELLED)
+    }
+
+    /// Whether `worker` runs it now (a cancelled, reaped or taken-over job is no longer).
+    #[must_use]
+    pub fn is_running_on(&self, worker: &str) -> bool {
+        self.status == RUNNING && self.worker.as_deref() == Some(worker)
+    }
 }
 
 /// What a purged job's request reads.

@@ -6,12 +6,13 @@ use super::{
     schemas::{
         ActiveModel, Adapter, AdapterDeleted, AdapterForm, AdapterList, ApiAnswer, ChatCompletion,
         ConfigCreated, CsrfForm, Deleted, Detokenized, EmbeddingList, EngineStarted, ErrorBody,
-        HealthStatus, InferenceAnswer, Job, KeyForm, LlamaCompletion, LlamaProps, LlmAnswer,
-        LocoHealth, LoginForm, LoginToken, Message, ModelConfig, ModelEntry, ModelIds, ModelList,
-        ModelLoaded, OllamaChat, OllamaEmbed, OllamaEmbedding, OllamaGenerate, OllamaShow,
-        OllamaTags, OllamaVersion, Ping, ResponseObject, Seed000Embedding, Seed001Answer,
-        SetupForm, StatusMessage, Templated, Terminated, TextCompletion, Tokens, UsageReport,
-        UsePost, User, UserDeleted, UserForm, UserList, WordsPerDay, WorkerList,
+        HealthStatus, InferenceAnswer, InputItemList, Job, KeyForm, LlamaCompletion, LlamaProps,
+        LlmAnswer, LocoHealth, LoginForm, LoginToken, Message, ModelConfig, ModelEntry, ModelIds,
+        ModelList, ModelLoaded, OllamaChat, OllamaEmbed, OllamaEmbedding, OllamaGenerate,
+        OllamaShow, OllamaTags, OllamaVersion, Ping, ResponseDeleted, ResponseObject,
+        Seed000Embedding, Seed001Answer, SetupForm, StatusMessage, Templated, Terminated,
+        TextCompletion, Tokens, UsageReport, UsePost, User, UserDeleted, UserForm, UserList,
+        WordsPerDay, WorkerList,
     },
     Access::{Admin, Keyed, Metered, Public, Session, SessionPublic},
     Op,
@@ -122,7 +123,16 @@ fn openai() -> Family {
                 .events("With `stream: true`: typed events (`response.created`, `response.output_text.delta`, …) ending in `response.completed`, `response.incomplete` or `response.failed`.")
                 .answer::<ResponseObject>(202, "Queued or still running (`background: true`, or the wait ended): the response as it stands; `Location` says where to read it."),
             Op::get("/v1/responses/{id}", Keyed, "One response this key made")
-                .ok::<ResponseObject>("The response as it stands; an unknown id is 404 `job_not_found`."),
+                .ok::<ResponseObject>("The response as it stands, with the `instructions`, `metadata` and `previous_response_id` it was created with; an unknown or deleted id is 404 `job_not_found`."),
+            Op::delete("/v1/responses/{id}", Keyed, "Delete a stored response")
+                .describe("Erases the response's input, output and what it echoed now, as the retention purge would later; its usage stays counted. It can no longer be read, listed, referenced or continued.")
+                .ok::<ResponseDeleted>("Deleted; a response still queued or running is 409 `job_not_finished` (cancel it first), an unknown or already deleted one 404 `job_not_found`."),
+            Op::post("/v1/responses/{id}/cancel", Keyed, "Cancel a response")
+                .describe("Stops a response that has not finished (queued, or being generated: its worker stops it within a second) and refunds its call.")
+                .ok::<ResponseObject>("The response, `cancelled` (again for one already cancelled); one that finished first is 409 `job_finished`, an unknown id 404 `job_not_found`."),
+            Op::get("/v1/responses/{id}/input_items", Keyed, "A response's input items")
+                .describe("The items of the response's own `input` (not its `instructions`, nor the conversation it continued), newest first unless `order=asc`; `limit` 1–100 (default 20), `after` an item id. Each item's `id` can be sent back as an `item_reference`.")
+                .ok::<InputItemList>("One page of items."),
         ],
     )
 }

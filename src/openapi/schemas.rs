@@ -446,8 +446,8 @@ pub struct ResponseObject {
     /// `response`.
     pub object: String,
     pub created_at: i64,
-    /// `queued`, `in_progress`, `completed`, `incomplete` (cut at `max_output_tokens`) or
-    /// `failed`.
+    /// `queued`, `in_progress`, `completed`, `incomplete` (cut at `max_output_tokens`),
+    /// `cancelled` or `failed`.
     pub status: String,
     /// `{code, message}` of a failed response.
     #[schema(value_type = Option<Object>)]
@@ -482,6 +482,32 @@ pub struct ResponseObject {
     pub user: Option<String>,
     #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
+}
+
+/// `DELETE /v1/responses/{id}`.
+#[derive(ToSchema)]
+pub struct ResponseDeleted {
+    /// `resp_` and the job's id.
+    pub id: String,
+    /// `response`.
+    pub object: String,
+    /// `true`.
+    pub deleted: bool,
+}
+
+/// `GET /v1/responses/{id}/input_items`: one page of a response's input items.
+#[derive(ToSchema)]
+pub struct InputItemList {
+    /// `list`.
+    pub object: String,
+    /// `message` items (`input_text` parts; an assistant's `output_text`), `function_call`
+    /// and `function_call_output` items, each with its `id` and `status`.
+    #[schema(value_type = Vec<Object>)]
+    pub data: Vec<serde_json::Value>,
+    pub first_id: Option<String>,
+    pub last_id: Option<String>,
+    /// Whether a later page follows (ask again with `after` = `last_id`).
+    pub has_more: bool,
 }
 
 /// A response's tokens, in the Responses API's names.

@@ -21,9 +21,13 @@ pub enum Outcome {
     Done(jobs::Model),
     Failed(jobs::Model),
     /// The job was already settled, or runs on another live worker (a late or duplicate
-    /// delivery): nothing was run or charged.
+    /// delivery): nothing was run or charged. Or it was settled elsewhere while it ran
+    /// (cancelled by its client, failed by the reaper): its generation was stopped.
     AlreadySettled,
 }
+
+/// How often a worker reads the record of each job it runs, to stop one settled elsewhere.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub struct GenerationWorker {
     db: DatabaseConnection,
@@ -156,15 +160,28 @@ impl GenerationWorker {
         let started = std::time::Instant::now();
         let input_words = job.work.input_words();
         let lane = crate::engine::Lane::new(i64::from(job.api_key_id), job.priority);
-        let result = match job.work {
-            Work::Generate(request) => self.generate(&job.job_id, *request, lane).await,
-            Work::Embed(request) => {
-                self.algorithm
-                    .embed_in_lane(request, lane)
-                    .await
-                    .and_then(|e| {
-                        JobOutput::embeddings(&e).map_err(|e| EngineError::Embedding(e.to_string()))
-                    })
+        let work = async {
+            match job.work {
+                Work::Generate(request) => self.generate(&job.job_id, *request, lane).await,
+                Work::Embed(request) => {
+                    self.algorithm
+                        .embed_in_lane(request, lane)
+                        .await
+                        .and_then(|e| {
+                            JobOutput::embeddings(&e)
+                                .map_err(|e| EngineError::Embedding(e.to_string()))
+                        })
+                }
+            }
+        };
+        // A job settled elsewhere while it runs (cancelled by its client, failed by the
+        // reaper, taken over) is stopped: dropping the engine call frees its sequence.
+        let result = tokio::select! {
+            result = work => result,
+            () = self.until_not_running(&job.job_id) => {
+                tracing::info!("job settled elsewhere while running; stopped its generation");
+                self.stats.finished(None);
+                return Ok(Outcome::AlreadySettled);
             }
         }
         .map(|output| JobOutput {
@@ -234,6 +251,21 @@ impl GenerationWorker {
                 return Ok(None);
             }
             tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Returns once the job's record says this worker no longer runs it, read every
+    /// [`WATCH_EVERY`] (one primary-key read per running job: the record is what every API
+    /// instance changes, so a cancel reaches workers in any process). A failed read keeps
+    /// the job running.
+    async fn until_not_running(&self, job_id: &str) {
+        loop {
+            tokio::time::sleep(WATCH_EVERY).await;
+            if let Ok(record) = jobs::Model::find_any(&self.db, job_id).await {
+                if !record.is_some_and(|r| r.is_running_on(&self.name)) {
+                    return;
+                }
+            }
         }
     }
 

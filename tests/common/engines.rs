@@ -65,6 +65,7 @@ pub async fn queued_job(
             prompt_tokens,
             client_ref: None,
             reservation,
+            echo: None,
         },
     )
     .await

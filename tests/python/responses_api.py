@@ -249,6 +249,28 @@ while read.status in ("queued", "in_progress") and time.time() < deadline:
     read = client.responses.retrieve(queued.id)
 assert read.output_text == expected and read.status == r.status, read
 
+# Read back with what it was made with; its input items listed a page at a time (the SDK
+# follows `after`); deleted, after which it is gone.
+noted = client.responses.create(
+    model="smollm2", instructions="Answer in one word.", metadata={"run": "sdk"}, max_output_tokens=8, temperature=0,
+    input=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": question}],
+)
+back = client.responses.retrieve(noted.id)
+assert back.instructions == "Answer in one word." and back.metadata == {"run": "sdk"}, back
+assert back.output_text == noted.output_text, (back, noted)
+assert client.responses.retrieve(chained.id).previous_response_id == called.id
+listed = list(client.responses.input_items.list(noted.id, limit=1, order="asc"))
+assert [(i.type, i.role) for i in listed] == [("message", "user"), ("message", "assistant"), ("message", "user")], listed
+assert listed[2].content[0].text == question and len({i.id for i in listed}) == 3, listed
+newest = client.responses.input_items.list(noted.id)
+assert [i.id for i in newest.data] == [i.id for i in reversed(listed)] and not newest.has_more, newest
+client.responses.delete(noted.id)
+try:
+    client.responses.retrieve(noted.id)
+    raise SystemExit("a deleted response was read")
+except openai.NotFoundError as e:
+    assert e.status_code == 404, e
+
 # LangChain's ChatOpenAI on the Responses API: a turn, and a streamed one.
 llm = ChatOpenAI(base_url=f"{base}/v1", api_key=good, model="smollm2", temperature=0, max_tokens=48,
                  max_retries=0, use_responses_api=True)

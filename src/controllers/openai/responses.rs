@@ -1,5 +1,8 @@
 //! OpenAI's Responses API: `POST /v1/responses` (answered whole, or streamed as its typed
-//! events with `stream: true`) and `GET /v1/responses/{id}`. It is what the `openai` SDKs'
+//! events with `stream: true`), `GET /v1/responses/{id}` (with the `instructions`, `metadata`
+//! and `previous_response_id` it was made with, kept in the job's `echo`),
+//! `GET /v1/responses/{id}/input_items`, `POST /v1/responses/{id}/cancel` and
+//! `DELETE /v1/responses/{id}`. It is what the `openai` SDKs'
 //! `client.responses` send and what agent frameworks built on them (the OpenAI Agents SDK's
 //! default model, LangChain's `use_responses_api`) call; vLLM, Ollama and LiteLLM serve it.
 //!
@@ -18,7 +21,7 @@
 //! `response` as it stands; `GET /v1/responses/{id}` reads it until its job record is purged.
 
 use axum::{
-    extract::{Path, State},
+    extract::{Path, Query, State},
     http::{header, StatusCode},
     response::{
         sse::{Event, KeepAlive, Sse},
@@ -97,12 +100,31 @@ pub(crate) struct ResponsesRequest {
     rest: Map<String, Value>,
 }
 
-/// What the answer repeats of the request that the job does not keep.
-#[derive(Debug, Clone, Default)]
+/// What the answer repeats of the request that the job does not keep; recorded with the job
+/// (its `echo`), so the response read back says the same.
+#[derive(Debug, Clone, Default, serde::Serialize, Deserialize)]
 struct Echo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     instructions: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     metadata: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     previous_response_id: Option<String>,
+    /// How many of the recorded chat turns came before this request's own `input` (the
+    /// system turn of its `instructions`, the conversation it continued): its input items
+    /// are the turns after them.
+    #[serde(default)]
+    input_from: usize,
+}
+
+impl Echo {
+    /// The echo recorded with a job (none for a job recorded before it was kept, or erased).
+    fn of(job: &jobs::Model) -> Self {
+        job.echo
+            .as_deref()
+            .and_then(|e| serde_json::from_str(e).ok())
+            .unwrap_or_default()
+    }
 }
 
 fn invalid_input(message: impl Into<String>) -> ApiError {
@@ -442,14 +464,17 @@ impl ResponsesRequest {
         Ok(self.top_logprobs.is_some() || include.iter().any(|i| i == INCLUDABLE[0]))
     }
 
-    /// The request as `/v1/chat/completions` takes it, and what its answer repeats.
-    fn into_chat(self) -> ApiResult<(ChatRequest, Echo)> {
+    /// The request as `/v1/chat/completions` takes it, and what its answer repeats;
+    /// `continued` is how many chat turns [`continue_from`] put before `input`.
+    fn into_chat(self, continued: usize) -> ApiResult<(ChatRequest, Echo)> {
         check_rest(&self.rest)?;
         let logprobs = self.logprobs()?;
+        let system = usize::from(self.instructions.as_deref().is_some_and(|i| !i.is_empty()));
         let echo = Echo {
             instructions: self.instructions.clone(),
             metadata: self.metadata,
             previous_response_id: self.previous_response_id,
+            input_from: system + continued,
         };
         let chat = ChatRequest {
             messages: messages(self.instructions, self.input)?,
@@ -584,6 +609,7 @@ fn response_json(job: &jobs::Model, asked: Option<&GenerationRequest>, echo: &Ec
             Value::Null,
             Value::Null,
         ),
+        _ if job.is_cancelled() => ("cancelled", Vec::new(), Value::Null, Value::Null),
         _ => {
             let reason = job.error.as_deref().unwrap_or_default();
             (
@@ -693,8 +719,8 @@ pub(super) async fn create(
     // Earlier turns sent by reference (Vercel's AI SDK) become those turns, and a response
     // continued puts its conversation first.
     resolve_references(&ctx.db, key.id, &mut body.input).await?;
-    continue_from(&ctx.db, key.id, &mut body).await?;
-    let (chat, echo) = body.into_chat()?;
+    let continued = continue_from(&ctx.db, key.id, &mut body).await?;
+    let (chat, echo) = body.into_chat(continued)?;
     let input = GenerationInput::try_from(chat)?;
     let services = Services::from_ctx(&ctx)?;
     let follow = match (streaming, background) {
@@ -702,7 +728,9 @@ pub(super) async fn create(
         (false, true) => Follow::Nothing,
         (false, false) => Follow::Settled,
     };
-    let ticket = Ticket::wait(ENDPOINT).follow(follow);
+    let ticket = Ticket::wait(ENDPOINT)
+        .follow(follow)
+        .echo(serde_json::to_string(&echo).ok());
     match services.admission.admit(&key, input, ticket).await? {
         Admitted::Streaming(js) => Ok(stream(js, echo)),
         Admitted::Finished(job) => {
@@ -713,18 +741,18 @@ pub(super) async fn create(
     }
 }
 
-/// The job an output item's id names: `msg_<job>` or `fc_<job>_<n>` (the job's UUID without
-/// dashes).
+/// The job an item's id names: an output item's `msg_<job>` or `fc_<job>_<n>`, or an input
+/// item's `msg_`/`fc_`/`fco_<job>_in<n>` (the job's UUID without dashes).
 fn referenced_job(id: &str) -> Option<String> {
-    let hex = match id.strip_prefix("msg_") {
-        Some(hex) => hex,
-        None => id.strip_prefix("fc_")?.split('_').next()?,
-    };
+    let rest = ["msg_", "fco_", "fc_"]
+        .iter()
+        .find_map(|p| id.strip_prefix(p))?;
+    let hex = rest.split('_').next()?;
     uuid::Uuid::try_parse(hex).ok().map(|u| u.to_string())
 }
 
 /// The job behind one of this key's responses, named `resp_<job id>` or by the job id alone;
-/// `None` for another key's, another route's, or a purged one.
+/// `None` for another key's, another route's, or one purged or deleted.
 async fn own_response(
     db: &sea_orm::DatabaseConnection,
     key_id: i32,
@@ -733,12 +761,12 @@ async fn own_response(
     let job_id = id.strip_prefix("resp_").unwrap_or(id);
     Ok(jobs::Model::find_for_key(db, job_id, key_id)
         .await?
-        .filter(|j| j.endpoint == ENDPOINT))
+        .filter(|j| j.endpoint == ENDPOINT && !j.is_purged()))
 }
 
 /// Replaces each `{"type": "item_reference", "id"}` of `input` with the item it names: an
-/// output item of one of this key's earlier responses, read from its job record (each job
-/// read once). Vercel's AI SDK sends earlier turns this way by default.
+/// input or output item of one of this key's earlier responses, read from its job record
+/// (each job read once). Vercel's AI SDK sends earlier turns this way by default.
 ///
 /// # Errors
 /// 422 `invalid_input` naming an id that is no item of this key's responses (or whose job
@@ -769,16 +797,19 @@ async fn resolve_references(
         };
         let job_id = referenced_job(&id).ok_or_else(unknown)?;
         if !outputs.contains_key(&job_id) {
-            let job = own_response(db, key_id, &job_id)
+            let found = own_response(db, key_id, &job_id)
                 .await?
-                .filter(|j| j.status == jobs::DONE);
-            let found = job.map_or_else(Vec::new, |job| {
-                let format = asked_of(&job)
-                    .as_ref()
-                    .and_then(|r| r.prompt.tools())
-                    .map(|t| t.format);
-                output_items(&job, format)
-            });
+                .map_or_else(Vec::new, |job| {
+                    let mut items = listed_input_items(&job);
+                    if job.status == jobs::DONE {
+                        let format = asked_of(&job)
+                            .as_ref()
+                            .and_then(|r| r.prompt.tools())
+                            .map(|t| t.format);
+                        items.extend(output_items(&job, format));
+                    }
+                    items
+                });
             outputs.insert(job_id.clone(), found);
         }
         *item = outputs
@@ -795,6 +826,7 @@ async fn resolve_references(
 /// `function_call_output` answering one of its calls finds the call. The earlier response's
 /// leading system turns are left out when this request brings `instructions` of its own
 /// (OpenAI does not carry instructions over; the OpenAI Agents SDK sends them every turn).
+/// Returns how many chat turns it put first (0 without `previous_response_id`).
 ///
 /// # Errors
 /// 404 `job_not_found` for an id that is no response of this key (or whose record was
@@ -804,9 +836,9 @@ async fn continue_from(
     db: &sea_orm::DatabaseConnection,
     key_id: i32,
     body: &mut ResponsesRequest,
-) -> ApiResult<()> {
+) -> ApiResult<usize> {
     let Some(id) = body.previous_response_id.as_deref() else {
-        return Ok(());
+        return Ok(0);
     };
     let not_found = || {
         ApiError::new(
@@ -822,16 +854,21 @@ async fn continue_from(
         )));
     }
     let asked = asked_of(&job).ok_or_else(not_found)?;
-    let Prompt::Chat { messages, tools } = &asked.prompt else {
+    let Prompt::Chat {
+        messages: earlier,
+        tools,
+    } = &asked.prompt
+    else {
         return Err(not_found());
     };
     let own_instructions = body.instructions.as_deref().is_some_and(|i| !i.is_empty());
-    let mut items: Vec<Value> = messages
+    let mut items: Vec<Value> = earlier
         .iter()
         .skip_while(|m| own_instructions && m.role == "system")
         .flat_map(input_items)
         .collect();
     items.extend(output_items(&job, tools.as_ref().map(|t| t.format)));
+    let continued = messages(None, Value::Array(items.clone()))?.len();
     match std::mem::take(&mut body.input) {
         Value::String(text) => items.push(json!({"role": "user", "content": text})),
         Value::Array(later) => items.extend(later),
@@ -842,7 +879,7 @@ async fn continue_from(
         }
     }
     body.input = Value::Array(items);
-    Ok(())
+    Ok(continued)
 }
 
 /// A recorded turn as the input items that make it again.
@@ -869,25 +906,261 @@ fn input_items(m: &ChatMessage) -> Vec<Value> {
     items
 }
 
-/// `GET /v1/responses/{id}`: a response this key made, as it stands.
+/// 404 `job_not_found` for an id that is no response of this key.
+fn no_response(id: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::JobNotFound,
+        format!("no response {id} for this key"),
+    )
+}
+
+/// `GET /v1/responses/{id}`: a response this key made, as it stands, with what it was created
+/// with (`instructions`, `metadata`, `previous_response_id`).
 #[tracing::instrument(skip_all, fields(api_key))]
 pub(super) async fn retrieve(
     State(ctx): State<AppContext>,
     Caller(key): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let job = own_response(&ctx.db, key.id, &id).await?.ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::JobNotFound,
-            format!("no response {id} for this key"),
-        )
-    })?;
+    let job = own_response(&ctx.db, key.id, &id)
+        .await?
+        .ok_or_else(|| no_response(&id))?;
     Ok(Json(response_json(
         &job,
         asked_of(&job).as_ref(),
-        &Echo::default(),
+        &Echo::of(&job),
     ))
     .into_response())
+}
+
+/// `DELETE /v1/responses/{id}`: erases a finished response's texts (its input, output and
+/// what it echoed) now, as the retention purge would later; its usage stays counted. It can
+/// no longer be read, listed, referenced or continued.
+///
+/// # Errors
+/// 404 `job_not_found` for an id that is no response of this key (or one already deleted);
+/// 409 `job_not_finished` for one still queued or running (cancel it first).
+#[tracing::instrument(skip_all, fields(api_key))]
+pub(super) async fn delete(
+    State(ctx): State<AppContext>,
+    Caller(key): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let job = own_response(&ctx.db, key.id, &id)
+        .await?
+        .ok_or_else(|| no_response(&id))?;
+    // One conditional statement: two deletes racing each other erase it once; the loser, and
+    // a response that is not finished, are told why.
+    if !jobs::erase_finished(&ctx.db, &job.id, key.id).await? {
+        return match jobs::Model::find_for_key(&ctx.db, &job.id, key.id).await? {
+            Some(j) if !j.is_finished() => Err(ApiError::new(
+                ErrorCode::JobNotFinished,
+                format!(
+                    "response {id} is {}; it can be deleted once it has finished (or been cancelled: POST {ENDPOINT}/{id}/cancel)",
+                    response_status(&j)
+                ),
+            )),
+            _ => Err(no_response(&id)),
+        };
+    }
+    Ok(
+        Json(json!({"id": response_id(&job.id), "object": "response", "deleted": true}))
+            .into_response(),
+    )
+}
+
+/// `POST /v1/responses/{id}/cancel`: stops a response that has not finished (queued, or being
+/// generated: its worker stops it within a second) and refunds its call; answers it as
+/// `cancelled`, as it does again for one already cancelled.
+///
+/// # Errors
+/// 404 `job_not_found` for an id that is no response of this key; 409 `job_finished` for
+/// one that finished first.
+#[tracing::instrument(skip_all, fields(api_key))]
+pub(super) async fn cancel(
+    State(ctx): State<AppContext>,
+    Caller(key): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let mut job = own_response(&ctx.db, key.id, &id)
+        .await?
+        .ok_or_else(|| no_response(&id))?;
+    if !job.is_finished() {
+        if let Some(cancelled) = jobs::cancel(&ctx.db, &job.id, key.id).await? {
+            // Whoever waits for it (here or, through the bus, elsewhere) learns it now.
+            Services::from_ctx(&ctx)?.events.publish(&cancelled);
+            job = cancelled;
+        } else if let Some(now) = own_response(&ctx.db, key.id, &id).await? {
+            job = now;
+        }
+    }
+    if !job.is_cancelled() {
+        return Err(ApiError::new(
+            ErrorCode::JobFinished,
+            format!(
+                "response {id} is {}; only one that has not finished can be cancelled",
+                response_status(&job)
+            ),
+        ));
+    }
+    Ok(Json(response_json(
+        &job,
+        asked_of(&job).as_ref(),
+        &Echo::of(&job),
+    ))
+    .into_response())
+}
+
+/// A response's `status` as the Responses API names it.
+fn response_status(job: &jobs::Model) -> &'static str {
+    match job.status.as_str() {
+        jobs::QUEUED => "queued",
+        jobs::RUNNING => "in_progress",
+        jobs::DONE if cut_short(job) => "incomplete",
+        jobs::DONE => "completed",
+        _ if job.is_cancelled() => "cancelled",
+        _ => "failed",
+    }
+}
+
+/// A response's own input (not its `instructions`, nor the conversation it continued) as the
+/// items `GET /v1/responses/{id}/input_items` lists, oldest first, each with an id that
+/// `item_reference` also takes (`msg_`/`fc_`/`fco_`, the job, `in` and its place).
+fn listed_input_items(job: &jobs::Model) -> Vec<Value> {
+    let Some(Prompt::Chat { messages, .. }) = asked_of(job).map(|r| r.prompt) else {
+        return Vec::new();
+    };
+    let hex = job.id.replace('-', "");
+    messages
+        .iter()
+        .skip(Echo::of(job).input_from)
+        .flat_map(input_items)
+        .enumerate()
+        .map(|(n, mut item)| {
+            let prefix = match item["type"].as_str() {
+                Some("function_call") => "fc",
+                Some("function_call_output") => "fco",
+                _ => "msg",
+            };
+            if prefix == "msg" {
+                let text = item["content"].take();
+                let part = if item["role"] == "assistant" {
+                    json!({"type": "output_text", "text": text, "annotations": []})
+                } else {
+                    json!({"type": "input_text", "text": text})
+                };
+                item["content"] = json!([part]);
+            }
+            item["id"] = json!(format!("{prefix}_{hex}_in{n}"));
+            item["status"] = json!("completed");
+            item
+        })
+        .collect()
+}
+
+/// `GET /v1/responses/{id}/input_items` query: OpenAI's cursor pagination.
+#[derive(Debug, Default)]
+struct ItemsPage {
+    limit: usize,
+    ascending: bool,
+    after: Option<String>,
+}
+
+impl ItemsPage {
+    /// # Errors
+    /// 422 `invalid_query` for a bad `limit` or `order`; 400 `unsupported_parameter` naming
+    /// any other parameter (`include` included: input items carry nothing more to add).
+    fn parse(pairs: Vec<(String, String)>) -> ApiResult<Self> {
+        let mut page = Self {
+            limit: 20,
+            ..Self::default()
+        };
+        for (name, value) in pairs {
+            match name.as_str() {
+                "limit" => {
+                    page.limit = value
+                        .parse()
+                        .ok()
+                        .filter(|l| (1..=100).contains(l))
+                        .ok_or_else(|| {
+                            ApiError::new(
+                                ErrorCode::InvalidQuery,
+                                format!(
+                                    "limit must be a whole number from 1 to 100, got {value:?}"
+                                ),
+                            )
+                        })?;
+                }
+                "order" => {
+                    page.ascending = match value.as_str() {
+                        "asc" => true,
+                        "desc" => false,
+                        _ => {
+                            return Err(ApiError::new(
+                                ErrorCode::InvalidQuery,
+                                format!("order must be asc or desc, got {value:?}"),
+                            ))
+                        }
+                    };
+                }
+                "after" => page.after = Some(value),
+                other => {
+                    return Err(unsupported(
+                        &format!("the query parameter {other}"),
+                        "input items are listed with limit, order and after only",
+                    ))
+                }
+            }
+        }
+        Ok(page)
+    }
+
+    /// This page of `items` (oldest first) as OpenAI's `list` object.
+    fn of(&self, mut items: Vec<Value>) -> ApiResult<Value> {
+        if !self.ascending {
+            items.reverse();
+        }
+        let start = match &self.after {
+            None => 0,
+            Some(after) => {
+                items
+                    .iter()
+                    .position(|i| i["id"] == after.as_str())
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            ErrorCode::InvalidQuery,
+                            format!("after: {after:?} is no input item of this response"),
+                        )
+                    })?
+                    + 1
+            }
+        };
+        let has_more = items.len() > start + self.limit;
+        let data: Vec<Value> = items.into_iter().skip(start).take(self.limit).collect();
+        Ok(json!({
+            "object": "list",
+            "data": data,
+            "first_id": data.first().map(|i| i["id"].clone()),
+            "last_id": data.last().map(|i| i["id"].clone()),
+            "has_more": has_more,
+        }))
+    }
+}
+
+/// `GET /v1/responses/{id}/input_items`: the items of a response's own input, newest first
+/// unless `order=asc`, `limit` (1 to 100, default 20) at a time after the item `after`.
+#[tracing::instrument(skip_all, fields(api_key))]
+pub(super) async fn list_input_items(
+    State(ctx): State<AppContext>,
+    Caller(key): Caller,
+    Path(id): Path<String>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> ApiResult<Response> {
+    let page = ItemsPage::parse(pairs)?;
+    let job = own_response(&ctx.db, key.id, &id)
+        .await?
+        .ok_or_else(|| no_response(&id))?;
+    Ok(Json(page.of(listed_input_items(&job))?).into_response())
 }
 
 /// One event of a streamed response: its `type` and fields (its `sequence_number` is added as
@@ -1120,7 +1393,7 @@ mod tests {
             "store": false,
             "include": [],
         }))
-        .into_chat()
+        .into_chat(0)
         .expect("converts");
         let m = &chat.messages;
         assert_eq!(m.len(), 5, "{m:?}");
@@ -1146,7 +1419,7 @@ mod tests {
             "tool_choice": {"type": "function", "name": "f"},
             "text": {"format": {"type": "json_schema", "name": "out", "schema": {"type": "object"}}},
         }))
-        .into_chat()
+        .into_chat(0)
         .expect("converts");
         assert_eq!(chat.tools.as_ref().map(Vec::len), Some(1));
         assert_eq!(
@@ -1202,7 +1475,7 @@ mod tests {
         ] {
             let mut body = json!({"input": "hi"});
             body[field] = value.clone();
-            let err = request(body).into_chat().expect_err("refused");
+            let err = request(body).into_chat(0).expect_err("refused");
             assert_eq!(err.code.as_str(), code, "{field}: {value}");
             if code == "unsupported_parameter" {
                 assert!(err.message.contains(field), "{}", err.message);
@@ -1239,6 +1512,7 @@ mod tests {
             logprobs: None,
             choices: None,
             cached_tokens: 0,
+            echo: None,
         }
     }
 
@@ -1299,6 +1573,76 @@ mod tests {
         assert_eq!(
             events[4]["response"]["output"][0]["content"][0]["text"],
             "hello"
+        );
+    }
+
+    #[test]
+    fn item_ids_name_their_job_whether_input_or_output() {
+        let job = "0b5c6f2e-8d3a-4f61-9a0e-1c2d3e4f5a6b";
+        let hex = job.replace('-', "");
+        for id in [
+            format!("msg_{hex}"),
+            format!("fc_{hex}_0"),
+            format!("msg_{hex}_in2"),
+            format!("fc_{hex}_in3"),
+            format!("fco_{hex}_in4"),
+        ] {
+            assert_eq!(referenced_job(&id).as_deref(), Some(job), "{id}");
+        }
+        for id in ["msg_", "fc_nothex_0", "rs_abc", &hex] {
+            assert_eq!(referenced_job(id), None, "{id}");
+        }
+    }
+
+    #[test]
+    fn input_items_are_paged_newest_first_unless_asked() {
+        let items: Vec<Value> = (0..5).map(|n| json!({"id": format!("i{n}")})).collect();
+        let ids = |page: &Value| -> Vec<String> {
+            page["data"]
+                .as_array()
+                .map(|d| {
+                    d.iter()
+                        .map(|i| i["id"].as_str().unwrap_or("?").to_string())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let pairs = |q: &[(&str, &str)]| -> Vec<(String, String)> {
+            q.iter().map(|(a, b)| ((*a).into(), (*b).into())).collect()
+        };
+        let page = |q: &[(&str, &str)]| {
+            ItemsPage::parse(pairs(q))
+                .and_then(|p| p.of(items.clone()))
+                .map_err(|e| e.code.as_str())
+        };
+        let all = page(&[]).expect("default page");
+        assert_eq!(ids(&all), ["i4", "i3", "i2", "i1", "i0"]);
+        assert_eq!(
+            (all["first_id"].clone(), all["has_more"].clone()),
+            (json!("i4"), json!(false))
+        );
+        let first = page(&[("order", "asc"), ("limit", "2")]).expect("page");
+        assert_eq!(
+            (ids(&first), first["has_more"].clone()),
+            (vec!["i0".into(), "i1".into()], json!(true))
+        );
+        let last = page(&[("order", "asc"), ("limit", "2"), ("after", "i3")]).expect("page");
+        assert_eq!(
+            (ids(&last), last["has_more"].clone()),
+            (vec!["i4".into()], json!(false))
+        );
+        let empty = page(&[("after", "i0")]).expect("past the end");
+        assert_eq!(
+            (empty["data"].clone(), empty["first_id"].clone()),
+            (json!([]), Value::Null)
+        );
+        assert_eq!(page(&[("limit", "0")]).err(), Some("invalid_query"));
+        assert_eq!(page(&[("limit", "x")]).err(), Some("invalid_query"));
+        assert_eq!(page(&[("order", "up")]).err(), Some("invalid_query"));
+        assert_eq!(page(&[("after", "nope")]).err(), Some("invalid_query"));
+        assert_eq!(
+            page(&[("before", "i1")]).err(),
+            Some("unsupported_parameter")
         );
     }
 }

@@ -42,6 +42,9 @@ pub struct Model {
     pub choices: Option<String>,
     /// Prompt tokens found in the engine's KV cache and not read again (prefix reuse).
     pub cached_tokens: i32,
+    /// What the route's answer repeats of its request and the job does not keep (JSON).
+    #[sea_orm(column_type = "Text", nullable)]
+    pub echo: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

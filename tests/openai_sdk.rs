@@ -45,7 +45,8 @@ async fn the_responses_api_works_for_the_openai_sdk_and_langchain() {
     // ones, a call, the turn after its result and that turn by `previous_response_id`, the call
     // streamed, one in the background, one read back, listed and deleted, two LangChain turns,
     // three Agents SDK runs of one model call each: twenty-eight calls; the refused ones, the
-    // reads, the lists and the delete spent nothing.
+    // reads, the lists, the delete and the one cancelled in the background (refunded) spent
+    // nothing.
     assert_eq!(app.calls_used(&good).await, 28);
     assert_eq!(app.calls_used(&exhausted).await, 0);
 }

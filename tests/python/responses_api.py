@@ -271,6 +271,14 @@ try:
 except openai.NotFoundError as e:
     assert e.status_code == 404, e
 
+# A long one in the background, cancelled at once: stopped, and its call refunded (the Rust
+# side counts the calls).
+long = client.responses.create(model="smollm2", input="Write a long story about a dragon.",
+                               max_output_tokens=1500, temperature=0, background=True)
+stopped = client.responses.cancel(long.id)
+assert stopped.status == "cancelled" and stopped.output == [], stopped
+assert client.responses.retrieve(long.id).status == "cancelled"
+
 # LangChain's ChatOpenAI on the Responses API: a turn, and a streamed one.
 llm = ChatOpenAI(base_url=f"{base}/v1", api_key=good, model="smollm2", temperature=0, max_tokens=48,
                  max_retries=0, use_responses_api=True)

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{TestApp, TestKey};
+use common::{sse_data, TestApp, TestKey};
 use serde_json::{json, Value};
 
 async fn app(reuse: bool, parallel: u32) -> TestApp {
@@ -227,4 +227,75 @@ async fn each_of_several_choices_reuses_its_own_sequence_and_a_seed_still_repeat
             "choice {i}: the seed decides the draws, with or without the cache"
         );
     }
+}
+
+/// `/ping`'s engine counters (admin key).
+async fn engine_status(app: &TestApp) -> Value {
+    let admin = app.admin_key().await;
+    let (status, ping) = app.get(Some(&admin), "/ping").await;
+    assert_eq!(status, 200, "{ping}");
+    ping["worker"]["engine"].clone()
+}
+
+#[tokio::test]
+async fn a_prompt_another_running_request_holds_is_copied_from_its_sequence() {
+    let app = app(true, 4).await;
+    let key = app.key_with_calls(None).await;
+    let messages = json!([{"role": "user", "content": "Write a long story about a brave knight and a dragon."}]);
+    assert_eq!(engine_status(&app).await["prefix_copies"], 0);
+    // A long answer, streamed: once its first piece arrives it runs, holding the prompt.
+    let long = app
+        .request(reqwest::Method::POST, Some(&key), "/v1/chat/completions")
+        .json(
+            &json!({"model": "smollm2", "messages": messages, "max_tokens": 160,
+                      "temperature": 0, "stream": true}),
+        )
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(long.status(), 200);
+    let mut long = long;
+    let first = long.chunk().await.expect("a chunk").expect("not ended");
+    let mut streamed = String::from_utf8_lossy(&first).to_string();
+    // The same prompt meanwhile: another sequence, started from a copy of the running one's.
+    let short = chat(&app, &key, &messages).await;
+    let copies = engine_status(&app).await["prefix_copies"].as_u64();
+    while let Some(chunk) = long.chunk().await.expect("the rest") {
+        streamed.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let prompt = usage(&short, "prompt_tokens");
+    assert_eq!(
+        cached(&short),
+        prompt - 1,
+        "all but its last token copied: {short}"
+    );
+    assert_eq!(
+        copies,
+        Some(1),
+        "copied from the running sequence, not its own cache"
+    );
+    // Both answer as the model does: the copy is the same cache, and the running one's own
+    // sequence was left as it was.
+    let pieces: String = sse_data(&streamed)
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert!(
+        pieces.len() > content(&short).len() && pieces.starts_with(content(&short)),
+        "the long answer begins with the short one: {pieces:?} vs {:?}",
+        content(&short)
+    );
+    let alone = crate::app(false, 1).await;
+    let alone_key = alone.key_with_calls(None).await;
+    let reference = chat(&alone, &alone_key, &messages).await;
+    assert_eq!(
+        content(&short),
+        content(&reference),
+        "as read in full, alone"
+    );
 }

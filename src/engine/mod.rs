@@ -450,6 +450,10 @@ pub struct EngineStatus {
     pub batched_steps: u64,
     #[serde(default)]
     pub max_batch: u64,
+    /// Prompts that started from another sequence's cache, copied (prefix reuse across
+    /// requests: a shared system prompt, the same prompt sent at once).
+    #[serde(default)]
+    pub prefix_copies: u64,
 }
 
 /// Where an engine sends text as it is generated (for streaming clients).

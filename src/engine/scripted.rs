@@ -337,6 +337,7 @@ impl Algorithm for ScriptedEngine {
             parallel: u64::from(self.settings.parallel.max(1)),
             batched_steps: 0,
             max_batch: 0,
+            prefix_copies: 0,
         }
     }
 }

@@ -146,6 +146,13 @@ pub(super) fn start(
             ),
             None => None,
         };
+        if let Some(from) = at.from {
+            // The whole stream, copied at the next decode (this prompt's own), before it is
+            // computed; `cut_cache` then keeps the shared start and checks it is there.
+            ctx.copy_kv_cache_seq(from, seq, None, None)
+                .map_err(|e| EngineError::Decode(format!("copying a cached prefix: {e}")))?;
+            shared.prefix_copies.fetch_add(1, Ordering::AcqRel);
+        }
         let keep = cut_cache(ctx, seq, at.keep.min(tokens.len().saturating_sub(1)))?;
         let mut batch = LlamaBatch::new(PROMPT_BATCH as usize, 1);
         let last = tokens.len() - 1;

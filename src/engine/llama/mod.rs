@@ -9,7 +9,9 @@
 //! prompt is read into its own sequence) and leaves when it ends. Prefix reuse
 //! (`settings.prefix_reuse`, `prefix.rs`): a sequence keeps its KV cache after its job, and a new
 //! job goes to the free sequence whose cache shares the longest start with its prompt and reads
-//! only the rest — a conversation's next turn does not read its history again. Jobs waiting
+//! only the rest — a conversation's next turn does not read its history again — or, when
+//! another sequence (running or not) holds more of the prompt, starts from a copy of that
+//! sequence's cache. Jobs waiting
 //! for a sequence sit in one FIFO lane per API key, served by weighted round-robin
 //! ([`super::lanes`]), so one key's backlog cannot starve another key's job.
 //!
@@ -123,6 +125,7 @@ struct Shared {
     served: AtomicU64,
     batched_steps: AtomicU64,
     max_batch: AtomicU64,
+    prefix_copies: AtomicU64,
     /// Names of the loaded LoRA adapters, most recently used first.
     adapters: Mutex<Vec<String>>,
     /// Facts about the loaded weights, set each time the model is loaded.
@@ -350,6 +353,7 @@ impl LlamaEngine {
             parallel: u64::from(self.settings.parallel.max(1)),
             batched_steps: self.shared.batched_steps.load(Ordering::Acquire),
             max_batch: self.shared.max_batch.load(Ordering::Acquire),
+            prefix_copies: self.shared.prefix_copies.load(Ordering::Acquire),
         }
     }
 }

@@ -9,6 +9,17 @@
 //! stale cache never takes room from another sequence and needs no eviction; a new epoch starts
 //! with empty caches (fresh contexts).
 //!
+//! A new job's prompt may share more with another sequence's cache than with any free
+//! sequence's own: a system prompt or a document many concurrent requests start with, or the
+//! same prompt sent by several clients at once. That sequence's cache (busy or free) is then
+//! copied into the job's sequence first and only the rest is read (vLLM's automatic prefix
+//! caching does the same across requests; llama-server's slots reuse only their own). A busy
+//! sequence's cache holds its whole prompt once its job has started (jobs start one at a time,
+//! reading their prompt whole), so that is what it offers. The sequences are separate streams,
+//! and llama.cpp copies a stream whole (every cell of a sequence's context, at the next decode,
+//! before anything else is computed), so a copy is taken only when it saves at least
+//! [`Sequences::min_copy`] tokens.
+//!
 //! Only base-model caches are reused. Reuse reads a prompt's last tokens in a smaller batch than
 //! a full read would, and llama.cpp does not promise bit-identical logits across batch sizes.
 //! With the quantized base weights the answers come out the same (greedy and seeded, tested);
@@ -42,22 +53,30 @@ pub(super) struct Sequences {
     /// `settings.engine.prefix_reuse`: off, every cache is forgotten when its job ends.
     reuse: bool,
     clock: u64,
+    /// The fewest tokens a copy from another sequence must save (see the module doc).
+    min_copy: usize,
 }
 
 /// Where a job runs: its sequence, and how many of its prompt's first tokens the sequence's
-/// cache already holds (they are not read again).
+/// cache holds (they are not read again), once sequence `from`'s cache, when named, has been
+/// copied into it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Placement {
     pub(super) seq: i32,
     pub(super) keep: usize,
+    pub(super) from: Option<i32>,
 }
 
 impl Sequences {
-    pub(super) fn new(parallel: usize, reuse: bool) -> Self {
+    /// `parallel` sequences of `n_ctx_seq` cells each.
+    pub(super) fn new(parallel: usize, reuse: bool, n_ctx_seq: usize) -> Self {
         Self {
             seqs: (0..parallel.max(1)).map(|_| Cached::default()).collect(),
             reuse,
             clock: 0,
+            // Copying a stream moves `n_ctx_seq` cells; reading one prompt token computes the
+            // whole model for it, far more than moving 128 cells of its cache.
+            min_copy: (n_ctx_seq / 128).max(16),
         }
     }
 
@@ -95,16 +114,33 @@ impl Sequences {
         let index = worth
             .or_else(|| free().find(|(_, c)| c.tokens.is_empty()).map(|(i, _)| i))
             .or_else(|| free().min_by_key(|(_, c)| c.used).map(|(i, _)| i))?;
-        let keep = shared(&self.seqs[index]).min(prompt.len().saturating_sub(1));
+        let most = prompt.len().saturating_sub(1);
+        let own = shared(&self.seqs[index]).min(most);
+        // Another sequence, busy or free, holding more of the prompt: copied in when worth it.
+        let donor = self
+            .seqs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != index)
+            .map(|(i, c)| (i, shared(c).min(most)))
+            .filter(|(_, n)| *n >= own + self.min_copy)
+            .max_by_key(|(i, n)| (*n, std::cmp::Reverse(*i)));
+        let (keep, from) = match donor {
+            Some((d, n)) => (n, Some(i32::try_from(d).ok()?)),
+            None => (own, None),
+        };
         self.clock += 1;
         let cached = &mut self.seqs[index];
         cached.busy = true;
         cached.used = self.clock;
-        cached.tokens.truncate(keep);
+        // What the sequence holds once the job has started: its whole prompt (read by
+        // `batch::start` before any other job is placed); another job may copy it from there.
+        prompt.clone_into(&mut cached.tokens);
         cached.head.clone_from(head);
         Some(Placement {
             seq: i32::try_from(index).ok()?,
             keep,
+            from,
         })
     }
 
@@ -160,7 +196,7 @@ mod tests {
 
     #[test]
     fn a_conversations_next_turn_goes_where_its_history_is() {
-        let mut seqs = Sequences::new(3, true);
+        let mut seqs = Sequences::new(3, true, 2048);
         let first = toks(&[1, 2, 3, 4]);
         let a = seqs.place(&first, &None).unwrap();
         assert_eq!(a.keep, 0, "nothing cached yet");
@@ -174,14 +210,15 @@ mod tests {
             next,
             Placement {
                 seq: a.seq,
-                keep: 6
+                keep: 6,
+                from: None
             }
         );
     }
 
     #[test]
     fn a_prompt_wholly_cached_still_reads_its_last_token() {
-        let mut seqs = Sequences::new(1, true);
+        let mut seqs = Sequences::new(1, true, 2048);
         let p = seqs.place(&toks(&[1, 2, 3]), &None).unwrap();
         seqs.release(p.seq, toks(&[1, 2, 3, 4]), None);
         assert_eq!(seqs.place(&toks(&[1, 2, 3]), &None).unwrap().keep, 2);
@@ -189,7 +226,7 @@ mod tests {
 
     #[test]
     fn only_base_model_caches_are_reused() {
-        let mut seqs = Sequences::new(1, true);
+        let mut seqs = Sequences::new(1, true, 2048);
         let p = seqs.place(&toks(&[1, 2, 3]), &head("x")).unwrap();
         seqs.release(p.seq, toks(&[1, 2, 3, 4]), head("x"));
         // Computed under a head: not for the base model, nor (see the module doc) the head.
@@ -210,7 +247,7 @@ mod tests {
 
     #[test]
     fn a_long_cache_sharing_little_is_spared_while_an_empty_sequence_is_free() {
-        let mut seqs = Sequences::new(2, true);
+        let mut seqs = Sequences::new(2, true, 2048);
         let long: Vec<i32> = (0..100).collect();
         let p = seqs.place(&toks(&long), &None).unwrap();
         seqs.release(p.seq, toks(&long), None);
@@ -229,14 +266,15 @@ mod tests {
             r,
             Placement {
                 seq: p.seq,
-                keep: 3
+                keep: 3,
+                from: None
             }
         );
     }
 
     #[test]
     fn busy_sequences_are_not_taken_and_the_lru_one_goes_first() {
-        let mut seqs = Sequences::new(2, true);
+        let mut seqs = Sequences::new(2, true, 2048);
         let a = seqs.place(&toks(&[1]), &None).unwrap();
         let b = seqs.place(&toks(&[2]), &None).unwrap();
         assert!(!seqs.has_free());
@@ -249,7 +287,7 @@ mod tests {
 
     #[test]
     fn off_every_job_starts_from_an_empty_cache() {
-        let mut seqs = Sequences::new(1, false);
+        let mut seqs = Sequences::new(1, false, 2048);
         let p = seqs.place(&toks(&[1, 2, 3]), &None).unwrap();
         seqs.release(p.seq, toks(&[1, 2, 3, 4]), None);
         assert_eq!(seqs.place(&toks(&[1, 2, 3, 4, 5]), &None).unwrap().keep, 0);
@@ -258,9 +296,66 @@ mod tests {
 
     #[test]
     fn a_cleared_sequence_reuses_nothing() {
-        let mut seqs = Sequences::new(1, true);
+        let mut seqs = Sequences::new(1, true, 2048);
         let p = seqs.place(&toks(&[1, 2, 3]), &None).unwrap();
         seqs.clear(p.seq);
         assert_eq!(seqs.place(&toks(&[1, 2, 3, 4]), &None).unwrap().keep, 0);
+    }
+
+    #[test]
+    fn a_prompt_another_sequence_holds_is_copied_from_it_busy_or_not() {
+        let mut seqs = Sequences::new(4, true, 2048);
+        let prompt: Vec<i32> = (0..40).collect();
+        let a = seqs.place(&toks(&prompt), &None).unwrap();
+        assert_eq!((a.keep, a.from), (0, None));
+        // The same prompt while `a` still runs: its cache is copied, all but the last token kept.
+        let b = seqs.place(&toks(&prompt), &None).unwrap();
+        assert_ne!(b.seq, a.seq);
+        assert_eq!((b.keep, b.from), (39, Some(a.seq)));
+        // A longer prompt starting the same way (a system prompt, a shared document).
+        let longer: Vec<i32> = (0..30).chain(100..120).collect();
+        let c = seqs.place(&toks(&longer), &None).unwrap();
+        assert_eq!((c.keep, c.from), (30, Some(a.seq)));
+        // A finished job's cache serves too, and is left whole (it is copied, not taken).
+        seqs.release(a.seq, toks(&(0..200).collect::<Vec<_>>()), None);
+        seqs.release(b.seq, toks(&[7; 16]), None);
+        seqs.release(c.seq, toks(&[8; 16]), None);
+        let d = seqs.place(&toks(&(0..20).chain(200..300).collect::<Vec<_>>()), &None);
+        let d = d.unwrap();
+        assert_ne!(d.seq, a.seq, "a long cache sharing little is spared");
+        assert_eq!((d.keep, d.from), (20, Some(a.seq)));
+    }
+
+    #[test]
+    fn a_copy_must_save_enough_and_never_crosses_heads_or_reuse_off() {
+        let prompt: Vec<i32> = (0..40).collect();
+        // Too little shared for a stream copy (16 tokens at least; 1/128 of a long context).
+        let mut seqs = Sequences::new(2, true, 2048);
+        seqs.place(&toks(&prompt), &None).unwrap();
+        let short: Vec<i32> = (0..15).chain(500..520).collect();
+        assert_eq!(seqs.place(&toks(&short), &None).unwrap().from, None);
+        let mut seqs = Sequences::new(2, true, 32768);
+        seqs.place(&toks(&prompt), &None).unwrap();
+        assert_eq!(
+            seqs.place(&toks(&prompt), &None).unwrap().from,
+            None,
+            "39 < 256"
+        );
+        // Not under a head, nor from a cache made under one.
+        let mut seqs = Sequences::new(3, true, 2048);
+        seqs.place(&toks(&prompt), &head("x")).unwrap();
+        assert_eq!(seqs.place(&toks(&prompt), &None).unwrap().from, None);
+        assert_eq!(seqs.place(&toks(&prompt), &head("x")).unwrap().from, None);
+        // Reuse off: nothing is shared.
+        let mut seqs = Sequences::new(2, false, 2048);
+        seqs.place(&toks(&prompt), &None).unwrap();
+        assert_eq!(
+            seqs.place(&toks(&prompt), &None).unwrap(),
+            Placement {
+                seq: 1,
+                keep: 0,
+                from: None
+            }
+        );
     }
 }

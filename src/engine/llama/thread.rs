@@ -219,7 +219,7 @@ impl Thread<'_> {
         let timeout = std::time::Duration::from_millis(settings.job_timeout_ms.max(1));
         let mut slots: Vec<Slot> = Vec::with_capacity(parallel);
         // Fresh contexts: every sequence free, its cache empty.
-        let mut seqs = Sequences::new(parallel, settings.prefix_reuse);
+        let mut seqs = Sequences::new(parallel, settings.prefix_reuse, n_ctx_seq);
         // The head applied to the generation context now, and its loaded adapter.
         let mut head: Option<(String, u32)> = None;
         let mut applied: Option<AdapterKey> = None;

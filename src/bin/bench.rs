@@ -22,7 +22,8 @@
 //!    `scripts/build-llama-server.sh`), started here with the same model, threads, sequences and
 //!    per-sequence context, with the ratios Tollgate ÷ llama-server;
 //! 6. on its own (`--only prefix`): time to first token of a conversation's second turn after a
-//!    ~1,500-token history, through the server's engine thread with prefix reuse off and on;
+//!    ~1,500-token history, and of eight requests at once that share a ~400-token start,
+//!    through the server's engine thread with prefix reuse off and on;
 //! 7. on its own (`--only scale`, `scale.rs`): admission, `/metrics`, the dashboard's pages and
 //!    `/usage/` on an empty database and after filling it with a million jobs and 100,000 keys,
 //!    on SQLite and on Postgres.
@@ -106,8 +107,9 @@ Run from the repository root:  cargo run --release --bin tollgate-bench -- [flag
                          part 5 (--external-url) and print one JSON object: what
                          scripts/gpu-smoke.sh reads
   --only prefix          run only part 6: time to first token of a second turn after a
-                         ~1,500-token history, prefix reuse off vs on (--reps turns each), and
-                         print one JSON object
+                         ~1,500-token history, and of eight requests at once sharing a
+                         ~400-token start, prefix reuse off vs on (--reps turns and waves
+                         each), and print one JSON object
   --only scale           run only part 7: admission, /metrics, the dashboard's pages and
                          /usage/ before and after filling SQLite and Postgres with history
                          (scripted engine; minutes, so never part of the default run)
@@ -1586,6 +1588,67 @@ async fn second_turns(
     Ok(turns)
 }
 
+/// What [`shared_starts`] measured: every request's time to first token (ms), each wave's
+/// time until its last request had its first token (ms), the prompt tokens found cached in the
+/// last wave, and the prompts the engine started from another sequence's copy.
+struct SharedStarts {
+    times: Vec<f64>,
+    waves: Vec<f64>,
+    prompt: u32,
+    cached: u32,
+    copies: u64,
+}
+
+/// `SHARED_AT_ONCE` requests sent together that share a long start (a system prompt of ~400
+/// tokens of notes, new each wave so a wave finds nothing of the last) and differ only in their
+/// question, `--reps` waves on one engine with `prefix_reuse` as given. On, the first request
+/// reads the start and the others copy it from its sequence (prefix reuse across requests).
+async fn shared_starts(
+    settings: &EngineSettings,
+    args: &Args,
+    reuse: bool,
+) -> anyhow::Result<SharedStarts> {
+    const SHARED_AT_ONCE: usize = 8;
+    let s = EngineSettings {
+        prefix_reuse: reuse,
+        parallel: settings.parallel.max(SHARED_AT_ONCE as u32),
+        ..settings.clone()
+    };
+    let engine = tokio::task::spawn_blocking(move || LlamaEngine::start(s))
+        .await?
+        .map_err(|e| anyhow!("{e}"))?;
+    let notes = long_history();
+    let notes: Vec<&str> = notes.split_inclusive(". ").take(20).collect();
+    let mut out = SharedStarts {
+        times: Vec::new(),
+        waves: Vec::new(),
+        prompt: 0,
+        cached: 0,
+        copies: 0,
+    };
+    for wave in 0..args.reps {
+        let system = format!("Wave {wave}. {}", notes.concat());
+        let asks = (0..SHARED_AT_ONCE).map(|i| {
+            let prompt = Prompt::chat(vec![
+                ChatMessage::new("system", system.clone()),
+                ChatMessage::new(
+                    "user",
+                    format!("What colour was the lighthouse in note {}?", i + 1),
+                ),
+            ]);
+            first_token(&engine, greedy(settings, prompt, 4))
+        });
+        let answers = futures::future::try_join_all(asks).await?;
+        let times: Vec<f64> = answers.iter().map(|(t, _)| ms(*t)).collect();
+        out.waves.push(times.iter().copied().fold(0.0, f64::max));
+        out.times.extend(times);
+        out.prompt = answers.iter().map(|(_, g)| g.prompt_tokens).sum();
+        out.cached = answers.iter().map(|(_, g)| g.cached_tokens).sum();
+    }
+    out.copies = engine.status().prefix_copies;
+    Ok(out)
+}
+
 /// Part 6 alone: prefix reuse off, then on; prints one JSON object.
 async fn only_prefix(args: &Args, settings: &EngineSettings) -> anyhow::Result<()> {
     eprintln!(
@@ -1603,6 +1666,22 @@ async fn only_prefix(args: &Args, settings: &EngineSettings) -> anyhow::Result<(
          second-turn prompt {prompt} tokens, {cached_on} cached): target ≥ 5× {}",
         verdict(ratio >= 5.0, format!("{ratio:.1}×"))
     );
+    eprintln!("   eight requests at once sharing a ~400-token start, prefix reuse off …");
+    let shared_off = shared_starts(settings, args, false).await?;
+    eprintln!("   prefix reuse on …");
+    let shared_on = shared_starts(settings, args, true).await?;
+    let (wave_off, wave_on) = (
+        percentile(&shared_off.waves, 50.0),
+        percentile(&shared_on.waves, 50.0),
+    );
+    eprintln!(
+        "   until all eight had a first token, p50: off {wave_off:.0} ms, on {wave_on:.0} ms \
+         ({:.1}× faster; {} of {} prompt tokens cached in the last wave, {} prompts copied)",
+        wave_off / wave_on.max(f64::EPSILON),
+        shared_on.cached,
+        shared_on.prompt,
+        shared_on.copies
+    );
     println!(
         "{}",
         json!({
@@ -1614,6 +1693,15 @@ async fn only_prefix(args: &Args, settings: &EngineSettings) -> anyhow::Result<(
             "ttft_ms": {"off": off.times, "on": on.times},
             "ttft_p50_ms": {"off": p50_off, "on": p50_on},
             "speedup": ratio,
+            "shared_start": {
+                "requests_at_once": shared_on.times.len() / shared_on.waves.len().max(1),
+                "prompt_tokens_per_wave": shared_on.prompt,
+                "cached_tokens_per_wave": {"off": shared_off.cached, "on": shared_on.cached},
+                "prefix_copies": {"off": shared_off.copies, "on": shared_on.copies},
+                "ttft_ms": {"off": shared_off.times, "on": shared_on.times},
+                "wave_ms": {"off": shared_off.waves, "on": shared_on.waves},
+                "wave_p50_ms": {"off": wave_off, "on": wave_on},
+            },
         })
     );
     Ok(())

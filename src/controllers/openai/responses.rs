@@ -914,6 +914,21 @@ fn no_response(id: &str) -> ApiError {
     )
 }
 
+/// The job of a response this key made, for the routes that name one by id.
+///
+/// # Errors
+/// 404 `job_not_found` for an id that is no response of this key (or one deleted).
+async fn named_response(ctx: &AppContext, key_id: i32, id: &str) -> ApiResult<jobs::Model> {
+    own_response(&ctx.db, key_id, id)
+        .await?
+        .ok_or_else(|| no_response(id))
+}
+
+/// A stored response as it stands, with what it was created with.
+fn stored(job: &jobs::Model) -> Response {
+    Json(response_json(job, asked_of(job).as_ref(), &Echo::of(job))).into_response()
+}
+
 /// `GET /v1/responses/{id}`: a response this key made, as it stands, with what it was created
 /// with (`instructions`, `metadata`, `previous_response_id`).
 #[tracing::instrument(skip_all, fields(api_key))]
@@ -922,15 +937,8 @@ pub(super) async fn retrieve(
     Caller(key): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let job = own_response(&ctx.db, key.id, &id)
-        .await?
-        .ok_or_else(|| no_response(&id))?;
-    Ok(Json(response_json(
-        &job,
-        asked_of(&job).as_ref(),
-        &Echo::of(&job),
-    ))
-    .into_response())
+    let job = named_response(&ctx, key.id, &id).await?;
+    Ok(stored(&job))
 }
 
 /// `DELETE /v1/responses/{id}`: erases a finished response's texts (its input, output and
@@ -946,9 +954,7 @@ pub(super) async fn delete(
     Caller(key): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let job = own_response(&ctx.db, key.id, &id)
-        .await?
-        .ok_or_else(|| no_response(&id))?;
+    let job = named_response(&ctx, key.id, &id).await?;
     // One conditional statement: two deletes racing each other erase it once; the loser, and
     // a response that is not finished, are told why.
     if !jobs::erase_finished(&ctx.db, &job.id, key.id).await? {
@@ -982,9 +988,7 @@ pub(super) async fn cancel(
     Caller(key): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let mut job = own_response(&ctx.db, key.id, &id)
-        .await?
-        .ok_or_else(|| no_response(&id))?;
+    let mut job = named_response(&ctx, key.id, &id).await?;
     if !job.is_finished() {
         if let Some(cancelled) = jobs::cancel(&ctx.db, &job.id, key.id).await? {
             // Whoever waits for it (here or, through the bus, elsewhere) learns it now.
@@ -1003,12 +1007,7 @@ pub(super) async fn cancel(
             ),
         ));
     }
-    Ok(Json(response_json(
-        &job,
-        asked_of(&job).as_ref(),
-        &Echo::of(&job),
-    ))
-    .into_response())
+    Ok(stored(&job))
 }
 
 /// A response's `status` as the Responses API names it.
@@ -1157,9 +1156,7 @@ pub(super) async fn list_input_items(
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> ApiResult<Response> {
     let page = ItemsPage::parse(pairs)?;
-    let job = own_response(&ctx.db, key.id, &id)
-        .await?
-        .ok_or_else(|| no_response(&id))?;
+    let job = named_response(&ctx, key.id, &id).await?;
     Ok(Json(page.of(listed_input_items(&job))?).into_response())
 }
 

@@ -274,6 +274,11 @@ impl Thread<'_> {
                     }
                     Command::Generate(job) => *job,
                 };
+                if job.reply.is_closed() {
+                    // Its waiter left while it waited (its job was cancelled, or its worker
+                    // stopped): nothing to read or answer.
+                    continue;
+                }
                 if job.head() != head {
                     // Nothing runs now (only then may a job with another head be taken): swap
                     // heads.

@@ -552,6 +552,28 @@ pub async fn erase_finished<C: ConnectionTrait>(
     Ok(res.rows_affected > 0)
 }
 
+/// Whether `worker` runs job `id` now (a cancelled, reaped or taken-over job is no longer).
+/// Reads two short columns of the row, not its texts: workers ask this every second of every
+/// job they run.
+///
+/// # Errors
+/// On database errors.
+pub async fn runs_on<C: ConnectionTrait>(
+    db: &C,
+    id: &str,
+    worker: &str,
+) -> Result<bool, ModelError> {
+    use sea_orm::QuerySelect;
+    let row: Option<(String, Option<String>)> = Entity::find_by_id(id.to_string())
+        .select_only()
+        .column(Column::Status)
+        .column(Column::Worker)
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(row.is_some_and(|(status, on)| status == RUNNING && on.as_deref() == Some(worker)))
+}
+
 /// Every column that holds text a client sent or the model wrote.
 fn erase_texts(update: sea_orm::UpdateMany<Entity>) -> sea_orm::UpdateMany<Entity> {
     let none = || Expr::value(Option::<String>::None);
@@ -575,12 +597,6 @@ impl Model {
     #[must_use]
     pub fn is_cancelled(&self) -> bool {
         self.status == FAILED && self.error.as_deref() == Some(CANCELLED)
-    }
-
-    /// Whether `worker` runs it now (a cancelled, reaped or taken-over job is no longer).
-    #[must_use]
-    pub fn is_running_on(&self, worker: &str) -> bool {
-        self.status == RUNNING && self.worker.as_deref() == Some(worker)
     }
 }
 

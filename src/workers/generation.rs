@@ -261,10 +261,8 @@ impl GenerationWorker {
     async fn until_not_running(&self, job_id: &str) {
         loop {
             tokio::time::sleep(WATCH_EVERY).await;
-            if let Ok(record) = jobs::Model::find_any(&self.db, job_id).await {
-                if !record.is_some_and(|r| r.is_running_on(&self.name)) {
-                    return;
-                }
+            if let Ok(false) = jobs::runs_on(&self.db, job_id, &self.name).await {
+                return;
             }
         }
     }

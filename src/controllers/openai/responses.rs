@@ -220,18 +220,27 @@ fn message(role: &str, content: String) -> WireMessage {
     }
 }
 
-/// `instructions` and `input` as chat messages.
+/// `instructions` and `input` as chat messages, and how many of those messages come before
+/// input item `mark` (the turns a continued response put first, and the system turn).
 ///
 /// # Errors
 /// 422 `invalid_input` naming the item at fault, 422 `unsupported_content` for a part or an
 /// item that is not text, a call or a call's output.
-fn messages(instructions: Option<String>, input: Value) -> ApiResult<Vec<WireMessage>> {
+fn messages(
+    instructions: Option<String>,
+    input: Value,
+    mark: usize,
+) -> ApiResult<(Vec<WireMessage>, usize)> {
     let mut out: Vec<WireMessage> = Vec::new();
     if let Some(i) = instructions.filter(|i| !i.is_empty()) {
         out.push(message("system", i));
     }
+    let mut before_mark = out.len();
     let items = match input {
-        Value::String(text) => return Ok([out, vec![message("user", text)]].concat()),
+        Value::String(text) => {
+            out.push(message("user", text));
+            return Ok((out, before_mark));
+        }
         Value::Array(items) => items,
         _ => {
             return Err(invalid_input(
@@ -242,7 +251,11 @@ fn messages(instructions: Option<String>, input: Value) -> ApiResult<Vec<WireMes
     if items.is_empty() {
         return Err(invalid_input("input must hold at least one item"));
     }
+    let count = items.len();
     for (i, item) in items.into_iter().enumerate() {
+        if i == mark {
+            before_mark = out.len();
+        }
         let at = format!("input[{i}]");
         if !item.is_object() {
             return Err(invalid_input(format!("{at} must be an object")));
@@ -313,7 +326,10 @@ fn messages(instructions: Option<String>, input: Value) -> ApiResult<Vec<WireMes
             }
         }
     }
-    Ok(out)
+    if mark >= count {
+        before_mark = out.len();
+    }
+    Ok((out, before_mark))
 }
 
 /// Flat function tools as chat tools.
@@ -465,19 +481,20 @@ impl ResponsesRequest {
     }
 
     /// The request as `/v1/chat/completions` takes it, and what its answer repeats;
-    /// `continued` is how many chat turns [`continue_from`] put before `input`.
+    /// `continued` is how many input items [`continue_from`] put before the request's own.
     fn into_chat(self, continued: usize) -> ApiResult<(ChatRequest, Echo)> {
         check_rest(&self.rest)?;
         let logprobs = self.logprobs()?;
-        let system = usize::from(self.instructions.as_deref().is_some_and(|i| !i.is_empty()));
+        let instructions = self.instructions.clone();
+        let (messages, input_from) = messages(self.instructions, self.input, continued)?;
         let echo = Echo {
-            instructions: self.instructions.clone(),
+            instructions,
             metadata: self.metadata,
             previous_response_id: self.previous_response_id,
-            input_from: system + continued,
+            input_from,
         };
         let chat = ChatRequest {
-            messages: messages(self.instructions, self.input)?,
+            messages,
             logprobs: logprobs.then_some(true),
             top_logprobs: logprobs.then(|| self.top_logprobs.unwrap_or(0)),
             tools: chat_tools(self.tools)?,
@@ -594,26 +611,17 @@ fn output_items(job: &jobs::Model, format: Option<ToolFormat>) -> Vec<Value> {
 fn response_json(job: &jobs::Model, asked: Option<&GenerationRequest>, echo: &Echo) -> Value {
     let tool_use = asked.and_then(|r| r.prompt.tools());
     let format = tool_use.map(|t| t.format);
-    let (status, output, error, incomplete) = match job.status.as_str() {
-        jobs::QUEUED => ("queued", Vec::new(), Value::Null, Value::Null),
-        jobs::RUNNING => ("in_progress", Vec::new(), Value::Null, Value::Null),
-        jobs::DONE if cut_short(job) => (
-            "incomplete",
+    let status = response_status(job);
+    let (output, error, incomplete) = match status {
+        "incomplete" => (
             output_items(job, format),
             Value::Null,
             json!({"reason": "max_output_tokens"}),
         ),
-        jobs::DONE => (
-            "completed",
-            output_items(job, format),
-            Value::Null,
-            Value::Null,
-        ),
-        _ if job.is_cancelled() => ("cancelled", Vec::new(), Value::Null, Value::Null),
-        _ => {
+        "completed" => (output_items(job, format), Value::Null, Value::Null),
+        "failed" => {
             let reason = job.error.as_deref().unwrap_or_default();
             (
-                "failed",
                 Vec::new(),
                 json!({
                     "code": ErrorCode::of_job_failure(reason).as_str(),
@@ -622,6 +630,8 @@ fn response_json(job: &jobs::Model, asked: Option<&GenerationRequest>, echo: &Ec
                 Value::Null,
             )
         }
+        // Queued, in progress, cancelled: nothing to show yet, or ever.
+        _ => (Vec::new(), Value::Null, Value::Null),
     };
     let tools: Vec<Value> = tool_use
         .map(|t| {
@@ -826,7 +836,7 @@ async fn resolve_references(
 /// `function_call_output` answering one of its calls finds the call. The earlier response's
 /// leading system turns are left out when this request brings `instructions` of its own
 /// (OpenAI does not carry instructions over; the OpenAI Agents SDK sends them every turn).
-/// Returns how many chat turns it put first (0 without `previous_response_id`).
+/// Returns how many input items it put first (0 without `previous_response_id`).
 ///
 /// # Errors
 /// 404 `job_not_found` for an id that is no response of this key (or whose record was
@@ -868,7 +878,7 @@ async fn continue_from(
         .flat_map(input_items)
         .collect();
     items.extend(output_items(&job, tools.as_ref().map(|t| t.format)));
-    let continued = messages(None, Value::Array(items.clone()))?.len();
+    let continued = items.len();
     match std::mem::take(&mut body.input) {
         Value::String(text) => items.push(json!({"role": "user", "content": text})),
         Value::Array(later) => items.extend(later),
@@ -990,9 +1000,10 @@ pub(super) async fn cancel(
 ) -> ApiResult<Response> {
     let mut job = named_response(&ctx, key.id, &id).await?;
     if !job.is_finished() {
+        let services = Services::from_ctx(&ctx)?;
         if let Some(cancelled) = jobs::cancel(&ctx.db, &job.id, key.id).await? {
             // Whoever waits for it (here or, through the bus, elsewhere) learns it now.
-            Services::from_ctx(&ctx)?.events.publish(&cancelled);
+            services.events.publish(&cancelled);
             job = cancelled;
         } else if let Some(now) = own_response(&ctx.db, key.id, &id).await? {
             job = now;
@@ -1641,5 +1652,27 @@ mod tests {
             page(&[("before", "i1")]).err(),
             Some("unsupported_parameter")
         );
+    }
+
+    #[test]
+    fn the_turns_before_a_requests_own_input_are_counted_in_the_same_pass() {
+        let items = json!([
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "x"},
+        ]);
+        let count = |instructions: Option<&str>, input: Value, mark| {
+            messages(instructions.map(str::to_string), input, mark)
+                .map(|(m, before)| (m.len(), before))
+                .map_err(|e| e.code.as_str())
+        };
+        // The call merges into the assistant turn: four items, three turns (plus the system one).
+        assert_eq!(count(Some("sys"), items.clone(), 0), Ok((4, 1)));
+        assert_eq!(count(Some("sys"), items.clone(), 2), Ok((4, 3)));
+        assert_eq!(count(None, items.clone(), 3), Ok((3, 2)));
+        assert_eq!(count(None, items.clone(), 4), Ok((3, 3)), "no own items");
+        assert_eq!(count(Some("sys"), json!("hi"), 0), Ok((2, 1)));
+        assert_eq!(count(None, json!([]), 0), Err("invalid_input"));
     }
 }

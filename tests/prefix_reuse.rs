@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{sse_data, TestApp, TestKey};
+use common::{streamed_chat_text, TestApp, TestKey};
 use serde_json::{json, Value};
 
 async fn app(reuse: bool, parallel: u32) -> TestApp {
@@ -276,15 +276,7 @@ async fn a_prompt_another_running_request_holds_is_copied_from_its_sequence() {
     );
     // Both answer as the model does: the copy is the same cache, and the running one's own
     // sequence was left as it was.
-    let pieces: String = sse_data(&streamed)
-        .iter()
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
+    let pieces = streamed_chat_text(&streamed);
     assert!(
         pieces.len() > content(&short).len() && pieces.starts_with(content(&short)),
         "the long answer begins with the short one: {pieces:?} vs {:?}",

@@ -109,18 +109,7 @@ async fn json_object_answers_are_one_object_streamed_or_not() {
         .expect("request");
     assert_eq!(resp.status().as_u16(), 200);
     let body = resp.text().await.expect("body");
-    let pieces: String = body
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(str::trim_start)
-        .filter(|d| *d != "[DONE]")
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
+    let pieces = common::streamed_chat_text(&body);
     assert_eq!(
         pieces, text,
         "greedy: the stream adds up to the same object"

@@ -172,6 +172,19 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .collect()
 }
 
+/// The text a streamed chat completion's body adds up to (its first choice's `delta.content`).
+pub fn streamed_chat_text(body: &str) -> String {
+    sse_data(body)
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
 /// POSTs `body` and reads the answer whole: status, content type and text (a stream's events).
 pub async fn post_stream(
     app: &TestApp,

@@ -7,7 +7,10 @@
 use std::{
     collections::BTreeMap,
     fmt::Write,
-    sync::{Mutex, OnceLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, OnceLock,
+    },
     time::Instant,
 };
 
@@ -73,6 +76,35 @@ pub async fn track(req: Request, next: Next) -> Response {
         started.elapsed().as_secs_f64(),
     );
     response
+}
+
+/// Transactions that committed several admissions of one key together, and the admissions in
+/// them (this process).
+static SHARED_COMMITS: AtomicU64 = AtomicU64::new(0);
+static ADMISSIONS_IN_SHARED_COMMITS: AtomicU64 = AtomicU64::new(0);
+
+/// Records one transaction that committed `admissions` admissions of one key together.
+pub fn committed_together(admissions: usize) {
+    SHARED_COMMITS.fetch_add(1, Ordering::Relaxed);
+    ADMISSIONS_IN_SHARED_COMMITS.fetch_add(admissions as u64, Ordering::Relaxed);
+}
+
+/// This process's shared admission commits, in exposition format: how often a hot key's
+/// concurrent admissions shared a transaction, and how many did (their ratio is the mean batch).
+#[must_use]
+pub fn render_commits() -> String {
+    format!(
+        "# HELP tollgate_admission_shared_commits_total Transactions that committed several \
+         concurrent admissions of one key together (this process).\n\
+         # TYPE tollgate_admission_shared_commits_total counter\n\
+         tollgate_admission_shared_commits_total {}\n\
+         # HELP tollgate_admissions_in_shared_commits_total Admissions committed in those \
+         transactions.\n\
+         # TYPE tollgate_admissions_in_shared_commits_total counter\n\
+         tollgate_admissions_in_shared_commits_total {}\n",
+        SHARED_COMMITS.load(Ordering::Relaxed),
+        ADMISSIONS_IN_SHARED_COMMITS.load(Ordering::Relaxed),
+    )
 }
 
 /// Escapes a label value.

@@ -126,6 +126,71 @@ async fn fifty_concurrent_requests_on_twenty_calls_admit_exactly_twenty() {
 }
 
 #[tokio::test]
+async fn a_hot_keys_concurrent_admissions_share_commits_and_are_counted_exactly() {
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    common::hot_key_bursts_share_commits_exactly(&app).await;
+}
+
+#[tokio::test]
+async fn concurrent_admissions_at_a_token_budgets_edge_admit_exactly_what_fits() {
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    // Room for seven one-token generations (each reserves and spends exactly one): a batch of
+    // more does not fit whole, and each then meets its own answer.
+    let key = app
+        .issue_key(KeyParams {
+            email: "b@example.com".into(),
+            gen_token_limit: Some(7),
+            ..Default::default()
+        })
+        .await;
+    let body = json!({"text": "Tell me about the sea.", "max_tokens": 1});
+    let answers = app
+        .post_at_once((0..30).map(|_| (&key, "/api/", body.clone())))
+        .await;
+    let admitted = answers
+        .iter()
+        .filter(|(s, _)| *s == 200 || *s == 202)
+        .count();
+    assert_eq!(admitted, 7, "{answers:?}");
+    for (status, answer) in answers.iter().filter(|(s, _)| *s != 200 && *s != 202) {
+        assert_eq!(*status, 429, "{answer}");
+        assert_eq!(code(answer), "token_budget_exceeded", "{answer}");
+    }
+    assert_eq!(app.calls_used(&key).await, 7);
+    assert_eq!(app.jobs_of(&key).await.len(), 7);
+    assert_eq!(app.key_row(&key).await.gen_tokens_used, 7);
+}
+
+#[tokio::test]
+async fn concurrent_repeats_of_one_client_job_id_make_one_job_and_one_charge() {
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    let key = app.key_with_calls(Some(100)).await;
+    let body = json!({
+        "job_id": "burst-1",
+        "meta": {"temperature": 0, "tokens_limit": 2, "model": "gpt-model"},
+        "content": "What is AI?"
+    });
+    let path = format!("/k/{}/generate", key.secret);
+    let sends = (0..8).map(|_| {
+        let req = app.http.post(app.url(&path)).json(&body);
+        tokio::spawn(async move { common::read(req.send().await.expect("send")).await })
+    });
+    let mut answers = Vec::new();
+    for send in sends.collect::<Vec<_>>() {
+        answers.push(send.await.expect("task"));
+    }
+    for (status, answer) in &answers {
+        assert_eq!(*status, 200, "{answer}");
+        assert_eq!(
+            answer["content"], answers[0].1["content"],
+            "one job's answer"
+        );
+    }
+    assert_eq!(app.calls_used(&key).await, 1);
+    assert_eq!(app.jobs_of(&key).await.len(), 1);
+}
+
+#[tokio::test]
 async fn an_unlimited_key_inside_its_window_works() {
     let app = TestApp::spawn().await;
     let key = app

@@ -28,6 +28,12 @@ async fn on_postgres_fifty_concurrent_requests_on_twenty_calls_admit_exactly_twe
 }
 
 #[tokio::test]
+async fn on_postgres_a_hot_keys_concurrent_admissions_share_commits_and_are_counted_exactly() {
+    let app = TestApp::spawn_on_postgres().await;
+    common::hot_key_bursts_share_commits_exactly(&app).await;
+}
+
+#[tokio::test]
 async fn on_postgres_date_windows_are_enforced() {
     let app = TestApp::spawn_on_postgres().await;
     let expired = app

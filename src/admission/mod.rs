@@ -8,14 +8,17 @@
 //! 4. applies the content policy and counts tokens against the context ([`policy`]);
 //! 5. checks that the model's queue answers;
 //! 6. charges the call, reserves token budgets, records the job and pushes it — the one step
-//!    with side effects, run as its own task so that it completes even when the client hangs up
-//!    halfway (every compensation lives in [`commit`]);
+//!    with side effects ([`commit`]), run apart from the request so that it completes even when
+//!    the client hangs up halfway, and together with the key's other admissions that arrive
+//!    meanwhile ([`batches`]);
 //! 7. follows the job as the route asked: wait for the result, answer at once, or stream.
 //!
 //! Steps 1–5 change nothing, so every refusal leaves no trace. A job that nonetheless stays
 //! `queued` or `running` too long (its process died mid-step) is failed and refunded by the
 //! [`reaper`].
 
+pub mod batches;
+mod commit;
 pub mod input;
 pub mod policy;
 pub mod reaper;
@@ -23,8 +26,12 @@ pub mod resolve;
 
 use std::{sync::Arc, time::Duration};
 
-use sea_orm::{DatabaseConnection, TransactionTrait};
-use tracing::Instrument;
+use sea_orm::DatabaseConnection;
+
+use self::{
+    batches::KeyBatches,
+    commit::{Commit, Committed},
+};
 
 pub use self::input::{
     EmbeddingInput, GenerationInput, HeadInput, Input, Memory, ModelChoice, SamplerFields,
@@ -35,11 +42,11 @@ use crate::{
     errors::{ApiError, ErrorCode},
     models::{
         api_keys::{self, Refusal},
-        budgets::{self, BudgetRefusal},
+        budgets::BudgetRefusal,
         conversations, jobs,
     },
     notify::JobEvents,
-    queue::{GenerationJob, JobQueue, Work},
+    queue::{JobQueue, Work},
     serving::ModelRegistry,
     settings::Settings,
 };
@@ -144,6 +151,7 @@ pub struct Admission {
     policy: policy::Policy,
     models: Arc<ModelRegistry>,
     events: JobEvents,
+    commits: KeyBatches<commit::Pending>,
 }
 
 impl std::fmt::Debug for Admission {
@@ -167,6 +175,7 @@ impl Admission {
             policy,
             models,
             events,
+            commits: commit::batches(),
         }
     }
 
@@ -215,11 +224,15 @@ impl Admission {
             work,
             subscribe: ticket.follow,
             request_id: crate::request_id::current(),
+            span: tracing::Span::current(),
         };
-        // Spawned: a client that hangs up cannot stop it between the charge and the push.
-        let committed = tokio::spawn(commit.run().in_current_span())
+        // Run by its key's task: a client that hangs up cannot stop it between the charge and
+        // the push.
+        let (answer, committed) = tokio::sync::oneshot::channel();
+        self.commits.submit(key.id, (commit, answer));
+        let committed = committed
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(|_| ApiError::internal("an admission's commit ended without an outcome"))?;
         let (record, deltas, done) = match committed {
             Committed::New(record, deltas, done) => (record, deltas, done),
             Committed::Existing(record) => return self.follow(record, ticket.follow).await,
@@ -622,126 +635,6 @@ fn last_user_text(work: &Work) -> String {
             Prompt::Raw { text } => text.clone(),
         },
         Work::Embed(_) => String::new(),
-    }
-}
-
-/// Everything the side-effecting step needs, owned, so it can run as its own task.
-struct Commit {
-    db: DatabaseConnection,
-    events: JobEvents,
-    queue: JobQueue,
-    key: api_keys::Model,
-    endpoint: &'static str,
-    client_ref: Option<String>,
-    echo: Option<String>,
-    prompt_tokens: usize,
-    work: Work,
-    subscribe: Follow,
-    request_id: Option<String>,
-}
-
-/// How the side-effecting step ended.
-enum Committed {
-    /// Charged, recorded, queued; with the subscriptions asked for.
-    New(
-        jobs::Model,
-        Option<tokio::sync::broadcast::Receiver<String>>,
-        Option<tokio::sync::oneshot::Receiver<jobs::Model>>,
-    ),
-    /// A concurrent repeat with the same client id won: follow its job (nothing charged).
-    Existing(jobs::Model),
-    /// Refused, with everything it spent given back.
-    Refused(ApiError),
-}
-
-impl Commit {
-    /// Charge → reserve → record in one transaction (a refusal or an error at any step,
-    /// including a busy database, leaves no charge and no reservation behind), then subscribe
-    /// → push (a failed push fails and refunds the recorded job).
-    async fn run(self) -> Committed {
-        match self.steps().await {
-            Ok(c) => c,
-            Err(e) => Committed::Refused(e),
-        }
-    }
-
-    async fn steps(self) -> Result<Committed, ApiError> {
-        let db = &self.db;
-        let key_id = self.key.id;
-        // Dropped without commit on every early return: rolled back.
-        let txn = db.begin().await?;
-        let charged = match api_keys::charge(&txn, key_id, &self.key.secret_hash).await? {
-            Ok(charged) => charged,
-            Err(refusal) => return Err(refusal_error(refusal, Some(&self.key))),
-        };
-        let reservation = match budgets::reserve(
-            &txn,
-            &charged,
-            i64::try_from(self.prompt_tokens).unwrap_or(i64::MAX),
-            i64::from(self.work.max_new_tokens()),
-        )
-        .await?
-        {
-            Ok(reservation) => reservation,
-            Err(refusal) => return Err(budget_error(&refusal)),
-        };
-        let job_id = uuid::Uuid::new_v4().to_string();
-        let request_json = self.work.to_json().map_err(ApiError::internal)?;
-        let created = jobs::ActiveModel::create_queued(
-            &txn,
-            jobs::NewJob {
-                id: job_id.clone(),
-                api_key_id: key_id,
-                endpoint: self.endpoint.to_string(),
-                model: self.work.display_model(),
-                request_json,
-                prompt_tokens: i32::try_from(self.prompt_tokens).unwrap_or(i32::MAX),
-                client_ref: self.client_ref.clone(),
-                reservation,
-                echo: self.echo.clone(),
-            },
-        )
-        .await;
-        let record = match created {
-            Ok(r) => r,
-            Err(e) => {
-                txn.rollback().await.ok();
-                if let Some(r) = &self.client_ref {
-                    if let Some(existing) = jobs::Model::find_by_client_ref(db, key_id, r).await? {
-                        return Ok(Committed::Existing(existing));
-                    }
-                }
-                return Err(e.into());
-            }
-        };
-        txn.commit().await?;
-        let span = tracing::info_span!("job", job_id = %job_id);
-        self.push(record).instrument(span).await
-    }
-
-    /// Subscribes as asked *before* the push, so a fast worker's result is never missed.
-    async fn push(self, record: jobs::Model) -> Result<Committed, ApiError> {
-        let job_id = record.id.clone();
-        let deltas = (self.subscribe == Follow::Updates)
-            .then(|| self.events.subscribe_deltas(&job_id))
-            .flatten();
-        let done = (self.subscribe != Follow::Nothing).then(|| self.events.subscribe(&job_id));
-        let job = GenerationJob {
-            job_id: job_id.clone(),
-            api_key_id: self.key.id,
-            work: self.work,
-            request_id: self.request_id,
-            priority: self.key.priority,
-        };
-        if let Err(e) = self.queue.push(job).await {
-            tracing::error!(error = %e, "could not queue job");
-            self.events.forget(&job_id);
-            jobs::fail(&self.db, &job_id, "the queue is unavailable")
-                .await
-                .ok();
-            return Err(queue_unavailable());
-        }
-        Ok(Committed::New(record, deltas, done))
     }
 }
 

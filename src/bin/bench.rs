@@ -16,7 +16,9 @@
 //!    worker (from its job record, so the pair is measured together), on the embedded server and on one whose state is in Postgres and whose queue and job events go
 //!    through Redis (a fresh database and key prefix, removed afterwards);
 //! 4. key-check throughput: the production `MeteredCaller` extractor + `api_keys::charge` behind a
-//!    small router of this binary, then an exact-count check of `calls_used`;
+//!    small router of this binary, a key's concurrent charges taken together as admission takes
+//!    its commits (one `api_keys::charge_calls` for a batch that fits), then an exact-count check
+//!    of `calls_used`;
 //! 5. optionally the load of 2 against any OpenAI-compatible URL — or, with
 //!    `--compare-llama-server`, against llama.cpp's own `llama-server` (built by
 //!    `scripts/build-llama-server.sh`), started here with the same model, threads, sequences and
@@ -43,7 +45,8 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context as _};
-use axum::{extract::State, Json};
+use axum::{Extension, Json};
+use futures::FutureExt;
 use llama_cpp_2::{
     context::params::LlamaContextParams,
     llama_batch::LlamaBatch,
@@ -55,9 +58,11 @@ use loco_rs::{
     boot::StartMode,
     environment::Environment,
 };
-use sea_orm::EntityTrait;
+use sea_orm::{DatabaseConnection, EntityTrait};
 use serde_json::{json, Value};
+use tokio::sync::oneshot;
 use tollgate::{
+    admission::batches::KeyBatches,
     app::{into_service, App},
     engine::{
         llama::LlamaEngine,
@@ -94,6 +99,8 @@ Run from the repository root:  cargo run --release --bin tollgate-bench -- [flag
   --keycheck-clients N   concurrent clients in part 4 (default 8)
   --keycheck-keys N      keys those clients share, client i on key i mod N (default 1: every
                          charge updates one row, so on Postgres they queue on its row lock)
+  --keycheck-alone       part 4 charges each request in its own statement, as before a key's
+                         concurrent admissions were committed together (for comparison)
   --postgres URL         server for part 3's production mode (default postgres://postgres@127.0.0.1:5432)
   --redis URL            Redis for part 3's production mode (default redis://127.0.0.1:6379)
   --external-url URL     also load an OpenAI-compatible server (base URL without /v1)
@@ -135,6 +142,8 @@ struct Args {
     keycheck_requests: usize,
     keycheck_clients: usize,
     keycheck_keys: usize,
+    /// Part 4 without the per-key batches: one charge statement per request.
+    keycheck_alone: bool,
     external_url: Option<String>,
     external_key: Option<String>,
     external_model: Option<String>,
@@ -173,6 +182,7 @@ impl Default for Args {
             keycheck_requests: 5000,
             keycheck_clients: 8,
             keycheck_keys: 1,
+            keycheck_alone: false,
             external_url: None,
             external_key: None,
             external_model: None,
@@ -203,6 +213,10 @@ fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
         }
         if flag == "--compare-llama-server" {
             out.compare_llama_server = true;
+            continue;
+        }
+        if flag == "--keycheck-alone" {
+            out.keycheck_alone = true;
             continue;
         }
         let value = it
@@ -923,15 +937,77 @@ async fn load_all(
 // ---------------------------------------------------------------------------------------------
 // Part 4: key check + count
 
+/// What a charge tells its request: the key's row after it, or why not.
+type ChargeAnswer = oneshot::Sender<Result<Result<api_keys::Model, api_keys::Refusal>, String>>;
+
+/// A key's concurrent charges gathered as admission gathers its commits
+/// (`tollgate::admission::batches`): each batch charged by one statement when all of it fits,
+/// else one by one. `Alone` charges every request on its own (`--keycheck-alone`).
+#[derive(Clone)]
+enum Charges {
+    Together(KeyBatches<(api_keys::Model, ChargeAnswer)>),
+    Alone(DatabaseConnection),
+}
+
+impl Charges {
+    fn new(db: DatabaseConnection, alone: bool) -> Self {
+        if alone {
+            return Self::Alone(db);
+        }
+        Self::Together(KeyBatches::new(
+            64,
+            Arc::new(move |batch| charge_batch(db.clone(), batch).boxed()),
+        ))
+    }
+
+    async fn charge(
+        &self,
+        key: api_keys::Model,
+    ) -> Result<Result<api_keys::Model, api_keys::Refusal>, String> {
+        match self {
+            Self::Alone(db) => api_keys::charge(db, key.id, &key.secret_hash)
+                .await
+                .map_err(|e| e.to_string()),
+            Self::Together(batches) => {
+                let (answer, charged) = oneshot::channel();
+                batches.submit(key.id, (key, answer));
+                charged.await.map_err(|e| e.to_string())?
+            }
+        }
+    }
+}
+
+async fn charge_batch(db: DatabaseConnection, batch: Vec<(api_keys::Model, ChargeAnswer)>) {
+    if let [(key, _), rest @ ..] = batch.as_slice() {
+        let calls = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+        if !rest.is_empty() && rest.iter().all(|(k, _)| k.secret_hash == key.secret_hash) {
+            if let Ok(Some(row)) =
+                api_keys::charge_calls(&db, key.id, &key.secret_hash, calls).await
+            {
+                for (_, answer) in batch {
+                    let _ = answer.send(Ok(Ok(row.clone())));
+                }
+                return;
+            }
+        }
+    }
+    for (key, answer) in batch {
+        let charged = api_keys::charge(&db, key.id, &key.secret_hash).await;
+        let _ = answer.send(charged.map_err(|e| e.to_string()));
+    }
+}
+
 /// Authenticates with the production extractor and spends one call with the production
-/// statement; no generation.
+/// statement, together with the key's other charges in flight; no generation.
 async fn charge_only(
-    State(ctx): State<AppContext>,
+    Extension(charges): Extension<Charges>,
     MeteredCaller(key): MeteredCaller,
 ) -> Result<Json<Value>, ApiError> {
-    match api_keys::charge(&ctx.db, key.id, &key.secret_hash).await? {
-        Ok(row) => Ok(Json(json!({ "calls_used": row.calls_used }))),
-        Err(_) => Err(ApiError::quota_exhausted(key.max_calls.unwrap_or_default())),
+    let max_calls = key.max_calls;
+    match charges.charge(key).await {
+        Ok(Ok(row)) => Ok(Json(json!({ "calls_used": row.calls_used }))),
+        Ok(Err(_)) => Err(ApiError::quota_exhausted(max_calls.unwrap_or_default())),
+        Err(e) => Err(ApiError::internal(e)),
     }
 }
 
@@ -989,8 +1065,10 @@ impl KeyCheck {
 }
 
 async fn key_check(ctx: &AppContext, args: &Args) -> anyhow::Result<KeyCheck> {
+    let charges = Charges::new(ctx.db.clone(), args.keycheck_alone);
     let bare = axum::Router::new()
         .route("/charge", axum::routing::post(charge_only))
+        .layer(Extension(charges.clone()))
         .with_state(ctx.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let bare_url = format!("http://{}/charge", listener.local_addr()?);
@@ -1001,6 +1079,7 @@ async fn key_check(ctx: &AppContext, args: &Args) -> anyhow::Result<KeyCheck> {
     // assemble the server.
     let mut stacked = axum::Router::new()
         .route("/charge", axum::routing::post(charge_only))
+        .layer(Extension(charges))
         .route_layer(axum::middleware::from_fn(tollgate::request_id::scope))
         .route_layer(axum::middleware::from_fn(tollgate::metrics::track));
     for layer in App::middlewares(ctx).into_iter().filter(|m| m.is_enabled()) {
@@ -1290,7 +1369,8 @@ fn report(
     }
     let _ = writeln!(
         s,
-        "\n## 4. Key check + charge (MeteredCaller extractor + api_keys::charge, no generation)\n"
+        "\n## 4. Key check + charge (MeteredCaller extractor + api_keys::charge, a key's concurrent \
+         charges together as admission commits them; no generation)\n"
     );
     let _ = writeln!(
         s,
@@ -1802,7 +1882,8 @@ async fn only_keycheck(args: &Args) -> anyhow::Result<()> {
                    "calls_used": h.calls_used, "exact": h.exact()})
         };
         json!({"clients": k.clients, "keys": k.keys, "requests": k.requests, "bare": one(&k.bare),
-               "stack": one(&k.stacked), "stack_us_per_request": k.stack_us()})
+               "stack": one(&k.stacked), "stack_us_per_request": k.stack_us(),
+               "charges": if args.keycheck_alone { "alone" } else { "together" }})
     };
     let (server, _) = start_server().await?;
     let embedded = key_check(&server.ctx, args).await?;

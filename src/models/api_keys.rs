@@ -393,9 +393,39 @@ pub async fn charge<C: ConnectionTrait>(
     key_id: i32,
     secret_hash: &str,
 ) -> Result<Result<Model, Refusal>, ModelError> {
+    if let Some(key) = charge_calls(db, key_id, secret_hash, 1).await? {
+        return Ok(Ok(key));
+    }
+    // Refused: read the row only to say why.
     let at = now();
+    let refusal = match Entity::find_by_id(key_id).one(db).await? {
+        None => Refusal::Unknown,
+        Some(key) if key.secret_hash != secret_hash => Refusal::Unknown,
+        Some(key) => key.refusal_at(at).unwrap_or(Refusal::QuotaExhausted {
+            max_calls: key.max_calls.unwrap_or_default(),
+        }),
+    };
+    Ok(Err(refusal))
+}
+
+/// Spends `calls` calls of key `key_id` at once, or none: the same checks as [`charge`], with
+/// room for all of them under the quota, in one `UPDATE … RETURNING`. Concurrent admissions of
+/// one key are charged together this way (one row lock and one commit for all of them);
+/// `None` says only that not all fit, or the key may not call, and its callers then charge one
+/// by one to learn which.
+///
+/// # Errors
+/// On database errors.
+pub async fn charge_calls<C: ConnectionTrait>(
+    db: &C,
+    key_id: i32,
+    secret_hash: &str,
+    calls: u32,
+) -> Result<Option<Model>, ModelError> {
+    let at = now();
+    let calls = i64::from(calls);
     let updated = Entity::update_many()
-        .col_expr(Column::CallsUsed, Expr::col(Column::CallsUsed).add(1))
+        .col_expr(Column::CallsUsed, Expr::col(Column::CallsUsed).add(calls))
         .col_expr(Column::LastUsedAt, Expr::value(at))
         .filter(Column::Id.eq(key_id))
         // The secret as well as the row: a key rotated since the caller was identified (from
@@ -413,24 +443,15 @@ pub async fn charge<C: ConnectionTrait>(
                 .add(Column::ValidUntil.gte(at)),
         )
         .filter(
-            Condition::any()
-                .add(Column::MaxCalls.is_null())
-                .add(Expr::col(Column::CallsUsed).lt(Expr::col(Column::MaxCalls))),
+            Condition::any().add(Column::MaxCalls.is_null()).add(
+                Expr::col(Column::CallsUsed)
+                    .add(calls)
+                    .lte(Expr::col(Column::MaxCalls)),
+            ),
         )
         .exec_with_returning(db)
         .await?;
-    if let Some(key) = updated.into_iter().next() {
-        return Ok(Ok(key));
-    }
-    // Refused: read the row only to say why.
-    let refusal = match Entity::find_by_id(key_id).one(db).await? {
-        None => Refusal::Unknown,
-        Some(key) if key.secret_hash != secret_hash => Refusal::Unknown,
-        Some(key) => key.refusal_at(at).unwrap_or(Refusal::QuotaExhausted {
-            max_calls: key.max_calls.unwrap_or_default(),
-        }),
-    };
-    Ok(Err(refusal))
+    Ok(updated.into_iter().next())
 }
 
 /// Gives back one call (a generation that failed on the server side).

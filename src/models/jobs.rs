@@ -301,8 +301,28 @@ impl ActiveModel {
         db: &C,
         job: NewJob,
     ) -> Result<Model, ModelError> {
+        Ok(Self::queued(job, now()).insert(db).await?)
+    }
+
+    /// Records several queued jobs in one `INSERT` (concurrent admissions of one key, committed
+    /// together). All or none: a client id already taken fails the statement.
+    ///
+    /// # Errors
+    /// On database errors.
+    pub async fn create_queued_many<C: ConnectionTrait>(
+        db: &C,
+        jobs: Vec<NewJob>,
+    ) -> Result<Vec<Model>, ModelError> {
         let ts = now();
-        Ok(Self {
+        Ok(
+            Entity::insert_many(jobs.into_iter().map(|job| Self::queued(job, ts)))
+                .exec_with_returning(db)
+                .await?,
+        )
+    }
+
+    fn queued(job: NewJob, ts: DateTimeWithTimeZone) -> Self {
+        Self {
             id: Set(job.id),
             api_key_id: Set(job.api_key_id),
             status: Set(QUEUED.to_string()),
@@ -331,8 +351,6 @@ impl ActiveModel {
             created_at: Set(ts),
             updated_at: Set(ts),
         }
-        .insert(db)
-        .await?)
     }
 }
 

@@ -202,3 +202,76 @@ pub async fn post_stream(
     let content_type = header(&resp, "content-type").unwrap_or_default();
     (status, content_type, resp.text().await.expect("body"))
 }
+
+/// This process's shared admission commits from `/metrics`: (transactions, admissions in them).
+pub async fn shared_commits(app: &TestApp) -> (u64, u64) {
+    let text = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let counter = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    (
+        counter("tollgate_admission_shared_commits_total "),
+        counter("tollgate_admissions_in_shared_commits_total "),
+    )
+}
+
+/// Bursts of 40 one-token calls at once on one unlimited key until some shared a commit (at most
+/// five bursts), then checks that every admission was charged, recorded and settled exactly:
+/// one call, one job and its own prompt's tokens each, whether it committed alone or with others.
+pub async fn hot_key_bursts_share_commits_exactly(app: &TestApp) {
+    let key = app.key_with_calls(None).await;
+    let mut admitted = 0;
+    for _ in 0..5 {
+        let (ok, limited) = concurrent_calls(app, &key, 40).await;
+        assert_eq!((ok, limited), (40, 0));
+        admitted += ok;
+        if shared_commits(app).await.0 > 0 {
+            break;
+        }
+    }
+    let (shared, together) = shared_commits(app).await;
+    assert!(
+        shared > 0,
+        "no burst of 40 concurrent admissions shared a commit"
+    );
+    assert!(
+        together >= 2 * shared,
+        "{together} admissions in {shared} shared commits"
+    );
+    assert_eq!(app.calls_used(&key).await, admitted as i64);
+    // Each job recorded once under its own id, with its own reservation; once all are settled
+    // the key's token counters are exactly what its jobs read and wrote.
+    let mut jobs = app.jobs_of(&key).await;
+    for _ in 0..600 {
+        if jobs.iter().all(|j| j.is_finished()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        jobs = app.jobs_of(&key).await;
+    }
+    assert_eq!(jobs.len(), admitted);
+    let ids: std::collections::HashSet<_> = jobs.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(ids.len(), admitted);
+    assert!(jobs.iter().all(|j| j.status == "done"), "every job ran");
+    assert!(jobs
+        .iter()
+        .all(|j| j.reserved_gen_tokens == 1
+            && j.reserved_prompt_tokens >= i64::from(j.prompt_tokens)));
+    let row = app.key_row(&key).await;
+    let prompt: i64 = jobs.iter().map(|j| i64::from(j.prompt_tokens)).sum();
+    let generated: i64 = jobs.iter().map(|j| i64::from(j.generated_tokens)).sum();
+    assert_eq!(
+        (row.prompt_tokens_used, row.gen_tokens_used),
+        (prompt, generated)
+    );
+}

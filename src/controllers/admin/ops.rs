@@ -70,6 +70,7 @@ async fn metrics_text(
         }
     }
     let mut out = metrics::render_http();
+    out.push_str(&metrics::render_commits());
 
     out.push_str("# HELP tollgate_queue_depth Jobs waiting for a worker, per model.\n");
     out.push_str("# TYPE tollgate_queue_depth gauge\n");

@@ -220,6 +220,12 @@ pub struct EngineSettings {
     /// benchmarks).
     #[serde(default = "default_true")]
     pub prefix_reuse: bool,
+    /// Most prompt tokens read in one decode step while other jobs generate: a new prompt is
+    /// read a chunk per step beside their tokens (chunked prefill), so a long one holds running
+    /// streams back by one chunk at a time, not for its whole read. 0 reads each prompt whole
+    /// when its job starts (as before). Jobs under a LoRA head always read theirs whole.
+    #[serde(default = "default_prompt_chunk")]
+    pub prompt_chunk: u32,
     /// Layers offloaded to the GPU (0 = CPU only; needs a `cuda` build to matter).
     #[serde(default)]
     pub n_gpu_layers: u32,
@@ -412,6 +418,10 @@ fn default_key_cache_ms() -> u64 {
     1000
 }
 
+fn default_prompt_chunk() -> u32 {
+    128
+}
+
 fn default_model_name() -> String {
     "smollm2".into()
 }
@@ -493,6 +503,7 @@ impl Default for EngineSettings {
             lookahead: default_lookahead(),
             job_timeout_ms: default_job_timeout_ms(),
             prefix_reuse: true,
+            prompt_chunk: default_prompt_chunk(),
             n_gpu_layers: 0,
             main_gpu: 0,
             adapters_dir: default_adapters_dir(),

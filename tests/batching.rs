@@ -338,3 +338,69 @@ async fn a_key_with_a_higher_priority_gets_more_turns() {
         mean_rank(false)
     );
 }
+
+/// A prompt of about 600 tokens (numbered sentences).
+fn long_prompt() -> String {
+    (1..=40)
+        .map(|i| format!("Line {i}: the lighthouse keeper counted {i} ships at dawn."))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn with_chunk(chunk: u32) -> TestApp {
+    TestApp::spawn_with(|s| {
+        s["engine"]["prompt_chunk"] = json!(chunk);
+        s["api"]["rate_limit"]["per_minute"] = json!(0);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_long_prompt_is_read_a_chunk_per_step_beside_a_running_stream_and_both_answer_as_alone() {
+    let stream_body = json!({"model": "smollm2", "stream": true, "temperature": 0, "max_tokens": 200,
+        "messages": [{"role": "user", "content": "Write a long story about a dragon."}]});
+    let long_body =
+        json!({"model": "smollm2", "prompt": long_prompt(), "temperature": 0, "max_tokens": 8});
+    // Alone, on a server that reads every prompt whole when its job starts (as before).
+    let whole = with_chunk(0).await;
+    let key = whole.key_with_calls(None).await;
+    let (status, _, events) =
+        common::post_stream(&whole, &key, "/v1/chat/completions", stream_body.clone()).await;
+    assert_eq!(status, 200, "{events}");
+    let story_alone = common::streamed_chat_text(&events);
+    let (status, alone) = whole
+        .post(Some(&key), "/v1/completions", long_body.clone())
+        .await;
+    assert_eq!(status, 200, "{alone}");
+    assert_eq!(engine(&whole).await["mixed_steps"], 0);
+
+    // Together, in chunks of 64: the long prompt arrives while the story streams.
+    let chunked = with_chunk(64).await;
+    let key = chunked.key_with_calls(None).await;
+    let mut stream = chunked
+        .request(reqwest::Method::POST, Some(&key), "/v1/chat/completions")
+        .json(&stream_body)
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(stream.status().as_u16(), 200);
+    let mut events = String::new();
+    while common::streamed_chat_text(&events).is_empty() {
+        let chunk = stream.chunk().await.expect("read").expect("a first token");
+        events.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let (status, together) = chunked.post(Some(&key), "/v1/completions", long_body).await;
+    assert_eq!(status, 200, "{together}");
+    while let Some(chunk) = stream.chunk().await.expect("read") {
+        events.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    // The prompt went in beside the story's tokens over several steps, not in one read.
+    let mixed = engine(&chunked).await["mixed_steps"].as_u64().unwrap_or(0);
+    assert!(mixed >= 2, "prompt read beside the stream in {mixed} steps");
+    assert_eq!(common::streamed_chat_text(&events), story_alone);
+    assert_eq!(together["choices"][0]["text"], alone["choices"][0]["text"]);
+    assert_eq!(
+        together["usage"]["prompt_tokens"],
+        alone["usage"]["prompt_tokens"]
+    );
+}

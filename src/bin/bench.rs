@@ -28,7 +28,10 @@
 //!    through the server's engine thread with prefix reuse off and on;
 //! 7. on its own (`--only scale`, `scale.rs`): admission, `/metrics`, the dashboard's pages and
 //!    `/usage/` on an empty database and after filling it with a million jobs and 100,000 keys,
-//!    on SQLite and on Postgres.
+//!    on SQLite and on Postgres;
+//! 8. on its own (`--only chunks`): a running stream's longest wait between two tokens while a
+//!    ~1,500-token prompt is read beside it, and that prompt's time to first token, with the
+//!    prompt read whole (`prompt_chunk: 0`) and in chunks of 64, 128 and 256 per step.
 //!
 //! Figures are reported, never asserted — except the exact count of part 4, which is a
 //! correctness property.
@@ -122,6 +125,10 @@ Run from the repository root:  cargo run --release --bin tollgate-bench -- [flag
                          (scripted engine; minutes, so never part of the default run)
   --only keycheck        run only part 4 (key check + charge, bare router and the server's
                          stack, SQLite and Postgres) and print one JSON object
+  --only chunks          run only part 8: a stream's longest gap between tokens while a
+                         ~1,500-token prompt is read beside it, and that prompt's time to
+                         first token, prompt_chunk 0 / 64 / 128 / 256 (--reps rounds each);
+                         prints one JSON object
   --only paired          run only part 5's comparison, paired: Tollgate (in-process server) and
                          --external-url / --compare-llama-server loaded in alternating rounds at
                          each --concurrency level (A B, B A, …), so a busy neighbour on a shared
@@ -169,6 +176,7 @@ enum Only {
     Scale,
     KeyCheck,
     Paired,
+    Chunks,
 }
 
 impl Default for Args {
@@ -253,8 +261,9 @@ fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
                     "scale" => Only::Scale,
                     "keycheck" => Only::KeyCheck,
                     "paired" => Only::Paired,
+                    "chunks" => Only::Chunks,
                     other => {
-                        bail!("--only takes engine, external, prefix, scale, keycheck or paired, got {other:?}")
+                        bail!("--only takes engine, external, prefix, scale, keycheck, paired or chunks, got {other:?}")
                     }
                 });
             }
@@ -1788,6 +1797,102 @@ async fn only_prefix(args: &Args, settings: &EngineSettings) -> anyhow::Result<(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Part 8: a long prompt read beside a running stream
+
+/// One round on `engine`: a greedy story streams; once it has 8 tokens a ~1,500-token prompt
+/// arrives. Returns the stream's longest gap between two tokens after that (ms), the long
+/// prompt's time to first token (ms), and the stream's tokens.
+async fn stall_round(
+    engine: &Arc<LlamaEngine>,
+    settings: &EngineSettings,
+    round: usize,
+) -> anyhow::Result<(f64, f64, u32)> {
+    let story = greedy(
+        settings,
+        Prompt::chat(vec![ChatMessage::new(
+            "user",
+            format!("Write a long story about dragon number {round}."),
+        )]),
+        160,
+    );
+    let (sink, mut deltas) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let streaming = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.run_streaming(story, sink).await })
+    };
+    let mut arrivals = Vec::new();
+    while arrivals.len() < 8 {
+        if deltas.recv().await.is_none() {
+            break;
+        }
+        arrivals.push(Instant::now());
+    }
+    // A new history each round, so no round finds the last one's in a cache.
+    let long = greedy(
+        settings,
+        Prompt::chat(vec![ChatMessage::new(
+            "user",
+            format!("Round {round}. {}", long_history()),
+        )]),
+        8,
+    );
+    let sent = Instant::now();
+    let long_run = {
+        let engine = engine.clone();
+        tokio::spawn(async move { first_token(&engine, long).await })
+    };
+    while deltas.recv().await.is_some() {
+        arrivals.push(Instant::now());
+    }
+    let story = streaming.await?.map_err(|e| anyhow!("{e}"))?;
+    let (ttft, _) = long_run.await??;
+    let gap = arrivals
+        .windows(2)
+        .filter(|w| w[1] > sent)
+        .map(|w| ms(w[1] - w[0]))
+        .fold(0.0, f64::max);
+    Ok((gap, ms(ttft), story.generated_tokens))
+}
+
+async fn only_chunks(args: &Args, settings: &EngineSettings) -> anyhow::Result<()> {
+    let mut levels = Vec::new();
+    for chunk in [0u32, 64, 128, 256] {
+        eprintln!(
+            "8. a ~1,500-token prompt beside a stream, prompt_chunk {chunk} ({} rounds) …",
+            args.reps
+        );
+        let s = EngineSettings {
+            prompt_chunk: chunk,
+            ..settings.clone()
+        };
+        let engine = Arc::new(
+            tokio::task::spawn_blocking(move || LlamaEngine::start(s))
+                .await?
+                .map_err(|e| anyhow!("{e}"))?,
+        );
+        let (mut gaps, mut ttfts, mut tokens) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..args.reps {
+            let (gap, ttft, generated) = stall_round(&engine, settings, round).await?;
+            gaps.push(gap);
+            ttfts.push(ttft);
+            tokens.push(generated);
+        }
+        let (gap, ttft) = (percentile(&gaps, 50.0), percentile(&ttfts, 50.0));
+        eprintln!(
+            "   longest gap in the stream p50 {gap:.0} ms; the long prompt's first token p50 {ttft:.0} ms; mixed steps {}",
+            engine.status().mixed_steps
+        );
+        levels.push(
+            json!({"prompt_chunk": chunk, "longest_gap_ms": gaps, "longest_gap_p50_ms": gap,
+            "long_prompt_ttft_ms": ttfts, "long_prompt_ttft_p50_ms": ttft,
+            "stream_tokens": tokens, "mixed_steps": engine.status().mixed_steps}),
+        );
+    }
+    println!("{}", json!({"part": "prompt_chunks", "levels": levels}));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // llama.cpp's own server, for part 5
 
 /// A `llama-server` this run started; stopped when dropped.
@@ -2143,6 +2248,9 @@ fn main() -> anyhow::Result<()> {
     if args.only == Some(Only::Paired) {
         return runtime.block_on(only_paired(&args, &settings));
     }
+    if args.only == Some(Only::Chunks) {
+        return runtime.block_on(only_chunks(&args, &settings));
+    }
     eprintln!("1. engine only ({} reps) …", args.reps);
     // Before the server starts, so nothing else competes for the cores; on a thread of its own
     // like the server's engine (llama.cpp's OpenMP team then belongs to that thread, as there).
@@ -2201,7 +2309,14 @@ fn main() -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        Some(Only::External | Only::Prefix | Only::Scale | Only::KeyCheck | Only::Paired)
+        Some(
+            Only::External
+            | Only::Prefix
+            | Only::Scale
+            | Only::KeyCheck
+            | Only::Paired
+            | Only::Chunks,
+        )
         | None => {}
     }
     let outcome = runtime.block_on(async {

@@ -454,6 +454,10 @@ pub struct EngineStatus {
     /// requests: a shared system prompt, the same prompt sent at once).
     #[serde(default)]
     pub prefix_copies: u64,
+    /// Decode steps that read a chunk of a prompt beside running generations
+    /// (`settings.engine.prompt_chunk`): a long prompt held them back by a chunk, not whole.
+    #[serde(default)]
+    pub mixed_steps: u64,
 }
 
 /// Where an engine sends text as it is generated (for streaming clients).

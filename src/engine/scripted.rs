@@ -338,6 +338,7 @@ impl Algorithm for ScriptedEngine {
             batched_steps: 0,
             max_batch: 0,
             prefix_copies: 0,
+            mixed_steps: 0,
         }
     }
 }

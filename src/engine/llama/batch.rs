@@ -43,6 +43,9 @@ pub(super) struct Slot {
     tokens: Vec<LlamaToken>,
     /// Positions of this sequence in the KV cache.
     n_past: usize,
+    /// While its prompt is still being read a chunk per decode step (beside the running
+    /// generations' tokens): the next prompt position to read. `None` once generating.
+    reading: Option<usize>,
     generated: u32,
     /// The token to feed at the next step.
     next: llama_cpp_2::token::LlamaToken,
@@ -53,7 +56,8 @@ pub(super) struct Slot {
 
 /// How starting a job went.
 pub(super) enum Started {
-    /// Prompt read, first token taken; decode steps follow.
+    /// Prompt read and first token taken, or (read in chunks) its prompt's first chunk goes with
+    /// the next decode step; decode steps follow.
     Running(Box<Slot>),
     /// Already answered (an error, or finished on its first token); what its sequence's cache
     /// holds now, `None` when unknown (an error).
@@ -118,8 +122,10 @@ fn cut_cache(ctx: &mut LlamaContext<'_>, seq: i32, keep: usize) -> Result<usize,
     Ok(0)
 }
 
-/// Reads a job's prompt `tokens` into the sequence it was placed on — only those past the
-/// start its cache already holds — and takes its first token.
+/// Readies a job's sequence: the cache it starts from (copied, cut to what the prompt shares),
+/// its sampler and grammar. With `whole`, then reads its prompt `tokens` — only those past the
+/// start its cache already holds — and takes its first token; else its prompt is read by the
+/// decode steps that follow, a chunk at a time ([`decode_step`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn start(
     model: &LlamaModel,
@@ -127,6 +133,7 @@ pub(super) fn start(
     job: GenJob,
     tokens: Vec<LlamaToken>,
     at: Placement,
+    whole: bool,
     n_ctx_seq: usize,
     timeout: std::time::Duration,
     shared: &Shared,
@@ -154,6 +161,9 @@ pub(super) fn start(
             shared.prefix_copies.fetch_add(1, Ordering::AcqRel);
         }
         let keep = cut_cache(ctx, seq, at.keep.min(tokens.len().saturating_sub(1)))?;
+        if !whole {
+            return Ok((keep, None, sampler, grammar));
+        }
         let mut batch = LlamaBatch::new(PROMPT_BATCH as usize, 1);
         let last = tokens.len() - 1;
         for (chunk_index, chunk) in tokens[keep..].chunks(PROMPT_BATCH as usize).enumerate() {
@@ -167,7 +177,7 @@ pub(super) fn start(
             ctx.decode(&mut batch)
                 .map_err(|e| EngineError::Decode(e.to_string()))?;
         }
-        Ok((keep, batch.n_tokens() - 1, sampler, grammar))
+        Ok((keep, Some(batch.n_tokens() - 1), sampler, grammar))
     })();
     let (cached, logits_at, sampler, grammar) = match prepared {
         Ok(p) => p,
@@ -188,14 +198,32 @@ pub(super) fn start(
         prompt_tokens,
         cached,
         tokens,
-        n_past: prompt_tokens,
+        n_past: cached,
+        reading: Some(cached),
         generated: 0,
         next: llama_cpp_2::token::LlamaToken(0),
         deadline: std::time::Instant::now() + timeout,
     };
+    let Some(logits_at) = logits_at else {
+        return Started::Running(Box::new(slot));
+    };
+    slot.n_past = prompt_tokens;
+    slot.reading = None;
     match take_token(model, ctx, &mut slot, logits_at, n_ctx_seq) {
         None => Started::Running(Box::new(slot)),
         Some(finish_reason) => Started::Done(finish(slot, Ok(finish_reason), shared)),
+    }
+}
+
+impl Slot {
+    /// How much of its prompt the sequence's cache holds now (another job may copy it).
+    pub(super) fn prompt_read(&self) -> usize {
+        self.reading.unwrap_or(self.prompt_tokens)
+    }
+
+    /// Its prompt is still being read.
+    pub(super) fn is_reading(&self) -> bool {
+        self.reading.is_some()
     }
 }
 
@@ -242,33 +270,81 @@ fn take_token(
 /// A running job that ended in a step: its index in the slots and how it ended.
 pub(super) type Ended = (usize, Result<FinishReason, EngineError>);
 
-/// Feeds every running job's last token in one batch, then takes each one's next token.
-/// Returns the jobs that ended (by index into `slots`, ascending).
+/// Feeds every generating job's last token and, after them, up to `prompt_budget` tokens of the
+/// prompts still being read (in the order their jobs started), in one batch; then takes the
+/// next token of each generating job and of each whose prompt that batch finished. A long
+/// prompt thus holds running streams back by one chunk per step, not by its whole read.
+/// Returns the jobs that ended (by index into `slots`, ascending) and the prompt tokens fed.
 pub(super) fn decode_step(
     model: &LlamaModel,
     ctx: &mut LlamaContext<'_>,
     batch: &mut LlamaBatch,
     slots: &mut [Slot],
     n_ctx_seq: usize,
-) -> Result<Vec<Ended>, EngineError> {
+    prompt_budget: usize,
+) -> Result<(Vec<Ended>, usize), EngineError> {
     batch.clear();
-    for slot in slots.iter() {
-        batch
-            .add(slot.next, pos_i32(slot.n_past)?, &[slot.seq], true)
-            .map_err(|e| EngineError::Decode(e.to_string()))?;
+    // Per slot: its batch index to sample from (if any), and the prompt tokens it was fed.
+    let mut plan: Vec<(Option<i32>, usize)> = vec![(None, 0); slots.len()];
+    for (slot, planned) in slots.iter().zip(plan.iter_mut()) {
+        if !slot.is_reading() {
+            planned.0 = Some(add(batch, slot.next, slot.n_past, slot.seq, true)?);
+        }
+    }
+    let mut budget = prompt_budget;
+    for (slot, planned) in slots.iter().zip(plan.iter_mut()) {
+        let Some(from) = slot.reading else {
+            continue;
+        };
+        let take = budget.min(slot.tokens.len() - from);
+        let last = slot.tokens.len() - 1;
+        for (pos, tok) in slot.tokens.iter().enumerate().skip(from).take(take) {
+            let index = add(batch, *tok, pos, slot.seq, pos == last)?;
+            if pos == last {
+                planned.0 = Some(index);
+            }
+        }
+        planned.1 = take;
+        budget -= take;
     }
     ctx.decode(batch)
         .map_err(|e| EngineError::Decode(e.to_string()))?;
     let mut finished = Vec::new();
-    for (i, slot) in slots.iter_mut().enumerate() {
-        slot.n_past += 1;
-        slot.tokens.push(slot.next);
-        let idx = i32::try_from(i).map_err(|_| EngineError::Decode("batch index".into()))?;
-        if let Some(reason) = take_token(model, ctx, slot, idx, n_ctx_seq) {
-            finished.push((i, Ok(reason)));
+    let mut fed = 0;
+    for (i, (slot, (index, read))) in slots.iter_mut().zip(plan).enumerate() {
+        match slot.reading {
+            Some(from) => {
+                fed += read;
+                slot.n_past = from + read;
+                slot.reading = (slot.n_past < slot.tokens.len()).then_some(slot.n_past);
+            }
+            None => {
+                slot.n_past += 1;
+                slot.tokens.push(slot.next);
+            }
+        }
+        // A generating job, or one whose prompt this step finished: its next token.
+        if let Some(index) = index {
+            if let Some(reason) = take_token(model, ctx, slot, index, n_ctx_seq) {
+                finished.push((i, Ok(reason)));
+            }
         }
     }
-    Ok(finished)
+    Ok((finished, fed))
+}
+
+/// Adds one token to `batch`; its index there.
+fn add(
+    batch: &mut LlamaBatch,
+    tok: LlamaToken,
+    pos: usize,
+    seq: i32,
+    logits: bool,
+) -> Result<i32, EngineError> {
+    batch
+        .add(tok, pos_i32(pos)?, &[seq], logits)
+        .map_err(|e| EngineError::Decode(e.to_string()))?;
+    Ok(batch.n_tokens() - 1)
 }
 
 /// Answers a job: its text (the rest held back for stop strings is final now) or its error.

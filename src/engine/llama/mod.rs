@@ -5,8 +5,11 @@
 //! once and serves every request with it.
 //!
 //! Continuous batching: the context holds `settings.parallel` sequences. Every decode step feeds
-//! one token of each running job in one batch; a job joins as soon as a sequence is free (its
-//! prompt is read into its own sequence) and leaves when it ends. Prefix reuse
+//! one token of each running job in one batch; a job joins as soon as a sequence is free and
+//! leaves when it ends. Its prompt is read into its own sequence in chunks of at most
+//! `settings.prompt_chunk` tokens, in the same steps as the running jobs' tokens (chunked
+//! prefill), so a long prompt holds running streams back by one chunk per step, not by its
+//! whole read. Prefix reuse
 //! (`settings.prefix_reuse`, `prefix.rs`): a sequence keeps its KV cache after its job, and a new
 //! job goes to the free sequence whose cache shares the longest start with its prompt and reads
 //! only the rest — a conversation's next turn does not read its history again — or, when
@@ -126,6 +129,7 @@ struct Shared {
     batched_steps: AtomicU64,
     max_batch: AtomicU64,
     prefix_copies: AtomicU64,
+    mixed_steps: AtomicU64,
     /// Names of the loaded LoRA adapters, most recently used first.
     adapters: Mutex<Vec<String>>,
     /// Facts about the loaded weights, set each time the model is loaded.
@@ -354,6 +358,7 @@ impl LlamaEngine {
             batched_steps: self.shared.batched_steps.load(Ordering::Acquire),
             max_batch: self.shared.max_batch.load(Ordering::Acquire),
             prefix_copies: self.shared.prefix_copies.load(Ordering::Acquire),
+            mixed_steps: self.shared.mixed_steps.load(Ordering::Acquire),
         }
     }
 }

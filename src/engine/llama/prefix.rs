@@ -14,8 +14,9 @@
 //! same prompt sent by several clients at once. That sequence's cache (busy or free) is then
 //! copied into the job's sequence first and only the rest is read (vLLM's automatic prefix
 //! caching does the same across requests; llama-server's slots reuse only their own). A busy
-//! sequence's cache holds its whole prompt once its job has started (jobs start one at a time,
-//! reading their prompt whole), so that is what it offers. The sequences are separate streams,
+//! sequence offers what its cache holds of its prompt so far (prompts are read a chunk per
+//! decode step, see `batch::decode_step`); a job that would copy more from a sequence still
+//! reading waits until it has ([`Sequences::awaits_donor`]). The sequences are separate streams,
 //! and llama.cpp copies a stream whole (every cell of a sequence's context, at the next decode,
 //! before anything else is computed), so a copy is taken only when it saves at least
 //! [`Sequences::min_copy`] tokens.
@@ -44,6 +45,9 @@ struct Cached {
     used: u64,
     /// A job runs on it.
     busy: bool,
+    /// How many of `tokens` the cache holds now: all of them, but for a busy sequence whose
+    /// prompt is still being read.
+    read: usize,
 }
 
 /// The sequences of one epoch's generation context and their caches.
@@ -91,13 +95,7 @@ impl Sequences {
     /// else an empty sequence, else the least recently used. At least the prompt's last token
     /// is always read again, for its logits. `None` when every sequence is busy.
     pub(super) fn place(&mut self, prompt: &[LlamaToken], head: &Head) -> Option<Placement> {
-        let shared = |c: &Cached| {
-            if self.reuse && head.is_none() && c.head.is_none() {
-                common_prefix(&c.tokens, prompt)
-            } else {
-                0
-            }
-        };
+        let shared = |c: &Cached| self.shared(c, prompt, head).min(c.read);
         let free = || self.seqs.iter().enumerate().filter(|(_, c)| !c.busy);
         let worth = free()
             .map(|(i, c)| (i, shared(c), c))
@@ -133,15 +131,50 @@ impl Sequences {
         let cached = &mut self.seqs[index];
         cached.busy = true;
         cached.used = self.clock;
-        // What the sequence holds once the job has started: its whole prompt (read by
-        // `batch::start` before any other job is placed); another job may copy it from there.
+        // What the sequence will hold once its prompt is read; it holds `keep` of it now
+        // ([`Self::mark_read`] follows the read), and another job may copy what it holds.
         prompt.clone_into(&mut cached.tokens);
+        cached.read = keep;
         cached.head.clone_from(head);
         Some(Placement {
             seq: i32::try_from(index).ok()?,
             keep,
             from,
         })
+    }
+
+    /// How many tokens of `c`'s cache (once read) `prompt` starts with, when it may be reused.
+    fn shared(&self, c: &Cached, prompt: &[LlamaToken], head: &Head) -> usize {
+        if self.reuse && head.is_none() && c.head.is_none() {
+            common_prefix(&c.tokens, prompt)
+        } else {
+            0
+        }
+    }
+
+    /// Whether a job with this prompt should wait: a busy sequence still reading its prompt will
+    /// hold enough more of it (a shared system prompt or document sent by several requests at
+    /// once) to be worth copying once read, than any sequence holds now.
+    pub(super) fn awaits_donor(&self, prompt: &[LlamaToken], head: &Head) -> bool {
+        let most = prompt.len().saturating_sub(1);
+        let now = self
+            .seqs
+            .iter()
+            .map(|c| self.shared(c, prompt, head).min(c.read).min(most))
+            .max()
+            .unwrap_or(0);
+        self.seqs.iter().any(|c| {
+            c.busy
+                && c.read < c.tokens.len()
+                && self.shared(c, prompt, head).min(most) >= now + self.min_copy
+        })
+    }
+
+    /// The job on `seq` has read `read` tokens of its prompt into the cache.
+    pub(super) fn mark_read(&mut self, seq: i32, read: usize) {
+        if let Some(c) = self.cached_mut(seq) {
+            c.read = read.min(c.tokens.len());
+        }
     }
 
     /// The job on `seq` ended; its cache holds `tokens`, computed under `head` (forgotten when
@@ -156,6 +189,7 @@ impl Sequences {
             } else {
                 c.tokens.clear();
             }
+            c.read = c.tokens.len();
         }
     }
 
@@ -164,6 +198,7 @@ impl Sequences {
         if let Some(c) = self.cached_mut(seq) {
             c.busy = false;
             c.tokens.clear();
+            c.read = 0;
         }
     }
 
@@ -188,6 +223,13 @@ mod tests {
 
     fn toks(ids: &[i32]) -> Vec<LlamaToken> {
         ids.iter().copied().map(LlamaToken).collect()
+    }
+
+    /// Places a job and has it read its whole prompt.
+    fn read_whole(seqs: &mut Sequences, prompt: &[i32], head: &Head) -> Placement {
+        let p = seqs.place(&toks(prompt), head).unwrap();
+        seqs.mark_read(p.seq, prompt.len());
+        p
     }
 
     fn head(name: &str) -> Head {
@@ -308,6 +350,7 @@ mod tests {
         let prompt: Vec<i32> = (0..40).collect();
         let a = seqs.place(&toks(&prompt), &None).unwrap();
         assert_eq!((a.keep, a.from), (0, None));
+        seqs.mark_read(a.seq, 40);
         // The same prompt while `a` still runs: its cache is copied, all but the last token kept.
         let b = seqs.place(&toks(&prompt), &None).unwrap();
         assert_ne!(b.seq, a.seq);
@@ -327,15 +370,39 @@ mod tests {
     }
 
     #[test]
+    fn a_sequence_still_reading_offers_what_it_holds_and_a_job_that_would_copy_more_waits() {
+        let mut seqs = Sequences::new(4, true, 2048);
+        let prompt: Vec<i32> = (0..100).collect();
+        let a = seqs.place(&toks(&prompt), &None).unwrap();
+        // Nothing read yet: the same prompt waits for it rather than read it a second time.
+        assert!(seqs.awaits_donor(&toks(&prompt), &None));
+        // A prompt that shares too little with it to be worth a copy does not wait.
+        let other: Vec<i32> = (0..10).chain(500..600).collect();
+        assert!(!seqs.awaits_donor(&toks(&other), &None));
+        // Nor under a head (its cache is never shared).
+        assert!(!seqs.awaits_donor(&toks(&prompt), &head("x")));
+        // Half read: placed now, it would copy only that half; still worth waiting for the rest.
+        seqs.mark_read(a.seq, 50);
+        assert!(seqs.awaits_donor(&toks(&prompt), &None));
+        let early = seqs.place(&toks(&prompt), &None).unwrap();
+        assert_eq!((early.keep, early.from), (50, Some(a.seq)));
+        // All read: nothing more to wait for; a copy takes all but the last token.
+        seqs.mark_read(a.seq, 100);
+        assert!(!seqs.awaits_donor(&toks(&prompt), &None));
+        let b = seqs.place(&toks(&prompt), &None).unwrap();
+        assert_eq!((b.keep, b.from), (99, Some(a.seq)));
+    }
+
+    #[test]
     fn a_copy_must_save_enough_and_never_crosses_heads_or_reuse_off() {
         let prompt: Vec<i32> = (0..40).collect();
         // Too little shared for a stream copy (16 tokens at least; 1/128 of a long context).
         let mut seqs = Sequences::new(2, true, 2048);
-        seqs.place(&toks(&prompt), &None).unwrap();
+        read_whole(&mut seqs, &prompt, &None);
         let short: Vec<i32> = (0..15).chain(500..520).collect();
         assert_eq!(seqs.place(&toks(&short), &None).unwrap().from, None);
         let mut seqs = Sequences::new(2, true, 32768);
-        seqs.place(&toks(&prompt), &None).unwrap();
+        read_whole(&mut seqs, &prompt, &None);
         assert_eq!(
             seqs.place(&toks(&prompt), &None).unwrap().from,
             None,
@@ -343,12 +410,12 @@ mod tests {
         );
         // Not under a head, nor from a cache made under one.
         let mut seqs = Sequences::new(3, true, 2048);
-        seqs.place(&toks(&prompt), &head("x")).unwrap();
+        read_whole(&mut seqs, &prompt, &head("x"));
         assert_eq!(seqs.place(&toks(&prompt), &None).unwrap().from, None);
         assert_eq!(seqs.place(&toks(&prompt), &head("x")).unwrap().from, None);
         // Reuse off: nothing is shared.
         let mut seqs = Sequences::new(2, false, 2048);
-        seqs.place(&toks(&prompt), &None).unwrap();
+        read_whole(&mut seqs, &prompt, &None);
         assert_eq!(
             seqs.place(&toks(&prompt), &None).unwrap(),
             Placement {

@@ -223,7 +223,8 @@ impl Thread<'_> {
         // The head applied to the generation context now, and its loaded adapter.
         let mut head: Option<(String, u32)> = None;
         let mut applied: Option<AdapterKey> = None;
-        let mut step = LlamaBatch::new(parallel, 1);
+        // A step's generating jobs' tokens and prompt chunks: at most the context's batch.
+        let mut step = LlamaBatch::new(PROMPT_BATCH.max(settings.parallel.max(1)) as usize, 1);
         let mut closed = false;
         if let Some(cmd) = pending {
             self.lanes.push_first(cmd);
@@ -321,6 +322,17 @@ impl Thread<'_> {
                         continue;
                     }
                 };
+                // Prompts are read a chunk per decode step beside running generations, but a
+                // job under a LoRA head reads its own whole at once (so that a seeded request
+                // repeats exactly under a head; see `prefix`), as every job does with
+                // `prompt_chunk: 0`.
+                let whole = head.is_some() || settings.prompt_chunk == 0;
+                if !whole && seqs.awaits_donor(&tokens, &head) {
+                    // Another sequence is reading what this prompt starts with: copied from
+                    // there once read, it is not read twice.
+                    self.lanes.push_first(Command::Generate(Box::new(job)));
+                    break;
+                }
                 let Some(at) = seqs.place(&tokens, &head) else {
                     // Not reached (a generation is taken only with a sequence free); put it
                     // back should that change.
@@ -334,13 +346,17 @@ impl Thread<'_> {
                         job,
                         tokens,
                         at,
+                        whole,
                         n_ctx_seq,
                         timeout,
                         shared,
                     )
                 });
                 match started {
-                    Ok(Started::Running(slot)) => slots.push(*slot),
+                    Ok(Started::Running(slot)) => {
+                        seqs.mark_read(at.seq, slot.prompt_read());
+                        slots.push(*slot);
+                    }
                     Ok(Started::Done(kept)) => {
                         free_seq(&mut contexts.generate, &mut seqs, at.seq, kept);
                     }
@@ -401,10 +417,35 @@ impl Thread<'_> {
             shared.batched_steps.fetch_add(1, Ordering::AcqRel);
         }
         shared.max_batch.fetch_max(width, Ordering::AcqRel);
-        let stepped =
-            contain(|| decode_step(model, &mut contexts.generate, step, slots, n_ctx_seq));
+        // While jobs generate, a prompt being read adds at most `prompt_chunk` tokens to their
+        // step; with none generating, prompts are read as fast as a batch takes them.
+        let generating = slots.iter().filter(|s| !s.is_reading()).count();
+        let batch_room = (PROMPT_BATCH as usize).max(slots.len());
+        let budget = if generating == 0 {
+            batch_room
+        } else {
+            (self.settings.prompt_chunk as usize).min(batch_room - generating)
+        };
+        let stepped = contain(|| {
+            decode_step(
+                model,
+                &mut contexts.generate,
+                step,
+                slots,
+                n_ctx_seq,
+                budget,
+            )
+        });
         let finished: Vec<Ended> = match stepped {
-            Ok(Ok(finished)) => finished,
+            Ok(Ok((finished, fed))) => {
+                if fed > 0 && generating > 0 {
+                    shared.mixed_steps.fetch_add(1, Ordering::AcqRel);
+                }
+                for slot in slots.iter() {
+                    seqs.mark_read(slot.seq, slot.prompt_read());
+                }
+                finished
+            }
             Ok(Err(e)) => (0..slots.len()).map(|i| (i, Err(e.clone()))).collect(),
             Err(_) => (0..slots.len())
                 .map(|i| (i, Err(EngineError::Decode("engine panicked".into()))))

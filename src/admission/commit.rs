@@ -128,7 +128,7 @@ async fn record_together(batch: &[Pending]) -> Together {
         }
     };
     // Dropped without commit (every way but one): rolled back.
-    match charge_and_record(&txn, batch).await {
+    match charge_and_record(&txn, &first.key, batch).await {
         Ok(Some(records)) => match txn.commit().await {
             Ok(()) => {
                 crate::metrics::committed_together(records.len());
@@ -144,15 +144,13 @@ async fn record_together(batch: &[Pending]) -> Together {
     }
 }
 
-/// The batch's statements inside `txn`; `None` when it does not fit whole.
+/// The batch's statements inside `txn`, charged to `key` (every admission's); `None` when it
+/// does not fit whole.
 async fn charge_and_record(
     txn: &DatabaseTransaction,
+    key: &api_keys::Model,
     batch: &[Pending],
 ) -> Result<Option<Vec<jobs::Model>>, ApiError> {
-    let Some((first, _)) = batch.first() else {
-        return Ok(Some(Vec::new()));
-    };
-    let key = &first.key;
     // A key rotated between its callers' identification: each learns its own standing.
     if batch
         .iter()
@@ -164,16 +162,15 @@ async fn charge_and_record(
     let Some(charged) = api_keys::charge_calls(txn, key.id, &key.secret_hash, calls).await? else {
         return Ok(None);
     };
-    let (prompt, gen) = batch.iter().fold((0i64, 0i64), |(p, g), (c, _)| {
-        let (cp, cg) = c.tokens();
-        (p.saturating_add(cp), g.saturating_add(cg))
+    let tokens: Vec<(i64, i64)> = batch.iter().map(|(c, _)| c.tokens()).collect();
+    let (prompt, gen) = tokens.iter().fold((0i64, 0i64), |(p, g), (cp, cg)| {
+        (p.saturating_add(*cp), g.saturating_add(*cg))
     });
     if budgets::reserve(txn, &charged, prompt, gen).await?.is_err() {
         return Ok(None);
     }
     let mut new = Vec::with_capacity(batch.len());
-    for (commit, _) in batch {
-        let (prompt, gen) = commit.tokens();
+    for ((commit, _), (prompt, gen)) in batch.iter().zip(tokens) {
         new.push(commit.new_job(Reservation {
             user_id: charged.user_id,
             prompt_tokens: prompt,

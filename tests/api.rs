@@ -3,7 +3,7 @@
 mod common;
 
 use chrono::{Duration, Utc};
-use common::{code, TestApp};
+use common::{code, metric_in, scrape, TestApp};
 use reqwest::Method;
 use serde_json::json;
 use tollgate::models::api_keys::KeyParams;
@@ -488,14 +488,6 @@ async fn metrics_can_require_a_token_and_listings_follow_the_keys_allow_lists() 
     assert_eq!(engines.as_array().map(Vec::len), Some(1), "{engines}");
 }
 
-/// Reads `name` (a full series with its labels) from a `/metrics` scrape.
-fn metric(text: &str, name: &str) -> i64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
-}
-
 #[tokio::test]
 async fn metrics_count_finished_jobs_from_running_totals_not_the_jobs_table() {
     use sea_orm::ConnectionTrait;
@@ -508,19 +500,15 @@ async fn metrics_count_finished_jobs_from_running_totals_not_the_jobs_table() {
     }
     let (status, body) = app.post_api(&key, json!({"text": ""})).await;
     assert_eq!(status, 422, "{body}");
-    let scrape = || async {
-        let resp = app.http.get(app.url("/metrics")).send().await.expect("get");
-        resp.text().await.expect("text")
-    };
-    let before = scrape().await;
-    assert_eq!(metric(&before, "tollgate_jobs{status=\"done\"}"), 3);
-    assert_eq!(metric(&before, "tollgate_jobs{status=\"queued\"}"), 0);
-    let generated = metric(&before, "tollgate_generated_tokens_total");
-    let stored: i64 = app
+    let before = scrape(&app).await;
+    assert_eq!(metric_in(&before, "tollgate_jobs{status=\"done\"}"), 3);
+    assert_eq!(metric_in(&before, "tollgate_jobs{status=\"queued\"}"), 0);
+    let generated = metric_in(&before, "tollgate_generated_tokens_total");
+    let stored: u64 = app
         .jobs_of(&key)
         .await
         .iter()
-        .map(|j| i64::from(j.generated_tokens))
+        .map(|j| u64::try_from(j.generated_tokens).unwrap_or_default())
         .sum();
     assert!(generated > 0);
     assert_eq!(generated, stored, "totals equal the jobs' own counts");
@@ -531,9 +519,12 @@ async fn metrics_count_finished_jobs_from_running_totals_not_the_jobs_table() {
         .execute_unprepared("DELETE FROM jobs")
         .await
         .expect("purge");
-    let after = scrape().await;
-    assert_eq!(metric(&after, "tollgate_jobs{status=\"done\"}"), 3);
-    assert_eq!(metric(&after, "tollgate_generated_tokens_total"), generated);
+    let after = scrape(&app).await;
+    assert_eq!(metric_in(&after, "tollgate_jobs{status=\"done\"}"), 3);
+    assert_eq!(
+        metric_in(&after, "tollgate_generated_tokens_total"),
+        generated
+    );
 }
 
 #[tokio::test]

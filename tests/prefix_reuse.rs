@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{streamed_chat_text, TestApp, TestKey};
+use common::{metric, streamed_chat_text, TestApp, TestKey};
 use serde_json::{json, Value};
 
 async fn app(reuse: bool, parallel: u32) -> TestApp {
@@ -66,23 +66,6 @@ async fn tokens(app: &TestApp, key: &TestKey, text: &str) -> Vec<u64> {
 
 fn shared(a: &[u64], b: &[u64]) -> u64 {
     a.iter().zip(b).take_while(|(x, y)| x == y).count() as u64
-}
-
-/// `/metrics` (open in the test config): the value of an unlabelled series.
-async fn metric(app: &TestApp, name: &str) -> u64 {
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("get")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
 }
 
 #[tokio::test]

@@ -203,25 +203,37 @@ pub async fn post_stream(
     (status, content_type, resp.text().await.expect("body"))
 }
 
-/// This process's shared admission commits from `/metrics`: (transactions, admissions in them).
-pub async fn shared_commits(app: &TestApp) -> (u64, u64) {
-    let text = app
+/// A `/metrics` scrape (open in the test config).
+pub async fn scrape(app: &TestApp) -> String {
+    let resp = app
         .http
         .get(app.url("/metrics"))
         .send()
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let counter = |name: &str| -> u64 {
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
-    };
+        .expect("metrics");
+    assert_eq!(resp.status().as_u16(), 200);
+    resp.text().await.expect("metrics text")
+}
+
+/// The value of series `name` (with its labels, if any) in a scrape.
+pub fn metric_in(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+/// The value of series `name` now.
+pub async fn metric(app: &TestApp, name: &str) -> u64 {
+    metric_in(&scrape(app).await, name)
+}
+
+/// This process's shared admission commits from `/metrics`: (transactions, admissions in them).
+pub async fn shared_commits(app: &TestApp) -> (u64, u64) {
+    let text = scrape(app).await;
     (
-        counter("tollgate_admission_shared_commits_total "),
-        counter("tollgate_admissions_in_shared_commits_total "),
+        metric_in(&text, "tollgate_admission_shared_commits_total"),
+        metric_in(&text, "tollgate_admissions_in_shared_commits_total"),
     )
 }
 

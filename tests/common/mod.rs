@@ -30,8 +30,9 @@ use tollgate::app::{into_service, App};
 
 pub use engines::{greedy, queued_job, worker_on, FailingEngine};
 pub use http::{
-    code, concurrent_calls, header, hot_key_bursts_share_commits_exactly, ids, merge, poll_job,
-    post_stream, read, retry_after, shared_commits, sse_data, streamed_chat_text,
+    code, concurrent_calls, header, hot_key_bursts_share_commits_exactly, ids, merge, metric,
+    metric_in, poll_job, post_stream, read, retry_after, scrape, shared_commits, sse_data,
+    streamed_chat_text,
 };
 pub use keys::{admin_params, issue_key, jobs_of, key_of, key_row, TestKey};
 pub use postgres::{create_database, drop_database, pg_server};

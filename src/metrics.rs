@@ -83,19 +83,19 @@ pub async fn track(req: Request, next: Next) -> Response {
 static SHARED_COMMITS: AtomicU64 = AtomicU64::new(0);
 static ADMISSIONS_IN_SHARED_COMMITS: AtomicU64 = AtomicU64::new(0);
 
-/// Records one transaction that committed `admissions` admissions of one key together.
+/// Records one transaction that committed `admissions` (several) admissions together.
 pub fn committed_together(admissions: usize) {
     SHARED_COMMITS.fetch_add(1, Ordering::Relaxed);
     ADMISSIONS_IN_SHARED_COMMITS.fetch_add(admissions as u64, Ordering::Relaxed);
 }
 
-/// This process's shared admission commits, in exposition format: how often a hot key's
-/// concurrent admissions shared a transaction, and how many did (their ratio is the mean batch).
+/// This process's shared admission commits, in exposition format: how often concurrent
+/// admissions (of one key or of many) shared a transaction, and how many did (their ratio is the mean batch).
 #[must_use]
 pub fn render_commits() -> String {
     format!(
         "# HELP tollgate_admission_shared_commits_total Transactions that committed several \
-         concurrent admissions of one key together (this process).\n\
+         concurrent admissions together (this process).\n\
          # TYPE tollgate_admission_shared_commits_total counter\n\
          tollgate_admission_shared_commits_total {}\n\
          # HELP tollgate_admissions_in_shared_commits_total Admissions committed in those \

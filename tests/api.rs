@@ -132,6 +132,19 @@ async fn a_hot_keys_concurrent_admissions_share_commits_and_are_counted_exactly(
 }
 
 #[tokio::test]
+async fn many_keys_concurrent_admissions_share_commits_each_refused_on_its_own_and_counted_exactly()
+{
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    common::many_keys_bursts_share_commits_exactly(&app).await;
+}
+
+#[tokio::test]
+async fn a_batch_charge_is_all_or_none_per_key_and_concurrent_batches_count_every_call() {
+    let app = TestApp::spawn_scripted(|_| {}).await;
+    common::charge_many_is_all_or_none_per_key_and_concurrent_batches_do_not_deadlock(&app).await;
+}
+
+#[tokio::test]
 async fn concurrent_admissions_at_a_token_budgets_edge_admit_exactly_what_fits() {
     let app = TestApp::spawn_scripted(|_| {}).await;
     // Room for seven one-token generations (each reserves and spends exactly one): a batch of

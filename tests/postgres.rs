@@ -34,6 +34,20 @@ async fn on_postgres_a_hot_keys_concurrent_admissions_share_commits_and_are_coun
 }
 
 #[tokio::test]
+async fn on_postgres_many_keys_concurrent_admissions_share_commits_each_refused_on_its_own_and_counted_exactly(
+) {
+    let app = TestApp::spawn_on_postgres().await;
+    common::many_keys_bursts_share_commits_exactly(&app).await;
+}
+
+#[tokio::test]
+async fn on_postgres_a_batch_charge_is_all_or_none_per_key_and_concurrent_batches_do_not_deadlock()
+{
+    let app = TestApp::spawn_on_postgres().await;
+    common::charge_many_is_all_or_none_per_key_and_concurrent_batches_do_not_deadlock(&app).await;
+}
+
+#[tokio::test]
 async fn on_postgres_date_windows_are_enforced() {
     let app = TestApp::spawn_on_postgres().await;
     let expired = app

@@ -1,14 +1,13 @@
-//! Work that arrives at once for one key, handed over a batch at a time.
+//! Work that arrives at once, handed over a batch at a time.
 //!
-//! Every charge of a key updates the key's one row, so the database runs a key's concurrent
-//! charges one after another, each holding the row until its commit; on Postgres a hot key is
-//! then bound by one durable commit per call. [`KeyBatches`] lets one task per busy key take
-//! whatever has queued for it while its previous batch committed and hand it over whole, so that
-//! those calls share one transaction ([`super::commit`]). Nothing waits to fill a batch: a lone
-//! request is a batch of one, at once.
+//! Every admission commits a charge, its token reservations and its job: on Postgres one
+//! durable WAL flush and a handful of statements each, and a hot key's charges wait on its one
+//! row in turn. [`Batches`] lets one task take whatever has queued while the previous batch
+//! committed and hand it over whole, so that those admissions, of one key or of many, share one
+//! transaction ([`super::commit`]). Nothing waits to fill a batch: a lone request is a batch of
+//! one, at once.
 
 use std::{
-    collections::{hash_map::Entry, HashMap},
     panic::AssertUnwindSafe,
     sync::{Arc, Mutex},
 };
@@ -18,94 +17,94 @@ use futures::{future::BoxFuture, FutureExt};
 /// What runs each batch: it owns the items (and with them whatever answers their callers).
 pub type RunBatch<T> = Arc<dyn Fn(Vec<T>) -> BoxFuture<'static, ()> + Send + Sync>;
 
-/// Items queued per key, each key drained by its own task while it has any.
+/// Items queued for the one task that runs their batches, one after another.
 ///
-/// Bounded by the requests in flight: a key has an entry only while items of it wait or run,
-/// and each item is a request whose caller waits for it.
-pub struct KeyBatches<T> {
-    pending: Arc<Mutex<HashMap<i32, Vec<T>>>>,
+/// Bounded by the requests in flight: each item is a request whose caller waits for it.
+pub struct Batches<T> {
+    lane: Arc<Mutex<Lane<T>>>,
     run: RunBatch<T>,
     /// Most items in one batch (one transaction).
     most: usize,
 }
 
-impl<T> Clone for KeyBatches<T> {
+/// What waits, and whether a task is running batches (then it takes what waits next).
+struct Lane<T> {
+    queued: Vec<T>,
+    running: bool,
+}
+
+impl<T> Clone for Batches<T> {
     fn clone(&self) -> Self {
         Self {
-            pending: self.pending.clone(),
+            lane: self.lane.clone(),
             run: self.run.clone(),
             most: self.most,
         }
     }
 }
 
-impl<T: Send + 'static> KeyBatches<T> {
+impl<T: Send + 'static> Batches<T> {
     #[must_use]
     pub fn new(most: usize, run: RunBatch<T>) -> Self {
         Self {
-            pending: Arc::default(),
+            lane: Arc::new(Mutex::new(Lane {
+                queued: Vec::new(),
+                running: false,
+            })),
             run,
             most: most.max(1),
         }
     }
 
-    /// Queues `item` for `key`: it joins the batch its key's task takes next, or starts that
-    /// task (then it is a batch of one at once). Must be called inside a tokio runtime.
-    pub fn submit(&self, key: i32, item: T) {
-        let mut pending = lock(&self.pending);
-        match pending.entry(key) {
-            // Its key's task is running a batch and takes this one with the next.
-            Entry::Occupied(mut queued) => queued.get_mut().push(item),
-            Entry::Vacant(free) => {
-                free.insert(vec![item]);
-                drop(pending);
-                tokio::spawn(self.clone().drain(key));
-            }
+    /// Queues `item`: it joins the batch the running task takes next, or starts that task
+    /// (then it is a batch of one at once). Must be called inside a tokio runtime.
+    pub fn submit(&self, item: T) {
+        let mut lane = lock(&self.lane);
+        lane.queued.push(item);
+        if !lane.running {
+            lane.running = true;
+            drop(lane);
+            tokio::spawn(self.clone().drain());
         }
     }
 
-    /// Runs `key`'s batches until none is left, then removes its entry (under the same lock a
-    /// submit takes, so an item is never left without a task).
-    async fn drain(self, key: i32) {
+    /// Runs batches until none is left, then stops (under the same lock a submit takes, so an
+    /// item is never left without a task).
+    async fn drain(self) {
         loop {
             let batch = {
-                let mut pending = lock(&self.pending);
-                let Some(queued) = pending.get_mut(&key) else {
-                    return;
-                };
-                if queued.is_empty() {
-                    pending.remove(&key);
+                let mut lane = lock(&self.lane);
+                if lane.queued.is_empty() {
+                    lane.running = false;
                     return;
                 }
-                let take = queued.len().min(self.most);
-                queued.drain(..take).collect::<Vec<_>>()
+                let take = lane.queued.len().min(self.most);
+                lane.queued.drain(..take).collect::<Vec<_>>()
             };
             // A batch that panics loses only its own items (their callers see their answer
-            // channels close); the key's task goes on with the next.
+            // channels close); the task goes on with the next.
             if AssertUnwindSafe((self.run)(batch))
                 .catch_unwind()
                 .await
                 .is_err()
             {
-                tracing::error!(key, "a batch of admissions panicked");
+                tracing::error!("a batch of admissions panicked");
             }
         }
     }
 
-    /// Keys with items waiting or running (for tests of the bound).
+    /// Items waiting, plus one while a task runs (for tests of the bound).
     #[must_use]
-    pub fn busy_keys(&self) -> usize {
-        lock(&self.pending).len()
+    pub fn busy(&self) -> usize {
+        let lane = lock(&self.lane);
+        lane.queued.len() + usize::from(lane.running)
     }
 }
 
-/// The map is only ever held for a push or a take, never across an await; a panic while held
+/// The lane is only ever held for a push or a take, never across an await; a panic while held
 /// cannot leave it half-changed, so a poisoned lock is taken as is.
-fn lock<T>(
-    pending: &Mutex<HashMap<i32, Vec<T>>>,
-) -> std::sync::MutexGuard<'_, HashMap<i32, Vec<T>>> {
-    pending
-        .lock()
+fn lock<T>(lane: &Mutex<Lane<T>>) -> std::sync::MutexGuard<'_, Lane<T>> {
+    lane.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -119,7 +118,7 @@ mod tests {
 
     /// Each batch says its items when it starts, then waits for a permit of `gate` before it
     /// answers them.
-    fn gated(gate: Arc<Semaphore>) -> (KeyBatches<Item>, mpsc::UnboundedReceiver<Vec<u32>>) {
+    fn gated(gate: Arc<Semaphore>) -> (Batches<Item>, mpsc::UnboundedReceiver<Vec<u32>>) {
         let (seen, batches) = mpsc::unbounded_channel();
         let run: RunBatch<Item> = Arc::new(move |batch: Vec<Item>| {
             let (seen, gate) = (seen.clone(), gate.clone());
@@ -132,17 +131,17 @@ mod tests {
             }
             .boxed()
         });
-        (KeyBatches::new(4, run), batches)
+        (Batches::new(4, run), batches)
     }
 
-    async fn until_idle(batches: &KeyBatches<Item>) {
+    async fn until_idle(batches: &Batches<Item>) {
         for _ in 0..1000 {
-            if batches.busy_keys() == 0 {
+            if batches.busy() == 0 {
                 return;
             }
             tokio::task::yield_now().await;
         }
-        panic!("a key's entry outlived its last batch");
+        panic!("the lane stayed busy after its last batch");
     }
 
     #[tokio::test]
@@ -151,13 +150,13 @@ mod tests {
         let (batches, mut seen) = gated(gate.clone());
         let mut waiters = Vec::new();
         let (done, wait) = oneshot::channel();
-        batches.submit(1, (0, done));
+        batches.submit((0, done));
         waiters.push(wait);
         // Nothing waits to fill a batch: the first runs alone.
         assert_eq!(seen.recv().await.unwrap(), vec![0]);
         for n in 1..7 {
             let (done, wait) = oneshot::channel();
-            batches.submit(1, (n, done));
+            batches.submit((n, done));
             waiters.push(wait);
         }
         gate.add_permits(100);
@@ -167,31 +166,30 @@ mod tests {
         for wait in waiters {
             wait.await.unwrap();
         }
-        // Each key's entry goes with its last batch.
+        // The task stops with its last batch.
         until_idle(&batches).await;
     }
 
     #[tokio::test]
-    async fn keys_are_batched_apart_and_run_at_the_same_time() {
+    async fn after_the_task_stops_the_next_item_starts_one_at_once() {
         let gate = Arc::new(Semaphore::new(0));
         let (batches, mut seen) = gated(gate.clone());
         let (a, wait_a) = oneshot::channel();
-        let (b, wait_b) = oneshot::channel();
-        batches.submit(1, (1, a));
-        batches.submit(2, (2, b));
-        assert_eq!(batches.busy_keys(), 2);
-        // Both batches start while neither may finish: one key does not wait for another.
-        let mut got = vec![seen.recv().await.unwrap(), seen.recv().await.unwrap()];
-        got.sort();
-        assert_eq!(got, vec![vec![1], vec![2]]);
-        gate.add_permits(2);
+        batches.submit((1, a));
+        assert_eq!(seen.recv().await.unwrap(), vec![1]);
+        gate.add_permits(1);
         wait_a.await.unwrap();
+        until_idle(&batches).await;
+        let (b, wait_b) = oneshot::channel();
+        batches.submit((2, b));
+        assert_eq!(seen.recv().await.unwrap(), vec![2]);
+        gate.add_permits(1);
         wait_b.await.unwrap();
         until_idle(&batches).await;
     }
 
     #[tokio::test]
-    async fn a_batch_that_panics_closes_its_callers_and_the_key_goes_on() {
+    async fn a_batch_that_panics_closes_its_callers_and_the_lane_goes_on() {
         let run: RunBatch<(u32, oneshot::Sender<u32>)> = Arc::new(|batch| {
             async move {
                 assert!(
@@ -204,12 +202,12 @@ mod tests {
             }
             .boxed()
         });
-        let batches = KeyBatches::new(8, run);
+        let batches = Batches::new(8, run);
         let (zero, broken) = oneshot::channel();
-        batches.submit(7, (0, zero));
+        batches.submit((0, zero));
         assert!(broken.await.is_err(), "its answer channel closed");
         let (one, answer) = oneshot::channel();
-        batches.submit(7, (1, one));
+        batches.submit((1, one));
         assert_eq!(answer.await.unwrap(), 1);
     }
 }

@@ -1,23 +1,28 @@
 //! The one step of admission with side effects: charge the call, reserve token budgets, record
 //! the job (one transaction), then subscribe and push it to its model's queue.
 //!
-//! Admissions of one key that arrive while its previous ones commit are committed together
-//! ([`KeyBatches`]): one `UPDATE` charges them all (all or none, under the quota), one reserves
-//! their tokens, one `INSERT` records their jobs, and one commit makes them durable. A key's
-//! charges take its one row in turn, so on Postgres a hot key is otherwise bound by one durable
-//! commit per call. When the batch does not fit whole (the quota or a budget has room for only
-//! some, a client id is taken, the key changed under one of them) or the database refuses it,
-//! each admission commits on its own, as a batch of one always does: every refusal is then its
-//! own, exactly as if it had come alone.
+//! Admissions that arrive while the previous ones commit are committed together ([`Batches`]),
+//! of one key or of many: one `UPDATE` charges every key in the batch for all of its admissions
+//! (calls and the key's token budgets, per key all or none), one per user reserves its budget,
+//! one `INSERT` records the jobs, and one commit makes them durable. On Postgres each commit is
+//! a durable WAL flush and a hot key's charges otherwise wait on its one row in turn. A key
+//! whose admissions do not all fit (its quota or a budget has room for only some, it may not
+//! call) is left out of the shared commit, as are the keys of a user whose budget refuses;
+//! their admissions, and all of a batch whose `INSERT` fails (a client id taken), each commit
+//! on their own, as a batch of one always does: every refusal is then its own, exactly as if
+//! it had come alone.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use futures::{future::join_all, FutureExt};
 use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
-use super::{batches::KeyBatches, budget_error, queue_unavailable, refusal_error, Follow};
+use super::{batches::Batches, budget_error, queue_unavailable, refusal_error, Follow};
 use crate::{
     errors::ApiError,
     models::{
@@ -32,12 +37,12 @@ use crate::{
 /// Most admissions committed in one transaction.
 const MOST_TOGETHER: usize = 64;
 
-/// An admission waiting for its key's next batch, with where its outcome goes.
+/// An admission waiting for the next batch, with where its outcome goes.
 pub(super) type Pending = (Commit, oneshot::Sender<Committed>);
 
-/// The per-key batches every admission of this process commits through.
-pub(super) fn batches() -> KeyBatches<Pending> {
-    KeyBatches::new(MOST_TOGETHER, Arc::new(|batch| commit_batch(batch).boxed()))
+/// The batches every admission of this process commits through.
+pub(super) fn batches() -> Batches<Pending> {
+    Batches::new(MOST_TOGETHER, Arc::new(|batch| commit_batch(batch).boxed()))
 }
 
 /// Everything the side-effecting step needs, owned, so it can run apart from the request (a
@@ -72,124 +77,219 @@ pub(super) enum Committed {
     Refused(ApiError),
 }
 
-/// Commits a key's batch together when it fits whole, else each admission on its own.
+/// Commits a batch together where it fits, and each admission that does not on its own.
 async fn commit_batch(batch: Vec<Pending>) {
-    if batch.len() > 1 {
-        match record_together(&batch).await {
-            Together::Recorded(records) => {
-                // Pushed apart from the key's task: its next batch may commit meanwhile.
-                for ((commit, answer), record) in batch.into_iter().zip(records) {
-                    tokio::spawn(async move {
-                        let span = commit.span.clone();
-                        let _ = answer.send(commit.pushed(record).instrument(span).await);
-                    });
-                }
-                return;
+    let shares = if batch.len() > 1 {
+        record_together(&batch).await
+    } else {
+        vec![Share::Alone]
+    };
+    let mut alone = Vec::new();
+    for ((commit, answer), share) in batch.into_iter().zip(shares) {
+        match share {
+            // Pushed apart from the commit task: its next batch may commit meanwhile.
+            Share::Recorded(record) => {
+                tokio::spawn(async move {
+                    let span = commit.span.clone();
+                    let _ = answer.send(commit.pushed(*record).instrument(span).await);
+                });
             }
-            // The commit's outcome is unknown: committing again could charge twice, so each
-            // hears the error (a job that did commit is failed and refunded by the reaper, as
-            // one whose process died before its push).
-            Together::Unknown(e) => {
-                for (_, answer) in batch {
-                    let _ = answer.send(Committed::Refused(e.clone()));
-                }
-                return;
+            // The commit's outcome is unknown: committing again could charge twice, so it hears
+            // the error (a job that did commit is failed and refunded by the reaper, as one
+            // whose process died before its push).
+            Share::Failed(e) => {
+                let _ = answer.send(Committed::Refused(e));
             }
-            Together::Alone => {}
+            Share::Alone => alone.push((commit, answer)),
         }
     }
-    join_all(batch.into_iter().map(|(commit, answer)| async move {
+    join_all(alone.into_iter().map(|(commit, answer)| async move {
         let span = commit.span.clone();
         let _ = answer.send(commit.run().instrument(span).await);
     }))
     .await;
 }
 
-/// How a batch's shared transaction ended.
-enum Together {
-    /// Charged, reserved and recorded, committed: the jobs in the batch's order.
-    Recorded(Vec<jobs::Model>),
-    /// Nothing changed: it did not fit whole, or a statement failed; each commits alone.
+/// What the shared transaction did for one admission of a batch.
+enum Share {
+    /// Charged, reserved and recorded, committed.
+    Recorded(Box<jobs::Model>),
+    /// Nothing of it changed (its key may not call, its quota or a budget has no room for all
+    /// of its key's admissions in the batch, a client id is taken, …): it commits on its own,
+    /// and a refusal is then its own, exactly as if it had come alone.
     Alone,
-    /// The commit itself failed.
-    Unknown(ApiError),
+    /// It was in the shared commit, which failed.
+    Failed(ApiError),
 }
 
-/// Charge → reserve → record for the whole batch in one transaction, all or nothing.
-async fn record_together(batch: &[Pending]) -> Together {
+/// Most tries of a batch's transaction: each try after the first leaves out the keys of users
+/// whose budget refused the one before.
+const TRIES: usize = 3;
+
+/// Charge → reserve → record as many of the batch as fit, in one transaction: per key all of
+/// its admissions or none, keys in id order.
+async fn record_together(batch: &[Pending]) -> Vec<Share> {
+    let mut shares: Vec<Share> = batch.iter().map(|_| Share::Alone).collect();
     let Some((first, _)) = batch.first() else {
-        return Together::Recorded(Vec::new());
+        return shares;
     };
-    let txn = match first.db.begin().await {
-        Ok(txn) => txn,
-        Err(e) => {
-            tracing::warn!(error = %e, "a batch of admissions could not begin; each commits on its own");
-            return Together::Alone;
+    // Each key's admissions, keys in id order; a key rotated between its callers'
+    // identification is left out (each caller then learns its own standing).
+    let mut keys: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
+    for (i, (commit, _)) in batch.iter().enumerate() {
+        keys.entry(commit.key.id).or_default().push(i);
+    }
+    keys.retain(|_, admissions| {
+        let hash = &batch[admissions[0]].0.key.secret_hash;
+        admissions
+            .iter()
+            .all(|&i| &batch[i].0.key.secret_hash == hash)
+    });
+    let mut refused_users = BTreeSet::new();
+    for _ in 0..TRIES {
+        keys.retain(|_, admissions| {
+            batch[admissions[0]]
+                .0
+                .key
+                .user_id
+                .is_none_or(|u| !refused_users.contains(&u))
+        });
+        if keys.is_empty() {
+            return shares;
         }
-    };
-    // Dropped without commit (every way but one): rolled back.
-    match charge_and_record(&txn, &first.key, batch).await {
-        Ok(Some(records)) => match txn.commit().await {
-            Ok(()) => {
-                crate::metrics::committed_together(records.len());
-                Together::Recorded(records)
+        let txn = match first.db.begin().await {
+            Ok(txn) => txn,
+            Err(e) => {
+                tracing::warn!(error = %e, "a batch of admissions could not begin; each commits on its own");
+                return shares;
             }
-            Err(e) => Together::Unknown(e.into()),
-        },
-        Ok(None) => Together::Alone,
-        Err(e) => {
-            tracing::warn!(error = %e, "a batch of admissions could not commit together; each commits on its own");
-            Together::Alone
+        };
+        // Dropped without commit (every way but one): rolled back.
+        match charge_and_record(&txn, batch, &keys).await {
+            Ok(Tried::Recorded(records)) => {
+                match txn.commit().await {
+                    Ok(()) => {
+                        if records.len() > 1 {
+                            crate::metrics::committed_together(records.len());
+                        }
+                        for (i, record) in records {
+                            shares[i] = Share::Recorded(Box::new(record));
+                        }
+                    }
+                    Err(e) => {
+                        let e = ApiError::from(e);
+                        for (i, _) in records {
+                            shares[i] = Share::Failed(e.clone());
+                        }
+                    }
+                }
+                return shares;
+            }
+            Ok(Tried::UsersRefused(users)) => refused_users.extend(users),
+            Ok(Tried::Nothing) => return shares,
+            Err(e) => {
+                tracing::warn!(error = %e, "a batch of admissions could not commit together; each commits on its own");
+                return shares;
+            }
         }
     }
+    shares
 }
 
-/// The batch's statements inside `txn`, charged to `key` (every admission's); `None` when it
-/// does not fit whole.
+/// How one try of a batch's statements ended.
+enum Tried {
+    /// Recorded, to be committed: (the admission's place in the batch, its job).
+    Recorded(Vec<(usize, jobs::Model)>),
+    /// These users' budgets had no room for their keys' admissions: try again without them.
+    UsersRefused(Vec<i32>),
+    /// Nothing to commit together: each commits on its own.
+    Nothing,
+}
+
+/// The batch's statements inside `txn`: one charge of every key's admissions (calls and the
+/// keys' token budgets), each user's budget, one `INSERT` of the jobs.
 async fn charge_and_record(
     txn: &DatabaseTransaction,
-    key: &api_keys::Model,
     batch: &[Pending],
-) -> Result<Option<Vec<jobs::Model>>, ApiError> {
-    // A key rotated between its callers' identification: each learns its own standing.
-    if batch
-        .iter()
-        .any(|(c, _)| c.key.secret_hash != key.secret_hash)
-    {
-        return Ok(None);
-    }
-    let calls = u32::try_from(batch.len()).unwrap_or(u32::MAX);
-    let Some(charged) = api_keys::charge_calls(txn, key.id, &key.secret_hash, calls).await? else {
-        return Ok(None);
-    };
+    keys: &BTreeMap<i32, Vec<usize>>,
+) -> Result<Tried, ApiError> {
     let tokens: Vec<(i64, i64)> = batch.iter().map(|(c, _)| c.tokens()).collect();
-    let (prompt, gen) = tokens.iter().fold((0i64, 0i64), |(p, g), (cp, cg)| {
-        (p.saturating_add(*cp), g.saturating_add(*cg))
-    });
-    if budgets::reserve(txn, &charged, prompt, gen).await?.is_err() {
-        return Ok(None);
+    let sum = |admissions: &[usize]| {
+        admissions.iter().fold((0i64, 0i64), |(p, g), &i| {
+            (p.saturating_add(tokens[i].0), g.saturating_add(tokens[i].1))
+        })
+    };
+    let charges: Vec<api_keys::BatchCharge> = keys
+        .iter()
+        .map(|(&key_id, admissions)| {
+            let (prompt_tokens, gen_tokens) = sum(admissions);
+            api_keys::BatchCharge {
+                key_id,
+                secret_hash: batch[admissions[0]].0.key.secret_hash.clone(),
+                calls: u32::try_from(admissions.len()).unwrap_or(u32::MAX),
+                prompt_tokens,
+                gen_tokens,
+            }
+        })
+        .collect();
+    // A key left out here changed nothing: its admissions commit on their own.
+    let charged: BTreeMap<i32, api_keys::Model> = api_keys::charge_many(txn, &charges)
+        .await?
+        .into_iter()
+        .map(|row| (row.id, row))
+        .collect();
+    if charged.is_empty() {
+        return Ok(Tried::Nothing);
     }
-    let mut new = Vec::with_capacity(batch.len());
-    for ((commit, _), (prompt, gen)) in batch.iter().zip(tokens) {
-        new.push(commit.new_job(Reservation {
-            user_id: charged.user_id,
-            prompt_tokens: prompt,
-            gen_tokens: gen,
-        })?);
+    // Users' budgets, users in id order.
+    let mut users: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+    for (key_id, row) in &charged {
+        if let (Some(user), Some(admissions)) = (row.user_id, keys.get(key_id)) {
+            let (p, g) = sum(admissions);
+            let total = users.entry(user).or_default();
+            *total = (total.0.saturating_add(p), total.1.saturating_add(g));
+        }
+    }
+    let mut refused = Vec::new();
+    for (&user, &(prompt, gen)) in &users {
+        if budgets::reserve_user(txn, user, prompt, gen)
+            .await?
+            .is_err()
+        {
+            refused.push(user);
+        }
+    }
+    if !refused.is_empty() {
+        return Ok(Tried::UsersRefused(refused));
+    }
+    let mut new = Vec::new();
+    let mut places = Vec::new();
+    for (key_id, row) in &charged {
+        for &i in keys.get(key_id).map(Vec::as_slice).unwrap_or_default() {
+            let (prompt_tokens, gen_tokens) = tokens[i];
+            new.push(batch[i].0.new_job(Reservation {
+                user_id: row.user_id,
+                prompt_tokens,
+                gen_tokens,
+            })?);
+            places.push(i);
+        }
     }
     let ids: Vec<String> = new.iter().map(|job| job.id.clone()).collect();
     // A client id taken (by an earlier job or within the batch) fails the one INSERT: each on
     // its own then finds which.
     let Ok(records) = jobs::ActiveModel::create_queued_many(txn, new).await else {
-        return Ok(None);
+        return Ok(Tried::Nothing);
     };
     // The rows of a multi-row INSERT come back in an order the database does not promise.
     let mut by_id: HashMap<String, jobs::Model> =
         records.into_iter().map(|r| (r.id.clone(), r)).collect();
-    Ok(ids
-        .iter()
-        .map(|id| by_id.remove(id))
-        .collect::<Option<Vec<_>>>())
+    Ok(places
+        .into_iter()
+        .zip(&ids)
+        .map(|(i, id)| by_id.remove(id).map(|record| (i, record)))
+        .collect::<Option<Vec<_>>>()
+        .map_or(Tried::Nothing, Tried::Recorded))
 }
 
 impl Commit {

@@ -29,7 +29,7 @@ use std::{sync::Arc, time::Duration};
 use sea_orm::DatabaseConnection;
 
 use self::{
-    batches::KeyBatches,
+    batches::Batches,
     commit::{Commit, Committed},
 };
 
@@ -151,7 +151,7 @@ pub struct Admission {
     policy: policy::Policy,
     models: Arc<ModelRegistry>,
     events: JobEvents,
-    commits: KeyBatches<commit::Pending>,
+    commits: Batches<commit::Pending>,
 }
 
 impl std::fmt::Debug for Admission {
@@ -226,10 +226,10 @@ impl Admission {
             request_id: crate::request_id::current(),
             span: tracing::Span::current(),
         };
-        // Run by its key's task: a client that hangs up cannot stop it between the charge and
+        // Run by the commit task: a client that hangs up cannot stop it between the charge and
         // the push.
         let (answer, committed) = tokio::sync::oneshot::channel();
-        self.commits.submit(key.id, (commit, answer));
+        self.commits.submit((commit, answer));
         let committed = committed
             .await
             .map_err(|_| ApiError::internal("an admission's commit ended without an outcome"))?;

@@ -16,9 +16,9 @@
 //!    worker (from its job record, so the pair is measured together), on the embedded server and on one whose state is in Postgres and whose queue and job events go
 //!    through Redis (a fresh database and key prefix, removed afterwards);
 //! 4. key-check throughput: the production `MeteredCaller` extractor + `api_keys::charge` behind a
-//!    small router of this binary, a key's concurrent charges taken together as admission takes
-//!    its commits (one `api_keys::charge_calls` for a batch that fits), then an exact-count check
-//!    of `calls_used`;
+//!    small router of this binary, concurrent charges taken together as admission takes its
+//!    commits (one `api_keys::charge_many` for all the keys of a batch), then an exact-count
+//!    check of `calls_used`;
 //! 5. optionally the load of 2 against any OpenAI-compatible URL — or, with
 //!    `--compare-llama-server`, against llama.cpp's own `llama-server` (built by
 //!    `scripts/build-llama-server.sh`), started here with the same model, threads, sequences and
@@ -37,6 +37,7 @@
 //! correctness property.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     num::NonZeroU32,
     path::{Path, PathBuf},
@@ -65,7 +66,7 @@ use sea_orm::{DatabaseConnection, EntityTrait};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tollgate::{
-    admission::batches::KeyBatches,
+    admission::batches::Batches,
     app::{into_service, App},
     engine::{
         llama::LlamaEngine,
@@ -102,7 +103,7 @@ Run from the repository root:  cargo run --release --bin tollgate-bench -- [flag
   --keycheck-clients N   concurrent clients in part 4 (default 8)
   --keycheck-keys N      keys those clients share, client i on key i mod N (default 1: every
                          charge updates one row, so on Postgres they queue on its row lock)
-  --keycheck-alone       part 4 charges each request in its own statement, as before a key's
+  --keycheck-alone       part 4 charges each request in its own statement, as before
                          concurrent admissions were committed together (for comparison)
   --postgres URL         server for part 3's production mode (default postgres://postgres@127.0.0.1:5432)
   --redis URL            Redis for part 3's production mode (default redis://127.0.0.1:6379)
@@ -949,12 +950,13 @@ async fn load_all(
 /// What a charge tells its request: the key's row after it, or why not.
 type ChargeAnswer = oneshot::Sender<Result<Result<api_keys::Model, api_keys::Refusal>, String>>;
 
-/// A key's concurrent charges gathered as admission gathers its commits
-/// (`tollgate::admission::batches`): each batch charged by one statement when all of it fits,
-/// else one by one. `Alone` charges every request on its own (`--keycheck-alone`).
+/// Concurrent charges gathered as admission gathers its commits
+/// (`tollgate::admission::batches`): each batch charged by one statement for all its keys
+/// (`api_keys::charge_many`, per key all or none), a key that does not fit then one by one.
+/// `Alone` charges every request on its own (`--keycheck-alone`).
 #[derive(Clone)]
 enum Charges {
-    Together(KeyBatches<(api_keys::Model, ChargeAnswer)>),
+    Together(Batches<(api_keys::Model, ChargeAnswer)>),
     Alone(DatabaseConnection),
 }
 
@@ -963,7 +965,7 @@ impl Charges {
         if alone {
             return Self::Alone(db);
         }
-        Self::Together(KeyBatches::new(
+        Self::Together(Batches::new(
             64,
             Arc::new(move |batch| charge_batch(db.clone(), batch).boxed()),
         ))
@@ -979,7 +981,7 @@ impl Charges {
                 .map_err(|e| e.to_string()),
             Self::Together(batches) => {
                 let (answer, charged) = oneshot::channel();
-                batches.submit(key.id, (key, answer));
+                batches.submit((key, answer));
                 charged.await.map_err(|e| e.to_string())?
             }
         }
@@ -987,22 +989,41 @@ impl Charges {
 }
 
 async fn charge_batch(db: DatabaseConnection, batch: Vec<(api_keys::Model, ChargeAnswer)>) {
-    if let [(key, _), rest @ ..] = batch.as_slice() {
-        let calls = u32::try_from(batch.len()).unwrap_or(u32::MAX);
-        if !rest.is_empty() && rest.iter().all(|(k, _)| k.secret_hash == key.secret_hash) {
-            if let Ok(Some(row)) =
-                api_keys::charge_calls(&db, key.id, &key.secret_hash, calls).await
-            {
-                for (_, answer) in batch {
-                    let _ = answer.send(Ok(Ok(row.clone())));
-                }
-                return;
-            }
-        }
-    }
+    let mut keys: BTreeMap<i32, Vec<(api_keys::Model, ChargeAnswer)>> = BTreeMap::new();
     for (key, answer) in batch {
-        let charged = api_keys::charge(&db, key.id, &key.secret_hash).await;
-        let _ = answer.send(charged.map_err(|e| e.to_string()));
+        keys.entry(key.id).or_default().push((key, answer));
+    }
+    let charges: Vec<api_keys::BatchCharge> = keys
+        .values()
+        .filter_map(|calls| {
+            let (key, _) = calls.first()?;
+            calls
+                .iter()
+                .all(|(k, _)| k.secret_hash == key.secret_hash)
+                .then(|| api_keys::BatchCharge {
+                    key_id: key.id,
+                    secret_hash: key.secret_hash.clone(),
+                    calls: u32::try_from(calls.len()).unwrap_or(u32::MAX),
+                    prompt_tokens: 0,
+                    gen_tokens: 0,
+                })
+        })
+        .collect();
+    let mut charged: BTreeMap<i32, api_keys::Model> = api_keys::charge_many(&db, &charges)
+        .await
+        .map(|rows| rows.into_iter().map(|row| (row.id, row)).collect())
+        .unwrap_or_default();
+    for (id, calls) in keys {
+        if let Some(row) = charged.remove(&id) {
+            for (_, answer) in calls {
+                let _ = answer.send(Ok(Ok(row.clone())));
+            }
+            continue;
+        }
+        for (key, answer) in calls {
+            let charged = api_keys::charge(&db, key.id, &key.secret_hash).await;
+            let _ = answer.send(charged.map_err(|e| e.to_string()));
+        }
     }
 }
 

@@ -393,7 +393,7 @@ pub async fn charge<C: ConnectionTrait>(
     key_id: i32,
     secret_hash: &str,
 ) -> Result<Result<Model, Refusal>, ModelError> {
-    if let Some(key) = charge_calls(db, key_id, secret_hash, 1).await? {
+    if let Some(key) = charge_one(db, key_id, secret_hash).await? {
         return Ok(Ok(key));
     }
     // Refused: read the row only to say why.
@@ -408,24 +408,16 @@ pub async fn charge<C: ConnectionTrait>(
     Ok(Err(refusal))
 }
 
-/// Spends `calls` calls of key `key_id` at once, or none: the same checks as [`charge`], with
-/// room for all of them under the quota, in one `UPDATE … RETURNING`. Concurrent admissions of
-/// one key are charged together this way (one row lock and one commit for all of them);
-/// `None` says only that not all fit, or the key may not call, and its callers then charge one
-/// by one to learn which.
-///
-/// # Errors
-/// On database errors.
-pub async fn charge_calls<C: ConnectionTrait>(
+/// Spends one call of key `key_id` in one `UPDATE … RETURNING`; `None` when the key may not
+/// call ([`charge`] then reads why).
+async fn charge_one<C: ConnectionTrait>(
     db: &C,
     key_id: i32,
     secret_hash: &str,
-    calls: u32,
 ) -> Result<Option<Model>, ModelError> {
     let at = now();
-    let calls = i64::from(calls);
     let updated = Entity::update_many()
-        .col_expr(Column::CallsUsed, Expr::col(Column::CallsUsed).add(calls))
+        .col_expr(Column::CallsUsed, Expr::col(Column::CallsUsed).add(1))
         .col_expr(Column::LastUsedAt, Expr::value(at))
         .filter(Column::Id.eq(key_id))
         // The secret as well as the row: a key rotated since the caller was identified (from
@@ -445,13 +437,110 @@ pub async fn charge_calls<C: ConnectionTrait>(
         .filter(
             Condition::any().add(Column::MaxCalls.is_null()).add(
                 Expr::col(Column::CallsUsed)
-                    .add(calls)
+                    .add(1)
                     .lte(Expr::col(Column::MaxCalls)),
             ),
         )
         .exec_with_returning(db)
         .await?;
     Ok(updated.into_iter().next())
+}
+
+/// One key's share of a batch charged by [`charge_many`].
+#[derive(Clone, Debug)]
+pub struct BatchCharge {
+    pub key_id: i32,
+    /// The secret its callers were identified by (a key rotated since is not charged).
+    pub secret_hash: String,
+    pub calls: u32,
+    /// Tokens reserved on the key's own budgets (the user's are reserved apart).
+    pub prompt_tokens: i64,
+    pub gen_tokens: i64,
+}
+
+/// Charges many keys in one statement, each all or none: its calls and its token reservation
+/// when the key may call (the checks of [`charge`]) and all of them fit its quota and token
+/// budgets. Concurrent admissions are committed together this way, of one key or of many: one
+/// statement and one commit where each would take its own. Returns the rows of the keys
+/// charged; a key absent from them was left as it was, and its callers then charge one by one
+/// to learn where they stand.
+///
+/// On Postgres the rows are locked in id order before they change, so two batches over the same
+/// keys (two API instances) wait for each other instead of deadlocking; SQLite has one writer.
+///
+/// # Errors
+/// `Invalid` when a key appears twice; otherwise on database errors.
+pub async fn charge_many<C: ConnectionTrait>(
+    db: &C,
+    charges: &[BatchCharge],
+) -> Result<Vec<Model>, ModelError> {
+    let mut ids: Vec<i32> = charges.iter().map(|c| c.key_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() != charges.len() {
+        return Err(ModelError::Invalid(
+            "a batch charges each key once".to_string(),
+        ));
+    }
+    if charges.is_empty() {
+        return Ok(Vec::new());
+    }
+    let backend = db.get_database_backend();
+    let postgres = backend == sea_orm::DatabaseBackend::Postgres;
+    let mut values: Vec<sea_orm::Value> = Vec::with_capacity(charges.len() * 5 + 3);
+    let mut bind = |value: sea_orm::Value| {
+        values.push(value);
+        if postgres {
+            format!("${}", values.len())
+        } else {
+            "?".to_string()
+        }
+    };
+    let rows: Vec<String> = charges
+        .iter()
+        .map(|c| {
+            format!(
+                "({}, {}, {}, {}, {})",
+                bind(c.key_id.into()),
+                bind(c.secret_hash.clone().into()),
+                bind(i64::from(c.calls).into()),
+                bind(c.prompt_tokens.into()),
+                bind(c.gen_tokens.into()),
+            )
+        })
+        .collect();
+    let at = now();
+    let (set_at, from_at, until_at) = (bind(at.into()), bind(at.into()), bind(at.into()));
+    let (lock, from, returning) = if postgres {
+        (
+            ", locked AS MATERIALIZED (SELECT id FROM api_keys WHERE id IN (SELECT id FROM v) \
+             ORDER BY id FOR UPDATE)",
+            "FROM v, locked WHERE k.id = v.id AND locked.id = v.id",
+            "k.*",
+        )
+    } else {
+        ("", "FROM v WHERE k.id = v.id", "*")
+    };
+    let sql = format!(
+        "WITH v(id, secret_hash, calls, prompt, gen) AS (VALUES {rows}){lock} \
+         UPDATE api_keys AS k SET calls_used = k.calls_used + v.calls, \
+         prompt_tokens_used = k.prompt_tokens_used + v.prompt, \
+         gen_tokens_used = k.gen_tokens_used + v.gen, last_used_at = {set_at} \
+         {from} AND k.secret_hash = v.secret_hash AND k.revoked_at IS NULL \
+         AND (k.valid_from IS NULL OR k.valid_from <= {from_at}) \
+         AND (k.valid_until IS NULL OR k.valid_until >= {until_at}) \
+         AND (k.max_calls IS NULL OR k.calls_used + v.calls <= k.max_calls) \
+         AND (k.prompt_token_limit IS NULL OR k.prompt_tokens_used + v.prompt <= k.prompt_token_limit) \
+         AND (k.gen_token_limit IS NULL OR k.gen_tokens_used + v.gen <= k.gen_token_limit) \
+         RETURNING {returning}",
+        rows = rows.join(", "),
+    );
+    Ok(Entity::find()
+        .from_raw_sql(sea_orm::Statement::from_sql_and_values(
+            backend, sql, values,
+        ))
+        .all(db)
+        .await?)
 }
 
 /// Gives back one call (a generation that failed on the server side).

@@ -158,7 +158,13 @@ async fn reserve_key<C: ConnectionTrait>(
     )))
 }
 
-async fn reserve_user<C: ConnectionTrait>(
+/// Reserves `prompt` + `gen` tokens on user `user_id`'s budget alone (a batch of admissions
+/// reserves its keys' tokens with their charge, `api_keys::charge_many`, and its users' here).
+///
+/// # Errors
+/// `Ok(Err(refusal))` when the budget cannot take them or the user is disabled; `Err` on
+/// database errors.
+pub async fn reserve_user<C: ConnectionTrait>(
     db: &C,
     user_id: i32,
     prompt: i64,

@@ -287,3 +287,121 @@ pub async fn hot_key_bursts_share_commits_exactly(app: &TestApp) {
         (prompt, generated)
     );
 }
+
+/// Bursts of one one-token call on each of 36 keys at once, until some burst shared a commit (at
+/// most six bursts; with one call per key in flight, a shared commit spans keys). Thirty keys are
+/// unlimited, four have quota for two calls, and two act for one user whose budget has room for
+/// three generated tokens: each refusal must be its own (429 with its reason) and every count
+/// exact, whether an admission committed alone or with other keys'.
+pub async fn many_keys_bursts_share_commits_exactly(app: &TestApp) {
+    use tollgate::models::{
+        api_keys::KeyParams,
+        users::{self, NewUser, Role},
+    };
+    let user = users::ActiveModel::create(
+        &app.ctx.db,
+        NewUser {
+            username: "budgeted".into(),
+            password: "a long enough password".into(),
+            role: Role::User,
+            enabled: true,
+            prompt_token_limit: None,
+            gen_token_limit: Some(3),
+            prompt_tokens_used: 0,
+            gen_tokens_used: 0,
+            min_password_chars: 8,
+        },
+    )
+    .await
+    .expect("user");
+    let mut free = Vec::new();
+    for _ in 0..30 {
+        free.push(app.key_with_calls(None).await);
+    }
+    let mut limited = Vec::new();
+    for _ in 0..4 {
+        limited.push(app.key_with_calls(Some(2)).await);
+    }
+    let mut budgeted = Vec::new();
+    for n in 0..2 {
+        budgeted.push(
+            app.issue_key(KeyParams {
+                email: format!("user-key-{n}@example.com"),
+                user_id: Some(user.id),
+                ..Default::default()
+            })
+            .await,
+        );
+    }
+    let all: Vec<&TestKey> = free.iter().chain(&limited).chain(&budgeted).collect();
+    let mut admitted = vec![0usize; all.len()];
+    let mut bursts = 0;
+    while bursts < 6 {
+        bursts += 1;
+        let calls = all.iter().enumerate().map(|(i, key)| {
+            (
+                *key,
+                "/api/",
+                json!({"text": format!("Burst {bursts} key {i}"), "max_tokens": 1}),
+            )
+        });
+        for (i, (status, answer)) in app.post_at_once(calls).await.into_iter().enumerate() {
+            match status {
+                200 | 202 => admitted[i] += 1,
+                429 if i < free.len() => panic!("an unlimited key was refused: {answer}"),
+                429 if i < free.len() + limited.len() => {
+                    assert_eq!(code(&answer), "quota_exceeded", "{answer}");
+                }
+                429 => assert_eq!(code(&answer), "token_budget_exceeded", "{answer}"),
+                other => panic!("unexpected status {other}: {answer}"),
+            }
+        }
+        if bursts >= 2 && shared_commits(app).await.0 > 0 {
+            break;
+        }
+    }
+    let (shared, together) = shared_commits(app).await;
+    assert!(
+        shared > 0,
+        "no burst of 36 keys' concurrent admissions shared a commit"
+    );
+    assert!(
+        together >= 2 * shared,
+        "{together} admissions in {shared} shared commits"
+    );
+    let (free_n, limited_n) = (free.len(), limited.len());
+    assert!(admitted[..free_n].iter().all(|&n| n == bursts));
+    assert!(admitted[free_n..free_n + limited_n].iter().all(|&n| n == 2));
+    assert_eq!(admitted[free_n + limited_n..].iter().sum::<usize>(), 3);
+    // Every key charged for what it was admitted, one job each, and, once all are settled, its
+    // token counters exactly what its jobs read and wrote; the user's what its keys' jobs wrote.
+    let mut user_generated = 0;
+    for (key, &n) in all.iter().zip(&admitted) {
+        assert_eq!(app.calls_used(key).await, n as i64);
+        let mut jobs = app.jobs_of(key).await;
+        for _ in 0..600 {
+            if jobs.iter().all(|j| j.is_finished()) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            jobs = app.jobs_of(key).await;
+        }
+        assert_eq!(jobs.len(), n);
+        assert!(jobs.iter().all(|j| j.status == "done"), "every job ran");
+        let row = app.key_row(key).await;
+        let prompt: i64 = jobs.iter().map(|j| i64::from(j.prompt_tokens)).sum();
+        let generated: i64 = jobs.iter().map(|j| i64::from(j.generated_tokens)).sum();
+        assert_eq!(
+            (row.prompt_tokens_used, row.gen_tokens_used),
+            (prompt, generated)
+        );
+        if row.user_id == Some(user.id) {
+            user_generated += generated;
+        }
+    }
+    let user = users::Model::find_by_username(&app.ctx.db, "budgeted")
+        .await
+        .expect("db")
+        .expect("user");
+    assert_eq!((user.gen_tokens_used, user_generated), (3, 3));
+}

@@ -30,11 +30,14 @@ use tollgate::app::{into_service, App};
 
 pub use engines::{greedy, queued_job, worker_on, FailingEngine};
 pub use http::{
-    code, concurrent_calls, header, hot_key_bursts_share_commits_exactly, ids, merge, metric,
-    metric_in, poll_job, post_stream, read, retry_after, scrape, shared_commits, sse_data,
-    streamed_chat_text,
+    code, concurrent_calls, header, hot_key_bursts_share_commits_exactly, ids,
+    many_keys_bursts_share_commits_exactly, merge, metric, metric_in, poll_job, post_stream, read,
+    retry_after, scrape, shared_commits, sse_data, streamed_chat_text,
 };
-pub use keys::{admin_params, issue_key, jobs_of, key_of, key_row, TestKey};
+pub use keys::{
+    admin_params, charge_many_is_all_or_none_per_key_and_concurrent_batches_do_not_deadlock,
+    issue_key, jobs_of, key_of, key_row, TestKey,
+};
 pub use postgres::{create_database, drop_database, pg_server};
 pub use processes::{free_port, make_adapter, python, run_checks, ServerProcess};
 

@@ -251,41 +251,54 @@ pub async fn hot_key_bursts_share_commits_exactly(app: &TestApp) {
             break;
         }
     }
+    some_shared_a_commit(app, "burst of 40 concurrent admissions").await;
+    // Each job recorded once under its own id, with its own reservation.
+    let jobs = charged_and_settled_exactly(app, &key, admitted).await;
+    let ids: std::collections::HashSet<_> = jobs.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(ids.len(), admitted);
+    assert!(jobs
+        .iter()
+        .all(|j| j.reserved_gen_tokens == 1
+            && j.reserved_prompt_tokens >= i64::from(j.prompt_tokens)));
+}
+
+/// Fails unless this process shared some commit, each with at least two admissions.
+async fn some_shared_a_commit(app: &TestApp, what: &str) {
     let (shared, together) = shared_commits(app).await;
-    assert!(
-        shared > 0,
-        "no burst of 40 concurrent admissions shared a commit"
-    );
+    assert!(shared > 0, "no {what} shared a commit");
     assert!(
         together >= 2 * shared,
         "{together} admissions in {shared} shared commits"
     );
-    assert_eq!(app.calls_used(&key).await, admitted as i64);
-    // Each job recorded once under its own id, with its own reservation; once all are settled
-    // the key's token counters are exactly what its jobs read and wrote.
-    let mut jobs = app.jobs_of(&key).await;
+}
+
+/// Checks that `key` was charged `admitted` calls and has as many jobs, waits until they are
+/// settled (bounded, not a timing check), then that all ran and the key's token counters are
+/// exactly what they read and wrote; returns the jobs.
+async fn charged_and_settled_exactly(
+    app: &TestApp,
+    key: &TestKey,
+    admitted: usize,
+) -> Vec<tollgate::models::_entities::jobs::Model> {
+    assert_eq!(app.calls_used(key).await, admitted as i64);
+    let mut jobs = app.jobs_of(key).await;
     for _ in 0..600 {
         if jobs.iter().all(|j| j.is_finished()) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        jobs = app.jobs_of(&key).await;
+        jobs = app.jobs_of(key).await;
     }
     assert_eq!(jobs.len(), admitted);
-    let ids: std::collections::HashSet<_> = jobs.iter().map(|j| j.id.as_str()).collect();
-    assert_eq!(ids.len(), admitted);
     assert!(jobs.iter().all(|j| j.status == "done"), "every job ran");
-    assert!(jobs
-        .iter()
-        .all(|j| j.reserved_gen_tokens == 1
-            && j.reserved_prompt_tokens >= i64::from(j.prompt_tokens)));
-    let row = app.key_row(&key).await;
+    let row = app.key_row(key).await;
     let prompt: i64 = jobs.iter().map(|j| i64::from(j.prompt_tokens)).sum();
     let generated: i64 = jobs.iter().map(|j| i64::from(j.generated_tokens)).sum();
     assert_eq!(
         (row.prompt_tokens_used, row.gen_tokens_used),
         (prompt, generated)
     );
+    jobs
 }
 
 /// Bursts of one one-token call on each of 36 keys at once, until some burst shared a commit (at
@@ -360,43 +373,20 @@ pub async fn many_keys_bursts_share_commits_exactly(app: &TestApp) {
             break;
         }
     }
-    let (shared, together) = shared_commits(app).await;
-    assert!(
-        shared > 0,
-        "no burst of 36 keys' concurrent admissions shared a commit"
-    );
-    assert!(
-        together >= 2 * shared,
-        "{together} admissions in {shared} shared commits"
-    );
+    some_shared_a_commit(app, "burst of 36 keys' concurrent admissions").await;
     let (free_n, limited_n) = (free.len(), limited.len());
     assert!(admitted[..free_n].iter().all(|&n| n == bursts));
     assert!(admitted[free_n..free_n + limited_n].iter().all(|&n| n == 2));
     assert_eq!(admitted[free_n + limited_n..].iter().sum::<usize>(), 3);
-    // Every key charged for what it was admitted, one job each, and, once all are settled, its
-    // token counters exactly what its jobs read and wrote; the user's what its keys' jobs wrote.
+    // The user's budget spent exactly what its keys' jobs wrote.
     let mut user_generated = 0;
     for (key, &n) in all.iter().zip(&admitted) {
-        assert_eq!(app.calls_used(key).await, n as i64);
-        let mut jobs = app.jobs_of(key).await;
-        for _ in 0..600 {
-            if jobs.iter().all(|j| j.is_finished()) {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            jobs = app.jobs_of(key).await;
-        }
-        assert_eq!(jobs.len(), n);
-        assert!(jobs.iter().all(|j| j.status == "done"), "every job ran");
-        let row = app.key_row(key).await;
-        let prompt: i64 = jobs.iter().map(|j| i64::from(j.prompt_tokens)).sum();
-        let generated: i64 = jobs.iter().map(|j| i64::from(j.generated_tokens)).sum();
-        assert_eq!(
-            (row.prompt_tokens_used, row.gen_tokens_used),
-            (prompt, generated)
-        );
-        if row.user_id == Some(user.id) {
-            user_generated += generated;
+        let jobs = charged_and_settled_exactly(app, key, n).await;
+        if budgeted.iter().any(|b| b.id == key.id) {
+            user_generated += jobs
+                .iter()
+                .map(|j| i64::from(j.generated_tokens))
+                .sum::<i64>();
         }
     }
     let user = users::Model::find_by_username(&app.ctx.db, "budgeted")

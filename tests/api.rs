@@ -176,59 +176,8 @@ async fn concurrent_admissions_at_a_token_budgets_edge_admit_exactly_what_fits()
 
 #[tokio::test]
 async fn concurrent_admissions_of_two_keys_at_their_users_budget_edge_admit_exactly_what_fits() {
-    use tollgate::models::users::{self, NewUser, Role};
     let app = TestApp::spawn_scripted(|_| {}).await;
-    // Room for five one-token generations on the user the two keys act for: batches that hold
-    // both keys' admissions do not fit the user's budget, are tried again without them, and
-    // each then meets its own answer.
-    let user = users::ActiveModel::create(
-        &app.ctx.db,
-        NewUser {
-            username: "shared-budget".into(),
-            password: "a long enough password".into(),
-            role: Role::User,
-            enabled: true,
-            prompt_token_limit: None,
-            gen_token_limit: Some(5),
-            prompt_tokens_used: 0,
-            gen_tokens_used: 0,
-            min_password_chars: 8,
-        },
-    )
-    .await
-    .expect("user");
-    let mut keys = Vec::new();
-    for n in 0..2 {
-        keys.push(
-            app.issue_key(KeyParams {
-                email: format!("k{n}@example.com"),
-                user_id: Some(user.id),
-                ..Default::default()
-            })
-            .await,
-        );
-    }
-    let body = json!({"text": "Tell me about the sea.", "max_tokens": 1});
-    let answers = app
-        .post_at_once((0..40).map(|i| (&keys[i % 2], "/api/", body.clone())))
-        .await;
-    let admitted = answers
-        .iter()
-        .filter(|(s, _)| *s == 200 || *s == 202)
-        .count();
-    assert_eq!(admitted, 5, "{answers:?}");
-    for (status, answer) in answers.iter().filter(|(s, _)| *s != 200 && *s != 202) {
-        assert_eq!(*status, 429, "{answer}");
-        assert_eq!(code(answer), "token_budget_exceeded", "{answer}");
-    }
-    let calls = app.calls_used(&keys[0]).await + app.calls_used(&keys[1]).await;
-    let jobs = app.jobs_of(&keys[0]).await.len() + app.jobs_of(&keys[1]).await.len();
-    assert_eq!((calls, jobs), (5, 5));
-    let user = users::Model::find_by_username(&app.ctx.db, "shared-budget")
-        .await
-        .expect("db")
-        .expect("user");
-    assert_eq!(user.gen_tokens_used, 5);
+    common::two_keys_at_their_users_budget_edge_admit_exactly_what_fits(&app).await;
 }
 
 #[tokio::test]

@@ -48,6 +48,13 @@ async fn on_postgres_a_batch_charge_is_all_or_none_per_key_and_concurrent_batche
 }
 
 #[tokio::test]
+async fn on_postgres_concurrent_admissions_of_two_keys_at_their_users_budget_edge_admit_exactly_what_fits(
+) {
+    let app = TestApp::spawn_on_postgres().await;
+    common::two_keys_at_their_users_budget_edge_admit_exactly_what_fits(&app).await;
+}
+
+#[tokio::test]
 async fn on_postgres_date_windows_are_enforced() {
     let app = TestApp::spawn_on_postgres().await;
     let expired = app

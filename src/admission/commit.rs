@@ -122,8 +122,8 @@ enum Share {
     Failed(ApiError),
 }
 
-/// Most tries of a batch's transaction: each try after the first leaves out the keys of users
-/// whose budget refused the one before.
+/// Most tries of a batch's transaction: each try after the first leaves out the keys whose
+/// users' budgets refused the one before.
 const TRIES: usize = 3;
 
 /// Charge → reserve → record as many of the batch as fit, in one transaction: per key all of
@@ -145,15 +145,7 @@ async fn record_together(batch: &[Pending]) -> Vec<Share> {
             .iter()
             .all(|&i| &batch[i].0.key.secret_hash == hash)
     });
-    let mut refused_users = BTreeSet::new();
     for _ in 0..TRIES {
-        keys.retain(|_, admissions| {
-            batch[admissions[0]]
-                .0
-                .key
-                .user_id
-                .is_none_or(|u| !refused_users.contains(&u))
-        });
         if keys.is_empty() {
             return shares;
         }
@@ -164,29 +156,32 @@ async fn record_together(batch: &[Pending]) -> Vec<Share> {
                 return shares;
             }
         };
-        // Dropped without commit (every way but one): rolled back.
-        match charge_and_record(&txn, batch, &keys).await {
-            Ok(Tried::Recorded(records)) => {
-                match txn.commit().await {
-                    Ok(()) => {
-                        if records.len() > 1 {
-                            crate::metrics::committed_together(records.len());
-                        }
-                        for (i, record) in records {
-                            shares[i] = Share::Recorded(Box::new(record));
-                        }
+        let tried = charge_and_record(&txn, batch, &keys).await;
+        if let Ok(Tried::Recorded(records)) = tried {
+            match txn.commit().await {
+                Ok(()) => {
+                    if records.len() > 1 {
+                        crate::metrics::committed_together(records.len());
                     }
-                    Err(e) => {
-                        let e = ApiError::from(e);
-                        for (i, _) in records {
-                            shares[i] = Share::Failed(e.clone());
-                        }
+                    for (i, record) in records {
+                        shares[i] = Share::Recorded(Box::new(record));
                     }
                 }
-                return shares;
+                Err(e) => {
+                    let e = ApiError::from(e);
+                    for (i, _) in records {
+                        shares[i] = Share::Failed(e.clone());
+                    }
+                }
             }
-            Ok(Tried::UsersRefused(users)) => refused_users.extend(users),
-            Ok(Tried::Nothing) => return shares,
+            return shares;
+        }
+        // Rolled back now, not when the dropped transaction's connection is next used: what
+        // runs next (a try without some keys, or each alone) locks the same rows.
+        txn.rollback().await.ok();
+        match tried {
+            Ok(Tried::LeaveOut(refused)) => keys.retain(|key_id, _| !refused.contains(key_id)),
+            Ok(_) => return shares,
             Err(e) => {
                 tracing::warn!(error = %e, "a batch of admissions could not commit together; each commits on its own");
                 return shares;
@@ -200,8 +195,8 @@ async fn record_together(batch: &[Pending]) -> Vec<Share> {
 enum Tried {
     /// Recorded, to be committed: (the admission's place in the batch, its job).
     Recorded(Vec<(usize, jobs::Model)>),
-    /// These users' budgets had no room for their keys' admissions: try again without them.
-    UsersRefused(Vec<i32>),
+    /// These keys' users had no room in their budgets: try again without these keys.
+    LeaveOut(BTreeSet<i32>),
     /// Nothing to commit together: each commits on its own.
     Nothing,
 }
@@ -250,17 +245,22 @@ async fn charge_and_record(
             *total = (total.0.saturating_add(p), total.1.saturating_add(g));
         }
     }
-    let mut refused = Vec::new();
+    let mut refused = BTreeSet::new();
     for (&user, &(prompt, gen)) in &users {
         if budgets::reserve_user(txn, user, prompt, gen)
             .await?
             .is_err()
         {
-            refused.push(user);
+            refused.extend(
+                charged
+                    .values()
+                    .filter(|row| row.user_id == Some(user))
+                    .map(|row| row.id),
+            );
         }
     }
     if !refused.is_empty() {
-        return Ok(Tried::UsersRefused(refused));
+        return Ok(Tried::LeaveOut(refused));
     }
     let mut new = Vec::new();
     let mut places = Vec::new();

@@ -33,6 +33,7 @@ pub use http::{
     code, concurrent_calls, header, hot_key_bursts_share_commits_exactly, ids,
     many_keys_bursts_share_commits_exactly, merge, metric, metric_in, poll_job, post_stream, read,
     retry_after, scrape, shared_commits, sse_data, streamed_chat_text,
+    two_keys_at_their_users_budget_edge_admit_exactly_what_fits,
 };
 pub use keys::{
     admin_params, charge_many_is_all_or_none_per_key_and_concurrent_batches_do_not_deadlock,

@@ -307,26 +307,8 @@ async fn charged_and_settled_exactly(
 /// three generated tokens: each refusal must be its own (429 with its reason) and every count
 /// exact, whether an admission committed alone or with other keys'.
 pub async fn many_keys_bursts_share_commits_exactly(app: &TestApp) {
-    use tollgate::models::{
-        api_keys::KeyParams,
-        users::{self, NewUser, Role},
-    };
-    let user = users::ActiveModel::create(
-        &app.ctx.db,
-        NewUser {
-            username: "budgeted".into(),
-            password: "a long enough password".into(),
-            role: Role::User,
-            enabled: true,
-            prompt_token_limit: None,
-            gen_token_limit: Some(3),
-            prompt_tokens_used: 0,
-            gen_tokens_used: 0,
-            min_password_chars: 8,
-        },
-    )
-    .await
-    .expect("user");
+    use tollgate::models::users;
+    let (_, budgeted) = keys_of_a_user_with_gen_budget(app, "budgeted", 3, 2).await;
     let mut free = Vec::new();
     for _ in 0..30 {
         free.push(app.key_with_calls(None).await);
@@ -334,17 +316,6 @@ pub async fn many_keys_bursts_share_commits_exactly(app: &TestApp) {
     let mut limited = Vec::new();
     for _ in 0..4 {
         limited.push(app.key_with_calls(Some(2)).await);
-    }
-    let mut budgeted = Vec::new();
-    for n in 0..2 {
-        budgeted.push(
-            app.issue_key(KeyParams {
-                email: format!("user-key-{n}@example.com"),
-                user_id: Some(user.id),
-                ..Default::default()
-            })
-            .await,
-        );
     }
     let all: Vec<&TestKey> = free.iter().chain(&limited).chain(&budgeted).collect();
     let mut admitted = vec![0usize; all.len()];
@@ -401,50 +372,13 @@ pub async fn many_keys_bursts_share_commits_exactly(app: &TestApp) {
 /// tried again without them, and each then meets its own answer: exactly five admitted, the rest
 /// `token_budget_exceeded`, every count exact.
 pub async fn two_keys_at_their_users_budget_edge_admit_exactly_what_fits(app: &TestApp) {
-    use tollgate::models::{
-        api_keys::KeyParams,
-        users::{self, NewUser, Role},
-    };
-    let user = users::ActiveModel::create(
-        &app.ctx.db,
-        NewUser {
-            username: "shared-budget".into(),
-            password: "a long enough password".into(),
-            role: Role::User,
-            enabled: true,
-            prompt_token_limit: None,
-            gen_token_limit: Some(5),
-            prompt_tokens_used: 0,
-            gen_tokens_used: 0,
-            min_password_chars: 8,
-        },
-    )
-    .await
-    .expect("user");
-    let mut keys = Vec::new();
-    for n in 0..2 {
-        keys.push(
-            app.issue_key(KeyParams {
-                email: format!("k{n}@example.com"),
-                user_id: Some(user.id),
-                ..Default::default()
-            })
-            .await,
-        );
-    }
+    use tollgate::models::users;
+    let (_, keys) = keys_of_a_user_with_gen_budget(app, "shared-budget", 5, 2).await;
     let body = json!({"text": "Tell me about the sea.", "max_tokens": 1});
     let answers = app
         .post_at_once((0..40).map(|i| (&keys[i % 2], "/api/", body.clone())))
         .await;
-    let admitted = answers
-        .iter()
-        .filter(|(s, _)| *s == 200 || *s == 202)
-        .count();
-    assert_eq!(admitted, 5, "{answers:?}");
-    for (status, answer) in answers.iter().filter(|(s, _)| *s != 200 && *s != 202) {
-        assert_eq!(*status, 429, "{answer}");
-        assert_eq!(code(answer), "token_budget_exceeded", "{answer}");
-    }
+    admitted_exactly_the_rest_over_budget(&answers, 5);
     let calls = app.calls_used(&keys[0]).await + app.calls_used(&keys[1]).await;
     let jobs = app.jobs_of(&keys[0]).await.len() + app.jobs_of(&keys[1]).await.len();
     assert_eq!((calls, jobs), (5, 5));
@@ -453,4 +387,60 @@ pub async fn two_keys_at_their_users_budget_edge_admit_exactly_what_fits(app: &T
         .expect("db")
         .expect("user");
     assert_eq!(user.gen_tokens_used, 5);
+}
+
+/// A user (role user) whose generated tokens are limited to `limit`, and `keys` keys acting
+/// for it.
+pub async fn keys_of_a_user_with_gen_budget(
+    app: &TestApp,
+    name: &str,
+    limit: i64,
+    keys: usize,
+) -> (tollgate::models::_entities::users::Model, Vec<TestKey>) {
+    use tollgate::models::{
+        api_keys::KeyParams,
+        users::{ActiveModel, NewUser, Role},
+    };
+    let user = ActiveModel::create(
+        &app.ctx.db,
+        NewUser {
+            username: name.into(),
+            password: "a long enough password".into(),
+            role: Role::User,
+            enabled: true,
+            prompt_token_limit: None,
+            gen_token_limit: Some(limit),
+            prompt_tokens_used: 0,
+            gen_tokens_used: 0,
+            min_password_chars: 8,
+        },
+    )
+    .await
+    .expect("user");
+    let mut issued = Vec::with_capacity(keys);
+    for n in 0..keys {
+        issued.push(
+            app.issue_key(KeyParams {
+                email: format!("{name}-{n}@example.com"),
+                user_id: Some(user.id),
+                ..Default::default()
+            })
+            .await,
+        );
+    }
+    (user, issued)
+}
+
+/// Fails unless exactly `n` of concurrent `answers` were admitted (200, or 202 on a loaded
+/// machine) and every other one is a 429 `token_budget_exceeded`.
+pub fn admitted_exactly_the_rest_over_budget(answers: &[(u16, Value)], n: usize) {
+    let admitted = answers
+        .iter()
+        .filter(|(s, _)| *s == 200 || *s == 202)
+        .count();
+    assert_eq!(admitted, n, "{answers:?}");
+    for (status, answer) in answers.iter().filter(|(s, _)| *s != 200 && *s != 202) {
+        assert_eq!(*status, 429, "{answer}");
+        assert_eq!(code(answer), "token_budget_exceeded", "{answer}");
+    }
 }

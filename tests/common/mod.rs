@@ -30,7 +30,8 @@ use tollgate::app::{into_service, App};
 
 pub use engines::{greedy, queued_job, worker_on, FailingEngine};
 pub use http::{
-    code, concurrent_calls, header, hot_key_bursts_share_commits_exactly, ids,
+    admitted_exactly_the_rest_over_budget, code, concurrent_calls, header,
+    hot_key_bursts_share_commits_exactly, ids, keys_of_a_user_with_gen_budget,
     many_keys_bursts_share_commits_exactly, merge, metric, metric_in, poll_job, post_stream, read,
     retry_after, scrape, shared_commits, sse_data, streamed_chat_text,
     two_keys_at_their_users_budget_edge_admit_exactly_what_fits,

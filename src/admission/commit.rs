@@ -9,8 +9,10 @@
 //! whose admissions do not all fit (its quota or a budget has room for only some, it may not
 //! call) is left out of the shared commit, as are the keys of a user whose budget refuses;
 //! their admissions, and all of a batch whose `INSERT` fails (a client id taken), each commit
-//! on their own, as a batch of one always does: every refusal is then its own, exactly as if
-//! it had come alone.
+//! on their own (charge, reservations and job in separate statements, reading why a refusal
+//! refused): every refusal is then its own, exactly as if it had come alone. A lone admission
+//! takes the shared path too, as a batch of one: its charge and key reservation are one
+//! statement there.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -79,11 +81,9 @@ pub(super) enum Committed {
 
 /// Commits a batch together where it fits, and each admission that does not on its own.
 async fn commit_batch(batch: Vec<Pending>) {
-    let shares = if batch.len() > 1 {
-        record_together(&batch).await
-    } else {
-        vec![Share::Alone]
-    };
+    // A lone admission too: its charge and its key's token reservation are one statement
+    // here, two on its own.
+    let shares = record_together(&batch).await;
     let mut alone = Vec::new();
     for ((commit, answer), share) in batch.into_iter().zip(shares) {
         match share {

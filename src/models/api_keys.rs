@@ -393,7 +393,15 @@ pub async fn charge<C: ConnectionTrait>(
     key_id: i32,
     secret_hash: &str,
 ) -> Result<Result<Model, Refusal>, ModelError> {
-    if let Some(key) = charge_one(db, key_id, secret_hash).await? {
+    // The batch statement with one key: one place decides whether a key may call.
+    let one = BatchCharge {
+        key_id,
+        secret_hash: secret_hash.to_string(),
+        calls: 1,
+        prompt_tokens: 0,
+        gen_tokens: 0,
+    };
+    if let Some(key) = charge_many(db, &[one]).await?.into_iter().next() {
         return Ok(Ok(key));
     }
     // Refused: read the row only to say why.
@@ -406,44 +414,6 @@ pub async fn charge<C: ConnectionTrait>(
         }),
     };
     Ok(Err(refusal))
-}
-
-/// Spends one call of key `key_id` in one `UPDATE … RETURNING`; `None` when the key may not
-/// call ([`charge`] then reads why).
-async fn charge_one<C: ConnectionTrait>(
-    db: &C,
-    key_id: i32,
-    secret_hash: &str,
-) -> Result<Option<Model>, ModelError> {
-    let at = now();
-    let updated = Entity::update_many()
-        .col_expr(Column::CallsUsed, Expr::col(Column::CallsUsed).add(1))
-        .col_expr(Column::LastUsedAt, Expr::value(at))
-        .filter(Column::Id.eq(key_id))
-        // The secret as well as the row: a key rotated since the caller was identified (from
-        // [`crate::extractors::KnownKeys`], possibly in another process) is not charged.
-        .filter(Column::SecretHash.eq(secret_hash))
-        .filter(Column::RevokedAt.is_null())
-        .filter(
-            Condition::any()
-                .add(Column::ValidFrom.is_null())
-                .add(Column::ValidFrom.lte(at)),
-        )
-        .filter(
-            Condition::any()
-                .add(Column::ValidUntil.is_null())
-                .add(Column::ValidUntil.gte(at)),
-        )
-        .filter(
-            Condition::any().add(Column::MaxCalls.is_null()).add(
-                Expr::col(Column::CallsUsed)
-                    .add(1)
-                    .lte(Expr::col(Column::MaxCalls)),
-            ),
-        )
-        .exec_with_returning(db)
-        .await?;
-    Ok(updated.into_iter().next())
 }
 
 /// One key's share of a batch charged by [`charge_many`].
